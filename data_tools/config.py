@@ -1,0 +1,96 @@
+"""Typed configuration of the data stage (the `data:` section of a recipe)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SourceConfig(_Section):
+    """One input: a file/glob of JSONL or Parquet rows, or a dataset the project generates."""
+
+    path: str | None = None
+    generate: Literal["tiny-tasks", "tiny-preferences"] | None = None
+    format: Literal["auto", "alpaca", "sharegpt", "messages", "preference"] = "auto"
+    num_rows: int = Field(2000, gt=0, description="rows to generate (generate only)")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "SourceConfig":
+        if (self.path is None) == (self.generate is None):
+            raise ValueError("set exactly one of `path` or `generate`")
+        return self
+
+
+class DedupConfig(_Section):
+    exact: bool = True
+    minhash: bool = True
+    minhash_ngrams: int = Field(3, ge=1)
+    minhash_buckets: int = Field(14, ge=1)
+    minhash_hashes_per_bucket: int = Field(8, ge=1)
+
+
+class FilterConfig(_Section):
+    """Heuristic quality filters; thresholds are tuned for short chat rows, not web pages."""
+
+    gopher_repetition: bool = True
+    gopher_quality: bool = True
+    c4: bool = True
+    fineweb: bool = True
+    min_words: int = Field(2, ge=0)
+    max_words: int = Field(2000, gt=0)
+    max_symbol_word_ratio: float = Field(0.3, ge=0)
+    max_chars: int = Field(8000, gt=0)
+
+
+class PIIConfig(_Section):
+    emails: bool = True
+    ips: bool = True
+    phones: bool = True
+    secrets: bool = True
+
+
+class FormatConfig(_Section):
+    chat_template: Literal["auto", "chatml"] = "auto"
+    system_prompt: str | None = None
+    max_tokens: int = Field(256, gt=8, description="rows longer than this after templating are rejected")
+
+
+class SplitConfig(_Section):
+    validation: float = Field(0.05, ge=0, lt=1)
+    test: float = Field(0.1, ge=0, lt=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _leaves_train(self) -> "SplitConfig":
+        if self.validation + self.test >= 1:
+            raise ValueError("validation + test must be < 1 so that rows are left for train")
+        return self
+
+
+class DataConfig(_Section):
+    sources: list[SourceConfig] = Field(min_length=1)
+    dedup: DedupConfig = DedupConfig()
+    filters: FilterConfig = FilterConfig()
+    pii: PIIConfig = PIIConfig()
+    format: FormatConfig = FormatConfig()
+    splits: SplitConfig = SplitConfig()
+    tasks: int = Field(2, ge=1, description="datatrove ranks (array elements) per step")
+
+    def check_paths(self, base: Path) -> list[str]:
+        """Problems with input paths, as 'field: message' lines (paths resolve against `base`)."""
+        problems = []
+        for i, src in enumerate(self.sources):
+            if src.path is None:
+                continue
+            p = Path(src.path).expanduser()
+            p = p if p.is_absolute() else base / p
+            is_glob = any(c in p.name for c in "*?[")
+            if not (any(p.parent.glob(p.name)) if is_glob else p.is_file()):
+                problems.append(f"data.sources.{i}.path: no such file: {src.path}")
+        return problems

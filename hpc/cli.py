@@ -1,0 +1,129 @@
+"""The `hpcft` command line."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.tree import Tree
+
+from hpc.recipe import RecipeError, load_recipe
+
+EXIT_BAD_RECIPE = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hpcft", description="Fine-tune LLMs from one YAML recipe: data -> "
+                                "train -> export -> eval -> gate -> registry.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def recipe_cmd(name: str, help: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help)
+        sp.add_argument("recipe", type=Path)
+        sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe field, e.g. --set stages.0.max_steps=50 (repeatable)")
+        return sp
+
+    run = recipe_cmd("run", "run the pipeline (skips stages whose inputs did not change)")
+    run.add_argument("--workdir", type=Path, help="run directory (default ./hpcft-runs/<recipe name>)")
+    run.add_argument("--executor", choices=["local", "inline", "slurm"], help="override executor.kind")
+    run.add_argument("--only", metavar="STAGE", help="rerun one stage on the outputs of the stages before it")
+    recipe_cmd("validate", "check a recipe and list every problem")
+    plan = recipe_cmd("plan", "show the stage graph with resources")
+    plan.add_argument("--workdir", type=Path)
+
+    reg = sub.add_parser("registry", help="inspect the model registry and move the champion alias")
+    reg.add_argument("action", choices=["list", "promote"])
+    reg.add_argument("name", help="registered model name")
+    reg.add_argument("version", nargs="?", help="version to promote to champion")
+    reg.add_argument("--uri", help="tracking URI (default $MLFLOW_TRACKING_URI or --workdir's sqlite)")
+    reg.add_argument("--workdir", type=Path, help="a run directory whose embedded store to use")
+    return p
+
+
+def _workdir(args, recipe) -> Path:
+    return args.workdir or Path("hpcft-runs") / recipe.name
+
+
+def cmd_validate(args, console: Console) -> int:
+    recipe = load_recipe(args.recipe, args.overrides)
+    console.print(f"[green]ok[/] {args.recipe}: {len(recipe.stages)} training stage(s), "
+                  f"{len(recipe.eval.tasks)} eval task(s), registered model {recipe.tracking.registered_model!r}")
+    return 0
+
+
+def cmd_plan(args, console: Console) -> int:
+    from hpc.plan import build_plan
+    from hpc.rundir import RunDir
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    rd = RunDir(_workdir(args, recipe))
+    tree = Tree(f"[bold]{recipe.name}[/]  parallel dp_replicate={recipe.parallel.dp_replicate} "
+                f"dp_shard={recipe.parallel.dp_shard} pp={recipe.parallel.pp} tp={recipe.parallel.tp} "
+                f"zero={recipe.parallel.zero}  executor={recipe.executor.kind}")
+    for s in build_plan(recipe):
+        r = s.resources
+        state = "[green]up to date" if rd.stage_done(s) else "[yellow]to run"
+        node = tree.add(f"[bold]{s.name}[/] ({s.kind})  {state}[/]  after: {', '.join(s.depends_on) or '-'}")
+        node.add(f"resources: {r.nodes} node(s) x {r.tasks_per_node} task(s), {r.cpus_per_task} cpu/task, "
+                 f"{r.gpus_per_node} gpu/node, {r.mem_gb} GB, {r.time_min} min")
+        if s.is_array:
+            node.add(f"array of {len(s.elements)}: {', '.join(s.elements)}")
+        node.add(f"input hash {s.input_hash}")
+    console.print(tree)
+    return 0
+
+
+def cmd_run(args, console: Console) -> int:
+    from hpc.pipeline import run_pipeline
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    return run_pipeline(recipe, args.recipe, _workdir(args, recipe), executor=args.executor, only=args.only,
+                        console=console)
+
+
+def cmd_registry(args, console: Console) -> int:
+    from rich.table import Table
+
+    from eval import registry
+    from hpc.tracking import Tracker, resolve_uri
+
+    if args.uri is None and args.workdir is None and not __import__("os").environ.get("MLFLOW_TRACKING_URI"):
+        raise RecipeError(["registry: give --uri, --workdir or set MLFLOW_TRACKING_URI"])
+    client = Tracker(resolve_uri(args.uri, (args.workdir or Path(".")).resolve())).client
+    if args.action == "promote":
+        if not args.version:
+            raise RecipeError(["registry promote: give the VERSION to promote"])
+        registry.promote(client, args.name, args.version)
+        console.print(f"{args.name} version {args.version} is now 'champion'")
+        return 0
+    table = Table(title=args.name)
+    for col in ("version", "aliases", "gate", "scores"):
+        table.add_column(col)
+    for v in registry.list_versions(client, args.name):
+        table.add_row(str(v["version"]), ", ".join(v["aliases"]), v.get("gate", ""),
+                      "  ".join(f"{k}={x:.3f}" for k, x in sorted(v.get("scores", {}).items())))
+    console.print(table)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    console = Console()
+    handler = {"run": cmd_run, "validate": cmd_validate, "plan": cmd_plan, "registry": cmd_registry}[args.cmd]
+    try:
+        return handler(args, console)
+    except RecipeError as err:
+        where = getattr(args, "recipe", None)
+        print(f"error: {'recipe ' + str(where) if where else 'bad arguments'}:", file=sys.stderr)
+        for line in err.problems:
+            print(f"  {line}", file=sys.stderr)
+        return EXIT_BAD_RECIPE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

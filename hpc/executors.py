@@ -1,0 +1,78 @@
+"""Executors: the only code that knows where a job runs. Stages are submitted as jobs or job arrays."""
+from __future__ import annotations
+
+import time
+import traceback
+from pathlib import Path
+from typing import Callable
+
+from hpc.jobs import run_stage
+from hpc.plan import StageSpec
+from hpc.rundir import RunDir
+
+
+class StageFailed(Exception):
+    def __init__(self, stage: str, element: str, log_path: Path | None, tail: str):
+        super().__init__(f"stage {stage} [{element}] failed")
+        self.stage, self.element, self.log_path, self.tail = stage, element, log_path, tail
+
+
+def _tail(text: str, lines: int = 15) -> str:
+    return "\n".join(text.rstrip().splitlines()[-lines:])
+
+
+class InlineExecutor:
+    """Runs every element in this process, one after the other: for debugging with pdb or prints."""
+
+    name = "inline"
+
+    def __init__(self, max_parallel: int = 1, timeout_min: int = 60):
+        pass
+
+    def run(self, spec: StageSpec, rd: RunDir, pending: list[int], poll: Callable[[], None]) -> None:
+        for i in pending:
+            try:
+                run_stage(str(rd.root), spec.name, i)
+            except Exception:
+                raise StageFailed(spec.name, spec.elements[i], None, _tail(traceback.format_exc())) from None
+            poll()
+
+
+class LocalExecutor:
+    """Each element is a real subprocess via submitit's LocalExecutor, at most `max_parallel` at once."""
+
+    name = "local"
+
+    def __init__(self, max_parallel: int = 2, timeout_min: int = 60):
+        self.max_parallel = max_parallel
+        self.timeout_min = timeout_min
+
+    def run(self, spec: StageSpec, rd: RunDir, pending: list[int], poll: Callable[[], None]) -> None:
+        import submitit
+
+        ex = submitit.LocalExecutor(folder=rd.stage_dir(spec.name) / "logs" / "%j")
+        ex.update_parameters(timeout_min=self.timeout_min)
+        queue, running = list(pending), {}
+        while queue or running:
+            while queue and len(running) < self.max_parallel:
+                i = queue.pop(0)
+                running[i] = ex.submit(run_stage, str(rd.root), spec.name, i)
+            for i, job in list(running.items()):
+                if job.done():
+                    del running[i]
+                    self._check(spec, i, job, running)
+            poll()
+            time.sleep(0.3)
+
+    def _check(self, spec: StageSpec, i: int, job, running: dict) -> None:
+        exc = job.exception()
+        if exc is None:
+            return
+        for other in running.values():
+            other.cancel(check=False)
+        log = Path(job.paths.stderr)
+        text = log.read_text(errors="replace") if log.is_file() else str(exc)
+        raise StageFailed(spec.name, spec.elements[i], log, _tail(text))
+
+
+EXECUTORS = {"inline": InlineExecutor, "local": LocalExecutor}

@@ -1,0 +1,173 @@
+"""The job entry point: every executor runs `run_stage(run_root, stage, index)` wherever the job lands.
+
+It loads the recipe snapshot from the run directory, calls the stage's library function with typed config
+and paths, streams progress to `progress.jsonl` and MLflow, and writes the element's completion marker.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from hpc.plan import StageSpec, build_plan
+from hpc.recipe import Recipe, resolve_path
+from hpc.rundir import RunDir, read_json, write_json
+from hpc.tracking import Tracker, quiet_env
+
+
+@dataclass
+class StageContext:
+    rd: RunDir
+    recipe: Recipe
+    spec: StageSpec
+    index: int
+    out_dir: Path
+    tracker: Tracker
+    run_id: str  # this stage's MLflow child run
+    base_dir: Path  # the recipe file's directory: relative paths resolve against it
+
+    def progress(self, event: dict) -> None:
+        event = {"t": time.time(), "stage": self.spec.name, "element": self.spec.elements[self.index]} | event
+        with open(self.rd.progress_path(self.spec.name), "a") as f:
+            f.write(json.dumps(event, default=str) + "\n")
+        if "step" in event and isinstance(event["step"], int):
+            metrics = {k: v for k, v in event.items() if k not in ("t", "step", "max_steps", "element")}
+            self.tracker.log_metrics(self.run_id, metrics, step=event["step"])
+
+    def base_model_dir(self) -> Path:
+        return Path(read_json(self.rd.stage_dir("model") / "model.json")["path"])
+
+    def output_of(self, stage: str) -> Path:
+        return self.rd.stage_dir(stage)
+
+
+def _model(ctx: StageContext) -> dict:
+    from eval.lineage import hash_dir
+
+    cfg = ctx.recipe.model
+    if cfg.tiny:
+        from parallel.tiny import build_tiny_model
+
+        path = build_tiny_model(cfg.tiny, ctx.out_dir / "hf", seed=cfg.seed)
+    else:
+        path = resolve_path(cfg.path, ctx.base_dir)
+    info = {"path": str(Path(path).resolve()), "hash": hash_dir(path), "tiny": cfg.tiny}
+    write_json(ctx.out_dir / "model.json", info)
+    return info
+
+
+def _data(ctx: StageContext) -> dict:
+    from data_tools.stage import run_data
+
+    manifest = run_data(ctx.recipe.data, ctx.base_model_dir(), ctx.out_dir, base_dir=ctx.base_dir,
+                        progress=ctx.progress)
+    ctx.tracker.log_artifact(ctx.run_id, ctx.out_dir / "manifest.json")
+    splits = manifest.get("splits", {})
+    ctx.tracker.log_metrics(ctx.run_id, {f"rows.{k}": v for k, v in splits.items()
+                                         if isinstance(v, (int, float))})
+    ctx.tracker.set_tags(ctx.run_id, {"hpcft.data_manifest_hash": manifest.get("manifest_hash", "")})
+    return {"manifest_hash": manifest.get("manifest_hash"), "splits": splits}
+
+
+def _train_input_model(ctx: StageContext) -> Path:
+    """The model a training stage starts from: the base, or the previous training stage's export."""
+    return ctx.base_model_dir()
+
+
+def _sft(ctx: StageContext) -> dict:
+    from recipes.sft import run_sft
+
+    stage = next(s for s in ctx.recipe.stages if s.name == ctx.spec.name)
+    seed = stage.seed if stage.seed is not None else ctx.recipe.seed
+    result = run_sft(stage, model_dir=_train_input_model(ctx), data_dir=ctx.output_of("data"),
+                     out_dir=ctx.out_dir, parallel=ctx.recipe.parallel, seed=seed, progress=ctx.progress)
+    ctx.tracker.log_metrics(ctx.run_id, {f"final.{k}": v for k, v in result.items()})
+    return result
+
+
+def _last_train_stage(ctx: StageContext) -> str:
+    return ctx.recipe.stages[-1].name
+
+
+def _export(ctx: StageContext) -> dict:
+    from parallel.export import export_hf
+
+    train = _last_train_stage(ctx)
+    result = export_hf(ctx.base_model_dir(), ctx.output_of(train) / "checkpoint", ctx.out_dir / "model")
+    ctx.tracker.log_metrics(ctx.run_id, {k: v for k, v in result.items()})
+    return result
+
+
+def _eval(ctx: StageContext) -> dict:
+    from eval.lmeval import run_task
+
+    task, who = ctx.spec.elements[ctx.index].split("@")
+    model_dir = ctx.output_of("export") / "model" if who == "candidate" else ctx.base_model_dir()
+    scores = run_task(task, model_dir, ctx.output_of("data"), ctx.out_dir, ctx.recipe.eval)
+    ctx.tracker.log_metrics(ctx.run_id, {f"{who}/{task}/{k}": v for k, v in scores.items()})
+    return {"task": task, "model": who, "scores": scores}
+
+
+def collect_scores(rd: RunDir, spec: StageSpec) -> dict[str, dict[str, float]]:
+    """{'candidate': {'task/metric': v}, 'base': {...}} from the eval array's element results."""
+    out: dict[str, dict[str, float]] = {}
+    for i in range(len(spec.elements)):
+        res = read_json(rd.element_dir(spec, i) / "result.json")
+        for metric, v in res["scores"].items():
+            out.setdefault(res["model"], {})[f"{res['task']}/{metric}"] = v
+    return out
+
+
+def _gate(ctx: StageContext) -> dict:
+    from eval import lineage, registry
+    from eval.gate import decide
+
+    plan = {s.name: s for s in build_plan(ctx.recipe)}
+    scores = collect_scores(ctx.rd, plan["eval"])
+    name = ctx.recipe.tracking.registered_model
+    client = ctx.tracker.client
+    champ = registry.champion_scores(client, name)
+    champion_version, champion = champ if champ else (None, None)
+    verdict = decide(scores["candidate"], scores.get("base"), champion, ctx.recipe.gate)
+    meta = ctx.rd.read_meta()
+    model_info = read_json(ctx.rd.stage_dir("model") / "model.json")
+    manifest = read_json(ctx.output_of("data") / "manifest.json")
+    tags = {lineage.RECIPE_HASH: meta["recipe_hash"], lineage.GIT_COMMIT: meta["git_commit"],
+            lineage.DATA_MANIFEST_HASH: manifest.get("manifest_hash", ""),
+            lineage.BASE_MODEL_HASH: model_info["hash"], lineage.RUN_DIR: str(ctx.rd.root)}
+    version = registry.register_candidate(client, name, ctx.output_of("export") / "model",
+                                          meta["parent_run_id"], scores["candidate"], verdict, tags)
+    ctx.tracker.set_tags(meta["parent_run_id"], tags | {"hpcft.gate": "passed" if verdict.passed
+                                                        else "rejected"})
+    return {"passed": verdict.passed, "reasons": verdict.reasons, "version": str(version),
+            "alias": "staging" if verdict.passed else None, "registered_model": name,
+            "champion_version": champion_version, "scores": scores, "champion_scores": champion}
+
+
+STAGE_FUNCS: dict[str, Callable[[StageContext], dict]] = {
+    "model": _model, "data": _data, "sft": _sft, "export": _export, "eval": _eval, "gate": _gate,
+}
+
+
+def run_stage(run_root: str, stage: str, index: int = 0) -> dict:
+    """Run one element of one stage; the executor-agnostic entry point of every job."""
+    quiet_env()
+    rd = RunDir(Path(run_root))
+    recipe = rd.load_recipe()
+    meta = rd.read_meta()
+    os.environ.update(recipe.executor.env)
+    spec = {s.name: s for s in build_plan(recipe)}[stage]
+    out_dir = rd.element_dir(spec, index)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tracker = Tracker(meta["tracking_uri"])
+    ctx = StageContext(rd, recipe, spec, index, out_dir, tracker, meta["child_runs"][stage],
+                       Path(meta["base_dir"]))
+    started = time.time()
+    result = STAGE_FUNCS[spec.kind](ctx)
+    result = result | {"seconds": round(time.time() - started, 2)}
+    write_json(out_dir / "result.json", result)
+    rd.mark_done(spec, index)
+    return result

@@ -1,0 +1,147 @@
+"""Runs a plan: skip up-to-date stages, submit the rest through an executor, report, return an exit code."""
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from hpc.executors import EXECUTORS, StageFailed
+from hpc.plan import StageSpec, build_plan
+from hpc.progress import PipelineView
+from hpc.recipe import Recipe, RecipeError
+from hpc.rundir import RunDir, read_json
+from hpc.tracking import Tracker, resolve_uri
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_RECIPE, EXIT_REJECTED = 0, 1, 2, 3
+
+
+def prepare_run(recipe: Recipe, recipe_path: Path, rd: RunDir) -> dict:
+    """Snapshot the recipe and create (or reuse) the MLflow parent run; returns run.json."""
+    from eval.lineage import git_commit
+
+    rd.write_recipe(recipe)
+    meta = rd.read_meta()
+    uri = resolve_uri(recipe.tracking.uri, rd.root)
+    fields = {"recipe_hash": recipe.hash(), "git_commit": git_commit(Path(__file__).parent),
+              "base_dir": str(Path(recipe_path).resolve().parent), "tracking_uri": uri,
+              "recipe_path": str(Path(recipe_path).resolve())}
+    if meta.get("tracking_uri") != uri or meta.get("recipe_hash") != fields["recipe_hash"] \
+            or "parent_run_id" not in meta:
+        tracker = Tracker(uri)
+        run_id = uuid.uuid4().hex[:12]
+        parent = tracker.start_parent(recipe.tracking.experiment, rd.root / "mlartifacts",
+                                      f"{recipe.name}-{run_id}", recipe.model_dump(mode="json"),
+                                      {"hpcft.recipe_hash": fields["recipe_hash"],
+                                       "hpcft.git_commit": fields["git_commit"], "hpcft.run_dir": str(rd.root)})
+        from hpc.tracking import redact
+        import yaml
+
+        redacted = rd.root / "recipe.redacted.yaml"
+        redacted.write_text(yaml.safe_dump(redact(recipe.model_dump(mode="json")), sort_keys=False))
+        tracker.log_artifact(parent, redacted)
+        fields |= {"run_id": run_id, "parent_run_id": parent, "child_runs": {}}
+    return rd.update_meta(**fields)
+
+
+def run_pipeline(recipe: Recipe, recipe_path: Path, workdir: Path, executor: str | None = None,
+                 only: str | None = None, console: Console | None = None) -> int:
+    console = console or Console()
+    rd = RunDir(workdir)
+    plan = build_plan(recipe)
+    names = [s.name for s in plan]
+    if only and only not in names:
+        raise RecipeError([f"--only: unknown stage {only!r}; stages: {', '.join(names)}"])
+    if only:
+        missing = [s.name for s in plan[: names.index(only)] if not rd.stage_done(s)]
+        if missing:
+            raise RecipeError([f"--only {only}: earlier stages have no current outputs ({', '.join(missing)});"
+                               " run the pipeline without --only first"])
+    meta = prepare_run(recipe, recipe_path, rd)
+    kind = executor or recipe.executor.kind
+    if kind not in EXECUTORS:
+        raise RecipeError([f"executor.kind: {kind!r} is not available yet; use local or inline"])
+    ex = EXECUTORS[kind](max_parallel=recipe.executor.max_parallel, timeout_min=recipe.executor.timeout_min)
+    tracker = Tracker(meta["tracking_uri"])
+    console.print(f"run directory: {rd.root}\ntracking: {meta['tracking_uri']} (parent run "
+                  f"{meta['parent_run_id']})")
+    with PipelineView(plan, rd.progress_path, console) as view:
+        for spec in plan:
+            if only and spec.name != only:
+                view.skip(spec) if rd.stage_done(spec) else None
+                continue
+            if rd.stage_done(spec) and not only:
+                view.skip(spec)
+                continue
+            try:
+                _run_one(spec, rd, ex, tracker, view, force=bool(only))
+            except StageFailed as err:
+                view.finish(spec, ok=False)
+                _report_failure(console, err)
+                return EXIT_FAILED
+    if only and only != "gate":
+        return EXIT_OK
+    gate = read_json(rd.stage_dir("gate") / "result.json")
+    print_summary(console, gate)
+    return EXIT_OK if gate["passed"] else EXIT_REJECTED
+
+
+def _run_one(spec: StageSpec, rd: RunDir, ex, tracker: Tracker, view: PipelineView, force: bool) -> None:
+    if force:
+        rd.clear_markers(spec)
+    pending = [i for i in range(len(spec.elements)) if not rd.element_done(spec, i)]
+    progress = rd.progress_path(spec.name)
+    progress.parent.mkdir(parents=True, exist_ok=True)
+    progress.write_text("")
+    meta = rd.read_meta()
+    child = tracker.start_child(meta["parent_run_id"], spec.name)
+    rd.update_meta(child_runs=meta.get("child_runs", {}) | {spec.name: child})
+    view.start(spec, ex.name)
+    try:
+        ex.run(spec, rd, pending, poll=view.refresh)
+    except StageFailed:
+        tracker.finish(child, ok=False)
+        raise
+    tracker.finish(child, ok=True)
+    view.finish(spec, ok=True, note=_note(rd, spec))
+
+
+def _note(rd: RunDir, spec: StageSpec) -> str:
+    if spec.is_array:
+        return f"{len(spec.elements)} elements"
+    res = read_json(rd.stage_dir(spec.name) / "result.json")
+    if spec.kind == "sft":
+        return f"loss {res.get('final_loss', float('nan')):.4f}  val {res.get('val_loss', float('nan')):.4f}"
+    if spec.kind == "data":
+        return "  ".join(f"{k} {v}" for k, v in (res.get("splits") or {}).items())
+    if spec.kind == "gate":
+        return "passed" if res["passed"] else "rejected"
+    return ""
+
+
+def _report_failure(console: Console, err: StageFailed) -> None:
+    console.print(f"[red bold]stage {err.stage} failed[/] (element {err.element})")
+    if err.log_path:
+        console.print(f"log: {err.log_path}")
+    console.print(err.tail, markup=False, highlight=False)
+
+
+def print_summary(console: Console, gate: dict) -> None:
+    scores = gate["scores"]
+    champion = gate.get("champion_scores") or {}
+    table = Table(title="evaluation")
+    table.add_column("metric")
+    for col in ("base", "candidate", f"champion (v{gate['champion_version']})" if champion else "champion"):
+        table.add_column(col, justify="right")
+    fmt = lambda v: f"{v:.3f}" if isinstance(v, (int, float)) else "-"  # noqa: E731
+    for metric in sorted(scores["candidate"]):
+        table.add_row(metric, fmt(scores.get("base", {}).get(metric)), fmt(scores["candidate"][metric]),
+                      fmt(champion.get(metric)))
+    console.print(table)
+    verdict = "[green bold]PASSED" if gate["passed"] else "[red bold]REJECTED"
+    console.print(f"gate: {verdict}")
+    for reason in gate["reasons"]:
+        console.print(f"  - {reason}", markup=False)
+    alias = f", alias '{gate['alias']}'" if gate.get("alias") else ""
+    console.print(f"registered model: {gate['registered_model']} version {gate['version']}{alias}")

@@ -1,0 +1,81 @@
+"""The stage graph: which jobs a recipe needs, in order, with resources and input hashes."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+from hpc.recipe import Recipe
+
+# Bumped when a stage's outputs change meaning, so old markers stop matching.
+STAGE_FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Resources:
+    nodes: int = 1
+    tasks_per_node: int = 1
+    gpus_per_node: int = 0
+    cpus_per_task: int = 1
+    mem_gb: int = 4
+    time_min: int = 60
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    kind: str  # model | data | sft | export | eval | gate
+    depends_on: tuple[str, ...]
+    resources: Resources
+    input_hash: str
+    elements: tuple[str, ...] = ("0",)  # one label per array element
+    config: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def is_array(self) -> bool:
+        return len(self.elements) > 1
+
+
+def _hash(*parts) -> str:
+    blob = json.dumps([STAGE_FORMAT_VERSION, *parts], sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def eval_elements(recipe: Recipe) -> tuple[str, ...]:
+    models = ["candidate"] + (["base"] if recipe.eval.include_base else [])
+    return tuple(f"{task}@{m}" for task in recipe.eval.tasks for m in models)
+
+
+def build_plan(recipe: Recipe) -> list[StageSpec]:
+    dump = recipe.model_dump(mode="json")
+    stages: list[StageSpec] = []
+
+    def add(name, kind, deps, section, resources=Resources(), elements=("0",)):
+        upstream = [s.input_hash for s in stages if s.name in deps]
+        h = _hash(kind, section, upstream)
+        stages.append(StageSpec(name, kind, tuple(deps), resources, h, tuple(elements), section or {}))
+
+    add("model", "model", [], dump["model"])
+    add("data", "data", ["model"], dump["data"],
+        Resources(cpus_per_task=min(recipe.data.tasks, 8), mem_gb=8))
+    prev = "data"
+    world = recipe.parallel.world_size
+    for stage, raw in zip(recipe.stages, dump["stages"]):
+        add(stage.name, stage.kind, ["model", prev],
+            {"stage": raw, "parallel": dump["parallel"], "seed": recipe.seed},
+            Resources(tasks_per_node=world, cpus_per_task=2, mem_gb=16))
+        prev = stage.name
+    add("export", "export", ["model", prev], {})
+    add("eval", "eval", ["model", "data", "export"], dump["eval"], Resources(cpus_per_task=2, mem_gb=8),
+        elements=eval_elements(recipe))
+    add("gate", "gate", ["model", "data", "export", "eval"], {"gate": dump["gate"],
+        "tracking": dump["tracking"]})
+    return stages
+
+
+def downstream_of(stages: list[StageSpec], name: str) -> set[str]:
+    out = {name}
+    for s in stages:
+        if out & set(s.depends_on):
+            out.add(s.name)
+    return out

@@ -1,0 +1,126 @@
+"""The terminal view: a live table of stages and training progress; plain lines when not a terminal."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+
+from hpc.plan import StageSpec
+
+
+def read_last_event(path: Path, need: str = "step") -> dict | None:
+    """The newest progress event carrying key `need`, reading only the file's tail."""
+    if not path.is_file():
+        return None
+    with open(path, "rb") as f:
+        f.seek(max(0, f.seek(0, 2) - 16384))
+        lines = f.read().decode(errors="replace").splitlines()
+    for line in reversed(lines):
+        try:
+            ev = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if need in ev:
+            return ev
+    return None
+
+
+def describe(ev: dict | None) -> str:
+    if not ev:
+        return ""
+    if "max_steps" in ev:
+        parts = [f"step {ev['step']}/{ev['max_steps']}"]
+        if "loss" in ev:
+            parts.append(f"loss {ev['loss']:.4f}")
+        if ev.get("tokens_per_s"):
+            parts.append(f"{ev['tokens_per_s']:,.0f} tok/s")
+        if ev.get("elapsed_s") and ev["step"]:
+            eta = ev["elapsed_s"] / ev["step"] * (ev["max_steps"] - ev["step"])
+            parts.append(f"ETA {eta:,.0f}s")
+        return "  ".join(parts)
+    if "done" in ev and "total" in ev:
+        return f"{ev['step']} ({ev['done']}/{ev['total']})"
+    return str(ev.get("step", ""))
+
+
+class PipelineView:
+    """Stage states for the whole plan; `refresh()` is cheap enough to call from a polling loop."""
+
+    def __init__(self, plan: list[StageSpec], progress_path, console: Console | None = None):
+        self.console = console or Console()
+        self.plan = plan
+        self.progress_path = progress_path
+        self.state = {s.name: "pending" for s in plan}
+        self.started: dict[str, float] = {}
+        self.elapsed: dict[str, float] = {}
+        self.detail: dict[str, str] = {}
+        self.live: Live | None = None
+        self._last_line = 0.0
+
+    def __enter__(self):
+        if self.console.is_terminal:
+            self.live = Live(self._render(), console=self.console, refresh_per_second=4, transient=False)
+            self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.live:
+            self.live.update(self._render())
+            self.live.__exit__(*exc)
+
+    def _render(self):
+        table = Table(title="hpcft pipeline", expand=False)
+        for col in ("stage", "kind", "jobs", "state", "time", "progress"):
+            table.add_column(col)
+        style = {"done": "green", "skipped": "dim", "running": "yellow", "failed": "red"}
+        for s in self.plan:
+            st = self.state[s.name]
+            t = self.elapsed.get(s.name) or (time.time() - self.started[s.name] if st == "running" else None)
+            table.add_row(s.name, s.kind, str(len(s.elements)), f"[{style.get(st, '')}]{st}",
+                          f"{t:.0f}s" if t is not None else "", self.detail.get(s.name, ""))
+        return Group(table)
+
+    def _print(self, msg: str) -> None:
+        if self.live:
+            self.live.console.print(msg)
+        else:
+            self.console.print(msg, highlight=False)
+
+    def skip(self, spec: StageSpec) -> None:
+        self.state[spec.name] = "skipped"
+        self.detail[spec.name] = "up to date"
+        self._print(f"[dim]= {spec.name}: up to date, skipped")
+        self.refresh()
+
+    def start(self, spec: StageSpec, executor: str) -> None:
+        self.state[spec.name] = "running"
+        self.started[spec.name] = time.time()
+        jobs = f"{len(spec.elements)} array elements" if spec.is_array else "1 job"
+        self._print(f"> {spec.name}: started ({jobs}, {executor} executor)")
+        self.refresh()
+
+    def finish(self, spec: StageSpec, ok: bool, note: str = "") -> None:
+        self.state[spec.name] = "done" if ok else "failed"
+        self.elapsed[spec.name] = time.time() - self.started.get(spec.name, time.time())
+        if note:
+            self.detail[spec.name] = note
+        mark = "[green]✓" if ok else "[red]✗"
+        self._print(f"{mark} {spec.name}: {'finished' if ok else 'FAILED'} in "
+                    f"{self.elapsed[spec.name]:.1f}s{'  ' + note if note else ''}")
+        self.refresh()
+
+    def refresh(self) -> None:
+        for name, st in self.state.items():
+            if st == "running":
+                ev = read_last_event(self.progress_path(name))
+                if ev:
+                    self.detail[name] = describe(ev)
+                    if not self.live and time.time() - self._last_line > 10:
+                        self._last_line = time.time()
+                        self._print(f"  {name}: {self.detail[name]}")
+        if self.live:
+            self.live.update(self._render())

@@ -1,0 +1,208 @@
+"""The recipe: YAML validated into one frozen, typed object composed of each package's section model."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from data_tools.config import DataConfig
+from eval.config import EvalConfig, GateConfig
+from parallel.dims import ParallelConfig
+from recipes.config import TrainStage
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Section):
+    """The base model: a Hugging Face directory on disk, or a named tiny config built offline."""
+
+    path: str | None = None
+    tiny: str | None = None
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "ModelConfig":
+        if (self.path is None) == (self.tiny is None):
+            raise ValueError("set exactly one of `path` (a Hugging Face model directory) or `tiny`")
+        return self
+
+    @field_validator("tiny")
+    @classmethod
+    def _known_tiny(cls, v: str | None) -> str | None:
+        from parallel.tiny import TINY_CONFIGS
+
+        if v is not None and v not in TINY_CONFIGS:
+            raise ValueError(f"unknown tiny model {v!r}; allowed: {', '.join(sorted(TINY_CONFIGS))}")
+        return v
+
+
+class TrackingConfig(_Section):
+    uri: str | None = Field(None, description="default: $MLFLOW_TRACKING_URI, else sqlite in the workdir")
+    experiment: str = "hpcft"
+    registered_model: str = Field(min_length=1)
+
+
+class ExecutorConfig(_Section):
+    kind: Literal["local", "inline", "slurm"] = "local"
+    max_parallel: int = Field(2, ge=1, description="array elements running at once (local executor)")
+    timeout_min: int = Field(120, ge=1)
+    env: dict[str, str] = Field(default_factory=dict, description="extra environment for every job")
+
+
+class Recipe(_Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    seed: int = 0
+    model: ModelConfig
+    data: DataConfig
+    stages: list[TrainStage] = Field(min_length=1)
+    parallel: ParallelConfig = ParallelConfig()
+    eval: EvalConfig = EvalConfig()
+    gate: GateConfig = GateConfig()
+    tracking: TrackingConfig
+    executor: ExecutorConfig = ExecutorConfig()
+
+    @model_validator(mode="after")
+    def _unique_stage_names(self) -> "Recipe":
+        names = [s.name for s in self.stages]
+        reserved = {"model", "data", "export", "eval", "gate"}
+        for n in names:
+            if names.count(n) > 1 or n in reserved:
+                raise ValueError(f"stage name {n!r} is repeated or reserved ({', '.join(sorted(reserved))})")
+        return self
+
+    def hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+
+
+class RecipeError(Exception):
+    """A recipe that cannot run; `problems` holds one 'field.path: message' line each."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Field names allowed at `loc` (the parent of an unknown key), walking nested models."""
+    cls: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = getattr(cls, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        ann = field.annotation
+        args = getattr(ann, "__args__", ()) or ()
+        cls = next((a for a in (ann, *args) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if cls is None:
+            return []
+    return sorted(cls.model_fields) if cls is not None else []
+
+
+def format_errors(err: ValidationError) -> list[str]:
+    lines = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        path = ".".join(str(p) for p in loc) or "<recipe>"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed_keys(Recipe, loc[:-1])
+            msg = "unknown key" + (f"; allowed: {', '.join(allowed)}" if allowed else "")
+        elif e["type"] == "missing":
+            msg = "required field is missing"
+        lines.append(f"{path}: {msg}")
+    return lines
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply `a.b.c=value` overrides (value parsed as YAML; list indices allowed) to a raw recipe dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError([f"--set {item}: expected KEY=VALUE, e.g. stages.0.max_steps=50"])
+        key, value = item.split("=", 1)
+        parts = key.split(".")
+        node: Any = raw
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise RecipeError([f"--set {key}: {part!r} is not an index of a {len(node)}-item list"])
+                part = int(part)
+            elif not isinstance(node, dict):
+                raise RecipeError([f"--set {key}: {'.'.join(parts[:i])} is not a section"])
+            if last:
+                node[part] = yaml.safe_load(value)
+            else:
+                if isinstance(node, dict) and part not in node:
+                    node[part] = {}
+                node = node[part]
+    return raw
+
+
+def parse_recipe(raw: Any) -> Recipe:
+    if not isinstance(raw, dict):
+        raise RecipeError(["<recipe>: the file must hold a YAML mapping of sections"])
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as err:
+        raise RecipeError(format_errors(err)) from None
+
+
+def load_recipe(path: Path, overrides: list[str] = ()) -> Recipe:
+    """Read, override, validate and check a recipe file; raises RecipeError listing every problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError([f"<recipe>: no such file: {path}"])
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise RecipeError([f"<recipe>: not valid YAML: {err}".replace("\n", " ")]) from None
+    recipe = parse_recipe(apply_overrides(raw, list(overrides)))
+    problems = check_recipe(recipe, base_dir=path.resolve().parent)
+    if problems:
+        raise RecipeError(problems)
+    return recipe
+
+
+def model_shape(recipe: Recipe, base_dir: Path) -> dict | None:
+    """num_layers / num_kv_heads of the base model, from the tiny table or the directory's config.json."""
+    if recipe.model.tiny:
+        from parallel.tiny import TINY_CONFIGS
+
+        cfg = TINY_CONFIGS[recipe.model.tiny]
+    else:
+        cfg_path = resolve_path(recipe.model.path, base_dir) / "config.json"
+        if not cfg_path.is_file():
+            return None
+        cfg = json.loads(cfg_path.read_text())
+    return {"num_layers": cfg["num_hidden_layers"],
+            "num_kv_heads": cfg.get("num_key_value_heads", cfg["num_attention_heads"])}
+
+
+def resolve_path(p: str, base_dir: Path) -> Path:
+    path = Path(p).expanduser()
+    return path if path.is_absolute() else base_dir / path
+
+
+def check_recipe(recipe: Recipe, base_dir: Path) -> list[str]:
+    """Checks that need the filesystem or other packages: missing files, layouts, offline eval tasks."""
+    from eval.lmeval import check_tasks
+
+    problems = []
+    if recipe.model.path:
+        mdir = resolve_path(recipe.model.path, base_dir)
+        if not (mdir / "config.json").is_file():
+            problems.append(f"model.path: {recipe.model.path} is not a Hugging Face model directory "
+                            "(no config.json)")
+    problems += recipe.data.check_paths(base_dir)
+    shape = model_shape(recipe, base_dir)
+    if shape:
+        problems += recipe.parallel.check_model(**shape)
+    problems += check_tasks(list(recipe.eval.tasks))
+    return problems
