@@ -1,0 +1,104 @@
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from hpc.plan import build_plan, downstream_of
+from hpc.recipe import RecipeError, apply_overrides, load_recipe
+from tests.conftest import ROOT, TINY_RECIPE
+
+
+def write(tmp_path, **changes):
+    raw = yaml.safe_load(TINY_RECIPE.read_text())
+    for k, v in changes.items():
+        apply_overrides(raw, [f"{k}={v}"])
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump(raw))
+    return p
+
+
+def problems(path, overrides=()):
+    with pytest.raises(RecipeError) as e:
+        load_recipe(path, list(overrides))
+    return e.value.problems
+
+
+def test_tiny_recipe_is_valid():
+    r = load_recipe(TINY_RECIPE)
+    assert r.stages[0].kind == "sft" and r.tracking.registered_model == "tiny-sft"
+
+
+def test_overrides_change_typed_values():
+    r = load_recipe(TINY_RECIPE, ["stages.0.max_steps=7", "stages.0.mode=lora", "eval.limit=null"])
+    assert r.stages[0].max_steps == 7 and r.stages[0].mode == "lora" and r.eval.limit is None
+
+
+def test_unknown_key_names_the_field_and_allowed_keys(tmp_path):
+    out = problems(write(tmp_path, **{"stages.0.bogus": 1}))
+    assert len(out) == 1
+    assert out[0].startswith("stages.0.bogus: unknown key; allowed:") and "max_steps" in out[0]
+
+
+def test_every_problem_listed_once_per_line(tmp_path):
+    out = problems(write(tmp_path, **{"stages.0.mode": "qlora", "stages.0.max_steps": -1,
+                                      "data.splits.validation": 0.6, "data.splits.test": 0.5}))
+    assert any(p.startswith("stages.0.mode:") and "'full' or 'lora'" in p for p in out)
+    assert any(p.startswith("stages.0.max_steps:") for p in out)
+    assert any(p.startswith("data.splits:") for p in out)
+
+
+def test_wrong_type_and_missing_section(tmp_path):
+    raw = yaml.safe_load(TINY_RECIPE.read_text())
+    del raw["tracking"]
+    raw["stages"][0]["batch_size"] = "lots"
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump(raw))
+    out = problems(p)
+    assert "tracking: required field is missing" in out
+    assert any(p.startswith("stages.0.batch_size:") and "integer" in p for p in out)
+
+
+def test_missing_files_layout_and_offline_tasks(tmp_path):
+    out = problems(TINY_RECIPE, ["model={path: /nonexistent/model}", "data.sources.0={path: missing.jsonl}",
+                                 "eval.tasks=[mmlu, heldout_exact]"])
+    assert any(p.startswith("model.path:") for p in out)
+    assert any(p.startswith("data.sources.0.path: no such file") for p in out)
+    assert any(p.startswith("eval.tasks.0:") and "mmlu" in p for p in out)
+    out = problems(TINY_RECIPE, ["parallel.tp=4", "parallel.pp=9"])
+    assert any("parallel.tp" in p and "KV heads" in p for p in out)
+    assert any("parallel.pp" in p for p in out)
+
+
+def test_bad_override_syntax():
+    assert "expected KEY=VALUE" in problems(TINY_RECIPE, ["stages.0.max_steps"])[0]
+    assert "not an index" in problems(TINY_RECIPE, ["stages.5.max_steps=3"])[0]
+
+
+def test_cli_bad_recipe_exits_2_without_traceback(tmp_path, hpcft_cmd):
+    bad = write(tmp_path, **{"stages.0.bogus": 1, "parallel.tp": 4})
+    for args in (["validate", str(bad)], ["run", str(bad), "--workdir", str(tmp_path / "w")],
+                 ["plan", str(bad)], ["validate", str(tmp_path / "nope.yaml")]):
+        p = subprocess.run(hpcft_cmd + args, capture_output=True, text=True, cwd=ROOT)
+        assert p.returncode == 2, p.stderr
+        assert "Traceback" not in p.stderr + p.stdout
+        assert p.stderr.startswith("error: recipe")
+    assert not (tmp_path / "w").exists()  # nothing was started
+
+
+def test_plan_hashes_chain_downstream():
+    a = {s.name: s for s in build_plan(load_recipe(TINY_RECIPE))}
+    b = {s.name: s for s in build_plan(load_recipe(TINY_RECIPE, ["stages.0.max_steps=5"]))}
+    changed = {n for n in a if a[n].input_hash != b[n].input_hash}
+    assert changed == {"sft", "export", "eval", "gate"}
+    assert changed == downstream_of(list(a.values()), "sft")
+    assert a["eval"].elements == ("heldout_exact@candidate", "heldout_exact@base",
+                                  "heldout_mc@candidate", "heldout_mc@base")
+
+
+def test_cli_plan_shows_stages(hpcft_cmd):
+    p = subprocess.run(hpcft_cmd + ["plan", str(TINY_RECIPE), "--workdir", "/nonexistent-dir"],
+                       capture_output=True, text=True, cwd=ROOT, env={"COLUMNS": "200", **__import__("os").environ})
+    assert p.returncode == 0, p.stderr
+    for name in ("model", "data", "sft", "export", "eval", "gate", "array of 4"):
+        assert name in p.stdout
