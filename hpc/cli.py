@@ -39,6 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     reg.add_argument("version", nargs="?", help="version to promote to champion")
     reg.add_argument("--uri", help="tracking URI (default $MLFLOW_TRACKING_URI or --workdir's sqlite)")
     reg.add_argument("--workdir", type=Path, help="a run directory whose embedded store to use")
+    reg.add_argument("--force", action="store_true", help="promote even a version the gate rejected")
     return p
 
 
@@ -95,7 +96,10 @@ def cmd_registry(args, console: Console) -> int:
     if args.action == "promote":
         if not args.version:
             raise RecipeError(["registry promote: give the VERSION to promote"])
-        registry.promote(client, args.name, args.version)
+        try:
+            registry.promote(client, args.name, args.version, force=args.force)
+        except ValueError as err:
+            raise RecipeError([f"registry promote: {err}"]) from None
         console.print(f"{args.name} version {args.version} is now 'champion'")
         return 0
     table = Table(title=args.name)

@@ -102,13 +102,15 @@ def _export(ctx: StageContext) -> dict:
 
 
 def _eval(ctx: StageContext) -> dict:
-    from eval.lmeval import run_task
+    from eval.lmeval import run_task, task_label
 
-    task, who = ctx.spec.elements[ctx.index].split("@")
+    task, who = ctx.spec.elements[ctx.index].rsplit("@", 1)
     model_dir = ctx.output_of("export") / "model" if who == "candidate" else ctx.base_model_dir()
-    scores = run_task(task, model_dir, ctx.output_of("data"), ctx.out_dir, ctx.recipe.eval)
-    ctx.tracker.log_metrics(ctx.run_id, {f"{who}/{task}/{k}": v for k, v in scores.items()})
-    return {"task": task, "model": who, "scores": scores}
+    scores = run_task(task, model_dir, ctx.output_of("data"), ctx.out_dir, ctx.recipe.eval,
+                      progress=ctx.progress)
+    label = task_label(task)
+    ctx.tracker.log_metrics(ctx.run_id, {f"{who}/{label}/{k}": v for k, v in scores.items()})
+    return {"task": label, "model": who, "scores": scores}
 
 
 def collect_scores(rd: RunDir, spec: StageSpec) -> dict[str, dict[str, float]]:

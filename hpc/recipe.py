@@ -163,11 +163,24 @@ def load_recipe(path: Path, overrides: list[str] = ()) -> Recipe:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise RecipeError([f"<recipe>: not valid YAML: {err}".replace("\n", " ")]) from None
-    recipe = parse_recipe(apply_overrides(raw, list(overrides)))
+    raw = apply_overrides(raw, list(overrides))
+    _absolute_yaml_tasks(raw, path.resolve().parent)
+    recipe = parse_recipe(raw)
     problems = check_recipe(recipe, base_dir=path.resolve().parent)
     if problems:
         raise RecipeError(problems)
     return recipe
+
+
+def _absolute_yaml_tasks(raw: dict, base_dir: Path) -> None:
+    """`yaml:<dir>:<task>` eval tasks name a directory relative to the recipe; jobs run elsewhere."""
+    tasks = (raw.get("eval") or {}).get("tasks") if isinstance(raw.get("eval"), dict) else None
+    if not isinstance(tasks, list):
+        return
+    for i, t in enumerate(tasks):
+        if isinstance(t, str) and t.startswith("yaml:") and t.count(":") >= 2:
+            _, d, name = t.split(":", 2)
+            tasks[i] = f"yaml:{resolve_path(d, base_dir)}:{name}"
 
 
 def model_shape(recipe: Recipe, base_dir: Path) -> dict | None:
@@ -192,7 +205,8 @@ def resolve_path(p: str, base_dir: Path) -> Path:
 
 def check_recipe(recipe: Recipe, base_dir: Path) -> list[str]:
     """Checks that need the filesystem or other packages: missing files, layouts, offline eval tasks."""
-    from eval.lmeval import check_tasks
+    from eval.gate import check_config
+    from eval.lmeval import check_tasks, task_label
 
     problems = []
     if recipe.model.path:
@@ -205,4 +219,5 @@ def check_recipe(recipe: Recipe, base_dir: Path) -> list[str]:
     if shape:
         problems += recipe.parallel.check_model(**shape)
     problems += check_tasks(list(recipe.eval.tasks))
+    problems += check_config(recipe.gate, recipe.eval, [task_label(t) for t in recipe.eval.tasks])
     return problems

@@ -1,0 +1,120 @@
+"""The tiny recipe end to end on the embedded default: real datatrove, training, lm-eval, MLflow."""
+import json
+import os
+import subprocess
+import time
+
+import pytest
+
+from tests.conftest import ROOT, TINY_RECIPE
+
+pytestmark = pytest.mark.slow
+
+
+def run(cmd, *args, timeout=900):
+    env = {**os.environ, "COLUMNS": "160"}
+    return subprocess.run(cmd + list(args), capture_output=True, text=True, cwd=ROOT, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("e2e") / "run"
+
+
+@pytest.fixture(scope="module")
+def first_run(workdir):
+    import sys
+
+    started = time.time()
+    p = run([sys.executable, "-m", "hpc.cli"], "run", str(TINY_RECIPE), "--workdir", str(workdir))
+    return p, time.time() - started
+
+
+def client(workdir):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def test_tiny_recipe_passes_the_gate(first_run, workdir):
+    p, seconds = first_run
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert seconds < 600
+    for stage in ("model", "data", "sft", "export", "eval", "gate"):
+        assert f"{stage}: finished" in p.stdout
+    assert "gate: PASSED" in p.stdout and "alias 'staging'" in p.stdout
+    gate = json.loads((workdir / "stages/gate/result.json").read_text())
+    cand, base = gate["scores"]["candidate"], gate["scores"]["base"]
+    assert cand["heldout_exact/exact_match"] >= 0.5 > base["heldout_exact/exact_match"] + 0.3
+    assert cand["heldout_mc/acc"] > base["heldout_mc/acc"]
+
+
+def test_mlflow_tree_registry_and_lineage(first_run, workdir):
+    c = client(workdir)
+    meta = json.loads((workdir / "run.json").read_text())
+    parent = c.get_run(meta["parent_run_id"])
+    children = c.search_runs([parent.info.experiment_id],
+                             f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert {r.info.run_name for r in children} == {"model", "data", "sft", "export", "eval", "gate"}
+    sft = next(r for r in children if r.info.run_name == "sft")
+    assert len(c.get_metric_history(sft.info.run_id, "loss")) >= 5
+    mv = c.get_model_version_by_alias("tiny-sft", "staging")
+    tags = mv.tags
+    for key in ("hpcft.recipe_hash", "hpcft.git_commit", "hpcft.data_manifest_hash", "hpcft.base_model_hash"):
+        assert tags.get(key), key
+    assert tags["gate"] == "passed"
+    assert parent.data.params["stages.0.mode"] == "full"
+
+
+def test_exported_model_loads_in_plain_transformers(first_run, workdir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    d = workdir / "stages/export/model"
+    tok = AutoTokenizer.from_pretrained(d)
+    model = AutoModelForCausalLM.from_pretrained(d)
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Uppercase the word: tiger"}],
+                                     add_generation_prompt=True, tokenize=False)
+    ids = tok(prompt, return_tensors="pt", add_special_tokens=False)
+    out = model.generate(**ids, max_new_tokens=12, do_sample=False)
+    assert "TIGER" in tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def test_rerun_skips_everything(first_run, workdir, hpcft_cmd):
+    started = time.time()
+    p = run(hpcft_cmd, "run", str(TINY_RECIPE), "--workdir", str(workdir))
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.count("up to date, skipped") == 6
+    assert time.time() - started < 60
+
+
+def test_only_reruns_one_stage(first_run, workdir, hpcft_cmd):
+    p = run(hpcft_cmd, "run", str(TINY_RECIPE), "--workdir", str(workdir), "--only", "export")
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "export: finished" in p.stdout and "sft: finished" not in p.stdout
+
+
+def test_too_little_training_is_rejected(first_run, workdir, hpcft_cmd):
+    p = run(hpcft_cmd, "run", str(TINY_RECIPE), "--workdir", str(workdir), "--set", "stages.0.max_steps=3")
+    assert p.returncode == 3, p.stdout[-3000:] + p.stderr[-2000:]
+    assert "model: up to date" in p.stdout and "data: up to date" in p.stdout  # upstream reused
+    assert "gate: REJECTED" in p.stdout
+    c = client(workdir)
+    versions = {int(v.version): v for v in c.search_model_versions("name='tiny-sft'")}
+    latest = versions[max(versions)]
+    assert latest.tags["gate"] == "rejected"
+    assert c.get_model_version_by_alias("tiny-sft", "staging").version != latest.version
+
+
+def test_failed_stage_names_stage_and_log(tmp_path, hpcft_cmd):
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "llama", "num_hidden_layers": 2, '
+                                        '"num_attention_heads": 2}')
+    p = run(hpcft_cmd, "run", str(TINY_RECIPE), "--workdir", str(tmp_path / "w"),
+            "--set", f"model={{path: {broken}}}")
+    assert p.returncode == 1, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "stage data failed" in p.stdout
+    log = next(line.split("log: ", 1)[1].strip() for line in p.stdout.splitlines() if line.startswith("log: "))
+    assert os.path.isfile(log)
+    assert "Traceback" not in p.stderr
