@@ -51,6 +51,8 @@ class FilterConfig(_Section):
 class PIIConfig(_Section):
     emails: bool = True
     ips: bool = True
+    keep_private_ips: bool = Field(
+        True, description="leave RFC 1918, loopback and link-local addresses: they identify nobody")
     phones: bool = True
     secrets: bool = True
 

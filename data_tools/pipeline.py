@@ -1,0 +1,110 @@
+"""The data stage as a short chain of datatrove executor runs.
+
+Every document-level step (PII, filters, dedup filters, chat formatting, splitting) runs inside the
+streaming runs; only the dedup barriers (find exact duplicates, MinHash buckets and clusters) need runs
+of their own. With both dedups on that is 6 runs:
+  scrub+filter+exact-sig -> exact-find -> exact-filter+minhash-sig -> buckets -> verify+cluster
+  -> minhash-filter+format+split
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from datatrove.data import Document
+from datatrove.pipeline.dedup import (
+    ExactDedupFilter, ExactDedupSignature, ExactFindDedups, MinhashDedupBuckets, MinhashDedupCluster,
+    MinhashDedupFilter, MinhashDedupSignature,
+)
+from datatrove.pipeline.dedup.exact_dedup import ExactDedupConfig
+from datatrove.pipeline.dedup.minhash import MinhashConfig
+
+from data_tools.config import DataConfig
+from data_tools.dedup import MinhashVerifyPairs
+from data_tools.filters import RegexWordTokenizer, quality_filters
+from data_tools.pii import ChatPIIFormatter
+from data_tools.steps import (
+    ChatTemplateFilter, RankShardReader, RejectWriter, SplitAssigner, shard_writer, split_writer,
+)
+
+# Rejected-row reasons for steps whose datatrove filter gives none.
+DEFAULT_REASONS = {"exact_dedup": "exact_duplicate", "minhash_dedup": "near_duplicate"}
+
+
+@dataclass
+class Run:
+    name: str
+    pipeline: list
+    tasks: int
+
+
+@dataclass
+class Plan:
+    runs: list[Run]
+    steps: list[str]  # document steps in order, each with rejected/<step>/ under the work folder
+
+
+def document_text(doc: Document) -> str:
+    return doc.text
+
+
+class _Work:
+    """Folder layout under the work directory."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def __call__(self, *parts: str) -> str:
+        return str(self.root.joinpath(*parts))
+
+    def rejects(self, step: str) -> RejectWriter:
+        return RejectWriter(self("rejected", step), step, DEFAULT_REASONS.get(step, step))
+
+
+def build_plan(cfg: DataConfig, work_dir: Path, tokenizer_dir: Path, chat_template: str) -> Plan:
+    """Runs in order; rows come from `work_dir/shards/normalised/<rank>.jsonl`."""
+    work, tasks = _Work(work_dir), cfg.tasks
+    filters = quality_filters(cfg.filters, work.rejects)
+    pending = [ChatPIIFormatter(cfg.pii, work("pii"))] + [f for _, f in filters]
+    steps = ["pii"] + [name for name, _ in filters]
+    source, runs = work("shards", "normalised"), []
+    for name, signature, barriers, dedup_filter in _dedups(cfg, work):
+        out = work("shards", name)
+        runs.append(Run(f"{name}_signature", [RankShardReader(source), *pending, shard_writer(out), signature],
+                        tasks))
+        runs.extend(barriers)
+        pending, source = [dedup_filter], out
+        steps.append(name)
+    formatter = ChatTemplateFilter(str(tokenizer_dir), chat_template, cfg.format.max_tokens,
+                                   cfg.format.system_prompt, work.rejects("chat_format"))
+    splitter = SplitAssigner(cfg.splits.validation, cfg.splits.test, cfg.splits.seed)
+    runs.append(Run("format_split", [RankShardReader(source), *pending, formatter, splitter,
+                                     split_writer(work("splits"))], tasks))
+    return Plan(runs, steps + ["chat_format"])
+
+
+def _dedups(cfg: DataConfig, work: _Work):
+    """(name, signature step, barrier runs, filter step) for each enabled dedup, exact first."""
+    if cfg.dedup.exact:
+        exact = ExactDedupConfig(content_getter=document_text)
+        yield ("exact_dedup", ExactDedupSignature(work("exact", "sigs"), exact),
+               [Run("exact_find", [ExactFindDedups(work("exact", "sigs"), work("exact", "dups"), exact)], 1)],
+               ExactDedupFilter(work("exact", "dups"), exact, exclusion_writer=work.rejects("exact_dedup")))
+    if cfg.dedup.minhash:
+        minhash = MinhashConfig(n_grams=cfg.dedup.minhash_ngrams, num_buckets=cfg.dedup.minhash_buckets,
+                                hashes_per_bucket=cfg.dedup.minhash_hashes_per_bucket)
+        words = RegexWordTokenizer()
+        barriers = [
+            # one task per bucket: datatrove splits buckets, not documents, across these ranks
+            Run("minhash_buckets", [MinhashDedupBuckets(work("minhash", "sigs"), work("minhash", "buckets"),
+                                                        config=minhash)], minhash.num_buckets),
+            Run("minhash_cluster", [
+                MinhashVerifyPairs(work("minhash", "buckets"), work("shards", "minhash_dedup"),
+                                   work("minhash", "verified"), minhash, words),
+                MinhashDedupCluster(work("minhash", "verified"), work("minhash", "remove"), config=minhash),
+            ], 1),
+        ]
+        yield ("minhash_dedup",
+               MinhashDedupSignature(work("minhash", "sigs"), config=minhash, language=words),
+               barriers,
+               MinhashDedupFilter(work("minhash", "remove"), exclusion_writer=work.rejects("minhash_dedup")))

@@ -1,0 +1,139 @@
+"""Pipeline steps of the data stage: shard reading, rejected-row writing, chat formatting, splitting."""
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import IO, Callable
+
+from datatrove.data import Document, DocumentsPipeline
+from datatrove.pipeline.base import PipelineStep
+from datatrove.pipeline.filters.base_filter import BaseFilter
+from datatrove.pipeline.readers.base import BaseDiskReader
+from datatrove.pipeline.writers.disk_base import DiskWriter
+from datatrove.utils.text import simplify_text
+
+SPLITS = ("train", "validation", "test")
+
+
+# datatrove's JsonlReader/JsonlWriter need orjson (its optional "io" extra); these use the stdlib.
+class JsonLinesWriter(DiskWriter):
+    default_output_filename = "${rank}.jsonl"
+    name = "🐿 JSON lines"
+
+    def __init__(self, output_folder: str, output_filename: str | None = None, adapter: Callable | None = None):
+        super().__init__(output_folder, output_filename=output_filename, compression=None, adapter=adapter)
+
+    def _write(self, document: dict, file_handler: IO, _filename: str) -> None:
+        file_handler.write(json.dumps(document, ensure_ascii=False) + "\n")
+
+
+class RankShardReader(BaseDiskReader):
+    """Reads exactly `<rank>.jsonl`: dedup filters count documents by position, so each rank must see
+    the same stream its signature stage saw, even when an earlier rank wrote no file at all."""
+
+    name = "📖 Rank shard"
+
+    def __init__(self, data_folder: str):
+        super().__init__(data_folder, add_file_path=False)
+
+    def read_file(self, filepath: str) -> DocumentsPipeline:
+        with self.data_folder.open(filepath, "rt", encoding="utf-8") as f:
+            for i, line in enumerate(f):
+                with self.track_time():
+                    document = self.get_document_from_dict(json.loads(line), filepath, i)
+                if document:
+                    yield document
+
+    def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        if data:
+            yield from data
+        path = f"{rank:05d}.jsonl"
+        if self.data_folder.exists(path):
+            yield from self.read_files_shard([path])
+
+
+def shard_writer(folder: str) -> JsonLinesWriter:
+    return JsonLinesWriter(folder)
+
+
+class RejectWriter(JsonLinesWriter):
+    """Exclusion writer: one row per rejected document with the filter's reason (or the step's)."""
+
+    def __init__(self, folder: str, step: str, default_reason: str):
+        super().__init__(folder)
+        self.step, self.default_reason = step, default_reason
+
+    def _default_adapter(self, document: Document) -> dict:
+        return {"id": document.id, "reason": document.metadata.get("filter_reason", self.default_reason),
+                "source": document.metadata.get("source"), "messages": document.metadata["messages"]}
+
+
+class ChatTemplateFilter(BaseFilter):
+    """Renders each conversation with the model's chat template; rows over `max_tokens` are dropped."""
+
+    name = "💬 Chat template"
+
+    def __init__(self, tokenizer_dir: str, chat_template: str, max_tokens: int,
+                 system_prompt: str | None = None, exclusion_writer: DiskWriter | None = None):
+        super().__init__(exclusion_writer)
+        self.tokenizer_dir, self.chat_template = tokenizer_dir, chat_template
+        self.max_tokens, self.system_prompt = max_tokens, system_prompt
+        self._tokenizer = None
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:  # loaded in the rank's process, not pickled with the pipeline
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_dir)
+        return self._tokenizer
+
+    def filter(self, doc: Document) -> bool | tuple[bool, str]:
+        messages = doc.metadata["messages"]
+        if self.system_prompt and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": self.system_prompt}] + messages
+        text = self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False)
+        num_tokens = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        if num_tokens > self.max_tokens:
+            return False, "too_many_tokens"
+        doc.metadata.update(messages=messages, rendered=text, num_tokens=num_tokens)
+        return True
+
+    def __getstate__(self):
+        return {**self.__dict__, "_tokenizer": None}
+
+
+def prompt_key(messages: list[dict]) -> str:
+    """The user side of a conversation, lower-cased, without punctuation or extra spaces."""
+    return simplify_text("\n".join(m["content"] for m in messages if m["role"] == "user"))
+
+
+def assign_split(key: str, validation: float, test: float, seed: int) -> str:
+    """Deterministic split for a prompt key: rows with the same key always land together."""
+    digest = hashlib.sha256(f"{seed}\0{key}".encode()).digest()
+    u = int.from_bytes(digest[:8], "big") / 2**64
+    return "test" if u < test else "validation" if u < test + validation else "train"
+
+
+class SplitAssigner(PipelineStep):
+    type = "🗂 - SPLIT"
+    name = "🗂 Split by prompt"
+
+    def __init__(self, validation: float, test: float, seed: int):
+        super().__init__()
+        self.validation, self.test, self.seed = validation, test, seed
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        for doc in data:
+            split = assign_split(prompt_key(doc.metadata["messages"]), self.validation, self.test, self.seed)
+            doc.metadata["split"] = split
+            self.stat_update(split)
+            yield doc
+
+
+def _split_row(writer: DiskWriter, doc: Document) -> dict:
+    return {"id": doc.id, "messages": doc.metadata["messages"], "text": doc.metadata["rendered"]}
+
+
+def split_writer(folder: str) -> JsonLinesWriter:
+    return JsonLinesWriter(folder, output_filename="${split}/${rank}.jsonl", adapter=_split_row)

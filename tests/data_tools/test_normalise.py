@@ -1,0 +1,95 @@
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from data_tools.normalise import Normalised, RowError, detect_format, normalise_file, to_messages
+
+
+def test_alpaca_joins_input_and_keeps_system():
+    row = {"instruction": "Reverse the word", "input": " abc ", "output": "cba", "system": "Be terse."}
+    assert to_messages(row) == [
+        {"role": "system", "content": "Be terse."},
+        {"role": "user", "content": "Reverse the word\n\nabc"},
+        {"role": "assistant", "content": "cba"},
+    ]
+
+
+def test_sharegpt_roles_are_mapped():
+    row = {"conversations": [{"from": "system", "value": "S"}, {"from": "human", "value": "Hi"},
+                             {"from": "gpt", "value": "Hello"}, {"from": "human", "value": "Bye"},
+                             {"from": "gpt", "value": "Ciao"}]}
+    assert [m["role"] for m in to_messages(row)] == ["system", "user", "assistant", "user", "assistant"]
+
+
+def test_messages_pass_through_stripped():
+    row = {"messages": [{"role": "user", "content": " Hi "}, {"role": "assistant", "content": "Yo\n"}]}
+    assert to_messages(row, "messages") == [{"role": "user", "content": "Hi"},
+                                            {"role": "assistant", "content": "Yo"}]
+
+
+@pytest.mark.parametrize("row,fmt", [
+    ({"messages": []}, "messages"), ({"conversations": []}, "sharegpt"), ({"instruction": "x"}, "alpaca"),
+    ({"output": "x"}, "alpaca"),
+])
+def test_auto_detects_per_row(row, fmt):
+    assert detect_format(row) == fmt
+
+
+@pytest.mark.parametrize("row,reason", [
+    ([1, 2], "not_an_object"),
+    ({"text": "hello"}, "unknown_format"),
+    ({"instruction": "Do it"}, "missing_output"),
+    ({"instruction": "Do it", "output": "   "}, "empty_answer"),
+    ({"instruction": "", "output": "ok"}, "empty_prompt"),
+    ({"instruction": 3, "output": "ok"}, "bad_instruction"),
+    ({"conversations": [{"from": "bot", "value": "x"}]}, "bad_role"),
+    ({"conversations": [{"from": "human"}]}, "bad_turn"),
+    ({"conversations": "hi"}, "bad_conversations"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "bad_role"),
+    ({"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "q"}]}, "bad_turn_order"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"},
+                   {"role": "user", "content": "q2"}]}, "no_answer"),
+    ({"messages": [{"role": "system", "content": "s"}]}, "no_turns"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}]}, "empty_answer"),
+])
+def test_bad_rows_are_rejected_with_reason(row, reason):
+    with pytest.raises(RowError) as err:
+        to_messages(row)
+    assert err.value.reason == reason
+
+
+def test_explicit_format_reports_missing_field():
+    with pytest.raises(RowError) as err:
+        to_messages({"instruction": "x", "output": "y"}, "sharegpt")
+    assert err.value.reason == "missing_conversations"
+
+
+def test_jsonl_file_with_bad_lines(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\n".join([
+        json.dumps({"instruction": "Reverse: abc", "output": "cba"}),
+        "{not json",
+        "",
+        json.dumps({"instruction": "Reverse: xyz", "output": ""}),
+        json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hey"}]}),
+    ]) + "\n")
+    out = Normalised()
+    normalise_file(path, "auto", "s00f000", "rows.jsonl", out)
+    assert out.num_read == 4  # the blank line is not a row
+    assert [r["id"] for r in out.kept] == ["s00f000-0000000", "s00f000-0000004"]
+    assert [(r["id"], r["reason"]) for r in out.rejected] == [
+        ("s00f000-0000001", "bad_json"), ("s00f000-0000003", "empty_answer")]
+    assert out.rejected[0]["raw"] == "{not json"
+
+
+def test_parquet_file(tmp_path):
+    path = tmp_path / "rows.parquet"
+    rows = [{"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]},
+            {"conversations": [{"from": "human", "value": "Hi"}, {"from": "robot", "value": "Hello"}]}]
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    out = Normalised()
+    normalise_file(path, "sharegpt", "s01f000", "rows.parquet", out)
+    assert out.kept[0]["messages"] == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    assert [r["reason"] for r in out.rejected] == ["bad_role"]
