@@ -1,0 +1,64 @@
+"""Distributed checkpoints (torch.distributed.checkpoint) of a DistributedTrainer, resumable under any layout.
+
+Keys are global parameter names (stage modules keep them), optimizer state is flattened per
+parameter name, and DCP reshards on load, so a checkpoint saved at tp2 x dp2 loads at pp2 or in one
+process. Also saved: the step count, rank 0's RNG state, and a caller's JSON-able `extra` dict (e.g.
+the data position).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
+
+OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+EXTRA_FILE = "trainer_extra.json"
+
+
+def _state(trainer) -> tuple[list[dict], list[dict | None]]:
+    models = [get_model_state_dict(part, options=OPTIONS) for part in trainer.parts]
+    optims = [None if opt is None else get_optimizer_state_dict(part, opt, options=OPTIONS)
+              for part, opt in zip(trainer.parts, trainer.optimizers)]
+    return models, optims
+
+
+def _merged(models: list[dict], optims: list[dict | None], trainer) -> dict:
+    """One DCP state dict; parts never share keys because names are global."""
+    state = {"trainer": {"step": torch.tensor(trainer.step), "rng": torch.get_rng_state()}}
+    for sd in models:
+        state.update({f"model.{k}": v for k, v in sd.items()})
+    for sd in optims:
+        state.update({f"optim.{k}": v for k, v in (sd or {}).items()})
+    return state
+
+
+def save_checkpoint(trainer, path: Path, extra: dict | None = None) -> Path:
+    """Collective: every rank calls it with the same path."""
+    path = Path(path)
+    models, optims = _state(trainer)
+    dcp.save(_merged(models, optims, trainer), checkpoint_id=str(path))
+    if dist.get_rank() == 0:
+        (path / EXTRA_FILE).write_text(json.dumps(extra or {}))
+    dist.barrier()
+    return path
+
+
+def load_checkpoint(trainer, path: Path) -> dict:
+    """Collective: restore model, optimizer, step and RNG in place; returns the saved `extra`."""
+    path = Path(path)
+    models, optims = _state(trainer)  # templates: DCP loads into them in place, resharding as needed
+    state = _merged(models, optims, trainer)
+    dcp.load(state, checkpoint_id=str(path))
+    for part, opt, model_sd, optim_sd in zip(trainer.parts, trainer.optimizers, models, optims):
+        set_model_state_dict(part, {k: state[f"model.{k}"] for k in model_sd}, options=OPTIONS)
+        if opt is not None:
+            set_optimizer_state_dict(part, opt, {k: state[f"optim.{k}"] for k in optim_sd}, options=OPTIONS)
+    trainer.step = int(state["trainer"]["step"])
+    torch.set_rng_state(state["trainer"]["rng"])
+    return json.loads((path / EXTRA_FILE).read_text())

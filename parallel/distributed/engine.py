@@ -1,0 +1,235 @@
+"""DistributedTrainer: a HF (optionally peft) model laid out over (pp, dp_replicate, dp_shard, tp).
+
+Order of transformations, as in torchtitan: PP cuts the model into stage modules first; then, on each
+stage module: TP -> activation checkpointing -> FSDP (ZeRO-2/3). Every rank receives the same global
+batch and takes its dp slice, so the data order does not depend on the layout.
+
+Loss convention (same as parallel/engine.py): next-token cross-entropy summed over label tokens
+(labels != -100, position 0 never a target) and divided by the label-token count of the whole global
+batch; gradients are summed over dp ranks and micro-batches, giving exactly one process's gradients.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from functools import partial
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from parallel.dims import ParallelConfig
+from parallel.distributed import zero as zero_mod
+from parallel.distributed.grads import clip_grads_
+from parallel.distributed.mesh import (ParallelDims, check_layout, check_model_layout, dp_mesh, dp_rank,
+                                      fsdp_mesh)
+from parallel.distributed.pipeline import build_schedule, build_stage_modules, find_decoder
+from parallel.distributed.tensor_parallel import apply_tensor_parallel
+
+IGNORE_INDEX = -100
+
+
+def summed_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of next-token cross-entropy over label tokens, in fp32."""
+    logits = logits[:, :-1].float()
+    targets = labels[:, 1:]
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def num_label_tokens(labels: torch.Tensor) -> int:
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def dims_of(mesh) -> ParallelDims:
+    return ParallelDims(*(mesh[axis].size() for axis in ("pp", "dp_replicate", "dp_shard", "tp")))
+
+
+def apply_activation_checkpointing(layers: list[nn.Module], mode: str) -> None:
+    """Recompute each decoder layer in backward ('full') or all but its matmuls and attention ('selective').
+
+    Uses the layers' own HF checkpointing hook, so parameter names and FSDP hooks stay untouched.
+    """
+    if mode == "none":
+        return
+    from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
+
+    kwargs = {"use_reentrant": False}
+    if mode == "selective":
+        kwargs["context_fn"] = partial(create_selective_checkpoint_contexts, _save_matmuls)
+    for layer in layers:
+        if not hasattr(layer, "gradient_checkpointing"):
+            raise ValueError(f"parallel.activation_checkpointing: {type(layer).__name__} has no HF "
+                             "gradient checkpointing support")
+        layer.gradient_checkpointing = True
+        layer._gradient_checkpointing_func = partial(checkpoint, **kwargs)
+
+
+def _save_matmuls(ctx, op, *args, **kwargs):
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    ops = torch.ops.aten
+    saved = {ops.mm.default, ops.addmm.default, ops.bmm.default,
+             ops._scaled_dot_product_flash_attention_for_cpu.default,
+             ops._scaled_dot_product_efficient_attention.default, ops._scaled_dot_product_flash_attention.default}
+    return CheckpointPolicy.MUST_SAVE if op in saved else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def build_adamw(params: list[nn.Parameter], *, lr: float, weight_decay: float, betas, eps: float):
+    """AdamW; norms and biases (1-D) get no weight decay. Empty param lists give None."""
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps) if groups else None
+
+
+class DistributedTrainer:
+    """Parallelized model parts, their optimizers, and one `train_step` per global batch.
+
+    model: a full HF causal LM on every rank (already wrapped by peft for LoRA), same weights
+    everywhere; it is cut up in place. mesh: from ParallelDims.build_mesh.
+    """
+
+    def __init__(self, model: nn.Module, cfg: ParallelConfig, mesh, *, mode: str = "full", lr: float = 1e-4,
+                 weight_decay: float = 0.0, betas=(0.9, 0.999), eps: float = 1e-8, grad_clip: float = 1.0):
+        self.cfg, self.mesh, self.dims = cfg, mesh, dims_of(mesh)
+        if (self.dims.pp, self.dims.dp_replicate, self.dims.dp_shard, self.dims.tp) != (cfg.pp, cfg.dp_replicate, cfg.dp_shard, cfg.tp):
+            raise ValueError(f"parallel: the mesh {self.dims} does not match the config {cfg}")
+        _, decoder, _, _ = find_decoder(model)
+        c = decoder.config
+        problems = check_layout(cfg, mode) + check_model_layout(
+            cfg, num_layers=c.num_hidden_layers, num_heads=c.num_attention_heads,
+            num_kv_heads=c.num_key_value_heads, tied_embeddings=bool(getattr(c, "tie_word_embeddings", False)))
+        if problems:
+            raise ValueError("; ".join(problems))
+        self.device = (torch.device("cuda", torch.cuda.current_device()) if mesh.device_type == "cuda"
+                       else torch.device(mesh.device_type))
+        self.grad_clip = grad_clip
+        self.pp_rank = mesh["pp"].get_local_rank()
+        self.parts = self._parallelize(model)
+        self.params = [p for part in self.parts for p in part.parameters() if p.requires_grad]
+        self._build_optimizers(lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
+        self.schedule = None
+        if self.dims.pp > 1:
+            self.schedule = build_schedule(self.parts, self.pp_rank, self.dims.pp, cfg.pp_schedule,
+                                           microbatches=cfg.microbatches, loss_fn=self._pp_loss,
+                                           pp_group=mesh["pp"].get_group(), device=self.device)
+        self._inv_count = 0.0
+        self.step = 0
+
+    def _parallelize(self, model: nn.Module) -> list[nn.Module]:
+        config = find_decoder(model)[1].config
+        config.use_cache = False
+        if self.dims.pp > 1:
+            parts = build_stage_modules(model, self.pp_rank, self.dims.pp, self.cfg.pp_schedule)
+        else:
+            parts = [model]
+        mp_policy = zero_mod.mixed_precision_policy(self.cfg.mixed_precision, self.device.type)
+        for part in parts:
+            part.to(self.device).train()
+            layers = part.layers if self.dims.pp > 1 else list(find_decoder(part)[1].layers)
+            if self.dims.tp > 1:
+                apply_tensor_parallel(layers, self.mesh["tp"])
+            apply_activation_checkpointing(layers, self.cfg.activation_checkpointing)
+            if self.cfg.zero >= 2:
+                zero_mod.apply_fsdp(part, layers, fsdp_mesh(self.mesh, self.dims), zero=self.cfg.zero,
+                                    mp_policy=mp_policy)
+        return parts
+
+    def _autocast(self):
+        """bf16 autocast where FSDP's mixed-precision policy does not already cast (ZeRO-0/1, or CPU).
+
+        As in parallel/engine.py: GPU runs bf16 unless fp32 is asked for; CPU only on an explicit bf16.
+        """
+        on_gpu = self.device.type == "cuda"
+        wanted = self.cfg.mixed_precision != "fp32" if on_gpu else self.cfg.mixed_precision == "bf16"
+        if not wanted or (on_gpu and self.cfg.zero >= 2):
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+
+    def set_lr(self, lr: float) -> None:
+        """Set the learning rate of every optimizer (for an LR schedule computed by the caller)."""
+        for opt in self.optimizers:
+            for group in (opt.param_groups if opt is not None else []):
+                group["lr"] = lr
+
+    def _build_optimizers(self, **hparams) -> None:
+        """One optimizer per model part (torchtitan's container); ZeRO-1 keeps only owned parameters."""
+        self.owners = None
+        if self.cfg.zero == 1:
+            self.owners = zero_mod.partition_params(self.params, self.dims.dp)
+            mine = {id(p) for p, o in zip(self.params, self.owners) if o == dp_rank(self.mesh)}
+        self.optimizers = []
+        for part in self.parts:
+            params = [p for p in part.parameters() if p.requires_grad]
+            if self.owners is not None:
+                params = [p for p in params if id(p) in mine]
+            self.optimizers.append(build_adamw(params, **hparams))
+
+    def _pp_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return summed_ce(logits, labels) * self._inv_count
+
+    def _local_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        rows = batch["input_ids"].shape[0]
+        per_rank = rows // self.dims.dp
+        if rows % (self.dims.dp * self.cfg.microbatches):
+            raise ValueError(f"parallel.microbatches: a global batch of {rows} rows does not split into "
+                             f"dp={self.dims.dp} x microbatches={self.cfg.microbatches} equal parts")
+        start = dp_rank(self.mesh) * per_rank
+        return {k: v[start:start + per_rank].to(self.device) for k, v in batch.items()}
+
+    def forward_backward(self, batch: dict[str, torch.Tensor]) -> float:
+        """Accumulate this rank's share of the gradients; returns its share of the global loss."""
+        count = num_label_tokens(batch["labels"])
+        if count == 0:
+            raise ValueError("global batch has no label tokens")
+        self._inv_count = 1.0 / count
+        local = self._local_batch(batch)
+        if self.schedule is not None:
+            losses: list[torch.Tensor] = []
+            with self._autocast():
+                self.schedule.step(local["input_ids"], attention_mask=local["attention_mask"],
+                                   target=local["labels"], losses=losses)
+            return float(sum(l.detach().double() for l in losses)) if losses else 0.0
+        total = 0.0
+        model = self.parts[0]
+        n = self.cfg.microbatches
+        ids, mask, labels = (local[k].chunk(n) for k in ("input_ids", "attention_mask", "labels"))
+        for i in range(n):
+            if self.cfg.zero >= 2:  # reduce-scatter once, after the last micro-batch
+                model.set_requires_gradient_sync(i == n - 1)
+            with self._autocast():
+                logits = model(input_ids=ids[i], attention_mask=mask[i]).logits
+            loss = summed_ce(logits, labels[i]) * self._inv_count
+            loss.backward()
+            total += float(loss.detach())
+        return total
+
+    def train_step(self, batch: dict[str, torch.Tensor]) -> tuple[float, float]:
+        """One optimizer step on a global batch {input_ids, labels, attention_mask}: (loss, grad norm).
+
+        loss: the token-mean loss of the whole global batch, on every rank; grad norm before clipping.
+        """
+        # Not opt.zero_grad(): under ZeRO-1 an optimizer sees only the parameters its rank owns.
+        for p in self.params:
+            p.grad = None
+        local_loss = self.forward_backward(batch)
+        if self.cfg.zero <= 1 and self.dims.dp > 1:
+            zero_mod.allreduce_grads(self.params, dp_mesh(self.mesh).get_group())
+        pp_group = self.mesh["pp"].get_group() if self.dims.pp > 1 else None
+        grad_norm = clip_grads_(self.params, self.grad_clip, self.mesh, pp_group)
+        for opt in self.optimizers:
+            if opt is not None:
+                opt.step()
+        if self.owners is not None:
+            zero_mod.broadcast_params(self.params, self.owners, dp_mesh(self.mesh).get_group())
+        self.step += 1
+        return self._global_loss(local_loss), grad_norm
+
+    def _global_loss(self, local_loss: float) -> float:
+        value = torch.tensor(local_loss, dtype=torch.float64)
+        if self.dims.pp > 1:
+            dist.all_reduce(value, group=self.mesh["pp"].get_group())
+        if self.dims.dp > 1:
+            dist.all_reduce(value, group=dp_mesh(self.mesh).get_group())
+        return float(value)

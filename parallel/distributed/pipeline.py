@@ -1,0 +1,130 @@
+"""Pipeline parallelism: split a Llama-family decoder into stage modules and run a pipeline schedule.
+
+A stage module re-registers the model's own submodules under their original paths
+(`model.layers.5...`, or `base_model.model.model.layers.5...` under peft), so parameter names are the
+global ones on every stage and checkpoints taken under different layouts share one key space.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleGPipe,
+                                          ScheduleInterleaved1F1B, ScheduleInterleavedZeroBubble)
+
+SCHEDULES = {
+    "gpipe": ScheduleGPipe, "1f1b": Schedule1F1B,
+    "interleaved_1f1b": ScheduleInterleaved1F1B, "zero_bubble": ScheduleInterleavedZeroBubble,
+}
+MULTI_STAGE = ("interleaved_1f1b", "zero_bubble")
+
+
+def find_decoder(model: nn.Module) -> tuple[str, nn.Module, str, nn.Module]:
+    """(path, module) of the decoder (has embed_tokens + layers) and of lm_head, in HF or peft models."""
+    decoder = head = None
+    for name, module in model.named_modules():
+        if decoder is None and hasattr(module, "embed_tokens") and isinstance(getattr(module, "layers", None), nn.ModuleList):
+            decoder = (name, module)
+        if name.split(".")[-1] == "lm_head":
+            head = (name, module)
+    if decoder is None or head is None:
+        raise ValueError(f"{type(model).__name__} is not a Llama-family causal LM (no embed_tokens/layers/lm_head)")
+    return (*decoder, *head)
+
+
+def split_layers(num_layers: int, num_stages: int) -> list[range]:
+    """Contiguous layer ranges per stage, sizes differing by at most one (earlier stages get the extra).
+
+    The first stage also embeds and the last also runs norm + lm_head; at tiny sizes the layers dominate.
+    """
+    base, extra = divmod(num_layers, num_stages)
+    bounds, start = [], 0
+    for s in range(num_stages):
+        size = base + (1 if s < extra else 0)
+        bounds.append(range(start, start + size))
+        start += size
+    return bounds
+
+
+def _attach(root: nn.Module, path: str, module: nn.Module) -> None:
+    *parents, leaf = path.split(".")
+    node = root
+    for name in parents:
+        if name not in node._modules:
+            node.add_module(name, nn.Module())
+        node = node._modules[name]
+    node.add_module(leaf, module)
+
+
+class StageModule(nn.Module):
+    """Layers [first..last] of the decoder, plus the embedding on stage 0 and norm + lm_head on the last."""
+
+    def __init__(self, model: nn.Module, layer_ids: range, *, is_first: bool, is_last: bool):
+        super().__init__()
+        dec_path, decoder, head_path, head = find_decoder(model)
+        prefix = f"{dec_path}." if dec_path else ""
+        self.config = decoder.config
+        self.is_first, self.is_last = is_first, is_last
+        layers = nn.ModuleDict({str(i): decoder.layers[i] for i in layer_ids})
+        _attach(self, prefix + "layers", layers)
+        _attach(self, prefix + "rotary_emb", decoder.rotary_emb)
+        if is_first:
+            _attach(self, prefix + "embed_tokens", decoder.embed_tokens)
+        if is_last:
+            _attach(self, prefix + "norm", decoder.norm)
+            _attach(self, head_path, head)
+        # Plain references for forward, kept out of the module tree so names are not duplicated.
+        self.__dict__["_parts"] = (decoder.embed_tokens, layers, decoder.rotary_emb, decoder.norm, head)
+        self.layer_ids = list(layer_ids)
+
+    @property
+    def layers(self) -> list[nn.Module]:
+        return list(self._parts[1].values())
+
+    def forward(self, x, attention_mask=None):
+        from transformers.masking_utils import create_causal_mask
+
+        embed, layers, rotary, norm, head = self._parts
+        hidden = embed(x) if self.is_first else x
+        position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+        mask = create_causal_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask,
+                                  cache=None, position_ids=position_ids)
+        position_embeddings = rotary(hidden, position_ids=position_ids)
+        for layer in layers.values():
+            hidden = layer(hidden, attention_mask=mask, position_embeddings=position_embeddings,
+                           position_ids=position_ids)
+        if self.is_last:
+            hidden = head(norm(hidden))
+        return hidden
+
+
+def stage_ids(pp_rank: int, pp: int, schedule: str) -> list[int]:
+    """Global stage indices this pp rank holds: one, or two in loop order (r, r + pp) for interleaved."""
+    if schedule in MULTI_STAGE and pp > 1:
+        return [pp_rank, pp_rank + pp]
+    return [pp_rank]
+
+
+def build_stage_modules(model: nn.Module, pp_rank: int, pp: int, schedule: str) -> list[StageModule]:
+    """The stage modules of this pp rank, cut from the full model (which is not usable afterwards)."""
+    _, decoder, _, _ = find_decoder(model)
+    num_stages = pp * (2 if schedule in MULTI_STAGE and pp > 1 else 1)
+    ranges = split_layers(len(decoder.layers), num_stages)
+    return [StageModule(model, ranges[s], is_first=s == 0, is_last=s == num_stages - 1)
+            for s in stage_ids(pp_rank, pp, schedule)]
+
+
+def build_schedule(stage_modules: list[StageModule], pp_rank: int, pp: int, schedule: str, *,
+                   microbatches: int, loss_fn, pp_group, device):
+    """A torch.distributed.pipelining schedule over this rank's stages.
+
+    Gradients are not rescaled by the schedule (scale_grads=False): loss_fn already divides by the
+    global label-token count.
+    """
+    ids = stage_ids(pp_rank, pp, schedule)
+    num_stages = pp * len(ids)
+    stages = [PipelineStage(mod, sid, num_stages, device, group=pp_group)
+              for mod, sid in zip(stage_modules, ids)]
+    cls = SCHEDULES[schedule]
+    if schedule in MULTI_STAGE:
+        return cls(stages, n_microbatches=microbatches, loss_fn=loss_fn, scale_grads=False)
+    return cls(stages[0], n_microbatches=microbatches, loss_fn=loss_fn, scale_grads=False)

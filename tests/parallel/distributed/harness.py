@@ -1,0 +1,107 @@
+"""Shared pieces of the multi-process tests: a tiny Llama, fixed batches, one-process reference, diffs."""
+from __future__ import annotations
+
+import torch
+from torch.distributed.tensor import DTensor
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from parallel.dims import ParallelConfig
+from parallel.distributed.engine import DistributedTrainer, build_adamw, num_label_tokens, summed_ce
+from parallel.distributed.mesh import ParallelDims
+
+MODEL = dict(vocab_size=260, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False, pad_token_id=3)
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+HPARAMS = dict(lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8)
+GRAD_CLIP = 1.0
+STEPS = 3
+
+
+def build_model(mode: str, seed: int = 0):
+    """The same weights on every call; LoRA B matrices random (not zero) so every adapter gets a gradient."""
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**MODEL))
+    if mode == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                 target_modules=LORA_TARGETS, task_type="CAUSAL_LM"))
+        gen = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    return model
+
+
+def make_batch(step: int, rows: int = 8, seq: int = 16) -> dict[str, torch.Tensor]:
+    """Right-padded rows of different lengths; the first third of each row is an unlabelled prompt."""
+    gen = torch.Generator().manual_seed(100 + step)
+    ids = torch.randint(4, MODEL["vocab_size"], (rows, seq), generator=gen)
+    lengths = torch.randint(seq // 2, seq + 1, (rows,), generator=gen)
+    mask = (torch.arange(seq)[None, :] < lengths[:, None]).long()
+    ids = ids.masked_fill(mask == 0, MODEL["pad_token_id"])
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, : seq // 3] = -100
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+_REFERENCE: dict[str, dict] = {}
+
+
+def reference(mode: str) -> dict:
+    """One process, whole batch: per-step losses and grad norms, and the first step's clipped grads."""
+    if mode in _REFERENCE:
+        return _REFERENCE[mode]
+    model = build_model(mode).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = build_adamw(params, **HPARAMS)
+    losses, norms, grads = [], [], {}
+    for step in range(STEPS):
+        batch = make_batch(step)
+        opt.zero_grad(set_to_none=True)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss = summed_ce(logits, batch["labels"]) / num_label_tokens(batch["labels"])
+        loss.backward()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)))
+        losses.append(float(loss.detach()))
+        if step == 0:
+            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        opt.step()
+    _REFERENCE[mode] = {"losses": losses, "norms": norms, "grads": grads}
+    return _REFERENCE[mode]
+
+
+def full_grads(trainer: DistributedTrainer) -> dict[str, torch.Tensor]:
+    """Every gradient this rank's parts hold, un-sharded (collective over the dp/tp groups)."""
+    out = {}
+    for part in trainer.parts:
+        for name, p in part.named_parameters():
+            if p.grad is not None:
+                out[name] = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+    return out
+
+
+def check_layout_against_reference(cfg: ParallelConfig, mode: str, world_size: int) -> dict:
+    """Train STEPS steps under `cfg`; diffs against one process (losses, norms, first-step grads)."""
+    mesh = ParallelDims.from_config(cfg, world_size).build_mesh("cpu")
+    trainer = DistributedTrainer(build_model(mode), cfg, mesh, mode=mode, grad_clip=GRAD_CLIP, **HPARAMS)
+    ref = reference(mode)
+    losses, norms, grad_abs, grad_rel, names = [], [], 0.0, 0.0, []
+    for step in range(STEPS):
+        loss, norm = trainer.train_step(make_batch(step))
+        losses.append(loss)
+        norms.append(norm)
+        if step == 0:
+            for name, g in full_grads(trainer).items():
+                r = ref["grads"][name]
+                diff = float((g - r).abs().max())
+                grad_abs = max(grad_abs, diff)
+                grad_rel = max(grad_rel, diff / max(float(r.abs().max()), 1e-12))
+                names.append(name)
+    return {
+        "loss_diff": max(abs(a - b) for a, b in zip(losses, ref["losses"])),
+        "norm_diff": max(abs(a - b) / b for a, b in zip(norms, ref["norms"])),
+        "grad_abs": grad_abs, "grad_rel": grad_rel, "names": names,
+        "ref_names": sorted(ref["grads"]), "losses": losses,
+    }
