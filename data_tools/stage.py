@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 from collections import Counter
 from pathlib import Path
 from typing import Callable
@@ -121,12 +122,24 @@ def run_chain(plan: Plan, logs: Path, factory: ExecutorFactory, report: Callable
     """Each run gets its own executor; `depends` lets a cluster executor chain them as jobs. `run()` must
     return only once every rank has finished: the next run reads what this one wrote."""
     previous = None
-    with _quiet_tqdm():
+    with _quiet_tqdm(), _default_sigterm():
         for run in plan.runs:
             executor = factory(run.pipeline, str(logs / run.name), run.tasks, depends=previous)
             executor.run()
             previous = executor
             report(run.name)
+
+
+@contextlib.contextmanager
+def _default_sigterm():
+    """Job runners (submitit) ignore SIGTERM in the job process; forked pool workers inherit that and then
+    never exit when the pool terminates them, so the run hangs. Workers are forked with the default."""
+    previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager
