@@ -29,9 +29,23 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--workdir", type=Path, help="run directory (default ./hpcft-runs/<recipe name>)")
     run.add_argument("--executor", choices=["local", "inline", "slurm"], help="override executor.kind")
     run.add_argument("--only", metavar="STAGE", help="rerun one stage on the outputs of the stages before it")
+    run.add_argument("--detach", action="store_true", help="slurm: submit the whole pipeline and return")
     recipe_cmd("validate", "check a recipe and list every problem")
     plan = recipe_cmd("plan", "show the stage graph with resources")
     plan.add_argument("--workdir", type=Path)
+
+    for name, help in (("status", "one look at a run: stages, jobs, progress"),
+                       ("watch", "follow a run until it ends (reattaches to a detached Slurm run)"),
+                       ("cancel", "cancel a run's Slurm jobs")):
+        sp = sub.add_parser(name, help=help)
+        sp.add_argument("workdir", type=Path, nargs="?", default=None, help="run directory")
+        sp.add_argument("--workdir", dest="workdir_opt", type=Path, help=argparse.SUPPRESS)
+    logs = sub.add_parser("logs", help="print a stage job's log")
+    logs.add_argument("stage")
+    logs.add_argument("--workdir", type=Path, required=True)
+    logs.add_argument("--rank", type=int, default=0, help="task rank within the job (multi-node training)")
+    logs.add_argument("--element", type=int, default=0, help="array element index")
+    logs.add_argument("--stdout", action="store_true", help="stdout instead of stderr")
 
     reg = sub.add_parser("registry", help="inspect the model registry and move the champion alias")
     reg.add_argument("action", choices=["list", "promote"])
@@ -68,7 +82,7 @@ def cmd_plan(args, console: Console) -> int:
         state = "[green]up to date" if rd.stage_done(s) else "[yellow]to run"
         node = tree.add(f"[bold]{s.name}[/] ({s.kind})  {state}[/]  after: {', '.join(s.depends_on) or '-'}")
         node.add(f"resources: {r.nodes} node(s) x {r.tasks_per_node} task(s), {r.cpus_per_task} cpu/task, "
-                 f"{r.gpus_per_node} gpu/node, {r.mem_gb} GB, {r.time_min} min")
+                 f"{r.gpus_per_node} gpu/node, mem {r.mem_gb or 'default'} GB, {r.time_min} min")
         if s.is_array:
             node.add(f"array of {len(s.elements)}: {', '.join(s.elements)}")
         node.add(f"input hash {s.input_hash}")
@@ -79,9 +93,65 @@ def cmd_plan(args, console: Console) -> int:
 def cmd_run(args, console: Console) -> int:
     from hpc.pipeline import run_pipeline
 
-    recipe = load_recipe(args.recipe, args.overrides)
-    return run_pipeline(recipe, args.recipe, _workdir(args, recipe), executor=args.executor, only=args.only,
-                        console=console)
+    overrides = args.overrides + ([f"executor.kind={args.executor}"] if args.executor else [])
+    recipe = load_recipe(args.recipe, overrides)
+    return run_pipeline(recipe, args.recipe, _workdir(args, recipe), only=args.only, console=console,
+                        detach=args.detach)
+
+
+def _run_dir(args):
+    from hpc.rundir import RunDir
+
+    wd = args.workdir or getattr(args, "workdir_opt", None)
+    if wd is None or not (Path(wd) / "run.json").is_file():
+        raise RecipeError([f"workdir: {wd} is not an hpcft run directory (no run.json)"])
+    return RunDir(wd)
+
+
+def cmd_status(args, console: Console, once: bool = True) -> int:
+    from hpc.pipeline import watch
+
+    rd = _run_dir(args)
+    if rd.read_meta().get("slurm_jobs"):
+        from hpc.tracking import Tracker
+
+        return watch(rd, console, None if once else Tracker(rd.read_meta()["tracking_uri"]), once=once)
+    from hpc.plan import build_plan
+    from hpc.progress import describe, read_last_event
+
+    for spec in build_plan(rd.load_recipe()):
+        state = "done" if rd.stage_done(spec) else "not done"
+        console.print(f"{spec.name:10s} {state:9s} {describe(read_last_event(rd.progress_path(spec.name)))}")
+    return 0
+
+
+def cmd_cancel(args, console: Console) -> int:
+    from hpc.slurm import cancel
+
+    ids = cancel(_run_dir(args).read_meta())
+    console.print(f"cancelled jobs: {', '.join(ids) or 'none'}")
+    return 0
+
+
+def cmd_logs(args, console: Console) -> int:
+    from hpc.slurm import job_log
+
+    rd = _run_dir(args)
+    job = rd.read_meta().get("slurm_jobs", {}).get(args.stage)
+    if job is not None:
+        jid = job["job_ids"][min(args.element, len(job["job_ids"]) - 1)]
+        path = job_log(job["folder"], jid, args.rank, err=not args.stdout)
+    else:  # local executor: submitit folders named by pid
+        logs = sorted((rd.stage_dir(args.stage) / "logs").glob(f"*/*_{args.rank}_log.{'out' if args.stdout else 'err'}"),
+                      key=lambda p: p.stat().st_mtime)
+        if not logs:
+            raise RecipeError([f"logs: no logs for stage {args.stage!r} in {rd.root}"])
+        path = logs[min(args.element, len(logs) - 1)]
+    if not path.is_file():
+        raise RecipeError([f"logs: {path} does not exist (yet)"])
+    print(f"==> {path}")
+    print(path.read_text(errors="replace"), end="")
+    return 0
 
 
 def cmd_registry(args, console: Console) -> int:
@@ -115,7 +185,9 @@ def cmd_registry(args, console: Console) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     console = Console()
-    handler = {"run": cmd_run, "validate": cmd_validate, "plan": cmd_plan, "registry": cmd_registry}[args.cmd]
+    handler = {"run": cmd_run, "validate": cmd_validate, "plan": cmd_plan, "registry": cmd_registry,
+               "status": cmd_status, "watch": lambda a, c: cmd_status(a, c, once=False), "cancel": cmd_cancel,
+               "logs": cmd_logs}[args.cmd]
     try:
         return handler(args, console)
     except RecipeError as err:

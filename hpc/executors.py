@@ -30,6 +30,9 @@ class InlineExecutor:
         pass
 
     def run(self, spec: StageSpec, rd: RunDir, pending: list[int], poll: Callable[[], None]) -> None:
+        if spec.resources.nodes * spec.resources.tasks_per_node > 1:
+            raise StageFailed(spec.name, "0", None, "the inline executor runs one process; a multi-process "
+                              "parallel layout needs executor.kind local or slurm")
         for i in pending:
             try:
                 run_stage(str(rd.root), spec.name, i)
@@ -51,7 +54,9 @@ class LocalExecutor:
         import submitit
 
         ex = submitit.LocalExecutor(folder=rd.stage_dir(spec.name) / "logs" / "%j")
-        ex.update_parameters(timeout_min=self.timeout_min)
+        # A multi-process training layout runs as one job of several local tasks (ranks).
+        tasks = spec.resources.nodes * spec.resources.tasks_per_node
+        ex.update_parameters(timeout_min=self.timeout_min, tasks_per_node=tasks)
         queue, running = list(pending), {}
         while queue or running:
             while queue and len(running) < self.max_parallel:

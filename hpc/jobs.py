@@ -63,13 +63,34 @@ def _data(ctx: StageContext) -> dict:
     from data_tools.stage import run_data
 
     manifest = run_data(ctx.recipe.data, ctx.base_model_dir(), ctx.out_dir, base_dir=ctx.base_dir,
-                        progress=ctx.progress)
+                        executor_factory=_datatrove_factory(ctx), progress=ctx.progress)
     ctx.tracker.log_artifact(ctx.run_id, ctx.out_dir / "manifest.json")
     splits = manifest.get("splits", {})
     ctx.tracker.log_metrics(ctx.run_id, {f"rows.{k}": v for k, v in splits.items()
                                          if isinstance(v, (int, float))})
     ctx.tracker.set_tags(ctx.run_id, {"hpcft.data_manifest_hash": manifest.get("manifest_hash", "")})
     return {"manifest_hash": manifest.get("manifest_hash"), "splits": splits}
+
+
+def _datatrove_factory(ctx: StageContext):
+    """On Slurm, each datatrove step runs as a job array (one element per rank); locally, a process pool."""
+    if ctx.recipe.executor.kind != "slurm" or "SLURM_JOB_ID" not in os.environ:
+        return None
+    from dataclasses import replace
+
+    from hpc.datatrove_slurm import SubmititPipelineExecutor
+    from hpc.slurm import job_options, make_executor
+
+    opts = replace(job_options(ctx.spec, ctx.recipe.executor, ranks=True), max_retries=0)
+    retries = job_options(ctx.spec, ctx.recipe.executor, ranks=True).max_retries
+    folder = ctx.out_dir / "logs" / "ranks"
+    name = f"hpcft-{ctx.recipe.name}-data-ranks"
+
+    def factory(pipeline, logging_dir, tasks, depends=None):
+        return SubmititPipelineExecutor(
+            pipeline, logging_dir, tasks, max_retries=retries, depends=depends,
+            make_executor=lambda: make_executor(folder, opts, name, [], ctx.recipe.executor.python))
+    return factory
 
 
 def _train_input_model(ctx: StageContext) -> Path:
@@ -168,8 +189,31 @@ def run_stage(run_root: str, stage: str, index: int = 0) -> dict:
     ctx = StageContext(rd, recipe, spec, index, out_dir, tracker, meta["child_runs"][stage],
                        Path(meta["base_dir"]))
     started = time.time()
+    leader = _join_world()
+    if not leader:  # other ranks of a multi-process job compute; rank 0 reports and marks
+        ctx.progress = lambda event: None
     result = STAGE_FUNCS[spec.kind](ctx)
     result = result | {"seconds": round(time.time() - started, 2)}
-    write_json(out_dir / "result.json", result)
-    rd.mark_done(spec, index)
+    if leader:
+        write_json(out_dir / "result.json", result)
+        rd.mark_done(spec, index)
+    _leave_world()
     return result
+
+
+def _join_world() -> bool:
+    """In a multi-task job, start torch.distributed from the Slurm/submitit environment; True on rank 0."""
+    from hpc.rendezvous import from_env, init_distributed
+
+    world = from_env()
+    if world.world_size > 1:
+        init_distributed(world)
+    return world.rank == 0
+
+
+def _leave_world() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

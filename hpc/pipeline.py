@@ -1,6 +1,8 @@
 """Runs a plan: skip up-to-date stages, submit the rest through an executor, report, return an exit code."""
 from __future__ import annotations
 
+import subprocess
+import time
 import uuid
 from pathlib import Path
 
@@ -45,8 +47,8 @@ def prepare_run(recipe: Recipe, recipe_path: Path, rd: RunDir) -> dict:
     return rd.update_meta(**fields)
 
 
-def run_pipeline(recipe: Recipe, recipe_path: Path, workdir: Path, executor: str | None = None,
-                 only: str | None = None, console: Console | None = None) -> int:
+def run_pipeline(recipe: Recipe, recipe_path: Path, workdir: Path, only: str | None = None,
+                 console: Console | None = None, detach: bool = False) -> int:
     console = console or Console()
     rd = RunDir(workdir)
     plan = build_plan(recipe)
@@ -58,14 +60,40 @@ def run_pipeline(recipe: Recipe, recipe_path: Path, workdir: Path, executor: str
         if missing:
             raise RecipeError([f"--only {only}: earlier stages have no current outputs ({', '.join(missing)});"
                                " run the pipeline without --only first"])
+    kind = recipe.executor.kind
+    if kind == "slurm":
+        from hpc.slurm import check_options
+
+        problems = check_options(recipe, plan)
+        if problems:
+            raise RecipeError(problems)
+    elif detach:
+        raise RecipeError(["--detach: only the slurm executor runs without the CLI; set executor.kind=slurm"])
     meta = prepare_run(recipe, recipe_path, rd)
-    kind = executor or recipe.executor.kind
-    if kind not in EXECUTORS:
-        raise RecipeError([f"executor.kind: {kind!r} is not available yet; use local or inline"])
-    ex = EXECUTORS[kind](max_parallel=recipe.executor.max_parallel, timeout_min=recipe.executor.timeout_min)
     tracker = Tracker(meta["tracking_uri"])
     console.print(f"run directory: {rd.root}\ntracking: {meta['tracking_uri']} (parent run "
                   f"{meta['parent_run_id']})")
+    if kind == "slurm":
+        from hpc.slurm import SubmitError, submit_pipeline
+
+        try:
+            submitted = submit_pipeline(recipe, plan, rd, lambda name: _start_child(rd, tracker, name), only)
+        except SubmitError as err:
+            o = err.opts
+            console.print(f"[red bold]stage {err.stage} could not be submitted[/]: {err.message}\n"
+                          f"asked for {o.nodes} node(s) x {o.tasks_per_node} task(s), {o.cpus_per_task} cpu/task, "
+                          f"{o.gpus_per_node} gpu/node, mem {o.mem_gb or 'default'} GB, partition "
+                          f"{o.partition or 'default'}; adjust executor.slurm or executor.stages.{err.stage}; "
+                          "nothing of this run is left queued")
+            return EXIT_FAILED
+        for name, job in submitted.items():
+            console.print(f"submitted {name}: job {job['job_id']}"
+                          + (f" ({len(job['job_ids'])} array elements)" if len(job["job_ids"]) > 1 else ""))
+        if detach:
+            console.print(f"detached; follow with: hpcft watch --workdir {rd.root}")
+            return EXIT_OK
+        return watch(rd, console, tracker)
+    ex = EXECUTORS[kind](max_parallel=recipe.executor.max_parallel, timeout_min=recipe.executor.timeout_min)
     with PipelineView(plan, rd.progress_path, console) as view:
         for spec in plan:
             if only and spec.name != only:
@@ -80,11 +108,94 @@ def run_pipeline(recipe: Recipe, recipe_path: Path, workdir: Path, executor: str
                 view.finish(spec, ok=False)
                 _report_failure(console, err)
                 return EXIT_FAILED
+    return _final(rd, console, only)
+
+
+def _final(rd: RunDir, console: Console, only: str | None = None) -> int:
     if only and only != "gate":
         return EXIT_OK
     gate = read_json(rd.stage_dir("gate") / "result.json")
     print_summary(console, gate)
     return EXIT_OK if gate["passed"] else EXIT_REJECTED
+
+
+def _start_child(rd: RunDir, tracker: Tracker, name: str) -> str:
+    meta = rd.read_meta()
+    child = tracker.start_child(meta["parent_run_id"], name)
+    rd.update_meta(child_runs=meta.get("child_runs", {}) | {name: child})
+    return child
+
+
+def watch(rd: RunDir, console: Console, tracker: Tracker | None = None, once: bool = False) -> int:
+    """Follow a submitted Slurm pipeline until the gate finishes or a stage fails."""
+    from hpc.slurm import FAILED_STATES, job_log, sacct_states
+
+    recipe = rd.load_recipe()
+    plan = build_plan(recipe)
+    meta = rd.read_meta()
+    jobs = meta.get("slurm_jobs", {})
+    finished: set[str] = set()
+    with PipelineView(plan, rd.progress_path, console) as view:
+        for spec in plan:
+            if spec.name not in jobs and rd.stage_done(spec):
+                view.skip(spec)
+                finished.add(spec.name)
+        while True:
+            ids = [i for j in jobs.values() for i in j["job_ids"]]
+            states = sacct_states([j["job_id"] for j in jobs.values()])
+            for spec in plan:
+                job = jobs.get(spec.name)
+                if job is None or spec.name in finished:
+                    continue
+                mine = {k: v for k, v in states.items() if k == job["job_id"] or k.startswith(job["job_id"] + "_")}
+                counts: dict[str, int] = {}
+                for v in mine.values():
+                    counts[v["state"]] = counts.get(v["state"], 0) + 1
+                nodes = sorted({v["nodes"] for v in mine.values() if v["nodes"] not in ("", "None assigned")})
+                view.jobs[spec.name] = f"{job['job_id']}: " + " ".join(f"{n} {s}" for s, n in sorted(counts.items())) + (
+                    f" on {','.join(nodes)}" if nodes else "")
+                if rd.stage_done(spec):
+                    if view.state[spec.name] != "running":
+                        view.start(spec, "slurm")
+                    view.finish(spec, ok=True, note=_note(rd, spec))
+                    finished.add(spec.name)
+                    if tracker and spec.name in meta.get("child_runs", {}):
+                        tracker.finish(meta["child_runs"][spec.name], ok=True)
+                    continue
+                if view.state[spec.name] == "pending" and any(v["state"] == "RUNNING" for v in mine.values()):
+                    view.start(spec, "slurm")
+                failed = [(k, v) for k, v in mine.items() if v["state"] in FAILED_STATES]
+                own = [(k, v) for k, v in failed if not _cancelled_by_dependency(k, v)]
+                if own:
+                    jid, st = own[0]
+                    log = job_log(job["folder"], jid)
+                    tail = log.read_text(errors="replace") if log.is_file() else f"no log at {log}"
+                    view.finish(spec, ok=False)
+                    _report_failure(console, StageFailed(spec.name, f"job {jid} {st['state']} exit {st['exit']}",
+                                                         log, "\n".join(tail.rstrip().splitlines()[-15:])))
+                    cancelled = [s.name for s in plan if s.name in jobs and s.name not in finished
+                                 and s.name != spec.name]
+                    if cancelled:
+                        console.print(f"dependent stages not run: {', '.join(cancelled)}")
+                    if tracker and spec.name in meta.get("child_runs", {}):
+                        tracker.finish(meta["child_runs"][spec.name], ok=False)
+                    return EXIT_FAILED
+            view.refresh()
+            if all(s.name in finished for s in plan) or once:
+                break
+            del ids
+            time.sleep(2)
+    if once and not all(s.name in finished for s in plan):
+        return EXIT_OK
+    return _final(rd, console)
+
+
+def _cancelled_by_dependency(job_id: str, st: dict) -> bool:
+    if st["state"] != "CANCELLED":
+        return False
+    out = subprocess.run(["sacct", "-n", "-P", "-X", "-j", job_id, "--format=Reason"], capture_output=True,
+                         text=True, timeout=30).stdout
+    return "Dependency" in out or "DependencyNeverSatisfied" in out
 
 
 def _run_one(spec: StageSpec, rd: RunDir, ex, tracker: Tracker, view: PipelineView, force: bool) -> None:
@@ -94,9 +205,7 @@ def _run_one(spec: StageSpec, rd: RunDir, ex, tracker: Tracker, view: PipelineVi
     progress = rd.progress_path(spec.name)
     progress.parent.mkdir(parents=True, exist_ok=True)
     progress.write_text("")
-    meta = rd.read_meta()
-    child = tracker.start_child(meta["parent_run_id"], spec.name)
-    rd.update_meta(child_runs=meta.get("child_runs", {}) | {spec.name: child})
+    child = _start_child(rd, tracker, spec.name)
     view.start(spec, ex.name)
     try:
         ex.run(spec, rd, pending, poll=view.refresh)

@@ -17,7 +17,7 @@ class Resources:
     tasks_per_node: int = 1
     gpus_per_node: int = 0
     cpus_per_task: int = 1
-    mem_gb: int = 4
+    mem_gb: int | None = None  # None: the cluster's default
     time_min: int = 60
 
 
@@ -57,16 +57,16 @@ def build_plan(recipe: Recipe) -> list[StageSpec]:
 
     add("model", "model", [], dump["model"])
     add("data", "data", ["model"], dump["data"],
-        Resources(cpus_per_task=min(recipe.data.tasks, 8), mem_gb=8))
+        Resources(cpus_per_task=1))  # per datatrove rank; ranks fan out
     prev = "data"
     world = recipe.parallel.world_size
     for stage, raw in zip(recipe.stages, dump["stages"]):
         add(stage.name, stage.kind, ["model", prev],
             {"stage": raw, "parallel": dump["parallel"], "seed": recipe.seed},
-            Resources(tasks_per_node=world, cpus_per_task=2, mem_gb=16))
+            Resources(tasks_per_node=world, cpus_per_task=2))
         prev = stage.name
     add("export", "export", ["model", prev], {})
-    add("eval", "eval", ["model", "data", "export"], dump["eval"], Resources(cpus_per_task=2, mem_gb=8),
+    add("eval", "eval", ["model", "data", "export"], dump["eval"], Resources(cpus_per_task=2),
         elements=eval_elements(recipe))
     add("gate", "gate", ["model", "data", "export", "eval"], {"gate": dump["gate"],
         "tracking": dump["tracking"]})

@@ -58,6 +58,7 @@ class PipelineView:
         self.started: dict[str, float] = {}
         self.elapsed: dict[str, float] = {}
         self.detail: dict[str, str] = {}
+        self.jobs: dict[str, str] = {}  # stage -> job ids and element states (cluster executors)
         self.live: Live | None = None
         self._last_line = 0.0
 
@@ -74,14 +75,15 @@ class PipelineView:
 
     def _render(self):
         table = Table(title="hpcft pipeline", expand=False)
-        for col in ("stage", "kind", "jobs", "state", "time", "progress"):
+        for col in ("stage", "kind", "elements", "state", "time", "jobs", "progress"):
             table.add_column(col)
         style = {"done": "green", "skipped": "dim", "running": "yellow", "failed": "red"}
         for s in self.plan:
             st = self.state[s.name]
             t = self.elapsed.get(s.name) or (time.time() - self.started[s.name] if st == "running" else None)
             table.add_row(s.name, s.kind, str(len(s.elements)), f"[{style.get(st, '')}]{st}",
-                          f"{t:.0f}s" if t is not None else "", self.detail.get(s.name, ""))
+                          f"{t:.0f}s" if t is not None else "", self.jobs.get(s.name, ""),
+                          self.detail.get(s.name, ""))
         return Group(table)
 
     def _print(self, msg: str) -> None:

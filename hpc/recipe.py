@@ -48,11 +48,37 @@ class TrackingConfig(_Section):
     registered_model: str = Field(min_length=1)
 
 
+class SlurmOptions(_Section):
+    """Cluster options for jobs; unset fields fall back to the recipe-wide ones, then to the plan's."""
+
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    time_min: int | None = Field(None, ge=1)
+    nodes: int | None = Field(None, ge=1)
+    tasks_per_node: int | None = Field(None, ge=1)
+    gpus_per_node: int | None = Field(None, ge=0)
+    cpus_per_task: int | None = Field(None, ge=1)
+    mem_gb: int | None = Field(None, ge=1)
+    constraint: str | None = None
+    exclusive: bool | None = None
+    extra_sbatch: list[str] = Field(default_factory=list, description="raw options, e.g. '--reservation=x'")
+    setup: list[str] = Field(default_factory=list, description="shell lines before the job (module load...)")
+    env_preset: Literal["none", "coreweave", "infiniband"] | None = None
+    container_image: str | None = Field(None, description="pyxis --container-image")
+    container_mounts: list[str] = Field(default_factory=list)
+    max_retries: int | None = Field(None, ge=0, description="requeues of a failed job or array element")
+
+
 class ExecutorConfig(_Section):
     kind: Literal["local", "inline", "slurm"] = "local"
     max_parallel: int = Field(2, ge=1, description="array elements running at once (local executor)")
     timeout_min: int = Field(120, ge=1)
     env: dict[str, str] = Field(default_factory=dict, description="extra environment for every job")
+    python: str | None = Field(None, description="interpreter on the nodes (default: this one)")
+    slurm: SlurmOptions = SlurmOptions()
+    stages: dict[str, SlurmOptions] = Field(
+        default_factory=dict, description="per-stage overrides, keyed by stage name or kind (data, sft, eval)")
 
 
 class Recipe(_Section):

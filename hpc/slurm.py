@@ -1,0 +1,233 @@
+"""The Slurm executor: every pending stage is submitted at once as submitit jobs and job arrays chained
+with `afterok`, so the pipeline runs without the CLI; `watch` follows it through markers and sacct."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from hpc.plan import StageSpec
+from hpc.recipe import ExecutorConfig, Recipe, SlurmOptions
+from hpc.rundir import RunDir
+
+# Fabric settings users otherwise copy from wiki pages; applied as exports before every job.
+ENV_PRESETS: dict[str, dict[str, str]] = {
+    "none": {},
+    "coreweave": {  # HGX nodes with 8 InfiniBand rails named ibp*, Ethernet control plane on eth0
+        "NCCL_SOCKET_IFNAME": "eth0", "NCCL_IB_HCA": "ibp", "UCX_NET_DEVICES": ",".join(
+            f"ibp{i}:1" for i in range(8)), "NCCL_COLLNET_ENABLE": "0",
+        "SHARP_COLL_ENABLE_PCI_RELAXED_ORDERING": "1", "NCCL_IB_TIMEOUT": "22",
+        "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "NCCL_DEBUG": "WARN"},
+    "infiniband": {  # generic IB cluster: use IB, keep sockets off loopback/docker bridges
+        "NCCL_IB_DISABLE": "0", "NCCL_NET_GDR_LEVEL": "PHB", "NCCL_SOCKET_IFNAME": "^lo,docker",
+        "NCCL_IB_TIMEOUT": "22", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "NCCL_DEBUG": "WARN"},
+}
+FAILED_STATES = {"FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE",
+                 "PREEMPTED"}
+TRAIN_KINDS = {"sft", "dpo", "reward_model", "ppo", "grpo"}
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    """Everything one stage's job needs from the cluster, after merging recipe-wide and per-stage options."""
+
+    nodes: int
+    tasks_per_node: int
+    cpus_per_task: int
+    gpus_per_node: int
+    mem_gb: int | None
+    time_min: int
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    exclusive: bool = False
+    extra_sbatch: tuple[str, ...] = ()
+    setup: tuple[str, ...] = ()
+    env: dict = field(default_factory=dict)
+    container_image: str | None = None
+    container_mounts: tuple[str, ...] = ()
+    max_retries: int = 1
+
+
+def job_options(spec: StageSpec, cfg: ExecutorConfig, ranks: bool = False) -> JobOptions:
+    """Options of a stage's job; for the data stage, `ranks=True` gives its datatrove rank arrays' and
+    the default gives the small driver job that submits them and waits."""
+    r = spec.resources
+    opts = JobOptions(nodes=r.nodes, tasks_per_node=r.tasks_per_node, cpus_per_task=r.cpus_per_task,
+                      gpus_per_node=r.gpus_per_node, mem_gb=r.mem_gb, time_min=r.time_min)
+    world = r.nodes * r.tasks_per_node
+    for layer in (cfg.slurm, cfg.stages.get(spec.kind), cfg.stages.get(spec.name)):
+        if layer is None:
+            continue
+        for name in SlurmOptions.model_fields:
+            v = getattr(layer, name)
+            if v is None or v == []:
+                continue
+            if name == "env_preset":
+                opts = replace(opts, env=ENV_PRESETS[v])
+            elif name in ("extra_sbatch", "setup", "container_mounts"):
+                opts = replace(opts, **{name: tuple(v)})
+            else:
+                opts = replace(opts, **{name: v})
+    if spec.kind in TRAIN_KINDS and opts.nodes * opts.tasks_per_node != world:
+        if world % opts.nodes == 0:  # nodes given, tasks per node follow from the layout
+            opts = replace(opts, tasks_per_node=world // opts.nodes)
+    if spec.kind not in TRAIN_KINDS:  # data, eval and gate jobs are single tasks (arrays for fan-out)
+        opts = replace(opts, nodes=1, tasks_per_node=1)
+    if spec.kind == "data" and not ranks:
+        opts = replace(opts, cpus_per_task=1, gpus_per_node=0)
+    return opts
+
+
+def check_options(recipe: Recipe, plan: list[StageSpec]) -> list[str]:
+    """Problems with executor.* for this plan, as 'field: message' lines."""
+    problems = []
+    names = {s.name for s in plan} | {s.kind for s in plan}
+    for key in recipe.executor.stages:
+        if key not in names:
+            problems.append(f"executor.stages.{key}: no stage or stage kind of that name; "
+                            f"allowed: {', '.join(sorted(names))}")
+    for spec in plan:
+        if spec.kind not in TRAIN_KINDS:
+            continue
+        o = job_options(spec, recipe.executor)
+        world = recipe.parallel.world_size
+        if o.nodes * o.tasks_per_node != world:
+            problems.append(f"executor.stages.{spec.name}: nodes {o.nodes} x tasks_per_node {o.tasks_per_node}"
+                            f" = {o.nodes * o.tasks_per_node} processes, but the parallel layout needs {world}")
+        if o.gpus_per_node and o.gpus_per_node < o.tasks_per_node:
+            problems.append(f"executor.stages.{spec.name}: gpus_per_node {o.gpus_per_node} < tasks_per_node "
+                            f"{o.tasks_per_node}: one GPU per rank")
+    return problems
+
+
+def _sbatch_params(o: JobOptions, name: str, deps: list[str]) -> dict:
+    extra: dict = {"requeue": True}
+    for opt in o.extra_sbatch:
+        key, _, value = opt.lstrip("-").partition("=")
+        extra[key.replace("-", "_")] = value if value else True
+    if o.account:
+        extra["account"] = o.account
+    params = dict(job_name=name, time=o.time_min, nodes=o.nodes, ntasks_per_node=o.tasks_per_node,
+                  cpus_per_task=o.cpus_per_task, mem=f"{o.mem_gb}G" if o.mem_gb else None, partition=o.partition, qos=o.qos,
+                  constraint=o.constraint, exclusive=o.exclusive or None,
+                  gpus_per_node=o.gpus_per_node or None,
+                  setup=[f"export {k}={v}" for k, v in o.env.items()] + list(o.setup),
+                  additional_parameters=extra)
+    if deps:
+        params["dependency"] = "afterok:" + ":".join(deps)
+        extra["kill_on_invalid_dep"] = "yes"
+    if o.container_image:
+        params["srun_args"] = [f"--container-image={o.container_image}"] + (
+            [f"--container-mounts={','.join(o.container_mounts)}"] if o.container_mounts else [])
+    return {k: v for k, v in params.items() if v is not None}
+
+
+def make_executor(folder: Path, o: JobOptions, name: str, deps: list[str], python: str | None):
+    import submitit
+
+    ex = submitit.SlurmExecutor(folder=folder, python=python or sys.executable)
+    ex.update_parameters(**_sbatch_params(o, name, deps))
+    return ex
+
+
+def run_element(run_root: str, stage: str, index: int, max_retries: int) -> dict:
+    """A Slurm job's body: run the element; on failure requeue this very job while retries remain,
+    so that `afterok` dependants keep waiting for its final outcome."""
+    import os
+
+    from hpc.jobs import run_stage
+
+    try:
+        return run_stage(run_root, stage, index)
+    except Exception:
+        counter = RunDir(Path(run_root)).stage_dir(stage) / "attempts" / f"{index}"
+        attempt = int(counter.read_text()) + 1 if counter.is_file() else 1
+        is_leader = os.environ.get("SLURM_PROCID", "0") == "0"
+        job = os.environ.get("SLURM_JOB_ID")
+        if is_leader and job and attempt <= max_retries:
+            counter.parent.mkdir(parents=True, exist_ok=True)
+            counter.write_text(str(attempt))
+            import traceback
+
+            traceback.print_exc()
+            print(f"hpcft: attempt {attempt} of {stage}[{index}] failed; requeueing job {job} "
+                  f"({max_retries - attempt} retries left)", file=sys.stderr, flush=True)
+            subprocess.run(["scontrol", "requeue", job], check=False)
+            time.sleep(600)  # Slurm ends this run of the job; the requeued one starts over
+        raise
+
+
+def submit_pipeline(recipe: Recipe, plan: list[StageSpec], rd: RunDir, start_child, only: str | None = None
+                    ) -> dict[str, dict]:
+    """Submit every stage that is not up to date, each after the jobs it depends on. Returns
+    {stage: {"job_id", "job_ids", "folder"}} and records it in run.json."""
+    submitted: dict[str, dict] = {}
+    for spec in plan:
+        if only and spec.name != only:
+            continue
+        if only:
+            rd.clear_markers(spec)
+        pending = [i for i in range(len(spec.elements)) if not rd.element_done(spec, i)]
+        if not pending:
+            continue
+        deps = [submitted[d]["job_id"] for d in spec.depends_on if d in submitted]
+        o = job_options(spec, recipe.executor)
+        folder = rd.stage_dir(spec.name) / "logs"
+        progress = rd.progress_path(spec.name)
+        progress.parent.mkdir(parents=True, exist_ok=True)
+        progress.write_text("")
+        start_child(spec.name)
+        ex = make_executor(folder, o, f"hpcft-{recipe.name}-{spec.name}", deps, recipe.executor.python)
+        try:
+            if spec.is_array:
+                ex.update_parameters(array_parallelism=max(1, len(pending)))
+                jobs = ex.map_array(run_element, [str(rd.root)] * len(pending), [spec.name] * len(pending),
+                                    pending, [o.max_retries] * len(pending))
+            else:
+                jobs = [ex.submit(run_element, str(rd.root), spec.name, pending[0], o.max_retries)]
+        except Exception as err:  # noqa: BLE001 - sbatch's refusal, reported with what was asked
+            cancel({"slurm_jobs": submitted})
+            raise SubmitError(spec.name, str(err).strip().splitlines()[-1], o) from None
+        job_id = jobs[0].job_id.split("_")[0]
+        submitted[spec.name] = {"job_id": job_id, "job_ids": [j.job_id for j in jobs],
+                                "elements": pending, "folder": str(folder)}
+    rd.update_meta(slurm_jobs=rd.read_meta().get("slurm_jobs", {}) | submitted)
+    return submitted
+
+
+class SubmitError(Exception):
+    def __init__(self, stage: str, message: str, opts: JobOptions):
+        super().__init__(f"sbatch refused stage {stage}: {message}")
+        self.stage, self.message, self.opts = stage, message, opts
+
+
+def sacct_states(job_ids: list[str]) -> dict[str, dict]:
+    """{job id (array elements as 123_4): {state, exit, elapsed, nodes}} from sacct, newest attempt."""
+    if not job_ids:
+        return {}
+    out = subprocess.run(["sacct", "-n", "-P", "-X", "-D", "-j", ",".join(job_ids),
+                          "--format=JobID,State,ExitCode,Elapsed,NodeList"],
+                         capture_output=True, text=True, timeout=60)
+    states: dict[str, dict] = {}
+    for line in out.stdout.splitlines():
+        parts = line.split("|")
+        if len(parts) < 5:
+            continue
+        jid, state, code, elapsed, nodes = parts[:5]
+        states[jid] = {"state": state.split()[0], "exit": code, "elapsed": elapsed, "nodes": nodes}
+    return states
+
+
+def job_log(folder: str, job_id: str, rank: int = 0, err: bool = True) -> Path:
+    return Path(folder) / f"{job_id}_{rank}_log.{'err' if err else 'out'}"
+
+
+def cancel(meta: dict) -> list[str]:
+    ids = [j["job_id"] for j in meta.get("slurm_jobs", {}).values()]
+    if ids:
+        subprocess.run(["scancel", *ids], check=False)
+    return ids
