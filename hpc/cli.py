@@ -31,6 +31,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--only", metavar="STAGE", help="rerun one stage on the outputs of the stages before it")
     run.add_argument("--detach", action="store_true", help="slurm: submit the whole pipeline and return")
     recipe_cmd("validate", "check a recipe and list every problem")
+    sb = recipe_cmd("sbatch", "write standalone sbatch scripts (one per stage + submit.sh) instead of submitting")
+    sb.add_argument("--out", type=Path, required=True, help="folder for the scripts")
+    sb.add_argument("--workdir", type=Path, help="run directory the jobs will use")
     plan = recipe_cmd("plan", "show the stage graph with resources")
     plan.add_argument("--workdir", type=Path)
 
@@ -97,6 +100,28 @@ def cmd_run(args, console: Console) -> int:
     recipe = load_recipe(args.recipe, overrides)
     return run_pipeline(recipe, args.recipe, _workdir(args, recipe), only=args.only, console=console,
                         detach=args.detach)
+
+
+def cmd_sbatch(args, console: Console) -> int:
+    from hpc.pipeline import _start_child, prepare_run
+    from hpc.plan import build_plan
+    from hpc.rundir import RunDir
+    from hpc.slurm import check_options, write_sbatch
+    from hpc.tracking import Tracker
+
+    recipe = load_recipe(args.recipe, args.overrides + ["executor.kind=slurm"])
+    plan = build_plan(recipe)
+    problems = check_options(recipe, plan)
+    if problems:
+        raise RecipeError(problems)
+    rd = RunDir(_workdir(args, recipe))
+    meta = prepare_run(recipe, args.recipe, rd)
+    tracker = Tracker(meta["tracking_uri"])
+    for spec in plan:  # jobs log into these child runs; the CLI is not there to create them
+        _start_child(rd, tracker, spec.name)
+    paths = write_sbatch(recipe, plan, rd, args.out, recipe.executor.python)
+    console.print(f"wrote {len(paths)} files to {args.out}; review them, then run {args.out / 'submit.sh'}")
+    return 0
 
 
 def _run_dir(args):
@@ -187,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     handler = {"run": cmd_run, "validate": cmd_validate, "plan": cmd_plan, "registry": cmd_registry,
                "status": cmd_status, "watch": lambda a, c: cmd_status(a, c, once=False), "cancel": cmd_cancel,
-               "logs": cmd_logs}[args.cmd]
+               "logs": cmd_logs, "sbatch": cmd_sbatch}[args.cmd]
     try:
         return handler(args, console)
     except RecipeError as err:

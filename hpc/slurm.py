@@ -231,3 +231,75 @@ def cancel(meta: dict) -> list[str]:
     if ids:
         subprocess.run(["scancel", *ids], check=False)
     return ids
+
+
+def sbatch_script(spec: StageSpec, o: JobOptions, rd: RunDir, job_name: str, python: str) -> str:
+    """A standalone sbatch script running exactly what the submitit path runs for this stage."""
+    logs = rd.stage_dir(spec.name) / "logs"
+    p = _sbatch_params(o, job_name, [])
+    pattern = "%A_%a" if spec.is_array else "%j"  # the same names submitit gives its logs
+    lines = ["#!/bin/bash", f"#SBATCH --job-name={job_name}", f"#SBATCH --nodes={o.nodes}",
+             f"#SBATCH --ntasks-per-node={o.tasks_per_node}", f"#SBATCH --cpus-per-task={o.cpus_per_task}",
+             f"#SBATCH --time={o.time_min}", f"#SBATCH --output={logs}/{pattern}_batch.out",
+             f"#SBATCH --error={logs}/{pattern}_batch.err"]
+    for key in ("partition", "qos", "constraint"):
+        if p.get(key):
+            lines.append(f"#SBATCH --{key}={p[key]}")
+    if p.get("mem"):
+        lines.append(f"#SBATCH --mem={p['mem']}")
+    if o.gpus_per_node:
+        lines.append(f"#SBATCH --gpus-per-node={o.gpus_per_node}")
+    if o.exclusive:
+        lines.append("#SBATCH --exclusive")
+    for key, value in p["additional_parameters"].items():
+        flag = key.replace("_", "-")
+        lines.append(f"#SBATCH --{flag}" if value is True else f"#SBATCH --{flag}={value}")
+    if spec.is_array:
+        lines.append(f"#SBATCH --array=0-{len(spec.elements) - 1}")
+    lines += ["", "set -euo pipefail", *p["setup"]]
+    srun = " ".join(["srun", "--kill-on-bad-exit=1", f"--output={logs}/{pattern}_%t_log.out",
+                     f"--error={logs}/{pattern}_%t_log.err", *p.get("srun_args", [])])
+    lines.append(f"{srun} {python} -m hpc.slurm run-element {rd.root} {spec.name} "
+                 f"\"${{SLURM_ARRAY_TASK_ID:-0}}\" --retries {o.max_retries}")
+    return "\n".join(lines) + "\n"
+
+
+def write_sbatch(recipe: Recipe, plan: list[StageSpec], rd: RunDir, out: Path, python: str | None) -> list[Path]:
+    """Scripts for every stage plus submit.sh chaining them with afterok; returns the paths written."""
+    out.mkdir(parents=True, exist_ok=True)
+    python = python or sys.executable
+    written, submit = [], ["#!/bin/bash", "# Submit the whole pipeline; each stage starts after the ones it needs.",
+                           "set -euo pipefail", 'cd "$(dirname "$0")"']
+    for spec in plan:
+        o = job_options(spec, recipe.executor)
+        path = out / f"{spec.name}.sbatch"
+        (rd.stage_dir(spec.name) / "logs").mkdir(parents=True, exist_ok=True)  # Slurm will not create it
+        path.write_text(sbatch_script(spec, o, rd, f"hpcft-{recipe.name}-{spec.name}", python))
+        written.append(path)
+        deps = [f"${{{d}_job}}" for d in spec.depends_on]
+        dep = f" --dependency=afterok:{':'.join(deps)} --kill-on-invalid-dep=yes" if deps else ""
+        submit.append(f"{spec.name}_job=$(sbatch --parsable{dep} {path.name})")
+        submit.append(f'echo "{spec.name}: job ${{{spec.name}_job}}"')
+    script = out / "submit.sh"
+    script.write_text("\n".join(submit) + "\n")
+    script.chmod(0o755)
+    return written + [script]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m hpc.slurm run-element RUN_DIR STAGE INDEX --retries N`: the body of exported sbatch jobs."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m hpc.slurm")
+    p.add_argument("action", choices=["run-element"])
+    p.add_argument("run_dir")
+    p.add_argument("stage")
+    p.add_argument("index", type=int)
+    p.add_argument("--retries", type=int, default=1)
+    args = p.parse_args(argv)
+    run_element(args.run_dir, args.stage, args.index, args.retries)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
