@@ -135,27 +135,30 @@ def make_executor(folder: Path, o: JobOptions, name: str, deps: list[str], pytho
 
 
 def run_element(run_root: str, stage: str, index: int, max_retries: int) -> dict:
-    """A Slurm job's body: run the element; on failure requeue this very job while retries remain,
-    so that `afterok` dependants keep waiting for its final outcome."""
-    import os
-
+    """A Slurm job's body: run the element; on failure requeue this very job while retries remain."""
     from hpc.jobs import run_stage
 
+    counter = RunDir(Path(run_root)).stage_dir(stage) / "attempts" / f"{index}"
+    return requeue_on_failure(run_stage, (run_root, stage, index), counter, max_retries)
+
+
+def requeue_on_failure(fn, args: tuple, counter: Path, max_retries: int):
+    """Call fn(*args); if it raises inside a Slurm job with retries left, requeue the job itself (so that
+    `afterok` dependants keep waiting for its final outcome) and let Slurm end this attempt."""
+    import os
+    import traceback
+
     try:
-        return run_stage(run_root, stage, index)
+        return fn(*args)
     except Exception:
-        counter = RunDir(Path(run_root)).stage_dir(stage) / "attempts" / f"{index}"
         attempt = int(counter.read_text()) + 1 if counter.is_file() else 1
-        is_leader = os.environ.get("SLURM_PROCID", "0") == "0"
         job = os.environ.get("SLURM_JOB_ID")
-        if is_leader and job and attempt <= max_retries:
+        if os.environ.get("SLURM_PROCID", "0") == "0" and job and attempt <= max_retries:
             counter.parent.mkdir(parents=True, exist_ok=True)
             counter.write_text(str(attempt))
-            import traceback
-
             traceback.print_exc()
-            print(f"hpcft: attempt {attempt} of {stage}[{index}] failed; requeueing job {job} "
-                  f"({max_retries - attempt} retries left)", file=sys.stderr, flush=True)
+            print(f"hpcft: attempt {attempt} failed; requeueing job {job} ({max_retries - attempt} retries left)",
+                  file=sys.stderr, flush=True)
             subprocess.run(["scontrol", "requeue", job], check=False)
             time.sleep(600)  # Slurm ends this run of the job; the requeued one starts over
         raise

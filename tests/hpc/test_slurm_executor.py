@@ -1,0 +1,154 @@
+"""The Slurm executor against the real local cluster (slurm/dev-cluster up)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import cloudpickle
+import pytest
+
+from hpc.plan import build_plan
+from hpc.recipe import load_recipe
+from hpc.slurm import check_options, job_options, requeue_on_failure
+from tests.conftest import ROOT, TINY_RECIPE
+from tests.slurm.conftest import slurm_cluster  # noqa: F401 - the fixture
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+FAST = ["--set", "stages.0.max_steps=20", "--set", "eval.limit=20"]
+
+
+def run_cli(*args, timeout=900):
+    env = {**os.environ, "COLUMNS": "160"}
+    return subprocess.run([sys.executable, "-m", "hpc.cli", *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=timeout, env=env)
+
+
+def sacct(job_ids, settle_s=60):
+    """States by job id, once none is still PENDING/RUNNING (a job ends a moment after its marker)."""
+    import time
+
+    deadline = time.time() + settle_s
+    while True:
+        states = _sacct(job_ids)
+        if time.time() > deadline or not any(s[0] in ("PENDING", "RUNNING", "COMPLETING") for s in states.values()):
+            return states
+        time.sleep(1)
+
+
+def _sacct(job_ids):
+    out = subprocess.run(["sacct", "-n", "-P", "-X", "-j", ",".join(job_ids), "--format=JobID,State,Reason"],
+                         capture_output=True, text=True).stdout
+    return {line.split("|")[0]: line.split("|")[1:] for line in out.splitlines() if line}
+
+
+def test_options_merge_recipe_and_stage_overrides():
+    r = load_recipe(TINY_RECIPE, ["executor.slurm={partition: gpu, account: lab, env_preset: coreweave}",
+                                  "executor.stages={sft: {nodes: 2, gpus_per_node: 8, time_min: 600}, "
+                                  "eval: {partition: cpu}}", "parallel.dp_shard=16", "parallel.zero=3"])
+    plan = {s.name: s for s in build_plan(r)}
+    sft = job_options(plan["sft"], r.executor)
+    assert (sft.nodes, sft.tasks_per_node, sft.gpus_per_node, sft.partition, sft.account) == (2, 8, 8, "gpu", "lab")
+    assert sft.env["NCCL_IB_HCA"] == "ibp"
+    assert job_options(plan["eval"], r.executor).partition == "cpu"
+    assert check_options(r, list(plan.values())) == []
+    bad = load_recipe(TINY_RECIPE, ["executor.stages={sft: {nodes: 3}, trian: {nodes: 1}}", "parallel.dp_shard=4"])
+    problems = check_options(bad, build_plan(bad))
+    assert any(p.startswith("executor.stages.trian:") for p in problems)
+    assert any(p.startswith("executor.stages.sft:") and "needs 4" in p for p in problems)
+
+
+def test_sbatch_export_writes_chained_scripts(tmp_path):
+    p = run_cli("sbatch", str(TINY_RECIPE), "--out", str(tmp_path / "sb"), "--workdir", str(tmp_path / "w"),
+                "--set", "executor.slurm={partition: debug, extra_sbatch: ['--reservation=r1'], "
+                "setup: ['module load cuda/12']}")
+    assert p.returncode == 0, p.stderr
+    submit = (tmp_path / "sb/submit.sh").read_text()
+    assert "eval_job=$(sbatch --parsable --dependency=afterok:${model_job}:${data_job}:${export_job}" in submit
+    ev = (tmp_path / "sb/eval.sbatch").read_text()
+    assert "#SBATCH --array=0-3" in ev and "#SBATCH --reservation=r1" in ev and "module load cuda/12" in ev
+    assert "-m hpc.slurm run-element" in ev and "#SBATCH --partition=debug" in ev
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_tiny_recipe_on_slurm_all_jobs_completed(slurm_cluster, tmp_path):  # noqa: F811
+    wd = tmp_path / "run"
+    p = run_cli("run", str(TINY_RECIPE), "--workdir", str(wd), "--executor", "slurm", *FAST)
+    # 20 steps are too few to pass the gate: the pipeline completes and the gate rejects (exit 3)
+    assert p.returncode == 3, p.stdout[-3000:] + p.stderr[-3000:]
+    jobs = json.loads((wd / "run.json").read_text())["slurm_jobs"]
+    assert set(jobs) == {"model", "data", "sft", "export", "eval", "gate"}
+    states = sacct([j["job_id"] for j in jobs.values()])
+    assert len(states) == 9  # eval is a 4-element array
+    assert all(s[0] == "COMPLETED" for s in states.values()), states
+    assert list((wd / "stages/data/logs/ranks").glob("*_0_log.err")), "datatrove ranks ran as Slurm jobs"
+    # a local rerun of the same recipe finds every stage up to date
+    local = run_cli("run", str(TINY_RECIPE), "--workdir", str(wd), *FAST)
+    assert local.returncode == 3 and local.stdout.count("up to date, skipped") == 6
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_failed_stage_cancels_dependents(slurm_cluster, tmp_path):  # noqa: F811
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "llama", "num_hidden_layers": 2, "num_attention_heads": 2}')
+    wd = tmp_path / "run"
+    p = run_cli("run", str(TINY_RECIPE), "--workdir", str(wd), "--executor", "slurm",
+                "--set", f"model={{path: {broken}}}", "--set", "executor.slurm={max_retries: 0}")
+    assert p.returncode == 1, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "stage data failed" in p.stdout and "log: " in p.stdout
+    assert "dependent stages not run: sft, export, eval, gate" in p.stdout
+    jobs = json.loads((wd / "run.json").read_text())["slurm_jobs"]
+    states = sacct([j["job_id"] for j in jobs.values()])
+    assert states[jobs["data"]["job_id"]][0] == "FAILED"
+    for stage in ("sft", "export", "gate"):
+        st = states[jobs[stage]["job_id"]]
+        assert st[0] == "CANCELLED" and "Dependency" in st[1], (stage, st)
+
+
+def _fail_once(flag: str) -> str:
+    if not Path(flag).exists():
+        Path(flag).write_text("failed once")
+        raise RuntimeError("planted failure")
+    return os.environ["SLURM_JOB_ID"]
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_failed_job_is_requeued_and_succeeds(slurm_cluster, tmp_path):  # noqa: F811
+    import submitit
+
+    ex = submitit.SlurmExecutor(folder=tmp_path / "logs", python=sys.executable)
+    ex.update_parameters(time=5, additional_parameters={"requeue": True})
+    job = ex.submit(requeue_on_failure, _fail_once, (str(tmp_path / "flag"),), tmp_path / "attempts", 1)
+    assert job.result() == job.job_id
+    assert (tmp_path / "attempts").read_text() == "1"
+    assert "planted failure" in Path(job.paths.stderr).read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_datatrove_array_element_retried(slurm_cluster, tmp_path):  # noqa: F811
+    from hpc.datatrove_slurm import SubmititPipelineExecutor
+    from hpc.slurm import JobOptions, make_executor
+
+    flags = tmp_path / "flags"
+    flags.mkdir()
+
+    def step(data, rank, world_size):
+        if rank == 1 and not (flags / "seen").exists():
+            (flags / "seen").write_text("x")
+            raise RuntimeError("rank 1 fails on its first attempt")
+        (flags / f"done-{rank}").write_text("ok")
+        yield from ()
+
+    opts = JobOptions(nodes=1, tasks_per_node=1, cpus_per_task=1, gpus_per_node=0, mem_gb=None, time_min=5,
+                      max_retries=0)
+    ex = SubmititPipelineExecutor([step], str(tmp_path / "dt"), 3, max_retries=1,
+                                  make_executor=lambda: make_executor(tmp_path / "logs", opts, "dt", [], None))
+    ex.run()
+    assert sorted(p.name for p in flags.glob("done-*")) == ["done-0", "done-1", "done-2"]
+    assert len(ex.job_ids) == 4  # 3 elements, then rank 1 again
+    assert len(list((tmp_path / "dt/completions").iterdir())) == 3
