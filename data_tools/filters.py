@@ -79,9 +79,9 @@ def quality_filters(cfg: FilterConfig, exclusion_writer) -> list[tuple[str, Base
             top_n_grams=(), exclusion_writer=exclusion_writer("gopher_repetition"), language=words)))
     if cfg.gopher_quality:
         steps.append(("gopher_quality", GopherQualityFilter(
-            min_doc_words=cfg.min_words, max_doc_words=cfg.max_words, min_avg_word_length=2,
+            min_doc_words=cfg.min_words, max_doc_words=cfg.max_words, min_avg_word_length=1,
             max_avg_word_length=10, max_symbol_word_ratio=cfg.max_symbol_word_ratio,
-            max_ellipsis_lines_ratio=0.5, max_non_alpha_words_ratio=0.5, min_stop_words=None,
+            max_ellipsis_lines_ratio=0.5, max_non_alpha_words_ratio=cfg.min_alpha_words_ratio, min_stop_words=None,
             exclusion_writer=exclusion_writer("gopher_quality"), language=words)))
     if cfg.c4:
         # Answers rarely end in punctuation and code has braces: keep lorem ipsum / javascript / policy.

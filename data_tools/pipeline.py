@@ -18,6 +18,7 @@ from datatrove.pipeline.dedup import (
 )
 from datatrove.pipeline.dedup.exact_dedup import ExactDedupConfig
 from datatrove.pipeline.dedup.minhash import MinhashConfig
+from datatrove.utils.text import TextNormConfig
 
 from data_tools.config import DataConfig
 from data_tools.dedup import MinhashVerifyPairs
@@ -77,7 +78,7 @@ def build_plan(cfg: DataConfig, work_dir: Path, tokenizer_dir: Path, chat_templa
         steps.append(name)
     formatter = ChatTemplateFilter(str(tokenizer_dir), chat_template, cfg.format.max_tokens,
                                    cfg.format.system_prompt, work.rejects("chat_format"))
-    splitter = SplitAssigner(cfg.splits.validation, cfg.splits.test, cfg.splits.seed)
+    splitter = SplitAssigner(cfg.splits.validation, cfg.splits.test, cfg.splits.seed, cfg.dedup.normalize_numbers)
     runs.append(Run("format_split", [RankShardReader(source), *pending, formatter, splitter,
                                      split_writer(work("splits"))], tasks))
     return Plan(runs, steps + ["chat_format"])
@@ -92,7 +93,8 @@ def _dedups(cfg: DataConfig, work: _Work):
                ExactDedupFilter(work("exact", "dups"), exact, exclusion_writer=work.rejects("exact_dedup")))
     if cfg.dedup.minhash:
         minhash = MinhashConfig(n_grams=cfg.dedup.minhash_ngrams, num_buckets=cfg.dedup.minhash_buckets,
-                                hashes_per_bucket=cfg.dedup.minhash_hashes_per_bucket)
+                                hashes_per_bucket=cfg.dedup.minhash_hashes_per_bucket,
+                                norm_config=TextNormConfig(norm_numbers=cfg.dedup.normalize_numbers))
         words = RegexWordTokenizer()
         barriers = [
             # one task per bucket: datatrove splits buckets, not documents, across these ranks

@@ -85,7 +85,7 @@ def _source_files(cfg: DataConfig, base_dir: Path, raw_dir: Path) -> list[tuple[
     files = []
     for i, src in enumerate(cfg.sources):
         if src.generate:
-            rows = generate_tiny_tasks(src.num_rows, src.seed)
+            rows = generate_tiny_tasks(src.num_rows, src.seed, **({"kinds": tuple(src.kinds)} if src.kinds else {}))
             files.append((src, [write_jsonl(rows, raw_dir / f"{i:02d}-{src.generate}.jsonl")]))
         else:
             pattern = Path(src.path) if Path(src.path).is_absolute() else base_dir / src.path

@@ -103,9 +103,13 @@ class ChatTemplateFilter(BaseFilter):
         return {**self.__dict__, "_tokenizer": None}
 
 
-def prompt_key(messages: list[dict]) -> str:
-    """The user side of a conversation, lower-cased, without punctuation or extra spaces."""
-    return simplify_text("\n".join(m["content"] for m in messages if m["role"] == "user"))
+def prompt_key(messages: list[dict], normalize_numbers: bool = True) -> str:
+    """The user side of a conversation, lower-cased, without punctuation or extra spaces; numbers are
+    kept apart when the dedup config says rows differ by their numbers."""
+    from datatrove.utils.text import TextNormConfig
+
+    text = "\n".join(m["content"] for m in messages if m["role"] == "user")
+    return simplify_text(text, TextNormConfig(norm_numbers=normalize_numbers))
 
 
 def assign_split(key: str, validation: float, test: float, seed: int) -> str:
@@ -119,13 +123,15 @@ class SplitAssigner(PipelineStep):
     type = "🗂 - SPLIT"
     name = "🗂 Split by prompt"
 
-    def __init__(self, validation: float, test: float, seed: int):
+    def __init__(self, validation: float, test: float, seed: int, normalize_numbers: bool = True):
         super().__init__()
         self.validation, self.test, self.seed = validation, test, seed
+        self.normalize_numbers = normalize_numbers
 
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         for doc in data:
-            split = assign_split(prompt_key(doc.metadata["messages"]), self.validation, self.test, self.seed)
+            key = prompt_key(doc.metadata["messages"], self.normalize_numbers)
+            split = assign_split(key, self.validation, self.test, self.seed)
             doc.metadata["split"] = split
             self.stat_update(split)
             yield doc

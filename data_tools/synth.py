@@ -17,6 +17,14 @@ TRANSFORMS = {
     "double": (("Repeat the word twice: {w}", "Write {w} two times with no space."), lambda w: w + w),
     "first_last": (("Swap the first and last letters of: {w}",), lambda w: w[-1] + w[1:-1] + w[0]),
 }
+# Facts about small numbers and letters, asked in several phrasings: a tiny model learns these tables in
+# a few hundred steps, and a held-out phrasing tests that it learned the fact, not the string.
+FACTS = {
+    "add": (("What is {a} + {b}?", "Add {a} and {b}.", "Compute {a} plus {b}."), lambda a, b: str(a + b)),
+    "sub": (("What is {a} - {b}?", "Subtract {b} from {a}.", "Compute {a} minus {b}."), lambda a, b: str(a - b)),
+    "mul": (("What is {a} * {b}?", "Multiply {a} by {b}.", "Compute {a} times {b}."), lambda a, b: str(a * b)),
+    "max": (("Which is larger, {a} or {b}?", "Name the bigger number: {a}, {b}."), lambda a, b: str(max(a, b))),
+}
 
 PII_SNIPPETS = [
     "Contact me at {name}@example.com if needed.",
@@ -51,15 +59,28 @@ def _pii(rng: random.Random) -> str:
     )
 
 
-def task_example(rng: random.Random, kind: str | None = None) -> tuple[str, str, str]:
+# The default mix: a tiny random-init model learns the facts in ~800 steps on 2 cores; the string
+# transforms need far longer (copying must emerge first) and are there for harder experiments.
+DEFAULT_KINDS = tuple(sorted(FACTS))
+ALL_KINDS = tuple(sorted(FACTS) + sorted(TRANSFORMS))
+
+
+def task_example(rng: random.Random, kind: str | None = None,
+                 kinds: tuple[str, ...] = DEFAULT_KINDS) -> tuple[str, str, str]:
     """(kind, instruction, answer) for one clean example."""
-    kind = kind or rng.choice(sorted(TRANSFORMS))
+    kind = kind or rng.choice(kinds)
+    if kind in FACTS:
+        templates, fact = FACTS[kind]
+        a, b = rng.randint(0, 9), rng.randint(0, 9)
+        if kind == "sub" and a < b:
+            a, b = b, a
+        return kind, rng.choice(templates).format(a=a, b=b), fact(a, b)
     templates, fn = TRANSFORMS[kind]
     w = _word(rng)
     return kind, rng.choice(templates).format(w=w), fn(w)
 
 
-def generate_tiny_tasks(num_rows: int, seed: int = 0) -> list[dict]:
+def generate_tiny_tasks(num_rows: int, seed: int = 0, kinds: tuple[str, ...] = DEFAULT_KINDS) -> list[dict]:
     """Alpaca-style rows ({instruction, input, output}); ~80% clean, the rest planted problems."""
     rng = random.Random(seed)
     rows: list[dict] = []
@@ -77,7 +98,7 @@ def generate_tiny_tasks(num_rows: int, seed: int = 0) -> list[dict]:
             instruction, output = rng.choice(LOW_QUALITY)(rng)
             rows.append({"instruction": instruction, "input": "", "output": output})
             continue
-        kind, instruction, answer = task_example(rng)
+        kind, instruction, answer = task_example(rng, kinds=kinds)
         row = {"instruction": instruction, "input": "", "output": answer}
         if roll < 0.22:
             row["input"] = _pii(rng)

@@ -73,11 +73,11 @@ def test_exported_model_loads_in_plain_transformers(first_run, workdir):
     d = workdir / "stages/export/model"
     tok = AutoTokenizer.from_pretrained(d)
     model = AutoModelForCausalLM.from_pretrained(d)
-    prompt = tok.apply_chat_template([{"role": "user", "content": "Uppercase the word: tiger"}],
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Which is larger, 2 or 8?"}],
                                      add_generation_prompt=True, tokenize=False)
     ids = tok(prompt, return_tensors="pt", add_special_tokens=False)
     out = model.generate(**ids, max_new_tokens=12, do_sample=False)
-    assert "TIGER" in tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip() == "8"
 
 
 def test_rerun_skips_everything(first_run, workdir, hpcft_cmd):

@@ -1,0 +1,51 @@
+"""Hugging Face checkpoints of a trained model: a full model directory or a peft adapter directory.
+
+Both hold the tokenizer and `hpcft_checkpoint.json` ({"mode", "base_model_dir"}), so a checkpoint
+can be loaded without knowing how it was trained.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+MANIFEST = "hpcft_checkpoint.json"
+
+
+def save_checkpoint(model, tokenizer, out_dir: Path, *, base_model_dir: Path, mode: str) -> Path:
+    """Write the model (full) or adapter (lora) with its tokenizer; returns out_dir."""
+    if mode not in ("full", "lora"):
+        raise ValueError(f"checkpoint mode must be 'full' or 'lora', not {mode!r}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # peft's save_pretrained writes only the adapter weights and adapter_config.json.
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    manifest = {"mode": mode, "base_model_dir": str(Path(base_model_dir).resolve())}
+    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return out_dir
+
+
+def read_manifest(checkpoint_dir: Path) -> dict:
+    path = Path(checkpoint_dir) / MANIFEST
+    if not path.exists():
+        raise ValueError(f"{checkpoint_dir} is not an hpcft checkpoint (no {MANIFEST})")
+    return json.loads(path.read_text())
+
+
+def load_checkpoint(checkpoint_dir: Path, base_model_dir: Path | None = None):
+    """The trained model in fp32 on CPU, in eval mode: a plain model (full) or base + adapter unmerged (lora).
+
+    base_model_dir overrides the manifest's path, for a run directory that has moved.
+    """
+    from transformers import AutoModelForCausalLM
+
+    manifest = read_manifest(checkpoint_dir)
+    if manifest["mode"] == "full":
+        return AutoModelForCausalLM.from_pretrained(checkpoint_dir, dtype=torch.float32).eval()
+    from peft import PeftModel
+
+    base_dir = Path(base_model_dir or manifest["base_model_dir"])
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    return PeftModel.from_pretrained(base, checkpoint_dir).eval()
