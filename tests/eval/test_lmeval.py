@@ -47,7 +47,9 @@ def test_standard_task_fails_fast_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     started = time.monotonic()
     problems = lmeval.check_tasks(["heldout_exact", "mmlu"])
-    assert time.monotonic() - started < 2
+    # A hub lookup would take 23-27 s per task before failing; the check reads lm-eval's task files only
+    # (~0.5 s idle, a few seconds on a loaded CI machine).
+    assert time.monotonic() - started < 15
     assert len(problems) == 1 and problems[0].startswith("eval.tasks.1: 'mmlu'")
     for hint in ("cais/mmlu", "offline", "HF_HOME", "yaml:<dir>:<task>"):
         assert hint in problems[0]
