@@ -114,8 +114,27 @@ class RecipeError(Exception):
         self.problems = problems
 
 
+def _stage_kinds() -> dict[str, type[BaseModel]]:
+    """kind -> stage model, from TrainStage (one model, or a union discriminated on `kind`)."""
+    from typing import get_args
+
+    members, pending = [], [TrainStage]
+    while pending:
+        t = pending.pop()
+        if isinstance(t, type) and issubclass(t, BaseModel):
+            members.append(t)
+        else:
+            pending += [a for a in get_args(t) if not isinstance(a, type(Field()))]
+    return {m.model_fields["kind"].default: m for m in members}
+
+
 def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
     """Field names allowed at `loc` (the parent of an unknown key), walking nested models."""
+    kinds = _stage_kinds()
+    if model is Recipe and loc[:1] == ("stages",) and len(loc) >= 2:
+        kind = loc[2] if len(loc) >= 3 and loc[2] in kinds else next(iter(kinds)) if len(kinds) == 1 else None
+        start = 3 if len(loc) >= 3 and loc[2] in kinds else 2
+        return _allowed_keys(kinds[kind], loc[start:]) if kind else []
     cls: Any = model
     for part in loc:
         if isinstance(part, int):
@@ -133,9 +152,12 @@ def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
 
 def format_errors(err: ValidationError) -> list[str]:
     lines = []
+    kinds = _stage_kinds()
     for e in err.errors():
         loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-        path = ".".join(str(p) for p in loc) or "<recipe>"
+        # a union of stage models puts the chosen `kind` into the location: stages.0.sft.max_steps
+        shown = tuple(p for i, p in enumerate(loc) if not (i == 2 and loc[0] == "stages" and p in kinds))
+        path = ".".join(str(p) for p in shown) or "<recipe>"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             allowed = _allowed_keys(Recipe, loc[:-1])

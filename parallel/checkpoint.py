@@ -1,7 +1,8 @@
 """Hugging Face checkpoints of a trained model: a full model directory or a peft adapter directory.
 
 Both hold the tokenizer and `hpcft_checkpoint.json` ({"mode", "base_model_dir"}), so a checkpoint
-can be loaded without knowing how it was trained.
+can be loaded without knowing how it was trained. A model trained under a multi-process layout is
+first gathered into one full state dict on rank 0 (`gather_full_state_dict`) and saved from there.
 """
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import json
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 MANIFEST = "hpcft_checkpoint.json"
 
@@ -49,3 +51,32 @@ def load_checkpoint(checkpoint_dir: Path, base_model_dir: Path | None = None):
     base_dir = Path(base_model_dir or manifest["base_model_dir"])
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     return PeftModel.from_pretrained(base, checkpoint_dir).eval()
+
+
+def gather_full_state_dict(trainer) -> dict[str, torch.Tensor] | None:
+    """The whole model's unsharded state dict on CPU at global rank 0, None elsewhere (collective).
+
+    Pipeline stage modules keep the global parameter names, so the stages' dicts merge by key.
+    Tensors are un-sharded one at a time and kept only by each stage's first rank, so no rank ever
+    holds a second full copy of its stage on the accelerator (full_state_dict=True would).
+    """
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    from torch.distributed.tensor import DTensor
+
+    mesh = trainer.mesh
+    leader = all(mesh[axis].get_local_rank() == 0 for axis in ("dp_replicate", "dp_shard", "tp"))
+    state = {}
+    for part in trainer.parts:
+        for name, value in get_model_state_dict(part).items():
+            if isinstance(value, DTensor):
+                value = value.full_tensor()  # collective over the part's dp/tp mesh
+            if leader:
+                state[name] = value.detach().to("cpu", copy=True)
+    if trainer.dims.pp > 1 and leader:
+        # The stages' first ranks form one pp group, and global rank 0 is its first member.
+        group = mesh["pp"].get_group()
+        stages = [None] * trainer.dims.pp if dist.get_rank() == 0 else None
+        dist.gather_object(state, stages, dst=dist.get_global_rank(group, 0), group=group)
+        if stages is not None:
+            state = {name: value for stage in stages for name, value in stage.items()}
+    return state if dist.get_rank() == 0 else None

@@ -1,8 +1,10 @@
 """The training engine: model for a ParallelConfig, optimizer, LR schedule, and one optimizer step.
 
-Today only the single-process layout exists; the multi-process layouts (FSDP, TP, PP) plug in at
-`build_model` and `forward_backward` without changing the recipes' loops. This module knows nothing
-about the recipe schema: callers pass plain values.
+One process runs the plain model (`build_model`, `train_step`, `eval_loss`). When torch.distributed
+is initialised with several ranks, `build_trainer` lays the model out over the 3-D mesh with
+parallel.distributed.engine.DistributedTrainer and `distributed_train_step` / `distributed_eval_loss`
+give the same numbers as one process. This module knows nothing about the recipe schema: callers
+pass plain values.
 """
 from __future__ import annotations
 
@@ -12,9 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from parallel.dims import ParallelConfig
+from parallel.distributed import mesh as mesh_mod
 
 IGNORE_INDEX = -100
 
@@ -41,13 +45,38 @@ class StepMetrics:
     num_tokens: int  # non-padding input tokens
 
 
-def check_layout(parallel: ParallelConfig) -> None:
-    """Raise a ValueError naming the parallel.* field for any layout this engine cannot run yet."""
-    if parallel.world_size > 1:
+def process_world_size() -> int:
+    """Ranks of the default torch.distributed group; 1 when none is initialised."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_distributed() -> bool:
+    return process_world_size() > 1
+
+
+def check_layout(parallel: ParallelConfig, mode: str = "full", model_config=None) -> None:
+    """Raise a ValueError naming the parallel.* field for a layout this process (group) cannot run.
+
+    model_config: a HF config, to check the layout against the model's shape too.
+    """
+    world = process_world_size()
+    if parallel.world_size > 1 and world == 1:
         raise ValueError(
             f"parallel: world size {parallel.world_size} (dp_replicate={parallel.dp_replicate}, "
-            f"dp_shard={parallel.dp_shard}, pp={parallel.pp}, tp={parallel.tp}) needs several processes; "
-            "multi-process layouts land with the parallel engine issue")
+            f"dp_shard={parallel.dp_shard}, pp={parallel.pp}, tp={parallel.tp}) needs {parallel.world_size} "
+            "processes, but torch.distributed is not initialised in this one; run the stage with the local "
+            "or slurm executor, which starts one task per rank")
+    if world > 1:
+        mesh_mod.ParallelDims.from_config(parallel, world)  # names `parallel` when the sizes differ
+        problems = mesh_mod.check_layout(parallel, mode)
+        if model_config is not None:
+            problems += mesh_mod.check_model_layout(
+                parallel, num_layers=model_config.num_hidden_layers, num_heads=model_config.num_attention_heads,
+                num_kv_heads=model_config.num_key_value_heads,
+                tied_embeddings=bool(getattr(model_config, "tie_word_embeddings", False)))
+        if problems:
+            raise ValueError("; ".join(problems))
+        return
     if parallel.zero:
         raise ValueError(f"parallel.zero: ZeRO stage {parallel.zero} shards over data-parallel ranks; "
                          "a single process has none (use zero: 0)")
@@ -55,14 +84,15 @@ def check_layout(parallel: ParallelConfig) -> None:
         raise ValueError("parallel.microbatches: pipeline micro-batches need pp > 1; "
                          "use the stage's grad_accum for accumulation in one process")
     if parallel.activation_checkpointing == "selective":
-        raise ValueError("parallel.activation_checkpointing: 'selective' lands with the parallel engine "
-                         "issue; use 'full' or 'none'")
+        raise ValueError("parallel.activation_checkpointing: 'selective' needs the multi-process engine; "
+                         "use 'full' or 'none' in one process")
 
 
 def build_runtime(parallel: ParallelConfig) -> Runtime:
     """CUDA when present, with bf16 autocast unless fp32 is asked for; CPU runs fp32 unless bf16 is asked for."""
     if torch.cuda.is_available():
-        device = torch.device("cuda")
+        # Under torch.distributed the rendezvous has already picked this rank's GPU.
+        device = torch.device("cuda", torch.cuda.current_device())
         dtype = None if parallel.mixed_precision == "fp32" else torch.bfloat16
     else:
         device = torch.device("cpu")
@@ -71,15 +101,21 @@ def build_runtime(parallel: ParallelConfig) -> Runtime:
     return Runtime(device, dtype)
 
 
-def build_model(model_dir: Path, parallel: ParallelConfig, runtime: Runtime, lora: dict | None = None):
-    """Load the HF model in fp32 (master weights), optionally wrap it with LoRA, apply the layout.
+def load_model(model_dir: Path, lora: dict | None = None):
+    """The HF model in fp32 (master weights) on CPU, wrapped with LoRA when asked.
 
     lora: None for full fine-tuning, else {"r", "alpha", "dropout", "target_modules"}.
     """
     from transformers import AutoModelForCausalLM
 
-    check_layout(parallel)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    return model if lora is None else apply_lora(model, **lora)
+
+
+def build_model(model_dir: Path, parallel: ParallelConfig, runtime: Runtime, lora: dict | None = None):
+    """Load the model for one process (optionally with LoRA) and apply activation checkpointing."""
+    check_layout(parallel)
+    model = load_model(model_dir)
     if parallel.activation_checkpointing == "full":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if lora is not None:
@@ -192,3 +228,75 @@ def eval_loss(model, batches: list[dict[str, torch.Tensor]], runtime: Runtime) -
     count = sum(_label_token_count(b) for b in batches)
     model.train(was_training)
     return total / count
+
+
+def build_trainer(model_dir: Path, parallel: ParallelConfig, *, mode: str, lora: dict | None, lr: float,
+                  weight_decay: float, betas: tuple[float, float], eps: float, grad_clip: float,
+                  grad_accum: int = 1):
+    """The model laid out over the default process group as a DistributedTrainer (collective).
+
+    Every rank loads the same weights (and, seeded alike, the same LoRA init). grad_accum multiplies
+    the micro-batches each dp rank runs: parallel.microbatches x grad_accum of them, each
+    batch_size / (dp x microbatches x grad_accum) rows.
+    """
+    from parallel.distributed.engine import DistributedTrainer
+
+    check_layout(parallel, mode)
+    model = load_model(model_dir, lora)
+    layout = parallel.model_copy(update={"microbatches": parallel.microbatches * grad_accum})
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    mesh = mesh_mod.ParallelDims.from_config(layout, process_world_size()).build_mesh(device_type)
+    return DistributedTrainer(model, layout, mesh, mode=mode, lr=lr, weight_decay=weight_decay,
+                              betas=betas, eps=eps, grad_clip=grad_clip)
+
+
+def distributed_train_step(trainer, batch: dict[str, torch.Tensor], *, lr: float) -> StepMetrics:
+    """One optimizer step of a DistributedTrainer on the global batch (the same on every rank) at `lr`."""
+    trainer.set_lr(lr)
+    loss, grad_norm = trainer.train_step(batch)
+    return StepMetrics(loss, grad_norm, lr, _label_token_count(batch), int(batch["attention_mask"].sum()))
+
+
+@torch.no_grad()
+def distributed_eval_loss(trainer, batches: list[dict[str, torch.Tensor]]) -> float:
+    """Token-mean loss over all label tokens of the batches, through the laid-out model (collective).
+
+    Each dp rank takes its slice of every batch; under pp the schedule's forward-only `eval` runs
+    and the last stage sums the loss. Rows must split evenly over dp (and the micro-batches under pp;
+    the pipeline also needs the training batches' shape): see recipes.data.eval_batches(fill=...).
+    """
+    for part in trainer.parts:
+        part.eval()
+    total = sum(_distributed_loss_sum(trainer, b) for b in batches)
+    count = sum(_label_token_count(b) for b in batches)
+    for part in trainer.parts:
+        part.train()
+    return total / count
+
+
+def _distributed_loss_sum(trainer, batch: dict[str, torch.Tensor]) -> float:
+    from parallel.distributed.engine import summed_ce
+
+    rows = batch["input_ids"].shape[0] // trainer.dims.dp
+    start = mesh_mod.dp_rank(trainer.mesh) * rows
+    local = {k: v[start:start + rows].to(trainer.device) for k, v in batch.items()}
+    with trainer._autocast():
+        if trainer.schedule is None:
+            logits = trainer.parts[0](input_ids=local["input_ids"], attention_mask=local["attention_mask"]).logits
+            local_sum = float(summed_ce(logits, local["labels"]))
+        else:
+            # The trainer's pipeline loss is summed_ce x _inv_count; 1.0 makes it a plain sum. The
+            # next train_step sets its own count again.
+            trainer._inv_count = 1.0
+            losses: list[torch.Tensor] = []
+            trainer.schedule.eval(local["input_ids"], attention_mask=local["attention_mask"],
+                                  target=local["labels"], losses=losses)
+            local_sum = float(sum(loss.double() for loss in losses)) if losses else 0.0
+    return trainer._global_loss(local_sum)  # sums over pp stages and dp ranks
+
+
+def rebuild_model(model_dir: Path, state: dict[str, torch.Tensor], lora: dict | None = None):
+    """A plain (or peft) model on CPU holding a gathered full state dict, ready to save."""
+    model = load_model(model_dir, lora)
+    model.load_state_dict(state, strict=True)
+    return model.eval()

@@ -139,9 +139,9 @@ class StepBatches:
         return [self.examples[i] for i in self._batches[index]]
 
 
-def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example; padded positions carry no label and no attention."""
-    width = max(len(ex.input_ids) for ex in examples)
+def collate(examples: list[Example], pad_id: int, width: int | None = None) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example (or to `width`); padded positions carry no label and no attention."""
+    width = width or max(len(ex.input_ids) for ex in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
@@ -160,7 +160,16 @@ def micro_batches(examples: list[Example], num_micro: int, pad_id: int) -> list[
     return [collate(examples[i * size:(i + 1) * size], pad_id) for i in range(num_micro)]
 
 
-def eval_batches(examples: list[Example], batch_size: int, pad_id: int) -> list[dict[str, torch.Tensor]]:
-    """All examples, sorted by length so padding is small; order does not matter for a token mean."""
+def eval_batches(examples: list[Example], batch_size: int, pad_id: int, *, fill: bool = False,
+                 width: int | None = None) -> list[dict[str, torch.Tensor]]:
+    """All examples, sorted by length so padding is small; order does not matter for a token mean.
+
+    fill: top the last batch up to batch_size rows with label-less copies of an example (they add
+    no loss and no label tokens), for layouts that split every batch evenly over ranks.
+    width: pad every batch to this many positions (pipeline stages need one fixed shape).
+    """
     ordered = sorted(examples, key=lambda ex: len(ex.input_ids))
-    return [collate(ordered[i:i + batch_size], pad_id) for i in range(0, len(ordered), batch_size)]
+    if fill and len(ordered) % batch_size:
+        blank = Example(ordered[0].input_ids, [IGNORE_INDEX] * len(ordered[0].input_ids))
+        ordered += [blank] * (batch_size - len(ordered) % batch_size)
+    return [collate(ordered[i:i + batch_size], pad_id, width) for i in range(0, len(ordered), batch_size)]

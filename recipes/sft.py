@@ -2,6 +2,11 @@
 
 The engine (parallel/engine.py) owns the model layout, optimizer, schedule and the optimizer step;
 this file owns the data, the loop, validation, progress events and the outputs.
+
+Under torch.distributed with several ranks (the orchestrator starts one task per rank), every rank
+runs this same function: each builds the same global batch for a step and the engine's
+DistributedTrainer takes its slice, so losses equal one process's. Rank 0 alone writes the
+checkpoint and result.json; every rank returns the same result dict.
 """
 from __future__ import annotations
 
@@ -12,29 +17,35 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 
 from parallel import engine
-from parallel.checkpoint import save_checkpoint
+from parallel.checkpoint import gather_full_state_dict, save_checkpoint
 from parallel.dims import ParallelConfig
 from recipes.config import SFTStage
-from recipes.data import DataStats, StepBatches, eval_batches, load_split, micro_batches
+from recipes.data import DataStats, StepBatches, collate, eval_batches, load_split, micro_batches
 
 Progress = Callable[[dict], None]
 
 
 @dataclass
 class Session:
-    """Everything the loop needs, built once by `setup`."""
+    """Everything the loop needs, built once by `setup`.
 
-    model: torch.nn.Module
+    One process: model, optimizer and scheduler. Several: trainer (a DistributedTrainer) instead.
+    """
+
     tokenizer: object
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
     runtime: engine.Runtime
     train_batches: StepBatches
     val_batches: list[dict[str, torch.Tensor]]
     pad_id: int
     data_stats: dict[str, DataStats]
+    model: torch.nn.Module | None = None
+    optimizer: torch.optim.Optimizer | None = None
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+    trainer: object | None = None
+    pad_width: int | None = None  # fixed batch width (pipeline stages need one shape), else per batch
 
 
 def run_sft(cfg: SFTStage, *, model_dir: Path, data_dir: Path, out_dir: Path, parallel: ParallelConfig,
@@ -46,44 +57,75 @@ def run_sft(cfg: SFTStage, *, model_dir: Path, data_dir: Path, out_dir: Path, pa
     session = setup(cfg, Path(model_dir), Path(data_dir), parallel, seed)
     result = train(cfg, session, progress or (lambda event: None))
     out_dir = Path(out_dir)
-    save_checkpoint(session.model, session.tokenizer, out_dir / "checkpoint", base_model_dir=model_dir,
-                    mode=cfg.mode)
-    trainable, total = engine.count_params(session.model)
-    result.update(
-        mode=cfg.mode, seed=seed, seconds=time.perf_counter() - started, trainable_params=trainable,
-        total_params=total, device=str(session.runtime.device),
-        data={name: vars(stats) for name, stats in session.data_stats.items()},
-    )
-    (out_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    model = final_model(cfg, session, Path(model_dir))  # collective under several ranks
+    if model is not None:  # one process, or rank 0
+        save_checkpoint(model, session.tokenizer, out_dir / "checkpoint", base_model_dir=model_dir,
+                        mode=cfg.mode)
+        trainable, total = engine.count_params(model)
+        result.update(
+            mode=cfg.mode, seed=seed, seconds=time.perf_counter() - started, trainable_params=trainable,
+            total_params=total, device=str(session.runtime.device), world_size=parallel.world_size,
+            data={name: vars(stats) for name, stats in session.data_stats.items()},
+        )
+        (out_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    return _from_rank0(result)
 
 
 def setup(cfg: SFTStage, model_dir: Path, data_dir: Path, parallel: ParallelConfig, seed: int) -> Session:
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
-    engine.check_layout(parallel)  # fail on a bad layout before spending time on data
+    # Fail on a bad layout before spending time on data.
+    engine.check_layout(parallel, cfg.mode, AutoConfig.from_pretrained(model_dir))
+    distributed = engine.is_distributed()
+    if distributed:
+        check_batch_split(cfg, parallel)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if not tokenizer.chat_template:
         raise ValueError(f"model {model_dir}: the tokenizer has no chat template; SFT renders chat rows with it")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     train_examples, train_stats = load_split(data_dir / "train.jsonl", tokenizer, cfg.seq_len)
     val_examples, val_stats = load_split(data_dir / "validation.jsonl", tokenizer, cfg.seq_len)
-    micro_size = cfg.batch_size // cfg.grad_accum
-
-    runtime = engine.build_runtime(parallel)
+    common = dict(tokenizer=tokenizer, runtime=engine.build_runtime(parallel), pad_id=pad_id,
+                  train_batches=StepBatches(train_examples, cfg.batch_size, seed),
+                  data_stats={"train": train_stats, "validation": val_stats})
     lora = None if cfg.mode == "full" else cfg.lora.model_dump()
-    model = engine.build_model(model_dir, parallel, runtime, lora=lora)
     opt = cfg.optim
+    if distributed:
+        trainer = engine.build_trainer(model_dir, parallel, mode=cfg.mode, lora=lora, lr=opt.lr,
+                                       weight_decay=opt.weight_decay, betas=opt.betas, eps=opt.eps,
+                                       grad_clip=opt.grad_clip, grad_accum=cfg.grad_accum)
+        pad_width = cfg.seq_len if parallel.pp > 1 else None
+        return Session(**common, trainer=trainer, pad_width=pad_width,
+                       val_batches=distributed_val_batches(cfg, parallel, val_examples, pad_id, pad_width))
+
+    model = engine.build_model(model_dir, parallel, common["runtime"], lora=lora)
     optimizer = engine.build_optimizer(model, lr=opt.lr, weight_decay=opt.weight_decay, betas=opt.betas,
-                                       eps=opt.eps, runtime=runtime)
+                                       eps=opt.eps, runtime=common["runtime"])
     scheduler = engine.build_scheduler(optimizer, warmup_steps=opt.warmup_steps, max_steps=cfg.max_steps,
                                        min_lr_ratio=opt.min_lr_ratio)
-    return Session(
-        model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler, runtime=runtime,
-        train_batches=StepBatches(train_examples, cfg.batch_size, seed),
-        val_batches=eval_batches(val_examples, micro_size, pad_id), pad_id=pad_id,
-        data_stats={"train": train_stats, "validation": val_stats},
-    )
+    micro_size = cfg.batch_size // cfg.grad_accum
+    return Session(**common, model=model, optimizer=optimizer, scheduler=scheduler,
+                   val_batches=eval_batches(val_examples, micro_size, pad_id))
+
+
+def check_batch_split(cfg: SFTStage, parallel: ParallelConfig) -> None:
+    """Every dp rank runs parallel.microbatches x grad_accum equal micro-batches of the global batch."""
+    parts = parallel.dp * parallel.microbatches * cfg.grad_accum
+    if cfg.batch_size % parts:
+        raise ValueError(f"batch_size: {cfg.batch_size} sequences do not split into dp={parallel.dp} x "
+                         f"parallel.microbatches={parallel.microbatches} x grad_accum={cfg.grad_accum} "
+                         f"equal micro-batches; use a multiple of {parts}")
+
+
+def distributed_val_batches(cfg: SFTStage, parallel: ParallelConfig, examples, pad_id: int,
+                            pad_width: int | None) -> list[dict[str, torch.Tensor]]:
+    """Validation batches that split evenly over the layout's ranks.
+
+    Without pp: batches of one training micro-batch per dp rank. With pp: batches shaped exactly like
+    a training batch, because pipeline stages keep the first shape they see (per train/eval mode).
+    """
+    rows = cfg.batch_size if parallel.pp > 1 else cfg.batch_size // (parallel.microbatches * cfg.grad_accum)
+    return eval_batches(examples, rows, pad_id, fill=True, width=pad_width)
 
 
 def train(cfg: SFTStage, s: Session, progress: Progress) -> dict:
@@ -92,10 +134,8 @@ def train(cfg: SFTStage, s: Session, progress: Progress) -> dict:
     step_seconds, total_tokens, val_loss = 0.0, 0, None
     window = {"losses": [], "tokens": 0, "seconds": 0.0}
     for step in range(1, cfg.max_steps + 1):
-        batch = micro_batches(s.train_batches(step - 1), cfg.grad_accum, s.pad_id)
         t0 = time.perf_counter()
-        metrics = engine.train_step(s.model, s.optimizer, s.scheduler, batch, s.runtime,
-                                    grad_clip=cfg.optim.grad_clip)
+        metrics = train_step(cfg, s, step)
         seconds = time.perf_counter() - t0
         step_seconds += seconds
         total_tokens += metrics.num_tokens
@@ -110,7 +150,46 @@ def train(cfg: SFTStage, s: Session, progress: Progress) -> dict:
                       "elapsed_s": time.perf_counter() - started})
             window = {"losses": [], "tokens": 0, "seconds": 0.0}
         if step % cfg.eval_every == 0 or last:
-            val_loss = engine.eval_loss(s.model, s.val_batches, s.runtime)
+            val_loss = validation_loss(s)
             progress({"step": step, "val_loss": val_loss})
     return {"final_loss": train_loss, "val_loss": val_loss, "steps": cfg.max_steps, "tokens": total_tokens,
             "train_seconds": step_seconds, "tokens_per_s": total_tokens / step_seconds}
+
+
+def train_step(cfg: SFTStage, s: Session, step: int) -> engine.StepMetrics:
+    """Optimizer step `step` (1-based) on its global batch, in one process or across the ranks."""
+    examples = s.train_batches(step - 1)
+    if s.trainer is None:
+        batches = micro_batches(examples, cfg.grad_accum, s.pad_id)
+        return engine.train_step(s.model, s.optimizer, s.scheduler, batches, s.runtime,
+                                 grad_clip=cfg.optim.grad_clip)
+    opt = cfg.optim
+    lr = opt.lr * engine.lr_factor(step - 1, warmup_steps=opt.warmup_steps, max_steps=cfg.max_steps,
+                                   min_lr_ratio=opt.min_lr_ratio)
+    return engine.distributed_train_step(s.trainer, collate(examples, s.pad_id, s.pad_width), lr=lr)
+
+
+def validation_loss(s: Session) -> float:
+    if s.trainer is None:
+        return engine.eval_loss(s.model, s.val_batches, s.runtime)
+    return engine.distributed_eval_loss(s.trainer, s.val_batches)
+
+
+def final_model(cfg: SFTStage, s: Session, model_dir: Path):
+    """The trained model to save: the session's in one process; under several ranks a rebuilt plain
+    (or peft) model from the gathered full state dict on rank 0, None on the other ranks."""
+    if s.trainer is None:
+        return s.model
+    state = gather_full_state_dict(s.trainer)
+    if state is None:
+        return None
+    return engine.rebuild_model(model_dir, state, None if cfg.mode == "full" else cfg.lora.model_dump())
+
+
+def _from_rank0(result: dict) -> dict:
+    """Rank 0's result on every rank (the others never built the saved model or timed the save)."""
+    if not engine.is_distributed():
+        return result
+    box = [result if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -69,7 +69,7 @@ def test_lora_run_saves_adapter_and_manifest(model_dir, data_dir, tmp_path):
 
 
 def test_multi_process_layout_is_refused_before_training(model_dir, data_dir, tmp_path):
-    with pytest.raises(ValueError, match="parallel: world size 2 .*parallel engine issue"):
+    with pytest.raises(ValueError, match="parallel: world size 2 .*needs 2 processes"):
         run_sft(SFTStage(), model_dir=model_dir, data_dir=data_dir, out_dir=tmp_path,
                 parallel=ParallelConfig(dp_shard=2), seed=0)
     assert not (tmp_path / "checkpoint").exists()

@@ -1,0 +1,89 @@
+"""The memory planner on hand-computed numbers for micro-llama (H 64, I 128, 4 layers, 4 heads, 2 KV heads).
+
+Per layer: q 64x64 + k 64x32 + v 64x32 + o 64x64 = 12288, MLP 3 x 64x128 = 24576, two norms 128:
+36992. Embedding and lm_head 260 x 64 = 16640 each, final norm 64. Total 181312.
+"""
+import pytest
+
+from parallel.dims import ParallelConfig
+from parallel.planner import GIB, estimate_memory, memory_warnings, num_params, split_layers
+from parallel.tiny import TINY_CONFIGS
+
+MICRO = dict(TINY_CONFIGS["micro-llama"], vocab_size=260)
+LAYER, EMBED, TOTAL = 36992, 16640, 181312
+
+
+def _estimate(mode="full", micro_batch=2, seq_len=16, dtype_bytes=2, **layout):
+    return estimate_memory(MICRO, ParallelConfig(**layout), mode=mode, seq_len=seq_len, micro_batch=micro_batch,
+                           dtype_bytes=dtype_bytes)
+
+
+def test_param_count_matches_the_hf_model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    assert num_params(MICRO) == TOTAL
+    for extra in ({}, {"tie_word_embeddings": True, "num_key_value_heads": 4}):
+        config = dict(MICRO, **extra)
+        model = LlamaForCausalLM(LlamaConfig(**config))
+        assert num_params(config) == sum(p.numel() for p in model.parameters())
+
+
+def test_one_process_full_fine_tuning():
+    e = _estimate()
+    assert (e.params, e.grads, e.optimizer, e.gathered) == (4 * TOTAL, 4 * TOTAL, 8 * TOTAL, 0)
+    # 32 tokens x 4 layers x (4*64 + 3*64 + 3*32 + 4*128 = 1056 elements) x 2 bytes, plus
+    # logits 32 tokens x 260 x (2 + 8) bytes.
+    assert e.activations == 32 * 4 * 1056 * 2 + 32 * 260 * 10
+
+
+def test_zero_stages_shard_what_they_should():
+    assert _estimate(dp_shard=2, zero=1).optimizer == 4 * TOTAL  # 8 bytes / 2 ranks
+    assert _estimate(dp_shard=2, zero=1).grads == 4 * TOTAL
+    z2 = _estimate(dp_shard=2, zero=2)
+    assert (z2.params, z2.grads, z2.optimizer, z2.gathered) == (2 * TOTAL, 2 * TOTAL, 4 * TOTAL, 2 * TOTAL)
+    z3 = _estimate(dp_shard=2, zero=3)
+    assert z3.gathered == (2 * EMBED + 64 + 2 * LAYER) * 2  # root group + two layers, in bf16
+    hsdp = _estimate(dp_replicate=2, dp_shard=2, zero=3)
+    assert hsdp.params == 2 * TOTAL  # replicas do not shard
+
+
+def test_tensor_and_pipeline_splits():
+    tp_layer = (12288 + 24576) // 2 + 128
+    assert _estimate(tp=2).params == 4 * (4 * tp_layer + 2 * EMBED + 64)
+    # pp2: stage 0 = embedding + 2 layers = 90624, stage 1 = 2 layers + norm + lm_head = 90688.
+    assert split_layers(5, 2) == [3, 2]
+    # 1F1B: stage 0 holds 2 micro-batches in flight (2 x 2 layers x 1056 x 32 tokens x 2 bytes = 270336),
+    # more than stage 1 (one in flight, 135168, plus logits 83200), so stage 0 is the most loaded.
+    pp = _estimate(pp=2, microbatches=2)
+    assert (pp.pp_rank, pp.params, pp.activations) == (0, 4 * (2 * LAYER + EMBED), 270336)
+
+
+def test_lora_trains_only_adapters():
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = get_peft_model(LlamaForCausalLM(LlamaConfig(**MICRO)),
+                           LoraConfig(r=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    adapters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert adapters == 4 * 8 * (128 + 96 + 96 + 128 + 192 + 192 + 192)  # r x (in + out) per projection
+    e = _estimate(mode="lora")
+    assert (e.params, e.grads, e.optimizer) == (4 * (TOTAL + adapters), 4 * adapters, 8 * adapters)
+
+
+def test_activation_checkpointing_shrinks_activations():
+    none, full = _estimate(), _estimate(activation_checkpointing="full")
+    logits = 32 * 260 * 10
+    assert full.activations == (4 * 64 + 1056) * 32 * 2 + logits  # layer inputs + one layer recomputed
+    assert full.activations < _estimate(activation_checkpointing="selective").activations < none.activations
+
+
+def test_warnings_only_above_the_gpu():
+    e = _estimate()
+    assert memory_warnings(e, 80 * GIB) == []
+    warnings = memory_warnings(e, e.total)  # over 90% of a GPU exactly this size
+    assert len(warnings) == 1 and "optimizer" in warnings[0] and warnings[0].startswith("parallel:")
+
+
+def test_unknown_mode_is_a_user_error():
+    with pytest.raises(ValueError, match="mode"):
+        _estimate(mode="dpo")
