@@ -34,8 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     sb = recipe_cmd("sbatch", "write standalone sbatch scripts (one per stage + submit.sh) instead of submitting")
     sb.add_argument("--out", type=Path, required=True, help="folder for the scripts")
     sb.add_argument("--workdir", type=Path, help="run directory the jobs will use")
-    plan = recipe_cmd("plan", "show the stage graph with resources")
+    plan = recipe_cmd("plan", "show the stage graph with resources and per-rank training memory")
     plan.add_argument("--workdir", type=Path)
+    plan.add_argument("--gpu-mem-gb", type=float, default=80.0, help="flag layouts that would not fit this")
 
     for name, help in (("status", "one look at a run: stages, jobs, progress"),
                        ("watch", "follow a run until it ends (reattaches to a detached Slurm run)"),
@@ -88,9 +89,36 @@ def cmd_plan(args, console: Console) -> int:
                  f"{r.gpus_per_node} gpu/node, mem {r.mem_gb or 'default'} GB, {r.time_min} min")
         if s.is_array:
             node.add(f"array of {len(s.elements)}: {', '.join(s.elements)}")
+        if s.kind in ("sft", "dpo", "reward_model"):
+            _memory_lines(node, recipe, s, args.recipe.resolve().parent, args.gpu_mem_gb)
         node.add(f"input hash {s.input_hash}")
     console.print(tree)
     return 0
+
+
+def _memory_lines(node, recipe, spec, base_dir: Path, gpu_mem_gb: float) -> None:
+    """Per-rank memory of a training stage under the recipe's layout (bf16 compute, fp32 master)."""
+    import json
+
+    from parallel.planner import GIB, estimate_memory, memory_warnings
+
+    if recipe.model.tiny:
+        from parallel.tiny import TINY_CONFIGS, build_tokenizer
+
+        config = {**TINY_CONFIGS[recipe.model.tiny], "vocab_size": len(build_tokenizer())}
+    else:
+        from hpc.recipe import resolve_path
+
+        config = json.loads((resolve_path(recipe.model.path, base_dir) / "config.json").read_text())
+    stage = next(st for st in recipe.stages if st.name == spec.name)
+    micro = max(1, stage.batch_size // (stage.grad_accum * recipe.parallel.dp * recipe.parallel.microbatches))
+    est = estimate_memory(config, recipe.parallel, mode=stage.mode, seq_len=stage.seq_len, micro_batch=micro,
+                          lora_r=stage.lora.r)
+    parts = ", ".join(f"{k} {getattr(est, k) / GIB:.2f}" for k in ("params", "gathered", "grads", "optimizer",
+                                                                 "activations"))
+    node.add(f"memory per rank (GiB): {parts}; total {est.total / GIB:.2f}")
+    for warning in memory_warnings(est, int(gpu_mem_gb * GIB)):
+        node.add(f"[red]{warning}[/] (at {gpu_mem_gb:g} GiB per GPU)")
 
 
 def cmd_run(args, console: Console) -> int:

@@ -100,5 +100,8 @@ def test_cli_plan_shows_stages(hpcft_cmd):
     p = subprocess.run(hpcft_cmd + ["plan", str(TINY_RECIPE), "--workdir", "/nonexistent-dir"],
                        capture_output=True, text=True, cwd=ROOT, env={"COLUMNS": "200", **__import__("os").environ})
     assert p.returncode == 0, p.stderr
-    for name in ("model", "data", "sft", "export", "eval", "gate", "array of 4"):
+    for name in ("model", "data", "sft", "export", "eval", "gate", "array of 4", "memory per rank (GiB)"):
         assert name in p.stdout
+    tight = subprocess.run(hpcft_cmd + ["plan", str(TINY_RECIPE), "--gpu-mem-gb", "0.001"], capture_output=True,
+                           text=True, cwd=ROOT, env={"COLUMNS": "300", **__import__("os").environ})
+    assert tight.returncode == 0 and "parallel:" in tight.stdout and "at 0.001 GiB per GPU" in tight.stdout
