@@ -141,7 +141,6 @@ def watch(rd: RunDir, console: Console, tracker: Tracker | None = None, once: bo
                 view.skip(spec)
                 finished.add(spec.name)
         while True:
-            ids = [i for j in jobs.values() for i in j["job_ids"]]
             states = sacct_states([j["job_id"] for j in jobs.values()])
             for spec in plan:
                 job = jobs.get(spec.name)
@@ -181,11 +180,10 @@ def watch(rd: RunDir, console: Console, tracker: Tracker | None = None, once: bo
                         tracker.finish(meta["child_runs"][spec.name], ok=False)
                     return EXIT_FAILED
             view.refresh()
-            if all(s.name in finished for s in plan) or once:
+            if set(jobs) <= finished or once:
                 break
-            del ids
             time.sleep(2)
-    if once and not all(s.name in finished for s in plan):
+    if not set(jobs) <= finished or "gate" not in jobs:  # one look, or a partial (--only) submission
         return EXIT_OK
     return _final(rd, console)
 

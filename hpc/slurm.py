@@ -198,7 +198,7 @@ def submit_pipeline(recipe: Recipe, plan: list[StageSpec], rd: RunDir, start_chi
         job_id = jobs[0].job_id.split("_")[0]
         submitted[spec.name] = {"job_id": job_id, "job_ids": [j.job_id for j in jobs],
                                 "elements": pending, "folder": str(folder)}
-    rd.update_meta(slurm_jobs=rd.read_meta().get("slurm_jobs", {}) | submitted)
+    rd.update_meta(slurm_jobs=submitted)  # the latest submission is what `watch` follows
     return submitted
 
 

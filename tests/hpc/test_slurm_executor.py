@@ -152,3 +152,35 @@ def test_datatrove_array_element_retried(slurm_cluster, tmp_path):  # noqa: F811
     assert sorted(p.name for p in flags.glob("done-*")) == ["done-0", "done-1", "done-2"]
     assert len(ex.job_ids) == 4  # 3 elements, then rank 1 again
     assert len(list((tmp_path / "dt/completions").iterdir())) == 3
+
+
+def _losses(progress_path: Path) -> dict[int, float]:
+    events = [json.loads(line) for line in progress_path.read_text().splitlines() if line.strip()]
+    return {e["step"]: e["loss"] for e in events if "loss" in e and "max_steps" in e}
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_two_node_training_matches_one_process(slurm_cluster, tmp_path):  # noqa: F811
+    """sft as one Slurm job of 2 nodes x 2 tasks (dp 4): the ranks agree on the world and every logged
+    loss equals the single-process run's."""
+    wd = tmp_path / "run"
+    steps = ["--set", "stages.0.max_steps=4", "--set", "stages.0.log_every=1", "--set", "eval.limit=10"]
+    single = run_cli("run", str(TINY_RECIPE), "--workdir", str(wd), "--executor", "inline", *steps)
+    assert single.returncode in (0, 3), single.stdout[-2000:] + single.stderr[-2000:]
+    reference = _losses(wd / "stages/sft/progress.jsonl")
+    assert sorted(reference) == [1, 2, 3, 4]
+    multi = run_cli("run", str(TINY_RECIPE), "--workdir", str(wd), "--executor", "slurm", "--only", "sft", *steps,
+                    "--set", "parallel.dp_replicate=2", "--set", "parallel.dp_shard=2",
+                    "--set", "executor.stages={sft: {nodes: 2, cpus_per_task: 1}}")
+    assert multi.returncode == 0, multi.stdout[-3000:] + multi.stderr[-3000:]
+    result = json.loads((wd / "stages/sft/result.json").read_text())
+    assert result["world_size"] == 4
+    job = json.loads((wd / "run.json").read_text())["slurm_jobs"]["sft"]["job_id"]
+    out = subprocess.run(["sacct", "-n", "-P", "-X", "-j", job, "--format=NNodes,NTasks,State"],
+                         capture_output=True, text=True).stdout.split("|")
+    assert out[0] == "2" and out[2].strip() == "COMPLETED", out
+    losses = _losses(wd / "stages/sft/progress.jsonl")
+    assert sorted(losses) == [1, 2, 3, 4]
+    for step, loss in reference.items():
+        assert abs(losses[step] - loss) < 1e-5, (step, losses[step], loss)
