@@ -177,9 +177,10 @@ def test_two_node_training_matches_one_process(slurm_cluster, tmp_path):  # noqa
     result = json.loads((wd / "stages/sft/result.json").read_text())
     assert result["world_size"] == 4
     job = json.loads((wd / "run.json").read_text())["slurm_jobs"]["sft"]["job_id"]
-    out = subprocess.run(["sacct", "-n", "-P", "-X", "-j", job, "--format=NNodes,NTasks,State"],
-                         capture_output=True, text=True).stdout.split("|")
-    assert out[0] == "2" and out[2].strip() == "COMPLETED", out
+    assert sacct([job])[job][0] == "COMPLETED"  # waits: the job ends a moment after its marker
+    nodes = subprocess.run(["sacct", "-n", "-P", "-X", "-j", job, "--format=NNodes"], capture_output=True,
+                           text=True).stdout.strip()
+    assert nodes == "2", nodes
     losses = _losses(wd / "stages/sft/progress.jsonl")
     assert sorted(losses) == [1, 2, 3, 4]
     for step, loss in reference.items():
