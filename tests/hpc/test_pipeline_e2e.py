@@ -38,9 +38,8 @@ def client(workdir):
 
 
 def test_tiny_recipe_passes_the_gate(first_run, workdir):
-    p, seconds = first_run
+    p, _seconds = first_run  # wall time is a benchmark (about 4 min on 2 idle cores), not asserted here
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    assert seconds < 600
     for stage in ("model", "data", "sft", "export", "eval", "gate"):
         assert f"{stage}: finished" in p.stdout
     assert "gate: PASSED" in p.stdout and "alias 'staging'" in p.stdout
@@ -81,11 +80,9 @@ def test_exported_model_loads_in_plain_transformers(first_run, workdir):
 
 
 def test_rerun_skips_everything(first_run, workdir, hpcft_cmd):
-    started = time.time()
     p = run(hpcft_cmd, "run", str(TINY_RECIPE), "--workdir", str(workdir))
     assert p.returncode == 0, p.stderr[-2000:]
     assert p.stdout.count("up to date, skipped") == 6
-    assert time.time() - started < 60
 
 
 def test_only_reruns_one_stage(first_run, workdir, hpcft_cmd):
