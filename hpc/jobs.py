@@ -81,8 +81,9 @@ def _datatrove_factory(ctx: StageContext):
     from hpc.datatrove_slurm import SubmititPipelineExecutor
     from hpc.slurm import job_options, make_executor
 
-    opts = replace(job_options(ctx.spec, ctx.recipe.executor, ranks=True), max_retries=0)
-    retries = job_options(ctx.spec, ctx.recipe.executor, ranks=True).max_retries
+    ranks = job_options(ctx.spec, ctx.recipe.executor, ranks=True)
+    retries = ranks.max_retries  # the executor resubmits failed ranks; each rank job itself never requeues
+    opts = replace(ranks, max_retries=0)
     folder = ctx.out_dir / "logs" / "ranks"
     name = f"hpcft-{ctx.recipe.name}-data-ranks"
 
