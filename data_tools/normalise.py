@@ -24,14 +24,22 @@ class RowError(ValueError):
         self.reason = reason
 
 
+KINDS = ("chat", "preference")
+
+
 @dataclass
 class Normalised:
-    kept: list[dict] = field(default_factory=list)      # {"id", "messages", "source"}
+    """Rows of one kind. Chat: {"id", "messages", "source"}. Preference: the same with messages = prompt +
+    chosen response, plus "rejected" (the rejected response's messages) and "prompt_turns"."""
+
+    kept: list[dict] = field(default_factory=list)
     rejected: list[dict] = field(default_factory=list)  # {"id", "reason", "source", "raw"}
     num_read: int = 0
 
 
 def detect_format(row: dict) -> str:
+    if "chosen" in row or "rejected" in row:
+        return "preference"
     if "messages" in row:
         return "messages"
     if "conversations" in row:
@@ -102,6 +110,70 @@ def _from_messages(row: dict) -> list[dict]:
     return messages
 
 
+# ---- preference rows ------------------------------------------------------------------------------
+
+def _pref_messages(value: object, key: str) -> list[dict]:
+    if not isinstance(value, list) or not value:
+        raise RowError(f"empty_{key}" if value == [] else f"bad_{key}")
+    for m in value:
+        if not (isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)):
+            raise RowError(f"bad_{key}")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def _pref_turns(value: object, key: str) -> list[dict]:
+    """A response as messages: a string is one assistant turn."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise RowError(f"empty_{key}")
+        return [{"role": "assistant", "content": value}]
+    return _pref_messages(value, key)
+
+
+def _shared_prefix(a: list[dict], b: list[dict]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def parse_preference(row: object) -> tuple[list[dict], list[dict], list[dict]]:
+    """(prompt messages, chosen response messages, rejected response messages); raises RowError.
+
+    Accepted: {"prompt": str | messages, "chosen": str | messages, "rejected": str | messages}; without a
+    prompt, the chosen and rejected conversations' shared prefix is the prompt.
+    """
+    if not isinstance(row, dict):
+        raise RowError("not_an_object")
+    for key in ("chosen", "rejected"):
+        if row.get(key) is None:
+            raise RowError(f"missing_{key}")
+    chosen, rejected = _pref_turns(row["chosen"], "chosen"), _pref_turns(row["rejected"], "rejected")
+    if row.get("prompt") is None:
+        if isinstance(row["chosen"], str) or isinstance(row["rejected"], str):
+            raise RowError("missing_prompt")
+        # Implicit prompt: everything the two conversations share before they differ.
+        n = _shared_prefix(chosen, rejected)
+        prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
+    elif isinstance(row["prompt"], str):
+        if not row["prompt"].strip():
+            raise RowError("empty_prompt")
+        prompt = [{"role": "user", "content": row["prompt"]}]
+    else:
+        prompt = _pref_messages(row["prompt"], "prompt")
+    if row.get("prompt") is not None:
+        # Responses given as whole conversations repeat the prompt; keep what follows it.
+        chosen, rejected = (t[len(prompt):] if t[:len(prompt)] == prompt else t for t in (chosen, rejected))
+    if not prompt or prompt[-1]["role"] == "assistant":
+        raise RowError("no_prompt_turn")
+    if chosen == rejected:
+        raise RowError("identical_responses")
+    for key, turns in (("chosen", chosen), ("rejected", rejected)):
+        if not turns or turns[-1]["role"] != "assistant" or not turns[-1]["content"].strip():
+            raise RowError(f"empty_{key}")
+    return prompt, chosen, rejected
+
+
 def check_conversation(messages: list[dict]) -> None:
     """Optional leading system message, then user/assistant turns alternating, ending on an answer."""
     body = messages[1:] if messages and messages[0]["role"] == "system" else messages
@@ -120,6 +192,11 @@ def check_conversation(messages: list[dict]) -> None:
 def chat_text(messages: list[dict]) -> str:
     """The text the quality filters and dedup look at: message contents, one line block per message."""
     return "\n".join(m["content"] for m in messages)
+
+
+def record_text(record: dict) -> str:
+    """What filters, PII counts and dedup see: the conversation, and a preference row's rejected response."""
+    return chat_text(record["messages"] + record.get("rejected", []))
 
 
 def read_rows(path: Path) -> Iterator[tuple[int, object, str | None]]:
@@ -141,15 +218,34 @@ def read_rows(path: Path) -> Iterator[tuple[int, object, str | None]]:
                 yield i, None, line.rstrip("\n")
 
 
-def normalise_file(path: Path, fmt: str, id_prefix: str, source: str, out: Normalised) -> None:
-    """Append the file's rows to `out`; ids are `<id_prefix>-<row index>`, stable across runs."""
+def row_kind(row: object, fmt: str) -> str:
+    """"preference" for rows in the preference format (declared or detected), else "chat"."""
+    if fmt == "preference" or (fmt == "auto" and isinstance(row, dict) and ("chosen" in row or "rejected" in row)):
+        return "preference"
+    return "chat"
+
+
+def to_record(row: object, fmt: str = "auto") -> dict:
+    """The row as a normalised record (see Normalised); raises RowError on anything unusable."""
+    if row_kind(row, fmt) == "chat":
+        return {"messages": to_messages(row, fmt)}
+    prompt, chosen, rejected = parse_preference(row)
+    check_conversation(prompt + chosen)
+    check_conversation(prompt + rejected)
+    return {"messages": prompt + chosen, "rejected": rejected, "prompt_turns": len(prompt)}
+
+
+def normalise_file(path: Path, fmt: str, id_prefix: str, source: str, out: dict[str, Normalised]) -> None:
+    """Append the file's rows to out[kind]; ids are `<id_prefix>-<row index>`, stable across runs."""
     for i, row, line in read_rows(path):
-        out.num_read += 1
+        kind = row_kind(row, fmt)
+        target = out[kind]
+        target.num_read += 1
         row_id = f"{id_prefix}-{i:07d}"
         try:
             if row is None:
                 raise RowError("bad_json")
-            out.kept.append({"id": row_id, "messages": to_messages(row, fmt), "source": source})
+            target.kept.append({"id": row_id, **to_record(row, fmt), "source": source})
         except RowError as e:
             raw = line if line is not None else json.dumps(row, default=str)
-            out.rejected.append({"id": row_id, "reason": e.reason, "source": source, "raw": raw})
+            target.rejected.append({"id": row_id, "reason": e.reason, "source": source, "raw": raw})

@@ -17,7 +17,7 @@ from datatrove.io import DataFolderLike, get_datafolder
 from datatrove.pipeline.formatters.base import BaseFormatter
 
 from data_tools.config import PIIConfig
-from data_tools.normalise import chat_text
+from data_tools.normalise import record_text
 
 PLACEHOLDERS = {"email": "<EMAIL>", "ip": "<IP>", "phone": "<PHONE>", "secret": "<SECRET>"}
 
@@ -147,10 +147,10 @@ class ChatPIIFormatter(BaseFormatter):
         for doc in data:
             with self.track_time():
                 changed = Counter()
-                for message in doc.metadata["messages"]:
+                for message in doc.metadata["messages"] + doc.metadata.get("rejected", []):
                     message["content"], counts = scrubber.scrub(message["content"])
                     changed.update(counts)
-                doc.text = chat_text(doc.metadata["messages"])
+                doc.text = record_text(doc.metadata)
             for kind, n in changed.items():
                 self.stat_update(f"replaced_{kind}", value=n)
             totals.update(changed)

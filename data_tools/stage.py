@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Callable
 
 from data_tools.config import DataConfig, SourceConfig
-from data_tools.normalise import Normalised, chat_text, normalise_file
+from data_tools.normalise import KINDS, Normalised, normalise_file, record_text
 from data_tools.pii import Scrubber
 from data_tools.pipeline import Plan, build_plan
 from data_tools.steps import SPLITS
-from data_tools.synth import generate_tiny_tasks, write_jsonl
+from data_tools.synth import generate_tiny_preferences, generate_tiny_tasks, write_jsonl
 
 ExecutorFactory = Callable[..., object]  # (pipeline, logging_dir, tasks, depends=None) -> PipelineExecutor
 
@@ -35,39 +35,73 @@ def local_executor(pipeline: list, logging_dir: str, tasks: int, depends=None):
 def run_data(cfg: DataConfig, tokenizer_dir: Path, out_dir: Path, *, base_dir: Path,
              executor_factory: ExecutorFactory | None = None,
              progress: Callable[[dict], None] | None = None) -> dict:
-    """Build train/validation/test JSONL, rejected/<step>.jsonl and manifest.json in `out_dir`."""
+    """Build the splits, rejected rows and manifest.json in `out_dir`.
+
+    Chat rows give train/validation/test.jsonl and rejected/<step>.jsonl; preference rows
+    ({prompt, chosen, rejected}) go through the same steps in a chain of their own (dedup within their
+    kind) and give preference/{train,validation,test}.jsonl and preference/rejected/<step>.jsonl.
+    """
     out_dir, base_dir = Path(out_dir), Path(base_dir)
     files = _source_files(cfg, base_dir, out_dir / "raw")
     work = out_dir / "work"
-    for stale in (work, out_dir / "rejected"):  # datatrove skips ranks it finds completed
+    for stale in (work, out_dir / "rejected", out_dir / "preference"):  # datatrove skips completed ranks
         shutil.rmtree(stale, ignore_errors=True)
     template, template_source = chat_template_for(tokenizer_dir, cfg.format.chat_template)
-    plan = build_plan(cfg, work, Path(tokenizer_dir), template)
-    report = _progress(progress, total=len(plan.runs) + 2)
-
     normalised = _normalise(files, base_dir)
-    write_shards(normalised.kept, work / "shards" / "normalised", cfg.tasks)
+    kinds = [kind for kind in KINDS if normalised[kind].num_read]
+    plans = {kind: build_plan(cfg, work / kind, Path(tokenizer_dir), template) for kind in kinds}
+    report = _progress(progress, total=sum(len(plans[k].runs) for k in kinds if normalised[k].kept) + 2)
+
+    for kind in kinds:
+        write_shards(normalised[kind].kept, work / kind / "shards" / "normalised", cfg.tasks)
     report("normalise")
+    for kind in kinds:
+        if normalised[kind].kept:
+            prefix = "" if kind == "chat" else f"{kind}/"
+            run_chain(plans[kind], work / kind / "logs", executor_factory or local_executor,
+                      lambda step, prefix=prefix: report(prefix + step))
 
-    run_chain(plan, work / "logs", executor_factory or local_executor, report)
-
-    manifest = write_outputs(cfg, plan, normalised, out_dir, work)
+    outputs = {kind: write_outputs(cfg, plans[kind], normalised[kind], _kind_dir(out_dir, kind), work / kind)
+               for kind in kinds}
+    manifest = _manifest(cfg, outputs)
     manifest["sources"] = [_source_entry(src, paths, base_dir) for src, paths in files]
     manifest["tokenizer"] = {"path": str(tokenizer_dir), "chat_template": template_source,
                              "chat_template_sha256": _sha256_bytes(template.encode())}
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    for folder in work.iterdir():  # intermediates hold unscrubbed rows; logs and PII counts stay
-        if folder.name not in ("logs", "pii"):
-            shutil.rmtree(folder)
+    for kind in kinds:  # intermediates hold unscrubbed rows; logs and PII counts stay
+        for folder in (work / kind).iterdir():
+            if folder.name not in ("logs", "pii"):
+                shutil.rmtree(folder)
     report("manifest")
-    if not manifest["splits"].get("train"):
+    if not any(out["splits"].get("train") for out in outputs.values()):
         raise ValueError(f"data: no rows left for train after filtering; see {out_dir / 'rejected'} and the "
                          f"counts per step in {out_dir / 'manifest.json'}")
     return manifest
 
 
-def _normalise(files: list[tuple[SourceConfig, list[Path]]], base_dir: Path) -> Normalised:
-    normalised = Normalised()
+def _kind_dir(out_dir: Path, kind: str) -> Path:
+    return out_dir if kind == "chat" else out_dir / kind
+
+
+def _manifest(cfg: DataConfig, outputs: dict[str, dict]) -> dict:
+    """Chat outputs at the top level (steps, splits, files), preference outputs under "preference"; one
+    hash over every split file of both kinds."""
+    empty = {"steps": {}, "splits": {name: 0 for name in SPLITS}, "files": {}}
+    chat = outputs.get("chat", empty)
+    split_hashes = {f"{kind}/{name}": digest for kind, out in outputs.items()
+                    for name, digest in out.pop("split_hashes").items()}
+    manifest = {**chat}
+    if "preference" in outputs:
+        manifest["preference"] = outputs["preference"]
+    # Chat-only runs keep the hash they always had (split hashes keyed by file name alone).
+    keyed = {k.split("/", 1)[1]: v for k, v in split_hashes.items()} if set(outputs) == {"chat"} else split_hashes
+    manifest["config"] = cfg.model_dump(mode="json")
+    manifest["manifest_hash"] = _sha256_bytes(json.dumps(keyed, sort_keys=True).encode())
+    return manifest
+
+
+def _normalise(files: list[tuple[SourceConfig, list[Path]]], base_dir: Path) -> dict[str, Normalised]:
+    normalised = {kind: Normalised() for kind in KINDS}
     for i, (src, paths) in enumerate(files):
         for j, path in enumerate(paths):
             normalise_file(path, src.format, f"s{i:02d}f{j:03d}", _display(path, base_dir), normalised)
@@ -77,15 +111,13 @@ def _normalise(files: list[tuple[SourceConfig, list[Path]]], base_dir: Path) -> 
 def _source_files(cfg: DataConfig, base_dir: Path, raw_dir: Path) -> list[tuple[SourceConfig, list[Path]]]:
     """Each source with its files; generated sources are written to `raw_dir` first."""
     problems = cfg.check_paths(base_dir)
-    for i, src in enumerate(cfg.sources):
-        if src.generate == "tiny-preferences" or src.format == "preference":
-            problems.append(f"data.sources.{i}: preference data is not supported by the SFT data stage")
     if problems:
         raise ValueError("; ".join(problems))
     files = []
     for i, src in enumerate(cfg.sources):
         if src.generate:
-            rows = generate_tiny_tasks(src.num_rows, src.seed, **({"kinds": tuple(src.kinds)} if src.kinds else {}))
+            generate = generate_tiny_preferences if src.generate == "tiny-preferences" else generate_tiny_tasks
+            rows = generate(src.num_rows, src.seed, **({"kinds": tuple(src.kinds)} if src.kinds else {}))
             files.append((src, [write_jsonl(rows, raw_dir / f"{i:02d}-{src.generate}.jsonl")]))
         else:
             pattern = Path(src.path) if Path(src.path).is_absolute() else base_dir / src.path
@@ -113,8 +145,8 @@ def write_shards(rows: list[dict], folder: Path, tasks: int) -> None:
     for rank in range(tasks):
         with open(folder / f"{rank:05d}.jsonl", "w") as f:
             for row in rows[rank::tasks]:
-                doc = {"id": row["id"], "text": chat_text(row["messages"]),
-                       "metadata": {"messages": row["messages"], "source": row["source"]}}
+                meta = {k: v for k, v in row.items() if k != "id"}
+                doc = {"id": row["id"], "text": record_text(row), "metadata": meta}
                 f.write(json.dumps(doc, ensure_ascii=False) + "\n")
 
 
@@ -181,13 +213,8 @@ def write_outputs(cfg: DataConfig, plan: Plan, normalised: Normalised, out_dir: 
     split_hashes = dict(hashes)
     for step, rows in rejected.items():
         hashes[f"rejected/{step}.jsonl"] = _write_jsonl(out_dir / "rejected" / f"{step}.jsonl", rows)
-    return {
-        "steps": steps,
-        "splits": {name: len(rows) for name, rows in splits.items()},
-        "files": hashes,
-        "config": cfg.model_dump(mode="json"),
-        "manifest_hash": _sha256_bytes(json.dumps(split_hashes, sort_keys=True).encode()),
-    }
+    return {"steps": steps, "splits": {name: len(rows) for name, rows in splits.items()}, "files": hashes,
+            "split_hashes": split_hashes}
 
 
 def _count(num_in: int, rejected: list[dict]) -> dict:

@@ -64,8 +64,10 @@ class RejectWriter(JsonLinesWriter):
         self.step, self.default_reason = step, default_reason
 
     def _default_adapter(self, document: Document) -> dict:
-        return {"id": document.id, "reason": document.metadata.get("filter_reason", self.default_reason),
-                "source": document.metadata.get("source"), "messages": document.metadata["messages"]}
+        meta = document.metadata
+        row = {"id": document.id, "reason": meta.get("filter_reason", self.default_reason),
+               "source": meta.get("source"), "messages": meta["messages"]}
+        return row | ({"rejected": meta["rejected"]} if "rejected" in meta else {})
 
 
 class ChatTemplateFilter(BaseFilter):
@@ -89,15 +91,26 @@ class ChatTemplateFilter(BaseFilter):
         return self._tokenizer
 
     def filter(self, doc: Document) -> bool | tuple[bool, str]:
-        messages = doc.metadata["messages"]
+        meta = doc.metadata
+        messages = meta["messages"]
         if self.system_prompt and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": self.system_prompt}] + messages
-        text = self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False)
-        num_tokens = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            if "prompt_turns" in meta:
+                meta["prompt_turns"] += 1
+        text, num_tokens = self._render(messages)
+        if "rejected" in meta:  # a preference row: both sides must fit
+            prompt = messages[:meta["prompt_turns"]]
+            rejected_text, rejected_tokens = self._render(prompt + meta["rejected"])
+            num_tokens = max(num_tokens, rejected_tokens)
+            meta["rendered_rejected"] = rejected_text
         if num_tokens > self.max_tokens:
             return False, "too_many_tokens"
-        doc.metadata.update(messages=messages, rendered=text, num_tokens=num_tokens)
+        meta.update(messages=messages, rendered=text, num_tokens=num_tokens)
         return True
+
+    def _render(self, messages: list[dict]) -> tuple[str, int]:
+        text = self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False)
+        return text, len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def __getstate__(self):
         return {**self.__dict__, "_tokenizer": None}
@@ -138,7 +151,12 @@ class SplitAssigner(PipelineStep):
 
 
 def _split_row(writer: DiskWriter, doc: Document) -> dict:
-    return {"id": doc.id, "messages": doc.metadata["messages"], "text": doc.metadata["rendered"]}
+    meta = doc.metadata
+    if "rejected" not in meta:
+        return {"id": doc.id, "messages": meta["messages"], "text": meta["rendered"]}
+    n = meta["prompt_turns"]
+    return {"id": doc.id, "prompt": meta["messages"][:n], "chosen": meta["messages"][n:],
+            "rejected": meta["rejected"], "text": meta["rendered"], "text_rejected": meta["rendered_rejected"]}
 
 
 def split_writer(folder: str) -> JsonLinesWriter:

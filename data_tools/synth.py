@@ -112,3 +112,68 @@ def write_jsonl(rows: list[dict], path: Path) -> Path:
         for row in rows:
             f.write(json.dumps(row) + "\n")
     return path
+
+
+# Wrong answers a partly trained model plausibly gives: off by one, the other operation, the smaller number.
+WRONG_FACTS = {
+    "add": lambda a, b: [a + b - 1, a + b + 1, a * b, abs(a - b)],
+    "sub": lambda a, b: [a - b - 1, a - b + 1, a + b],
+    "mul": lambda a, b: [a * b - 1, a * b + 1, a + b, a * (b + 1)],
+    "max": lambda a, b: [min(a, b), max(a, b) + 1],
+}
+WRONG_TRANSFORMS = {
+    "uppercase": lambda w: [w, w.capitalize()],
+    "reverse": lambda w: [w, w[::-1].upper()],
+    "double": lambda w: [w, w + " " + w],
+    "first_last": lambda w: [w, w[::-1]],
+}
+# Rows a preference loader must reject: (label, row builder from a clean row).
+BAD_PREFERENCES = [
+    ("identical", lambda row: {**row, "rejected": row["chosen"]}),
+    ("empty_chosen", lambda row: {**row, "chosen": ""}),
+    ("empty_prompt", lambda row: {**row, "prompt": "  "}),
+    ("missing_rejected", lambda row: {k: v for k, v in row.items() if k != "rejected"}),
+    ("missing_chosen", lambda row: {k: v for k, v in row.items() if k != "chosen"}),
+    ("null_rejected", lambda row: {**row, "rejected": None}),
+]
+
+
+def preference_example(rng: random.Random, kinds: tuple[str, ...] = DEFAULT_KINDS) -> tuple[str, str, str, str]:
+    """(kind, prompt, correct answer, a wrong answer) for one clean pair."""
+    kind = rng.choice(kinds)
+    if kind in FACTS:
+        templates, fact = FACTS[kind]
+        a, b = rng.randint(0, 9), rng.randint(0, 9)
+        if kind == "sub" and a < b:
+            a, b = b, a
+        right = fact(a, b)
+        wrong = [str(x) for x in WRONG_FACTS[kind](a, b) if str(x) != right]
+        return kind, rng.choice(templates).format(a=a, b=b), right, rng.choice(wrong)
+    templates, fn = TRANSFORMS[kind]
+    w = _word(rng)
+    right = fn(w)
+    wrong = [x for x in WRONG_TRANSFORMS[kind](w) if x != right] or [right + w[0]]
+    return kind, rng.choice(templates).format(w=w), right, rng.choice(wrong)
+
+
+def generate_tiny_preferences(num_rows: int, seed: int = 0, kinds: tuple[str, ...] = DEFAULT_KINDS,
+                              bad_fraction: float = 0.1) -> list[dict]:
+    """Preference rows {prompt, chosen, rejected}: chosen is the right answer, rejected a wrong one.
+
+    About 15% of clean rows come as whole conversations ({chosen: messages, rejected: messages}, the
+    prompt implicit), and bad_fraction are planted bad rows (identical sides, empty or missing fields).
+    """
+    rng = random.Random(seed)
+    rows: list[dict] = []
+    while len(rows) < num_rows:
+        _kind, prompt, right, wrong = preference_example(rng, kinds)
+        row = {"prompt": prompt, "chosen": right, "rejected": wrong}
+        roll = rng.random()
+        if roll < bad_fraction:
+            row = rng.choice(BAD_PREFERENCES)[1](row)
+        elif roll < bad_fraction + 0.15:
+            user = {"role": "user", "content": prompt}
+            row = {side: [user, {"role": "assistant", "content": text}]
+                   for side, text in (("chosen", right), ("rejected", wrong))}
+        rows.append(row)
+    return rows

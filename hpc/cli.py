@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.tree import Tree
 
 from hpc.recipe import RecipeError, load_recipe
+from recipes.stages import KINDS as STAGE_KINDS
 
 EXIT_BAD_RECIPE = 2
 
@@ -89,7 +90,7 @@ def cmd_plan(args, console: Console) -> int:
                  f"{r.gpus_per_node} gpu/node, mem {r.mem_gb or 'default'} GB, {r.time_min} min")
         if s.is_array:
             node.add(f"array of {len(s.elements)}: {', '.join(s.elements)}")
-        if s.kind in ("sft", "dpo", "reward_model"):
+        if s.kind in STAGE_KINDS:
             _memory_lines(node, recipe, s, args.recipe.resolve().parent, args.gpu_mem_gb)
         node.add(f"input hash {s.input_hash}")
     console.print(tree)

@@ -16,6 +16,8 @@ from hpc.plan import StageSpec, build_plan
 from hpc.recipe import Recipe, resolve_path
 from hpc.rundir import RunDir, read_json, write_json
 from hpc.tracking import Tracker, quiet_env
+from recipes.stages import KINDS as STAGE_KINDS
+from recipes.stages import previous as previous_stage
 
 
 @dataclass
@@ -94,31 +96,71 @@ def _datatrove_factory(ctx: StageContext):
     return factory
 
 
-def _train_input_model(ctx: StageContext) -> Path:
-    """The model a training stage starts from: the base, or the previous training stage's export."""
-    return ctx.base_model_dir()
+def _train(ctx: StageContext) -> dict:
+    """Any training stage: its runner from recipes.stages, started from the previous policy's output."""
+    from recipes.stages import KINDS
 
-
-def _sft(ctx: StageContext) -> dict:
-    from recipes.sft import run_sft
-
-    stage = next(s for s in ctx.recipe.stages if s.name == ctx.spec.name)
+    stages = ctx.recipe.stages
+    index = next(i for i, s in enumerate(stages) if s.name == ctx.spec.name)
+    stage, kind = stages[index], KINDS[stages[index].kind]
     seed = stage.seed if stage.seed is not None else ctx.recipe.seed
-    result = run_sft(stage, model_dir=_train_input_model(ctx), data_dir=ctx.output_of("data"),
-                     out_dir=ctx.out_dir, parallel=ctx.recipe.parallel, seed=seed, progress=ctx.progress)
+    extra = {}
+    if kind.uses_reward_model:
+        reward = previous_stage(stages, index, policy=False)
+        extra["reward_model_dir"] = ctx.output_of(reward.name) / "checkpoint" if reward else None
+    result = kind.load_runner()(stage, model_dir=_start_model(ctx, index), data_dir=_data_dir(ctx, kind.data),
+                                out_dir=ctx.out_dir, parallel=ctx.recipe.parallel, seed=seed,
+                                progress=ctx.progress, **extra)
     ctx.tracker.log_metrics(ctx.run_id, {f"final.{k}": v for k, v in result.items()})
     return result
 
 
-def _last_train_stage(ctx: StageContext) -> str:
-    return ctx.recipe.stages[-1].name
+def _data_dir(ctx: StageContext, rows: str) -> Path:
+    """The data stage's splits a stage reads: chat rows at the top, preference pairs under preference/;
+    prompts come from the chat rows when there are any."""
+    data = ctx.output_of("data")
+    chat = data / "train.jsonl"
+    if rows == "preference" or (rows == "prompts" and not (chat.is_file() and chat.stat().st_size)):
+        return data / "preference"
+    return data
+
+
+def start_model_dir(rd: RunDir, stages: list, index: int, base_model_dir: Path) -> Path:
+    """Where stages[index] starts: the base model, or (after a policy stage) that stage's merged export."""
+    return base_model_dir if previous_stage(stages, index, policy=True) is None else \
+        rd.stage_dir(stages[index].name) / "start_model"
+
+
+def _start_model(ctx: StageContext, index: int) -> Path:
+    """Export the previous policy stage's checkpoint (LoRA merged) as a plain model to start from; under
+    several ranks rank 0 writes it and the others wait."""
+    import torch.distributed as dist
+
+    from parallel import engine
+    from parallel.export import export_hf
+
+    stages = ctx.recipe.stages
+    before = previous_stage(stages, index, policy=True)
+    target = start_model_dir(ctx.rd, stages, index, ctx.base_model_dir())
+    if before is None:
+        return target
+    if not engine.is_distributed() or dist.get_rank() == 0:
+        prev_index = stages.index(before)
+        export_hf(start_model_dir(ctx.rd, stages, prev_index, ctx.base_model_dir()),
+                  ctx.output_of(before.name) / "checkpoint", target)
+    if engine.is_distributed():
+        dist.barrier()
+    return target
 
 
 def _export(ctx: StageContext) -> dict:
     from parallel.export import export_hf
+    from recipes.stages import last_policy
 
-    train = _last_train_stage(ctx)
-    result = export_hf(ctx.base_model_dir(), ctx.output_of(train) / "checkpoint", ctx.out_dir / "model")
+    stages = ctx.recipe.stages
+    policy = last_policy(stages)
+    start = start_model_dir(ctx.rd, stages, stages.index(policy), ctx.base_model_dir())
+    result = export_hf(start, ctx.output_of(policy.name) / "checkpoint", ctx.out_dir / "model")
     ctx.tracker.log_metrics(ctx.run_id, {k: v for k, v in result.items()})
     return result
 
@@ -172,7 +214,8 @@ def _gate(ctx: StageContext) -> dict:
 
 
 STAGE_FUNCS: dict[str, Callable[[StageContext], dict]] = {
-    "model": _model, "data": _data, "sft": _sft, "export": _export, "eval": _eval, "gate": _gate,
+    "model": _model, "data": _data, "export": _export, "eval": _eval, "gate": _gate,
+    **{kind: _train for kind in STAGE_KINDS},
 }
 
 

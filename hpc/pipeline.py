@@ -15,6 +15,7 @@ from hpc.progress import PipelineView
 from hpc.recipe import Recipe, RecipeError
 from hpc.rundir import RunDir, read_json
 from hpc.tracking import Tracker, resolve_uri
+from recipes.stages import KINDS as STAGE_KINDS
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_RECIPE, EXIT_REJECTED = 0, 1, 2, 3
 
@@ -218,8 +219,11 @@ def _note(rd: RunDir, spec: StageSpec) -> str:
     if spec.is_array:
         return f"{len(spec.elements)} elements"
     res = read_json(rd.stage_dir(spec.name) / "result.json")
-    if spec.kind == "sft":
-        return f"loss {res.get('final_loss', float('nan')):.4f}  val {res.get('val_loss', float('nan')):.4f}"
+    if spec.kind in STAGE_KINDS:
+        shown = [(label, res[key]) for label, key in (("loss", "final_loss"), ("val", "val_loss"),
+                                                       ("val acc", "val_accuracy"), ("reward", "val_reward"))
+                 if isinstance(res.get(key), (int, float))]
+        return "  ".join(f"{label} {value:.4f}" for label, value in shown)
     if spec.kind == "data":
         return "  ".join(f"{k} {v}" for k, v in (res.get("splits") or {}).items())
     if spec.kind == "gate":

@@ -29,15 +29,21 @@ def read_last_event(path: Path, need: str = "step") -> dict | None:
     return None
 
 
+# Training metrics worth a glance, in display order: (event key, label).
+SHOWN = (("loss", "loss"), ("accuracy", "acc"), ("reward", "reward"), ("kl", "kl"))
+RATES = (("tokens_per_s", "tok/s"), ("pairs_per_s", "pairs/s"), ("samples_per_s", "samples/s"))
+
+
 def describe(ev: dict | None) -> str:
     if not ev:
         return ""
+    held_out = [k for k in ev if k.startswith("val_") and isinstance(ev[k], (int, float))]
+    if "max_steps" not in ev and held_out:  # a validation event
+        return f"step {ev['step']}  " + "  ".join(f"{k} {ev[k]:.4f}" for k in held_out[:3])
     if "max_steps" in ev:
         parts = [f"step {ev['step']}/{ev['max_steps']}"]
-        if "loss" in ev:
-            parts.append(f"loss {ev['loss']:.4f}")
-        if ev.get("tokens_per_s"):
-            parts.append(f"{ev['tokens_per_s']:,.0f} tok/s")
+        parts += [f"{label} {ev[key]:.4f}" for key, label in SHOWN if isinstance(ev.get(key), (int, float))]
+        parts += [f"{ev[key]:,.0f} {label}" for key, label in RATES if ev.get(key)]
         if ev.get("elapsed_s") and ev["step"]:
             eta = ev["elapsed_s"] / ev["step"] * (ev["max_steps"] - ev["step"])
             parts.append(f"ETA {eta:,.0f}s")

@@ -256,7 +256,9 @@ def check_recipe(recipe: Recipe, base_dir: Path) -> list[str]:
     from eval.gate import check_config
     from eval.lmeval import check_tasks, task_label
 
-    problems = []
+    from recipes.stages import check_stages
+
+    problems = check_stages(recipe)
     if recipe.model.path:
         mdir = resolve_path(recipe.model.path, base_dir)
         if not (mdir / "config.json").is_file():

@@ -11,6 +11,7 @@ from pathlib import Path
 from hpc.plan import StageSpec
 from hpc.recipe import ExecutorConfig, Recipe, SlurmOptions
 from hpc.rundir import RunDir
+from recipes.stages import KINDS as STAGE_KINDS
 
 # Fabric settings users otherwise copy from wiki pages; applied as exports before every job.
 ENV_PRESETS: dict[str, dict[str, str]] = {
@@ -26,7 +27,7 @@ ENV_PRESETS: dict[str, dict[str, str]] = {
 }
 FAILED_STATES = {"FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE",
                  "PREEMPTED"}
-TRAIN_KINDS = {"sft", "dpo", "reward_model", "ppo", "grpo"}
+TRAIN_KINDS = set(STAGE_KINDS)
 
 
 @dataclass(frozen=True)

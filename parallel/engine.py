@@ -54,6 +54,15 @@ def is_distributed() -> bool:
     return process_world_size() > 1
 
 
+def from_rank0(value):
+    """Rank 0's value on every rank (e.g. a result only rank 0 completed); the value itself in one process."""
+    if not is_distributed():
+        return value
+    box = [value if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def check_layout(parallel: ParallelConfig, mode: str = "full", model_config=None) -> None:
     """Raise a ValueError naming the parallel.* field for a layout this process (group) cannot run.
 
@@ -232,17 +241,18 @@ def eval_loss(model, batches: list[dict[str, torch.Tensor]], runtime: Runtime) -
 
 def build_trainer(model_dir: Path, parallel: ParallelConfig, *, mode: str, lora: dict | None, lr: float,
                   weight_decay: float, betas: tuple[float, float], eps: float, grad_clip: float,
-                  grad_accum: int = 1):
+                  grad_accum: int = 1, model=None):
     """The model laid out over the default process group as a DistributedTrainer (collective).
 
     Every rank loads the same weights (and, seeded alike, the same LoRA init). grad_accum multiplies
     the micro-batches each dp rank runs: parallel.microbatches x grad_accum of them, each
-    batch_size / (dp x microbatches x grad_accum) rows.
+    batch_size / (dp x microbatches x grad_accum) rows. model: an already loaded full model (e.g. a
+    reward model with its score head) instead of the causal LM of model_dir.
     """
     from parallel.distributed.engine import DistributedTrainer
 
     check_layout(parallel, mode)
-    model = load_model(model_dir, lora)
+    model = load_model(model_dir, lora) if model is None else model
     layout = parallel.model_copy(update={"microbatches": parallel.microbatches * grad_accum})
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     mesh = mesh_mod.ParallelDims.from_config(layout, process_world_size()).build_mesh(device_type)
@@ -250,10 +260,11 @@ def build_trainer(model_dir: Path, parallel: ParallelConfig, *, mode: str, lora:
                               betas=betas, eps=eps, grad_clip=grad_clip)
 
 
-def distributed_train_step(trainer, batch: dict[str, torch.Tensor], *, lr: float) -> StepMetrics:
-    """One optimizer step of a DistributedTrainer on the global batch (the same on every rank) at `lr`."""
+def distributed_train_step(trainer, batch: dict[str, torch.Tensor], *, lr: float, objective=None) -> StepMetrics:
+    """One optimizer step of a DistributedTrainer on the global batch (the same on every rank) at `lr`;
+    objective: token cross-entropy by default (see parallel.distributed.engine.Objective)."""
     trainer.set_lr(lr)
-    loss, grad_norm = trainer.train_step(batch)
+    loss, grad_norm = trainer.train_step(batch, objective)
     return StepMetrics(loss, grad_norm, lr, _label_token_count(batch), int(batch["attention_mask"].sum()))
 
 

@@ -1,7 +1,7 @@
 """Typed configuration of training stages (entries of a recipe's `stages:` list)."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -48,5 +48,63 @@ class SFTStage(_Section):
         return self
 
 
-# The discriminated union grows with DPO, reward model, PPO and GRPO stages.
-TrainStage = SFTStage
+def _check_accum(stage, batch_size: int, grad_accum: int, unit: str):
+    if batch_size % grad_accum:
+        raise ValueError(f"batch_size {batch_size} must be a multiple of grad_accum {grad_accum} ({unit})")
+    return stage
+
+
+class DPOStage(_Section):
+    """Direct preference optimisation on {prompt, chosen, rejected} rows against a frozen reference."""
+
+    kind: Literal["dpo"] = "dpo"
+    name: str = "dpo"
+    mode: Literal["full", "lora"] = Field("full", description="lora: the reference is the model with "
+                                          "adapters disabled, so no second copy is held")
+    lora: LoraConfig = LoraConfig()
+    optim: OptimConfig = OptimConfig(lr=5e-6, warmup_steps=10)
+    beta: float = Field(0.1, gt=0, description="strength of the pull towards the reference")
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="conservative DPO: assumed label noise")
+    rpo_alpha: float = Field(0.0, ge=0, description="weight of the chosen side's per-token NLL added to the "
+                             "loss (RPO): keeps the chosen answers' likelihood from sinking with the rejected")
+    precompute_reference: bool = Field(False, description="reference log-probs computed once before "
+                                       "training (no reference forward per step; the full copy is freed)")
+    max_steps: int = Field(200, ge=1)
+    batch_size: int = Field(16, ge=1, description="preference pairs per optimizer step (global)")
+    grad_accum: int = Field(1, ge=1)
+    seq_len: int = Field(256, ge=8, description="tokens of prompt + response, each side of a pair")
+    eval_every: int = Field(50, ge=1, description="held-out preference accuracy every N steps")
+    log_every: int = Field(10, ge=1)
+    seed: int | None = Field(None, description="defaults to the recipe seed")
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> "DPOStage":
+        if self.loss_type == "ipo" and self.label_smoothing:
+            raise ValueError("label_smoothing applies to the sigmoid loss only, not ipo")
+        return _check_accum(self, self.batch_size, self.grad_accum, "pairs")
+
+
+class RewardModelStage(_Section):
+    """A scalar reward head on the LM trained with the Bradley-Terry loss on preference rows."""
+
+    kind: Literal["reward_model"] = "reward_model"
+    name: str = "reward_model"
+    mode: Literal["full", "lora"] = "full"
+    lora: LoraConfig = LoraConfig()
+    optim: OptimConfig = OptimConfig(lr=1e-4, warmup_steps=10)
+    max_steps: int = Field(200, ge=1)
+    batch_size: int = Field(16, ge=1, description="preference pairs per optimizer step (global)")
+    grad_accum: int = Field(1, ge=1)
+    seq_len: int = Field(256, ge=8)
+    eval_every: int = Field(50, ge=1, description="held-out pairwise accuracy every N steps")
+    log_every: int = Field(10, ge=1)
+    seed: int | None = Field(None, description="defaults to the recipe seed")
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> "RewardModelStage":
+        return _check_accum(self, self.batch_size, self.grad_accum, "pairs")
+
+
+# One entry of a recipe's `stages:` list, chosen by its `kind`.
+TrainStage = Annotated[Union[SFTStage, DPOStage, RewardModelStage], Field(discriminator="kind")]

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 
 from parallel import engine
 from parallel.checkpoint import gather_full_state_dict, save_checkpoint
@@ -68,7 +67,7 @@ def run_sft(cfg: SFTStage, *, model_dir: Path, data_dir: Path, out_dir: Path, pa
             data={name: vars(stats) for name, stats in session.data_stats.items()},
         )
         (out_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
-    return _from_rank0(result)
+    return engine.from_rank0(result)
 
 
 def setup(cfg: SFTStage, model_dir: Path, data_dir: Path, parallel: ParallelConfig, seed: int) -> Session:
@@ -184,12 +183,3 @@ def final_model(cfg: SFTStage, s: Session, model_dir: Path):
     if state is None:
         return None
     return engine.rebuild_model(model_dir, state, None if cfg.mode == "full" else cfg.lora.model_dump())
-
-
-def _from_rank0(result: dict) -> dict:
-    """Rank 0's result on every rank (the others never built the saved model or timed the save)."""
-    if not engine.is_distributed():
-        return result
-    box = [result if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]

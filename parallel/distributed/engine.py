@@ -83,6 +83,32 @@ def build_adamw(params: list[nn.Parameter], *, lr: float, weight_decay: float, b
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps) if groups else None
 
 
+class Objective:
+    """A training loss for DistributedTrainer: per-unit losses summed over a micro-batch.
+
+    count(global batch) -> the number of units the loss is averaged over (label tokens, pairs, ...);
+    __call__(logits, micro-batch) -> (summed loss tensor, {statistic: summed value}). A micro-batch
+    holds whole units: rows that belong together (a preference pair) must not straddle a split.
+    """
+
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        raise NotImplementedError
+
+    def __call__(self, logits: torch.Tensor, micro: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError
+
+
+class TokenCrossEntropy(Objective):
+    def count(self, batch):
+        return num_label_tokens(batch["labels"])
+
+    def __call__(self, logits, micro):
+        return summed_ce(logits, micro["labels"]), {}
+
+
+TOKEN_CE = TokenCrossEntropy()
+
+
 class DistributedTrainer:
     """Parallelized model parts, their optimizers, and one `train_step` per global batch.
 
@@ -115,6 +141,7 @@ class DistributedTrainer:
                                            microbatches=cfg.microbatches, loss_fn=self._pp_loss,
                                            pp_group=mesh["pp"].get_group(), device=self.device)
         self._inv_count = 0.0
+        self.last_stats: dict[str, float] = {}
         self.step = 0
 
     def _parallelize(self, model: nn.Module) -> list[nn.Module]:
@@ -178,42 +205,83 @@ class DistributedTrainer:
         start = dp_rank(self.mesh) * per_rank
         return {k: v[start:start + per_rank].to(self.device) for k, v in batch.items()}
 
-    def forward_backward(self, batch: dict[str, torch.Tensor]) -> float:
-        """Accumulate this rank's share of the gradients; returns its share of the global loss."""
-        count = num_label_tokens(batch["labels"])
+    def forward_backward(self, batch: dict[str, torch.Tensor], objective: "Objective | None" = None) -> float:
+        """Accumulate this rank's share of the gradients; returns its share of the global loss.
+
+        objective: token cross-entropy when None; otherwise an Objective whose per-unit losses (e.g. one
+        per preference pair) are averaged over the global batch. Its statistics, summed over the dp
+        ranks, are left in `self.last_stats`. Every tensor of `batch` is split by rows like input_ids.
+        """
+        objective = objective or TOKEN_CE
+        count = objective.count(batch)
         if count == 0:
-            raise ValueError("global batch has no label tokens")
+            raise ValueError("global batch has no label tokens" if objective is TOKEN_CE
+                             else "global batch has nothing to train on")
         self._inv_count = 1.0 / count
         local = self._local_batch(batch)
+        self.last_stats = {}
         if self.schedule is not None:
+            if objective is not TOKEN_CE:
+                raise ValueError("parallel.pp: pipeline stages train with token cross-entropy only; "
+                                 "this stage's loss needs pp = 1")
             losses: list[torch.Tensor] = []
             with self._autocast():
                 self.schedule.step(local["input_ids"], attention_mask=local["attention_mask"],
                                    target=local["labels"], losses=losses)
             return float(sum(l.detach().double() for l in losses)) if losses else 0.0
-        total = 0.0
+        total, stats = 0.0, {}
         model = self.parts[0]
         n = self.cfg.microbatches
-        ids, mask, labels = (local[k].chunk(n) for k in ("input_ids", "attention_mask", "labels"))
+        chunks = {k: v.chunk(n) for k, v in local.items()}
         for i in range(n):
             if self.cfg.zero >= 2:  # reduce-scatter once, after the last micro-batch
                 model.set_requires_gradient_sync(i == n - 1)
+            micro = {k: v[i] for k, v in chunks.items()}
             with self._autocast():
-                logits = model(input_ids=ids[i], attention_mask=mask[i]).logits
-            loss = summed_ce(logits, labels[i]) * self._inv_count
+                logits = model(input_ids=micro["input_ids"], attention_mask=micro["attention_mask"]).logits
+            summed, micro_stats = objective(logits, micro)
+            loss = summed * self._inv_count
             loss.backward()
             total += float(loss.detach())
+            for key, value in micro_stats.items():
+                stats[key] = stats.get(key, 0.0) + float(value)
+        self.last_stats = self._sum_over_dp(stats)
         return total
 
-    def train_step(self, batch: dict[str, torch.Tensor]) -> tuple[float, float]:
-        """One optimizer step on a global batch {input_ids, labels, attention_mask}: (loss, grad norm).
+    def _sum_over_dp(self, stats: dict[str, float]) -> dict[str, float]:
+        if not stats or self.dims.dp == 1:
+            return stats
+        keys = sorted(stats)
+        values = torch.tensor([stats[k] for k in keys], dtype=torch.float64)
+        dist.all_reduce(values, group=dp_mesh(self.mesh).get_group())
+        return dict(zip(keys, values.tolist()))
 
-        loss: the token-mean loss of the whole global batch, on every rank; grad norm before clipping.
+    @torch.no_grad()
+    def forward_rows(self, batch: dict[str, torch.Tensor], fn) -> torch.Tensor:
+        """fn(logits, local rows) -> a [local rows, ...] tensor for every row of a global batch, gathered
+        over the dp ranks in row order (collective; no pp). For held-out metrics of custom objectives."""
+        if self.schedule is not None:
+            raise ValueError("parallel.pp: forward_rows needs pp = 1")
+        local = self._local_batch(batch)
+        with self._autocast():
+            logits = self.parts[0](input_ids=local["input_ids"], attention_mask=local["attention_mask"]).logits
+        out = fn(logits, local).detach().float().cpu()
+        if self.dims.dp == 1:
+            return out
+        parts = [torch.empty_like(out) for _ in range(self.dims.dp)]
+        dist.all_gather(parts, out, group=dp_mesh(self.mesh).get_group())
+        return torch.cat(parts)
+
+    def train_step(self, batch: dict[str, torch.Tensor], objective: "Objective | None" = None) -> tuple[float, float]:
+        """One optimizer step on a global batch {input_ids, labels, attention_mask, ...}: (loss, grad norm).
+
+        loss: the mean loss of the whole global batch (per label token by default, per objective unit
+        otherwise), on every rank; grad norm before clipping.
         """
         # Not opt.zero_grad(): under ZeRO-1 an optimizer sees only the parameters its rank owns.
         for p in self.params:
             p.grad = None
-        local_loss = self.forward_backward(batch)
+        local_loss = self.forward_backward(batch, objective)
         if self.cfg.zero <= 1 and self.dims.dp > 1:
             zero_mod.allreduce_grads(self.params, dp_mesh(self.mesh).get_group())
         pp_group = self.mesh["pp"].get_group() if self.dims.pp > 1 else None

@@ -19,12 +19,13 @@ MULTI_STAGE = ("interleaved_1f1b", "zero_bubble")
 
 
 def find_decoder(model: nn.Module) -> tuple[str, nn.Module, str, nn.Module]:
-    """(path, module) of the decoder (has embed_tokens + layers) and of lm_head, in HF or peft models."""
+    """(path, module) of the decoder (has embed_tokens + layers) and of its head (lm_head, or the score
+    head of a sequence-classification model), in HF or peft models."""
     decoder = head = None
     for name, module in model.named_modules():
         if decoder is None and hasattr(module, "embed_tokens") and isinstance(getattr(module, "layers", None), nn.ModuleList):
             decoder = (name, module)
-        if name.split(".")[-1] == "lm_head":
+        if head is None and name.split(".")[-1] in ("lm_head", "score"):
             head = (name, module)
     if decoder is None or head is None:
         raise ValueError(f"{type(model).__name__} is not a Llama-family causal LM (no embed_tokens/layers/lm_head)")

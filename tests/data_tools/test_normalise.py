@@ -75,8 +75,9 @@ def test_jsonl_file_with_bad_lines(tmp_path):
         json.dumps({"instruction": "Reverse: xyz", "output": ""}),
         json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hey"}]}),
     ]) + "\n")
-    out = Normalised()
-    normalise_file(path, "auto", "s00f000", "rows.jsonl", out)
+    kinds = {"chat": Normalised(), "preference": Normalised()}
+    normalise_file(path, "auto", "s00f000", "rows.jsonl", kinds)
+    out = kinds["chat"]
     assert out.num_read == 4  # the blank line is not a row
     assert [r["id"] for r in out.kept] == ["s00f000-0000000", "s00f000-0000004"]
     assert [(r["id"], r["reason"]) for r in out.rejected] == [
@@ -89,7 +90,29 @@ def test_parquet_file(tmp_path):
     rows = [{"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]},
             {"conversations": [{"from": "human", "value": "Hi"}, {"from": "robot", "value": "Hello"}]}]
     pq.write_table(pa.Table.from_pylist(rows), path)
-    out = Normalised()
-    normalise_file(path, "sharegpt", "s01f000", "rows.parquet", out)
+    kinds = {"chat": Normalised(), "preference": Normalised()}
+    normalise_file(path, "sharegpt", "s01f000", "rows.parquet", kinds)
+    out = kinds["chat"]
     assert out.kept[0]["messages"] == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
     assert [r["reason"] for r in out.rejected] == ["bad_role"]
+
+
+def test_preference_rows_are_their_own_kind(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    user = {"role": "user", "content": "What is 2 + 3?"}
+    path.write_text("\n".join(json.dumps(r) for r in [
+        {"prompt": "What is 2 + 3?", "chosen": "5", "rejected": "6"},
+        {"messages": [user, {"role": "assistant", "content": "5"}]},
+        {"chosen": [user, {"role": "assistant", "content": "5"}], "rejected": [user, {"role": "assistant", "content": "4"}]},
+        {"prompt": "What is 2 + 3?", "chosen": "5", "rejected": "5"},
+        {"prompt": "What is 2 + 3?", "chosen": "5"},
+    ]) + "\n")
+    kinds = {"chat": Normalised(), "preference": Normalised()}
+    normalise_file(path, "auto", "s00f000", "mixed.jsonl", kinds)
+    chat, pref = kinds["chat"], kinds["preference"]
+    assert chat.num_read == 1 and pref.num_read == 4
+    assert pref.kept[0]["messages"] == [user, {"role": "assistant", "content": "5"}]
+    assert pref.kept[0]["rejected"] == [{"role": "assistant", "content": "6"}] and pref.kept[0]["prompt_turns"] == 1
+    assert pref.kept[1]["rejected"] == [{"role": "assistant", "content": "4"}]  # implicit prompt
+    assert [r["reason"] for r in pref.rejected] == ["identical_responses", "missing_rejected"]
+    assert detect_format({"chosen": "a"}) == "preference"

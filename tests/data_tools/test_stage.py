@@ -178,9 +178,47 @@ def test_jsonl_and_parquet_sources(tmp_path, tokenizer_dir):
 def test_bad_sources_are_user_errors(tmp_path, tokenizer_dir):
     with pytest.raises(ValueError, match="no such file"):
         run_data(DataConfig(sources=[{"path": "missing/*.jsonl"}]), tokenizer_dir, tmp_path, base_dir=tmp_path)
-    with pytest.raises(ValueError, match="preference"):
-        run_data(DataConfig(sources=[{"generate": "tiny-preferences"}]), tokenizer_dir, tmp_path,
-                 base_dir=tmp_path)
+    with pytest.raises(ValueError, match="no rows left for train"):
+        (tmp_path / "bad.jsonl").write_text('{"prompt": "q", "chosen": "a"}\n{"broken\n')
+        run_data(DataConfig(sources=[{"path": "bad.jsonl"}]), tokenizer_dir, tmp_path / "out", base_dir=tmp_path)
+
+
+def test_preference_rows_get_their_own_chain_and_splits(tmp_path, tokenizer_dir):
+    user = {"role": "user", "content": "Reverse the word: apple"}
+    rows = [{"prompt": f"Reverse the word: {w}", "chosen": w[::-1], "rejected": w}
+            for w in ("apple", "banana", "cherry", "damson", "elder", "fig", "grape", "hazel")]
+    rows += [
+        {"prompt": "Reverse the word: apple", "chosen": "elppa", "rejected": "apple"},  # exact duplicate
+        {"prompt": "Reverse the word: kiwi", "chosen": "iwik", "rejected": "mail kiwi@example.com"},  # PII
+        {"prompt": "Reverse the word: lime", "chosen": "emil", "rejected": "The quiet harbour town wakes early, fishermen mend their "
+         "nets, children race bicycles past bright market stalls while gulls circle."},  # rejected side too long
+        {"prompt": "Reverse the word: plum", "chosen": "mulp", "rejected": "mulp"},  # identical sides
+        {"chosen": [user, {"role": "assistant", "content": "elppa"}]},  # no rejected side
+    ]
+    (tmp_path / "pref.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    chat = [{"instruction": f"Uppercase the word: {w}", "output": w.upper()} for w in ("apple", "kiwi", "lime")]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chat))
+    cfg = DataConfig(sources=[{"path": "chat.jsonl"}, {"path": "pref.jsonl"}], format={"max_tokens": 100},
+                     splits={"validation": 0.2, "test": 0.2}, tasks=2)
+    manifest = run_data(cfg, tokenizer_dir, tmp_path / "out", base_dir=tmp_path)
+    out, pref = tmp_path / "out", manifest["preference"]
+    assert sum(manifest["splits"].values()) == 3  # chat rows are not near-duplicates of preference rows
+    assert pref["steps"]["normalise"]["reasons"] == {"identical_responses": 1, "missing_rejected": 1}
+    assert pref["steps"]["exact_dedup"]["rejected"] == 1
+    assert pref["steps"]["chat_format"]["reasons"] == {"too_many_tokens": 1}
+    assert pref["steps"]["pii"]["replaced"]["email"] == 1
+    kept = {name: _read(out / "preference" / f"{name}.jsonl") for name in SPLITS}
+    assert sum(map(len, kept.values())) == sum(pref["splits"].values()) == 9
+    for row in (r for rs in kept.values() for r in rs):
+        assert set(row) == {"id", "prompt", "chosen", "rejected", "text", "text_rejected"}
+        assert row["prompt"][-1]["role"] == "user" and row["chosen"][0]["role"] == "assistant"
+        assert row["text_rejected"].endswith(row["rejected"][-1]["content"] + "<|im_end|>\n")
+    assert any("<EMAIL>" in r["rejected"][0]["content"] for rs in kept.values() for r in rs)
+    assert (out / "preference" / "rejected" / "chat_format.jsonl").exists()
+    # a prompt lands in the same split whatever the row kind, so no test prompt is trained on
+    chat_split = {prompt_key(r["messages"]): name for name in SPLITS for r in _read(out / f"{name}.jsonl")}
+    pref_split = {prompt_key(r["prompt"]): name for name, rs in kept.items() for r in rs}
+    assert all(pref_split[k] == v for k, v in chat_split.items() if k in pref_split)
 
 
 def test_chat_template_choice(tmp_path, tokenizer_dir):

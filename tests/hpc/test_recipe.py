@@ -105,3 +105,25 @@ def test_cli_plan_shows_stages(hpcft_cmd):
     tight = subprocess.run(hpcft_cmd + ["plan", str(TINY_RECIPE), "--gpu-mem-gb", "0.001"], capture_output=True,
                            text=True, cwd=ROOT, env={"COLUMNS": "300", **__import__("os").environ})
     assert tight.returncode == 0 and "parallel:" in tight.stdout and "at 0.001 GiB per GPU" in tight.stdout
+
+
+DPO_RECIPE = ROOT / "recipes" / "tiny-dpo.yaml"
+
+
+def test_alignment_recipe_is_valid_and_chains_stages():
+    r = load_recipe(DPO_RECIPE)
+    assert [s.kind for s in r.stages] == ["sft", "dpo"]
+    plan = {s.name: s for s in build_plan(r)}
+    assert plan["dpo"].depends_on == ("model", "sft") and plan["export"].depends_on == ("model", "dpo")
+
+
+def test_stage_order_data_and_layout_problems_name_the_stage():
+    out = problems(DPO_RECIPE, ["parallel.dp_shard=2"])
+    assert out == ["stages.1: the dpo stage runs in one process for now, but parallel asks for world size 2; "
+                   "set parallel.dp_replicate = dp_shard = pp = tp = 1"]
+    out = problems(DPO_RECIPE, ["data.sources=[{generate: tiny-tasks}]"])
+    assert len(out) == 1 and out[0].startswith("stages.1: the dpo stage reads preference rows")
+    out = problems(DPO_RECIPE, ["stages=[{kind: reward_model}]"])
+    assert out[0].startswith("stages: no policy stage")
+    out = problems(DPO_RECIPE, ["stages.1={kind: dpo, max_stpes: 3}"])
+    assert out[0].startswith("stages.1.max_stpes: unknown key; allowed:") and "beta" in out[0]

@@ -1,0 +1,340 @@
+"""Preference rows ({prompt, chosen, rejected}) as token pairs with labels on the response only.
+
+Accepted rows:
+- {"prompt": str | messages, "chosen": str, "rejected": str}: the responses are assistant turns;
+- {"prompt": messages (optional), "chosen": messages, "rejected": messages}: the response messages
+  follow the prompt; without a prompt, the longest shared prefix of the two conversations is it.
+A row that cannot be used is rejected with a short reason and counted, never raised.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from data_tools.normalise import RowError as PreferenceRowError
+from data_tools.normalise import parse_preference as parse_row
+from recipes.data import Example, assistant_spans, collate, epoch_batches, read_jsonl
+from recipes.losses import IGNORE_INDEX
+
+@dataclass(frozen=True)
+class Pair:
+    chosen: Example
+    rejected: Example
+    margin: float = 0.0  # optional per-row reward margin (reward model only)
+
+
+@dataclass
+class PreferenceStats:
+    rows: int = 0
+    pairs: int = 0
+    truncated: int = 0  # pairs with a side cut at seq_len (still used if response tokens survived)
+    rejected: dict[str, int] = field(default_factory=dict)  # reason -> count
+
+
+def tokenize_response(tokenizer, prompt: list[dict], response: list[dict]) -> Example:
+    """Token ids of prompt + response with labels only on the response's assistant turns (turn ends included)."""
+    text, spans = assistant_spans(tokenizer, prompt + response)
+    # Assistant turns inside the prompt are context, not part of what is being preferred.
+    spans = spans[sum(m["role"] == "assistant" for m in prompt):]
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    labels = [tid if any(lo <= start < hi for lo, hi in spans) else IGNORE_INDEX
+              for tid, (start, _end) in zip(enc["input_ids"], enc["offset_mapping"])]
+    return Example(list(enc["input_ids"]), labels)
+
+
+def _truncate(ex: Example, seq_len: int) -> tuple[Example, bool]:
+    if len(ex.input_ids) <= seq_len:
+        return ex, False
+    return Example(ex.input_ids[:seq_len], ex.labels[:seq_len]), True
+
+
+def _has_labels(ex: Example) -> bool:
+    # The label at position 0 is never predicted (no previous token).
+    return any(label != IGNORE_INDEX for label in ex.labels[1:])
+
+
+def _margin(row: dict) -> float:
+    value = row.get("margin", 0.0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise PreferenceRowError("bad_margin")
+    return float(value)
+
+
+def build_pairs(rows: list, tokenizer, seq_len: int) -> tuple[list[Pair], PreferenceStats]:
+    """Tokenised pairs of the usable rows, and counts of what was truncated or rejected (by reason)."""
+    pairs, stats, reasons = [], PreferenceStats(rows=len(rows)), Counter()
+    for row in rows:
+        try:
+            prompt, chosen, rejected = parse_row(row)
+            margin = _margin(row)
+            chosen_ex, cut_c = _truncate(tokenize_response(tokenizer, prompt, chosen), seq_len)
+            rejected_ex, cut_r = _truncate(tokenize_response(tokenizer, prompt, rejected), seq_len)
+            if not (_has_labels(chosen_ex) and _has_labels(rejected_ex)):
+                raise PreferenceRowError("response_truncated")
+        except PreferenceRowError as err:
+            reasons[err.reason] += 1
+            continue
+        stats.truncated += cut_c or cut_r
+        pairs.append(Pair(chosen_ex, rejected_ex, margin))
+    stats.pairs, stats.rejected = len(pairs), dict(sorted(reasons.items()))
+    return pairs, stats
+
+
+def load_pairs(path: Path, tokenizer, seq_len: int) -> tuple[list[Pair], PreferenceStats]:
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"preference split {path} does not exist; run the data stage first")
+    pairs, stats = build_pairs(read_jsonl(path), tokenizer, seq_len)
+    if not pairs:
+        raise ValueError(f"{path}: no usable preference rows out of {stats.rows} (rejected: {stats.rejected})")
+    return pairs, stats
+
+
+def collate_pairs(pairs: list[Pair], pad_id: int, ref_logps: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """One right-padded batch with the sides interleaved: row 2i is pair i's chosen side, row 2i+1 its
+    rejected side, so splitting the rows into even-sized parts (data-parallel ranks, micro-batches) never
+    separates a pair. Per-row extras: `margin` (the pair's), `ref_logps` ([pairs, 2] given -> per row)."""
+    batch = collate([side for p in pairs for side in (p.chosen, p.rejected)], pad_id)
+    batch["margin"] = torch.tensor([p.margin for p in pairs for _ in range(2)], dtype=torch.float32)
+    if ref_logps is not None:
+        batch["ref_logps"] = ref_logps.reshape(-1).float()
+    return batch
+
+
+def sides(per_row: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) halves of a per-row tensor of an interleaved pair batch."""
+    return per_row[0::2], per_row[1::2]
+
+
+def eval_pair_batches(pairs: list[Pair], batch_size: int, pad_id: int, multiple: int = 1) -> list[dict[str, torch.Tensor]]:
+    """All pairs in order, batch_size pairs per batch (order kept so results line up with `pairs`). The
+    last batch is filled up to a multiple of `multiple` pairs by repeating its last pair (data-parallel
+    ranks need equal shares); callers drop the extra results."""
+    batches = []
+    for i in range(0, len(pairs), batch_size):
+        chunk = pairs[i:i + batch_size]
+        chunk = chunk + chunk[-1:] * (-len(chunk) % multiple)
+        batches.append(collate_pairs(chunk, pad_id))
+    return batches
+
+
+class PairBatches:
+    """Deterministic global batches (pair indices) by optimizer step; epochs roll over as needed."""
+
+    def __init__(self, pairs: list[Pair], batch_size: int, seed: int):
+        if len(pairs) < batch_size:
+            raise ValueError(f"batch_size {batch_size} is larger than the {len(pairs)} training pairs")
+        self.batch_size, self.seed = batch_size, seed
+        self.batches_per_epoch = len(pairs) // batch_size
+        self._lengths = [max(len(p.chosen.input_ids), len(p.rejected.input_ids)) for p in pairs]
+        self._epoch, self._batches = -1, []
+
+    def __call__(self, step: int) -> list[int]:
+        epoch, index = divmod(step, self.batches_per_epoch)
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._batches = epoch_batches(len(self._lengths), self._lengths, self.batch_size, self.seed, epoch)
+        return self._batches[index]
+
+
+def optimizer_step(model, optimizer, scheduler, grad_clip: float) -> float:
+    """Clip (when grad_clip > 0), step, advance the LR; returns the global grad norm before clipping."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    # max_norm=inf measures the norm without scaling when clipping is off.
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    optimizer.step()
+    scheduler.step()
+    return float(grad_norm)
+
+
+def check_single_process(parallel, stage: str) -> None:
+    """Stages that run in one process until the engine's multi-process layouts reach them."""
+    if parallel.world_size > 1:
+        raise ValueError(f"parallel: world size {parallel.world_size}: the {stage} stage runs in one process "
+                         "for now; use dp_replicate = dp_shard = pp = tp = 1")
+
+
+def check_no_pipeline(parallel, stage: str) -> None:
+    if parallel.pp > 1:
+        raise ValueError(f"parallel.pp: the {stage} stage trains under data, ZeRO and tensor parallelism, not "
+                         "pipeline stages yet; set pp = 1")
+
+
+@dataclass
+class PreferenceData:
+    tokenizer: object
+    pad_id: int
+    train: list[Pair]
+    validation: list[Pair]
+    batches: PairBatches
+    stats: dict[str, PreferenceStats]
+
+
+def load_preference_data(model_dir: Path, data_dir: Path, seq_len: int, batch_size: int, seed: int,
+                         stage: str) -> PreferenceData:
+    """The tokenizer and the tokenised train/validation pairs of data_dir (the data stage's preference/)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if not tokenizer.chat_template:
+        raise ValueError(f"model {model_dir}: the tokenizer has no chat template; the {stage} stage renders "
+                         "rows with it")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    train, train_stats = load_pairs(Path(data_dir) / "train.jsonl", tokenizer, seq_len)
+    validation, val_stats = load_pairs(Path(data_dir) / "validation.jsonl", tokenizer, seq_len)
+    return PreferenceData(tokenizer, pad_id, train, validation, PairBatches(train, batch_size, seed),
+                          {"train": train_stats, "validation": val_stats})
+
+
+def build_optimization(model, cfg, runtime):
+    """AdamW and the warmup-cosine schedule of a stage config with `optim` and `max_steps`."""
+    from parallel import engine
+
+    opt = cfg.optim
+    optimizer = engine.build_optimizer(model, lr=opt.lr, weight_decay=opt.weight_decay, betas=opt.betas,
+                                       eps=opt.eps, runtime=runtime)
+    scheduler = engine.build_scheduler(optimizer, warmup_steps=opt.warmup_steps, max_steps=cfg.max_steps,
+                                       min_lr_ratio=opt.min_lr_ratio)
+    return optimizer, scheduler
+
+
+def train_loop(cfg, step_fn: Callable[[int, list[int]], dict[str, float]], evaluate: Callable[[], dict[str, float]],
+               batches: PairBatches, progress: Callable[[dict], None]) -> dict:
+    """The loop of the pairwise stages: held-out metrics at step 0, one optimizer step per batch of
+    pairs (`step_fn(step, pair indices)`), mean training metrics every log_every, held-out metrics
+    every eval_every."""
+    started = time.perf_counter()
+    val_before = evaluate()
+    progress({"step": 0} | val_before)
+    val, window, window_seconds = val_before, [], 0.0
+    for step in range(1, cfg.max_steps + 1):
+        t0 = time.perf_counter()
+        window.append(step_fn(step, batches(step - 1)))
+        window_seconds += time.perf_counter() - t0
+        last = step == cfg.max_steps
+        if step % cfg.log_every == 0 or last:
+            means = {k: sum(m[k] for m in window) / len(window) for k in window[0]}
+            train_metrics = means | {"lr": window[-1]["lr"], "grad_norm": window[-1]["grad_norm"]}
+            progress({"step": step, "max_steps": cfg.max_steps, **train_metrics,
+                      "pairs_per_s": len(window) * cfg.batch_size / window_seconds,
+                      "elapsed_s": time.perf_counter() - started})
+            window, window_seconds = [], 0.0
+        if step % cfg.eval_every == 0 or last:
+            val = evaluate()
+            progress({"step": step} | val)
+    return {"steps": cfg.max_steps, "train_seconds": time.perf_counter() - started,
+            **{f"final_{k}": v for k, v in train_metrics.items()}, **val, "val_before": val_before}
+
+
+class PairwiseTrainer:
+    """Trains a model on interleaved pair batches with an Objective (parallel.distributed.engine), in one
+    process (AdamW + schedule here, grad_accum micro-batches) or, under torch.distributed, through the
+    engine's DistributedTrainer (data parallel, ZeRO 1-3 and tensor parallel; not pipeline stages).
+    The objective's statistics come back as means per pair; losses and gradients equal one process's."""
+
+    def __init__(self, cfg, model, model_dir: Path, parallel, runtime, objective):
+        from parallel import engine
+
+        self.cfg, self.runtime, self.objective = cfg, runtime, objective
+        self.model = self.trainer = self.optimizer = self.scheduler = None
+        self.dp = 1
+        if engine.is_distributed():
+            opt = cfg.optim
+            self.trainer = engine.build_trainer(
+                model_dir, parallel, mode=cfg.mode, lora=None, lr=opt.lr, weight_decay=opt.weight_decay,
+                betas=opt.betas, eps=opt.eps, grad_clip=opt.grad_clip, grad_accum=cfg.grad_accum, model=model)
+            self.dp = self.trainer.dims.dp
+        else:
+            self.model = model
+            self.optimizer, self.scheduler = build_optimization(model, cfg, runtime)
+
+    def step(self, step: int, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Optimizer step `step` (1-based) on a global pair batch: per-pair mean statistics, lr, grad_norm."""
+        from parallel import engine
+
+        pairs = batch["input_ids"].shape[0] // 2
+        if self.trainer is not None:
+            opt = self.cfg.optim
+            lr = opt.lr * engine.lr_factor(step - 1, warmup_steps=opt.warmup_steps, max_steps=self.cfg.max_steps,
+                                           min_lr_ratio=opt.min_lr_ratio)
+            metrics = engine.distributed_train_step(self.trainer, batch, lr=lr, objective=self.objective)
+            stats, grad_norm = self.trainer.last_stats, metrics.grad_norm
+        else:
+            lr = self.optimizer.param_groups[0]["lr"]
+            self.optimizer.zero_grad(set_to_none=True)
+            stats, count = {}, self.objective.count(batch)
+            for micro in _split_rows(batch, self.cfg.grad_accum):
+                with self.runtime.autocast():
+                    logits = self.model(input_ids=micro["input_ids"].to(self.runtime.device),
+                                        attention_mask=micro["attention_mask"].to(self.runtime.device),
+                                        use_cache=False).logits
+                summed, micro_stats = self.objective(logits, {k: v.to(self.runtime.device) for k, v in micro.items()})
+                (summed / count).backward()
+                for key, value in micro_stats.items():
+                    stats[key] = stats.get(key, 0.0) + float(value)
+            grad_norm = optimizer_step(self.model, self.optimizer, self.scheduler, self.cfg.optim.grad_clip)
+        return {k: v / pairs for k, v in stats.items()} | {"lr": lr, "grad_norm": float(grad_norm)}
+
+    @torch.no_grad()
+    def pair_values(self, pairs: list[Pair], batch_size: int, pad_id: int, fn) -> torch.Tensor:
+        """[len(pairs), 2] (chosen, rejected) of fn(logits, rows) -> per-row values, for every pair."""
+        parts = self.trainer.parts if self.trainer is not None else [self.model]
+        for part in parts:
+            part.eval()
+        out = []
+        for batch in eval_pair_batches(pairs, batch_size, pad_id, multiple=self.dp):
+            if self.trainer is not None:
+                out.append(self.trainer.forward_rows(batch, fn))
+            else:
+                with self.runtime.autocast():
+                    logits = self.model(input_ids=batch["input_ids"].to(self.runtime.device),
+                                        attention_mask=batch["attention_mask"].to(self.runtime.device),
+                                        use_cache=False).logits
+                out.append(fn(logits, {k: v.to(self.runtime.device) for k, v in batch.items()}).float().cpu())
+        for part in parts:
+            part.train()
+        return torch.cat(out).reshape(-1, 2)[:len(pairs)]
+
+    def final_state(self):
+        """One process: the model. Several: the gathered full state dict on rank 0, None elsewhere."""
+        from parallel.checkpoint import gather_full_state_dict
+
+        return self.model if self.trainer is None else gather_full_state_dict(self.trainer)
+
+
+def _split_rows(batch: dict[str, torch.Tensor], parts: int) -> list[dict[str, torch.Tensor]]:
+    chunks = {k: v.chunk(parts) for k, v in batch.items()}
+    return [{k: v[i] for k, v in chunks.items()} for i in range(parts)]
+
+
+def check_pair_split(batch_size: int, grad_accum: int, parallel, stage: str) -> None:
+    """Under several ranks every dp rank runs microbatches x grad_accum micro-batches of whole pairs."""
+    parts = parallel.dp * parallel.microbatches * grad_accum
+    if batch_size % parts:
+        raise ValueError(f"stages ({stage}).batch_size: {batch_size} pairs do not split into dp={parallel.dp} x "
+                         f"parallel.microbatches={parallel.microbatches} x grad_accum={grad_accum} equal "
+                         f"micro-batches; use a multiple of {parts}")
+
+
+def share_of_pairs(pairs: list[Pair], fn_all) -> torch.Tensor:
+    """fn_all(some pairs) -> [n, 2] computed by each rank for its share of `pairs` (every world-th pair),
+    then gathered so every rank holds all len(pairs) rows in order. One process: fn_all(pairs)."""
+    import torch.distributed as dist
+
+    from parallel import engine
+
+    if not engine.is_distributed():
+        return fn_all(pairs)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = fn_all(pairs[rank::world]) if pairs[rank::world] else torch.zeros(0, 2)
+    gathered = [None] * world
+    dist.all_gather_object(gathered, mine)
+    out = torch.zeros(len(pairs), 2)
+    for r, values in enumerate(gathered):
+        out[r::world] = values
+    return out

@@ -1,0 +1,91 @@
+"""What the orchestrator needs to know about each training-stage kind, in one table.
+
+A recipe's `stages:` run in order. Policy stages (sft, dpo, ppo, grpo) each start from the previous policy
+stage's output (the base model for the first); the last policy stage is what export, eval and the gate
+see. A reward_model stage starts from the policy before it and serves the PPO/GRPO stages after it.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable
+
+
+@dataclass(frozen=True)
+class StageKind:
+    policy: bool  # trains the policy (exported, evaluated, gated) rather than a reward model
+    data: str  # rows it reads: "chat" (SFT rows), "preference" (pairs), "prompts" (chat or preference rows)
+    multi_process: bool  # trains under every layout of the engine; others run in one process for now
+    runner: str  # "module:function" with run_x(cfg, *, model_dir, data_dir, out_dir, parallel, seed, ...)
+    uses_reward_model: bool = False  # gets reward_model_dir= (the latest reward_model stage before it)
+
+    def load_runner(self) -> Callable[..., dict]:
+        module, name = self.runner.split(":")
+        return getattr(importlib.import_module(module), name)
+
+
+KINDS: dict[str, StageKind] = {
+    "sft": StageKind(policy=True, data="chat", multi_process=True, runner="recipes.sft:run_sft"),
+    "dpo": StageKind(policy=True, data="preference", multi_process=False, runner="recipes.dpo:run_dpo"),
+    "reward_model": StageKind(policy=False, data="preference", multi_process=False,
+                              runner="recipes.reward:run_reward_model"),
+    "ppo": StageKind(policy=True, data="prompts", multi_process=False, runner="recipes.ppo:run_ppo",
+                     uses_reward_model=True),
+    "grpo": StageKind(policy=True, data="prompts", multi_process=False, runner="recipes.grpo:run_grpo",
+                      uses_reward_model=True),
+}
+
+
+def previous(stages: list, index: int, *, policy: bool):
+    """The latest stage before stages[index] that is (policy=True) or is not (False) a policy stage."""
+    for stage in reversed(stages[:index]):
+        if KINDS[stage.kind].policy == policy:
+            return stage
+    return None
+
+
+def last_policy(stages: list):
+    return previous(stages, len(stages), policy=True)
+
+
+def needs_reward_model(stage) -> bool:
+    """PPO/GRPO score with a reward model unless the stage names a rule-based reward function."""
+    return KINDS[stage.kind].uses_reward_model and not getattr(stage, "reward_fn", None)
+
+
+def _source_kinds(data) -> set[str]:
+    """Row kinds the data section can produce: generated sets are known; files in `auto` may hold either."""
+    kinds = set()
+    for src in data.sources:
+        if src.generate:
+            kinds.add("preference" if src.generate == "tiny-preferences" else "chat")
+        elif src.format == "preference":
+            kinds.add("preference")
+        elif src.format == "auto":
+            kinds |= {"chat", "preference"}
+        else:
+            kinds.add("chat")
+    return kinds
+
+
+def check_stages(recipe) -> list[str]:
+    """Problems with the order, data and layout of the recipe's stages, as 'field: message' lines."""
+    problems = []
+    stages, world = recipe.stages, recipe.parallel.world_size
+    if last_policy(stages) is None:
+        problems.append("stages: no policy stage (sft, dpo, ppo or grpo); export, eval and the gate need one")
+    available = _source_kinds(recipe.data)
+    for i, stage in enumerate(stages):
+        kind = KINDS[stage.kind]
+        if world > 1 and not kind.multi_process:
+            problems.append(f"stages.{i}: the {stage.kind} stage runs in one process for now, but parallel asks "
+                            f"for world size {world}; set parallel.dp_replicate = dp_shard = pp = tp = 1")
+        wanted = {"chat": {"chat"}, "preference": {"preference"}, "prompts": {"chat", "preference"}}[kind.data]
+        if not wanted & available:
+            rows = "preference rows ({prompt, chosen, rejected})" if kind.data == "preference" else "chat rows"
+            problems.append(f"stages.{i}: the {stage.kind} stage reads {rows}, but no data.sources entry gives "
+                            f"them (e.g. generate: {'tiny-preferences' if kind.data == 'preference' else 'tiny-tasks'})")
+        if needs_reward_model(stage) and previous(stages, i, policy=False) is None:
+            problems.append(f"stages.{i}: the {stage.kind} stage scores responses with a reward model, but no "
+                            "reward_model stage comes before it; add one or set reward_fn")
+    return problems
