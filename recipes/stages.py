@@ -15,7 +15,7 @@ from typing import Callable
 class StageKind:
     policy: bool  # trains the policy (exported, evaluated, gated) rather than a reward model
     data: str  # rows it reads: "chat" (SFT rows), "preference" (pairs), "prompts" (chat or preference rows)
-    multi_process: bool  # trains under every layout of the engine; others run in one process for now
+    layouts: str  # "all" layouts of the engine, "no_pp" (dp, ZeRO, tp: not pipeline stages), or "single"
     runner: str  # "module:function" with run_x(cfg, *, model_dir, data_dir, out_dir, parallel, seed, ...)
     uses_reward_model: bool = False  # gets reward_model_dir= (the latest reward_model stage before it)
 
@@ -25,13 +25,13 @@ class StageKind:
 
 
 KINDS: dict[str, StageKind] = {
-    "sft": StageKind(policy=True, data="chat", multi_process=True, runner="recipes.sft:run_sft"),
-    "dpo": StageKind(policy=True, data="preference", multi_process=False, runner="recipes.dpo:run_dpo"),
-    "reward_model": StageKind(policy=False, data="preference", multi_process=False,
+    "sft": StageKind(policy=True, data="chat", layouts="all", runner="recipes.sft:run_sft"),
+    "dpo": StageKind(policy=True, data="preference", layouts="no_pp", runner="recipes.dpo:run_dpo"),
+    "reward_model": StageKind(policy=False, data="preference", layouts="no_pp",
                               runner="recipes.reward:run_reward_model"),
-    "ppo": StageKind(policy=True, data="prompts", multi_process=False, runner="recipes.ppo:run_ppo",
+    "ppo": StageKind(policy=True, data="prompts", layouts="single", runner="recipes.ppo:run_ppo",
                      uses_reward_model=True),
-    "grpo": StageKind(policy=True, data="prompts", multi_process=False, runner="recipes.grpo:run_grpo",
+    "grpo": StageKind(policy=True, data="prompts", layouts="single", runner="recipes.grpo:run_grpo",
                       uses_reward_model=True),
 }
 
@@ -77,9 +77,15 @@ def check_stages(recipe) -> list[str]:
     available = _source_kinds(recipe.data)
     for i, stage in enumerate(stages):
         kind = KINDS[stage.kind]
-        if world > 1 and not kind.multi_process:
+        if world > 1 and kind.layouts == "single":
             problems.append(f"stages.{i}: the {stage.kind} stage runs in one process for now, but parallel asks "
                             f"for world size {world}; set parallel.dp_replicate = dp_shard = pp = tp = 1")
+        if recipe.parallel.pp > 1 and kind.layouts == "no_pp":
+            problems.append(f"stages.{i}: the {stage.kind} stage trains under data, ZeRO and tensor parallelism, "
+                            "not pipeline stages yet; set parallel.pp = 1")
+        if world > 1 and stage.kind == "dpo" and not stage.precompute_reference:
+            problems.append(f"stages.{i}.precompute_reference: must be true under several processes (the "
+                            "reference log-probs are computed before the model is laid out)")
         wanted = {"chat": {"chat"}, "preference": {"preference"}, "prompts": {"chat", "preference"}}[kind.data]
         if not wanted & available:
             rows = "preference rows ({prompt, chosen, rejected})" if kind.data == "preference" else "chat rows"

@@ -118,9 +118,13 @@ def test_alignment_recipe_is_valid_and_chains_stages():
 
 
 def test_stage_order_data_and_layout_problems_name_the_stage():
-    out = problems(DPO_RECIPE, ["parallel.dp_shard=2"])
-    assert out == ["stages.1: the dpo stage runs in one process for now, but parallel asks for world size 2; "
-                   "set parallel.dp_replicate = dp_shard = pp = tp = 1"]
+    assert load_recipe(DPO_RECIPE, ["parallel.dp_shard=2", "parallel.zero=3"]).parallel.world_size == 2
+    out = problems(DPO_RECIPE, ["parallel.pp=2"])
+    assert out == ["stages.1: the dpo stage trains under data, ZeRO and tensor parallelism, not pipeline "
+                   "stages yet; set parallel.pp = 1"]
+    out = problems(DPO_RECIPE, ["parallel.tp=2", "stages.1.precompute_reference=false"])
+    assert out == ["stages.1.precompute_reference: must be true under several processes (the reference "
+                   "log-probs are computed before the model is laid out)"]
     out = problems(DPO_RECIPE, ["data.sources=[{generate: tiny-tasks}]"])
     assert len(out) == 1 and out[0].startswith("stages.1: the dpo stage reads preference rows")
     out = problems(DPO_RECIPE, ["stages=[{kind: reward_model}]"])
