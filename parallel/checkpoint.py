@@ -16,9 +16,9 @@ MANIFEST = "hpcft_checkpoint.json"
 
 
 def save_checkpoint(model, tokenizer, out_dir: Path, *, base_model_dir: Path, mode: str) -> Path:
-    """Write the model (full) or adapter (lora) with its tokenizer; returns out_dir."""
-    if mode not in ("full", "lora"):
-        raise ValueError(f"checkpoint mode must be 'full' or 'lora', not {mode!r}")
+    """Write the model (full) or adapter (lora, qlora) with its tokenizer; returns out_dir."""
+    if mode not in ("full", "lora", "qlora"):
+        raise ValueError(f"checkpoint mode must be 'full', 'lora' or 'qlora', not {mode!r}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # peft's save_pretrained writes only the adapter weights and adapter_config.json.
@@ -37,7 +37,8 @@ def read_manifest(checkpoint_dir: Path) -> dict:
 
 
 def load_checkpoint(checkpoint_dir: Path, base_model_dir: Path | None = None):
-    """The trained model in fp32 on CPU, in eval mode: a plain model (full) or base + adapter unmerged (lora).
+    """The trained model in fp32 on CPU, in eval mode: a plain model (full) or base + adapter unmerged (lora;
+    qlora adapters go on the full-precision base, as QLoRA adapters are merged for serving).
 
     base_model_dir overrides the manifest's path, for a run directory that has moved.
     """

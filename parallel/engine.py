@@ -110,20 +110,41 @@ def build_runtime(parallel: ParallelConfig) -> Runtime:
     return Runtime(device, dtype)
 
 
-def load_model(model_dir: Path, lora: dict | None = None):
+def load_model(model_dir: Path, lora: dict | None = None, quant: dict | None = None):
     """The HF model in fp32 (master weights) on CPU, wrapped with LoRA when asked.
 
     lora: None for full fine-tuning, else {"r", "alpha", "dropout", "target_modules"}.
+    quant: QLoRA, {"quant_type", "double_quant"}: the linear layers' weights load as bitsandbytes 4-bit
+    (computing in fp32 here; autocast casts to bf16 where asked) and only the adapters train.
     """
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    return model if lora is None else apply_lora(model, **lora)
+    if quant is None:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        return model if lora is None else apply_lora(model, **lora)
+    if lora is None:
+        raise ValueError("mode: qlora trains LoRA adapters; a 4-bit base cannot be fully fine-tuned")
+    from peft import prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant["quant_type"],
+                                bnb_4bit_use_double_quant=quant["double_quant"], bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, quantization_config=config)
+    # Freezes the base, keeps norms in fp32, lets gradients reach the adapters through frozen embeddings.
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return apply_lora(model, **lora)
 
 
-def build_model(model_dir: Path, parallel: ParallelConfig, runtime: Runtime, lora: dict | None = None):
-    """Load the model for one process (optionally with LoRA) and apply activation checkpointing."""
+def build_model(model_dir: Path, parallel: ParallelConfig, runtime: Runtime, lora: dict | None = None,
+                quant: dict | None = None):
+    """Load the model for one process (optionally with LoRA, or QLoRA with `quant`) and apply activation
+    checkpointing."""
     check_layout(parallel)
+    if quant is not None:
+        model = load_model(model_dir, lora, quant)
+        if parallel.activation_checkpointing == "full":
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return model.to(runtime.device).train()
     model = load_model(model_dir)
     if parallel.activation_checkpointing == "full":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -241,7 +262,7 @@ def eval_loss(model, batches: list[dict[str, torch.Tensor]], runtime: Runtime) -
 
 def build_trainer(model_dir: Path, parallel: ParallelConfig, *, mode: str, lora: dict | None, lr: float,
                   weight_decay: float, betas: tuple[float, float], eps: float, grad_clip: float,
-                  grad_accum: int = 1, model=None):
+                  grad_accum: int = 1, model=None, quant: dict | None = None):
     """The model laid out over the default process group as a DistributedTrainer (collective).
 
     Every rank loads the same weights (and, seeded alike, the same LoRA init). grad_accum multiplies
@@ -252,7 +273,7 @@ def build_trainer(model_dir: Path, parallel: ParallelConfig, *, mode: str, lora:
     from parallel.distributed.engine import DistributedTrainer
 
     check_layout(parallel, mode)
-    model = load_model(model_dir, lora) if model is None else model
+    model = load_model(model_dir, lora, quant) if model is None else model
     layout = parallel.model_copy(update={"microbatches": parallel.microbatches * grad_accum})
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     mesh = mesh_mod.ParallelDims.from_config(layout, process_world_size()).build_mesh(device_type)
@@ -306,8 +327,19 @@ def _distributed_loss_sum(trainer, batch: dict[str, torch.Tensor]) -> float:
     return trainer._global_loss(local_sum)  # sums over pp stages and dp ranks
 
 
-def rebuild_model(model_dir: Path, state: dict[str, torch.Tensor], lora: dict | None = None):
-    """A plain (or peft) model on CPU holding a gathered full state dict, ready to save."""
+def rebuild_model(model_dir: Path, state: dict[str, torch.Tensor], lora: dict | None = None,
+                  adapters_only: bool = False):
+    """A plain (or peft) model on CPU holding a gathered full state dict, ready to save.
+
+    adapters_only (QLoRA): the state's base weights are 4-bit; only its adapter weights are loaded,
+    into a full-precision base with the same adapters (what the checkpoint saves anyway)."""
     model = load_model(model_dir, lora)
+    if adapters_only:
+        adapters = {k: v for k, v in state.items() if "lora_" in k}
+        expected = {k for k in model.state_dict() if "lora_" in k}
+        if set(adapters) != expected:
+            raise ValueError(f"gathered adapters do not match the model's: {sorted(set(adapters) ^ expected)[:4]}")
+        model.load_state_dict(adapters, strict=False)
+        return model.eval()
     model.load_state_dict(state, strict=True)
     return model.eval()

@@ -28,7 +28,7 @@ def export_hf(model_dir: Path, checkpoint_dir: Path, out_dir: Path) -> dict:
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    merged = read_manifest(checkpoint_dir)["mode"] == "lora"
+    merged = read_manifest(checkpoint_dir)["mode"] in ("lora", "qlora")
     trained = load_checkpoint(checkpoint_dir, base_model_dir=model_dir)
     # Merging rewrites base weights in place, so merge a copy and keep the unmerged model as reference.
     plain = copy.deepcopy(trained).merge_and_unload() if merged else trained

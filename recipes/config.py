@@ -17,6 +17,13 @@ class LoraConfig(_Section):
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
 
 
+class QuantConfig(_Section):
+    """4-bit base weights for mode: qlora (bitsandbytes); the LoRA adapters train in full precision."""
+
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = Field(True, description="quantize the quantization constants too (~0.4 bit/param less)")
+
+
 class OptimConfig(_Section):
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -30,8 +37,9 @@ class OptimConfig(_Section):
 class SFTStage(_Section):
     kind: Literal["sft"] = "sft"
     name: str = "sft"
-    mode: Literal["full", "lora"] = "full"
+    mode: Literal["full", "lora", "qlora"] = Field("full", description="qlora: LoRA on a 4-bit base (bitsandbytes)")
     lora: LoraConfig = LoraConfig()
+    quant: QuantConfig = QuantConfig()
     optim: OptimConfig = OptimConfig()
     max_steps: int = Field(300, ge=1)
     batch_size: int = Field(16, ge=1, description="sequences per optimizer step (global)")

@@ -88,16 +88,17 @@ def setup(cfg: SFTStage, model_dir: Path, data_dir: Path, parallel: ParallelConf
                   train_batches=StepBatches(train_examples, cfg.batch_size, seed),
                   data_stats={"train": train_stats, "validation": val_stats})
     lora = None if cfg.mode == "full" else cfg.lora.model_dump()
+    quant = cfg.quant.model_dump() if cfg.mode == "qlora" else None
     opt = cfg.optim
     if distributed:
         trainer = engine.build_trainer(model_dir, parallel, mode=cfg.mode, lora=lora, lr=opt.lr,
                                        weight_decay=opt.weight_decay, betas=opt.betas, eps=opt.eps,
-                                       grad_clip=opt.grad_clip, grad_accum=cfg.grad_accum)
+                                       grad_clip=opt.grad_clip, grad_accum=cfg.grad_accum, quant=quant)
         pad_width = cfg.seq_len if parallel.pp > 1 else None
         return Session(**common, trainer=trainer, pad_width=pad_width,
                        val_batches=distributed_val_batches(cfg, parallel, val_examples, pad_id, pad_width))
 
-    model = engine.build_model(model_dir, parallel, common["runtime"], lora=lora)
+    model = engine.build_model(model_dir, parallel, common["runtime"], lora=lora, quant=quant)
     optimizer = engine.build_optimizer(model, lr=opt.lr, weight_decay=opt.weight_decay, betas=opt.betas,
                                        eps=opt.eps, runtime=common["runtime"])
     scheduler = engine.build_scheduler(optimizer, warmup_steps=opt.warmup_steps, max_steps=cfg.max_steps,
@@ -182,4 +183,5 @@ def final_model(cfg: SFTStage, s: Session, model_dir: Path):
     state = gather_full_state_dict(s.trainer)
     if state is None:
         return None
-    return engine.rebuild_model(model_dir, state, None if cfg.mode == "full" else cfg.lora.model_dump())
+    return engine.rebuild_model(model_dir, state, None if cfg.mode == "full" else cfg.lora.model_dump(),
+                                adapters_only=cfg.mode == "qlora")

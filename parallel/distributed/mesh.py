@@ -33,7 +33,10 @@ def check_layout(cfg: ParallelConfig, mode: str, quantized: bool = False) -> lis
                         f"parallel.pp ({cfg.pp}), got {cfg.microbatches}")
     if quantized and cfg.tp > 1:
         problems.append("parallel.tp: 4-bit quantized (QLoRA) base weights cannot be tensor-sharded; "
-                        "use tp: 1 and scale with dp_replicate/dp_shard or pp")
+                        "use tp: 1 and scale with dp_replicate/dp_shard")
+    if quantized and cfg.pp > 1:
+        problems.append("parallel.pp: pipeline stages of a 4-bit quantized (QLoRA) base are not supported "
+                        "yet; use pp: 1 and scale with dp_replicate/dp_shard")
     if quantized and cfg.zero >= 2:
         problems.append("parallel.zero: 4-bit quantized (QLoRA) base weights cannot be sharded by "
                         "FSDP here; use zero 0 or 1")

@@ -41,9 +41,9 @@ def test_unknown_key_names_the_field_and_allowed_keys(tmp_path):
 
 
 def test_every_problem_listed_once_per_line(tmp_path):
-    out = problems(write(tmp_path, **{"stages.0.mode": "qlora", "stages.0.max_steps": -1,
+    out = problems(write(tmp_path, **{"stages.0.mode": "int8", "stages.0.max_steps": -1,
                                       "data.splits.validation": 0.6, "data.splits.test": 0.5}))
-    assert any(p.startswith("stages.0.mode:") and "'full' or 'lora'" in p for p in out)
+    assert any(p.startswith("stages.0.mode:") and "'lora' or 'qlora'" in p for p in out)
     assert any(p.startswith("stages.0.max_steps:") for p in out)
     assert any(p.startswith("data.splits:") for p in out)
 
