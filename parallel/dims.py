@@ -20,6 +20,8 @@ class ParallelConfig(BaseModel):
     microbatches: int = Field(1, ge=1)
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
     mixed_precision: Literal["auto", "fp32", "bf16"] = "auto"
+    compile: bool = Field(False, description="torch.compile each decoder block (after TP and activation "
+                          "checkpointing, before FSDP); the first steps pay the compile time")
 
     @property
     def world_size(self) -> int:

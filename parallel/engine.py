@@ -144,13 +144,24 @@ def build_model(model_dir: Path, parallel: ParallelConfig, runtime: Runtime, lor
         model = load_model(model_dir, lora, quant)
         if parallel.activation_checkpointing == "full":
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        return model.to(runtime.device).train()
+        return compile_blocks(model, parallel).to(runtime.device).train()
     model = load_model(model_dir)
     if parallel.activation_checkpointing == "full":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if lora is not None:
         model = apply_lora(model, **lora)
-    return model.to(runtime.device).train()
+    return compile_blocks(model, parallel).to(runtime.device).train()
+
+
+def compile_blocks(model, parallel: ParallelConfig):
+    """torch.compile every decoder block in place when parallel.compile is set (one graph per block type
+    is reused by all blocks, so compile time does not grow with depth)."""
+    if parallel.compile:
+        from parallel.distributed.pipeline import find_decoder
+
+        for layer in find_decoder(model)[1].layers:
+            layer.compile()
+    return model
 
 
 def apply_lora(model, r: int, alpha: int, dropout: float, target_modules):

@@ -158,6 +158,9 @@ class DistributedTrainer:
             if self.dims.tp > 1:
                 apply_tensor_parallel(layers, self.mesh["tp"])
             apply_activation_checkpointing(layers, self.cfg.activation_checkpointing)
+            if self.cfg.compile:  # torchtitan's order: TP, activation checkpointing, compile, FSDP
+                for layer in layers:
+                    layer.compile()
             if self.cfg.zero >= 2:
                 zero_mod.apply_fsdp(part, layers, fsdp_mesh(self.mesh, self.dims), zero=self.cfg.zero,
                                     mp_policy=mp_policy)
