@@ -4,7 +4,6 @@ Measured on this 2-core box: the first compiled step takes ~110 s (inductor's CP
 steps run at eager speed. A 2-rank ZeRO-3 + selective checkpointing + compile run did not finish within
 15 minutes here (recompiles under FSDP hooks), so the multi-process combination is left to GPU checks."""
 import pytest
-import torch
 
 from parallel.dims import ParallelConfig
 from parallel.distributed.engine import num_label_tokens, summed_ce
