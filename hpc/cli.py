@@ -236,9 +236,19 @@ def cmd_registry(args, console: Console) -> int:
     return 0
 
 
+def _interrupt_on_sigterm() -> None:
+    """`kill <pid>` of the CLI stops a local run like Ctrl-C does: its jobs are cancelled, not orphaned."""
+    import signal
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     console = Console()
+    _interrupt_on_sigterm()
     handler = {"run": cmd_run, "validate": cmd_validate, "plan": cmd_plan, "registry": cmd_registry,
                "status": cmd_status, "watch": lambda a, c: cmd_status(a, c, once=False), "cancel": cmd_cancel,
                "logs": cmd_logs, "sbatch": cmd_sbatch}[args.cmd]

@@ -58,16 +58,20 @@ class LocalExecutor:
         tasks = spec.resources.nodes * spec.resources.tasks_per_node
         ex.update_parameters(timeout_min=self.timeout_min, tasks_per_node=tasks)
         queue, running = list(pending), {}
-        while queue or running:
-            while queue and len(running) < self.max_parallel:
-                i = queue.pop(0)
-                running[i] = ex.submit(run_stage, str(rd.root), spec.name, i)
-            for i, job in list(running.items()):
-                if job.done():
-                    del running[i]
-                    self._check(spec, i, job, running)
-            poll()
-            time.sleep(0.3)
+        try:
+            while queue or running:
+                while queue and len(running) < self.max_parallel:
+                    i = queue.pop(0)
+                    running[i] = ex.submit(run_stage, str(rd.root), spec.name, i)
+                for i, job in list(running.items()):
+                    if job.done():
+                        del running[i]
+                        self._check(spec, i, job, running)
+                poll()
+                time.sleep(0.3)
+        except BaseException:  # Ctrl-C or SIGTERM of the CLI: leave no job behind
+            _stop(running.values())
+            raise
 
     def _check(self, spec: StageSpec, i: int, job, running: dict) -> None:
         exc = job.exception()
@@ -78,6 +82,34 @@ class LocalExecutor:
         log = Path(job.paths.stderr)
         text = log.read_text(errors="replace") if log.is_file() else str(exc)
         raise StageFailed(spec.name, spec.elements[i], log, _tail(text))
+
+
+def _stop(jobs) -> None:
+    """Stop local jobs at once: each job's submitit controller and every process under it (its tasks and
+    their workers). Killing the tree, rather than SIGINT to the controller, leaves no process behind and
+    no controller traceback in the terminal."""
+    for job in jobs:
+        process = getattr(job, "_process", None)
+        if process is not None and process.poll() is None:
+            _kill_tree(process.pid)
+            process.wait()
+
+
+def _kill_tree(pid: int) -> None:
+    import os
+    import signal
+
+    try:
+        os.kill(pid, signal.SIGSTOP)  # freeze it so it cannot start new children while we look
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except (ProcessLookupError, FileNotFoundError):
+        children = []
+    for child in children:
+        _kill_tree(int(child))
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 EXECUTORS = {"inline": InlineExecutor, "local": LocalExecutor}

@@ -18,6 +18,7 @@ from hpc.tracking import Tracker, resolve_uri
 from recipes.stages import KINDS as STAGE_KINDS
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_RECIPE, EXIT_REJECTED = 0, 1, 2, 3
+EXIT_INTERRUPTED = 130  # Ctrl-C or SIGTERM: running local jobs were stopped
 
 
 def prepare_run(recipe: Recipe, recipe_path: Path, rd: RunDir) -> dict:
@@ -109,6 +110,11 @@ def run_pipeline(recipe: Recipe, recipe_path: Path, workdir: Path, only: str | N
                 view.finish(spec, ok=False)
                 _report_failure(console, err)
                 return EXIT_FAILED
+            except KeyboardInterrupt:
+                view.finish(spec, ok=False, note="interrupted")
+                console.print(f"[yellow]interrupted during {spec.name}[/]: its running jobs were stopped; "
+                              "run the same command again to resume (finished stages are kept)")
+                return EXIT_INTERRUPTED
     return _final(rd, console, only)
 
 
