@@ -114,5 +114,99 @@ class RewardModelStage(_Section):
         return _check_accum(self, self.batch_size, self.grad_accum, "pairs")
 
 
+class _RLStage(_Section):
+    """Fields PPO and GRPO share: the policy, sampling, the clipped update and the reward."""
+
+    mode: Literal["full", "lora"] = Field("full", description="lora: the reference is the policy with adapters "
+                                          "disabled, so no second copy is held")
+    lora: LoraConfig = LoraConfig()
+    optim: OptimConfig = Field(OptimConfig(lr=1e-6, warmup_steps=0, min_lr_ratio=1.0),
+                               description="the policy's optimizer; warmup_steps and the schedule count "
+                               "optimizer updates (ppo_epochs x mini-batches per step)")
+    max_steps: int = Field(100, ge=1, description="rollout batches (each followed by ppo_epochs of updates)")
+    ppo_epochs: int = Field(1, ge=1, description="passes over each rollout batch")
+    clip_eps: float = Field(0.2, gt=0, description="policy ratio clip range")
+    max_prompt_len: int = Field(256, ge=8, description="prompt tokens (with the chat template); longer prompts "
+                                "are skipped and counted")
+    max_new_tokens: int = Field(64, ge=1, description="response tokens sampled per prompt")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature; log-probs are taken at it too")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass")
+    reward_fn: str | None = Field(None, description="rule reward 'package.module:function' called as "
+                                  "fn(prompt_messages, response, reference) -> float, e.g. "
+                                  "'recipes.rewards:exact_match'; None scores with the reward model the "
+                                  "stage is given (reward_model_dir)")
+    offload_frozen: bool = Field(False, description="keep the reference and reward models on CPU, moving them "
+                                 "to the accelerator only for their forward passes")
+    eval_every: int = Field(10, ge=1, description="held-out greedy reward / exact match every N steps "
+                            "(and at step 0)")
+    eval_prompts: int = Field(128, ge=1, description="validation prompts scored per evaluation (the first N)")
+    log_every: int = Field(1, ge=1)
+    seed: int | None = Field(None, description="defaults to the recipe seed")
+
+    @model_validator(mode="after")
+    def _reward_fn_imports(self) -> "_RLStage":
+        if self.reward_fn is not None:
+            from recipes.rewards import load_reward_fn
+
+            try:
+                load_reward_fn(self.reward_fn)
+            except ValueError as err:
+                raise ValueError(f"reward_fn: {err}") from None
+        return self
+
+
+class PPOStage(_RLStage):
+    """PPO with a critic, a per-token KL penalty against a frozen reference, and GAE advantages."""
+
+    kind: Literal["ppo"] = "ppo"
+    name: str = "ppo"
+    critic_optim: OptimConfig = Field(OptimConfig(lr=1e-5, warmup_steps=0, min_lr_ratio=1.0),
+                                      description="the critic's optimizer, stepped with the policy's")
+    critic_init: Literal["auto", "reward_model", "policy"] = Field(
+        "auto", description="the critic's starting weights: auto = the reward model when the stage is given one "
+        "(even with reward_fn set), else the policy with a fresh value head")
+    batch_size: int = Field(64, ge=1, description="prompts sampled per rollout batch (one response each)")
+    mini_batch_size: int = Field(16, ge=1, description="rollouts per optimizer update")
+    kl_coef: float = Field(0.05, ge=0, description="initial coefficient of the per-token KL penalty")
+    adaptive_kl: bool = Field(False, description="adapt kl_coef towards kl_target (proportional controller)")
+    kl_target: float = Field(6.0, gt=0, description="target KL (nats per response) of the adaptive controller")
+    kl_horizon: int = Field(10000, ge=1, description="adaptive controller horizon, in rollouts")
+    gamma: float = Field(1.0, ge=0, le=1, description="GAE discount")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda")
+    value_clip_eps: float = Field(0.2, gt=0, description="value clip range around the rollout's values")
+    whiten_advantages: bool = True
+
+    @model_validator(mode="after")
+    def _batches_divide(self) -> "PPOStage":
+        if self.batch_size % self.mini_batch_size:
+            raise ValueError(f"batch_size {self.batch_size} must be a multiple of mini_batch_size "
+                             f"{self.mini_batch_size}")
+        return self
+
+
+class GRPOStage(_RLStage):
+    """GRPO: group-relative advantages over several samples per prompt, no critic, k3 KL to the reference."""
+
+    kind: Literal["grpo"] = "grpo"
+    name: str = "grpo"
+    batch_size: int = Field(16, ge=1, description="prompts per rollout batch")
+    group_size: int = Field(8, ge=2, description="responses sampled per prompt")
+    mini_batch_size: int | None = Field(None, ge=1, description="responses per optimizer update; batch_size "
+                                        "x group_size must be a multiple of it; None: all of them (one "
+                                        "update per epoch)")
+    beta: float = Field(0.04, ge=0, description="coefficient of the k3 KL estimate in the loss; 0 drops the "
+                        "reference model")
+    scale_rewards: bool = Field(True, description="divide each group's centred rewards by its std")
+
+    @model_validator(mode="after")
+    def _batches_divide(self) -> "GRPOStage":
+        responses = self.batch_size * self.group_size
+        if self.mini_batch_size is not None and responses % self.mini_batch_size:
+            raise ValueError(f"batch_size x group_size = {responses} responses must be a multiple of "
+                             f"mini_batch_size {self.mini_batch_size}")
+        return self
+
+
 # One entry of a recipe's `stages:` list, chosen by its `kind`.
-TrainStage = Annotated[Union[SFTStage, DPOStage, RewardModelStage], Field(discriminator="kind")]
+TrainStage = Annotated[Union[SFTStage, DPOStage, RewardModelStage, PPOStage, GRPOStage],
+                       Field(discriminator="kind")]
