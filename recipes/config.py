@@ -67,9 +67,10 @@ class DPOStage(_Section):
 
     kind: Literal["dpo"] = "dpo"
     name: str = "dpo"
-    mode: Literal["full", "lora"] = Field("full", description="lora: the reference is the model with "
-                                          "adapters disabled, so no second copy is held")
+    mode: Literal["full", "lora", "qlora"] = Field("full", description="lora/qlora: the reference is the model "
+                                                   "with adapters disabled, so no second copy is held")
     lora: LoraConfig = LoraConfig()
+    quant: QuantConfig = QuantConfig()
     optim: OptimConfig = OptimConfig(lr=5e-6, warmup_steps=10)
     beta: float = Field(0.1, gt=0, description="strength of the pull towards the reference")
     loss_type: Literal["sigmoid", "ipo"] = "sigmoid"

@@ -1,7 +1,7 @@
 """Direct preference optimisation: setup, a train loop you can read top to bottom, save.
 
 The reference model is a frozen copy of the starting policy (full fine-tuning) or the policy itself
-with its LoRA adapters switched off, so LoRA DPO holds one model. With precompute_reference the
+with its LoRA adapters switched off, so LoRA and QLoRA DPO hold one model. With precompute_reference the
 reference log-probs of every pair are computed once before training and the copy is freed.
 
 Under torch.distributed (several ranks, one task each) every rank runs this same function: the
@@ -143,7 +143,8 @@ def run_dpo(cfg: DPOStage, *, model_dir: Path, data_dir: Path, out_dir: Path, pa
     state = session.trainer.final_state()  # collective under several ranks
     if state is not None:  # one process, or rank 0
         model = state if isinstance(state, torch.nn.Module) else engine.rebuild_model(
-            model_dir, state, None if cfg.mode == "full" else cfg.lora.model_dump())
+            model_dir, state, None if cfg.mode == "full" else cfg.lora.model_dump(),
+            adapters_only=cfg.mode == "qlora")
         save_checkpoint(model, session.tokenizer, out_dir / "checkpoint", base_model_dir=model_dir, mode=cfg.mode)
         trainable, total = engine.count_params(model)
         result.update(
@@ -171,9 +172,10 @@ def setup(cfg: DPOStage, model_dir: Path, data_dir: Path, parallel: ParallelConf
     data = load_preference_data(model_dir, data_dir, cfg.seq_len, cfg.batch_size, seed, "dpo")
     runtime = engine.build_runtime(parallel)
     lora = None if cfg.mode == "full" else cfg.lora.model_dump()
+    quant = cfg.quant.model_dump() if cfg.mode == "qlora" else None
     # Several ranks: the full model on every rank first (same seed, same LoRA init), cut up below.
-    policy = engine.load_model(model_dir, lora) if distributed else engine.build_model(model_dir, parallel,
-                                                                                        runtime, lora=lora)
+    policy = engine.load_model(model_dir, lora, quant) if distributed else engine.build_model(
+        model_dir, parallel, runtime, lora=lora, quant=quant)
     reference = Reference(policy, cfg.mode)
     micro = cfg.batch_size // cfg.grad_accum
     val_ref = reference.all_pairs(data.validation, micro, data.pad_id, runtime)

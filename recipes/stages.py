@@ -77,6 +77,12 @@ def check_stages(recipe) -> list[str]:
     available = _source_kinds(recipe.data)
     for i, stage in enumerate(stages):
         kind = KINDS[stage.kind]
+        if world > 1:  # what the engine would refuse at start-up: ZeRO without dp, 4-bit under tp, ...
+            from parallel.distributed.mesh import check_layout
+
+            for line in check_layout(recipe.parallel, getattr(stage, "mode", "full")):
+                if line not in problems:
+                    problems.append(line)
         if world > 1 and kind.layouts == "single":
             problems.append(f"stages.{i}: the {stage.kind} stage runs in one process for now, but parallel asks "
                             f"for world size {world}; set parallel.dp_replicate = dp_shard = pp = tp = 1")

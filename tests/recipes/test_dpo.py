@@ -112,6 +112,14 @@ def test_lora_run_saves_adapter(model_dir, data_dir, tmp_path):
     assert 0 < result["trainable_params"] < result["total_params"] / 5
 
 
+def test_qlora_run_uses_a_4bit_base_and_exports(model_dir, data_dir, tmp_path):
+    result, train, _ = _run(model_dir, data_dir, tmp_path, mode="qlora", max_steps=2)
+    assert train[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # reference = adapters off
+    assert (tmp_path / "checkpoint" / "adapter_model.safetensors").exists()
+    assert json.loads((tmp_path / "checkpoint" / "hpcft_checkpoint.json").read_text())["mode"] == "qlora"
+    assert export_hf(model_dir, tmp_path / "checkpoint", tmp_path / "export")["merged"]
+
+
 def test_multi_process_layout_and_missing_split_are_user_errors(model_dir, data_dir, tmp_path):
     with pytest.raises(ValueError, match="needs 2 processes, but torch.distributed is not initialised"):
         run_dpo(DPOStage(), model_dir=model_dir, data_dir=data_dir, out_dir=tmp_path,
