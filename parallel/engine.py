@@ -297,7 +297,8 @@ def distributed_train_step(trainer, batch: dict[str, torch.Tensor], *, lr: float
     objective: token cross-entropy by default (see parallel.distributed.engine.Objective)."""
     trainer.set_lr(lr)
     loss, grad_norm = trainer.train_step(batch, objective)
-    return StepMetrics(loss, grad_norm, lr, _label_token_count(batch), int(batch["attention_mask"].sum()))
+    labels = _label_token_count(batch) if "labels" in batch else 0
+    return StepMetrics(loss, grad_norm, lr, labels, int(batch["attention_mask"].sum()))
 
 
 @torch.no_grad()

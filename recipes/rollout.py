@@ -214,8 +214,12 @@ def end_ids(tokenizer, model) -> list[int]:
 
 @torch.no_grad()
 def sample(model, prompts: list[list[int]], *, pad_id: int, eos_ids: list[int], max_new_tokens: int,
-           runtime: engine.Runtime, greedy: bool = False, temperature: float = 1.0, top_p: float = 1.0) -> Rollout:
-    """Responses to a batch of prompts with HF generate and its KV cache (left padding, eval mode)."""
+           runtime: engine.Runtime, greedy: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+           synced: bool = False) -> Rollout:
+    """Responses to a batch of prompts with HF generate and its KV cache (left padding, eval mode).
+
+    synced: the model is laid out over several ranks (FSDP, TP); every rank keeps stepping until all
+    are done, so their collectives stay in lockstep (HF's synced_gpus)."""
     ids, mask = left_pad(prompts, pad_id)
     options = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_p=top_p,
                                                          top_k=0)  # top_k=0: no top-k cut
@@ -224,12 +228,45 @@ def sample(model, prompts: list[list[int]], *, pad_id: int, eos_ids: list[int], 
     with runtime.autocast():
         out = model.generate(input_ids=ids.to(runtime.device), attention_mask=mask.to(runtime.device),
                              max_new_tokens=max_new_tokens, eos_token_id=eos_ids, pad_token_id=pad_id,
-                             use_cache=True, **options)
+                             use_cache=True, synced_gpus=synced, **options)
     model.train(was_training)
     response = out[:, ids.shape[1]:].cpu()
     response_mask, ended = mask_after_eos(response, eos_ids)
     response = response.masked_fill(response_mask == 0, pad_id)
     return Rollout(ids, mask, response, response_mask, ended)
+
+
+def rollout_from_tokens(prompts: list[list[int]], responses: list[list[int]], pad_id: int,
+                        eos_ids: list[int]) -> Rollout:
+    """A Rollout from token lists (responses up to and including their EOS when they have one)."""
+    ids, mask = left_pad(prompts, pad_id)
+    width = max(1, max(len(r) for r in responses))
+    response = torch.full((len(responses), width), pad_id, dtype=torch.long)
+    response_mask = torch.zeros((len(responses), width), dtype=torch.long)
+    for row, tokens in enumerate(responses):
+        response[row, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+        response_mask[row, :len(tokens)] = 1
+    ended = torch.tensor([bool(r) and r[-1] in eos_ids for r in responses])
+    return Rollout(ids, mask, response, response_mask, ended)
+
+
+def response_tokens(rollout: Rollout) -> list[list[int]]:
+    """Each response's tokens (its EOS included), as lists."""
+    return [ids[:int(n)].tolist() for ids, n in zip(rollout.response_ids, rollout.lengths)]
+
+
+def rollout_rows(rollout: Rollout) -> dict[str, torch.Tensor]:
+    """A rollout as per-row tensors for the engine (prompt + response, with position ids past the padding)."""
+    mask = rollout.attention_mask
+    return {"input_ids": rollout.input_ids, "attention_mask": mask,
+            "position_ids": (mask.cumsum(1) - 1).clamp(min=0), "response_ids": rollout.response_ids,
+            "response_mask": rollout.response_mask.float()}
+
+
+def rows_response_logits(logits: torch.Tensor, rows: dict[str, torch.Tensor], temperature: float) -> torch.Tensor:
+    """The logits that predict each response token of `rows` (see rollout_rows), scaled by temperature."""
+    width = rows["input_ids"].shape[1] - rows["response_ids"].shape[1]
+    return logits[:, width - 1:-1].float() / temperature
 
 
 def decode_responses(tokenizer, rollout: Rollout) -> list[str]:
@@ -378,12 +415,13 @@ class Sampler:
     pad_id: int
     eos_ids: list[int]
     runtime: engine.Runtime
+    synced: bool = False  # the policy is laid out over several ranks (see `sample`)
 
     def __call__(self, model, prompts: list[Prompt], *, max_new_tokens: int, greedy: bool = False,
                  temperature: float = 1.0, top_p: float = 1.0) -> tuple[Rollout, list[str]]:
         rollout = sample(model, [p.input_ids for p in prompts], pad_id=self.pad_id, eos_ids=self.eos_ids,
                          max_new_tokens=max_new_tokens, runtime=self.runtime, greedy=greedy,
-                         temperature=temperature, top_p=top_p)
+                         temperature=temperature, top_p=top_p, synced=self.synced)
         return rollout, decode_responses(self.tokenizer, rollout)
 
 
@@ -455,17 +493,17 @@ def minibatches(num_rows: int, size: int, epochs: int) -> Iterator[torch.Tensor]
 
 
 def save_policy_run(cfg, session, result: dict, *, model_dir: Path, out_dir: Path, started: float, seed: int,
-                    **extra) -> dict:
-    """Write out_dir/checkpoint/ (the policy) and out_dir/result.json (the loop's result, the run's facts
-    and `extra`); returns the result."""
+                    policy=None, **extra) -> dict:
+    """Write out_dir/checkpoint/ (the policy: session.policy unless given) and out_dir/result.json (the
+    loop's result, the run's facts and `extra`); returns the result."""
     import json
 
     from parallel.checkpoint import save_checkpoint
 
     out_dir = Path(out_dir)
-    save_checkpoint(session.policy, session.tokenizer, out_dir / "checkpoint", base_model_dir=model_dir,
-                    mode=cfg.mode)
-    trainable, total = engine.count_params(session.policy)
+    policy = session.policy if policy is None else policy
+    save_checkpoint(policy, session.tokenizer, out_dir / "checkpoint", base_model_dir=model_dir, mode=cfg.mode)
+    trainable, total = engine.count_params(policy)
     result.update(
         mode=cfg.mode, seed=seed, reward=session.reward_source, **extra,
         seconds=time.perf_counter() - started, trainable_params=trainable, total_params=total,

@@ -31,7 +31,7 @@ KINDS: dict[str, StageKind] = {
                               runner="recipes.reward:run_reward_model"),
     "ppo": StageKind(policy=True, data="prompts", layouts="single", runner="recipes.ppo:run_ppo",
                      uses_reward_model=True),
-    "grpo": StageKind(policy=True, data="prompts", layouts="single", runner="recipes.grpo:run_grpo",
+    "grpo": StageKind(policy=True, data="prompts", layouts="no_pp", runner="recipes.grpo:run_grpo",
                       uses_reward_model=True),
 }
 

@@ -83,6 +83,11 @@ def build_adamw(params: list[nn.Parameter], *, lr: float, weight_decay: float, b
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps) if groups else None
 
 
+def model_inputs(rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model's inputs among a batch's tensors (position_ids when the rows are left-padded)."""
+    return {k: rows[k] for k in ("input_ids", "attention_mask", "position_ids") if k in rows}
+
+
 class Objective:
     """A training loss for DistributedTrainer: per-unit losses summed over a micro-batch.
 
@@ -241,7 +246,7 @@ class DistributedTrainer:
                 model.set_requires_gradient_sync(i == n - 1)
             micro = {k: v[i] for k, v in chunks.items()}
             with self._autocast():
-                logits = model(input_ids=micro["input_ids"], attention_mask=micro["attention_mask"]).logits
+                logits = model(**model_inputs(micro)).logits
             summed, micro_stats = objective(logits, micro)
             loss = summed * self._inv_count
             loss.backward()
@@ -267,7 +272,7 @@ class DistributedTrainer:
             raise ValueError("parallel.pp: forward_rows needs pp = 1")
         local = self._local_batch(batch)
         with self._autocast():
-            logits = self.parts[0](input_ids=local["input_ids"], attention_mask=local["attention_mask"]).logits
+            logits = self.parts[0](**model_inputs(local)).logits
         out = fn(logits, local).detach().float().cpu()
         if self.dims.dp == 1:
             return out
