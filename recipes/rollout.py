@@ -19,7 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from parallel import engine
+from parallel.distributed.engine import Objective, model_inputs
 from recipes.data import epoch_batches, read_jsonl
+from recipes.losses import entropy_from_logits, kl_penalty, masked_mean, ppo_policy_loss
 from recipes.rewards import RuleReward, exact_match
 
 Progress = Callable[[dict], None]
@@ -405,6 +407,143 @@ def build_reward(reward_fn: str | None, reward_model_dir: Path | None, stage: st
     return RewardModel(Path(reward_model_dir), runtime, offload), f"model:{Path(reward_model_dir).resolve()}"
 
 
+# ---- sampling and scoring through the engine's layout ---------------------------------------------------
+
+class Learner:
+    """A trained model and its updates: in one process the model with AdamW and the update schedule,
+    under torch.distributed the engine's DistributedTrainer (whose laid-out model is `model`).
+
+    update(batch, objective) runs one optimizer update on a global mini-batch and returns the objective's
+    statistics as means per unit, the learning rate used and the grad norm before clipping."""
+
+    def __init__(self, model, optim_cfg, num_updates: int, runtime: engine.Runtime, trainer=None):
+        self.optim_cfg, self.num_updates, self.runtime, self.trainer = optim_cfg, num_updates, runtime, trainer
+        self.updates = 0
+        if trainer is not None:
+            self.model, self.optimizer, self.scheduler = trainer.parts[0], None, None
+        else:
+            opt = optim_cfg
+            self.model = model
+            self.optimizer = engine.build_optimizer(model, lr=opt.lr, weight_decay=opt.weight_decay, betas=opt.betas,
+                                                    eps=opt.eps, runtime=runtime)
+            self.scheduler = update_schedule(self.optimizer, opt, num_updates)
+
+    def update(self, batch: dict[str, torch.Tensor], objective: Objective) -> tuple[dict[str, float], float, float]:
+        units = objective.count(batch)
+        opt = self.optim_cfg
+        if self.trainer is not None:
+            lr = opt.lr * engine.lr_factor(self.updates, warmup_steps=opt.warmup_steps, max_steps=self.num_updates,
+                                           min_lr_ratio=opt.min_lr_ratio)
+            grad_norm = engine.distributed_train_step(self.trainer, batch, lr=lr, objective=objective).grad_norm
+            stats = self.trainer.last_stats
+        else:
+            from recipes.preference import optimizer_step
+
+            lr = self.optimizer.param_groups[0]["lr"]
+            local = {k: v.to(self.runtime.device) for k, v in batch.items()}
+            with self.runtime.autocast():
+                logits = self.model(**model_inputs(local)).logits
+            summed, stats = objective(logits, local)
+            self.optimizer.zero_grad(set_to_none=True)
+            (summed / units).backward()
+            grad_norm = optimizer_step(self.model, self.optimizer, self.scheduler, opt.grad_clip)
+        self.updates += 1
+        return {k: float(v) / units for k, v in stats.items()}, lr, float(grad_norm)
+
+    @torch.no_grad()
+    def rows(self, rows: dict[str, torch.Tensor], fn, context=None) -> torch.Tensor:
+        """fn(logits, rows) for every row (eval mode; through the layout, gathered over dp), on CPU."""
+        import contextlib
+
+        parts = self.trainer.parts if self.trainer is not None else [self.model]
+        for part in parts:
+            part.eval()
+        try:
+            with context if context is not None else contextlib.nullcontext():
+                if self.trainer is not None:
+                    return self.trainer.forward_rows(rows, fn)
+                local = {k: v.to(self.runtime.device) for k, v in rows.items()}
+                with self.runtime.autocast():
+                    logits = self.model(**model_inputs(local)).logits
+                return fn(logits, local).float().cpu()
+        finally:
+            for part in parts:
+                part.train()
+
+
+class ClippedPolicyObjective(Objective):
+    """The clipped surrogate (+ kl_beta x the k3 KL to `ref_logprobs`) per response token, as an engine
+    Objective: units are the mini-batch's response tokens, so the loss is their mean over the whole
+    mini-batch whatever the layout. `advantages` per row (GRPO) or per token (PPO)."""
+
+    def __init__(self, *, clip_eps: float, temperature: float, kl_beta: float = 0.0):
+        self.clip_eps, self.temperature, self.kl_beta = clip_eps, temperature, kl_beta
+
+    def count(self, batch):
+        return int(batch["response_mask"].sum())
+
+    def __call__(self, logits, rows):
+        mask = rows["response_mask"]
+        logits = rows_response_logits(logits, rows, self.temperature)
+        logprobs = gather_logprobs(logits, rows["response_ids"])
+        advantages = rows["advantages"]
+        advantages = advantages.unsqueeze(1).expand_as(logprobs) if advantages.dim() == 1 else advantages
+        policy = ppo_policy_loss(logprobs, rows["old_logprobs"], advantages, mask, clip_eps=self.clip_eps)
+        kl = masked_mean(kl_penalty(logprobs, rows["ref_logprobs"], "k3"), mask) if self.kl_beta > 0 else \
+            torch.zeros((), device=logprobs.device)
+        n = mask.sum()  # masked means x tokens = sums, so the engine's division gives the global token mean
+        loss = policy.loss + self.kl_beta * kl
+        with torch.no_grad():
+            entropy = masked_mean(entropy_from_logits(logits), mask)
+        stats = {"loss": loss.detach() * n, "policy_loss": policy.loss.detach() * n, "kl": kl.detach() * n,
+                 "clip_fraction": policy.clip_fraction * n, "approx_kl": policy.approx_kl * n, "entropy": entropy * n}
+        return loss * n, stats
+
+
+def sample_rollouts(cfg, s, prompts: list[Prompt], step: int):
+    """(rollout, texts) for every prompt, from session `s` (policy, sampler, tokenizer, seed, and the
+    DistributedTrainer `s.policy_learner.trainer` or None). Several ranks: each dp rank samples a contiguous share (its tp
+    ranks alike, seeded by dp rank), then all ranks gather the responses in prompt order."""
+    trainer = s.policy_learner.trainer
+    if trainer is None:
+        return s.sampler(s.policy, prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                         top_p=cfg.top_p)
+    import torch.distributed as dist
+
+    from parallel.distributed.mesh import dp_mesh, dp_rank
+
+    dp, rank = trainer.dims.dp, dp_rank(trainer.mesh)
+    share = len(prompts) // dp
+    torch.manual_seed(s.seed * 100_003 + step * 1_009 + rank)
+    mine, _ = s.sampler(s.policy, prompts[rank * share:(rank + 1) * share], max_new_tokens=cfg.max_new_tokens,
+                        temperature=cfg.temperature, top_p=cfg.top_p)
+    gathered = [None] * dp
+    dist.all_gather_object(gathered, response_tokens(mine), group=dp_mesh(trainer.mesh).get_group())
+    torch.manual_seed(s.seed * 100_003 + step)  # every rank draws the same mini-batch order below
+    rollout = rollout_from_tokens([p.input_ids for p in prompts], [r for part in gathered for r in part],
+                                  s.sampler.pad_id, s.sampler.eos_ids)
+    return rollout, decode_responses(s.tokenizer, rollout)
+
+
+def response_logprobs_of(learner: Learner, rows: dict[str, torch.Tensor], temperature: float,
+                         adapters: bool = True) -> torch.Tensor:
+    """[B, T] log-probs of the response tokens of `rows` (see rollout_rows) under the learner's policy
+    (adapters=False: the LoRA reference, the same model with its adapters off), on CPU."""
+    def fn(logits, local):
+        return gather_logprobs(rows_response_logits(logits, local, temperature), local["response_ids"])
+
+    return learner.rows(rows, fn, None if adapters else learner.model.disable_adapter())
+
+
+def reference_logprobs(reference: Reference, learner: Learner, rollout: Rollout, rows: dict[str, torch.Tensor],
+                       temperature: float) -> torch.Tensor:
+    """[B, T] reference log-probs on CPU: the frozen full copy (held whole on every rank), or the learner's
+    policy with its LoRA adapters off (through the layout)."""
+    if reference.frozen is not None:
+        return reference.logprobs(rollout, temperature).cpu()
+    return response_logprobs_of(learner, rows, temperature, adapters=False)
+
+
 # ---- evaluation and the loop --------------------------------------------------------------------------
 
 @dataclass
@@ -511,3 +650,21 @@ def save_policy_run(cfg, session, result: dict, *, model_dir: Path, out_dir: Pat
     )
     (out_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def finish_policy_run(cfg, session, result: dict, *, model_dir: Path, out_dir: Path, started: float, seed: int,
+                      parallel, **extra) -> dict:
+    """save_policy_run in one process; under several ranks the policy is gathered (collective), rank 0
+    saves it, and every rank returns rank 0's result."""
+    trainer = session.policy_learner.trainer
+    if trainer is None:
+        return save_policy_run(cfg, session, result, model_dir=model_dir, out_dir=out_dir, started=started,
+                               seed=seed, **extra)
+    from parallel.checkpoint import gather_full_state_dict
+
+    state = gather_full_state_dict(trainer)
+    if state is not None:  # rank 0
+        policy = engine.rebuild_model(model_dir, state, None if cfg.mode == "full" else cfg.lora.model_dump())
+        result = save_policy_run(cfg, session, result, model_dir=model_dir, out_dir=out_dir, started=started,
+                                 seed=seed, policy=policy, world_size=parallel.world_size, **extra)
+    return engine.from_rank0(result)
