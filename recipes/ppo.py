@@ -18,13 +18,14 @@ import torch
 
 from parallel import engine
 from parallel.dims import ParallelConfig
+from parallel.distributed.engine import Objective
 from recipes.config import PPOStage
-from recipes.losses import entropy_from_logits, gae, masked_mean, ppo_policy_loss, ppo_value_loss, whiten
-from recipes.preference import check_single_process, optimizer_step
-from recipes.rollout import (Progress, Prompt, PromptBatches, PromptStats, Reference, RewardScorer, Rollout,
-                             Sampler, build_reward, check_reward_source, end_ids, evaluate, forward,
-                             gather_logprobs, load_prompts, minibatches, response_logits, response_logprobs, score,
-                             save_policy_run, train_loop, update_schedule)
+from recipes.losses import gae, ppo_value_loss, whiten
+from recipes.preference import check_no_pipeline
+from recipes.rollout import (ClippedPolicyObjective, Learner, Progress, Prompt, PromptBatches, PromptStats,
+                             Reference, RewardScorer, Rollout, Sampler, build_reward, check_reward_source, end_ids,
+                             evaluate, finish_policy_run, forward, load_prompts, minibatches, reference_logprobs,
+                             response_logprobs_of, rollout_rows, sample_rollouts, score, train_loop)
 
 
 class KLController:
@@ -69,6 +70,46 @@ def build_critic(init_dir: Path, pad_id: int, parallel: ParallelConfig, runtime:
     return critic.to(runtime.device).train()
 
 
+class TokenValues(torch.nn.Module):
+    """A sequence-classification model read at every position: `.logits` holds [B, L, 1] values. The
+    engine lays it out like any decoder (its backbone's layers, the score head replicated)."""
+
+    def __init__(self, critic):
+        super().__init__()
+        self.critic = critic
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, **_):
+        from transformers.modeling_outputs import TokenClassifierOutput
+
+        inner = self.critic.get_base_model() if hasattr(self.critic, "get_base_model") else self.critic
+        hidden = getattr(inner, inner.base_model_prefix)(input_ids=input_ids, attention_mask=attention_mask,
+                                                         position_ids=position_ids, use_cache=False).last_hidden_state
+        return TokenClassifierOutput(logits=inner.score(hidden))
+
+
+def response_values(values: torch.Tensor, rows: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[B, T] fp32 V(state before each response token) from TokenValues logits [B, L, 1]."""
+    width = rows["input_ids"].shape[1] - rows["response_ids"].shape[1]
+    return values.float().squeeze(-1)[:, width - 1:-1]
+
+
+class ValueObjective(Objective):
+    """The clipped value loss per response token (token mean over the whole mini-batch)."""
+
+    def __init__(self, clip_eps: float):
+        self.clip_eps = clip_eps
+
+    def count(self, batch):
+        return int(batch["response_mask"].sum())
+
+    def __call__(self, logits, rows):
+        mask = rows["response_mask"]
+        loss, clipped = ppo_value_loss(response_values(logits, rows), rows["old_values"], rows["returns"], mask,
+                                       clip_eps=self.clip_eps)
+        n = mask.sum()
+        return loss * n, {"value_loss": loss.detach() * n, "value_clip_fraction": clipped * n}
+
+
 def token_values(critic, rollout: Rollout, runtime: engine.Runtime) -> torch.Tensor:
     """V(state before each response token), [B, T] fp32: the value head applied at every position."""
     inner = critic.get_base_model() if hasattr(critic, "get_base_model") else critic
@@ -83,24 +124,29 @@ def token_values(critic, rollout: Rollout, runtime: engine.Runtime) -> torch.Ten
 class Session:
     """Everything the loop needs, built once by `setup`."""
 
-    policy: torch.nn.Module
-    critic: torch.nn.Module
+    policy_learner: Learner  # the policy and its updates, in one process or laid out over the ranks
+    critic_learner: Learner  # TokenValues over the critic, likewise
     reference: Reference
     reward: RewardScorer
     reward_source: str
     critic_init: str  # "reward_model" or "policy"
     tokenizer: object
     sampler: Sampler
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    critic_optimizer: torch.optim.Optimizer
-    critic_scheduler: torch.optim.lr_scheduler.LRScheduler
     runtime: engine.Runtime
     train_prompts: list[Prompt]
     batches: PromptBatches
     val_prompts: list[Prompt]
     kl: KLController
     data_stats: dict[str, PromptStats]
+    seed: int = 0
+
+    @property
+    def policy(self):
+        return self.policy_learner.model
+
+    @property
+    def critic(self):
+        return self.critic_learner.model.critic
 
 
 def run_ppo(cfg: PPOStage, *, model_dir: Path, data_dir: Path, out_dir: Path, parallel: ParallelConfig,
@@ -111,8 +157,8 @@ def run_ppo(cfg: PPOStage, *, model_dir: Path, data_dir: Path, out_dir: Path, pa
     torch.manual_seed(seed)
     session = setup(cfg, Path(model_dir), Path(data_dir), parallel, seed, reward_model_dir)
     result = train(cfg, session, progress or (lambda event: None))
-    return save_policy_run(cfg, session, result, model_dir=model_dir, out_dir=out_dir, started=started, seed=seed,
-                           critic_init=session.critic_init, final_kl_coef=session.kl.coef)
+    return finish_policy_run(cfg, session, result, model_dir=model_dir, out_dir=out_dir, started=started, seed=seed,
+                             parallel=parallel, critic_init=session.critic_init, final_kl_coef=session.kl.coef)
 
 
 def _critic_init(cfg: PPOStage, reward_model_dir: Path | None) -> str:
@@ -125,10 +171,16 @@ def _critic_init(cfg: PPOStage, reward_model_dir: Path | None) -> str:
 
 def setup(cfg: PPOStage, model_dir: Path, data_dir: Path, parallel: ParallelConfig, seed: int,
           reward_model_dir: Path | None = None) -> Session:
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
-    check_single_process(parallel, "ppo")
-    engine.check_layout(parallel)
+    engine.check_layout(parallel, cfg.mode, AutoConfig.from_pretrained(model_dir))
+    distributed = engine.is_distributed()
+    if distributed:
+        check_no_pipeline(parallel, "ppo")
+        for name, rows in (("batch_size", cfg.batch_size), ("mini_batch_size", cfg.mini_batch_size)):
+            if rows % (parallel.dp * parallel.microbatches):
+                raise ValueError(f"stages (ppo): {name} = {rows} rollouts do not split into dp={parallel.dp} x "
+                                 f"parallel.microbatches={parallel.microbatches} equal parts")
     check_reward_source(cfg.reward_fn, reward_model_dir, "ppo")
     critic_init = _critic_init(cfg, reward_model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -146,80 +198,73 @@ def setup(cfg: PPOStage, model_dir: Path, data_dir: Path, parallel: ParallelConf
 
     runtime = engine.build_runtime(parallel)
     lora = None if cfg.mode == "full" else cfg.lora.model_dump()
-    policy = engine.build_model(model_dir, parallel, runtime, lora=lora)
-    reference = Reference(policy, model_dir, cfg.mode, runtime, cfg.offload_frozen)
     reward, reward_source = build_reward(cfg.reward_fn, reward_model_dir, "ppo", runtime, cfg.offload_frozen)
-    critic = build_critic(reward_model_dir if critic_init == "reward_model" else model_dir, pad_id, parallel,
-                          runtime, lora)
-
+    critic_dir = reward_model_dir if critic_init == "reward_model" else model_dir
     num_updates = cfg.max_steps * cfg.ppo_epochs * (cfg.batch_size // cfg.mini_batch_size)
-    optimizers = []
-    for model, opt in ((policy, cfg.optim), (critic, cfg.critic_optim)):
-        optimizer = engine.build_optimizer(model, lr=opt.lr, weight_decay=opt.weight_decay, betas=opt.betas,
-                                           eps=opt.eps, runtime=runtime)
-        optimizers += [optimizer, update_schedule(optimizer, opt, num_updates)]
+    if distributed:  # both models laid out by the engine; the engine applies activation checkpointing
+        plain = parallel.model_copy(update={"activation_checkpointing": "none"})
+        cpu = engine.Runtime(torch.device("cpu"), None)
+        learners = []
+        for model, opt in ((None, cfg.optim), (TokenValues(build_critic(critic_dir, pad_id, plain, cpu, lora)),
+                                               cfg.critic_optim)):
+            trainer = engine.build_trainer(model_dir, parallel, mode=cfg.mode, lora=lora, lr=opt.lr,
+                                           weight_decay=opt.weight_decay, betas=opt.betas, eps=opt.eps,
+                                           grad_clip=opt.grad_clip, model=model)
+            learners.append(Learner(None, opt, num_updates, runtime, trainer))
+        policy_learner, critic_learner = learners
+    else:
+        policy_learner = Learner(engine.build_model(model_dir, parallel, runtime, lora=lora), cfg.optim, num_updates,
+                                 runtime)
+        critic_learner = Learner(TokenValues(build_critic(critic_dir, pad_id, parallel, runtime, lora)),
+                                 cfg.critic_optim, num_updates, runtime)
+    policy = policy_learner.model
+    reference = Reference(policy, model_dir, cfg.mode, runtime, cfg.offload_frozen)
     kl = KLController(cfg.kl_coef, cfg.kl_target if cfg.adaptive_kl else None, cfg.kl_horizon)
-    sampler = Sampler(tokenizer, pad_id, end_ids(tokenizer, policy), runtime)
-    return Session(policy, critic, reference, reward, reward_source, critic_init, tokenizer, sampler, *optimizers,
+    sampler = Sampler(tokenizer, pad_id, end_ids(tokenizer, policy), runtime, synced=distributed)
+    return Session(policy_learner, critic_learner, reference, reward, reward_source, critic_init, tokenizer, sampler,
                    runtime, train_prompts, batches, val_prompts[:cfg.eval_prompts], kl,
-                   {"train": train_stats, "validation": val_stats})
+                   {"train": train_stats, "validation": val_stats}, seed)
 
 
 def ppo_step(cfg: PPOStage, s: Session, step: int) -> dict[str, float]:
     """Sample and score a rollout batch, compute advantages, then ppo_epochs of mini-batch updates."""
     prompts = [s.train_prompts[i] for i in s.batches(step - 1)]
-    rollout, texts = s.sampler(s.policy, prompts, max_new_tokens=cfg.max_new_tokens,
-                               temperature=cfg.temperature, top_p=cfg.top_p)
-    scores = score(s.reward, prompts, texts).to(s.runtime.device)
-    mask = rollout.response_mask.to(s.runtime.device).float()
+    rollout, texts = sample_rollouts(cfg, s, prompts, step)
+    scores = score(s.reward, prompts, texts)
+    rows = rollout_rows(rollout)
+    mask = rows["response_mask"]
 
     with torch.no_grad():
-        old_logprobs = response_logprobs(s.policy, rollout, s.runtime, cfg.temperature)
-        ref_logprobs = s.reference.logprobs(rollout, cfg.temperature)
-        s.critic.eval()
-        old_values = token_values(s.critic, rollout, s.runtime) * mask
-        s.critic.train()
+        old_logprobs = response_logprobs_of(s.policy_learner, rows, cfg.temperature)
+        ref_logprobs = reference_logprobs(s.reference, s.policy_learner, rollout, rows, cfg.temperature)
+        old_values = s.critic_learner.rows(rows, response_values) * mask
         # Per-token reward: the KL penalty everywhere, plus the sequence score at the last response token.
         kl = (old_logprobs - ref_logprobs) * mask
         rewards = -s.kl.coef * kl
         last = mask.sum(1).long() - 1  # every response has at least one token
-        rewards[torch.arange(len(last), device=last.device), last] += scores
+        rewards[torch.arange(len(last)), last] += scores
         advantages, returns = gae(rewards, old_values, mask, gamma=cfg.gamma, lam=cfg.lam)
         if cfg.whiten_advantages:
             advantages = whiten(advantages, mask)
+    rows.update(old_logprobs=old_logprobs, old_values=old_values, advantages=advantages, returns=returns)
 
-    names = ("policy_loss", "value_loss", "clip_fraction", "value_clip_fraction", "approx_kl", "entropy")
-    totals, updates = dict.fromkeys(names, 0.0), 0
-    lr, critic_lr = s.optimizer.param_groups[0]["lr"], s.critic_optimizer.param_groups[0]["lr"]
+    policy_objective = ClippedPolicyObjective(clip_eps=cfg.clip_eps, temperature=cfg.temperature)
+    value_objective = ValueObjective(cfg.value_clip_eps)
+    totals, updates = {}, 0
     for index in minibatches(len(prompts), cfg.mini_batch_size, cfg.ppo_epochs):
-        batch, device_index = rollout.select(index), index.to(s.runtime.device)
-        batch_mask = mask[device_index]
-        logits = response_logits(s.policy, batch, s.runtime, cfg.temperature)
-        policy = ppo_policy_loss(gather_logprobs(logits, batch.response_ids), old_logprobs[device_index],
-                                 advantages[device_index], batch_mask, clip_eps=cfg.clip_eps)
-        s.optimizer.zero_grad(set_to_none=True)
-        policy.loss.backward()
-        grad_norm = optimizer_step(s.policy, s.optimizer, s.scheduler, cfg.optim.grad_clip)
-
-        values = token_values(s.critic, batch, s.runtime)
-        value_loss, value_clip = ppo_value_loss(values, old_values[device_index], returns[device_index],
-                                                batch_mask, clip_eps=cfg.value_clip_eps)
-        s.critic_optimizer.zero_grad(set_to_none=True)
-        value_loss.backward()
-        critic_grad_norm = optimizer_step(s.critic, s.critic_optimizer, s.critic_scheduler,
-                                          cfg.critic_optim.grad_clip)
-        with torch.no_grad():
-            entropy = masked_mean(entropy_from_logits(logits), batch_mask)
-        for key, value in zip(names, (policy.loss, value_loss, policy.clip_fraction, value_clip,
-                                      policy.approx_kl, entropy)):
-            totals[key] += float(value.detach())
+        batch = {k: v[index] for k, v in rows.items()}
+        policy_stats, lr, grad_norm = s.policy_learner.update(batch, policy_objective)
+        value_stats, critic_lr, critic_grad_norm = s.critic_learner.update(batch, value_objective)
+        for key, value in {**policy_stats, **value_stats}.items():
+            totals[key] = totals.get(key, 0.0) + value
         updates += 1
 
     sequence_kl = float(kl.sum(1).mean())
     coef = s.kl.coef
     s.kl.update(sequence_kl, len(prompts))
+    shown = ("policy_loss", "value_loss", "clip_fraction", "value_clip_fraction", "approx_kl", "entropy")
     return {"score": float(scores.mean()), "kl": sequence_kl, "kl_coef": coef,
-            **{k: v / updates for k, v in totals.items()},
+            **{k: totals[k] / updates for k in shown},
             "response_length": float(rollout.lengths.float().mean()),
             "eos_rate": float(rollout.ended.float().mean()),
             "lr": lr, "critic_lr": critic_lr, "grad_norm": grad_norm, "critic_grad_norm": critic_grad_norm}

@@ -29,7 +29,7 @@ KINDS: dict[str, StageKind] = {
     "dpo": StageKind(policy=True, data="preference", layouts="no_pp", runner="recipes.dpo:run_dpo"),
     "reward_model": StageKind(policy=False, data="preference", layouts="no_pp",
                               runner="recipes.reward:run_reward_model"),
-    "ppo": StageKind(policy=True, data="prompts", layouts="single", runner="recipes.ppo:run_ppo",
+    "ppo": StageKind(policy=True, data="prompts", layouts="no_pp", runner="recipes.ppo:run_ppo",
                      uses_reward_model=True),
     "grpo": StageKind(policy=True, data="prompts", layouts="no_pp", runner="recipes.grpo:run_grpo",
                       uses_reward_model=True),

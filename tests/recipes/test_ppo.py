@@ -163,7 +163,7 @@ def test_user_errors_before_any_training(model_dir, data_dir, tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         run_ppo(PPOStage(batch_size=8, mini_batch_size=4), model_dir=model_dir, data_dir=data_dir, out_dir=tmp_path,
                 parallel=ParallelConfig(), seed=0, reward_model_dir=tmp_path / "nowhere")
-    with pytest.raises(ValueError, match="world size 2: the ppo stage runs in one process"):
+    with pytest.raises(ValueError, match="world size 2 .* needs 2 processes, but torch.distributed is not"):
         run_ppo(PPOStage(reward_fn=EXACT), model_dir=model_dir, data_dir=data_dir, out_dir=tmp_path,
                 parallel=ParallelConfig(dp_shard=2), seed=0)
     with pytest.raises(ValueError, match="batch_size 64 is larger than the 40 training prompts"):

@@ -1,10 +1,11 @@
-"""GRPO under multi-process layouts (dp with ZeRO 0-3, tp) against one process.
+"""GRPO and PPO under multi-process layouts (dp with ZeRO 0-3, tp) against one process.
 
-Engine level: one GRPO update's loss and every gradient on fixed left-padded rollouts equal one
-process's under dp2 ZeRO-0, dp2 ZeRO-3 and tp2. Sampling: greedy generation through the laid-out policy
-(tp2; dp2 ZeRO-3 with a different number of prompts per rank, so the ranks must stay in lockstep) gives
-one process's tokens. Stage level: run_grpo trains under dp2 ZeRO-3 and LoRA tp2, every rank returns the
-same result, and the checkpoint exports. One forked launch runs everything.
+Engine level: one GRPO (policy) update's and one PPO critic update's loss and every gradient on fixed
+left-padded rollouts equal one process's under dp2 ZeRO-0, dp2 ZeRO-3 and tp2. Sampling: greedy
+generation through the laid-out policy (tp2; dp2 ZeRO-3 with a different number of prompts per rank, so
+the ranks must stay in lockstep) gives one process's tokens. Stage level: run_grpo and run_ppo train under
+dp2 ZeRO-3 and LoRA tp2 (PPO's critic from a reward model in one), every rank returns the same result,
+and the checkpoint exports. One forked launch runs everything.
 """
 import json
 import os
@@ -22,10 +23,12 @@ from parallel.distributed.mesh import ParallelDims  # noqa: E402
 from parallel.engine import Runtime  # noqa: E402
 from parallel.export import export_hf  # noqa: E402
 from parallel.tiny import build_tiny_model, build_tokenizer  # noqa: E402
-from recipes.config import GRPOStage  # noqa: E402
+from recipes.config import GRPOStage, PPOStage  # noqa: E402
 from recipes.grpo import GRPOObjective, run_grpo  # noqa: E402
+from recipes.ppo import TokenValues, ValueObjective, run_ppo  # noqa: E402
 from recipes.rollout import gather_logprobs, response_tokens, rollout_from_tokens, rollout_rows, rows_response_logits, sample  # noqa: E402,E501
 from tests.parallel.distributed.harness import MODEL, build_model, full_grads  # noqa: E402
+from tests.recipes.rl_helpers import write_reward_model  # noqa: E402
 from tests.recipes.sft_helpers import write_task_data  # noqa: E402
 
 CFG = GRPOStage(reward_fn="recipes.rewards:exact_match", beta=0.1, clip_eps=0.2, temperature=0.9)
@@ -59,8 +62,32 @@ def _rows():
     return rows
 
 
-def _one_process():
-    model, rows, objective = build_model("full"), _rows(), GRPOObjective(CFG)
+PPO_STAGE = dict(STAGE, batch_size=8, mini_batch_size=4)
+del PPO_STAGE["group_size"]
+
+
+def _critic():
+    """A fresh per-token value model on the harness decoder (what PPO's critic is)."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(3)
+    return TokenValues(LlamaForSequenceClassification(LlamaConfig(**MODEL, num_labels=1)))
+
+
+def _value_rows():
+    rows, gen = _rows(), torch.Generator().manual_seed(11)
+    rows["old_values"] = torch.randn(rows["response_ids"].shape, generator=gen) * 0.5
+    rows["returns"] = torch.randn(rows["response_ids"].shape, generator=gen)
+    return rows
+
+
+CASES = {"grpo": (lambda: build_model("full"), _rows, lambda: GRPOObjective(CFG)),
+         "ppo-critic": (_critic, _value_rows, lambda: ValueObjective(0.2))}
+
+
+def _one_process(case):
+    build, make_rows, make_objective = CASES[case]
+    model, rows, objective = build(), make_rows(), make_objective()
     summed, _ = objective(model(**model_inputs(rows)).logits, rows)
     (summed / objective.count(rows)).backward()
     return float(summed) / objective.count(rows), {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -73,12 +100,15 @@ def _ranks_main(rank, world_size, model_dir, data_dir, out_root):
     out = {"grads": {}, "generated": {}}
     for name, layout in LAYOUTS.items():
         cfg = ParallelConfig(**layout)
+        for case, (build, make_rows, make_objective) in CASES.items():
+            mesh = ParallelDims.from_config(cfg, world_size).build_mesh("cpu")
+            trainer = DistributedTrainer(build(), cfg, mesh)
+            loss = trainer.forward_backward(make_rows(), make_objective())
+            if cfg.zero <= 1 and trainer.dims.dp > 1:
+                zero_mod.allreduce_grads(trainer.params, dp_mesh(trainer.mesh).get_group())
+            grads = {n: g.detach().numpy().copy() for n, g in full_grads(trainer).items()}
+            out["grads"][(name, case)] = (trainer._global_loss(loss), grads)
         trainer = DistributedTrainer(build_model("full"), cfg, ParallelDims.from_config(cfg, world_size).build_mesh("cpu"))
-        loss = trainer.forward_backward(_rows(), GRPOObjective(CFG))
-        if cfg.zero <= 1 and trainer.dims.dp > 1:
-            zero_mod.allreduce_grads(trainer.params, dp_mesh(trainer.mesh).get_group())
-        grads = {n: g.detach().numpy().copy() for n, g in full_grads(trainer).items()}
-        out["grads"][name] = (trainer._global_loss(loss), grads)
         if name != "dp2-zero0":  # generation through sharded weights
             share = _prompts(5, 2)[:2] if dp_rank(trainer.mesh) == 0 and trainer.dims.dp > 1 else _prompts(5, 2)
             if trainer.dims.dp > 1 and dp_rank(trainer.mesh) == 1:
@@ -89,6 +119,16 @@ def _ranks_main(rank, world_size, model_dir, data_dir, out_root):
     for name, layout, mode in (("grpo-dp2-zero3", dict(dp_shard=2, zero=3), "full"), ("grpo-tp2-lora", dict(tp=2), "lora")):
         result = run_grpo(GRPOStage(**STAGE, mode=mode), model_dir=model_dir, data_dir=data_dir,
                           out_dir=out_root / name, parallel=ParallelConfig(**layout), seed=0)
+        out[name] = json.loads(json.dumps(result))
+    reward_dir = write_reward_model(model_dir, out_root / "rm") if rank == 0 else out_root / "rm"
+    import torch.distributed as dist
+
+    dist.barrier()
+    for name, layout, mode, rm in (("ppo-dp2-zero3-rm", dict(dp_shard=2, zero=3), "full", reward_dir),
+                                   ("ppo-tp2-lora", dict(tp=2), "lora", None)):
+        stage = PPOStage(**{**PPO_STAGE, "reward_fn": None if rm else PPO_STAGE["reward_fn"]}, mode=mode)
+        result = run_ppo(stage, model_dir=model_dir, data_dir=data_dir, out_dir=out_root / name,
+                         parallel=ParallelConfig(**layout), seed=0, reward_model_dir=rm)
         out[name] = json.loads(json.dumps(result))
     return out
 
@@ -107,10 +147,11 @@ def ranks(model_dir, tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_update_loss_and_every_gradient_match_one_process(ranks, layout):
-    ref_loss, ref_grads = _one_process()
+@pytest.mark.parametrize("case", list(CASES))
+def test_update_loss_and_every_gradient_match_one_process(ranks, layout, case):
+    ref_loss, ref_grads = _one_process(case)
     for out in ranks[1]:
-        loss, grads = out["grads"][layout]
+        loss, grads = out["grads"][(layout, case)]
         assert loss == pytest.approx(ref_loss, abs=1e-6)
         assert sorted(grads) == sorted(ref_grads)
         worst = max(float((torch.from_numpy(grads[n]) - ref_grads[n]).abs().max()) / max(float(ref_grads[n].abs().max()), 1e-12)
@@ -130,12 +171,16 @@ def test_greedy_generation_through_sharded_weights_matches_one_process(ranks, la
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["grpo-dp2-zero3", "grpo-tp2-lora"])
-def test_grpo_stage_trains_under_the_layout(ranks, model_dir, name, tmp_path):
+@pytest.mark.parametrize("name", ["grpo-dp2-zero3", "grpo-tp2-lora", "ppo-dp2-zero3-rm", "ppo-tp2-lora"])
+def test_stage_trains_under_the_layout(ranks, model_dir, name, tmp_path):
     root, results = ranks
     assert results[0][name] == results[1][name], "every rank returns rank 0's result"
     result = results[0][name]
     assert result["world_size"] == 2 and result["steps"] == 2
-    for key in ("final_loss", "final_kl", "final_score", "final_clip_fraction", "val_reward"):
+    keys = ("final_loss", "final_kl", "final_score", "final_clip_fraction") if name.startswith("grpo") else \
+        ("final_policy_loss", "final_value_loss", "final_kl", "final_score", "final_entropy")
+    for key in keys + ("val_reward",):
         assert isinstance(result[key], float), key
+    if name.endswith("-rm"):
+        assert result["critic_init"] == "reward_model" and result["reward"].startswith("model:")
     assert export_hf(model_dir, root / name / "checkpoint", tmp_path / "export")["max_abs_logit_diff"] < 1e-4
