@@ -26,8 +26,8 @@ from parallel.dims import ParallelConfig
 from parallel.distributed.engine import Objective
 from recipes.config import DPOStage
 from recipes.losses import IGNORE_INDEX, dpo_loss, sequence_logprobs
-from recipes.preference import (Pair, PairwiseTrainer, PairBatches, PreferenceStats, check_no_pipeline,
-                                check_pair_split, collate_pairs, eval_pair_batches, load_preference_data,
+from recipes.preference import (Pair, PairwiseTrainer, PairBatches, PreferenceStats, check_pair_split,
+                                collate_pairs, eval_pair_batches, load_preference_data,
                                 share_of_pairs, sides, train_loop)
 
 Progress = Callable[[dict], None]
@@ -164,7 +164,6 @@ def setup(cfg: DPOStage, model_dir: Path, data_dir: Path, parallel: ParallelConf
     engine.check_layout(parallel, cfg.mode, AutoConfig.from_pretrained(model_dir))
     distributed = engine.is_distributed()
     if distributed:
-        check_no_pipeline(parallel, "dpo")
         check_pair_split(cfg.batch_size, cfg.grad_accum, parallel, "dpo")
         if not cfg.precompute_reference:
             raise ValueError("precompute_reference: must be true under several processes (the reference "
@@ -195,7 +194,7 @@ def dpo_step(cfg: DPOStage, s: Session, step: int, indices: list[int]) -> dict[s
         ref = s.train_ref[indices]
     else:  # one process: the reference scores this batch now (no gradient)
         ref = torch.stack(s.reference(collate_pairs(pairs, s.pad_id), s.runtime), dim=1).cpu()
-    return s.trainer.step(step, collate_pairs(pairs, s.pad_id, ref_logps=ref))
+    return s.trainer.step(step, s.trainer.collate(pairs, s.pad_id, ref_logps=ref))
 
 
 def evaluate(cfg: DPOStage, s: Session) -> dict[str, float]:

@@ -95,12 +95,16 @@ def load_pairs(path: Path, tokenizer, seq_len: int) -> tuple[list[Pair], Prefere
     return pairs, stats
 
 
-def collate_pairs(pairs: list[Pair], pad_id: int, ref_logps: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def collate_pairs(pairs: list[Pair], pad_id: int, ref_logps: torch.Tensor | None = None,
+                  width: int | None = None) -> dict[str, torch.Tensor]:
     """One right-padded batch with the sides interleaved: row 2i is pair i's chosen side, row 2i+1 its
     rejected side, so splitting the rows into even-sized parts (data-parallel ranks, micro-batches) never
-    separates a pair. Per-row extras: `margin` (the pair's), `ref_logps` ([pairs, 2] given -> per row)."""
-    batch = collate([side for p in pairs for side in (p.chosen, p.rejected)], pad_id)
+    separates a pair. Per-row extras: `margin` (the pair's), `last_index` (of the last real token, where a
+    score head reads), `ref_logps` ([pairs, 2] given -> per row). width: pad every batch to it (pipeline
+    stages need one shape)."""
+    batch = collate([side for p in pairs for side in (p.chosen, p.rejected)], pad_id, width)
     batch["margin"] = torch.tensor([p.margin for p in pairs for _ in range(2)], dtype=torch.float32)
+    batch["last_index"] = batch["attention_mask"].sum(1) - 1
     if ref_logps is not None:
         batch["ref_logps"] = ref_logps.reshape(-1).float()
     return batch
@@ -111,15 +115,16 @@ def sides(per_row: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return per_row[0::2], per_row[1::2]
 
 
-def eval_pair_batches(pairs: list[Pair], batch_size: int, pad_id: int, multiple: int = 1) -> list[dict[str, torch.Tensor]]:
+def eval_pair_batches(pairs: list[Pair], batch_size: int, pad_id: int, multiple: int = 1,
+                      width: int | None = None) -> list[dict[str, torch.Tensor]]:
     """All pairs in order, batch_size pairs per batch (order kept so results line up with `pairs`). The
     last batch is filled up to a multiple of `multiple` pairs by repeating its last pair (data-parallel
-    ranks need equal shares); callers drop the extra results."""
+    ranks need equal shares; multiple = batch_size makes every batch full); callers drop the extra results."""
     batches = []
     for i in range(0, len(pairs), batch_size):
         chunk = pairs[i:i + batch_size]
         chunk = chunk + chunk[-1:] * (-len(chunk) % multiple)
-        batches.append(collate_pairs(chunk, pad_id))
+        batches.append(collate_pairs(chunk, pad_id, width=width))
     return batches
 
 
@@ -243,6 +248,8 @@ class PairwiseTrainer:
         self.cfg, self.runtime, self.objective = cfg, runtime, objective
         self.model = self.trainer = self.optimizer = self.scheduler = None
         self.dp = 1
+        self.pp = parallel.pp
+        self.width = cfg.seq_len if parallel.pp > 1 else None  # pipeline stages keep the first shape they see
         if engine.is_distributed():
             opt = cfg.optim
             self.trainer = engine.build_trainer(
@@ -280,6 +287,9 @@ class PairwiseTrainer:
             grad_norm = optimizer_step(self.model, self.optimizer, self.scheduler, self.cfg.optim.grad_clip)
         return {k: v / pairs for k, v in stats.items()} | {"lr": lr, "grad_norm": float(grad_norm)}
 
+    def collate(self, pairs: list[Pair], pad_id: int, ref_logps: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        return collate_pairs(pairs, pad_id, ref_logps, width=self.width)
+
     @torch.no_grad()
     def pair_values(self, pairs: list[Pair], batch_size: int, pad_id: int, fn) -> torch.Tensor:
         """[len(pairs), 2] (chosen, rejected) of fn(logits, rows) -> per-row values, for every pair."""
@@ -287,7 +297,10 @@ class PairwiseTrainer:
         for part in parts:
             part.eval()
         out = []
-        for batch in eval_pair_batches(pairs, batch_size, pad_id, multiple=self.dp):
+        if self.pp > 1:  # batches shaped exactly like a training batch
+            batch_size = self.cfg.batch_size
+        multiple = batch_size if self.pp > 1 else self.dp
+        for batch in eval_pair_batches(pairs, batch_size, pad_id, multiple=multiple, width=self.width):
             if self.trainer is not None:
                 out.append(self.trainer.forward_rows(batch, fn))
             else:

@@ -20,8 +20,8 @@ from parallel.dims import ParallelConfig
 from recipes.config import RewardModelStage
 from recipes.losses import bradley_terry_loss
 from parallel.distributed.engine import Objective
-from recipes.preference import (Pair, PairBatches, PairwiseTrainer, PreferenceStats, check_no_pipeline,
-                                check_pair_split, collate_pairs, load_preference_data, sides, train_loop)
+from recipes.preference import (Pair, PairBatches, PairwiseTrainer, PreferenceStats,
+                                check_pair_split, load_preference_data, sides, train_loop)
 
 Progress = Callable[[dict], None]
 MANIFEST = "hpcft_reward_model.json"
@@ -48,8 +48,13 @@ def build_reward_model(model_dir: Path, pad_id: int, parallel: ParallelConfig, r
 
 
 def row_scores(logits: torch.Tensor, rows: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The model's pooled scores ([rows, 1] logits of the last real token) as [rows]."""
-    return logits.float().squeeze(-1)
+    """The model's pooled scores ([rows, 1] logits of the last real token) as [rows]. Pipeline stages apply
+    the score head at every position ([rows, seq, 1]); then the last real token's score is read."""
+    scores = logits.float().squeeze(-1)
+    if scores.dim() == 2:
+        last = rows["last_index"].long().to(scores.device)
+        scores = scores[torch.arange(len(last), device=scores.device), last]
+    return scores
 
 
 def pair_rewards(model, batch: dict[str, torch.Tensor], runtime: engine.Runtime) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,7 +139,6 @@ def setup(cfg: RewardModelStage, model_dir: Path, data_dir: Path, parallel: Para
 
     engine.check_layout(parallel, cfg.mode, AutoConfig.from_pretrained(model_dir))
     if engine.is_distributed():
-        check_no_pipeline(parallel, "reward_model")
         check_pair_split(cfg.batch_size, cfg.grad_accum, parallel, "reward_model")
     data = load_preference_data(model_dir, data_dir, cfg.seq_len, cfg.batch_size, seed, "reward_model")
     runtime = engine.build_runtime(parallel)
@@ -152,7 +156,7 @@ def setup(cfg: RewardModelStage, model_dir: Path, data_dir: Path, parallel: Para
 
 def reward_step(cfg: RewardModelStage, s: Session, step: int, indices: list[int]) -> dict[str, float]:
     """Optimizer step `step` over a global batch of pairs; returns its metrics (means over the pairs)."""
-    return s.trainer.step(step, collate_pairs([s.train_pairs[i] for i in indices], s.pad_id))
+    return s.trainer.step(step, s.trainer.collate([s.train_pairs[i] for i in indices], s.pad_id))
 
 
 def evaluate(cfg: RewardModelStage, s: Session) -> dict[str, float]:

@@ -26,8 +26,8 @@ class StageKind:
 
 KINDS: dict[str, StageKind] = {
     "sft": StageKind(policy=True, data="chat", layouts="all", runner="recipes.sft:run_sft"),
-    "dpo": StageKind(policy=True, data="preference", layouts="no_pp", runner="recipes.dpo:run_dpo"),
-    "reward_model": StageKind(policy=False, data="preference", layouts="no_pp",
+    "dpo": StageKind(policy=True, data="preference", layouts="all", runner="recipes.dpo:run_dpo"),
+    "reward_model": StageKind(policy=False, data="preference", layouts="all",
                               runner="recipes.reward:run_reward_model"),
     "ppo": StageKind(policy=True, data="prompts", layouts="no_pp", runner="recipes.ppo:run_ppo",
                      uses_reward_model=True),

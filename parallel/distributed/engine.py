@@ -147,6 +147,9 @@ class DistributedTrainer:
                                            pp_group=mesh["pp"].get_group(), device=self.device)
         self._inv_count = 0.0
         self.last_stats: dict[str, float] = {}
+        self._pp_objective = self._pp_rows_fn = None
+        self._pp_stats: list[dict[str, float]] = []
+        self._pp_extras: list[str] = []
         self.step = 0
 
     def _parallelize(self, model: nn.Module) -> list[nn.Module]:
@@ -201,8 +204,41 @@ class DistributedTrainer:
                 params = [p for p in params if id(p) in mine]
             self.optimizers.append(build_adamw(params, **hparams))
 
-    def _pp_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return summed_ce(logits, labels) * self._inv_count
+    def _pp_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The last stage's loss on one micro-batch: token CE on labels, or (packed target) the objective's
+        sum, or in forward_rows the objective-free per-row values."""
+        if self._pp_objective is None and self._pp_rows_fn is None:
+            return summed_ce(logits, target) * self._inv_count
+        micro = self._unpack(target)
+        if self._pp_rows_fn is not None:
+            return self._pp_rows_fn(logits, micro).float()
+        summed, stats = self._pp_objective(logits, micro)
+        self._pp_stats.append({key: float(value) for key, value in stats.items()})
+        return summed * self._inv_count
+
+    def _pack(self, local: dict[str, torch.Tensor]) -> torch.Tensor:
+        """labels and every 1-D per-row tensor of a batch as one float64 target [rows, seq + extras], which
+        the pipeline schedule splits into micro-batches like the inputs (token ids are exact in float64)."""
+        extras = sorted(k for k, v in local.items() if v.dim() == 1)
+        others = [k for k, v in local.items() if v.dim() != 1 and k not in ("input_ids", "attention_mask", "labels")]
+        if others:
+            raise ValueError(f"parallel.pp: pipeline stages carry labels and per-row values only, not {others}; "
+                             "this stage's loss needs pp = 1")
+        self._pp_extras = extras
+        return torch.cat([local["labels"].double()] + [local[k].double().unsqueeze(1) for k in extras], dim=1)
+
+    def _unpack(self, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        width = target.shape[1] - len(self._pp_extras)
+        micro = {"labels": target[:, :width].long()}
+        for i, key in enumerate(self._pp_extras):
+            micro[key] = target[:, width + i].float()
+        return micro
+
+    def _from_last_stage(self, value):
+        """A Python value only the last pipeline stage computed, on every rank of the pp group."""
+        gathered = [None] * self.dims.pp
+        dist.all_gather_object(gathered, value, group=self.mesh["pp"].get_group())
+        return next(v for v in reversed(gathered) if v is not None)
 
     def _local_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         rows = batch["input_ids"].shape[0]
@@ -229,13 +265,26 @@ class DistributedTrainer:
         local = self._local_batch(batch)
         self.last_stats = {}
         if self.schedule is not None:
-            if objective is not TOKEN_CE:
-                raise ValueError("parallel.pp: pipeline stages train with token cross-entropy only; "
-                                 "this stage's loss needs pp = 1")
+            custom = objective is not TOKEN_CE
+            self._pp_objective, self._pp_stats = (objective if custom else None), []
+            target = self._pack(local) if custom else local["labels"]
             losses: list[torch.Tensor] = []
-            with self._autocast():
-                self.schedule.step(local["input_ids"], attention_mask=local["attention_mask"],
-                                   target=local["labels"], losses=losses)
+            try:
+                with self._autocast():
+                    self.schedule.step(local["input_ids"], attention_mask=local["attention_mask"],
+                                       target=target, losses=losses)
+            finally:
+                self._pp_objective = None
+            if custom:
+                stats = None
+                if self.pp_rank == self.dims.pp - 1:
+                    # The schedule's first step also runs the loss on a shape-inference pass: only the
+                    # last `microbatches` calls are the real micro-batches.
+                    stats = {}
+                    for micro_stats in self._pp_stats[-self.cfg.microbatches:]:
+                        for key, value in micro_stats.items():
+                            stats[key] = stats.get(key, 0.0) + value
+                self.last_stats = self._sum_over_dp(self._from_last_stage(stats))
             return float(sum(l.detach().double() for l in losses)) if losses else 0.0
         total, stats = 0.0, {}
         model = self.parts[0]
@@ -267,13 +316,24 @@ class DistributedTrainer:
     @torch.no_grad()
     def forward_rows(self, batch: dict[str, torch.Tensor], fn) -> torch.Tensor:
         """fn(logits, local rows) -> a [local rows, ...] tensor for every row of a global batch, gathered
-        over the dp ranks in row order (collective; no pp). For held-out metrics of custom objectives."""
-        if self.schedule is not None:
-            raise ValueError("parallel.pp: forward_rows needs pp = 1")
+        over the dp ranks in row order (collective). For held-out metrics of custom objectives. Under pp the
+        batch must be shaped like a training batch (rows and width), and fn sees labels and per-row extras."""
         local = self._local_batch(batch)
-        with self._autocast():
-            logits = self.parts[0](**model_inputs(local)).logits
-        out = fn(logits, local).detach().float().cpu()
+        if self.schedule is not None:  # the last stage computes the values; every pp rank gets them
+            losses: list[torch.Tensor] = []
+            self._pp_rows_fn = fn
+            try:
+                with self._autocast():
+                    self.schedule.eval(local["input_ids"], attention_mask=local["attention_mask"],
+                                       target=self._pack(local), losses=losses)
+            finally:
+                self._pp_rows_fn = None
+            out = torch.cat([l.detach().float().cpu() for l in losses]) if losses else None
+            out = self._from_last_stage(out)
+        else:
+            with self._autocast():
+                logits = self.parts[0](**model_inputs(local)).logits
+            out = fn(logits, local).detach().float().cpu()
         if self.dims.dp == 1:
             return out
         parts = [torch.empty_like(out) for _ in range(self.dims.dp)]

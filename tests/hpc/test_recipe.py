@@ -121,8 +121,10 @@ def test_stage_order_data_and_layout_problems_name_the_stage():
     assert load_recipe(DPO_RECIPE, ["parallel.dp_shard=2", "parallel.zero=3"]).parallel.world_size == 2
     # what the engine would refuse at start-up is refused before anything runs
     assert problems(DPO_RECIPE, ["parallel.pp=2"])[0].startswith("parallel.microbatches: 1 micro-batches")
-    out = problems(DPO_RECIPE, ["parallel.pp=2", "parallel.microbatches=2"])
-    assert out == ["stages.1: the dpo stage trains under data, ZeRO and tensor parallelism, not pipeline "
+    assert load_recipe(DPO_RECIPE, ["parallel.pp=2", "parallel.microbatches=2"]).parallel.pp == 2
+    out = problems(DPO_RECIPE, ["parallel.pp=2", "parallel.microbatches=2",
+                                "stages.1={kind: grpo, reward_fn: 'recipes.rewards:exact_match'}"])
+    assert out == ["stages.1: the grpo stage trains under data, ZeRO and tensor parallelism, not pipeline "
                    "stages yet; set parallel.pp = 1"]
     out = problems(DPO_RECIPE, ["parallel.tp=2", "stages.1.mode=qlora"])
     assert out == ["parallel.tp: 4-bit quantized (QLoRA) base weights cannot be tensor-sharded; use tp: 1 and "

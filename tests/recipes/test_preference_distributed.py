@@ -1,7 +1,7 @@
 """DPO and the reward model under multi-process layouts against one process.
 
-Engine level: the first step's gradients of every parameter under dp2 (ZeRO-0/3) and tp2 equal one
-process's for the DPO and Bradley-Terry objectives. Stage level: run_dpo / run_reward_model log the same
+Engine level: the first step's gradients of every parameter under dp2 (ZeRO-0/3), tp2 and pp2 (1F1B)
+equal one process's for the DPO and Bradley-Terry objectives. Stage level: run_dpo / run_reward_model log the same
 per-step losses and metrics and save the same model as one process. One forked launch runs everything.
 """
 import json
@@ -28,13 +28,16 @@ from tests.recipes.preference_helpers import write_preference_data  # noqa: E402
 PAIRS = dict(max_steps=3, batch_size=8, grad_accum=2, seq_len=64, log_every=1, eval_every=3,
              optim={"lr": 5e-3, "warmup_steps": 1})
 DPO = dict(PAIRS, precompute_reference=True, beta=0.5, rpo_alpha=0.5)
-ENGINE_LAYOUTS = {"dp2-zero0": dict(dp_replicate=2), "dp2-zero3": dict(dp_shard=2, zero=3), "tp2": dict(tp=2)}
+ENGINE_LAYOUTS = {"dp2-zero0": dict(dp_replicate=2), "dp2-zero3": dict(dp_shard=2, zero=3), "tp2": dict(tp=2),
+                  "pp2-1f1b": dict(pp=2, microbatches=2)}
 STAGE_LAYOUTS = {  # name -> (stage kind, parallel section, mode)
     "dpo-dp2-zero3": ("dpo", dict(dp_shard=2, zero=3), "full"),
     "dpo-tp2": ("dpo", dict(tp=2), "full"),
     "dpo-dp2-zero1-lora": ("dpo", dict(dp_shard=2, zero=1), "lora"),
     "rm-dp2-zero0": ("reward_model", dict(dp_replicate=2), "full"),
     "rm-tp2-lora": ("reward_model", dict(tp=2), "lora"),
+    "dpo-pp2-1f1b": ("dpo", dict(pp=2, microbatches=2), "full"),
+    "rm-pp2-gpipe": ("reward_model", dict(pp=2, microbatches=2, pp_schedule="gpipe"), "full"),
 }
 
 
@@ -45,6 +48,7 @@ def _models():
     batch = make_batch(0, rows=8)
     batch["ref_logps"] = torch.randn(8, generator=torch.Generator().manual_seed(5)) * 3 - 20
     batch["margin"] = torch.tensor([0.5, 0.5, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0])
+    batch["last_index"] = batch["attention_mask"].sum(1) - 1
     return {"dpo": (build_model("full"), DPOObjective(DPOStage(**DPO)), batch),
             "bt": (rm, BradleyTerryObjective(), batch)}
 
@@ -84,10 +88,6 @@ def _ranks_main(rank, world_size, model_dir, data_dir, out_root):
             out["grads"][(layout_name, name)] = (trainer._global_loss(loss), grads)
     for name, (kind, layout, mode) in STAGE_LAYOUTS.items():
         out[name] = _stage(kind, model_dir, data_dir, out_root / name, ParallelConfig(**layout), mode)
-    try:
-        _stage("dpo", model_dir, data_dir, out_root / "pp", ParallelConfig(pp=2, microbatches=2), "full")
-    except ValueError as err:
-        out["pp_refusal"] = str(err)
     return out
 
 
@@ -120,13 +120,15 @@ def single(model_dir, data_dir, tmp_path_factory):
 @pytest.mark.parametrize("name", ["dpo", "bt"])
 def test_every_gradient_matches_one_process(ranks, layout, name):
     ref_loss, ref_grads = _one_process_grads(name)
+    covered = set()
     for out in ranks[1]:
         loss, grads = out["grads"][(layout, name)]
         assert loss == pytest.approx(ref_loss, abs=1e-6)
-        assert sorted(grads) == sorted(ref_grads)
+        covered |= set(grads)  # under pp each rank holds its stage's parameters
         worst = max(float((torch.from_numpy(grads[n]) - ref_grads[n]).abs().max()) / max(float(ref_grads[n].abs().max()), 1e-12)
-                    for n in ref_grads)
+                    for n in grads)
         assert worst < 1e-4, f"{layout}/{name}: max relative gradient difference {worst:.2e}"
+    assert covered == set(ref_grads), "some gradients were not compared"
 
 
 def _curves(events):
@@ -163,9 +165,3 @@ def test_stage_trains_like_one_process(ranks, single, name):
     got, want = load_file(root / name / "checkpoint" / weights), load_file(ref_dir / "checkpoint" / weights)
     assert sorted(got) == sorted(want)
     assert max(float((got[k] - want[k]).abs().max()) for k in want) < 1e-4
-
-
-@pytest.mark.slow
-def test_pipeline_layout_is_refused(ranks):
-    assert all(r["pp_refusal"].startswith("parallel.pp: the dpo stage trains under data, ZeRO and tensor")
-               for r in ranks[1])
