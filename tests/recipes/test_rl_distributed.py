@@ -184,3 +184,22 @@ def test_stage_trains_under_the_layout(ranks, model_dir, name, tmp_path):
     if name.endswith("-rm"):
         assert result["critic_init"] == "reward_model" and result["reward"].startswith("model:")
     assert export_hf(model_dir, root / name / "checkpoint", tmp_path / "export")["max_abs_logit_diff"] < 1e-4
+
+
+def _zero_x_tp(rank, world_size, model_dir, data_dir, out_root):
+    layout = ParallelConfig(dp_shard=2, zero=3, tp=2)
+    grpo = run_grpo(GRPOStage(**STAGE), model_dir=model_dir, data_dir=data_dir, out_dir=out_root / "grpo",
+                    parallel=layout, seed=0)
+    ppo = run_ppo(PPOStage(**PPO_STAGE), model_dir=model_dir, data_dir=data_dir, out_dir=out_root / "ppo",
+                  parallel=layout, seed=0)
+    return json.loads(json.dumps({"grpo": grpo, "ppo": ppo}))
+
+
+@pytest.mark.slow
+def test_grpo_and_ppo_train_under_zero3_x_tp2_on_four_ranks(model_dir, tmp_path):
+    data_dir = write_task_data(tmp_path / "task", build_tokenizer(), num_train=40, num_val=8)
+    results = launch(_zero_x_tp, 4, model_dir, data_dir, tmp_path / "out", timeout=900)
+    assert all(r == results[0] for r in results), "every rank returns rank 0's result"
+    for name in ("grpo", "ppo"):
+        assert results[0][name]["world_size"] == 4 and results[0][name]["steps"] == 2
+        assert export_hf(model_dir, tmp_path / "out" / name / "checkpoint", tmp_path / f"export-{name}")["merged"] is False
