@@ -101,7 +101,8 @@ def _memory_lines(node, recipe, spec, base_dir: Path, gpu_mem_gb: float) -> None
     """Per-rank memory of a training stage under the recipe's layout (bf16 compute, fp32 master)."""
     import json
 
-    from parallel.planner import GIB, estimate_memory, memory_warnings
+    from parallel.planner import GIB, memory_warnings
+    from recipes.stages import plan_memory
 
     if recipe.model.tiny:
         from parallel.tiny import TINY_CONFIGS, build_tokenizer
@@ -112,11 +113,9 @@ def _memory_lines(node, recipe, spec, base_dir: Path, gpu_mem_gb: float) -> None
 
         config = json.loads((resolve_path(recipe.model.path, base_dir) / "config.json").read_text())
     stage = next(st for st in recipe.stages if st.name == spec.name)
-    micro = max(1, stage.batch_size // (stage.grad_accum * recipe.parallel.dp * recipe.parallel.microbatches))
-    est = estimate_memory(config, recipe.parallel, mode=stage.mode, seq_len=stage.seq_len, micro_batch=micro,
-                          lora_r=stage.lora.r)
+    est = plan_memory(stage, recipe.parallel, config)
     parts = ", ".join(f"{k} {getattr(est, k) / GIB:.2f}" for k in ("params", "gathered", "grads", "optimizer",
-                                                                 "activations"))
+                                                                 "activations", "frozen"))
     node.add(f"memory per rank (GiB): {parts}; total {est.total / GIB:.2f}")
     for warning in memory_warnings(est, int(gpu_mem_gb * GIB)):
         node.add(f"[red]{warning}[/] (at {gpu_mem_gb:g} GiB per GPU)")

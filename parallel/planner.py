@@ -84,10 +84,11 @@ class MemoryEstimate:
     optimizer: int
     activations: int
     pp_rank: int  # the pipeline rank these numbers are for
+    frozen: int = 0  # models that are never trained (reference, reward model) held on the rank
 
     @property
     def total(self) -> int:
-        return self.params + self.gathered + self.grads + self.optimizer + self.activations
+        return self.params + self.gathered + self.grads + self.optimizer + self.activations + self.frozen
 
     def gib(self) -> dict[str, float]:
         parts = {k: v for k, v in asdict(self).items() if k != "pp_rank"}
@@ -202,6 +203,9 @@ ADVICE = {
     "optimizer": "shard optimizer state with parallel.zero (1 over dp, 2/3 over dp_shard), or use mode: lora",
     "activations": "lower the micro-batch (grad_accum, parallel.microbatches), seq_len, or set "
                    "parallel.activation_checkpointing",
+    "frozen": "keep the frozen reference and reward models on CPU between their forwards (offload_frozen: "
+              "true), precompute DPO's reference log-probs, or use mode: lora (the reference is the policy "
+              "with its adapters off)",
 }
 
 

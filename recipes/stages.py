@@ -101,3 +101,36 @@ def check_stages(recipe) -> list[str]:
             problems.append(f"stages.{i}: the {stage.kind} stage scores responses with a reward model, but no "
                             "reward_model stage comes before it; add one or set reward_fn")
     return problems
+
+
+def plan_memory(stage, parallel, model_config: dict, dtype_bytes: int = 2):
+    """Per-rank memory of a training stage (parallel.planner.MemoryEstimate): the trained model(s) under
+    the layout, plus the frozen models the stage holds whole on each rank (fp32). PPO trains a critic of
+    the policy's size as well, so its trained parts count twice (an estimate: the critic's head is small).
+    """
+    from dataclasses import replace
+
+    from parallel.planner import estimate_memory, num_params
+
+    split = parallel.dp * parallel.microbatches
+    if stage.kind in ("ppo", "grpo"):
+        rows = (stage.mini_batch_size or stage.batch_size * stage.group_size) / split
+        seq_len = stage.max_prompt_len + stage.max_new_tokens
+    else:
+        rows = stage.batch_size * (2 if stage.kind in ("dpo", "reward_model") else 1) / (stage.grad_accum * split)
+        seq_len = stage.seq_len
+    est = estimate_memory(model_config, parallel, mode=stage.mode, seq_len=seq_len, micro_batch=max(1, int(rows)),
+                          dtype_bytes=dtype_bytes, lora_r=stage.lora.r)
+    whole = num_params(model_config) * 4
+    frozen = 0
+    if stage.kind == "dpo" and stage.mode == "full" and not stage.precompute_reference:
+        frozen = whole  # the reference copy
+    if stage.kind in ("ppo", "grpo") and not stage.offload_frozen:
+        if stage.mode == "full" and (stage.kind == "ppo" or stage.beta > 0):
+            frozen += whole  # the reference copy
+        if not stage.reward_fn:
+            frozen += whole  # the reward model (usually the same backbone)
+    if stage.kind == "ppo":
+        est = replace(est, params=2 * est.params, gathered=2 * est.gathered, grads=2 * est.grads,
+                      optimizer=2 * est.optimizer, activations=2 * est.activations)
+    return replace(est, frozen=frozen)

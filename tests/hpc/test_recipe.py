@@ -138,3 +138,22 @@ def test_stage_order_data_and_layout_problems_name_the_stage():
     assert out[0].startswith("stages: no policy stage")
     out = problems(DPO_RECIPE, ["stages.1={kind: dpo, max_stpes: 3}"])
     assert out[0].startswith("stages.1.max_stpes: unknown key; allowed:") and "beta" in out[0]
+
+
+def test_plan_memory_counts_each_stage_kinds_models(hpcft_cmd):
+    from parallel.tiny import TINY_CONFIGS
+    from recipes.stages import plan_memory
+
+    r = load_recipe(ROOT / "recipes" / "tiny-rlhf.yaml")
+    config = {**TINY_CONFIGS["tiny-llama"], "vocab_size": 300}
+    sft, rm, ppo = (plan_memory(s, r.parallel, config) for s in r.stages)
+    assert sft.frozen == rm.frozen == 0
+    # PPO: a critic as large as the policy, a reference copy and the reward model held whole
+    assert ppo.frozen == 2 * plan_memory(r.stages[0], r.parallel, config).params
+    assert ppo.optimizer == 2 * sft.optimizer
+    light = r.stages[2].model_copy(update={"offload_frozen": True})
+    assert plan_memory(light, r.parallel, config).frozen == 0
+    p = subprocess.run(hpcft_cmd + ["plan", str(ROOT / "recipes" / "tiny-rlhf.yaml")], capture_output=True,
+                       text=True, cwd=ROOT, env={**__import__("os").environ, "COLUMNS": "200"})
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.count("memory per rank (GiB)") == 3 and "frozen" in p.stdout
