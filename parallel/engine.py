@@ -251,13 +251,19 @@ def train_step(model, optimizer, scheduler, micro_batches: list[dict[str, torch.
     lr = optimizer.param_groups[0]["lr"]
     optimizer.zero_grad(set_to_none=True)
     loss, num_labels = forward_backward(model, micro_batches, runtime)
+    grad_norm = optimizer_step(model, optimizer, scheduler, grad_clip)
+    num_tokens = sum(int(mb["attention_mask"].sum()) for mb in micro_batches)
+    return StepMetrics(loss, grad_norm, lr, num_labels, num_tokens)
+
+
+def optimizer_step(model, optimizer, scheduler, grad_clip: float) -> float:
+    """Clip (when grad_clip > 0), step, advance the LR; returns the global grad norm before clipping."""
     params = [p for p in model.parameters() if p.requires_grad]
     # max_norm=inf measures the norm without scaling when clipping is off.
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
     optimizer.step()
     scheduler.step()
-    num_tokens = sum(int(mb["attention_mask"].sum()) for mb in micro_batches)
-    return StepMetrics(loss, float(grad_norm), lr, num_labels, num_tokens)
+    return float(grad_norm)
 
 
 @torch.no_grad()

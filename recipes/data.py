@@ -33,6 +33,18 @@ class DataStats:
     dropped: int  # rows with no assistant token left after truncation
 
 
+def chat_tokenizer(model_dir: Path, renders: str):
+    """(tokenizer, pad id) of a model whose chat template renders the stage's rows; `renders` names them
+    in the error, e.g. "SFT renders chat rows"."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if not tokenizer.chat_template:
+        raise ValueError(f"model {model_dir}: the tokenizer has no chat template; {renders} with it")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return tokenizer, pad_id
+
+
 def read_jsonl(path: Path) -> list[dict]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]

@@ -187,14 +187,14 @@ def setup(cfg: DPOStage, model_dir: Path, data_dir: Path, parallel: ParallelConf
                    data.validation, val_ref, data.pad_id, data.stats)
 
 
-def dpo_step(cfg: DPOStage, s: Session, step: int, indices: list[int]) -> dict[str, float]:
-    """Optimizer step `step` over a global batch of pairs; returns its metrics (means over the pairs)."""
+def dpo_step(cfg: DPOStage, s: Session, indices: list[int]) -> dict[str, float]:
+    """One optimizer step over a global batch of pairs; returns its metrics (means over the pairs)."""
     pairs = [s.train_pairs[i] for i in indices]
     if s.train_ref is not None:
         ref = s.train_ref[indices]
     else:  # one process: the reference scores this batch now (no gradient)
         ref = torch.stack(s.reference(collate_pairs(pairs, s.pad_id), s.runtime), dim=1).cpu()
-    return s.trainer.step(step, s.trainer.collate(pairs, s.pad_id, ref_logps=ref))
+    return s.trainer.step(s.trainer.collate(pairs, s.pad_id, ref_logps=ref))
 
 
 def evaluate(cfg: DPOStage, s: Session) -> dict[str, float]:
@@ -213,5 +213,5 @@ def evaluate(cfg: DPOStage, s: Session) -> dict[str, float]:
 
 
 def train(cfg: DPOStage, s: Session, progress: Progress) -> dict:
-    return train_loop(cfg, lambda step, indices: dpo_step(cfg, s, step, indices), lambda: evaluate(cfg, s),
+    return train_loop(cfg, lambda indices: dpo_step(cfg, s, indices), lambda: evaluate(cfg, s),
                       s.batches, progress)

@@ -24,7 +24,9 @@ from parallel.dims import ParallelConfig
 from recipes.config import GRPOStage
 from recipes.losses import grpo_advantages
 from recipes.preference import check_no_pipeline
-from recipes.rollout import (ClippedPolicyObjective, Learner, Progress, Prompt, PromptBatches, PromptStats,
+from recipes.data import chat_tokenizer
+from recipes.learner import Learner
+from recipes.rollout import (ClippedPolicyObjective, Progress, Prompt, PromptBatches, PromptStats,
                              Reference, RewardScorer, Sampler, build_reward, check_reward_source, end_ids,
                              evaluate, load_prompts, minibatches, reference_logprobs, response_logprobs_of,
                              finish_policy_run, rollout_rows, sample_rollouts, score, train_loop)
@@ -75,7 +77,7 @@ def run_grpo(cfg: GRPOStage, *, model_dir: Path, data_dir: Path, out_dir: Path, 
 
 def setup(cfg: GRPOStage, model_dir: Path, data_dir: Path, parallel: ParallelConfig, seed: int,
           reward_model_dir: Path | None = None) -> Session:
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
     engine.check_layout(parallel, cfg.mode, AutoConfig.from_pretrained(model_dir))
     distributed = engine.is_distributed()
@@ -87,10 +89,7 @@ def setup(cfg: GRPOStage, model_dir: Path, data_dir: Path, parallel: ParallelCon
                 raise ValueError(f"stages (grpo): {name} = {rows} responses do not split into dp={parallel.dp} x "
                                  f"parallel.microbatches={parallel.microbatches} equal parts")
     check_reward_source(cfg.reward_fn, reward_model_dir, "grpo")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    if not tokenizer.chat_template:
-        raise ValueError(f"model {model_dir}: the tokenizer has no chat template; GRPO renders prompts with it")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    tokenizer, pad_id = chat_tokenizer(model_dir, "GRPO renders prompts")
     train_prompts, train_stats = load_prompts(data_dir / "train.jsonl", tokenizer, cfg.max_prompt_len)
     val_prompts, val_stats = load_prompts(data_dir / "validation.jsonl", tokenizer, cfg.max_prompt_len)
     batches = PromptBatches(train_prompts, cfg.batch_size, seed)

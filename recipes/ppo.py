@@ -18,13 +18,15 @@ import torch
 
 from parallel import engine
 from parallel.dims import ParallelConfig
-from parallel.distributed.engine import Objective
+from parallel.distributed.engine import Objective, model_inputs
 from recipes.config import PPOStage
 from recipes.losses import gae, ppo_value_loss, whiten
 from recipes.preference import check_no_pipeline
-from recipes.rollout import (ClippedPolicyObjective, Learner, Progress, Prompt, PromptBatches, PromptStats,
+from recipes.data import chat_tokenizer
+from recipes.learner import Learner
+from recipes.rollout import (ClippedPolicyObjective, Progress, Prompt, PromptBatches, PromptStats,
                              Reference, RewardScorer, Rollout, Sampler, build_reward, check_reward_source, end_ids,
-                             evaluate, finish_policy_run, forward, load_prompts, minibatches, reference_logprobs,
+                             evaluate, finish_policy_run, load_prompts, minibatches, reference_logprobs,
                              response_logprobs_of, rollout_rows, sample_rollouts, score, train_loop)
 
 
@@ -112,12 +114,10 @@ class ValueObjective(Objective):
 
 def token_values(critic, rollout: Rollout, runtime: engine.Runtime) -> torch.Tensor:
     """V(state before each response token), [B, T] fp32: the value head applied at every position."""
-    inner = critic.get_base_model() if hasattr(critic, "get_base_model") else critic
-    hidden = forward(getattr(inner, inner.base_model_prefix), rollout, runtime).last_hidden_state
+    rows = {k: v.to(runtime.device) for k, v in rollout_rows(rollout).items()}
     with runtime.autocast():
-        values = inner.score(hidden).float().squeeze(-1)
-    width = rollout.prompt_ids.shape[1]
-    return values[:, width - 1:-1]
+        values = TokenValues(critic)(**model_inputs(rows)).logits
+    return response_values(values, rows)
 
 
 @dataclass
@@ -183,10 +183,7 @@ def setup(cfg: PPOStage, model_dir: Path, data_dir: Path, parallel: ParallelConf
                                  f"parallel.microbatches={parallel.microbatches} equal parts")
     check_reward_source(cfg.reward_fn, reward_model_dir, "ppo")
     critic_init = _critic_init(cfg, reward_model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    if not tokenizer.chat_template:
-        raise ValueError(f"model {model_dir}: the tokenizer has no chat template; PPO renders prompts with it")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    tokenizer, pad_id = chat_tokenizer(model_dir, "PPO renders prompts")
     if critic_init == "reward_model":
         # The critic reads the policy's token ids, so the reward model must share the vocabulary.
         if AutoTokenizer.from_pretrained(reward_model_dir).get_vocab() != tokenizer.get_vocab():

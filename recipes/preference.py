@@ -18,7 +18,8 @@ import torch
 
 from data_tools.normalise import RowError as PreferenceRowError
 from data_tools.normalise import parse_preference as parse_row
-from recipes.data import Example, assistant_spans, collate, epoch_batches, read_jsonl
+from recipes.data import Example, assistant_spans, chat_tokenizer, collate, epoch_batches, read_jsonl
+from recipes.learner import Learner
 from recipes.losses import IGNORE_INDEX
 
 @dataclass(frozen=True)
@@ -147,23 +148,6 @@ class PairBatches:
         return self._batches[index]
 
 
-def optimizer_step(model, optimizer, scheduler, grad_clip: float) -> float:
-    """Clip (when grad_clip > 0), step, advance the LR; returns the global grad norm before clipping."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    # max_norm=inf measures the norm without scaling when clipping is off.
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
-    optimizer.step()
-    scheduler.step()
-    return float(grad_norm)
-
-
-def check_single_process(parallel, stage: str) -> None:
-    """Stages that run in one process until the engine's multi-process layouts reach them."""
-    if parallel.world_size > 1:
-        raise ValueError(f"parallel: world size {parallel.world_size}: the {stage} stage runs in one process "
-                         "for now; use dp_replicate = dp_shard = pp = tp = 1")
-
-
 def check_no_pipeline(parallel, stage: str) -> None:
     if parallel.pp > 1:
         raise ValueError(f"parallel.pp: the {stage} stage trains under data, ZeRO and tensor parallelism, not "
@@ -183,35 +167,17 @@ class PreferenceData:
 def load_preference_data(model_dir: Path, data_dir: Path, seq_len: int, batch_size: int, seed: int,
                          stage: str) -> PreferenceData:
     """The tokenizer and the tokenised train/validation pairs of data_dir (the data stage's preference/)."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    if not tokenizer.chat_template:
-        raise ValueError(f"model {model_dir}: the tokenizer has no chat template; the {stage} stage renders "
-                         "rows with it")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    tokenizer, pad_id = chat_tokenizer(model_dir, f"the {stage} stage renders rows")
     train, train_stats = load_pairs(Path(data_dir) / "train.jsonl", tokenizer, seq_len)
     validation, val_stats = load_pairs(Path(data_dir) / "validation.jsonl", tokenizer, seq_len)
     return PreferenceData(tokenizer, pad_id, train, validation, PairBatches(train, batch_size, seed),
                           {"train": train_stats, "validation": val_stats})
 
 
-def build_optimization(model, cfg, runtime):
-    """AdamW and the warmup-cosine schedule of a stage config with `optim` and `max_steps`."""
-    from parallel import engine
-
-    opt = cfg.optim
-    optimizer = engine.build_optimizer(model, lr=opt.lr, weight_decay=opt.weight_decay, betas=opt.betas,
-                                       eps=opt.eps, runtime=runtime)
-    scheduler = engine.build_scheduler(optimizer, warmup_steps=opt.warmup_steps, max_steps=cfg.max_steps,
-                                       min_lr_ratio=opt.min_lr_ratio)
-    return optimizer, scheduler
-
-
-def train_loop(cfg, step_fn: Callable[[int, list[int]], dict[str, float]], evaluate: Callable[[], dict[str, float]],
+def train_loop(cfg, step_fn: Callable[[list[int]], dict[str, float]], evaluate: Callable[[], dict[str, float]],
                batches: PairBatches, progress: Callable[[dict], None]) -> dict:
     """The loop of the pairwise stages: held-out metrics at step 0, one optimizer step per batch of
-    pairs (`step_fn(step, pair indices)`), mean training metrics every log_every, held-out metrics
+    pairs (`step_fn(pair indices)`), mean training metrics every log_every, held-out metrics
     every eval_every."""
     started = time.perf_counter()
     val_before = evaluate()
@@ -219,7 +185,7 @@ def train_loop(cfg, step_fn: Callable[[int, list[int]], dict[str, float]], evalu
     val, window, window_seconds = val_before, [], 0.0
     for step in range(1, cfg.max_steps + 1):
         t0 = time.perf_counter()
-        window.append(step_fn(step, batches(step - 1)))
+        window.append(step_fn(batches(step - 1)))
         window_seconds += time.perf_counter() - t0
         last = step == cfg.max_steps
         if step % cfg.log_every == 0 or last:
@@ -237,92 +203,53 @@ def train_loop(cfg, step_fn: Callable[[int, list[int]], dict[str, float]], evalu
 
 
 class PairwiseTrainer:
-    """Trains a model on interleaved pair batches with an Objective (parallel.distributed.engine), in one
-    process (AdamW + schedule here, grad_accum micro-batches) or, under torch.distributed, through the
-    engine's DistributedTrainer (data parallel, ZeRO 1-3 and tensor parallel; not pipeline stages).
-    The objective's statistics come back as means per pair; losses and gradients equal one process's."""
+    """Trains a model on interleaved pair batches with an Objective (parallel.distributed.engine) through a
+    Learner: in one process (AdamW + schedule, grad_accum micro-batches) or, under torch.distributed, the
+    engine's DistributedTrainer (every layout: dp, ZeRO, tp, pp). The objective's statistics come back as
+    means per pair; losses and gradients equal one process's."""
 
     def __init__(self, cfg, model, model_dir: Path, parallel, runtime, objective):
         from parallel import engine
 
-        self.cfg, self.runtime, self.objective = cfg, runtime, objective
-        self.model = self.trainer = self.optimizer = self.scheduler = None
-        self.dp = 1
-        self.pp = parallel.pp
+        self.cfg, self.objective, self.pp = cfg, objective, parallel.pp
         self.width = cfg.seq_len if parallel.pp > 1 else None  # pipeline stages keep the first shape they see
+        trainer = None
         if engine.is_distributed():
             opt = cfg.optim
-            self.trainer = engine.build_trainer(
+            trainer = engine.build_trainer(
                 model_dir, parallel, mode=cfg.mode, lora=None, lr=opt.lr, weight_decay=opt.weight_decay,
                 betas=opt.betas, eps=opt.eps, grad_clip=opt.grad_clip, grad_accum=cfg.grad_accum, model=model)
-            self.dp = self.trainer.dims.dp
-        else:
-            self.model = model
-            self.optimizer, self.scheduler = build_optimization(model, cfg, runtime)
+        self.learner = Learner(model, cfg.optim, cfg.max_steps, runtime, trainer, grad_accum=cfg.grad_accum)
+        self.dp = trainer.dims.dp if trainer is not None else 1
 
-    def step(self, step: int, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-        """Optimizer step `step` (1-based) on a global pair batch: per-pair mean statistics, lr, grad_norm."""
-        from parallel import engine
+    @property
+    def model(self):
+        """The one-process model (None when laid out over several ranks)."""
+        return self.learner.model if self.learner.trainer is None else None
 
-        pairs = batch["input_ids"].shape[0] // 2
-        if self.trainer is not None:
-            opt = self.cfg.optim
-            lr = opt.lr * engine.lr_factor(step - 1, warmup_steps=opt.warmup_steps, max_steps=self.cfg.max_steps,
-                                           min_lr_ratio=opt.min_lr_ratio)
-            metrics = engine.distributed_train_step(self.trainer, batch, lr=lr, objective=self.objective)
-            stats, grad_norm = self.trainer.last_stats, metrics.grad_norm
-        else:
-            lr = self.optimizer.param_groups[0]["lr"]
-            self.optimizer.zero_grad(set_to_none=True)
-            stats, count = {}, self.objective.count(batch)
-            for micro in _split_rows(batch, self.cfg.grad_accum):
-                with self.runtime.autocast():
-                    logits = self.model(input_ids=micro["input_ids"].to(self.runtime.device),
-                                        attention_mask=micro["attention_mask"].to(self.runtime.device),
-                                        use_cache=False).logits
-                summed, micro_stats = self.objective(logits, {k: v.to(self.runtime.device) for k, v in micro.items()})
-                (summed / count).backward()
-                for key, value in micro_stats.items():
-                    stats[key] = stats.get(key, 0.0) + float(value)
-            grad_norm = optimizer_step(self.model, self.optimizer, self.scheduler, self.cfg.optim.grad_clip)
-        return {k: v / pairs for k, v in stats.items()} | {"lr": lr, "grad_norm": float(grad_norm)}
+    def step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        """One optimizer step on a global pair batch: per-pair mean statistics, lr, grad_norm."""
+        stats, lr, grad_norm = self.learner.update(batch, self.objective)
+        return stats | {"lr": lr, "grad_norm": grad_norm}
 
     def collate(self, pairs: list[Pair], pad_id: int, ref_logps: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         return collate_pairs(pairs, pad_id, ref_logps, width=self.width)
 
-    @torch.no_grad()
     def pair_values(self, pairs: list[Pair], batch_size: int, pad_id: int, fn) -> torch.Tensor:
         """[len(pairs), 2] (chosen, rejected) of fn(logits, rows) -> per-row values, for every pair."""
-        parts = self.trainer.parts if self.trainer is not None else [self.model]
-        for part in parts:
-            part.eval()
-        out = []
         if self.pp > 1:  # batches shaped exactly like a training batch
             batch_size = self.cfg.batch_size
         multiple = batch_size if self.pp > 1 else self.dp
-        for batch in eval_pair_batches(pairs, batch_size, pad_id, multiple=multiple, width=self.width):
-            if self.trainer is not None:
-                out.append(self.trainer.forward_rows(batch, fn))
-            else:
-                with self.runtime.autocast():
-                    logits = self.model(input_ids=batch["input_ids"].to(self.runtime.device),
-                                        attention_mask=batch["attention_mask"].to(self.runtime.device),
-                                        use_cache=False).logits
-                out.append(fn(logits, {k: v.to(self.runtime.device) for k, v in batch.items()}).float().cpu())
-        for part in parts:
-            part.train()
+        out = [self.learner.rows(batch, fn)
+               for batch in eval_pair_batches(pairs, batch_size, pad_id, multiple=multiple, width=self.width)]
         return torch.cat(out).reshape(-1, 2)[:len(pairs)]
 
     def final_state(self):
         """One process: the model. Several: the gathered full state dict on rank 0, None elsewhere."""
         from parallel.checkpoint import gather_full_state_dict
 
-        return self.model if self.trainer is None else gather_full_state_dict(self.trainer)
-
-
-def _split_rows(batch: dict[str, torch.Tensor], parts: int) -> list[dict[str, torch.Tensor]]:
-    chunks = {k: v.chunk(parts) for k, v in batch.items()}
-    return [{k: v[i] for k, v in chunks.items()} for i in range(parts)]
+        trainer = self.learner.trainer
+        return self.learner.model if trainer is None else gather_full_state_dict(trainer)
 
 
 def check_pair_split(batch_size: int, grad_accum: int, parallel, stage: str) -> None:

@@ -154,9 +154,9 @@ def setup(cfg: RewardModelStage, model_dir: Path, data_dir: Path, parallel: Para
                    data.stats)
 
 
-def reward_step(cfg: RewardModelStage, s: Session, step: int, indices: list[int]) -> dict[str, float]:
-    """Optimizer step `step` over a global batch of pairs; returns its metrics (means over the pairs)."""
-    return s.trainer.step(step, s.trainer.collate([s.train_pairs[i] for i in indices], s.pad_id))
+def reward_step(cfg: RewardModelStage, s: Session, indices: list[int]) -> dict[str, float]:
+    """One optimizer step over a global batch of pairs; returns its metrics (means over the pairs)."""
+    return s.trainer.step(s.trainer.collate([s.train_pairs[i] for i in indices], s.pad_id))
 
 
 def evaluate(cfg: RewardModelStage, s: Session) -> dict[str, float]:
@@ -169,5 +169,5 @@ def evaluate(cfg: RewardModelStage, s: Session) -> dict[str, float]:
 
 
 def train(cfg: RewardModelStage, s: Session, progress: Progress) -> dict:
-    return train_loop(cfg, lambda step, indices: reward_step(cfg, s, step, indices), lambda: evaluate(cfg, s),
+    return train_loop(cfg, lambda indices: reward_step(cfg, s, indices), lambda: evaluate(cfg, s),
                       s.batches, progress)

@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from parallel import engine
-from parallel.distributed.engine import Objective, model_inputs
+from parallel.distributed.engine import Objective
 from recipes.data import epoch_batches, read_jsonl
+from recipes.learner import Learner
 from recipes.losses import entropy_from_logits, kl_penalty, masked_mean, ppo_policy_loss
 from recipes.rewards import RuleReward, exact_match
 
@@ -135,7 +136,7 @@ def load_prompts(path: Path, tokenizer, max_prompt_len: int) -> tuple[list[Promp
     prompts, stats = build_prompts(read_jsonl(path), tokenizer, max_prompt_len)
     if not prompts:
         raise ValueError(f"{path}: no usable prompt out of {stats.rows} rows (rejected: {stats.rejected}); "
-                         "rows are {{'messages': [...]}} or {{'prompt': ..., 'chosen': ...}}")
+                         "rows are {'messages': [...]} or {'prompt': ..., 'chosen': ...}")
     return prompts, stats
 
 
@@ -409,68 +410,6 @@ def build_reward(reward_fn: str | None, reward_model_dir: Path | None, stage: st
 
 # ---- sampling and scoring through the engine's layout ---------------------------------------------------
 
-class Learner:
-    """A trained model and its updates: in one process the model with AdamW and the update schedule,
-    under torch.distributed the engine's DistributedTrainer (whose laid-out model is `model`).
-
-    update(batch, objective) runs one optimizer update on a global mini-batch and returns the objective's
-    statistics as means per unit, the learning rate used and the grad norm before clipping."""
-
-    def __init__(self, model, optim_cfg, num_updates: int, runtime: engine.Runtime, trainer=None):
-        self.optim_cfg, self.num_updates, self.runtime, self.trainer = optim_cfg, num_updates, runtime, trainer
-        self.updates = 0
-        if trainer is not None:
-            self.model, self.optimizer, self.scheduler = trainer.parts[0], None, None
-        else:
-            opt = optim_cfg
-            self.model = model
-            self.optimizer = engine.build_optimizer(model, lr=opt.lr, weight_decay=opt.weight_decay, betas=opt.betas,
-                                                    eps=opt.eps, runtime=runtime)
-            self.scheduler = update_schedule(self.optimizer, opt, num_updates)
-
-    def update(self, batch: dict[str, torch.Tensor], objective: Objective) -> tuple[dict[str, float], float, float]:
-        units = objective.count(batch)
-        opt = self.optim_cfg
-        if self.trainer is not None:
-            lr = opt.lr * engine.lr_factor(self.updates, warmup_steps=opt.warmup_steps, max_steps=self.num_updates,
-                                           min_lr_ratio=opt.min_lr_ratio)
-            grad_norm = engine.distributed_train_step(self.trainer, batch, lr=lr, objective=objective).grad_norm
-            stats = self.trainer.last_stats
-        else:
-            from recipes.preference import optimizer_step
-
-            lr = self.optimizer.param_groups[0]["lr"]
-            local = {k: v.to(self.runtime.device) for k, v in batch.items()}
-            with self.runtime.autocast():
-                logits = self.model(**model_inputs(local)).logits
-            summed, stats = objective(logits, local)
-            self.optimizer.zero_grad(set_to_none=True)
-            (summed / units).backward()
-            grad_norm = optimizer_step(self.model, self.optimizer, self.scheduler, opt.grad_clip)
-        self.updates += 1
-        return {k: float(v) / units for k, v in stats.items()}, lr, float(grad_norm)
-
-    @torch.no_grad()
-    def rows(self, rows: dict[str, torch.Tensor], fn, context=None) -> torch.Tensor:
-        """fn(logits, rows) for every row (eval mode; through the layout, gathered over dp), on CPU."""
-        import contextlib
-
-        parts = self.trainer.parts if self.trainer is not None else [self.model]
-        for part in parts:
-            part.eval()
-        try:
-            with context if context is not None else contextlib.nullcontext():
-                if self.trainer is not None:
-                    return self.trainer.forward_rows(rows, fn)
-                local = {k: v.to(self.runtime.device) for k, v in rows.items()}
-                with self.runtime.autocast():
-                    logits = self.model(**model_inputs(local)).logits
-                return fn(logits, local).float().cpu()
-        finally:
-            for part in parts:
-                part.train()
-
-
 class ClippedPolicyObjective(Objective):
     """The clipped surrogate (+ kl_beta x the k3 KL to `ref_logprobs`) per response token, as an engine
     Objective: units are the mini-batch's response tokens, so the loss is their mean over the whole
@@ -616,12 +555,6 @@ def train_loop(cfg, step_fn: Callable[[int], dict[str, float]], evaluate_fn: Cal
             progress({"step": step} | val)
     return {"steps": cfg.max_steps, "train_seconds": time.perf_counter() - started,
             **{f"final_{k}": v for k, v in train_metrics.items()}, **val, "val_before": val_before}
-
-
-def update_schedule(optimizer, optim_cfg, num_updates: int):
-    """The engine's warmup + cosine schedule over optimizer updates (not rollout steps)."""
-    return engine.build_scheduler(optimizer, warmup_steps=optim_cfg.warmup_steps, max_steps=num_updates,
-                                  min_lr_ratio=optim_cfg.min_lr_ratio)
 
 
 def minibatches(num_rows: int, size: int, epochs: int) -> Iterator[torch.Tensor]:

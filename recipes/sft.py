@@ -22,7 +22,7 @@ from parallel import engine
 from parallel.checkpoint import gather_full_state_dict, save_checkpoint
 from parallel.dims import ParallelConfig
 from recipes.config import SFTStage
-from recipes.data import DataStats, StepBatches, collate, eval_batches, load_split, micro_batches
+from recipes.data import DataStats, StepBatches, chat_tokenizer, collate, eval_batches, load_split, micro_batches
 
 Progress = Callable[[dict], None]
 
@@ -71,17 +71,14 @@ def run_sft(cfg: SFTStage, *, model_dir: Path, data_dir: Path, out_dir: Path, pa
 
 
 def setup(cfg: SFTStage, model_dir: Path, data_dir: Path, parallel: ParallelConfig, seed: int) -> Session:
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
     # Fail on a bad layout before spending time on data.
     engine.check_layout(parallel, cfg.mode, AutoConfig.from_pretrained(model_dir))
     distributed = engine.is_distributed()
     if distributed:
         check_batch_split(cfg, parallel)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    if not tokenizer.chat_template:
-        raise ValueError(f"model {model_dir}: the tokenizer has no chat template; SFT renders chat rows with it")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    tokenizer, pad_id = chat_tokenizer(model_dir, "SFT renders chat rows")
     train_examples, train_stats = load_split(data_dir / "train.jsonl", tokenizer, cfg.seq_len)
     val_examples, val_stats = load_split(data_dir / "validation.jsonl", tokenizer, cfg.seq_len)
     common = dict(tokenizer=tokenizer, runtime=engine.build_runtime(parallel), pad_id=pad_id,
