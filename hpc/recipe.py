@@ -232,18 +232,20 @@ def _absolute_yaml_tasks(raw: dict, base_dir: Path) -> None:
 
 
 def model_shape(recipe: Recipe, base_dir: Path) -> dict | None:
-    """num_layers / num_kv_heads of the base model, from the tiny table or the directory's config.json."""
+    """Layers, KV heads, vocabulary and tying of the base model, from the tiny table or the directory's
+    config.json."""
     if recipe.model.tiny:
-        from parallel.tiny import TINY_CONFIGS
+        from parallel.tiny import TINY_CONFIGS, TINY_VOCAB
 
-        cfg = TINY_CONFIGS[recipe.model.tiny]
+        cfg = dict(TINY_CONFIGS[recipe.model.tiny], vocab_size=TINY_VOCAB)
     else:
         cfg_path = resolve_path(recipe.model.path, base_dir) / "config.json"
         if not cfg_path.is_file():
             return None
         cfg = json.loads(cfg_path.read_text())
     return {"num_layers": cfg["num_hidden_layers"],
-            "num_kv_heads": cfg.get("num_key_value_heads", cfg["num_attention_heads"])}
+            "num_kv_heads": cfg.get("num_key_value_heads", cfg["num_attention_heads"]),
+            "vocab_size": cfg.get("vocab_size"), "tied_embeddings": bool(cfg.get("tie_word_embeddings", False))}
 
 
 def resolve_path(p: str, base_dir: Path) -> Path:

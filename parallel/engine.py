@@ -332,14 +332,15 @@ def _distributed_loss_sum(trainer, batch: dict[str, torch.Tensor]) -> float:
     local = {k: v[start:start + rows].to(trainer.device) for k, v in batch.items()}
     with trainer._autocast():
         if trainer.schedule is None:
-            logits = trainer.parts[0](input_ids=local["input_ids"], attention_mask=local["attention_mask"]).logits
+            logits = trainer.logits(local)
             local_sum = float(summed_ce(logits, local["labels"]))
         else:
             # The trainer's pipeline loss is summed_ce x _inv_count; 1.0 makes it a plain sum. The
             # next train_step sets its own count again.
             trainer._inv_count = 1.0
             losses: list[torch.Tensor] = []
-            trainer.schedule.eval(local["input_ids"], attention_mask=local["attention_mask"],
+            inputs = trainer._padded({"input_ids": local["input_ids"], "attention_mask": local["attention_mask"]})
+            trainer.schedule.eval(inputs["input_ids"], attention_mask=inputs["attention_mask"],
                                   target=local["labels"], losses=losses)
             local_sum = float(sum(loss.double() for loss in losses)) if losses else 0.0
     return trainer._global_loss(local_sum)  # sums over pp stages and dp ranks

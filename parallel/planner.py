@@ -2,8 +2,9 @@
 
 The model follows what parallel/distributed does on a Llama-family decoder:
 - weights: fp32 master copies (4 bytes; 0.5 for a 4-bit QLoRA base), split by pp (contiguous layer
-  ranges, embedding on the first stage, norm + lm_head on the last) and tp (the seven projections;
-  embedding, norms and lm_head stay replicated), sharded over dp_shard under ZeRO-2/3 (FSDP2).
+  ranges, embedding on the first stage, norm + lm_head on the last) and tp (the seven projections, and
+  under vocab parallelism the embedding and lm_head; norms stay replicated), sharded over dp_shard under
+  ZeRO-2/3 (FSDP2).
 - gathered: FSDP's unsharded compute copies (dtype_bytes each): the whole stage under ZeRO-2
   (kept from forward to backward); under ZeRO-3 the root group (embedding, norm, lm_head; FSDP2 does
   not reshard the root after forward) plus two layers (current + prefetched).
@@ -12,7 +13,8 @@ The model follows what parallel/distributed does on a Llama-family decoder:
 - activations: saved tensors per token and layer (dtype_bytes each), see `_layer_activation_elems`,
   times the micro-batches a pipeline rank holds in flight (GPipe: all; 1F1B and, approximately, the
   interleaved schedules: pp - rank), plus the last stage's logits (compute dtype + fp32 copy + fp32
-  log-softmax kept for backward).
+  log-softmax kept for backward; split by tp under vocab parallelism). Sequence parallelism splits the
+  residual stream and norms by tp; the all-gathered attention/MLP inputs the projections keep stay whole.
 Not modelled: allocator fragmentation, communication buffers, the CUDA context (leave headroom).
 """
 from __future__ import annotations
@@ -125,21 +127,34 @@ def split_layers(num_layers: int, num_stages: int) -> list[int]:
     return [base + (1 if s < extra else 0) for s in range(num_stages)]
 
 
-def _layer_activation_elems(shape: Shape, tp: int, checkpointing: str) -> tuple[int, int]:
+def _layer_activation_elems(shape: Shape, tp: int, checkpointing: str, sequence_parallel: bool = False) -> tuple[int, int]:
     """(elements saved per token per layer, extra elements per token while one layer recomputes).
 
     No checkpointing: layer input, both norm outputs, the post-attention residual (4 x hidden,
-    replicated under TP) and, split by tp, q/k/v projections, rotated q/k, attention output,
-    and the MLP's gate, up, SiLU(gate) and product.
+    replicated under TP; under sequence parallelism the two block inputs the projections keep are
+    all-gathered, the layer input and residual split by tp) and, split by tp, q/k/v projections,
+    rotated q/k, attention output, and the MLP's gate, up, SiLU(gate) and product.
     """
-    full = 4 * shape.hidden + (3 * shape.q_dim + 3 * shape.kv_dim + 4 * shape.intermediate) // tp
+    h = shape.hidden
+    split = (3 * shape.q_dim + 3 * shape.kv_dim + 4 * shape.intermediate) // tp
+    whole = 2 * h + 2 * h // tp if sequence_parallel else 4 * h
+    full = whole + split
     if checkpointing == "full":
-        return shape.hidden, full  # only layer inputs; one layer rebuilt at a time
+        return (h // tp if sequence_parallel else h), full  # only layer inputs; one layer rebuilt at a time
     if checkpointing == "selective":
         # Matmul and attention outputs are kept (q, k, v, attention, o, gate, up, down); the rest recomputed.
-        saved = 3 * shape.hidden + (2 * shape.q_dim + 2 * shape.kv_dim + 2 * shape.intermediate) // tp
+        saved = (2 * h + h // tp if sequence_parallel else 3 * h) + (
+            2 * shape.q_dim + 2 * shape.kv_dim + 2 * shape.intermediate) // tp
         return saved, full - saved
     return full, 0
+
+
+def tp_options(shape: Shape, parallel: ParallelConfig) -> tuple[bool, bool]:
+    """(sequence parallel, vocab parallel) as the engine resolves them (unset: on where possible)."""
+    if parallel.tp == 1:
+        return False, False
+    vocab_ok = not shape.tied and shape.vocab % parallel.tp == 0
+    return parallel.sequence_parallel is not False, parallel.vocab_parallel is not False and vocab_ok
 
 
 def _in_flight(parallel: ParallelConfig, pp_rank: int) -> int:
@@ -152,27 +167,31 @@ def _in_flight(parallel: ParallelConfig, pp_rank: int) -> int:
 
 def estimate_memory(model_config: dict, parallel: ParallelConfig, *, mode: str = "full", seq_len: int,
                     micro_batch: int, dtype_bytes: int = 2, lora_r: int = 8,
-                    lora_targets: list[str] | str = "all-linear") -> MemoryEstimate:
+                    lora_targets: list[str] | str = "all-linear", loss_parallel: bool = True) -> MemoryEstimate:
     """Per-rank bytes of the most loaded pipeline rank.
 
     model_config: the model's config.json as a dict. mode: full | lora | qlora. micro_batch: sequences
     per forward on one rank (batch_size / (dp x microbatches x grad_accum)). dtype_bytes: the compute
-    dtype (2 for bf16, 4 for fp32).
+    dtype (2 for bf16, 4 for fp32). loss_parallel: the stage's loss runs on vocab-sharded logits (token
+    cross-entropy at pp = 1); other losses gather the logits whole.
     """
     if mode not in ("full", "lora", "qlora"):
         raise ValueError(f"mode: {mode!r} is not one of ['full', 'lora', 'qlora']")
     shape = Shape.from_config(model_config)
     stages = split_layers(shape.layers, parallel.pp)
     per_rank = [_rank_estimate(shape, parallel, r, stages[r], mode, seq_len, micro_batch, dtype_bytes,
-                               lora_r, lora_targets) for r in range(parallel.pp)]
+                               lora_r, lora_targets, loss_parallel) for r in range(parallel.pp)]
     return max(per_rank, key=lambda e: e.total)
 
 
 def _rank_estimate(shape: Shape, parallel: ParallelConfig, pp_rank: int, num_layers: int, mode: str,
-                   seq_len: int, micro_batch: int, dtype_bytes: int, lora_r: int, lora_targets) -> MemoryEstimate:
+                   seq_len: int, micro_batch: int, dtype_bytes: int, lora_r: int, lora_targets,
+                   loss_parallel: bool) -> MemoryEstimate:
     tp, first, last = parallel.tp, pp_rank == 0, pp_rank == parallel.pp - 1
+    sequence_parallel, vocab_parallel = tp_options(shape, parallel)
+    vocab_split = tp if vocab_parallel else 1
     layer = _layer_params(shape, tp)
-    outer = (shape.embedding if first else 0) + ((shape.hidden + shape.head) if last else 0)
+    outer = (shape.embedding // vocab_split if first else 0) + ((shape.hidden + shape.head // vocab_split) if last else 0)
     base = num_layers * layer + outer
     lora = 0 if mode == "full" else num_layers * _layer_lora_params(shape, tp, lora_r, lora_targets)
     trainable = base if mode == "full" else lora
@@ -187,11 +206,12 @@ def _rank_estimate(shape: Shape, parallel: ParallelConfig, pp_rank: int, num_lay
     elif parallel.zero == 3:
         gathered = (outer + 2 * (layer + lora // max(num_layers, 1))) * dtype_bytes
 
-    saved, recompute = _layer_activation_elems(shape, tp, parallel.activation_checkpointing)
+    saved, recompute = _layer_activation_elems(shape, tp, parallel.activation_checkpointing, sequence_parallel)
     tokens = micro_batch * seq_len
     activations = (_in_flight(parallel, pp_rank) * num_layers * saved + recompute) * tokens * dtype_bytes
     if last:
-        activations += tokens * shape.vocab * (dtype_bytes + 8)
+        sharded_logits = loss_parallel and parallel.pp == 1
+        activations += tokens * shape.vocab // (vocab_split if sharded_logits else 1) * (dtype_bytes + 8)
     return MemoryEstimate(params=params, gathered=gathered, grads=trainable * 4 // fsdp,
                           optimizer=trainable * 8 // optim_shards, activations=activations, pp_rank=pp_rank)
 

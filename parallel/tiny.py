@@ -11,6 +11,7 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
+TINY_VOCAB = len(SPECIAL_TOKENS) + 256  # the special tokens and every byte
 
 # name -> LlamaConfig kwargs; vocab_size is filled in from the tokenizer.
 TINY_CONFIGS: dict[str, dict] = {

@@ -26,6 +26,7 @@ from recipes.losses import grpo_advantages
 from recipes.preference import check_no_pipeline
 from recipes.data import chat_tokenizer
 from recipes.learner import Learner
+from recipes.stages import sampling_layout
 from recipes.rollout import (ClippedPolicyObjective, Progress, Prompt, PromptBatches, PromptStats,
                              Reference, RewardScorer, Sampler, build_reward, check_reward_source, end_ids,
                              evaluate, load_prompts, minibatches, reference_logprobs, response_logprobs_of,
@@ -100,7 +101,7 @@ def setup(cfg: GRPOStage, model_dir: Path, data_dir: Path, parallel: ParallelCon
     num_updates = cfg.max_steps * cfg.ppo_epochs * (cfg.batch_size * cfg.group_size // mini_batch_size(cfg))
     opt = cfg.optim
     if distributed:
-        trainer = engine.build_trainer(model_dir, parallel, mode=cfg.mode, lora=lora, lr=opt.lr,
+        trainer = engine.build_trainer(model_dir, sampling_layout(parallel), mode=cfg.mode, lora=lora, lr=opt.lr,
                                        weight_decay=opt.weight_decay, betas=opt.betas, eps=opt.eps,
                                        grad_clip=opt.grad_clip)
         learner = Learner(None, opt, num_updates, runtime, trainer)

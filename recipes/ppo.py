@@ -24,6 +24,7 @@ from recipes.losses import gae, ppo_value_loss, whiten
 from recipes.preference import check_no_pipeline
 from recipes.data import chat_tokenizer
 from recipes.learner import Learner
+from recipes.stages import sampling_layout
 from recipes.rollout import (ClippedPolicyObjective, Progress, Prompt, PromptBatches, PromptStats,
                              Reference, RewardScorer, Rollout, Sampler, build_reward, check_reward_source, end_ids,
                              evaluate, finish_policy_run, load_prompts, minibatches, reference_logprobs,
@@ -200,6 +201,7 @@ def setup(cfg: PPOStage, model_dir: Path, data_dir: Path, parallel: ParallelConf
     num_updates = cfg.max_steps * cfg.ppo_epochs * (cfg.batch_size // cfg.mini_batch_size)
     if distributed:  # both models laid out by the engine; the engine applies activation checkpointing
         plain = parallel.model_copy(update={"activation_checkpointing": "none"})
+        parallel = sampling_layout(parallel)
         cpu = engine.Runtime(torch.device("cpu"), None)
         learners = []
         for model, opt in ((None, cfg.optim), (TokenValues(build_critic(critic_dir, pad_id, plain, cpu, lora)),

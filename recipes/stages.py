@@ -18,6 +18,7 @@ class StageKind:
     layouts: str  # "all" layouts of the engine, "no_pp" (dp, ZeRO, tp: not pipeline stages), or "single"
     runner: str  # "module:function" with run_x(cfg, *, model_dir, data_dir, out_dir, parallel, seed, ...)
     uses_reward_model: bool = False  # gets reward_model_dir= (the latest reward_model stage before it)
+    samples: bool = False  # generates with the trained model (no sequence parallelism: decoding is token by token)
 
     def load_runner(self) -> Callable[..., dict]:
         module, name = self.runner.split(":")
@@ -30,10 +31,18 @@ KINDS: dict[str, StageKind] = {
     "reward_model": StageKind(policy=False, data="preference", layouts="all",
                               runner="recipes.reward:run_reward_model"),
     "ppo": StageKind(policy=True, data="prompts", layouts="no_pp", runner="recipes.ppo:run_ppo",
-                     uses_reward_model=True),
+                     uses_reward_model=True, samples=True),
     "grpo": StageKind(policy=True, data="prompts", layouts="no_pp", runner="recipes.grpo:run_grpo",
-                      uses_reward_model=True),
+                      uses_reward_model=True, samples=True),
 }
+
+
+def sampling_layout(parallel):
+    """The layout of a stage that samples from its model: sequence parallelism off unless asked for
+    (which recipe validation refuses)."""
+    if parallel.sequence_parallel is None:
+        return parallel.model_copy(update={"sequence_parallel": False})
+    return parallel
 
 
 def previous(stages: list, index: int, *, policy: bool):
@@ -89,6 +98,10 @@ def check_stages(recipe) -> list[str]:
         if recipe.parallel.pp > 1 and kind.layouts == "no_pp":
             problems.append(f"stages.{i}: the {stage.kind} stage trains under data, ZeRO and tensor parallelism, "
                             "not pipeline stages yet; set parallel.pp = 1")
+        if kind.samples and recipe.parallel.tp > 1 and recipe.parallel.sequence_parallel:
+            problems.append(f"stages.{i}: the {stage.kind} stage samples from the model token by token, which "
+                            "sequence parallelism cannot split; set parallel.sequence_parallel: false (or leave "
+                            "it unset: it is then off for this stage)")
         if world > 1 and stage.kind == "dpo" and not stage.precompute_reference:
             problems.append(f"stages.{i}.precompute_reference: must be true under several processes (the "
                             "reference log-probs are computed before the model is laid out)")
@@ -119,8 +132,9 @@ def plan_memory(stage, parallel, model_config: dict, dtype_bytes: int = 2):
     else:
         rows = stage.batch_size * (2 if stage.kind in ("dpo", "reward_model") else 1) / (stage.grad_accum * split)
         seq_len = stage.seq_len
-    est = estimate_memory(model_config, parallel, mode=stage.mode, seq_len=seq_len, micro_batch=max(1, int(rows)),
-                          dtype_bytes=dtype_bytes, lora_r=stage.lora.r)
+    layout = sampling_layout(parallel) if KINDS[stage.kind].samples else parallel
+    est = estimate_memory(model_config, layout, mode=stage.mode, seq_len=seq_len, micro_batch=max(1, int(rows)),
+                          dtype_bytes=dtype_bytes, lora_r=stage.lora.r, loss_parallel=stage.kind == "sft")
     whole = num_params(model_config) * 4
     frozen = 0
     if stage.kind == "dpo" and stage.mode == "full" and not stage.precompute_reference:

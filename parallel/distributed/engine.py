@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import loss_parallel
 
 from parallel.dims import ParallelConfig
 from parallel.distributed import zero as zero_mod
@@ -24,7 +26,8 @@ from parallel.distributed.grads import clip_grads_
 from parallel.distributed.mesh import (ParallelDims, check_layout, check_model_layout, dp_mesh, dp_rank,
                                       fsdp_mesh)
 from parallel.distributed.pipeline import build_schedule, build_stage_modules, find_decoder
-from parallel.distributed.tensor_parallel import apply_tensor_parallel
+from parallel.distributed.tensor_parallel import (LogitsLayout, PartialGrads, apply_tensor_parallel, apply_tp_ends,
+                                                   vocab_parallel_supported)
 
 IGNORE_INDEX = -100
 
@@ -35,6 +38,10 @@ def summed_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     targets = labels[:, 1:]
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
                            ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def _local_value(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def num_label_tokens(labels: torch.Tensor) -> int:
@@ -104,6 +111,8 @@ class Objective:
 
 
 class TokenCrossEntropy(Objective):
+    vocab_parallel = True  # summed_ce runs on vocab-sharded logits under torch's loss_parallel
+
     def count(self, batch):
         return num_label_tokens(batch["labels"])
 
@@ -137,6 +146,11 @@ class DistributedTrainer:
                        else torch.device(mesh.device_type))
         self.grad_clip = grad_clip
         self.pp_rank = mesh["pp"].get_local_rank()
+        self.sp, self.vp = self._tp_options(model, cfg)
+        # Sequence-parallel padding uses the pad token: a classifier (the reward model) pools the last non-pad one.
+        self._pad_id = getattr(find_decoder(model)[1].config, "pad_token_id", None) or 0
+        self.logits_layout, self.partial = LogitsLayout(), PartialGrads()
+        self._seq = 0
         self.parts = self._parallelize(model)
         self.params = [p for part in self.parts for p in part.parameters() if p.requires_grad]
         self._build_optimizers(lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
@@ -152,6 +166,18 @@ class DistributedTrainer:
         self._pp_extras: list[str] = []
         self.step = 0
 
+    def _tp_options(self, model: nn.Module, cfg: ParallelConfig) -> tuple[bool, bool]:
+        """(sequence parallel, vocab parallel): unset means on under tp where the model allows it."""
+        if self.dims.tp == 1:
+            return False, False
+        _, decoder, _, head = find_decoder(model)
+        c = decoder.config
+        why_not = vocab_parallel_supported(decoder.embed_tokens, head, c.vocab_size, self.dims.tp,
+                                           bool(getattr(c, "tie_word_embeddings", False)))
+        if cfg.vocab_parallel and why_not:
+            raise ValueError(f"parallel.vocab_parallel: {why_not}; set vocab_parallel: false")
+        return cfg.sequence_parallel is not False, cfg.vocab_parallel is not False and why_not is None
+
     def _parallelize(self, model: nn.Module) -> list[nn.Module]:
         config = find_decoder(model)[1].config
         config.use_cache = False
@@ -164,7 +190,7 @@ class DistributedTrainer:
             part.to(self.device).train()
             layers = part.layers if self.dims.pp > 1 else list(find_decoder(part)[1].layers)
             if self.dims.tp > 1:
-                apply_tensor_parallel(layers, self.mesh["tp"])
+                self._apply_tp(part, layers)
             apply_activation_checkpointing(layers, self.cfg.activation_checkpointing)
             if self.cfg.compile:  # torchtitan's order: TP, activation checkpointing, compile, FSDP
                 for layer in layers:
@@ -173,6 +199,50 @@ class DistributedTrainer:
                 zero_mod.apply_fsdp(part, layers, fsdp_mesh(self.mesh, self.dims), zero=self.cfg.zero,
                                     mp_policy=mp_policy)
         return parts
+
+    def _apply_tp(self, part: nn.Module, layers: list[nn.Module]) -> None:
+        tp_mesh = self.mesh["tp"]
+        if self.dims.pp > 1:
+            embed, _, _, norm, head = part._parts
+            first, last = part.is_first, part.is_last
+        else:
+            _, decoder, _, head = find_decoder(part)
+            embed, norm, first, last = decoder.embed_tokens, decoder.norm, True, True
+        partial = apply_tensor_parallel(layers, tp_mesh, sequence_parallel=self.sp, gather_output=not last)
+        ends = apply_tp_ends(tp_mesh, embed=embed if first else None, norm=norm if last else None,
+                             head=head if last else None, sequence_parallel=self.sp, vocab_parallel=self.vp,
+                             logits=self.logits_layout)
+        self.partial.entries += partial.entries + ends.entries
+
+    def _padded(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Model inputs right-padded to a multiple of tp tokens under sequence parallelism (masked out;
+        callers cut the logits back to `self._seq`)."""
+        seq = inputs["input_ids"].shape[1]
+        self._seq = seq
+        extra = (-seq) % self.dims.tp if self.sp else 0
+        if not extra:
+            return inputs
+        rows = inputs["input_ids"].shape[0]
+        out = dict(inputs)
+        out["input_ids"] = F.pad(inputs["input_ids"], (0, extra), value=self._pad_id)
+        mask = inputs.get("attention_mask")
+        if mask is None:
+            mask = torch.ones(rows, seq, dtype=torch.long, device=inputs["input_ids"].device)
+        out["attention_mask"] = F.pad(mask, (0, extra))
+        if "position_ids" in inputs:
+            last = inputs["position_ids"][:, -1:]
+            out["position_ids"] = torch.cat([inputs["position_ids"], last + torch.arange(1, extra + 1, device=last.device)], 1)
+        return out
+
+    def logits(self, rows: dict[str, torch.Tensor], *, vocab_sharded: bool = False):
+        """The one-stage (pp = 1) model's logits for local rows [rows, seq, vocab]; vocab_sharded: a
+        vocab-sharded DTensor for loss_parallel when the head is vocab-parallel."""
+        self.logits_layout.keep_sharded = vocab_sharded and self.vp
+        try:
+            logits = self.parts[0](**self._padded(model_inputs(rows))).logits
+        finally:
+            self.logits_layout.keep_sharded = False
+        return logits[:, :self._seq] if logits.shape[1] != self._seq else logits
 
     def _autocast(self):
         """bf16 autocast where FSDP's mixed-precision policy does not already cast (ZeRO-0/1, or CPU).
@@ -207,6 +277,7 @@ class DistributedTrainer:
     def _pp_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The last stage's loss on one micro-batch: token CE on labels, or (packed target) the objective's
         sum, or in forward_rows the objective-free per-row values."""
+        logits = logits[:, :self._seq]  # drop sequence-parallel padding
         if self._pp_objective is None and self._pp_rows_fn is None:
             return summed_ce(logits, target) * self._inv_count
         micro = self._unpack(target)
@@ -269,9 +340,10 @@ class DistributedTrainer:
             self._pp_objective, self._pp_stats = (objective if custom else None), []
             target = self._pack(local) if custom else local["labels"]
             losses: list[torch.Tensor] = []
+            inputs = self._padded(model_inputs(local))
             try:
                 with self._autocast():
-                    self.schedule.step(local["input_ids"], attention_mask=local["attention_mask"],
+                    self.schedule.step(inputs["input_ids"], attention_mask=inputs["attention_mask"],
                                        target=target, losses=losses)
             finally:
                 self._pp_objective = None
@@ -285,25 +357,36 @@ class DistributedTrainer:
                         for key, value in micro_stats.items():
                             stats[key] = stats.get(key, 0.0) + value
                 self.last_stats = self._sum_over_dp(self._from_last_stage(stats))
+            self._sum_partial_grads()
             return float(sum(l.detach().double() for l in losses)) if losses else 0.0
         total, stats = 0.0, {}
         model = self.parts[0]
         n = self.cfg.microbatches
         chunks = {k: v.chunk(n) for k, v in local.items()}
+        sharded = self.vp and getattr(objective, "vocab_parallel", False)
         for i in range(n):
             if self.cfg.zero >= 2:  # reduce-scatter once, after the last micro-batch
                 model.set_requires_gradient_sync(i == n - 1)
             micro = {k: v[i] for k, v in chunks.items()}
             with self._autocast():
-                logits = model(**model_inputs(micro)).logits
-            summed, micro_stats = objective(logits, micro)
-            loss = summed * self._inv_count
-            loss.backward()
-            total += float(loss.detach())
+                logits = self.logits(micro, vocab_sharded=sharded)
+            with loss_parallel() if sharded else nullcontext():
+                summed, micro_stats = objective(logits, micro)
+                loss = summed * self._inv_count
+                loss.backward()
+            total += float(_local_value(loss.detach()))
             for key, value in micro_stats.items():
                 stats[key] = stats.get(key, 0.0) + float(value)
         self.last_stats = self._sum_over_dp(stats)
+        self._sum_partial_grads()
         return total
+
+    def _sum_partial_grads(self) -> None:
+        """Gradients each tp rank computed from its sequence slice or its heads (norms under sequence
+        parallelism, Qwen3's q/k norms, LoRA B behind a rowwise layer): summed over tp, once per
+        forward_backward (which expects gradients cleared before it, as train_step does)."""
+        if self.partial.entries:
+            zero_mod.allreduce_grads(self.partial.params(), self.mesh["tp"].get_group())
 
     def _sum_over_dp(self, stats: dict[str, float]) -> dict[str, float]:
         if not stats or self.dims.dp == 1:
@@ -322,9 +405,10 @@ class DistributedTrainer:
         if self.schedule is not None:  # the last stage computes the values; every pp rank gets them
             losses: list[torch.Tensor] = []
             self._pp_rows_fn = fn
+            inputs = self._padded(model_inputs(local))
             try:
                 with self._autocast():
-                    self.schedule.eval(local["input_ids"], attention_mask=local["attention_mask"],
+                    self.schedule.eval(inputs["input_ids"], attention_mask=inputs["attention_mask"],
                                        target=self._pack(local), losses=losses)
             finally:
                 self._pp_rows_fn = None
@@ -332,7 +416,7 @@ class DistributedTrainer:
             out = self._from_last_stage(out)
         else:
             with self._autocast():
-                logits = self.parts[0](**model_inputs(local)).logits
+                logits = self.logits(local)
             out = fn(logits, local).detach().float().cpu()
         if self.dims.dp == 1:
             return out

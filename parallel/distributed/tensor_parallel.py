@@ -1,22 +1,54 @@
-"""Tensor parallelism for Llama-family decoders (Llama, Qwen2, Mistral) with DTensor, model code unchanged.
+"""Tensor parallelism for Llama-family decoders (Llama, Qwen2/Qwen3, Mistral) with DTensor, model code unchanged.
 
 Attention reshapes with `view(*shape, -1, head_dim)`, so local shards of q/k/v simply carry fewer
-heads and nothing in the attention module needs adjusting. Embedding, norms and lm_head stay
-replicated (plain tensors); their gradients come out identical on every tp rank.
+heads and nothing in the attention module needs adjusting.
+
+Three options, each compared with one process by the tests:
+- the projections (q/k/v/gate/up column-wise, o/down row-wise), always;
+- sequence parallelism (Megatron-style): between the TP regions the residual stream and the norms hold
+  this rank's slice of the sequence. Attention and MLP inputs are all-gathered (reduce-scattered in
+  backward), o_proj/down_proj reduce-scatter instead of all-reducing. Norm weights stay plain tensors
+  fed a sequence slice, so their gradients are partial sums: the trainer sums them over tp;
+- vocab parallelism: the embedding and lm_head split the vocabulary; the logits stay vocab-sharded for
+  the token cross-entropy (computed by torch's loss_parallel) and are gathered for everything else.
+
+Per-head norms inside attention (Qwen3's q_norm/k_norm) see only this rank's heads, so their gradients
+are partial sums too, with or without sequence parallelism.
 """
 from __future__ import annotations
 
 from torch import nn
-from torch.distributed.tensor import Replicate, Shard, distribute_module, distribute_tensor
-from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module, distribute_tensor
+from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
+                                               parallelize_module)
 
 # Projection name -> style. Colwise splits output features (heads); rowwise splits input features and
-# all-reduces the output.
+# all-reduces (or, under sequence parallelism, reduce-scatters) the output.
 LLAMA_PLAN = {
     "self_attn.q_proj": "colwise", "self_attn.k_proj": "colwise", "self_attn.v_proj": "colwise",
     "self_attn.o_proj": "rowwise",
     "mlp.gate_proj": "colwise", "mlp.up_proj": "colwise", "mlp.down_proj": "rowwise",
 }
+SEQ = Shard(1)  # [batch, sequence, hidden]: the sequence dim
+
+
+class PartialGrads:
+    """Parameters whose gradient each tp rank computes from its own slice of the activations.
+
+    Kept as (module, name) so the lookup survives FSDP, which swaps a module's parameters for DTensors.
+    """
+
+    def __init__(self):
+        self.entries: list[tuple[nn.Module, str]] = []
+
+    def add_module(self, module: nn.Module) -> None:
+        for name, _ in module.named_parameters(recurse=False):
+            self.entries.append((module, name))
+        for child in module.children():
+            self.add_module(child)
+
+    def params(self) -> list[nn.Parameter]:
+        return [getattr(module, name) for module, name in self.entries]
 
 
 def _is_lora(module: nn.Module) -> bool:
@@ -32,12 +64,18 @@ def _shard_params(module: nn.Module, tp_mesh, placement_of) -> None:
     distribute_module(module, tp_mesh, partition)
 
 
-def _parallelize_lora(lora_layer: nn.Module, style: str, tp_mesh) -> None:
+def _rowwise(sequence_parallel: bool) -> RowwiseParallel:
+    return RowwiseParallel(output_layouts=SEQ) if sequence_parallel else RowwiseParallel()
+
+
+def _parallelize_lora(lora_layer: nn.Module, style: str, tp_mesh, sequence_parallel: bool,
+                      partial: PartialGrads) -> None:
     """Shard a peft LoRA wrapper: the base layer and the adapter matrix on the sharded side.
 
     Colwise base (y = x W^T, W split by rows): lora_B split by rows too, lora_A replicated.
-    Rowwise base (W split by columns): lora_A split by columns (its r-dim output is all-reduced, like
-    the base output), lora_B replicated.
+    Rowwise base (W split by columns): lora_A split by columns (its r-dim output is all-reduced, or
+    reduce-scattered over the sequence, like the base output), lora_B replicated; under sequence
+    parallelism lora_B sees a sequence slice, so its gradient is partial.
     """
     base = lora_layer.base_layer
     if style == "colwise":
@@ -49,18 +87,19 @@ def _parallelize_lora(lora_layer: nn.Module, style: str, tp_mesh) -> None:
             _local_io(a)
         return
     # Rowwise: x arrives sharded on its last dim (the previous colwise layer kept it local).
-    parallelize_module(base, tp_mesh, RowwiseParallel())
+    parallelize_module(base, tp_mesh, _rowwise(sequence_parallel))
     for a in lora_layer.lora_A.values():
-        parallelize_module(a, tp_mesh, RowwiseParallel())
+        parallelize_module(a, tp_mesh, _rowwise(sequence_parallel))
     for b in lora_layer.lora_B.values():
-        _shard_params(b, tp_mesh, lambda _: Replicate())
-        _local_io(b)
+        if sequence_parallel:
+            partial.add_module(b)
+        else:
+            _shard_params(b, tp_mesh, lambda _: Replicate())
+            _local_io(b)
 
 
 def _local_io(linear: nn.Module) -> None:
     """A replicated linear fed plain local tensors: wrap inputs as Replicate DTensors, return local."""
-    from torch.distributed.tensor import DTensor
-
     def pre(mod, args):
         x = args[0]
         if isinstance(x, DTensor):
@@ -73,12 +112,110 @@ def _local_io(linear: nn.Module) -> None:
     linear.register_forward_hook(post)
 
 
-def apply_tensor_parallel(layers: list[nn.Module], tp_mesh, plan: dict[str, str] = LLAMA_PLAN) -> None:
-    """Shard every decoder layer's projections over tp_mesh, in place; LoRA-wrapped ones included."""
+def shard_sequence(x, tp_mesh):
+    """This rank's slice of a full (replicated) [batch, seq, ...] tensor; backward all-gathers."""
+    tp = tp_mesh.size()
+    if x.shape[1] % tp:
+        raise ValueError(f"parallel.sequence_parallel: a sequence of {x.shape[1]} tokens does not split over "
+                         f"tp={tp} ranks (the trainer pads its batches; other callers must, or set "
+                         "sequence_parallel: false)")
+    return DTensor.from_local(x, tp_mesh, [Replicate()], run_check=False).redistribute(tp_mesh, [SEQ]).to_local()
+
+
+def gather_sequence(x, tp_mesh):
+    """The full sequence from every rank's slice; backward keeps this rank's slice of the gradient."""
+    return DTensor.from_local(x, tp_mesh, [SEQ], run_check=False).redistribute(tp_mesh, [Replicate()]).to_local()
+
+
+def _norm_names(module: nn.Module) -> list[str]:
+    return [name for name, child in module.named_children()
+            if name.endswith("norm") and any(True for _ in child.parameters())]
+
+
+def apply_tensor_parallel(layers: list[nn.Module], tp_mesh, plan: dict[str, str] = LLAMA_PLAN, *,
+                          sequence_parallel: bool = False, gather_output: bool = False) -> PartialGrads:
+    """Shard consecutive decoder layers' projections over tp_mesh, in place; LoRA-wrapped ones included.
+
+    sequence_parallel: the first layer slices its (replicated) input over the sequence, every layer
+    keeps the residual stream sliced, and with gather_output the last layer returns the full sequence
+    again (a pipeline stage that hands on to the next). Returns the parameters whose gradients must be
+    summed over tp after backward.
+    """
+    partial = PartialGrads()
     for layer in layers:
         for path, style in plan.items():
             module = layer.get_submodule(path)
             if _is_lora(module):
-                _parallelize_lora(module, style, tp_mesh)
+                _parallelize_lora(module, style, tp_mesh, sequence_parallel, partial)
+            elif style == "colwise":
+                parallelize_module(module, tp_mesh, ColwiseParallel())
             else:
-                parallelize_module(module, tp_mesh, ColwiseParallel() if style == "colwise" else RowwiseParallel())
+                parallelize_module(module, tp_mesh, _rowwise(sequence_parallel))
+        attn = layer.get_submodule("self_attn")
+        for name in _norm_names(attn):  # per-head norms (Qwen3) see only this rank's heads
+            partial.add_module(attn.get_submodule(name))
+        if sequence_parallel:
+            for name in _norm_names(layer):
+                partial.add_module(layer.get_submodule(name))
+            # One all-gather per block input, kept a DTensor so q/k/v (gate/up) share it and backward
+            # reduce-scatters their summed input gradients.
+            parallelize_module(attn, tp_mesh, PrepareModuleInput(
+                input_kwarg_layouts={"hidden_states": SEQ}, desired_input_kwarg_layouts={"hidden_states": Replicate()}))
+            parallelize_module(layer.get_submodule("mlp"), tp_mesh, PrepareModuleInput(
+                input_layouts=(SEQ,), desired_input_layouts=(Replicate(),)))
+    if sequence_parallel and layers:
+        layers[0].register_forward_pre_hook(
+            lambda mod, args, kwargs: ((shard_sequence(args[0], tp_mesh), *args[1:]), kwargs), with_kwargs=True)
+        if gather_output:  # a stage output, not a view: zero-bubble schedules detach it in place
+            layers[-1].register_forward_hook(lambda mod, args, out: gather_sequence(out, tp_mesh).clone())
+    return partial
+
+
+class LogitsLayout:
+    """Whether a vocab-parallel lm_head hands out its vocab-sharded DTensor (for loss_parallel) or the
+    gathered logits (the default: generation, custom objectives, evaluation)."""
+
+    def __init__(self):
+        self.keep_sharded = False
+
+
+def vocab_parallel_supported(embed: nn.Module | None, head: nn.Module | None, vocab_size: int, tp: int,
+                             tied: bool) -> str | None:
+    """Why the embedding/lm_head cannot be split over the vocabulary (None: they can)."""
+    if tied:
+        return "the model ties lm_head to the input embedding"
+    if vocab_size % tp:
+        return f"the vocabulary ({vocab_size}) does not divide by tp={tp}"
+    for module in (embed, head):
+        if module is not None and (_is_lora(module) or not isinstance(module, (nn.Embedding, nn.Linear))):
+            return f"{type(module).__name__} is not a plain embedding/linear (adapters or a wrapper on it)"
+    if head is not None and head.out_features != vocab_size:
+        return "the head is not a vocabulary projection (a score head)"
+    return None
+
+
+def apply_tp_ends(tp_mesh, *, embed: nn.Module | None, norm: nn.Module | None, head: nn.Module | None,
+                  sequence_parallel: bool, vocab_parallel: bool, logits: LogitsLayout) -> PartialGrads:
+    """The embedding (first stage) and final norm + head (last stage) around the tensor-parallel layers.
+
+    vocab_parallel: the embedding splits its rows (a masked lookup, outputs all-reduced) and lm_head its
+    output features. Under sequence parallelism the final norm runs on the sequence slice and the head
+    gathers the sequence first.
+    """
+    partial = PartialGrads()
+    if vocab_parallel and embed is not None:
+        parallelize_module(embed, tp_mesh, RowwiseParallel(input_layouts=Replicate()))
+    if head is None:
+        return partial
+    if sequence_parallel:
+        partial.add_module(norm)
+    if vocab_parallel:
+        parallelize_module(head, tp_mesh, ColwiseParallel(input_layouts=SEQ if sequence_parallel else Replicate(),
+                                                          output_layouts=Shard(-1), use_local_output=False))
+
+        def hand_out(mod, args, out):
+            return out if logits.keep_sharded else out.full_tensor()
+        head.register_forward_hook(hand_out)
+    elif sequence_parallel:
+        head.register_forward_pre_hook(lambda mod, args: (gather_sequence(args[0], tp_mesh), *args[1:]))
+    return partial

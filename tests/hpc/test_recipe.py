@@ -132,6 +132,15 @@ def test_stage_order_data_and_layout_problems_name_the_stage():
     out = problems(DPO_RECIPE, ["parallel.tp=2", "stages.1.precompute_reference=false"])
     assert out == ["stages.1.precompute_reference: must be true under several processes (the reference "
                    "log-probs are computed before the model is laid out)"]
+    out = problems(DPO_RECIPE, ["parallel.tp=2", "parallel.sequence_parallel=true",
+                                "stages.1={kind: grpo, reward_fn: 'recipes.rewards:exact_match'}"])
+    assert out == ["stages.1: the grpo stage samples from the model token by token, which sequence parallelism "
+                   "cannot split; set parallel.sequence_parallel: false (or leave it unset: it is then off for "
+                   "this stage)"]
+    assert load_recipe(DPO_RECIPE, ["parallel.tp=2", "stages.1={kind: grpo, reward_fn: 'recipes.rewards:exact_match'}"])
+    out = problems(DPO_RECIPE, ["parallel.tp=8", "parallel.vocab_parallel=true"])
+    assert "parallel.vocab_parallel: the vocabulary (260) does not divide by tp=8; leave vocab_parallel unset or false" in out
+    assert not any("vocab_parallel" in p for p in problems(DPO_RECIPE, ["parallel.tp=8"]))
     out = problems(DPO_RECIPE, ["data.sources=[{generate: tiny-tasks}]"])
     assert len(out) == 1 and out[0].startswith("stages.1: the dpo stage reads preference rows")
     out = problems(DPO_RECIPE, ["stages=[{kind: reward_model}]"])

@@ -49,13 +49,27 @@ def test_zero_stages_shard_what_they_should():
 
 def test_tensor_and_pipeline_splits():
     tp_layer = (12288 + 24576) // 2 + 128
-    assert _estimate(tp=2).params == 4 * (4 * tp_layer + 2 * EMBED + 64)
+    assert _estimate(tp=2, vocab_parallel=False).params == 4 * (4 * tp_layer + 2 * EMBED + 64)
+    assert _estimate(tp=2).params == 4 * (4 * tp_layer + EMBED + 64)  # embedding and lm_head split too
     # pp2: stage 0 = embedding + 2 layers = 90624, stage 1 = 2 layers + norm + lm_head = 90688.
     assert split_layers(5, 2) == [3, 2]
     # 1F1B: stage 0 holds 2 micro-batches in flight (2 x 2 layers x 1056 x 32 tokens x 2 bytes = 270336),
     # more than stage 1 (one in flight, 135168, plus logits 83200), so stage 0 is the most loaded.
     pp = _estimate(pp=2, microbatches=2)
     assert (pp.pp_rank, pp.params, pp.activations) == (0, 4 * (2 * LAYER + EMBED), 270336)
+
+
+def test_sequence_and_vocab_parallel_split_activations():
+    plain = _estimate(tp=2, sequence_parallel=False, vocab_parallel=False)
+    # Per token and layer: 4*64 replicated + (3*64 + 3*32 + 4*128) / 2 = 256 + 400 elements.
+    assert plain.activations == 32 * 4 * (256 + 400) * 2 + 32 * 260 * 10
+    sp = _estimate(tp=2, vocab_parallel=False)
+    # Sequence parallel: the gathered attention/MLP inputs stay whole (2*64), layer input + residual halve.
+    assert sp.activations == 32 * 4 * (128 + 64 + 400) * 2 + 32 * 260 * 10
+    both = _estimate(tp=2)
+    assert both.activations == sp.activations - 32 * 130 * 10  # vocab-sharded logits
+    tied = estimate_memory(dict(MICRO, tie_word_embeddings=True), ParallelConfig(tp=2), seq_len=16, micro_batch=2)
+    assert tied.activations == sp.activations  # tied embeddings: vocab parallelism stays off
 
 
 def test_lora_trains_only_adapters():

@@ -27,6 +27,7 @@ from recipes.config import GRPOStage, PPOStage  # noqa: E402
 from recipes.grpo import GRPOObjective, run_grpo  # noqa: E402
 from recipes.ppo import TokenValues, ValueObjective, run_ppo  # noqa: E402
 from recipes.rollout import gather_logprobs, response_tokens, rollout_from_tokens, rollout_rows, rows_response_logits, sample  # noqa: E402,E501
+from recipes.stages import sampling_layout  # noqa: E402
 from tests.parallel.distributed.harness import MODEL, build_model, full_grads  # noqa: E402
 from tests.recipes.rl_helpers import write_reward_model  # noqa: E402
 from tests.recipes.sft_helpers import write_task_data  # noqa: E402
@@ -108,7 +109,8 @@ def _ranks_main(rank, world_size, model_dir, data_dir, out_root):
                 zero_mod.allreduce_grads(trainer.params, dp_mesh(trainer.mesh).get_group())
             grads = {n: g.detach().numpy().copy() for n, g in full_grads(trainer).items()}
             out["grads"][(name, case)] = (trainer._global_loss(loss), grads)
-        trainer = DistributedTrainer(build_model("full"), cfg, ParallelDims.from_config(cfg, world_size).build_mesh("cpu"))
+        gen_cfg = sampling_layout(cfg)  # decoding token by token: no sequence parallelism
+        trainer = DistributedTrainer(build_model("full"), gen_cfg, ParallelDims.from_config(cfg, world_size).build_mesh("cpu"))
         if name != "dp2-zero0":  # generation through sharded weights
             share = _prompts(5, 2)[:2] if dp_rank(trainer.mesh) == 0 and trainer.dims.dp > 1 else _prompts(5, 2)
             if trainer.dims.dp > 1 and dp_rank(trainer.mesh) == 1:

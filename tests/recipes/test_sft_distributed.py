@@ -30,6 +30,7 @@ LAYOUTS = {  # name -> (parallel section, mode)
     "tp2": (dict(tp=2), "full"),
     "pp2-1f1b": (dict(pp=2, pp_schedule="1f1b", microbatches=2), "full"),
     "dp2-zero1-lora": (dict(dp_shard=2, zero=1), "lora"),
+    "tp2-lora": (dict(tp=2), "lora"),  # sequence + vocab parallel (the defaults under tp) with adapters
 }
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 from torch.distributed.tensor import DTensor
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from parallel.dims import ParallelConfig
 from parallel.distributed.engine import DistributedTrainer, build_adamw, num_label_tokens, summed_ce
@@ -17,10 +17,22 @@ GRAD_CLIP = 1.0
 STEPS = 3
 
 
-def build_model(mode: str, seed: int = 0):
-    """The same weights on every call; LoRA B matrices random (not zero) so every adapter gets a gradient."""
+FAMILIES = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM)}
+SEQ = 16
+
+
+def build_model(mode: str, seed: int = 0, family: str = "llama"):
+    """The same weights on every call; LoRA B matrices random (not zero) so every adapter gets a gradient.
+
+    qwen3: per-head q/k norms inside attention (their weights get random values so they matter)."""
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**MODEL))
+    config_cls, model_cls = FAMILIES[family]
+    model = model_cls(config_cls(**MODEL, **({"head_dim": 16} if family == "qwen3" else {})))
+    if family == "qwen3":
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith(("q_norm.weight", "k_norm.weight")):
+                    p.copy_(1 + 0.2 * torch.randn(p.shape))
     if mode == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -34,7 +46,7 @@ def build_model(mode: str, seed: int = 0):
     return model
 
 
-def make_batch(step: int, rows: int = 8, seq: int = 16) -> dict[str, torch.Tensor]:
+def make_batch(step: int, rows: int = 8, seq: int = SEQ) -> dict[str, torch.Tensor]:
     """Right-padded rows of different lengths; the first third of each row is an unlabelled prompt."""
     gen = torch.Generator().manual_seed(100 + step)
     ids = torch.randint(4, MODEL["vocab_size"], (rows, seq), generator=gen)
@@ -49,16 +61,17 @@ def make_batch(step: int, rows: int = 8, seq: int = 16) -> dict[str, torch.Tenso
 _REFERENCE: dict[str, dict] = {}
 
 
-def reference(mode: str) -> dict:
+def reference(mode: str, family: str = "llama", seq: int = SEQ) -> dict:
     """One process, whole batch: per-step losses and grad norms, and the first step's clipped grads."""
-    if mode in _REFERENCE:
-        return _REFERENCE[mode]
-    model = build_model(mode).train()
+    key = f"{mode}-{family}-{seq}"
+    if key in _REFERENCE:
+        return _REFERENCE[key]
+    model = build_model(mode, family=family).train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = build_adamw(params, **HPARAMS)
     losses, norms, grads = [], [], {}
     for step in range(STEPS):
-        batch = make_batch(step)
+        batch = make_batch(step, seq=seq)
         opt.zero_grad(set_to_none=True)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         loss = summed_ce(logits, batch["labels"]) / num_label_tokens(batch["labels"])
@@ -68,8 +81,8 @@ def reference(mode: str) -> dict:
         if step == 0:
             grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         opt.step()
-    _REFERENCE[mode] = {"losses": losses, "norms": norms, "grads": grads}
-    return _REFERENCE[mode]
+    _REFERENCE[key] = {"losses": losses, "norms": norms, "grads": grads}
+    return _REFERENCE[key]
 
 
 def full_grads(trainer: DistributedTrainer) -> dict[str, torch.Tensor]:
@@ -82,14 +95,17 @@ def full_grads(trainer: DistributedTrainer) -> dict[str, torch.Tensor]:
     return out
 
 
-def check_layout_against_reference(cfg: ParallelConfig, mode: str, world_size: int) -> dict:
-    """Train STEPS steps under `cfg`; diffs against one process (losses, norms, first-step grads)."""
+def check_layout_against_reference(cfg: ParallelConfig, mode: str, world_size: int, family: str = "llama",
+                                   seq: int = SEQ) -> dict:
+    """Train STEPS steps under `cfg`; diffs against one process (losses, norms, first-step grads).
+
+    Also reports which tensor-parallel options the trainer took (sequence/vocab parallel)."""
     mesh = ParallelDims.from_config(cfg, world_size).build_mesh("cpu")
-    trainer = DistributedTrainer(build_model(mode), cfg, mesh, mode=mode, grad_clip=GRAD_CLIP, **HPARAMS)
-    ref = reference(mode)
+    trainer = DistributedTrainer(build_model(mode, family=family), cfg, mesh, mode=mode, grad_clip=GRAD_CLIP, **HPARAMS)
+    ref = reference(mode, family, seq)
     losses, norms, grad_abs, grad_rel, names = [], [], 0.0, 0.0, []
     for step in range(STEPS):
-        loss, norm = trainer.train_step(make_batch(step))
+        loss, norm = trainer.train_step(make_batch(step, seq=seq))
         losses.append(loss)
         norms.append(norm)
         if step == 0:
@@ -104,4 +120,8 @@ def check_layout_against_reference(cfg: ParallelConfig, mode: str, world_size: i
         "norm_diff": max(abs(a - b) / b for a, b in zip(norms, ref["norms"])),
         "grad_abs": grad_abs, "grad_rel": grad_rel, "names": names,
         "ref_names": sorted(ref["grads"]), "losses": losses,
+        "sequence_parallel": trainer.sp, "vocab_parallel": trainer.vp,
+        "vocab_sharded": sorted(n for part in trainer.parts for n, p in part.named_parameters()
+                                if isinstance(p, DTensor) and n.endswith(("embed_tokens.weight", "lm_head.weight"))
+                                and any(pl.is_shard() for pl in p.placements)),
     }

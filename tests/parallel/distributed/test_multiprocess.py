@@ -1,6 +1,8 @@
 """Every layout against one process: losses over 3 AdamW steps, grad norms, and every first-step gradient.
 
 One forked launch per world size runs many layouts (fork after imports keeps a launch to seconds).
+Under tp, sequence and vocab parallelism are on unless a layout turns them off; a third entry picks
+the model family (qwen3: per-head q/k norms) or an odd sequence length (padded for sequence parallel).
 """
 import time
 
@@ -19,6 +21,13 @@ LAYOUTS = {
     2: {
         "tp2": (dict(tp=2), "full"),
         "tp2-lora": (dict(tp=2), "lora"),
+        "tp2-no_sp-no_vp": (dict(tp=2, sequence_parallel=False, vocab_parallel=False), "full"),
+        "tp2-no_sp-lora": (dict(tp=2, sequence_parallel=False), "lora"),
+        "tp2-seq15": (dict(tp=2), "full", dict(seq=15)),
+        "tp2-ac_selective": (dict(tp=2, activation_checkpointing="selective"), "full"),
+        "tp2-qwen3": (dict(tp=2), "full", dict(family="qwen3")),
+        "tp2-qwen3-no_sp": (dict(tp=2, sequence_parallel=False), "full", dict(family="qwen3")),
+        "tp2-qwen3-lora": (dict(tp=2), "lora", dict(family="qwen3")),
         "pp2-gpipe": (dict(pp=2, pp_schedule="gpipe", microbatches=2), "full"),
         "pp2-1f1b": (dict(pp=2, pp_schedule="1f1b", microbatches=4), "full"),
         "pp2-interleaved_1f1b": (dict(pp=2, pp_schedule="interleaved_1f1b", microbatches=4), "full"),
@@ -43,6 +52,9 @@ LAYOUTS = {
                                                  pp_schedule="interleaved_1f1b"), "lora"),
         "pp2xtp2-1f1b": (dict(pp=2, tp=2, microbatches=2), "full"),
         "pp2xtp2-gpipe-lora": (dict(pp=2, tp=2, microbatches=2, pp_schedule="gpipe"), "lora"),
+        "pp2xtp2-seq15-qwen3": (dict(pp=2, tp=2, microbatches=2), "full", dict(seq=15, family="qwen3")),
+        "tp2xdp2-zero2-accum2-ac_full": (dict(tp=2, dp_shard=2, zero=2, microbatches=2,
+                                              activation_checkpointing="full"), "full"),
     },
     8: {
         "pp2xdp2xtp2-zero3": (dict(pp=2, dp_shard=2, tp=2, zero=3, microbatches=2), "full"),
@@ -55,9 +67,9 @@ CASES = [(world, name) for world, layouts in LAYOUTS.items() for name in layouts
 
 def _run_layouts(rank, world_size, layouts):
     out = {}
-    for name, (cfg, mode) in layouts.items():
+    for name, (cfg, mode, *opts) in layouts.items():
         start = time.perf_counter()
-        out[name] = H.check_layout_against_reference(ParallelConfig(**cfg), mode, world_size)
+        out[name] = H.check_layout_against_reference(ParallelConfig(**cfg), mode, world_size, **(opts[0] if opts else {}))
         out[name]["seconds"] = time.perf_counter() - start
     return out
 
@@ -78,8 +90,16 @@ def test_layout_matches_one_process(results, world, name):
     per_rank = [r[name] for r in results(world)]
     covered = set().union(*(r["names"] for r in per_rank))
     assert covered == set(per_rank[0]["ref_names"]), "some gradients were not compared"
-    if LAYOUTS[world][name][1] == "lora":
+    cfg, mode = LAYOUTS[world][name][:2]
+    if mode == "lora":
         assert all("lora_" in n for n in covered)
+    tp = cfg.get("tp", 1) > 1
+    assert [r["sequence_parallel"] for r in per_rank] == [tp and cfg.get("sequence_parallel", True)] * world
+    vocab = tp and cfg.get("vocab_parallel", True)
+    assert [r["vocab_parallel"] for r in per_rank] == [vocab] * world
+    if vocab:  # every rank holding the embedding or the head holds a vocab shard of it
+        held = set().union(*(r["vocab_sharded"] for r in per_rank))
+        assert {n.split(".")[-2] for n in held} == {"embed_tokens", "lm_head"}, held
     for r in per_rank:
         assert r["loss_diff"] < 1e-5, r["losses"]
         assert r["norm_diff"] < 1e-5
