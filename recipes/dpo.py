@@ -49,6 +49,8 @@ def pair_logprobs(model, batch: dict[str, torch.Tensor], runtime: engine.Runtime
 class DPOObjective(Objective):
     """The DPO (or IPO) loss per pair on interleaved rows carrying the reference log-probs (`ref_logps`)."""
 
+    vocab_parallel = True  # takes vocab-sharded logits (recipes.losses.token_logprobs)
+
     def __init__(self, cfg: DPOStage):
         self.cfg = cfg
 

@@ -26,13 +26,23 @@ class PreferenceLoss:
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor,
                    ignore_index: int = IGNORE_INDEX) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-prob of each next label token and the mask of label positions, both [batch, time - 1]."""
+    """Log-prob of each next label token and the mask of label positions, both [batch, time - 1].
+
+    Vocab-sharded logits (a DTensor from a vocab-parallel lm_head, inside torch's loss_parallel context)
+    are never gathered: the log-prob is minus the per-token cross-entropy, which loss_parallel computes
+    from the shards."""
+    from torch.distributed.tensor import DTensor
+
     logits = logits[:, :-1].float()
     targets = labels[:, 1:]
     mask = targets != ignore_index
     # Gather at a valid index everywhere, then zero the ignored positions.
     safe = targets.masked_fill(~mask, 0)
-    logp = torch.gather(F.log_softmax(logits, dim=-1), 2, safe.unsqueeze(-1)).squeeze(-1)
+    if isinstance(logits, DTensor):
+        nll = F.cross_entropy(logits.flatten(0, 1), safe.flatten(), reduction="none")
+        logp = -nll.to_local().view_as(safe)  # replicated over tp: every rank holds every value
+    else:
+        logp = torch.gather(F.log_softmax(logits, dim=-1), 2, safe.unsqueeze(-1)).squeeze(-1)
     return logp * mask, mask
 
 

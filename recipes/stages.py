@@ -134,7 +134,7 @@ def plan_memory(stage, parallel, model_config: dict, dtype_bytes: int = 2):
         seq_len = stage.seq_len
     layout = sampling_layout(parallel) if KINDS[stage.kind].samples else parallel
     est = estimate_memory(model_config, layout, mode=stage.mode, seq_len=seq_len, micro_batch=max(1, int(rows)),
-                          dtype_bytes=dtype_bytes, lora_r=stage.lora.r, loss_parallel=stage.kind == "sft")
+                          dtype_bytes=dtype_bytes, lora_r=stage.lora.r, loss_parallel=stage.kind in ("sft", "dpo"))
     whole = num_params(model_config) * 4
     frozen = 0
     if stage.kind == "dpo" and stage.mode == "full" and not stage.precompute_reference:

@@ -101,7 +101,11 @@ class Objective:
     count(global batch) -> the number of units the loss is averaged over (label tokens, pairs, ...);
     __call__(logits, micro-batch) -> (summed loss tensor, {statistic: summed value}). A micro-batch
     holds whole units: rows that belong together (a preference pair) must not straddle a split.
+    vocab_parallel: True when __call__ also takes vocab-sharded DTensor logits (it then runs inside
+    torch's loss_parallel context, at pp = 1 under a vocab-parallel head); otherwise logits are gathered.
     """
+
+    vocab_parallel = False
 
     def count(self, batch: dict[str, torch.Tensor]) -> int:
         raise NotImplementedError
@@ -363,7 +367,7 @@ class DistributedTrainer:
         model = self.parts[0]
         n = self.cfg.microbatches
         chunks = {k: v.chunk(n) for k, v in local.items()}
-        sharded = self.vp and getattr(objective, "vocab_parallel", False)
+        sharded = self.vp and objective.vocab_parallel
         for i in range(n):
             if self.cfg.zero >= 2:  # reduce-scatter once, after the last micro-batch
                 model.set_requires_gradient_sync(i == n - 1)

@@ -77,7 +77,7 @@ def _ranks_main(rank, world_size, model_dir, data_dir, out_root):
             model, objective, batch = _models()[name]
             cfg = ParallelConfig(**layout)
             trainer = DistributedTrainer(model, cfg, ParallelDims.from_config(cfg, world_size).build_mesh("cpu"))
-            loss = trainer.forward_backward(batch, objective)
+            loss = trainer.forward_backward(batch, _LogitsSpy(objective))
             if cfg.zero <= 1 and trainer.dims.dp > 1:
                 from parallel.distributed import zero as zero_mod
                 from parallel.distributed.mesh import dp_mesh
@@ -86,9 +86,29 @@ def _ranks_main(rank, world_size, model_dir, data_dir, out_root):
             # numpy arrays travel by value (tensors would go through shared memory that dies with the rank)
             grads = {n: g.detach().numpy().copy() for n, g in full_grads(trainer).items()}
             out["grads"][(layout_name, name)] = (trainer._global_loss(loss), grads)
+            out.setdefault("vocab_sharded", {})[(layout_name, name)] = _LogitsSpy.sharded
     for name, (kind, layout, mode) in STAGE_LAYOUTS.items():
         out[name] = _stage(kind, model_dir, data_dir, out_root / name, ParallelConfig(**layout), mode)
     return out
+
+
+class _LogitsSpy:
+    """The objective, noting whether it was handed vocab-sharded logits (a DTensor under loss_parallel)."""
+
+    sharded = False
+
+    def __init__(self, objective):
+        self.objective, self.vocab_parallel = objective, objective.vocab_parallel
+        _LogitsSpy.sharded = False
+
+    def count(self, batch):
+        return self.objective.count(batch)
+
+    def __call__(self, logits, micro):
+        from torch.distributed.tensor import DTensor
+
+        _LogitsSpy.sharded |= isinstance(logits, DTensor)
+        return self.objective(logits, micro)
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +149,8 @@ def test_every_gradient_matches_one_process(ranks, layout, name):
                     for n in grads)
         assert worst < 1e-4, f"{layout}/{name}: max relative gradient difference {worst:.2e}"
     assert covered == set(ref_grads), "some gradients were not compared"
+    # DPO's log-probs come from vocab-sharded logits under tp (the reward model has a score head)
+    assert [out["vocab_sharded"][(layout, name)] for out in ranks[1]] == [layout == "tp2" and name == "dpo"] * 2
 
 
 def _curves(events):
