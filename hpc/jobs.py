@@ -30,6 +30,7 @@ class StageContext:
     tracker: Tracker
     run_id: str  # this stage's MLflow child run
     base_dir: Path  # the recipe file's directory: relative paths resolve against it
+    leader: bool = True  # rank 0 of a multi-process job (the one that reports and writes shared files)
 
     def progress(self, event: dict) -> None:
         event = {"t": time.time(), "stage": self.spec.name, "element": self.spec.elements[self.index]} | event
@@ -108,11 +109,31 @@ def _train(ctx: StageContext) -> dict:
     if kind.uses_reward_model:
         reward = previous_stage(stages, index, policy=False)
         extra["reward_model_dir"] = ctx.output_of(reward.name) / "checkpoint" if reward else None
+    _keep_resume_state(ctx)
     result = kind.load_runner()(stage, model_dir=_start_model(ctx, index), data_dir=_data_dir(ctx, kind.data),
                                 out_dir=ctx.out_dir, parallel=ctx.recipe.parallel, seed=seed,
                                 progress=ctx.progress, **extra)
     ctx.tracker.log_metrics(ctx.run_id, {f"final.{k}": v for k, v in result.items()})
     return result
+
+
+def _keep_resume_state(ctx: StageContext) -> None:
+    """Keep `resume/` (the stage's periodic training-state checkpoints) only if the same stage config and
+    inputs wrote it; any rank may resume from it once this returns (collective)."""
+    import shutil
+
+    import torch.distributed as dist
+
+    resume = ctx.out_dir / "resume"
+    key_file = resume / "key"
+    if ctx.leader and (not key_file.is_file() or key_file.read_text().strip() != ctx.spec.resume_key):
+        if resume.exists():
+            ctx.progress({"resume": "discarded", "reason": "stage config or inputs changed"})
+            shutil.rmtree(resume)
+        resume.mkdir(parents=True)
+        key_file.write_text(ctx.spec.resume_key + "\n")
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 def _data_dir(ctx: StageContext, rows: str) -> Path:
@@ -234,6 +255,7 @@ def run_stage(run_root: str, stage: str, index: int = 0) -> dict:
                        Path(meta["base_dir"]))
     started = time.time()
     leader = _join_world()
+    ctx.leader = leader
     if not leader:  # other ranks of a multi-process job compute; rank 0 reports and marks
         ctx.progress = lambda event: None
     result = STAGE_FUNCS[spec.kind](ctx)

@@ -30,6 +30,9 @@ class StageSpec:
     input_hash: str
     elements: tuple[str, ...] = ("0",)  # one label per array element
     config: dict = field(default_factory=dict, compare=False)
+    # Training stages: the input hash without the parallel layout. A resumable checkpoint is kept while
+    # it stays the same, so a stage restarted under another layout resumes.
+    resume_key: str = ""
 
     @property
     def is_array(self) -> bool:
@@ -50,10 +53,11 @@ def build_plan(recipe: Recipe) -> list[StageSpec]:
     dump = recipe.model_dump(mode="json")
     stages: list[StageSpec] = []
 
-    def add(name, kind, deps, section, resources=Resources(), elements=("0",)):
+    def add(name, kind, deps, section, resources=Resources(), elements=("0",), resume_key=""):
         upstream = [s.input_hash for s in stages if s.name in deps]
         h = _hash(kind, section, upstream)
-        stages.append(StageSpec(name, kind, tuple(deps), resources, h, tuple(elements), section or {}))
+        key = _hash(kind, resume_key, upstream) if resume_key else ""
+        stages.append(StageSpec(name, kind, tuple(deps), resources, h, tuple(elements), section or {}, key))
 
     add("model", "model", [], dump["model"])
     add("data", "data", ["model"], dump["data"],
@@ -63,7 +67,7 @@ def build_plan(recipe: Recipe) -> list[StageSpec]:
     for stage, raw in zip(recipe.stages, dump["stages"]):
         add(stage.name, stage.kind, ["model", prev],
             {"stage": raw, "parallel": dump["parallel"], "seed": recipe.seed},
-            Resources(tasks_per_node=world, cpus_per_task=2))
+            Resources(tasks_per_node=world, cpus_per_task=2), resume_key={"stage": raw, "seed": recipe.seed})
         prev = stage.name
     add("export", "export", ["model", prev], {})
     add("eval", "eval", ["model", "data", "export"], dump["eval"], Resources(cpus_per_task=2),

@@ -48,6 +48,10 @@ def describe(ev: dict | None) -> str:
             eta = ev["elapsed_s"] / ev["step"] * (ev["max_steps"] - ev["step"])
             parts.append(f"ETA {eta:,.0f}s")
         return "  ".join(parts)
+    if "resumed_from_step" in ev:
+        return f"resumed from step {ev['resumed_from_step']}"
+    if "checkpoint" in ev and "step" in ev:
+        return f"step {ev['step']}  checkpoint saved"
     if "done" in ev and "total" in ev:
         return f"{ev['step']} ({ev['done']}/{ev['total']})"
     return str(ev.get("step", ""))

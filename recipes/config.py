@@ -47,6 +47,9 @@ class SFTStage(_Section):
     seq_len: int = Field(128, ge=8)
     eval_every: int = Field(50, ge=1, description="validation loss every N steps")
     log_every: int = Field(10, ge=1)
+    checkpoint_every: int = Field(100, ge=0, description="save a resumable training state every N steps "
+                                  "(0: never); a restarted stage (requeued, preempted, crashed) resumes "
+                                  "from the latest, under any layout")
     seed: int | None = Field(None, description="defaults to the recipe seed")
 
     @model_validator(mode="after")

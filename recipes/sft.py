@@ -11,6 +11,7 @@ checkpoint and result.json; every rank returns the same result dict.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +22,10 @@ import torch
 from parallel import engine
 from parallel.checkpoint import gather_full_state_dict, save_checkpoint
 from parallel.dims import ParallelConfig
+from parallel.distributed.checkpoint import OneProcessState
 from recipes.config import SFTStage
 from recipes.data import DataStats, StepBatches, chat_tokenizer, collate, eval_batches, load_split, micro_batches
+from recipes.resume import Resumer
 
 Progress = Callable[[dict], None]
 
@@ -54,8 +57,8 @@ def run_sft(cfg: SFTStage, *, model_dir: Path, data_dir: Path, out_dir: Path, pa
     seed = cfg.seed if cfg.seed is not None else seed
     torch.manual_seed(seed)
     session = setup(cfg, Path(model_dir), Path(data_dir), parallel, seed)
-    result = train(cfg, session, progress or (lambda event: None))
     out_dir = Path(out_dir)
+    result = train(cfg, session, progress or (lambda event: None), Resumer(out_dir, cfg.checkpoint_every))
     model = final_model(cfg, session, Path(model_dir))  # collective under several ranks
     if model is not None:  # one process, or rank 0
         save_checkpoint(model, session.tokenizer, out_dir / "checkpoint", base_model_dir=model_dir,
@@ -67,6 +70,7 @@ def run_sft(cfg: SFTStage, *, model_dir: Path, data_dir: Path, out_dir: Path, pa
             data={name: vars(stats) for name, stats in session.data_stats.items()},
         )
         (out_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+        shutil.rmtree(out_dir / "resume", ignore_errors=True)  # the stage is complete: nothing to resume
     return engine.from_rank0(result)
 
 
@@ -125,12 +129,20 @@ def distributed_val_batches(cfg: SFTStage, parallel: ParallelConfig, examples, p
     return eval_batches(examples, rows, pad_id, fill=True, width=pad_width)
 
 
-def train(cfg: SFTStage, s: Session, progress: Progress) -> dict:
-    """The loop: one optimizer step per global batch, logs every log_every, validation every eval_every."""
+def train(cfg: SFTStage, s: Session, progress: Progress, resumer: Resumer | None = None) -> dict:
+    """The loop: one optimizer step per global batch, logs every log_every, validation every eval_every,
+    a resumable checkpoint every checkpoint_every; starts after the latest checkpoint when there is one
+    (the batch of step s is a function of s, so the data picks up where it stopped)."""
     started = time.perf_counter()
-    step_seconds, total_tokens, val_loss = 0.0, 0, None
+    step_seconds, total_tokens, val_loss, train_loss = 0.0, 0, None, None
     window = {"losses": [], "tokens": 0, "seconds": 0.0}
-    for step in range(1, cfg.max_steps + 1):
+    state = (s.trainer if s.trainer is not None
+             else OneProcessState(s.model, s.optimizer, s.scheduler))
+    resumed = resumer.load(state) if resumer is not None else None
+    first = 1 + (resumed["step"] if resumed else 0)
+    if resumed:
+        progress({"resumed_from_step": resumed["step"], "checkpoint": resumed["path"]})
+    for step in range(first, cfg.max_steps + 1):
         t0 = time.perf_counter()
         metrics = train_step(cfg, s, step)
         seconds = time.perf_counter() - t0
@@ -149,8 +161,15 @@ def train(cfg: SFTStage, s: Session, progress: Progress) -> dict:
         if step % cfg.eval_every == 0 or last:
             val_loss = validation_loss(s)
             progress({"step": step, "val_loss": val_loss})
+        if resumer is not None and resumer.due(step, cfg.max_steps):
+            t0 = time.perf_counter()
+            path = resumer.save(state, step)
+            progress({"step": step, "checkpoint": str(path), "checkpoint_s": time.perf_counter() - t0})
+    if val_loss is None:  # resumed after the last step's validation was written: measure it again
+        val_loss = validation_loss(s)
     return {"final_loss": train_loss, "val_loss": val_loss, "steps": cfg.max_steps, "tokens": total_tokens,
-            "train_seconds": step_seconds, "tokens_per_s": total_tokens / step_seconds}
+            "train_seconds": step_seconds, "tokens_per_s": total_tokens / max(step_seconds, 1e-9),
+            "resumed_from_step": resumed["step"] if resumed else None}
 
 
 def train_step(cfg: SFTStage, s: Session, step: int) -> engine.StepMetrics:

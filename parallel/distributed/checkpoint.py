@@ -1,24 +1,52 @@
-"""Distributed checkpoints (torch.distributed.checkpoint) of a DistributedTrainer, resumable under any layout.
+"""Distributed checkpoints (torch.distributed.checkpoint) of a training state, resumable under any layout.
 
 Keys are global parameter names (stage modules keep them), optimizer state is flattened per
 parameter name, and DCP reshards on load, so a checkpoint saved at tp2 x dp2 loads at pp2 or in one
-process. Also saved: the step count, rank 0's RNG state, and a caller's JSON-able `extra` dict (e.g.
-the data position).
+process, and one saved by a plain one-process model (`OneProcessState`) loads into a DistributedTrainer
+and back. Only trainable parameters are saved: frozen ones (a LoRA/QLoRA base) come from the model
+directory on every start. Also saved: the step count, rank 0's RNG state, and a caller's JSON-able
+`extra` dict (e.g. the data position).
 """
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
-OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True, ignore_frozen_params=True)
+# Loading sets the trainable parameters only (DCP already failed on any of them missing from the checkpoint).
+LOAD_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True, ignore_frozen_params=True, strict=False)
 EXTRA_FILE = "trainer_extra.json"
+
+
+@dataclass
+class OneProcessState:
+    """A one-process model and its optimizer (and LR scheduler) in the shape these functions take."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object | None = None
+    step: int = 0
+
+    @property
+    def parts(self) -> list[nn.Module]:
+        return [self.model]
+
+    @property
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self.optimizer]
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
 
 
 def _state(trainer) -> tuple[list[dict], list[dict | None]]:
@@ -39,13 +67,14 @@ def _merged(models: list[dict], optims: list[dict | None], trainer) -> dict:
 
 
 def save_checkpoint(trainer, path: Path, extra: dict | None = None) -> Path:
-    """Collective: every rank calls it with the same path."""
+    """Collective under torch.distributed: every rank calls it with the same path."""
     path = Path(path)
     models, optims = _state(trainer)
     dcp.save(_merged(models, optims, trainer), checkpoint_id=str(path))
-    if dist.get_rank() == 0:
+    if not _distributed() or dist.get_rank() == 0:
         (path / EXTRA_FILE).write_text(json.dumps(extra or {}))
-    dist.barrier()
+    if _distributed():
+        dist.barrier()
     return path
 
 
@@ -56,9 +85,13 @@ def load_checkpoint(trainer, path: Path) -> dict:
     state = _merged(models, optims, trainer)
     dcp.load(state, checkpoint_id=str(path))
     for part, opt, model_sd, optim_sd in zip(trainer.parts, trainer.optimizers, models, optims):
-        set_model_state_dict(part, {k: state[f"model.{k}"] for k in model_sd}, options=OPTIONS)
+        set_model_state_dict(part, {k: state[f"model.{k}"] for k in model_sd}, options=LOAD_OPTIONS)
         if opt is not None:
-            set_optimizer_state_dict(part, opt, {k: state[f"optim.{k}"] for k in optim_sd}, options=OPTIONS)
+            set_optimizer_state_dict(part, opt, {k: state[f"optim.{k}"] for k in optim_sd}, options=LOAD_OPTIONS)
     trainer.step = int(state["trainer"]["step"])
     torch.set_rng_state(state["trainer"]["rng"])
+    scheduler = getattr(trainer, "scheduler", None)
+    if scheduler is not None:  # a step-indexed schedule (LambdaLR): put it, and the lrs, at the step
+        scheduler.last_epoch = trainer.step - 1
+        scheduler.step()
     return json.loads((path / EXTRA_FILE).read_text())
