@@ -11,7 +11,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from parallel.dims import ParallelConfig  # noqa: E402
 from parallel.export import export_hf  # noqa: E402
-from parallel.tiny import build_tiny_model  # noqa: E402
 from recipes.config import DPOStage, RewardModelStage, SFTStage, TrainStage  # noqa: E402
 from recipes.dpo import pair_logprobs, run_dpo, setup  # noqa: E402
 from recipes.preference import eval_pair_batches  # noqa: E402
@@ -20,11 +19,6 @@ from tests.recipes.preference_helpers import sft_start_model, write_preference_d
 TRAIN_KEYS = {"step", "max_steps", "loss", "margin", "accuracy", "chosen_reward", "rejected_reward", "kl", "lr",
               "grad_norm", "pairs_per_s", "elapsed_s"}
 VAL_KEYS = {"step", "val_loss", "val_accuracy", "val_margin", "val_logp_accuracy", "val_logp_margin", "val_kl"}
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return build_tiny_model("micro-llama", tmp_path_factory.mktemp("micro"), seed=0)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from parallel.dims import ParallelConfig  # noqa: E402
 from parallel.export import export_hf  # noqa: E402
-from parallel.tiny import build_tiny_model, build_tokenizer  # noqa: E402
+from parallel.tiny import build_tokenizer  # noqa: E402
 from recipes.config import GRPOStage  # noqa: E402
 from recipes.grpo import run_grpo, setup  # noqa: E402
 from tests.recipes.preference_helpers import sft_start_model  # noqa: E402
@@ -29,11 +29,6 @@ TRAIN_KEYS = {"step", "max_steps", "score", "score_std", "zero_std_fraction", "l
               "clip_fraction", "approx_kl", "entropy", "response_length", "eos_rate", "lr", "grad_norm",
               "rollouts_per_s", "elapsed_s"}
 VAL_KEYS = {"step", "val_reward", "val_exact_match", "val_response_length", "val_eos_rate"}
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return build_tiny_model("micro-llama", tmp_path_factory.mktemp("micro"), seed=0)
 
 
 @pytest.fixture(scope="module")

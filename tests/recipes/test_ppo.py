@@ -21,7 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from parallel.dims import ParallelConfig  # noqa: E402
 from parallel.export import export_hf  # noqa: E402
-from parallel.tiny import build_tiny_model, build_tokenizer  # noqa: E402
+from parallel.tiny import build_tokenizer  # noqa: E402
 from recipes.config import GRPOStage, PPOStage, RewardModelStage, TrainStage  # noqa: E402
 from recipes.ppo import KLController, run_ppo, setup, token_values  # noqa: E402
 from recipes.reward import run_reward_model  # noqa: E402
@@ -34,11 +34,6 @@ TRAIN_KEYS = {"step", "max_steps", "score", "kl", "kl_coef", "policy_loss", "val
               "value_clip_fraction", "approx_kl", "entropy", "response_length", "eos_rate", "lr", "critic_lr",
               "grad_norm", "critic_grad_norm", "rollouts_per_s", "elapsed_s"}
 VAL_KEYS = {"step", "val_reward", "val_exact_match", "val_response_length", "val_eos_rate"}
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return build_tiny_model("micro-llama", tmp_path_factory.mktemp("micro"), seed=0)
 
 
 @pytest.fixture(scope="module")

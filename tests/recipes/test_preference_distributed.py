@@ -18,7 +18,6 @@ from parallel.dims import ParallelConfig  # noqa: E402
 from parallel.distributed.engine import DistributedTrainer  # noqa: E402
 from parallel.distributed.launch import launch  # noqa: E402
 from parallel.distributed.mesh import ParallelDims  # noqa: E402
-from parallel.tiny import build_tiny_model  # noqa: E402
 from recipes.config import DPOStage, RewardModelStage  # noqa: E402
 from recipes.dpo import DPOObjective, run_dpo  # noqa: E402
 from recipes.reward import BradleyTerryObjective, run_reward_model  # noqa: E402
@@ -109,11 +108,6 @@ class _LogitsSpy:
 
         _LogitsSpy.sharded |= isinstance(logits, DTensor)
         return self.objective(logits, micro)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return build_tiny_model("micro-llama", tmp_path_factory.mktemp("micro"), seed=0)
 
 
 @pytest.fixture(scope="module")

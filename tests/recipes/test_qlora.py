@@ -17,7 +17,7 @@ from safetensors.torch import load_file  # noqa: E402
 from parallel.dims import ParallelConfig  # noqa: E402
 from parallel.distributed.launch import launch  # noqa: E402
 from parallel.export import export_hf  # noqa: E402
-from parallel.tiny import build_tiny_model, build_tokenizer  # noqa: E402
+from parallel.tiny import build_tokenizer  # noqa: E402
 from recipes.config import SFTStage  # noqa: E402
 from recipes.sft import run_sft, setup  # noqa: E402
 from tests.recipes.sft_helpers import write_task_data  # noqa: E402
@@ -25,11 +25,6 @@ from tests.recipes.sft_helpers import write_task_data  # noqa: E402
 STAGE = dict(max_steps=30, batch_size=8, grad_accum=2, seq_len=48, log_every=1, eval_every=15, lora={"r": 8},
              optim={"lr": 5e-3, "warmup_steps": 2})
 LAYOUTS = {"dp2-zero0": dict(dp_replicate=2), "dp2-zero1": dict(dp_shard=2, zero=1)}
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return build_tiny_model("micro-llama", tmp_path_factory.mktemp("micro"), seed=0)
 
 
 @pytest.fixture(scope="module")

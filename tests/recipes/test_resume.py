@@ -6,12 +6,11 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
 
 from parallel.checkpoint import load_checkpoint as load_hf  # noqa: E402
 from parallel.dims import ParallelConfig  # noqa: E402
 from parallel.distributed.launch import launch  # noqa: E402
-from parallel.tiny import build_tiny_model, build_tokenizer  # noqa: E402
+from parallel.tiny import build_tokenizer  # noqa: E402
 from recipes.config import SFTStage  # noqa: E402
 from recipes.sft import run_sft  # noqa: E402
 from tests.recipes.sft_helpers import write_task_data  # noqa: E402
@@ -40,11 +39,6 @@ def _run(model_dir, data_dir, out_dir, parallel=ParallelConfig(), mode="full", s
         result = None
     losses = {e["step"]: e["loss"] for e in events if "loss" in e}
     return result, losses, events
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return build_tiny_model("micro-llama", tmp_path_factory.mktemp("micro"), seed=0)
 
 
 @pytest.fixture(scope="module")

@@ -9,18 +9,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from parallel.dims import ParallelConfig  # noqa: E402
 from parallel.engine import build_runtime  # noqa: E402
-from parallel.tiny import build_tiny_model, build_tokenizer  # noqa: E402
+from parallel.tiny import build_tokenizer  # noqa: E402
 from recipes.config import RewardModelStage  # noqa: E402
 from recipes.preference import build_pairs, collate_pairs  # noqa: E402
 from recipes.reward import MANIFEST, build_reward_model, pair_rewards, run_reward_model  # noqa: E402
 from tests.recipes.preference_helpers import sft_start_model, write_preference_data  # noqa: E402
 
 TRAIN_KEYS = {"step", "max_steps", "loss", "accuracy", "margin", "lr", "grad_norm", "pairs_per_s", "elapsed_s"}
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return build_tiny_model("micro-llama", tmp_path_factory.mktemp("micro"), seed=0)
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from parallel.distributed.launch import launch  # noqa: E402
 from parallel.distributed.mesh import ParallelDims  # noqa: E402
 from parallel.engine import Runtime  # noqa: E402
 from parallel.export import export_hf  # noqa: E402
-from parallel.tiny import build_tiny_model, build_tokenizer  # noqa: E402
+from parallel.tiny import build_tokenizer  # noqa: E402
 from recipes.config import GRPOStage, PPOStage  # noqa: E402
 from recipes.grpo import GRPOObjective, run_grpo  # noqa: E402
 from recipes.ppo import TokenValues, ValueObjective, run_ppo  # noqa: E402
@@ -133,11 +133,6 @@ def _ranks_main(rank, world_size, model_dir, data_dir, out_root):
                          parallel=ParallelConfig(**layout), seed=0, reward_model_dir=rm)
         out[name] = json.loads(json.dumps(result))
     return out
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return build_tiny_model("micro-llama", tmp_path_factory.mktemp("micro"), seed=0)
 
 
 @pytest.fixture(scope="module")

@@ -9,18 +9,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from parallel.dims import ParallelConfig  # noqa: E402
 from parallel.engine import build_runtime, load_model  # noqa: E402
-from parallel.tiny import build_tiny_model, build_tokenizer  # noqa: E402
+from parallel.tiny import build_tokenizer  # noqa: E402
 from recipes.rewards import RuleReward, exact_match, first_number_match, load_reward_fn  # noqa: E402
 from recipes.rollout import (Frozen, RewardModel, build_prompts, decode_responses, left_pad,  # noqa: E402
                              load_prompts, mask_after_eos, parse_prompt_row, response_logprobs, sample)
 from tests.recipes.rl_helpers import write_reward_model  # noqa: E402
 
 RUNTIME = build_runtime(ParallelConfig())
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return build_tiny_model("micro-llama", tmp_path_factory.mktemp("micro"), seed=0)
 
 
 @pytest.fixture(scope="module")

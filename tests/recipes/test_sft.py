@@ -6,17 +6,12 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from parallel.dims import ParallelConfig  # noqa: E402
-from parallel.tiny import build_tiny_model, build_tokenizer  # noqa: E402
+from parallel.tiny import build_tokenizer  # noqa: E402
 from recipes.config import SFTStage  # noqa: E402
 from recipes.sft import run_sft  # noqa: E402
 from tests.recipes.sft_helpers import write_task_data  # noqa: E402
 
 TRAIN_EVENT_KEYS = {"step", "max_steps", "loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s"}
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return build_tiny_model("micro-llama", tmp_path_factory.mktemp("micro"), seed=0)
 
 
 @pytest.fixture(scope="module")

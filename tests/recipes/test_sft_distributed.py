@@ -17,7 +17,7 @@ from parallel.checkpoint import load_checkpoint  # noqa: E402
 from parallel.dims import ParallelConfig  # noqa: E402
 from parallel.distributed.launch import launch  # noqa: E402
 from parallel.export import export_hf, max_logit_diff, probe_batch  # noqa: E402
-from parallel.tiny import build_tiny_model, build_tokenizer  # noqa: E402
+from parallel.tiny import build_tokenizer  # noqa: E402
 from recipes.config import SFTStage  # noqa: E402
 from recipes.sft import run_sft  # noqa: E402
 from tests.recipes.sft_helpers import write_task_data  # noqa: E402
@@ -32,11 +32,6 @@ LAYOUTS = {  # name -> (parallel section, mode)
     "dp2-zero1-lora": (dict(dp_shard=2, zero=1), "lora"),
     "tp2-lora": (dict(tp=2), "lora"),  # sequence + vocab parallel (the defaults under tp) with adapters
 }
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return build_tiny_model("micro-llama", tmp_path_factory.mktemp("micro"), seed=0)
 
 
 @pytest.fixture(scope="module")
