@@ -34,6 +34,11 @@ class OptimConfig(_Section):
     grad_clip: float = Field(1.0, ge=0, description="max global grad norm; 0 disables clipping")
 
 
+def _checkpoint_every():
+    return Field(100, ge=0, description="save a resumable training state every N steps (0: never); a "
+                 "restarted stage (requeued, preempted, crashed) resumes from the latest, under any layout")
+
+
 class SFTStage(_Section):
     kind: Literal["sft"] = "sft"
     name: str = "sft"
@@ -47,9 +52,7 @@ class SFTStage(_Section):
     seq_len: int = Field(128, ge=8)
     eval_every: int = Field(50, ge=1, description="validation loss every N steps")
     log_every: int = Field(10, ge=1)
-    checkpoint_every: int = Field(100, ge=0, description="save a resumable training state every N steps "
-                                  "(0: never); a restarted stage (requeued, preempted, crashed) resumes "
-                                  "from the latest, under any layout")
+    checkpoint_every: int = _checkpoint_every()
     seed: int | None = Field(None, description="defaults to the recipe seed")
 
     @model_validator(mode="after")
@@ -87,6 +90,7 @@ class DPOStage(_Section):
     grad_accum: int = Field(1, ge=1)
     seq_len: int = Field(256, ge=8, description="tokens of prompt + response, each side of a pair")
     eval_every: int = Field(50, ge=1, description="held-out preference accuracy every N steps")
+    checkpoint_every: int = _checkpoint_every()
     log_every: int = Field(10, ge=1)
     seed: int | None = Field(None, description="defaults to the recipe seed")
 
@@ -110,6 +114,7 @@ class RewardModelStage(_Section):
     grad_accum: int = Field(1, ge=1)
     seq_len: int = Field(256, ge=8)
     eval_every: int = Field(50, ge=1, description="held-out pairwise accuracy every N steps")
+    checkpoint_every: int = _checkpoint_every()
     log_every: int = Field(10, ge=1)
     seed: int | None = Field(None, description="defaults to the recipe seed")
 

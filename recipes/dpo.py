@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from parallel.checkpoint import save_checkpoint
 from parallel.dims import ParallelConfig
 from parallel.distributed.engine import Objective
 from recipes.config import DPOStage
+from recipes.resume import Resumer
 from recipes.losses import IGNORE_INDEX, dpo_loss, sequence_logprobs
 from recipes.preference import (Pair, PairwiseTrainer, PairBatches, PreferenceStats, check_pair_split,
                                 collate_pairs, eval_pair_batches, load_preference_data,
@@ -140,8 +142,8 @@ def run_dpo(cfg: DPOStage, *, model_dir: Path, data_dir: Path, out_dir: Path, pa
     seed = cfg.seed if cfg.seed is not None else seed
     torch.manual_seed(seed)
     session = setup(cfg, Path(model_dir), Path(data_dir), parallel, seed)
-    result = train(cfg, session, progress or (lambda event: None))
     out_dir = Path(out_dir)
+    result = train(cfg, session, progress or (lambda event: None), Resumer(out_dir, cfg.checkpoint_every))
     state = session.trainer.final_state()  # collective under several ranks
     if state is not None:  # one process, or rank 0
         model = state if isinstance(state, torch.nn.Module) else engine.rebuild_model(
@@ -157,6 +159,7 @@ def run_dpo(cfg: DPOStage, *, model_dir: Path, data_dir: Path, out_dir: Path, pa
             data={name: vars(stats) for name, stats in session.data_stats.items()},
         )
         (out_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+        shutil.rmtree(out_dir / "resume", ignore_errors=True)  # the stage is complete: nothing to resume
     return engine.from_rank0(result)
 
 
@@ -214,6 +217,6 @@ def evaluate(cfg: DPOStage, s: Session) -> dict[str, float]:
             "val_kl": float((policy[:, 0] - s.val_ref[:, 0]).mean())}
 
 
-def train(cfg: DPOStage, s: Session, progress: Progress) -> dict:
+def train(cfg: DPOStage, s: Session, progress: Progress, resumer: Resumer | None = None) -> dict:
     return train_loop(cfg, lambda indices: dpo_step(cfg, s, indices), lambda: evaluate(cfg, s),
-                      s.batches, progress)
+                      s.batches, progress, s.trainer.learner, resumer)

@@ -32,6 +32,22 @@ class Learner:
                                                     eps=opt.eps, runtime=runtime)
             self.scheduler = update_schedule(self.optimizer, opt, num_updates)
 
+    def state(self):
+        """The training state a checkpoint holds: the DistributedTrainer, or the one-process model,
+        optimizer and schedule (parallel.distributed.checkpoint), at this learner's update count."""
+        from parallel.distributed.checkpoint import OneProcessState
+
+        if self.trainer is not None:
+            return self.trainer
+        return OneProcessState(self.model, self.optimizer, self.scheduler, step=self.updates)
+
+    def resume(self, resumer) -> dict | None:
+        """Restore the latest checkpoint of `resumer` (recipes.resume.Resumer), if any (collective)."""
+        resumed = resumer.load(self.state())
+        if resumed:
+            self.updates = resumed["step"]
+        return resumed
+
     def update(self, batch: dict[str, torch.Tensor], objective: Objective) -> tuple[dict[str, float], float, float]:
         units = objective.count(batch)
         opt = self.optim_cfg

@@ -8,6 +8,7 @@ DistributedTrainer (data, ZeRO and tensor parallelism) with the loss averaged ov
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch
 from parallel import engine
 from parallel.dims import ParallelConfig
 from recipes.config import RewardModelStage
+from recipes.resume import Resumer
 from recipes.losses import bradley_terry_loss
 from parallel.distributed.engine import Objective
 from recipes.preference import (Pair, PairBatches, PairwiseTrainer, PreferenceStats,
@@ -109,8 +111,8 @@ def run_reward_model(cfg: RewardModelStage, *, model_dir: Path, data_dir: Path, 
     seed = cfg.seed if cfg.seed is not None else seed
     torch.manual_seed(seed)
     session = setup(cfg, Path(model_dir), Path(data_dir), parallel, seed)
-    result = train(cfg, session, progress or (lambda event: None))
     out_dir = Path(out_dir)
+    result = train(cfg, session, progress or (lambda event: None), Resumer(out_dir, cfg.checkpoint_every))
     state = session.trainer.final_state()  # collective under several ranks
     if state is not None:  # one process, or rank 0
         model = state if isinstance(state, torch.nn.Module) else _rebuild(cfg, model_dir, session, parallel, state)
@@ -122,6 +124,7 @@ def run_reward_model(cfg: RewardModelStage, *, model_dir: Path, data_dir: Path, 
             data={name: vars(stats) for name, stats in session.data_stats.items()},
         )
         (out_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+        shutil.rmtree(out_dir / "resume", ignore_errors=True)  # the stage is complete: nothing to resume
     return engine.from_rank0(result)
 
 
@@ -168,6 +171,6 @@ def evaluate(cfg: RewardModelStage, s: Session) -> dict[str, float]:
             "val_reward_mean": float(rewards.mean()), "val_reward_std": float(rewards.std())}
 
 
-def train(cfg: RewardModelStage, s: Session, progress: Progress) -> dict:
+def train(cfg: RewardModelStage, s: Session, progress: Progress, resumer: Resumer | None = None) -> dict:
     return train_loop(cfg, lambda indices: reward_step(cfg, s, indices), lambda: evaluate(cfg, s),
-                      s.batches, progress)
+                      s.batches, progress, s.trainer.learner, resumer)

@@ -11,8 +11,11 @@ from parallel.checkpoint import load_checkpoint as load_hf  # noqa: E402
 from parallel.dims import ParallelConfig  # noqa: E402
 from parallel.distributed.launch import launch  # noqa: E402
 from parallel.tiny import build_tokenizer  # noqa: E402
-from recipes.config import SFTStage  # noqa: E402
+from recipes.config import DPOStage, RewardModelStage, SFTStage  # noqa: E402
+from recipes.dpo import run_dpo  # noqa: E402
+from recipes.reward import run_reward_model  # noqa: E402
 from recipes.sft import run_sft  # noqa: E402
+from tests.recipes.preference_helpers import write_preference_data  # noqa: E402
 from tests.recipes.sft_helpers import write_task_data  # noqa: E402
 
 STAGE = dict(max_steps=6, batch_size=8, seq_len=48, log_every=1, eval_every=3, checkpoint_every=2,
@@ -24,8 +27,14 @@ class Stop(Exception):
     pass
 
 
-def _run(model_dir, data_dir, out_dir, parallel=ParallelConfig(), mode="full", stop_at=None):
-    """run_sft; its per-step losses and events. stop_at: raise from the progress callback at that step."""
+PAIR_STAGE = dict(max_steps=6, batch_size=8, grad_accum=2, seq_len=64, log_every=1, eval_every=3, checkpoint_every=2,
+                  optim={"lr": 5e-3, "warmup_steps": 1})
+RUNNERS = {"sft": (SFTStage, run_sft, STAGE), "dpo": (DPOStage, run_dpo, dict(PAIR_STAGE, precompute_reference=True)),
+           "reward_model": (RewardModelStage, run_reward_model, PAIR_STAGE)}
+
+
+def _run(model_dir, data_dir, out_dir, parallel=ParallelConfig(), mode="full", stop_at=None, kind="sft"):
+    """A stage's runner; its per-step losses and events. stop_at: raise from the progress callback there."""
     events = []
 
     def progress(event):
@@ -33,8 +42,9 @@ def _run(model_dir, data_dir, out_dir, parallel=ParallelConfig(), mode="full", s
         if stop_at is not None and event.get("step") == stop_at and "loss" in event:
             raise Stop()
     try:
-        result = run_sft(SFTStage(**STAGE, mode=mode), model_dir=model_dir, data_dir=data_dir, out_dir=out_dir,
-                         parallel=parallel, seed=0, progress=progress)
+        config, runner, fields = RUNNERS[kind]
+        result = runner(config(**fields, mode=mode), model_dir=model_dir, data_dir=data_dir, out_dir=out_dir,
+                        parallel=parallel, seed=0, progress=progress)
     except Stop:
         result = None
     losses = {e["step"]: e["loss"] for e in events if "loss" in e}
@@ -44,6 +54,11 @@ def _run(model_dir, data_dir, out_dir, parallel=ParallelConfig(), mode="full", s
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     return write_task_data(tmp_path_factory.mktemp("data"), build_tokenizer(), num_train=48, num_val=8)
+
+
+@pytest.fixture(scope="module")
+def pref_dir(tmp_path_factory):
+    return write_preference_data(tmp_path_factory.mktemp("pref"), num_train=60, num_val=16)
 
 
 @pytest.fixture(scope="module")
@@ -84,21 +99,42 @@ def test_one_process_resumes_where_it_stopped(model_dir, data_dir, tmp_path, uni
     assert not (out_dir / "resume").exists()
 
 
-def _stop_then_resume(rank, world_size, model_dir, data_dir, root):
-    """Stop under dp2 (ZeRO-1), resume that run under tp2; resume a one-process checkpoint under tp2."""
+@pytest.mark.parametrize("kind", ["dpo", "reward_model"])
+def test_pairwise_stages_resume_where_they_stopped(model_dir, pref_dir, tmp_path, kind):
+    ref_result, ref_losses, _ = _run(model_dir, pref_dir, tmp_path / "whole", kind=kind, mode="lora")
+    _run(model_dir, pref_dir, tmp_path / "run", kind=kind, mode="lora", stop_at=STOP_AT)
+    result, losses, events = _run(model_dir, pref_dir, tmp_path / "run", kind=kind, mode="lora")
+    assert [e["resumed_from_step"] for e in events if "resumed_from_step" in e] == [4]
+    assert sorted(losses) == [5, 6]
+    for step in (5, 6):
+        assert losses[step] == pytest.approx(ref_losses[step], abs=1e-6), step
+    assert result["val_before"] == ref_result["val_before"]  # kept in the checkpoint, not re-measured
+    assert result["val_accuracy"] == pytest.approx(ref_result["val_accuracy"])
+    assert result["val_loss"] == pytest.approx(ref_result["val_loss"], abs=1e-6)
+
+
+def _stop_then_resume(rank, world_size, model_dir, data_dir, pref_dir, root):
+    """Stop under dp2 (ZeRO-1), resume that run under tp2; resume a one-process checkpoint under tp2 (SFT),
+    and a one-process DPO checkpoint under dp2."""
     _run(model_dir, data_dir, root / "dp2", ParallelConfig(dp_shard=2, zero=1), stop_at=STOP_AT)
     tp2 = ParallelConfig(tp=2)
     from_dp2 = _run(model_dir, data_dir, root / "dp2", tp2)
     from_one = _run(model_dir, data_dir, root / "one", tp2)
-    return from_dp2[:2], from_one[:2]
+    dpo = _run(model_dir, pref_dir, root / "dpo-one", ParallelConfig(dp_replicate=2), kind="dpo")
+    return from_dp2[:2], from_one[:2], dpo[:2]
 
 
 @pytest.mark.slow
-def test_resume_under_another_layout(model_dir, data_dir, tmp_path, uninterrupted):
+def test_resume_under_another_layout(model_dir, data_dir, pref_dir, tmp_path, uninterrupted):
     ref_result, ref_losses, ref_dir = uninterrupted["full"]
     _run(model_dir, data_dir, tmp_path / "one", stop_at=STOP_AT)  # stopped in one process
-    per_rank = launch(_stop_then_resume, 2, model_dir, data_dir, tmp_path, timeout=900)
-    for from_dp2, from_one in per_rank:
+    dpo_ref, dpo_ref_losses, _ = _run(model_dir, pref_dir, tmp_path / "dpo-whole", kind="dpo")
+    _run(model_dir, pref_dir, tmp_path / "dpo-one", kind="dpo", stop_at=STOP_AT)
+    per_rank = launch(_stop_then_resume, 2, model_dir, data_dir, pref_dir, tmp_path, timeout=900)
+    for from_dp2, from_one, (dpo, dpo_losses) in per_rank:
+        assert dpo["resumed_from_step"] == 4 and sorted(dpo_losses) == [5, 6]
+        for step in (5, 6):
+            assert dpo_losses[step] == pytest.approx(dpo_ref_losses[step], abs=1e-5), step
         for result, losses in (from_dp2, from_one):
             assert result["resumed_from_step"] == 4 and sorted(losses) == [5, 6]
             for step in (5, 6):
