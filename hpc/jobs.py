@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,14 +115,14 @@ def _train(ctx: StageContext) -> dict:
                                 out_dir=ctx.out_dir, parallel=ctx.recipe.parallel, seed=seed,
                                 progress=ctx.progress, **extra)
     ctx.tracker.log_metrics(ctx.run_id, {f"final.{k}": v for k, v in result.items()})
+    if ctx.leader:  # the stage is complete: nothing to resume
+        shutil.rmtree(ctx.out_dir / "resume", ignore_errors=True)
     return result
 
 
 def _keep_resume_state(ctx: StageContext) -> None:
     """Keep `resume/` (the stage's periodic training-state checkpoints) only if the same stage config and
     inputs wrote it; any rank may resume from it once this returns (collective)."""
-    import shutil
-
     import torch.distributed as dist
 
     resume = ctx.out_dir / "resume"

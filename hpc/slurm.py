@@ -143,6 +143,21 @@ def run_element(run_root: str, stage: str, index: int, max_retries: int) -> dict
     return requeue_on_failure(run_stage, (run_root, stage, index), counter, max_retries)
 
 
+class StageJob:
+    """What every submitted Slurm job runs: one stage element (run_element). Checkpointable for submitit:
+    when the job is preempted or nears its time limit (submitit's USR2, `--signal=USR2@90`), it is requeued
+    as it is, and a training stage then resumes from its latest periodic checkpoint (recipes.resume)
+    instead of starting over. Timeouts requeue up to submitit's max_num_timeout times (3)."""
+
+    def __call__(self, run_root: str, stage: str, index: int, max_retries: int) -> dict:
+        return run_element(run_root, stage, index, max_retries)
+
+    def checkpoint(self, *args, **kwargs):
+        from submitit.helpers import DelayedSubmission
+
+        return DelayedSubmission(self, *args, **kwargs)
+
+
 def requeue_on_failure(fn, args: tuple, counter: Path, max_retries: int):
     """Call fn(*args); if it raises inside a Slurm job with retries left, requeue the job itself (so that
     `afterok` dependants keep waiting for its final outcome) and let Slurm end this attempt."""
@@ -189,10 +204,10 @@ def submit_pipeline(recipe: Recipe, plan: list[StageSpec], rd: RunDir, start_chi
         try:
             if spec.is_array:
                 ex.update_parameters(array_parallelism=max(1, len(pending)))
-                jobs = ex.map_array(run_element, [str(rd.root)] * len(pending), [spec.name] * len(pending),
+                jobs = ex.map_array(StageJob(), [str(rd.root)] * len(pending), [spec.name] * len(pending),
                                     pending, [o.max_retries] * len(pending))
             else:
-                jobs = [ex.submit(run_element, str(rd.root), spec.name, pending[0], o.max_retries)]
+                jobs = [ex.submit(StageJob(), str(rd.root), spec.name, pending[0], o.max_retries)]
         except Exception as err:  # noqa: BLE001 - sbatch's refusal, reported with what was asked
             cancel({"slurm_jobs": submitted})
             raise SubmitError(spec.name, str(err).strip().splitlines()[-1], o) from None

@@ -10,6 +10,8 @@ directory on every start. Also saved: the step count, rank 0's RNG state, and a 
 from __future__ import annotations
 
 import json
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +51,14 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+@contextmanager
+def _quiet_single_process():
+    """DCP warns on every one-process save/load that it assumes one process, which is the intent here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
 def _state(trainer) -> tuple[list[dict], list[dict | None]]:
     models = [get_model_state_dict(part, options=OPTIONS) for part in trainer.parts]
     optims = [None if opt is None else get_optimizer_state_dict(part, opt, options=OPTIONS)
@@ -70,7 +80,8 @@ def save_checkpoint(trainer, path: Path, extra: dict | None = None) -> Path:
     """Collective under torch.distributed: every rank calls it with the same path."""
     path = Path(path)
     models, optims = _state(trainer)
-    dcp.save(_merged(models, optims, trainer), checkpoint_id=str(path))
+    with _quiet_single_process():
+        dcp.save(_merged(models, optims, trainer), checkpoint_id=str(path))
     if not _distributed() or dist.get_rank() == 0:
         (path / EXTRA_FILE).write_text(json.dumps(extra or {}))
     if _distributed():
@@ -83,7 +94,8 @@ def load_checkpoint(trainer, path: Path) -> dict:
     path = Path(path)
     models, optims = _state(trainer)  # templates: DCP loads into them in place, resharding as needed
     state = _merged(models, optims, trainer)
-    dcp.load(state, checkpoint_id=str(path))
+    with _quiet_single_process():
+        dcp.load(state, checkpoint_id=str(path))
     for part, opt, model_sd, optim_sd in zip(trainer.parts, trainer.optimizers, models, optims):
         set_model_state_dict(part, {k: state[f"model.{k}"] for k in model_sd}, options=LOAD_OPTIONS)
         if opt is not None:

@@ -185,3 +185,33 @@ def test_two_node_training_matches_one_process(slurm_cluster, tmp_path):  # noqa
     assert sorted(losses) == [1, 2, 3, 4]
     for step, loss in reference.items():
         assert abs(losses[step] - loss) < 1e-5, (step, losses[step], loss)
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_preempted_training_job_requeues_and_resumes(slurm_cluster, tmp_path):  # noqa: F811
+    """USR2 (what submitit arranges before the time limit, and what preemption brings) requeues the SFT
+    job, which resumes after its latest checkpoint instead of starting over; the pipeline completes."""
+    import time
+
+    wd = tmp_path / "run"
+    args = ["--workdir", str(wd), "--executor", "slurm", "--set", "stages.0.max_steps=150",
+            "--set", "stages.0.checkpoint_every=10", "--set", "stages.0.log_every=5", "--set", "eval.limit=20"]
+    p = run_cli("run", str(TINY_RECIPE), *args, "--detach")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    latest = wd / "stages/sft/resume/latest"
+    deadline = time.time() + 600
+    while not latest.is_file() and time.time() < deadline:
+        time.sleep(1)
+    assert latest.is_file(), "sft wrote no checkpoint"
+    sft_job = json.loads((wd / "run.json").read_text())["slurm_jobs"]["sft"]["job_id"]
+    subprocess.run(["scancel", "--signal=USR2", sft_job], check=True)
+    w = run_cli("watch", str(wd))
+    assert w.returncode in (0, 3), w.stdout[-3000:] + w.stderr[-3000:]  # done; the gate decides
+    events = [json.loads(line) for line in (wd / "stages/sft/progress.jsonl").read_text().splitlines()]
+    resumed = [e["resumed_from_step"] for e in events if "resumed_from_step" in e]
+    assert resumed and resumed[0] >= 10, resumed
+    assert json.loads((wd / "stages/sft/result.json").read_text())["resumed_from_step"] == resumed[-1]
+    logs = "".join(f.read_text() for f in (wd / "stages/sft/logs").glob("*.err"))
+    assert "this job is preempted" in logs and "DUE TO JOB REQUEUE" in logs, logs[-2000:]
+    assert sacct([sft_job])[sft_job][0] == "COMPLETED"
