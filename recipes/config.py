@@ -34,8 +34,8 @@ class OptimConfig(_Section):
     grad_clip: float = Field(1.0, ge=0, description="max global grad norm; 0 disables clipping")
 
 
-def _checkpoint_every():
-    return Field(100, ge=0, description="save a resumable training state every N steps (0: never); a "
+def _checkpoint_every(default: int = 100):
+    return Field(default, ge=0, description="save a resumable training state every N steps (0: never); a "
                  "restarted stage (requeued, preempted, crashed) resumes from the latest, under any layout")
 
 
@@ -148,6 +148,7 @@ class _RLStage(_Section):
                                  "to the accelerator only for their forward passes")
     eval_every: int = Field(10, ge=1, description="held-out greedy reward / exact match every N steps "
                             "(and at step 0)")
+    checkpoint_every: int = _checkpoint_every(20)
     eval_prompts: int = Field(128, ge=1, description="validation prompts scored per evaluation (the first N)")
     log_every: int = Field(1, ge=1)
     seed: int | None = Field(None, description="defaults to the recipe seed")

@@ -26,11 +26,12 @@ from parallel.checkpoint import save_checkpoint
 from parallel.dims import ParallelConfig
 from parallel.distributed.engine import Objective
 from recipes.config import DPOStage
+from recipes.loop import Checkpoints, train_loop
 from recipes.resume import Resumer
 from recipes.losses import IGNORE_INDEX, dpo_loss, sequence_logprobs
 from recipes.preference import (Pair, PairwiseTrainer, PairBatches, PreferenceStats, check_pair_split,
                                 collate_pairs, eval_pair_batches, load_preference_data,
-                                share_of_pairs, sides, train_loop)
+                                share_of_pairs, sides)
 
 Progress = Callable[[dict], None]
 
@@ -218,5 +219,6 @@ def evaluate(cfg: DPOStage, s: Session) -> dict[str, float]:
 
 
 def train(cfg: DPOStage, s: Session, progress: Progress, resumer: Resumer | None = None) -> dict:
-    return train_loop(cfg, lambda indices: dpo_step(cfg, s, indices), lambda: evaluate(cfg, s),
-                      s.batches, progress, s.trainer.learner, resumer)
+    checkpoints = Checkpoints(resumer, {"model": s.trainer.learner}) if resumer is not None else None
+    return train_loop(cfg, lambda step: dpo_step(cfg, s, s.batches(step - 1)), lambda: evaluate(cfg, s), progress,
+                      rate=("pairs_per_s", cfg.batch_size), checkpoints=checkpoints)

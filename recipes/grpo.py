@@ -26,11 +26,13 @@ from recipes.losses import grpo_advantages
 from recipes.preference import check_no_pipeline
 from recipes.data import chat_tokenizer
 from recipes.learner import Learner
+from recipes.loop import Checkpoints, train_loop
+from recipes.resume import Resumer
 from recipes.stages import sampling_layout
-from recipes.rollout import (ClippedPolicyObjective, Progress, Prompt, PromptBatches, PromptStats,
+from recipes.rollout import (LAST_ONLY, ClippedPolicyObjective, Progress, Prompt, PromptBatches, PromptStats,
                              Reference, RewardScorer, Sampler, build_reward, check_reward_source, end_ids,
                              evaluate, load_prompts, minibatches, reference_logprobs, response_logprobs_of,
-                             finish_policy_run, rollout_rows, sample_rollouts, score, train_loop)
+                             finish_policy_run, rollout_rows, sample_rollouts, score)
 
 
 @dataclass
@@ -71,7 +73,7 @@ def run_grpo(cfg: GRPOStage, *, model_dir: Path, data_dir: Path, out_dir: Path, 
     seed = cfg.seed if cfg.seed is not None else seed
     torch.manual_seed(seed)
     session = setup(cfg, Path(model_dir), Path(data_dir), parallel, seed, reward_model_dir)
-    result = train(cfg, session, progress or (lambda event: None))
+    result = train(cfg, session, progress or (lambda event: None), Resumer(Path(out_dir), cfg.checkpoint_every))
     return finish_policy_run(cfg, session, result, model_dir=model_dir, out_dir=out_dir, started=started, seed=seed,
                              parallel=parallel, group_size=cfg.group_size, beta=cfg.beta)
 
@@ -143,10 +145,12 @@ def grpo_step(cfg: GRPOStage, s: Session, step: int) -> dict[str, float]:
             "eos_rate": float(rollout.ended.float().mean()), "lr": lr, "grad_norm": grad_norm}
 
 
-def train(cfg: GRPOStage, s: Session, progress: Progress) -> dict:
+def train(cfg: GRPOStage, s: Session, progress: Progress, resumer: Resumer | None = None) -> dict:
     def evaluate_fn():
         return evaluate(s.policy, s.val_prompts, s.sampler, s.reward, max_new_tokens=cfg.max_new_tokens,
                         batch_size=cfg.batch_size * cfg.group_size)
 
+    checkpoints = None if resumer is None else Checkpoints(resumer, {"policy": s.policy_learner})
     return train_loop(cfg, lambda step: grpo_step(cfg, s, step), evaluate_fn, progress,
-                      cfg.batch_size * cfg.group_size)
+                      rate=("rollouts_per_s", cfg.batch_size * cfg.group_size), last_only=LAST_ONLY,
+                      checkpoints=checkpoints)

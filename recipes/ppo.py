@@ -24,11 +24,13 @@ from recipes.losses import gae, ppo_value_loss, whiten
 from recipes.preference import check_no_pipeline
 from recipes.data import chat_tokenizer
 from recipes.learner import Learner
+from recipes.loop import Checkpoints, train_loop
+from recipes.resume import Resumer
 from recipes.stages import sampling_layout
-from recipes.rollout import (ClippedPolicyObjective, Progress, Prompt, PromptBatches, PromptStats,
+from recipes.rollout import (LAST_ONLY, ClippedPolicyObjective, Progress, Prompt, PromptBatches, PromptStats,
                              Reference, RewardScorer, Rollout, Sampler, build_reward, check_reward_source, end_ids,
                              evaluate, finish_policy_run, load_prompts, minibatches, reference_logprobs,
-                             response_logprobs_of, rollout_rows, sample_rollouts, score, train_loop)
+                             response_logprobs_of, rollout_rows, sample_rollouts, score)
 
 
 class KLController:
@@ -157,7 +159,7 @@ def run_ppo(cfg: PPOStage, *, model_dir: Path, data_dir: Path, out_dir: Path, pa
     seed = cfg.seed if cfg.seed is not None else seed
     torch.manual_seed(seed)
     session = setup(cfg, Path(model_dir), Path(data_dir), parallel, seed, reward_model_dir)
-    result = train(cfg, session, progress or (lambda event: None))
+    result = train(cfg, session, progress or (lambda event: None), Resumer(Path(out_dir), cfg.checkpoint_every))
     return finish_policy_run(cfg, session, result, model_dir=model_dir, out_dir=out_dir, started=started, seed=seed,
                              parallel=parallel, critic_init=session.critic_init, final_kl_coef=session.kl.coef)
 
@@ -269,9 +271,13 @@ def ppo_step(cfg: PPOStage, s: Session, step: int) -> dict[str, float]:
             "lr": lr, "critic_lr": critic_lr, "grad_norm": grad_norm, "critic_grad_norm": critic_grad_norm}
 
 
-def train(cfg: PPOStage, s: Session, progress: Progress) -> dict:
+def train(cfg: PPOStage, s: Session, progress: Progress, resumer: Resumer | None = None) -> dict:
     def evaluate_fn():
         return evaluate(s.policy, s.val_prompts, s.sampler, s.reward, max_new_tokens=cfg.max_new_tokens,
                         batch_size=cfg.batch_size)
 
-    return train_loop(cfg, lambda step: ppo_step(cfg, s, step), evaluate_fn, progress, cfg.batch_size)
+    checkpoints = None if resumer is None else Checkpoints(
+        resumer, {"policy": s.policy_learner, "critic": s.critic_learner}, extra=lambda: {"kl_coef": s.kl.coef},
+        restore=lambda extra: setattr(s.kl, "coef", extra["kl_coef"]))
+    return train_loop(cfg, lambda step: ppo_step(cfg, s, step), evaluate_fn, progress,
+                      rate=("rollouts_per_s", cfg.batch_size), last_only=LAST_ONLY, checkpoints=checkpoints)

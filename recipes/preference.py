@@ -10,9 +10,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -172,48 +170,6 @@ def load_preference_data(model_dir: Path, data_dir: Path, seq_len: int, batch_si
     validation, val_stats = load_pairs(Path(data_dir) / "validation.jsonl", tokenizer, seq_len)
     return PreferenceData(tokenizer, pad_id, train, validation, PairBatches(train, batch_size, seed),
                           {"train": train_stats, "validation": val_stats})
-
-
-def train_loop(cfg, step_fn: Callable[[list[int]], dict[str, float]], evaluate: Callable[[], dict[str, float]],
-               batches: PairBatches, progress: Callable[[dict], None], learner: Learner | None = None,
-               resumer=None) -> dict:
-    """The loop of the pairwise stages: held-out metrics at step 0, one optimizer step per batch of
-    pairs (`step_fn(pair indices)`), mean training metrics every log_every, held-out metrics
-    every eval_every, the learner's training state every checkpoint_every (recipes.resume). With a
-    checkpoint to resume from, it starts after it (batches are a function of the step)."""
-    started = time.perf_counter()
-    resumed = learner.resume(resumer) if resumer is not None else None
-    if resumed:
-        val_before = resumed["val_before"]
-        progress({"resumed_from_step": resumed["step"], "checkpoint": resumed["path"]})
-    else:
-        val_before = evaluate()
-        progress({"step": 0} | val_before)
-    val, window, window_seconds, train_metrics = val_before, [], 0.0, {}
-    first = 1 + (resumed["step"] if resumed else 0)
-    for step in range(first, cfg.max_steps + 1):
-        t0 = time.perf_counter()
-        window.append(step_fn(batches(step - 1)))
-        window_seconds += time.perf_counter() - t0
-        last = step == cfg.max_steps
-        if step % cfg.log_every == 0 or last:
-            means = {k: sum(m[k] for m in window) / len(window) for k in window[0]}
-            train_metrics = means | {"lr": window[-1]["lr"], "grad_norm": window[-1]["grad_norm"]}
-            progress({"step": step, "max_steps": cfg.max_steps, **train_metrics,
-                      "pairs_per_s": len(window) * cfg.batch_size / window_seconds,
-                      "elapsed_s": time.perf_counter() - started})
-            window, window_seconds = [], 0.0
-        if step % cfg.eval_every == 0 or last:
-            val = evaluate()
-            progress({"step": step} | val)
-        if resumer is not None and resumer.due(step, cfg.max_steps):
-            path = resumer.save(learner.state(), step, {"val_before": val_before})
-            progress({"step": step, "checkpoint": str(path)})
-    if resumed and first > cfg.max_steps:  # nothing left to train: the held-out metrics of the end
-        val = evaluate()
-    return {"steps": cfg.max_steps, "train_seconds": time.perf_counter() - started,
-            **{f"final_{k}": v for k, v in train_metrics.items()}, **val, "val_before": val_before,
-            "resumed_from_step": resumed["step"] if resumed else None}
 
 
 class PairwiseTrainer:

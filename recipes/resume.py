@@ -44,26 +44,33 @@ class Resumer:
         return path if path.is_dir() else None
 
     def load(self, state) -> dict | None:
-        """Restore `state` (a DistributedTrainer or OneProcessState) from the latest checkpoint (collective);
-        returns its saved extra dict with the step, or None when there is nothing to resume."""
+        """Restore `state` (a DistributedTrainer or OneProcessState, or a dict of them by name) from the
+        latest checkpoint (collective); returns its saved extra dict with the loop's `step`, or None when
+        there is nothing to resume."""
         path = self.latest()
         if path is None:
             return None
-        extra = load_checkpoint(state, path)
-        return extra | {"step": state.step, "path": str(path)}
+        if isinstance(state, dict):
+            for name, one in state.items():
+                extra = load_checkpoint(one, path / name)
+        else:
+            extra = load_checkpoint(state, path)
+        return extra | {"step": extra["loop_step"], "path": str(path)}
 
     def due(self, step: int, last_step: int) -> bool:
         return self.every > 0 and step % self.every == 0 and step < last_step
 
     def save(self, state, step: int, extra: dict | None = None) -> Path:
-        """Collective: write step-<step>/, then point `latest` at it and delete the older ones."""
+        """Collective: write step-<step>/ (a dict of states: one subdirectory each), then point `latest` at
+        it and delete the older ones. `step` is the loop's; each state keeps its own update count."""
         name = f"step-{step:08d}"
         path = self.root / name
-        state.step = step
         if _leader() and path.exists():
             shutil.rmtree(path)
         _barrier()
-        save_checkpoint(state, path, extra)
+        extra = (extra or {}) | {"loop_step": step}
+        for sub, one in (state.items() if isinstance(state, dict) else [(None, state)]):
+            save_checkpoint(one, path / sub if sub else path, extra)
         if _leader():
             tmp = self.root / f".{LATEST}.tmp"
             tmp.write_text(name + "\n")

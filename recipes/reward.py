@@ -19,11 +19,12 @@ import torch
 from parallel import engine
 from parallel.dims import ParallelConfig
 from recipes.config import RewardModelStage
+from recipes.loop import Checkpoints, train_loop
 from recipes.resume import Resumer
 from recipes.losses import bradley_terry_loss
 from parallel.distributed.engine import Objective
 from recipes.preference import (Pair, PairBatches, PairwiseTrainer, PreferenceStats,
-                                check_pair_split, load_preference_data, sides, train_loop)
+                                check_pair_split, load_preference_data, sides)
 
 Progress = Callable[[dict], None]
 MANIFEST = "hpcft_reward_model.json"
@@ -172,5 +173,6 @@ def evaluate(cfg: RewardModelStage, s: Session) -> dict[str, float]:
 
 
 def train(cfg: RewardModelStage, s: Session, progress: Progress, resumer: Resumer | None = None) -> dict:
-    return train_loop(cfg, lambda indices: reward_step(cfg, s, indices), lambda: evaluate(cfg, s),
-                      s.batches, progress, s.trainer.learner, resumer)
+    checkpoints = Checkpoints(resumer, {"model": s.trainer.learner}) if resumer is not None else None
+    return train_loop(cfg, lambda step: reward_step(cfg, s, s.batches(step - 1)), lambda: evaluate(cfg, s), progress,
+                      rate=("pairs_per_s", cfg.batch_size), checkpoints=checkpoints)

@@ -527,34 +527,8 @@ def evaluate(policy, prompts: list[Prompt], sampler: Sampler, reward: RewardScor
     return out
 
 
-def train_loop(cfg, step_fn: Callable[[int], dict[str, float]], evaluate_fn: Callable[[], dict[str, float]],
-               progress: Progress, rollouts_per_step: int) -> dict:
-    """Held-out metrics at step 0, one rollout batch + its updates per step, logs, held-out metrics.
-
-    Logged training metrics are means over the steps since the last log (lr and grad norms: the last).
-    """
-    started = time.perf_counter()
-    val_before = evaluate_fn()
-    progress({"step": 0} | val_before)
-    val, window, window_seconds = val_before, [], 0.0
-    last_only = {"lr", "critic_lr", "kl_coef", "grad_norm", "critic_grad_norm"}
-    for step in range(1, cfg.max_steps + 1):
-        t0 = time.perf_counter()
-        window.append(step_fn(step))
-        window_seconds += time.perf_counter() - t0
-        last = step == cfg.max_steps
-        if step % cfg.log_every == 0 or last:
-            train_metrics = {k: window[-1][k] if k in last_only else sum(m[k] for m in window) / len(window)
-                             for k in window[0]}
-            progress({"step": step, "max_steps": cfg.max_steps, **train_metrics,
-                      "rollouts_per_s": len(window) * rollouts_per_step / window_seconds,
-                      "elapsed_s": time.perf_counter() - started})
-            window, window_seconds = [], 0.0
-        if step % cfg.eval_every == 0 or last:
-            val = evaluate_fn()
-            progress({"step": step} | val)
-    return {"steps": cfg.max_steps, "train_seconds": time.perf_counter() - started,
-            **{f"final_{k}": v for k, v in train_metrics.items()}, **val, "val_before": val_before}
+# Training metrics logged as their last value (not the window's mean).
+LAST_ONLY = frozenset({"lr", "critic_lr", "kl_coef", "grad_norm", "critic_grad_norm"})
 
 
 def minibatches(num_rows: int, size: int, epochs: int) -> Iterator[torch.Tensor]:
@@ -569,6 +543,7 @@ def save_policy_run(cfg, session, result: dict, *, model_dir: Path, out_dir: Pat
     """Write out_dir/checkpoint/ (the policy: session.policy unless given) and out_dir/result.json (the
     loop's result, the run's facts and `extra`); returns the result."""
     import json
+    import shutil
 
     from parallel.checkpoint import save_checkpoint
 
@@ -582,6 +557,7 @@ def save_policy_run(cfg, session, result: dict, *, model_dir: Path, out_dir: Pat
         device=str(session.runtime.device), data={name: vars(stats) for name, stats in session.data_stats.items()},
     )
     (out_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    shutil.rmtree(out_dir / "resume", ignore_errors=True)  # the stage is complete: nothing to resume
     return result
 
 

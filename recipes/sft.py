@@ -163,6 +163,7 @@ def train(cfg: SFTStage, s: Session, progress: Progress, resumer: Resumer | None
             progress({"step": step, "val_loss": val_loss})
         if resumer is not None and resumer.due(step, cfg.max_steps):
             t0 = time.perf_counter()
+            state.step = step  # one optimizer step per loop step
             path = resumer.save(state, step)
             progress({"step": step, "checkpoint": str(path), "checkpoint_s": time.perf_counter() - t0})
     if val_loss is None:  # resumed after the last step's validation was written: measure it again

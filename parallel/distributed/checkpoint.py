@@ -4,8 +4,9 @@ Keys are global parameter names (stage modules keep them), optimizer state is fl
 parameter name, and DCP reshards on load, so a checkpoint saved at tp2 x dp2 loads at pp2 or in one
 process, and one saved by a plain one-process model (`OneProcessState`) loads into a DistributedTrainer
 and back. Only trainable parameters are saved: frozen ones (a LoRA/QLoRA base) come from the model
-directory on every start. Also saved: the step count, rank 0's RNG state, and a caller's JSON-able
-`extra` dict (e.g. the data position).
+directory on every start. Also saved: the step count, every rank's RNG state (restored
+per rank when the world size is the same, rank 0's otherwise), and a caller's JSON-able `extra` dict
+(e.g. the data position).
 """
 from __future__ import annotations
 
@@ -76,13 +77,28 @@ def _merged(models: list[dict], optims: list[dict | None], trainer) -> dict:
     return state
 
 
+def _rank_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if _distributed() else (0, 1)
+
+
+def _rng_file(path: Path, rank: int, world: int) -> Path:
+    return path / "rng" / f"rank-{rank}-of-{world}.pt"
+
+
 def save_checkpoint(trainer, path: Path, extra: dict | None = None) -> Path:
     """Collective under torch.distributed: every rank calls it with the same path."""
     path = Path(path)
     models, optims = _state(trainer)
     with _quiet_single_process():
         dcp.save(_merged(models, optims, trainer), checkpoint_id=str(path))
-    if not _distributed() or dist.get_rank() == 0:
+    rank, world = _rank_world()
+    # Each rank's own RNG (ranks that sampled different amounts of randomness differ), for an exact
+    # continuation when the checkpoint resumes with the same number of ranks.
+    _rng_file(path, rank, world).parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"cpu": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
+               _rng_file(path, rank, world))
+    if rank == 0:
         (path / EXTRA_FILE).write_text(json.dumps(extra or {}))
     if _distributed():
         dist.barrier()
@@ -101,7 +117,14 @@ def load_checkpoint(trainer, path: Path) -> dict:
         if opt is not None:
             set_optimizer_state_dict(part, opt, {k: state[f"optim.{k}"] for k in optim_sd}, options=LOAD_OPTIONS)
     trainer.step = int(state["trainer"]["step"])
-    torch.set_rng_state(state["trainer"]["rng"])
+    own = _rng_file(path, *_rank_world())
+    if own.is_file():  # same number of ranks: each its own RNG; otherwise rank 0's for all
+        rng = torch.load(own, weights_only=True)
+        torch.set_rng_state(rng["cpu"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+    else:
+        torch.set_rng_state(state["trainer"]["rng"])
     scheduler = getattr(trainer, "scheduler", None)
     if scheduler is not None:  # a step-indexed schedule (LambdaLR): put it, and the lrs, at the step
         scheduler.last_epoch = trainer.step - 1
