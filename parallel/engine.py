@@ -119,20 +119,27 @@ def load_model(model_dir: Path, lora: dict | None = None, quant: dict | None = N
     """
     from transformers import AutoModelForCausalLM
 
+    model = from_pretrained(AutoModelForCausalLM, model_dir, quant, lora)
+    return model if lora is None else apply_lora(model, **lora)
+
+
+def from_pretrained(model_cls, model_dir: Path, quant: dict | None = None, lora: dict | None = None, **kwargs):
+    """model_cls.from_pretrained in fp32; with `quant` (QLoRA) every decoder linear layer loads as a
+    bitsandbytes 4-bit weight (the heads, lm_head or a classifier's score, stay full precision) and the
+    whole model is frozen for k-bit training: only adapters added afterwards train."""
     if quant is None:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-        return model if lora is None else apply_lora(model, **lora)
+        return model_cls.from_pretrained(model_dir, dtype=torch.float32, **kwargs)
     if lora is None:
         raise ValueError("mode: qlora trains LoRA adapters; a 4-bit base cannot be fully fine-tuned")
     from peft import prepare_model_for_kbit_training
     from transformers import BitsAndBytesConfig
 
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant["quant_type"],
-                                bnb_4bit_use_double_quant=quant["double_quant"], bnb_4bit_compute_dtype=torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, quantization_config=config)
+                                bnb_4bit_use_double_quant=quant["double_quant"], bnb_4bit_compute_dtype=torch.float32,
+                                llm_int8_skip_modules=["lm_head", "score"])
+    model = model_cls.from_pretrained(model_dir, dtype=torch.float32, quantization_config=config, **kwargs)
     # Freezes the base, keeps norms in fp32, lets gradients reach the adapters through frozen embeddings.
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    return apply_lora(model, **lora)
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 
 def build_model(model_dir: Path, parallel: ParallelConfig, runtime: Runtime, lora: dict | None = None,

@@ -106,7 +106,9 @@ class RewardModelStage(_Section):
 
     kind: Literal["reward_model"] = "reward_model"
     name: str = "reward_model"
-    mode: Literal["full", "lora"] = "full"
+    mode: Literal["full", "lora", "qlora"] = Field("full", description="qlora: LoRA on a 4-bit base (bitsandbytes), "
+                                                   "the score head trained in full precision")
+    quant: QuantConfig = QuantConfig()
     lora: LoraConfig = LoraConfig()
     optim: OptimConfig = OptimConfig(lr=1e-4, warmup_steps=10)
     max_steps: int = Field(200, ge=1)
@@ -126,9 +128,11 @@ class RewardModelStage(_Section):
 class _RLStage(_Section):
     """Fields PPO and GRPO share: the policy, sampling, the clipped update and the reward."""
 
-    mode: Literal["full", "lora"] = Field("full", description="lora: the reference is the policy with adapters "
-                                          "disabled, so no second copy is held")
+    mode: Literal["full", "lora", "qlora"] = Field(
+        "full", description="lora/qlora (4-bit base, bitsandbytes): the reference is the policy with adapters "
+        "disabled, so no second copy is held; PPO's critic is quantized alike")
     lora: LoraConfig = LoraConfig()
+    quant: QuantConfig = QuantConfig()
     optim: OptimConfig = Field(OptimConfig(lr=1e-6, warmup_steps=0, min_lr_ratio=1.0),
                                description="the policy's optimizer; warmup_steps and the schedule count "
                                "optimizer updates (ppo_epochs x mini-batches per step)")

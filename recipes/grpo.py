@@ -99,16 +99,18 @@ def setup(cfg: GRPOStage, model_dir: Path, data_dir: Path, parallel: ParallelCon
 
     runtime = engine.build_runtime(parallel)
     lora = None if cfg.mode == "full" else cfg.lora.model_dump()
+    quant = cfg.quant.model_dump() if cfg.mode == "qlora" else None
     reward, reward_source = build_reward(cfg.reward_fn, reward_model_dir, "grpo", runtime, cfg.offload_frozen)
     num_updates = cfg.max_steps * cfg.ppo_epochs * (cfg.batch_size * cfg.group_size // mini_batch_size(cfg))
     opt = cfg.optim
     if distributed:
         trainer = engine.build_trainer(model_dir, sampling_layout(parallel), mode=cfg.mode, lora=lora, lr=opt.lr,
                                        weight_decay=opt.weight_decay, betas=opt.betas, eps=opt.eps,
-                                       grad_clip=opt.grad_clip)
+                                       grad_clip=opt.grad_clip, quant=quant)
         learner = Learner(None, opt, num_updates, runtime, trainer)
     else:
-        learner = Learner(engine.build_model(model_dir, parallel, runtime, lora=lora), opt, num_updates, runtime)
+        learner = Learner(engine.build_model(model_dir, parallel, runtime, lora=lora, quant=quant), opt, num_updates,
+                          runtime)
     policy = learner.model
     reference = Reference(policy, model_dir, cfg.mode, runtime, cfg.offload_frozen) if cfg.beta > 0 else None
     sampler = Sampler(tokenizer, pad_id, end_ids(tokenizer, policy), runtime, synced=distributed)

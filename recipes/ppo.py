@@ -51,14 +51,15 @@ class KLController:
 
 
 def build_critic(init_dir: Path, pad_id: int, parallel: ParallelConfig, runtime: engine.Runtime,
-                 lora: dict | None = None):
+                 lora: dict | None = None, quant: dict | None = None):
     """A sequence-classification model (num_labels=1) used as a per-token value function.
 
     From a reward model the head is kept; from the policy's directory it is freshly initialised.
+    quant: QLoRA's 4-bit backbone (the value head stays full precision).
     """
     from transformers import AutoModelForSequenceClassification
 
-    critic = AutoModelForSequenceClassification.from_pretrained(init_dir, num_labels=1, dtype=torch.float32)
+    critic = engine.from_pretrained(AutoModelForSequenceClassification, init_dir, quant, lora, num_labels=1)
     critic.config.pad_token_id = pad_id
     if not hasattr(critic, "score") or not hasattr(critic, critic.base_model_prefix):
         raise ValueError(f"critic from {init_dir}: {type(critic).__name__} has no `score` head over a backbone; "
@@ -198,6 +199,7 @@ def setup(cfg: PPOStage, model_dir: Path, data_dir: Path, parallel: ParallelConf
 
     runtime = engine.build_runtime(parallel)
     lora = None if cfg.mode == "full" else cfg.lora.model_dump()
+    quant = cfg.quant.model_dump() if cfg.mode == "qlora" else None
     reward, reward_source = build_reward(cfg.reward_fn, reward_model_dir, "ppo", runtime, cfg.offload_frozen)
     critic_dir = reward_model_dir if critic_init == "reward_model" else model_dir
     num_updates = cfg.max_steps * cfg.ppo_epochs * (cfg.batch_size // cfg.mini_batch_size)
@@ -206,17 +208,17 @@ def setup(cfg: PPOStage, model_dir: Path, data_dir: Path, parallel: ParallelConf
         parallel = sampling_layout(parallel)
         cpu = engine.Runtime(torch.device("cpu"), None)
         learners = []
-        for model, opt in ((None, cfg.optim), (TokenValues(build_critic(critic_dir, pad_id, plain, cpu, lora)),
+        for model, opt in ((None, cfg.optim), (TokenValues(build_critic(critic_dir, pad_id, plain, cpu, lora, quant)),
                                                cfg.critic_optim)):
             trainer = engine.build_trainer(model_dir, parallel, mode=cfg.mode, lora=lora, lr=opt.lr,
                                            weight_decay=opt.weight_decay, betas=opt.betas, eps=opt.eps,
-                                           grad_clip=opt.grad_clip, model=model)
+                                           grad_clip=opt.grad_clip, model=model, quant=quant)
             learners.append(Learner(None, opt, num_updates, runtime, trainer))
         policy_learner, critic_learner = learners
     else:
-        policy_learner = Learner(engine.build_model(model_dir, parallel, runtime, lora=lora), cfg.optim, num_updates,
-                                 runtime)
-        critic_learner = Learner(TokenValues(build_critic(critic_dir, pad_id, parallel, runtime, lora)),
+        policy_learner = Learner(engine.build_model(model_dir, parallel, runtime, lora=lora, quant=quant), cfg.optim,
+                                 num_updates, runtime)
+        critic_learner = Learner(TokenValues(build_critic(critic_dir, pad_id, parallel, runtime, lora, quant)),
                                  cfg.critic_optim, num_updates, runtime)
     policy = policy_learner.model
     reference = Reference(policy, model_dir, cfg.mode, runtime, cfg.offload_frozen)

@@ -31,12 +31,12 @@ MANIFEST = "hpcft_reward_model.json"
 
 
 def build_reward_model(model_dir: Path, pad_id: int, parallel: ParallelConfig, runtime: engine.Runtime,
-                       lora: dict | None = None):
+                       lora: dict | None = None, quant: dict | None = None):
     """The base LM with a fresh 1-output score head (seeded by the caller's RNG state); pad_token_id set
-    so the last real token is scored."""
+    so the last real token is scored. quant: QLoRA's 4-bit base (lora required)."""
     from transformers import AutoModelForSequenceClassification
 
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1, dtype=torch.float32)
+    model = engine.from_pretrained(AutoModelForSequenceClassification, model_dir, quant, lora, num_labels=1)
     model.config.pad_token_id = pad_id
     if parallel.activation_checkpointing == "full":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -85,7 +85,7 @@ def save_reward_model(model, tokenizer, out_dir: Path, *, base_model_dir: Path, 
     """A plain sequence-classification directory (adapters merged) with the tokenizer."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    plain = model.merge_and_unload() if mode == "lora" else model
+    plain = model.merge_and_unload() if mode in ("lora", "qlora") else model
     plain.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     manifest = {"kind": "reward_model", "mode": mode, "base_model_dir": str(Path(base_model_dir).resolve())}
@@ -116,6 +116,8 @@ def run_reward_model(cfg: RewardModelStage, *, model_dir: Path, data_dir: Path, 
     result = train(cfg, session, progress or (lambda event: None), Resumer(out_dir, cfg.checkpoint_every))
     state = session.trainer.final_state()  # collective under several ranks
     if state is not None:  # one process, or rank 0
+        if isinstance(state, torch.nn.Module) and cfg.mode == "qlora":  # merge into the full-precision base
+            state = state.state_dict()
         model = state if isinstance(state, torch.nn.Module) else _rebuild(cfg, model_dir, session, parallel, state)
         trainable, total = engine.count_params(model)
         save_reward_model(model, session.tokenizer, out_dir / "checkpoint", base_model_dir=model_dir, mode=cfg.mode)
@@ -130,11 +132,19 @@ def run_reward_model(cfg: RewardModelStage, *, model_dir: Path, data_dir: Path, 
 
 
 def _rebuild(cfg: RewardModelStage, model_dir: Path, s: Session, parallel: ParallelConfig, state: dict):
-    """A one-process reward model holding a gathered state dict (rank 0, after a multi-process run)."""
+    """A one-process, full-precision reward model holding a trained state dict (rank 0's gathered one after a
+    multi-process run). QLoRA: the trained adapters and score head on the full-precision base."""
     lora = None if cfg.mode == "full" else cfg.lora.model_dump()
     model = build_reward_model(model_dir, s.pad_id, parallel.model_copy(update={"activation_checkpointing": "none"}),
                                engine.Runtime(torch.device("cpu"), None), lora=lora)
-    model.load_state_dict(state)
+    if cfg.mode != "qlora":
+        model.load_state_dict(state)
+        return model
+    trained = {k: v for k, v in state.items() if "lora_" in k or "modules_to_save" in k}
+    expected = {k for k in model.state_dict() if "lora_" in k or "modules_to_save" in k}
+    if set(trained) != expected:
+        raise ValueError(f"trained adapters do not match the model's: {sorted(set(trained) ^ expected)[:4]}")
+    model.load_state_dict(trained, strict=False)
     return model
 
 
@@ -147,12 +157,13 @@ def setup(cfg: RewardModelStage, model_dir: Path, data_dir: Path, parallel: Para
     data = load_preference_data(model_dir, data_dir, cfg.seq_len, cfg.batch_size, seed, "reward_model")
     runtime = engine.build_runtime(parallel)
     lora = None if cfg.mode == "full" else cfg.lora.model_dump()
+    quant = cfg.quant.model_dump() if cfg.mode == "qlora" else None
     # Several ranks: each builds the same model on CPU (same seed, same fresh head); the engine lays it out.
     if engine.is_distributed():  # the engine applies activation checkpointing itself
         model = build_reward_model(model_dir, data.pad_id, parallel.model_copy(update={"activation_checkpointing": "none"}),
-                                   engine.Runtime(torch.device("cpu"), None), lora=lora)
+                                   engine.Runtime(torch.device("cpu"), None), lora=lora, quant=quant)
     else:
-        model = build_reward_model(model_dir, data.pad_id, parallel, runtime, lora=lora)
+        model = build_reward_model(model_dir, data.pad_id, parallel, runtime, lora=lora, quant=quant)
     trainer = PairwiseTrainer(cfg, model, model_dir, parallel, runtime, BradleyTerryObjective())
     return Session(trainer, data.tokenizer, runtime, data.train, data.batches, data.validation, data.pad_id,
                    data.stats)

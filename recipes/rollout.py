@@ -573,7 +573,8 @@ def finish_policy_run(cfg, session, result: dict, *, model_dir: Path, out_dir: P
 
     state = gather_full_state_dict(trainer)
     if state is not None:  # rank 0
-        policy = engine.rebuild_model(model_dir, state, None if cfg.mode == "full" else cfg.lora.model_dump())
+        policy = engine.rebuild_model(model_dir, state, None if cfg.mode == "full" else cfg.lora.model_dump(),
+                                      adapters_only=cfg.mode == "qlora")
         result = save_policy_run(cfg, session, result, model_dir=model_dir, out_dir=out_dir, started=started,
                                  seed=seed, policy=policy, world_size=parallel.world_size, **extra)
     return engine.from_rank0(result)

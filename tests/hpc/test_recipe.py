@@ -138,6 +138,9 @@ def test_stage_order_data_and_layout_problems_name_the_stage():
                    "cannot split; set parallel.sequence_parallel: false (or leave it unset: it is then off for "
                    "this stage)"]
     assert load_recipe(DPO_RECIPE, ["parallel.tp=2", "stages.1={kind: grpo, reward_fn: 'recipes.rewards:exact_match'}"])
+    out = problems(DPO_RECIPE, ["parallel.tp=2", "stages.1={kind: grpo, mode: qlora, reward_fn: 'recipes.rewards:exact_match'}"])
+    assert out == ["parallel.tp: 4-bit quantized (QLoRA) base weights cannot be tensor-sharded; use tp: 1 and "
+                   "scale with dp_replicate/dp_shard"]
     out = problems(DPO_RECIPE, ["parallel.tp=8", "parallel.vocab_parallel=true"])
     assert "parallel.vocab_parallel: the vocabulary (260) does not divide by tp=8; leave vocab_parallel unset or false" in out
     assert not any("vocab_parallel" in p for p in problems(DPO_RECIPE, ["parallel.tp=8"]))

@@ -79,14 +79,31 @@ def test_qlora_refuses_layouts_it_cannot_use():
     assert check_layout(ParallelConfig(dp_shard=2, zero=1), "qlora") == []
 
 
+def _reward_qlora(model_dir, pref_dir, out_dir, parallel):
+    from recipes.config import RewardModelStage
+    from recipes.reward import run_reward_model
+
+    events = []
+    cfg = RewardModelStage(mode="qlora", max_steps=3, batch_size=8, seq_len=64, log_every=1, eval_every=3,
+                           optim={"lr": 5e-3, "warmup_steps": 0})
+    result = run_reward_model(cfg, model_dir=model_dir, data_dir=pref_dir, out_dir=out_dir, parallel=parallel,
+                              seed=0, progress=events.append)
+    return result, [(e["loss"], e["grad_norm"]) for e in events if "max_steps" in e]
+
+
 def _ranks_main(rank, world_size, model_dir, data_dir, out_root):
-    return {name: _sft(model_dir, data_dir, out_root / name, ParallelConfig(**layout), max_steps=4, eval_every=4)
-            for name, layout in LAYOUTS.items()}
+    out = {name: _sft(model_dir, data_dir, out_root / name, ParallelConfig(**layout), max_steps=4, eval_every=4)
+           for name, layout in LAYOUTS.items()}
+    out["rm-dp2"] = _reward_qlora(model_dir, out_root / "pref", out_root / "rm-dp2", ParallelConfig(dp_replicate=2))
+    return out
 
 
 @pytest.fixture(scope="module")
 def ranks(model_dir, data_dir, tmp_path_factory):
+    from tests.recipes.preference_helpers import write_preference_data
+
     root = tmp_path_factory.mktemp("ranks")
+    write_preference_data(root / "pref", num_train=60, num_val=16)
     return root, launch(_ranks_main, 2, model_dir, data_dir, root, timeout=600)
 
 
@@ -103,3 +120,84 @@ def test_data_parallel_qlora_matches_one_process(ranks, model_dir, data_dir, tmp
     got = load_file(root / name / "checkpoint" / "adapter_model.safetensors")
     want = load_file(tmp_path / "one" / "checkpoint" / "adapter_model.safetensors")
     assert sorted(got) == sorted(want) and max(float((got[k] - want[k]).abs().max()) for k in want) < 1e-5
+
+
+def _linear4bit_count(model) -> int:
+    import bitsandbytes as bnb
+
+    return sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+
+
+def test_reward_model_qlora_trains_adapters_and_head_and_exports(model_dir, tmp_path):
+    """The reward model on a 4-bit backbone: adapters and the score head train (in full precision), the
+    pairwise loss falls, and the export is a plain full-precision classifier with those weights merged."""
+    import json
+
+    from transformers import AutoModelForSequenceClassification
+
+    from recipes.config import RewardModelStage
+    from recipes.reward import run_reward_model
+    from recipes.reward import setup as reward_setup
+    from tests.recipes.preference_helpers import write_preference_data
+
+    pref = write_preference_data(tmp_path / "pref", num_train=60, num_val=16)
+    cfg = RewardModelStage(mode="qlora", max_steps=12, batch_size=8, seq_len=64, log_every=4, eval_every=12,
+                           optim={"lr": 5e-3, "warmup_steps": 0})
+    session = reward_setup(cfg, model_dir, pref, ParallelConfig(), seed=0)
+    model = session.trainer.model
+    assert _linear4bit_count(model) == 4 * 7
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or "modules_to_save" in n for n in trainable)
+    assert any("score" in n for n in trainable)
+    events = []
+    result = run_reward_model(cfg, model_dir=model_dir, data_dir=pref, out_dir=tmp_path / "rm", parallel=ParallelConfig(),
+                              seed=0, progress=events.append)
+    losses = [e["loss"] for e in events if "loss" in e and "max_steps" in e]
+    assert losses[-1] < losses[0], losses
+    assert result["mode"] == "qlora"
+    assert json.loads((tmp_path / "rm/checkpoint/hpcft_reward_model.json").read_text())["mode"] == "qlora"
+    exported = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm/checkpoint")
+    assert _linear4bit_count(exported) == 0 and all(p.dtype == torch.float32 for p in exported.parameters())
+
+
+@pytest.mark.parametrize("kind", ["grpo", "ppo"])
+def test_rl_stages_train_on_a_4bit_base(model_dir, data_dir, tmp_path, kind):
+    """GRPO's policy and PPO's policy and critic on 4-bit bases; the reference is the policy with adapters
+    off; the saved adapters export merged into the full-precision base with matching logits."""
+    from recipes.config import GRPOStage, PPOStage
+    from recipes.grpo import run_grpo
+    from recipes.grpo import setup as grpo_setup
+    from recipes.ppo import run_ppo
+    from recipes.ppo import setup as ppo_setup
+
+    common = dict(mode="qlora", max_steps=2, batch_size=4, max_new_tokens=6, eval_every=2, eval_prompts=4,
+                  reward_fn="recipes.rewards:exact_match", optim={"lr": 1e-3, "warmup_steps": 0})
+    if kind == "grpo":
+        cfg, run, setup_fn = GRPOStage(**common, group_size=2), run_grpo, grpo_setup
+    else:
+        cfg, run, setup_fn = PPOStage(**common, mini_batch_size=2), run_ppo, ppo_setup
+    session = setup_fn(cfg, model_dir, data_dir, ParallelConfig(), 0)
+    assert _linear4bit_count(session.policy) == 4 * 7
+    assert session.reference.frozen is None  # adapters off, no second copy
+    if kind == "ppo":
+        assert _linear4bit_count(session.critic) == 4 * 7
+    result = run(cfg, model_dir=model_dir, data_dir=data_dir, out_dir=tmp_path / kind, parallel=ParallelConfig(), seed=0)
+    assert result["mode"] == "qlora" and result["steps"] == 2
+    report = export_hf(model_dir, tmp_path / kind / "checkpoint", tmp_path / "export")
+    assert report["merged"] and report["max_abs_logit_diff"] < 1e-4
+
+
+@pytest.mark.slow
+def test_data_parallel_qlora_reward_model_matches_one_process(ranks, model_dir, tmp_path):
+    root, results = ranks
+    ref_result, ref_curve = _reward_qlora(model_dir, root / "pref", tmp_path / "one", ParallelConfig())
+    # Measured: steps 1-2 agree to ~1e-7, then the runs drift apart slowly (step 3 loss ~1e-4 relative,
+    # step 4 grad norm ~1e-2): float noise that Adam amplifies in near-zero adapter gradients and that the
+    # 4-bit base makes larger. The same stage and data with LoRA on the full-precision base agreed to 1e-7
+    # over 4 steps under dp2 (measured once, by hand), so the layout itself is exact; the cause is not pinned down.
+    for result, curve in (r["rm-dp2"] for r in results):
+        assert len(curve) == 3
+        for (loss, norm), (ref_loss, ref_norm) in zip(curve[:2], ref_curve[:2]):
+            assert loss == pytest.approx(ref_loss, abs=1e-6) and norm == pytest.approx(ref_norm, rel=1e-5)
+        assert curve[2] == pytest.approx(ref_curve[2], rel=1e-3)
+        assert result["val_loss"] == pytest.approx(ref_result["val_loss"], rel=1e-3)
