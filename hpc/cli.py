@@ -117,6 +117,14 @@ def _memory_lines(node, recipe, spec, base_dir: Path, gpu_mem_gb: float) -> None
     parts = ", ".join(f"{k} {getattr(est, k) / GIB:.2f}" for k in ("params", "gathered", "grads", "optimizer",
                                                                  "activations", "frozen"))
     node.add(f"memory per rank (GiB): {parts}; total {est.total / GIB:.2f}")
+    if recipe.parallel.tp > 1:
+        from parallel.planner import Shape, tp_options
+        from recipes.stages import stage_layout
+
+        layout = stage_layout(stage, recipe.parallel)
+        sequence, vocab = tp_options(Shape.from_config(config), layout)
+        node.add(f"tensor parallel {layout.tp}: sequence parallel {'on' if sequence else 'off'}, "
+                 f"vocab parallel {'on' if vocab else 'off'}")
     for warning in memory_warnings(est, int(gpu_mem_gb * GIB)):
         node.add(f"[red]{warning}[/] (at {gpu_mem_gb:g} GiB per GPU)")
 

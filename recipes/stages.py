@@ -37,6 +37,16 @@ KINDS: dict[str, StageKind] = {
 }
 
 
+def stage_layout(stage, parallel):
+    """The layout a stage's engine actually runs (what `hpcft plan` estimates): sequence parallelism off in
+    stages that sample, vocab parallelism off for the reward model's score head, unless set explicitly."""
+    if KINDS[stage.kind].samples:
+        parallel = sampling_layout(parallel)
+    if stage.kind == "reward_model" and parallel.vocab_parallel is None:
+        parallel = parallel.model_copy(update={"vocab_parallel": False})
+    return parallel
+
+
 def sampling_layout(parallel):
     """The layout of a stage that samples from its model: sequence parallelism off unless asked for
     (which recipe validation refuses)."""
@@ -132,7 +142,7 @@ def plan_memory(stage, parallel, model_config: dict, dtype_bytes: int = 2):
     else:
         rows = stage.batch_size * (2 if stage.kind in ("dpo", "reward_model") else 1) / (stage.grad_accum * split)
         seq_len = stage.seq_len
-    layout = sampling_layout(parallel) if KINDS[stage.kind].samples else parallel
+    layout = stage_layout(stage, parallel)
     est = estimate_memory(model_config, layout, mode=stage.mode, seq_len=seq_len, micro_batch=max(1, int(rows)),
                           dtype_bytes=dtype_bytes, lora_r=stage.lora.r, loss_parallel=stage.kind in ("sft", "dpo"))
     whole = num_params(model_config) * 4

@@ -169,3 +169,10 @@ def test_plan_memory_counts_each_stage_kinds_models(hpcft_cmd):
                        text=True, cwd=ROOT, env={**__import__("os").environ, "COLUMNS": "200"})
     assert p.returncode == 0, p.stderr[-2000:]
     assert p.stdout.count("memory per rank (GiB)") == 3 and "frozen" in p.stdout
+    p = subprocess.run(hpcft_cmd + ["plan", str(ROOT / "recipes" / "tiny-rlhf.yaml"), "--set", "parallel.tp=2"],
+                       capture_output=True, text=True, cwd=ROOT, env={**__import__("os").environ, "COLUMNS": "200"})
+    assert p.returncode == 0, p.stderr[-2000:]
+    # sft: both; the reward model's score head keeps the vocabulary whole; ppo samples token by token
+    assert [line.split("tensor parallel 2: ")[1] for line in p.stdout.splitlines() if "tensor parallel 2:" in line] == [
+        "sequence parallel on, vocab parallel on", "sequence parallel on, vocab parallel off",
+        "sequence parallel off, vocab parallel on"]
