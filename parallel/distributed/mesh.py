@@ -31,6 +31,9 @@ def check_layout(cfg: ParallelConfig, mode: str, quantized: bool = False) -> lis
     if cfg.pp > 1 and cfg.pp_schedule in ("interleaved_1f1b", "zero_bubble") and cfg.microbatches % cfg.pp:
         problems.append(f"parallel.microbatches: the {cfg.pp_schedule} schedule needs a multiple of "
                         f"parallel.pp ({cfg.pp}), got {cfg.microbatches}")
+    if cfg.compile and cfg.tp > 1:
+        problems.append("parallel.compile: torch.compile of tensor-parallel blocks fails in backward (or, with "
+                        "sequence parallelism, gives wrong gradients) on this torch; use compile: false with tp > 1")
     if quantized and cfg.tp > 1:
         problems.append("parallel.tp: 4-bit quantized (QLoRA) base weights cannot be tensor-sharded; "
                         "use tp: 1 and scale with dp_replicate/dp_shard")
