@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,9 +114,7 @@ def _train(ctx: StageContext) -> dict:
                                 out_dir=ctx.out_dir, parallel=ctx.recipe.parallel, seed=seed,
                                 progress=ctx.progress, **extra)
     ctx.tracker.log_metrics(ctx.run_id, {f"final.{k}": v for k, v in result.items()})
-    if ctx.leader:  # the stage is complete: nothing to resume
-        shutil.rmtree(ctx.out_dir / "resume", ignore_errors=True)
-    return result
+    return result  # the runner has discarded its resume state
 
 
 def _keep_resume_state(ctx: StageContext) -> None:
@@ -125,12 +122,14 @@ def _keep_resume_state(ctx: StageContext) -> None:
     inputs wrote it; any rank may resume from it once this returns (collective)."""
     import torch.distributed as dist
 
-    resume = ctx.out_dir / "resume"
+    from recipes.resume import discard, resume_dir
+
+    resume = resume_dir(ctx.out_dir)
     key_file = resume / "key"
     if ctx.leader and (not key_file.is_file() or key_file.read_text().strip() != ctx.spec.resume_key):
         if resume.exists():
             ctx.progress({"resume": "discarded", "reason": "stage config or inputs changed"})
-            shutil.rmtree(resume)
+            discard(ctx.out_dir)
         resume.mkdir(parents=True)
         key_file.write_text(ctx.spec.resume_key + "\n")
     if dist.is_available() and dist.is_initialized():

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ from parallel.dims import ParallelConfig
 from parallel.distributed.engine import Objective
 from recipes.config import DPOStage
 from recipes.loop import Checkpoints, train_loop
-from recipes.resume import Resumer
+from recipes.resume import Resumer, discard as discard_resume
 from recipes.losses import IGNORE_INDEX, dpo_loss, sequence_logprobs
 from recipes.preference import (Pair, PairwiseTrainer, PairBatches, PreferenceStats, check_pair_split,
                                 collate_pairs, eval_pair_batches, load_preference_data,
@@ -160,7 +159,7 @@ def run_dpo(cfg: DPOStage, *, model_dir: Path, data_dir: Path, out_dir: Path, pa
             data={name: vars(stats) for name, stats in session.data_stats.items()},
         )
         (out_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
-        shutil.rmtree(out_dir / "resume", ignore_errors=True)  # the stage is complete: nothing to resume
+        discard_resume(out_dir)  # the stage is complete: nothing to resume
     return engine.from_rank0(result)
 
 

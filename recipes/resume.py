@@ -20,6 +20,16 @@ from parallel.distributed.checkpoint import load_checkpoint, save_checkpoint
 LATEST = "latest"
 
 
+def resume_dir(out_dir: Path) -> Path:
+    """Where a stage's resumable training state lives."""
+    return Path(out_dir) / "resume"
+
+
+def discard(out_dir: Path) -> None:
+    """Drop a stage's resumable state (the stage completed, or its config changed)."""
+    shutil.rmtree(resume_dir(out_dir), ignore_errors=True)
+
+
 def _leader() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
@@ -33,7 +43,7 @@ class Resumer:
     """Saves every `every` steps (0: never) and loads the latest checkpoint of a stage's out_dir."""
 
     def __init__(self, out_dir: Path, every: int):
-        self.root = Path(out_dir) / "resume"
+        self.root = resume_dir(out_dir)
         self.every = every
 
     def latest(self) -> Path | None:

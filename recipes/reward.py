@@ -8,7 +8,6 @@ DistributedTrainer (data, ZeRO and tensor parallelism) with the loss averaged ov
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ from parallel import engine
 from parallel.dims import ParallelConfig
 from recipes.config import RewardModelStage
 from recipes.loop import Checkpoints, train_loop
-from recipes.resume import Resumer
+from recipes.resume import Resumer, discard as discard_resume
 from recipes.losses import bradley_terry_loss
 from parallel.distributed.engine import Objective
 from recipes.preference import (Pair, PairBatches, PairwiseTrainer, PreferenceStats,
@@ -127,7 +126,7 @@ def run_reward_model(cfg: RewardModelStage, *, model_dir: Path, data_dir: Path, 
             data={name: vars(stats) for name, stats in session.data_stats.items()},
         )
         (out_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
-        shutil.rmtree(out_dir / "resume", ignore_errors=True)  # the stage is complete: nothing to resume
+        discard_resume(out_dir)  # the stage is complete: nothing to resume
     return engine.from_rank0(result)
 
 

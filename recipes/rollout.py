@@ -543,9 +543,9 @@ def save_policy_run(cfg, session, result: dict, *, model_dir: Path, out_dir: Pat
     """Write out_dir/checkpoint/ (the policy: session.policy unless given) and out_dir/result.json (the
     loop's result, the run's facts and `extra`); returns the result."""
     import json
-    import shutil
 
     from parallel.checkpoint import save_checkpoint
+    from recipes.resume import discard as discard_resume
 
     out_dir = Path(out_dir)
     policy = session.policy if policy is None else policy
@@ -557,7 +557,7 @@ def save_policy_run(cfg, session, result: dict, *, model_dir: Path, out_dir: Pat
         device=str(session.runtime.device), data={name: vars(stats) for name, stats in session.data_stats.items()},
     )
     (out_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
-    shutil.rmtree(out_dir / "resume", ignore_errors=True)  # the stage is complete: nothing to resume
+    discard_resume(out_dir)  # the stage is complete: nothing to resume
     return result
 
 

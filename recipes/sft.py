@@ -11,7 +11,6 @@ checkpoint and result.json; every rank returns the same result dict.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ from parallel.dims import ParallelConfig
 from parallel.distributed.checkpoint import OneProcessState
 from recipes.config import SFTStage
 from recipes.data import DataStats, StepBatches, chat_tokenizer, collate, eval_batches, load_split, micro_batches
-from recipes.resume import Resumer
+from recipes.resume import Resumer, discard as discard_resume
 
 Progress = Callable[[dict], None]
 
@@ -70,7 +69,7 @@ def run_sft(cfg: SFTStage, *, model_dir: Path, data_dir: Path, out_dir: Path, pa
             data={name: vars(stats) for name, stats in session.data_stats.items()},
         )
         (out_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
-        shutil.rmtree(out_dir / "resume", ignore_errors=True)  # the stage is complete: nothing to resume
+        discard_resume(out_dir)  # the stage is complete: nothing to resume
     return engine.from_rank0(result)
 
 
