@@ -7,6 +7,7 @@ Activation bytes are measured, not estimated: every tensor autograd saves during
 is counted once per storage (saved_tensors_hooks), so the figure is exact on any device. On CPU the
 step times only show the communication overhead of gloo; on GPUs run it with NCCL for real timings.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,7 +17,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from parallel.dims import ParallelConfig
-from parallel.distributed.engine import DistributedTrainer, TOKEN_CE, model_inputs, summed_ce
+from parallel.distributed.engine import TOKEN_CE, DistributedTrainer, model_inputs, summed_ce
 from parallel.distributed.launch import launch
 from parallel.distributed.mesh import ParallelDims
 
@@ -25,9 +26,19 @@ def build_model(vocab: int, hidden: int, layers: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=3 * hidden,
-                                        num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=4,
-                                        max_position_embeddings=4096, tie_word_embeddings=False, pad_token_id=0))
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=3 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            max_position_embeddings=4096,
+            tie_word_embeddings=False,
+            pad_token_id=0,
+        )
+    )
 
 
 def batch(rows: int, seq: int, vocab: int) -> dict[str, torch.Tensor]:
@@ -62,7 +73,9 @@ def _measure(trainer_or_model, data, *, distributed: bool) -> int:
             sharded = trainer.vp
             logits = trainer.logits(data, vocab_sharded=sharded)
             from contextlib import nullcontext
+
             from torch.distributed.tensor.parallel import loss_parallel
+
             with loss_parallel() if sharded else nullcontext():
                 loss = summed_ce(logits, data["labels"])
                 loss.backward()
@@ -110,13 +123,17 @@ def main() -> None:
     }
     results = launch(_rank, args.tp, args, layouts, timeout=1800)[0]
     base = results["tp (projections only)"]
-    print(f"model: hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}; {args.rows} x {args.seq} tokens; "
-          f"tp={args.tp}")
+    print(
+        f"model: hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}; {args.rows} x {args.seq} tokens; "
+        f"tp={args.tp}"
+    )
     print(f"{'layout':34s} {'saved MiB/rank':>15s} {'vs tp':>7s} {'vs 1 proc':>9s} {'step s':>8s} {'vs tp':>7s}")
     print(f"{'one process':34s} {one / 2**20:15.1f} {one / base['saved']:7.2f} {1:9.2f} {'':>8s} {'':>7s}")
     for name, r in results.items():
-        print(f"{name:34s} {r['saved'] / 2**20:15.1f} {r['saved'] / base['saved']:7.2f} {r['saved'] / one:9.2f} "
-              f"{r['step_s']:8.3f} {r['step_s'] / base['step_s']:7.2f}")
+        print(
+            f"{name:34s} {r['saved'] / 2**20:15.1f} {r['saved'] / base['saved']:7.2f} {r['saved'] / one:9.2f} "
+            f"{r['step_s']:8.3f} {r['step_s'] / base['step_s']:7.2f}"
+        )
 
 
 if __name__ == "__main__":

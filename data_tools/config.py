@@ -1,4 +1,5 @@
 """Typed configuration of the data stage (the `data:` section of a recipe)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -18,8 +19,9 @@ class SourceConfig(_Section):
     generate: Literal["tiny-tasks", "tiny-preferences"] | None = None
     format: Literal["auto", "alpaca", "sharegpt", "messages", "preference"] = "auto"
     num_rows: int = Field(2000, gt=0, description="rows to generate (generate only)")
-    kinds: list[Literal["add", "sub", "mul", "max", "uppercase", "reverse", "double", "first_last"]] | None = \
-        Field(None, min_length=1, description="generated task kinds (default: the arithmetic facts)")
+    kinds: list[Literal["add", "sub", "mul", "max", "uppercase", "reverse", "double", "first_last"]] | None = Field(
+        None, min_length=1, description="generated task kinds (default: the arithmetic facts)"
+    )
     seed: int = 0
 
     @model_validator(mode="after")
@@ -35,8 +37,11 @@ class DedupConfig(_Section):
     minhash_ngrams: int = Field(3, ge=1)
     minhash_buckets: int = Field(14, ge=1)
     minhash_hashes_per_bucket: int = Field(8, ge=1)
-    normalize_numbers: bool = Field(True, description="MinHash treats all numbers as equal (web text); "
-                                    "turn off when rows differ by their numbers (arithmetic, code)")
+    normalize_numbers: bool = Field(
+        True,
+        description="MinHash treats all numbers as equal (web text); "
+        "turn off when rows differ by their numbers (arithmetic, code)",
+    )
 
 
 class FilterConfig(_Section):
@@ -49,7 +54,9 @@ class FilterConfig(_Section):
     min_words: int = Field(2, ge=0)
     max_words: int = Field(2000, gt=0)
     max_symbol_word_ratio: float = Field(0.3, ge=0)
-    min_alpha_words_ratio: float = Field(0.2, ge=0, le=1, description="share of words with a letter (arithmetic rows are mostly digits)")
+    min_alpha_words_ratio: float = Field(
+        0.2, ge=0, le=1, description="share of words with a letter (arithmetic rows are mostly digits)"
+    )
     max_chars: int = Field(8000, gt=0)
 
 
@@ -57,7 +64,8 @@ class PIIConfig(_Section):
     emails: bool = True
     ips: bool = True
     keep_private_ips: bool = Field(
-        True, description="leave RFC 1918, loopback and link-local addresses: they identify nobody")
+        True, description="leave RFC 1918, loopback and link-local addresses: they identify nobody"
+    )
     phones: bool = True
     secrets: bool = True
 

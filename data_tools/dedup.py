@@ -7,6 +7,7 @@ hashes each such pair collides ~13% of the time: over thousands of pairs that re
 template. Measuring the candidates' shingle sets keeps the near-duplicates (Jaccard ~1 after
 normalisation) and drops the coincidences.
 """
+
 from __future__ import annotations
 
 import json
@@ -37,8 +38,15 @@ class MinhashVerifyPairs(PipelineStep):
     type = "🫂 - DEDUP"
     name = "🎯 MinHash verify pairs"
 
-    def __init__(self, input_folder: DataFolderLike, docs_folder: DataFolderLike, output_folder: DataFolderLike,
-                 config: MinhashConfig, word_tokenizer: WordTokenizer, threshold: float | None = None):
+    def __init__(
+        self,
+        input_folder: DataFolderLike,
+        docs_folder: DataFolderLike,
+        output_folder: DataFolderLike,
+        config: MinhashConfig,
+        word_tokenizer: WordTokenizer,
+        threshold: float | None = None,
+    ):
         super().__init__()
         self.input_folder = get_datafolder(input_folder)
         self.docs_folder = get_datafolder(docs_folder)

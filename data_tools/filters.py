@@ -5,13 +5,17 @@ The published thresholds assume web pages of hundreds of words; a chat row like 
 settings below keep the checks that still mean something for a row: repeated lines and n-grams, symbol
 soup, absurd word lengths, lorem ipsum, javascript walls.
 """
+
 from __future__ import annotations
 
 import re
 
 from datatrove.data import Document
 from datatrove.pipeline.filters import (
-    C4QualityFilter, FineWebQualityFilter, GopherQualityFilter, GopherRepetitionFilter,
+    C4QualityFilter,
+    FineWebQualityFilter,
+    GopherQualityFilter,
+    GopherRepetitionFilter,
 )
 from datatrove.pipeline.filters.base_filter import BaseFilter
 from datatrove.pipeline.writers.disk_base import DiskWriter
@@ -75,22 +79,59 @@ def quality_filters(cfg: FilterConfig, exclusion_writer) -> list[tuple[str, Base
     if cfg.gopher_repetition:
         # top-n-gram fractions are dropped: in a ten-word row the most common 2-gram covers 20% of the
         # characters even when nothing repeats. Duplicate lines and repeated n-grams still count.
-        steps.append(("gopher_repetition", GopherRepetitionFilter(
-            top_n_grams=(), exclusion_writer=exclusion_writer("gopher_repetition"), language=words)))
+        steps.append(
+            (
+                "gopher_repetition",
+                GopherRepetitionFilter(
+                    top_n_grams=(), exclusion_writer=exclusion_writer("gopher_repetition"), language=words
+                ),
+            )
+        )
     if cfg.gopher_quality:
-        steps.append(("gopher_quality", GopherQualityFilter(
-            min_doc_words=cfg.min_words, max_doc_words=cfg.max_words, min_avg_word_length=1,
-            max_avg_word_length=10, max_symbol_word_ratio=cfg.max_symbol_word_ratio,
-            max_ellipsis_lines_ratio=0.5, max_non_alpha_words_ratio=cfg.min_alpha_words_ratio, min_stop_words=None,
-            exclusion_writer=exclusion_writer("gopher_quality"), language=words)))
+        steps.append(
+            (
+                "gopher_quality",
+                GopherQualityFilter(
+                    min_doc_words=cfg.min_words,
+                    max_doc_words=cfg.max_words,
+                    min_avg_word_length=1,
+                    max_avg_word_length=10,
+                    max_symbol_word_ratio=cfg.max_symbol_word_ratio,
+                    max_ellipsis_lines_ratio=0.5,
+                    max_non_alpha_words_ratio=cfg.min_alpha_words_ratio,
+                    min_stop_words=None,
+                    exclusion_writer=exclusion_writer("gopher_quality"),
+                    language=words,
+                ),
+            )
+        )
     if cfg.c4:
         # Answers rarely end in punctuation and code has braces: keep lorem ipsum / javascript / policy.
-        steps.append(("c4", ChatC4Filter(
-            filter_no_terminal_punct=False, min_num_sentences=1, min_words_per_line=-1,
-            filter_curly_bracket=False, exclusion_writer=exclusion_writer("c4"), language=words)))
+        steps.append(
+            (
+                "c4",
+                ChatC4Filter(
+                    filter_no_terminal_punct=False,
+                    min_num_sentences=1,
+                    min_words_per_line=-1,
+                    filter_curly_bracket=False,
+                    exclusion_writer=exclusion_writer("c4"),
+                    language=words,
+                ),
+            )
+        )
     if cfg.fineweb:
         # Chat lines are short and unpunctuated by nature; duplicated lines and list-like rows still fail.
-        steps.append(("fineweb", FineWebQualityFilter(
-            line_punct_thr=0.0, short_line_thr=1.0, new_line_ratio=0.5,
-            exclusion_writer=exclusion_writer("fineweb"), language=words)))
+        steps.append(
+            (
+                "fineweb",
+                FineWebQualityFilter(
+                    line_punct_thr=0.0,
+                    short_line_thr=1.0,
+                    new_line_ratio=0.5,
+                    exclusion_writer=exclusion_writer("fineweb"),
+                    language=words,
+                ),
+            )
+        )
     return steps

@@ -3,6 +3,7 @@
 Alpaca, ShareGPT and OpenAI-messages rows are accepted; `auto` picks the format per row. A row that
 cannot be parsed is rejected with a short reason instead of failing the run.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -12,8 +13,7 @@ from pathlib import Path
 from typing import Iterator
 
 ROLES = ("system", "user", "assistant")
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "system": "system"}
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
 class RowError(ValueError):
@@ -112,6 +112,7 @@ def _from_messages(row: dict) -> list[dict]:
 
 # ---- preference rows ------------------------------------------------------------------------------
 
+
 def _pref_messages(value: object, key: str) -> list[dict]:
     if not isinstance(value, list) or not value:
         raise RowError(f"empty_{key}" if value == [] else f"bad_{key}")
@@ -163,7 +164,7 @@ def parse_preference(row: object) -> tuple[list[dict], list[dict], list[dict]]:
         prompt = _pref_messages(row["prompt"], "prompt")
     if row.get("prompt") is not None:
         # Responses given as whole conversations repeat the prompt; keep what follows it.
-        chosen, rejected = (t[len(prompt):] if t[:len(prompt)] == prompt else t for t in (chosen, rejected))
+        chosen, rejected = (t[len(prompt) :] if t[: len(prompt)] == prompt else t for t in (chosen, rejected))
     if not prompt or prompt[-1]["role"] == "assistant":
         raise RowError("no_prompt_turn")
     if chosen == rejected:
@@ -219,7 +220,7 @@ def read_rows(path: Path) -> Iterator[tuple[int, object, str | None]]:
 
 
 def row_kind(row: object, fmt: str) -> str:
-    """"preference" for rows in the preference format (declared or detected), else "chat"."""
+    """ "preference" for rows in the preference format (declared or detected), else "chat"."""
     if fmt == "preference" or (fmt == "auto" and isinstance(row, dict) and ("chosen" in row or "rejected" in row)):
         return "preference"
     return "chat"

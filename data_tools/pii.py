@@ -4,6 +4,7 @@ datatrove's PIIFormatter covers emails and public IPs only, and its "public" tes
 ranges such as 203.0.113.0/24; this formatter scrubs every address except the ones that identify nobody
 (RFC 1918, loopback, link-local) and adds phones and secrets. It scrubs inside each message's content.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -22,7 +23,8 @@ from data_tools.normalise import record_text
 PLACEHOLDERS = {"email": "<EMAIL>", "ip": "<IP>", "phone": "<PHONE>", "secret": "<SECRET>"}
 
 EMAIL_RE = re.compile(
-    r"(?<![\w.%+-])[A-Za-z0-9][A-Za-z0-9._%+-]*@(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?\.)+[A-Za-z]{2,}\b")
+    r"(?<![\w.%+-])[A-Za-z0-9][A-Za-z0-9._%+-]*@(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?\.)+[A-Za-z]{2,}\b"
+)
 _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
 IPV4_RE = re.compile(rf"(?<![\w.]){_OCTET}(?:\.{_OCTET}){{3}}(?!\w|\.\d)")
 IPV6_RE = re.compile(r"(?<![\w:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])")
@@ -32,25 +34,31 @@ PHONE_RE = re.compile(
     r"(?<![\w+])(?:\+\d{1,3}[\s.-]?(?:\(\d{1,4}\)[\s.-]?)?\d{1,4}(?:[\s.-]?\d{2,4}){1,4}"
     r"|\(\d{2,4}\)\s?\d{3,4}[.-]\d{3,4}"
     r"|\d{2,4}[.-]\d{3,4}[.-]\d{3,4}"
-    r"|\d{3} \d{3} \d{4})(?![\w])")
+    r"|\d{3} \d{3} \d{4})(?![\w])"
+)
 VENDOR_SECRET_RE = re.compile(
-    r"\bsk-(?:proj-|live-|test-)?[A-Za-z0-9_-]{16,}"      # OpenAI / Stripe style
+    r"\bsk-(?:proj-|live-|test-)?[A-Za-z0-9_-]{16,}"  # OpenAI / Stripe style
     r"|\bgh[pousr]_[A-Za-z0-9]{20,}|\bgithub_pat_\w{20,}"  # GitHub
-    r"|\b(?:AKIA|ASIA)[A-Z0-9]{16}\b"                     # AWS access key id
-    r"|\bxox[abposr]-[A-Za-z0-9-]{10,}"                   # Slack
-    r"|\bAIza[0-9A-Za-z_-]{35}"                           # Google
-    r"|-----BEGIN [A-Z ]*PRIVATE KEY-----[\s\S]*?-----END [A-Z ]*PRIVATE KEY-----")
+    r"|\b(?:AKIA|ASIA)[A-Z0-9]{16}\b"  # AWS access key id
+    r"|\bxox[abposr]-[A-Za-z0-9-]{10,}"  # Slack
+    r"|\bAIza[0-9A-Za-z_-]{35}"  # Google
+    r"|-----BEGIN [A-Z ]*PRIVATE KEY-----[\s\S]*?-----END [A-Z ]*PRIVATE KEY-----"
+)
 # A long hex/base64 value right after a word like key/token/secret: "api_key=3f9a...", "token: ZXlK...".
 KEYED_SECRET_RE = re.compile(
     r"(?i)(?P<head>\b(?:api[_ -]?key|access[_ -]?key|secret(?:[_ -]?key)?|key|token|bearer|password)"
-    r"\b[\"']?\s*(?:[:=]|\bis\b|\bwas\b)?\s*[\"']?)(?P<value>[A-Za-z0-9+/_=.-]{16,})")
-_PRIVATE_NETS = [ipaddress.ip_network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",
-                                                     "fc00::/7")]
+    r"\b[\"']?\s*(?:[:=]|\bis\b|\bwas\b)?\s*[\"']?)(?P<value>[A-Za-z0-9+/_=.-]{16,})"
+)
+_PRIVATE_NETS = [ipaddress.ip_network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7")]
 
 
 def _is_private(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    return (address.is_loopback or address.is_link_local or address.is_unspecified
-            or any(address in net for net in _PRIVATE_NETS if net.version == address.version))
+    return (
+        address.is_loopback
+        or address.is_link_local
+        or address.is_unspecified
+        or any(address in net for net in _PRIVATE_NETS if net.version == address.version)
+    )
 
 
 def _looks_like_token(value: str) -> bool:
@@ -115,6 +123,7 @@ def _phone_digits_ok(match: str) -> bool:
 
 def _sub(pattern: re.Pattern, placeholder: str, accept: Callable[[str], bool] | None = None):
     """A replacer that swaps each accepted match for `placeholder` and counts the swaps."""
+
     def replace_all(text: str) -> tuple[str, int]:
         count = 0
 
@@ -126,6 +135,7 @@ def _sub(pattern: re.Pattern, placeholder: str, accept: Callable[[str], bool] | 
             return placeholder
 
         return pattern.sub(one, text), count
+
     return replace_all
 
 

@@ -6,6 +6,7 @@ of their own. With both dedups on that is 6 runs:
   scrub+filter+exact-sig -> exact-find -> exact-filter+minhash-sig -> buckets -> verify+cluster
   -> minhash-filter+format+split
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -13,8 +14,13 @@ from pathlib import Path
 
 from datatrove.data import Document
 from datatrove.pipeline.dedup import (
-    ExactDedupFilter, ExactDedupSignature, ExactFindDedups, MinhashDedupBuckets, MinhashDedupCluster,
-    MinhashDedupFilter, MinhashDedupSignature,
+    ExactDedupFilter,
+    ExactDedupSignature,
+    ExactFindDedups,
+    MinhashDedupBuckets,
+    MinhashDedupCluster,
+    MinhashDedupFilter,
+    MinhashDedupSignature,
 )
 from datatrove.pipeline.dedup.exact_dedup import ExactDedupConfig
 from datatrove.pipeline.dedup.minhash import MinhashConfig
@@ -25,7 +31,12 @@ from data_tools.dedup import MinhashVerifyPairs
 from data_tools.filters import RegexWordTokenizer, quality_filters
 from data_tools.pii import ChatPIIFormatter
 from data_tools.steps import (
-    ChatTemplateFilter, RankShardReader, RejectWriter, SplitAssigner, shard_writer, split_writer,
+    ChatTemplateFilter,
+    RankShardReader,
+    RejectWriter,
+    SplitAssigner,
+    shard_writer,
+    split_writer,
 )
 
 # Rejected-row reasons for steps whose datatrove filter gives none.
@@ -71,16 +82,21 @@ def build_plan(cfg: DataConfig, work_dir: Path, tokenizer_dir: Path, chat_templa
     source, runs = work("shards", "normalised"), []
     for name, signature, barriers, dedup_filter in _dedups(cfg, work):
         out = work("shards", name)
-        runs.append(Run(f"{name}_signature", [RankShardReader(source), *pending, shard_writer(out), signature],
-                        tasks))
+        runs.append(Run(f"{name}_signature", [RankShardReader(source), *pending, shard_writer(out), signature], tasks))
         runs.extend(barriers)
         pending, source = [dedup_filter], out
         steps.append(name)
-    formatter = ChatTemplateFilter(str(tokenizer_dir), chat_template, cfg.format.max_tokens,
-                                   cfg.format.system_prompt, work.rejects("chat_format"))
+    formatter = ChatTemplateFilter(
+        str(tokenizer_dir), chat_template, cfg.format.max_tokens, cfg.format.system_prompt, work.rejects("chat_format")
+    )
     splitter = SplitAssigner(cfg.splits.validation, cfg.splits.test, cfg.splits.seed, cfg.dedup.normalize_numbers)
-    runs.append(Run("format_split", [RankShardReader(source), *pending, formatter, splitter,
-                                     split_writer(work("splits"))], tasks))
+    runs.append(
+        Run(
+            "format_split",
+            [RankShardReader(source), *pending, formatter, splitter, split_writer(work("splits"))],
+            tasks,
+        )
+    )
     return Plan(runs, steps + ["chat_format"])
 
 
@@ -88,25 +104,45 @@ def _dedups(cfg: DataConfig, work: _Work):
     """(name, signature step, barrier runs, filter step) for each enabled dedup, exact first."""
     if cfg.dedup.exact:
         exact = ExactDedupConfig(content_getter=document_text)
-        yield ("exact_dedup", ExactDedupSignature(work("exact", "sigs"), exact),
-               [Run("exact_find", [ExactFindDedups(work("exact", "sigs"), work("exact", "dups"), exact)], 1)],
-               ExactDedupFilter(work("exact", "dups"), exact, exclusion_writer=work.rejects("exact_dedup")))
+        yield (
+            "exact_dedup",
+            ExactDedupSignature(work("exact", "sigs"), exact),
+            [Run("exact_find", [ExactFindDedups(work("exact", "sigs"), work("exact", "dups"), exact)], 1)],
+            ExactDedupFilter(work("exact", "dups"), exact, exclusion_writer=work.rejects("exact_dedup")),
+        )
     if cfg.dedup.minhash:
-        minhash = MinhashConfig(n_grams=cfg.dedup.minhash_ngrams, num_buckets=cfg.dedup.minhash_buckets,
-                                hashes_per_bucket=cfg.dedup.minhash_hashes_per_bucket,
-                                norm_config=TextNormConfig(norm_numbers=cfg.dedup.normalize_numbers))
+        minhash = MinhashConfig(
+            n_grams=cfg.dedup.minhash_ngrams,
+            num_buckets=cfg.dedup.minhash_buckets,
+            hashes_per_bucket=cfg.dedup.minhash_hashes_per_bucket,
+            norm_config=TextNormConfig(norm_numbers=cfg.dedup.normalize_numbers),
+        )
         words = RegexWordTokenizer()
         barriers = [
             # one task per bucket: datatrove splits buckets, not documents, across these ranks
-            Run("minhash_buckets", [MinhashDedupBuckets(work("minhash", "sigs"), work("minhash", "buckets"),
-                                                        config=minhash)], minhash.num_buckets),
-            Run("minhash_cluster", [
-                MinhashVerifyPairs(work("minhash", "buckets"), work("shards", "minhash_dedup"),
-                                   work("minhash", "verified"), minhash, words),
-                MinhashDedupCluster(work("minhash", "verified"), work("minhash", "remove"), config=minhash),
-            ], 1),
+            Run(
+                "minhash_buckets",
+                [MinhashDedupBuckets(work("minhash", "sigs"), work("minhash", "buckets"), config=minhash)],
+                minhash.num_buckets,
+            ),
+            Run(
+                "minhash_cluster",
+                [
+                    MinhashVerifyPairs(
+                        work("minhash", "buckets"),
+                        work("shards", "minhash_dedup"),
+                        work("minhash", "verified"),
+                        minhash,
+                        words,
+                    ),
+                    MinhashDedupCluster(work("minhash", "verified"), work("minhash", "remove"), config=minhash),
+                ],
+                1,
+            ),
         ]
-        yield ("minhash_dedup",
-               MinhashDedupSignature(work("minhash", "sigs"), config=minhash, language=words),
-               barriers,
-               MinhashDedupFilter(work("minhash", "remove"), exclusion_writer=work.rejects("minhash_dedup")))
+        yield (
+            "minhash_dedup",
+            MinhashDedupSignature(work("minhash", "sigs"), config=minhash, language=words),
+            barriers,
+            MinhashDedupFilter(work("minhash", "remove"), exclusion_writer=work.rejects("minhash_dedup")),
+        )

@@ -1,4 +1,5 @@
 """The data stage: sources -> normalised conversations -> datatrove runs -> splits, rejects, manifest."""
+
 from __future__ import annotations
 
 import contextlib
@@ -27,14 +28,25 @@ def local_executor(pipeline: list, logging_dir: str, tasks: int, depends=None):
     """The default executor: datatrove ranks as forked local processes, at most one per core."""
     from datatrove.executor import LocalPipelineExecutor
 
-    return LocalPipelineExecutor(pipeline=pipeline, logging_dir=logging_dir, tasks=tasks,
-                                 workers=min(tasks, os.cpu_count() or 1), depends=depends,
-                                 start_method="fork")
+    return LocalPipelineExecutor(
+        pipeline=pipeline,
+        logging_dir=logging_dir,
+        tasks=tasks,
+        workers=min(tasks, os.cpu_count() or 1),
+        depends=depends,
+        start_method="fork",
+    )
 
 
-def run_data(cfg: DataConfig, tokenizer_dir: Path, out_dir: Path, *, base_dir: Path,
-             executor_factory: ExecutorFactory | None = None,
-             progress: Callable[[dict], None] | None = None) -> dict:
+def run_data(
+    cfg: DataConfig,
+    tokenizer_dir: Path,
+    out_dir: Path,
+    *,
+    base_dir: Path,
+    executor_factory: ExecutorFactory | None = None,
+    progress: Callable[[dict], None] | None = None,
+) -> dict:
     """Build the splits, rejected rows and manifest.json in `out_dir`.
 
     Chat rows give train/validation/test.jsonl and rejected/<step>.jsonl; preference rows
@@ -58,15 +70,23 @@ def run_data(cfg: DataConfig, tokenizer_dir: Path, out_dir: Path, *, base_dir: P
     for kind in kinds:
         if normalised[kind].kept:
             prefix = "" if kind == "chat" else f"{kind}/"
-            run_chain(plans[kind], work / kind / "logs", executor_factory or local_executor,
-                      lambda step, prefix=prefix: report(prefix + step))
+            run_chain(
+                plans[kind],
+                work / kind / "logs",
+                executor_factory or local_executor,
+                lambda step, prefix=prefix: report(prefix + step),
+            )
 
-    outputs = {kind: write_outputs(cfg, plans[kind], normalised[kind], _kind_dir(out_dir, kind), work / kind)
-               for kind in kinds}
+    outputs = {
+        kind: write_outputs(cfg, plans[kind], normalised[kind], _kind_dir(out_dir, kind), work / kind) for kind in kinds
+    }
     manifest = _manifest(cfg, outputs)
     manifest["sources"] = [_source_entry(src, paths, base_dir) for src, paths in files]
-    manifest["tokenizer"] = {"path": str(tokenizer_dir), "chat_template": template_source,
-                             "chat_template_sha256": _sha256_bytes(template.encode())}
+    manifest["tokenizer"] = {
+        "path": str(tokenizer_dir),
+        "chat_template": template_source,
+        "chat_template_sha256": _sha256_bytes(template.encode()),
+    }
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     for kind in kinds:  # intermediates hold unscrubbed rows; logs and PII counts stay
         for folder in (work / kind).iterdir():
@@ -74,8 +94,10 @@ def run_data(cfg: DataConfig, tokenizer_dir: Path, out_dir: Path, *, base_dir: P
                 shutil.rmtree(folder)
     report("manifest")
     if not any(out["splits"].get("train") for out in outputs.values()):
-        raise ValueError(f"data: no rows left for train after filtering; see {out_dir / 'rejected'} and the "
-                         f"counts per step in {out_dir / 'manifest.json'}")
+        raise ValueError(
+            f"data: no rows left for train after filtering; see {out_dir / 'rejected'} and the "
+            f"counts per step in {out_dir / 'manifest.json'}"
+        )
     return manifest
 
 
@@ -88,8 +110,9 @@ def _manifest(cfg: DataConfig, outputs: dict[str, dict]) -> dict:
     hash over every split file of both kinds."""
     empty = {"steps": {}, "splits": {name: 0 for name in SPLITS}, "files": {}}
     chat = outputs.get("chat", empty)
-    split_hashes = {f"{kind}/{name}": digest for kind, out in outputs.items()
-                    for name, digest in out.pop("split_hashes").items()}
+    split_hashes = {
+        f"{kind}/{name}": digest for kind, out in outputs.items() for name, digest in out.pop("split_hashes").items()
+    }
     manifest = {**chat}
     if "preference" in outputs:
         manifest["preference"] = outputs["preference"]
@@ -213,14 +236,22 @@ def write_outputs(cfg: DataConfig, plan: Plan, normalised: Normalised, out_dir: 
     split_hashes = dict(hashes)
     for step, rows in rejected.items():
         hashes[f"rejected/{step}.jsonl"] = _write_jsonl(out_dir / "rejected" / f"{step}.jsonl", rows)
-    return {"steps": steps, "splits": {name: len(rows) for name, rows in splits.items()}, "files": hashes,
-            "split_hashes": split_hashes}
+    return {
+        "steps": steps,
+        "splits": {name: len(rows) for name, rows in splits.items()},
+        "files": hashes,
+        "split_hashes": split_hashes,
+    }
 
 
 def _count(num_in: int, rejected: list[dict]) -> dict:
     reasons = Counter(r["reason"] for r in rejected)
-    return {"in": num_in, "kept": num_in - len(rejected), "rejected": len(rejected),
-            "reasons": dict(sorted(reasons.items()))}
+    return {
+        "in": num_in,
+        "kept": num_in - len(rejected),
+        "rejected": len(rejected),
+        "reasons": dict(sorted(reasons.items())),
+    }
 
 
 def _read_rows(folder: Path) -> list[dict]:
@@ -278,4 +309,5 @@ def _progress(callback: Callable[[dict], None] | None, total: int) -> Callable[[
         done += 1
         if callback is not None:
             callback({"step": step, "done": done, "total": total})
+
     return report

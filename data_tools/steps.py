@@ -1,4 +1,5 @@
 """Pipeline steps of the data stage: shard reading, rejected-row writing, chat formatting, splitting."""
+
 from __future__ import annotations
 
 import hashlib
@@ -65,8 +66,12 @@ class RejectWriter(JsonLinesWriter):
 
     def _default_adapter(self, document: Document) -> dict:
         meta = document.metadata
-        row = {"id": document.id, "reason": meta.get("filter_reason", self.default_reason),
-               "source": meta.get("source"), "messages": meta["messages"]}
+        row = {
+            "id": document.id,
+            "reason": meta.get("filter_reason", self.default_reason),
+            "source": meta.get("source"),
+            "messages": meta["messages"],
+        }
         return row | ({"rejected": meta["rejected"]} if "rejected" in meta else {})
 
 
@@ -75,8 +80,14 @@ class ChatTemplateFilter(BaseFilter):
 
     name = "💬 Chat template"
 
-    def __init__(self, tokenizer_dir: str, chat_template: str, max_tokens: int,
-                 system_prompt: str | None = None, exclusion_writer: DiskWriter | None = None):
+    def __init__(
+        self,
+        tokenizer_dir: str,
+        chat_template: str,
+        max_tokens: int,
+        system_prompt: str | None = None,
+        exclusion_writer: DiskWriter | None = None,
+    ):
         super().__init__(exclusion_writer)
         self.tokenizer_dir, self.chat_template = tokenizer_dir, chat_template
         self.max_tokens, self.system_prompt = max_tokens, system_prompt
@@ -99,7 +110,7 @@ class ChatTemplateFilter(BaseFilter):
                 meta["prompt_turns"] += 1
         text, num_tokens = self._render(messages)
         if "rejected" in meta:  # a preference row: both sides must fit
-            prompt = messages[:meta["prompt_turns"]]
+            prompt = messages[: meta["prompt_turns"]]
             rejected_text, rejected_tokens = self._render(prompt + meta["rejected"])
             num_tokens = max(num_tokens, rejected_tokens)
             meta["rendered_rejected"] = rejected_text
@@ -155,8 +166,14 @@ def _split_row(writer: DiskWriter, doc: Document) -> dict:
     if "rejected" not in meta:
         return {"id": doc.id, "messages": meta["messages"], "text": meta["rendered"]}
     n = meta["prompt_turns"]
-    return {"id": doc.id, "prompt": meta["messages"][:n], "chosen": meta["messages"][n:],
-            "rejected": meta["rejected"], "text": meta["rendered"], "text_rejected": meta["rendered_rejected"]}
+    return {
+        "id": doc.id,
+        "prompt": meta["messages"][:n],
+        "chosen": meta["messages"][n:],
+        "rejected": meta["rejected"],
+        "text": meta["rendered"],
+        "text_rejected": meta["rendered_rejected"],
+    }
 
 
 def split_writer(folder: str) -> JsonLinesWriter:

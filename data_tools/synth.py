@@ -3,6 +3,7 @@
 Clean rows are mixed with exact and near duplicates, low-quality rows and planted PII, so that the data
 stage has real work to do. Output is deterministic for a given seed.
 """
+
 from __future__ import annotations
 
 import json
@@ -52,7 +53,9 @@ def _word(rng: random.Random) -> str:
 def _pii(rng: random.Random) -> str:
     snippet = rng.choice(PII_SNIPPETS)
     return snippet.format(
-        name=_word(rng), n=rng.randint(1, 254), n4=f"{rng.randint(0, 9999):04d}",
+        name=_word(rng),
+        n=rng.randint(1, 254),
+        n4=f"{rng.randint(0, 9999):04d}",
         hex="".join(rng.choice("0123456789abcdef") for _ in range(32)),
         alnum="".join(rng.choice(LETTERS + "0123456789") for _ in range(36)),
         upper="".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ234567") for _ in range(16)),
@@ -65,8 +68,9 @@ DEFAULT_KINDS = tuple(sorted(FACTS))
 ALL_KINDS = tuple(sorted(FACTS) + sorted(TRANSFORMS))
 
 
-def task_example(rng: random.Random, kind: str | None = None,
-                 kinds: tuple[str, ...] = DEFAULT_KINDS) -> tuple[str, str, str]:
+def task_example(
+    rng: random.Random, kind: str | None = None, kinds: tuple[str, ...] = DEFAULT_KINDS
+) -> tuple[str, str, str]:
     """(kind, instruction, answer) for one clean example."""
     kind = kind or rng.choice(kinds)
     if kind in FACTS:
@@ -156,8 +160,9 @@ def preference_example(rng: random.Random, kinds: tuple[str, ...] = DEFAULT_KIND
     return kind, rng.choice(templates).format(w=w), right, rng.choice(wrong)
 
 
-def generate_tiny_preferences(num_rows: int, seed: int = 0, kinds: tuple[str, ...] = DEFAULT_KINDS,
-                              bad_fraction: float = 0.1) -> list[dict]:
+def generate_tiny_preferences(
+    num_rows: int, seed: int = 0, kinds: tuple[str, ...] = DEFAULT_KINDS, bad_fraction: float = 0.1
+) -> list[dict]:
     """Preference rows {prompt, chosen, rejected}: chosen is the right answer, rejected a wrong one.
 
     About 15% of clean rows come as whole conversations ({chosen: messages, rejected: messages}, the
@@ -173,7 +178,9 @@ def generate_tiny_preferences(num_rows: int, seed: int = 0, kinds: tuple[str, ..
             row = rng.choice(BAD_PREFERENCES)[1](row)
         elif roll < bad_fraction + 0.15:
             user = {"role": "user", "content": prompt}
-            row = {side: [user, {"role": "assistant", "content": text}]
-                   for side, text in (("chosen", right), ("rejected", wrong))}
+            row = {
+                side: [user, {"role": "assistant", "content": text}]
+                for side, text in (("chosen", right), ("rejected", wrong))
+            }
         rows.append(row)
     return rows

@@ -1,4 +1,5 @@
 """Typed configuration of evaluation and the promotion gate (`eval:` and `gate:` sections)."""
+
 from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field

@@ -1,4 +1,5 @@
 """The promotion gate: a pure decision over '<task>/<metric>' scores. Every metric is higher-is-better."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -20,8 +21,9 @@ def primary_metric(cfg: GateConfig) -> str | None:
     return cfg.primary_metric or next(iter(cfg.thresholds), None)
 
 
-def decide(candidate: dict[str, float], base: dict[str, float] | None,
-           champion: dict[str, float] | None, cfg: GateConfig) -> Verdict:
+def decide(
+    candidate: dict[str, float], base: dict[str, float] | None, champion: dict[str, float] | None, cfg: GateConfig
+) -> Verdict:
     """Pass when every threshold is met, nothing regresses beyond cfg.max_regression against the champion,
     and the primary metric beats the base model by cfg.min_gain_over_base."""
     checks = _threshold_checks(candidate, cfg)
@@ -29,20 +31,18 @@ def decide(candidate: dict[str, float], base: dict[str, float] | None,
         checks += _regression_checks(candidate, champion, cfg.max_regression)
     if base is not None:
         checks.append(_base_check(candidate, base, cfg))
-    return Verdict(passed=all(c["passed"] for c in checks), reasons=[_reason(c) for c in checks],
-                   checks=checks)
+    return Verdict(passed=all(c["passed"] for c in checks), reasons=[_reason(c) for c in checks], checks=checks)
 
 
 def _threshold_checks(candidate: dict[str, float], cfg: GateConfig) -> list[dict]:
-    return [_check("threshold", key, candidate.get(key), threshold)
-            for key, threshold in cfg.thresholds.items()]
+    return [_check("threshold", key, candidate.get(key), threshold) for key, threshold in cfg.thresholds.items()]
 
 
-def _regression_checks(candidate: dict[str, float], champion: dict[str, float],
-                       max_regression: float) -> list[dict]:
-    return [_check("no_regression", key, candidate[key], champion[key] - max_regression,
-                   reference=champion[key])
-            for key in sorted(candidate.keys() & champion.keys())]
+def _regression_checks(candidate: dict[str, float], champion: dict[str, float], max_regression: float) -> list[dict]:
+    return [
+        _check("no_regression", key, candidate[key], champion[key] - max_regression, reference=champion[key])
+        for key in sorted(candidate.keys() & champion.keys())
+    ]
 
 
 def _base_check(candidate: dict[str, float], base: dict[str, float], cfg: GateConfig) -> dict:
@@ -51,18 +51,25 @@ def _base_check(candidate: dict[str, float], base: dict[str, float], cfg: GateCo
         # A silent skip would let any model through; the recipe check (check_config) catches this first.
         raise ValueError("gate: comparing with the base model needs gate.primary_metric or a threshold")
     if key not in base:
-        return {**_check("beats_base", key, candidate.get(key), None), "passed": False,
-                "note": "base model has no score for it"}
-    return _check("beats_base", key, candidate.get(key), base[key] + cfg.min_gain_over_base,
-                  reference=base[key])
+        return {
+            **_check("beats_base", key, candidate.get(key), None),
+            "passed": False,
+            "note": "base model has no score for it",
+        }
+    return _check("beats_base", key, candidate.get(key), base[key] + cfg.min_gain_over_base, reference=base[key])
 
 
-def _check(name: str, metric: str, value: float | None, required: float | None,
-           reference: float | None = None) -> dict:
+def _check(name: str, metric: str, value: float | None, required: float | None, reference: float | None = None) -> dict:
     # The tolerance keeps a score exactly at a bound (0.9 - 0.02 vs 0.88) from failing on rounding.
     passed = value is not None and required is not None and value >= required - _TOLERANCE
-    return {"check": name, "metric": metric, "value": value, "required": required,
-            "reference": reference, "passed": passed}
+    return {
+        "check": name,
+        "metric": metric,
+        "value": value,
+        "required": required,
+        "reference": reference,
+        "passed": passed,
+    }
 
 
 def _reason(check: dict) -> str:
@@ -98,6 +105,8 @@ def check_config(gate: GateConfig, eval_cfg: EvalConfig, task_labels: list[str])
         elif task not in task_labels:
             problems.append(f"{where}: task {task!r} is not among eval.tasks ({', '.join(task_labels)})")
     if eval_cfg.include_base and primary_metric(gate) is None:
-        problems.append("gate.primary_metric: eval.include_base compares with the base model on one "
-                        "metric; set gate.primary_metric or a threshold (or eval.include_base: false)")
+        problems.append(
+            "gate.primary_metric: eval.include_base compares with the base model on one "
+            "metric; set gate.primary_metric or a threshold (or eval.include_base: false)"
+        )
     return problems

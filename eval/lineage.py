@@ -1,4 +1,5 @@
 """Lineage: the tag names a registered version carries and the hashes that fill them."""
+
 from __future__ import annotations
 
 import hashlib
@@ -14,12 +15,29 @@ BASE_MODEL = "hpcft.base_model"
 BASE_MODEL_HASH = "hpcft.base_model_hash"
 MODEL_HASH = "hpcft.model_hash"
 RUN_DIR = "hpcft.run_dir"  # the run directory the version came from
-TAGS = (RECIPE_HASH, RECIPE_NAME, GIT_COMMIT, GIT_DIRTY, DATA_MANIFEST_HASH, BASE_MODEL, BASE_MODEL_HASH,
-        MODEL_HASH, RUN_DIR)
+TAGS = (
+    RECIPE_HASH,
+    RECIPE_NAME,
+    GIT_COMMIT,
+    GIT_DIRTY,
+    DATA_MANIFEST_HASH,
+    BASE_MODEL,
+    BASE_MODEL_HASH,
+    MODEL_HASH,
+    RUN_DIR,
+)
 
 # In a Hugging Face model directory only these define the model; tokenizer re-saves or a README do not.
-MODEL_FILE_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "*.pt",
-                       "*.pth", "*.gguf", "config.json")
+MODEL_FILE_PATTERNS = (
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "*.bin",
+    "*.bin.index.json",
+    "*.pt",
+    "*.pth",
+    "*.gguf",
+    "config.json",
+)
 _CHUNK = 1 << 20
 
 
@@ -76,9 +94,15 @@ def hash_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def collect(*, recipe_hash: str, repo_dir: Path, data_dir: Path | None = None,
-            base_model_dir: Path | None = None, model_dir: Path | None = None,
-            extra: dict[str, str] | None = None) -> dict[str, str]:
+def collect(
+    *,
+    recipe_hash: str,
+    repo_dir: Path,
+    data_dir: Path | None = None,
+    base_model_dir: Path | None = None,
+    model_dir: Path | None = None,
+    extra: dict[str, str] | None = None,
+) -> dict[str, str]:
     """The lineage tags of a candidate; `extra` maps tag names (e.g. RUN_DIR) to values as given."""
     tags = {RECIPE_HASH: recipe_hash, GIT_COMMIT: git_commit(repo_dir)}
     dirty = git_dirty(repo_dir)

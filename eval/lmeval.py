@@ -10,6 +10,7 @@ Task names in `eval.tasks` take one of three forms:
   they are accepted only when the dataset is already in the local Hugging Face cache, because
   evaluation always runs with HF_HUB_OFFLINE=1 and HF_DATASETS_OFFLINE=1.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -39,12 +40,17 @@ _CHATML_FALLBACK = (
 _LOCAL_BUILDERS = {"json", "csv", "parquet", "text", "arrow", "pandas"}
 _NOT_METRICS = {"sample_len", "alias", "name", "sample_count"}
 _QUIET_ENV = {
-    "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-    "HF_HUB_DISABLE_TELEMETRY": "1", "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "TQDM_DISABLE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
 }
 
 
 # ---------------------------------------------------------------- task names and up-front checks
+
 
 def task_label(task: str) -> str:
     """The name a task's metrics are keyed by ('<label>/<metric>'): the task name inside a yaml: spec."""
@@ -64,7 +70,7 @@ def check_tasks(tasks: list[str]) -> list[str]:
 
 
 def _split_yaml_spec(task: str) -> tuple[Path, str]:
-    body = task[len(YAML_PREFIX):]
+    body = task[len(YAML_PREFIX) :]
     directory, sep, name = body.rpartition(":")
     if not sep or not directory or not name:
         raise ValueError(f"{task!r}: expected 'yaml:<dir>:<task>'")
@@ -87,8 +93,10 @@ def _check_yaml_task(task: str) -> str | None:
 def _check_standard_task(task: str) -> str | None:
     found = _bundled_definitions().get(task)
     if not found:
-        return (f"{task!r} is neither a built-in task ({', '.join(BUILTIN_TASKS)}), a 'yaml:<dir>:<task>' "
-                "spec, nor a task lm-eval knows")
+        return (
+            f"{task!r} is neither a built-in task ({', '.join(BUILTIN_TASKS)}), a 'yaml:<dir>:<task>' "
+            "spec, nor a task lm-eval knows"
+        )
     return _check_datasets(task, found)
 
 
@@ -127,16 +135,20 @@ def _bundled_definitions() -> dict[str, list[Path]]:
 def _check_datasets(task: str, definitions: list[Path]) -> str | None:
     datasets = _dataset_paths(definitions)
     if not datasets:
-        return (f"{task!r}: could not tell which dataset it reads; evaluation runs offline, so use a local "
-                "YAML task ('yaml:<dir>:<task>' with dataset_path: json and absolute data_files)")
+        return (
+            f"{task!r}: could not tell which dataset it reads; evaluation runs offline, so use a local "
+            "YAML task ('yaml:<dir>:<task>' with dataset_path: json and absolute data_files)"
+        )
     missing = sorted(d for d in datasets if not _is_local_dataset(d) and not _in_hf_cache(d))
     if not missing:
         return None
-    return (f"{task!r} reads hub dataset {', '.join(missing)}, not in the local Hugging Face cache "
-            f"({_datasets_cache()} or {_hub_cache()}) and evaluation runs offline. On a machine with "
-            f"network, "
-            f"load it once (`lm_eval --tasks {task} ...` or datasets.load_dataset) with the same HF_HOME and "
-            f"copy the cache here, or use a local task: 'yaml:<dir>:<task>' with dataset_path: json")
+    return (
+        f"{task!r} reads hub dataset {', '.join(missing)}, not in the local Hugging Face cache "
+        f"({_datasets_cache()} or {_hub_cache()}) and evaluation runs offline. On a machine with "
+        f"network, "
+        f"load it once (`lm_eval --tasks {task} ...` or datasets.load_dataset) with the same HF_HOME and "
+        f"copy the cache here, or use a local task: 'yaml:<dir>:<task>' with dataset_path: json"
+    )
 
 
 def _dataset_paths(definitions: list[Path]) -> set[str]:
@@ -175,8 +187,10 @@ def _in_hf_cache(dataset_path: str) -> bool:
 
 # ---------------------------------------------------------------- built-in held-out tasks
 
-def build_tasks(data_dir: Path, task_dir: Path, cfg: EvalConfig, *, tokenizer=None,
-                names: tuple[str, ...] = BUILTIN_TASKS) -> None:
+
+def build_tasks(
+    data_dir: Path, task_dir: Path, cfg: EvalConfig, *, tokenizer=None, names: tuple[str, ...] = BUILTIN_TASKS
+) -> None:
     """Write built-in tasks `names` (YAML + JSONL, absolute paths) from `data_dir/test.jsonl` into `task_dir`.
 
     Prompts are rendered here with `tokenizer`'s chat template (ChatML when None or template-less) and
@@ -186,8 +200,10 @@ def build_tasks(data_dir: Path, task_dir: Path, cfg: EvalConfig, *, tokenizer=No
     task_dir = Path(task_dir).resolve()
     task_dir.mkdir(parents=True, exist_ok=True)
     render = _renderer(tokenizer)
-    examples = [{"id": r["id"], "prompt": render(r["messages"][:-1], True),
-                 "answer": r["messages"][-1]["content"]} for r in rows]
+    examples = [
+        {"id": r["id"], "prompt": render(r["messages"][:-1], True), "answer": r["messages"][-1]["content"]}
+        for r in rows
+    ]
     end = _end_of_turn(render, tokenizer)
     cache = str(task_dir / ".hf_cache")
     if "heldout_exact" in names:
@@ -226,8 +242,7 @@ def _read_rows(path: Path, limit: int | None) -> list[dict]:
 def _renderer(tokenizer) -> Callable[[list[dict], bool], str]:
     """render(messages, add_generation_prompt) with the tokenizer's chat template, else ChatML."""
     if tokenizer is not None and getattr(tokenizer, "chat_template", None):
-        return lambda messages, add: tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add)
+        return lambda messages, add: tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add)
     from jinja2 import Template
 
     template = Template(_CHATML_FALLBACK)
@@ -238,8 +253,8 @@ def _end_of_turn(render: Callable[[list[dict], bool], str], tokenizer) -> str:
     """What the template writes after an answer: '<|im_end|>' in ChatML, '<|eot_id|>' in Llama 3."""
     user = [{"role": "user", "content": "q"}]
     prompt, full = render(user, True), render(user + [{"role": "assistant", "content": "ANSWER"}], False)
-    if full.startswith(prompt + "ANSWER") and full[len(prompt) + 6:].strip():
-        return full[len(prompt) + 6:].strip()
+    if full.startswith(prompt + "ANSWER") and full[len(prompt) + 6 :].strip():
+        return full[len(prompt) + 6 :].strip()
     return getattr(tokenizer, "eos_token", None) or CHATML_STOP
 
 
@@ -247,8 +262,10 @@ def _with_choices(examples: list[dict], cfg: EvalConfig, end: str) -> list[dict]
     """Each example with cfg.num_choices options: its answer and other rows' answers, order fixed by seed."""
     pool = sorted({e["answer"] for e in examples})
     if len(pool) < cfg.num_choices:
-        raise ValueError(f"heldout_mc needs at least eval.num_choices={cfg.num_choices} distinct answers "
-                         f"in the test split, found {len(pool)}; lower eval.num_choices")
+        raise ValueError(
+            f"heldout_mc needs at least eval.num_choices={cfg.num_choices} distinct answers "
+            f"in the test split, found {len(pool)}; lower eval.num_choices"
+        )
     out = []
     for example in examples:
         rng = random.Random(f"{cfg.seed}:{example['id']}")
@@ -256,16 +273,19 @@ def _with_choices(examples: list[dict], cfg: EvalConfig, end: str) -> list[dict]
         choices = rng.sample(others, cfg.num_choices - 1) + [example["answer"]]
         rng.shuffle(choices)
         # The end-of-turn token is part of each option, so an answer's prefix does not score as the answer.
-        out.append({**example, "choices": [c + end for c in choices],
-                    "label": choices.index(example["answer"])})
+        out.append({**example, "choices": [c + end for c in choices], "label": choices.index(example["answer"])})
     return out
 
 
 def _dataset_fields(task_dir: Path, name: str, cache: str) -> dict:
     return {
-        "task": name, "dataset_path": "json",
+        "task": name,
+        "dataset_path": "json",
         "dataset_kwargs": {"data_files": {"test": str(task_dir / f"{name}.jsonl")}, "cache_dir": cache},
-        "test_split": "test", "doc_to_text": "{{prompt}}", "target_delimiter": "", "num_fewshot": 0,
+        "test_split": "test",
+        "doc_to_text": "{{prompt}}",
+        "target_delimiter": "",
+        "num_fewshot": 0,
         "metadata": {"version": 1.0},
     }
 
@@ -273,26 +293,42 @@ def _dataset_fields(task_dir: Path, name: str, cache: str) -> dict:
 def _exact_yaml(task_dir: Path, cache: str, cfg: EvalConfig, end: str) -> dict:
     return {
         **_dataset_fields(task_dir, "heldout_exact", cache),
-        "output_type": "generate_until", "doc_to_target": "{{answer}}",
+        "output_type": "generate_until",
+        "doc_to_target": "{{answer}}",
         "generation_kwargs": {"until": [end], "do_sample": False, "max_gen_toks": cfg.max_new_tokens},
-        "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True,
-                         "regexes_to_ignore": [r"^\s+", r"\s+$"]}],
+        "metric_list": [
+            {
+                "metric": "exact_match",
+                "aggregation": "mean",
+                "higher_is_better": True,
+                "regexes_to_ignore": [r"^\s+", r"\s+$"],
+            }
+        ],
     }
 
 
 def _mc_yaml(task_dir: Path, cache: str) -> dict:
     return {
         **_dataset_fields(task_dir, "heldout_mc", cache),
-        "output_type": "multiple_choice", "doc_to_choice": "{{choices}}", "doc_to_target": "{{label}}",
-        "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True}
-                        for m in ("acc", "acc_norm")],
+        "output_type": "multiple_choice",
+        "doc_to_choice": "{{choices}}",
+        "doc_to_target": "{{label}}",
+        "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True} for m in ("acc", "acc_norm")],
     }
 
 
 # ---------------------------------------------------------------- running one task
 
-def run_task(task: str, model_dir: Path, data_dir: Path, work_dir: Path, cfg: EvalConfig, *,
-             progress: Callable[[dict], None] | None = None) -> dict[str, float]:
+
+def run_task(
+    task: str,
+    model_dir: Path,
+    data_dir: Path,
+    work_dir: Path,
+    cfg: EvalConfig,
+    *,
+    progress: Callable[[dict], None] | None = None,
+) -> dict[str, float]:
     """Evaluate the HF model in `model_dir` on one task; returns {metric: value}.
 
     Writes `work_dir/results.json` (lm-eval's results) and `work_dir/samples.jsonl` (per-example
@@ -320,8 +356,9 @@ def run_task(task: str, model_dir: Path, data_dir: Path, work_dir: Path, cfg: Ev
     return scores
 
 
-def _resolve_task(task: str, data_dir: Path, work_dir: Path, cfg: EvalConfig,
-                  tokenizer) -> tuple[Path | None, str, Path]:
+def _resolve_task(
+    task: str, data_dir: Path, work_dir: Path, cfg: EvalConfig, tokenizer
+) -> tuple[Path | None, str, Path]:
     """(include_path for TaskManager or None for lm-eval's own tasks, task name, directory to run in)."""
     if task in BUILTIN_TASKS:
         task_dir = work_dir / "tasks"
@@ -351,14 +388,21 @@ def _evaluate(lm, name: str, include_dir: Path | None, limit: int | None, cfg: E
     from lm_eval.tasks import TaskManager
 
     # Without include_defaults=False lm-eval indexes its ~14k bundled YAMLs first (10-15 s).
-    manager = (TaskManager(include_path=str(include_dir), include_defaults=False)
-               if include_dir else TaskManager())
+    manager = TaskManager(include_path=str(include_dir), include_defaults=False) if include_dir else TaskManager()
     # Built-in tasks carry max_gen_toks in their YAML; others get it as an override.
     gen_kwargs = None if name in BUILTIN_TASKS else {"max_gen_toks": cfg.max_new_tokens}
     return simple_evaluate(
-        model=lm, tasks=[name], task_manager=manager, limit=limit, log_samples=True,
-        gen_kwargs=gen_kwargs, bootstrap_iters=0, verbosity="WARNING",
-        random_seed=cfg.seed, numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed,
+        model=lm,
+        tasks=[name],
+        task_manager=manager,
+        limit=limit,
+        log_samples=True,
+        gen_kwargs=gen_kwargs,
+        bootstrap_iters=0,
+        verbosity="WARNING",
+        random_seed=cfg.seed,
+        numpy_random_seed=cfg.seed,
+        torch_random_seed=cfg.seed,
         fewshot_random_seed=cfg.seed,
     )
 
@@ -371,8 +415,12 @@ def flat_scores(results: dict, name: str) -> dict[str, float]:
     scores = {}
     for key, value in entry.items():
         metric, _, filter_name = key.partition(",")
-        if metric in _NOT_METRICS or "_stderr" in metric or not isinstance(value, (int, float)) \
-                or isinstance(value, bool):
+        if (
+            metric in _NOT_METRICS
+            or "_stderr" in metric
+            or not isinstance(value, (int, float))
+            or isinstance(value, bool)
+        ):
             continue
         if math.isnan(value):
             continue
@@ -417,8 +465,11 @@ def _offline_and_quiet() -> Iterator[None]:
                 os.environ[key] = value
 
 
-_OFFLINE_FLAGS = (("huggingface_hub.constants", "HF_HUB_OFFLINE"), ("datasets.config", "HF_HUB_OFFLINE"),
-                  ("datasets.config", "HF_DATASETS_OFFLINE"))
+_OFFLINE_FLAGS = (
+    ("huggingface_hub.constants", "HF_HUB_OFFLINE"),
+    ("datasets.config", "HF_HUB_OFFLINE"),
+    ("datasets.config", "HF_DATASETS_OFFLINE"),
+)
 
 
 def _set_module_flags(value: bool) -> list[tuple[object, str, object]]:

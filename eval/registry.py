@@ -1,5 +1,6 @@
 """MLflow registry actions shared by the gate stage and `hpcft registry`: versions of one model name,
 tagged with lineage, scores and the gate's verdict, promoted by moving aliases (MLflow 3 has no stages)."""
+
 from __future__ import annotations
 
 import re
@@ -24,8 +25,9 @@ def tag_key(key: str) -> str:
     return "/".join(part for part in key.split("/") if part not in ("", ".", ".."))
 
 
-def register_candidate(client, name: str, model_dir: Path, run_id: str, scores: dict[str, float],
-                       verdict: Verdict, lineage: dict[str, str]) -> str:
+def register_candidate(
+    client, name: str, model_dir: Path, run_id: str, scores: dict[str, float], verdict: Verdict, lineage: dict[str, str]
+) -> str:
     """Register `model_dir` (logged under run `run_id` as 'model') as a new version of `name`.
 
     Tags: lineage, 'score.<task>/<metric>' per score, 'gate' and 'gate.reasons'; alias 'staging' when
@@ -37,8 +39,7 @@ def register_candidate(client, name: str, model_dir: Path, run_id: str, scores: 
     tags.update({tag_key(SCORE_PREFIX + k): repr(float(v)) for k, v in scores.items()})
     tags[GATE_TAG] = "passed" if verdict.passed else "rejected"
     tags[GATE_REASONS_TAG] = "\n".join(verdict.reasons)[:_MAX_TAG_VALUE]
-    version = client.create_model_version(name=name, source=f"runs:/{run_id}/{ARTIFACT_PATH}",
-                                          run_id=run_id, tags=tags)
+    version = client.create_model_version(name=name, source=f"runs:/{run_id}/{ARTIFACT_PATH}", run_id=run_id, tags=tags)
     version_str = str(version.version)
     if verdict.passed:
         client.set_registered_model_alias(name, STAGING, version_str)
@@ -80,7 +81,7 @@ def _aliases(client, name: str) -> dict[str, str]:
 
 def scores_of(tags: dict[str, str]) -> dict[str, float]:
     """{'<task>/<metric>': value} from a version's 'score.' tags."""
-    return {k[len(SCORE_PREFIX):]: float(v) for k, v in tags.items() if k.startswith(SCORE_PREFIX)}
+    return {k[len(SCORE_PREFIX) :]: float(v) for k, v in tags.items() if k.startswith(SCORE_PREFIX)}
 
 
 def champion_scores(client, name: str) -> tuple[str, dict[str, float]] | None:
@@ -99,8 +100,10 @@ def promote(client, name: str, version: str | int, *, force: bool = False) -> st
     version = str(version)
     tags = client.get_model_version(name, version).tags
     if tags.get(GATE_TAG) != "passed" and not force:
-        raise ValueError(f"{name} version {version} did not pass the gate "
-                         f"(gate={tags.get(GATE_TAG, 'unset')}); promote with force to override")
+        raise ValueError(
+            f"{name} version {version} did not pass the gate "
+            f"(gate={tags.get(GATE_TAG, 'unset')}); promote with force to override"
+        )
     old = _aliases(client, name).get(CHAMPION)
     if old is not None and old != version:
         client.set_registered_model_alias(name, PREVIOUS_CHAMPION, old)
@@ -116,9 +119,18 @@ def list_versions(client, name: str) -> list[dict]:
     rows = []
     for mv in _search_versions(client, name):
         version = str(mv.version)
-        rows.append({"version": version, "aliases": sorted(by_version.get(version, [])),
-                     "gate": mv.tags.get(GATE_TAG), "scores": scores_of(mv.tags), "run_id": mv.run_id,
-                     "source": mv.source, "created": mv.creation_timestamp, "tags": dict(mv.tags)})
+        rows.append(
+            {
+                "version": version,
+                "aliases": sorted(by_version.get(version, [])),
+                "gate": mv.tags.get(GATE_TAG),
+                "scores": scores_of(mv.tags),
+                "run_id": mv.run_id,
+                "source": mv.source,
+                "created": mv.creation_timestamp,
+                "tags": dict(mv.tags),
+            }
+        )
     return sorted(rows, key=lambda row: int(row["version"]))
 
 

@@ -1,4 +1,5 @@
 """The `hpcft` command line."""
+
 from __future__ import annotations
 
 import argparse
@@ -9,21 +10,29 @@ from rich.console import Console
 from rich.tree import Tree
 
 from hpc.recipe import RecipeError, load_recipe
-from recipes.stages import KINDS as STAGE_KINDS
+from training.stages import KINDS as STAGE_KINDS
 
 EXIT_BAD_RECIPE = 2
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hpcft", description="Fine-tune LLMs from one YAML recipe: data -> "
-                                "train -> export -> eval -> gate -> registry.")
+    p = argparse.ArgumentParser(
+        prog="hpcft",
+        description="Fine-tune LLMs from one YAML recipe: data -> train -> export -> eval -> gate -> registry.",
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
 
     def recipe_cmd(name: str, help: str) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help)
         sp.add_argument("recipe", type=Path)
-        sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a recipe field, e.g. --set stages.0.max_steps=50 (repeatable)")
+        sp.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a recipe field, e.g. --set stages.0.max_steps=50 (repeatable)",
+        )
         return sp
 
     run = recipe_cmd("run", "run the pipeline (skips stages whose inputs did not change)")
@@ -39,9 +48,11 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--workdir", type=Path)
     plan.add_argument("--gpu-mem-gb", type=float, default=80.0, help="flag layouts that would not fit this")
 
-    for name, help in (("status", "one look at a run: stages, jobs, progress"),
-                       ("watch", "follow a run until it ends (reattaches to a detached Slurm run)"),
-                       ("cancel", "cancel a run's Slurm jobs")):
+    for name, help in (
+        ("status", "one look at a run: stages, jobs, progress"),
+        ("watch", "follow a run until it ends (reattaches to a detached Slurm run)"),
+        ("cancel", "cancel a run's Slurm jobs"),
+    ):
         sp = sub.add_parser(name, help=help)
         sp.add_argument("workdir", type=Path, nargs="?", default=None, help="run directory")
         sp.add_argument("--workdir", dest="workdir_opt", type=Path, help=argparse.SUPPRESS)
@@ -68,8 +79,10 @@ def _workdir(args, recipe) -> Path:
 
 def cmd_validate(args, console: Console) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
-    console.print(f"[green]ok[/] {args.recipe}: {len(recipe.stages)} training stage(s), "
-                  f"{len(recipe.eval.tasks)} eval task(s), registered model {recipe.tracking.registered_model!r}")
+    console.print(
+        f"[green]ok[/] {args.recipe}: {len(recipe.stages)} training stage(s), "
+        f"{len(recipe.eval.tasks)} eval task(s), registered model {recipe.tracking.registered_model!r}"
+    )
     return 0
 
 
@@ -79,15 +92,19 @@ def cmd_plan(args, console: Console) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     rd = RunDir(_workdir(args, recipe))
-    tree = Tree(f"[bold]{recipe.name}[/]  parallel dp_replicate={recipe.parallel.dp_replicate} "
-                f"dp_shard={recipe.parallel.dp_shard} pp={recipe.parallel.pp} tp={recipe.parallel.tp} "
-                f"zero={recipe.parallel.zero}  executor={recipe.executor.kind}")
+    tree = Tree(
+        f"[bold]{recipe.name}[/]  parallel dp_replicate={recipe.parallel.dp_replicate} "
+        f"dp_shard={recipe.parallel.dp_shard} pp={recipe.parallel.pp} tp={recipe.parallel.tp} "
+        f"zero={recipe.parallel.zero}  executor={recipe.executor.kind}"
+    )
     for s in build_plan(recipe):
         r = s.resources
         state = "[green]up to date" if rd.stage_done(s) else "[yellow]to run"
         node = tree.add(f"[bold]{s.name}[/] ({s.kind})  {state}[/]  after: {', '.join(s.depends_on) or '-'}")
-        node.add(f"resources: {r.nodes} node(s) x {r.tasks_per_node} task(s), {r.cpus_per_task} cpu/task, "
-                 f"{r.gpus_per_node} gpu/node, mem {r.mem_gb or 'default'} GB, {r.time_min} min")
+        node.add(
+            f"resources: {r.nodes} node(s) x {r.tasks_per_node} task(s), {r.cpus_per_task} cpu/task, "
+            f"{r.gpus_per_node} gpu/node, mem {r.mem_gb or 'default'} GB, {r.time_min} min"
+        )
         if s.is_array:
             node.add(f"array of {len(s.elements)}: {', '.join(s.elements)}")
         if s.kind in STAGE_KINDS:
@@ -102,7 +119,7 @@ def _memory_lines(node, recipe, spec, base_dir: Path, gpu_mem_gb: float) -> None
     import json
 
     from parallel.planner import GIB, memory_warnings
-    from recipes.stages import plan_memory
+    from training.stages import plan_memory
 
     if recipe.model.tiny:
         from parallel.tiny import TINY_CONFIGS, build_tokenizer
@@ -114,17 +131,21 @@ def _memory_lines(node, recipe, spec, base_dir: Path, gpu_mem_gb: float) -> None
         config = json.loads((resolve_path(recipe.model.path, base_dir) / "config.json").read_text())
     stage = next(st for st in recipe.stages if st.name == spec.name)
     est = plan_memory(stage, recipe.parallel, config)
-    parts = ", ".join(f"{k} {getattr(est, k) / GIB:.2f}" for k in ("params", "gathered", "grads", "optimizer",
-                                                                 "activations", "frozen"))
+    parts = ", ".join(
+        f"{k} {getattr(est, k) / GIB:.2f}"
+        for k in ("params", "gathered", "grads", "optimizer", "activations", "frozen")
+    )
     node.add(f"memory per rank (GiB): {parts}; total {est.total / GIB:.2f}")
     if recipe.parallel.tp > 1:
         from parallel.planner import Shape, tp_options
-        from recipes.stages import stage_layout
+        from training.stages import stage_layout
 
         layout = stage_layout(stage, recipe.parallel)
         sequence, vocab = tp_options(Shape.from_config(config), layout)
-        node.add(f"tensor parallel {layout.tp}: sequence parallel {'on' if sequence else 'off'}, "
-                 f"vocab parallel {'on' if vocab else 'off'}")
+        node.add(
+            f"tensor parallel {layout.tp}: sequence parallel {'on' if sequence else 'off'}, "
+            f"vocab parallel {'on' if vocab else 'off'}"
+        )
     for warning in memory_warnings(est, int(gpu_mem_gb * GIB)):
         node.add(f"[red]{warning}[/] (at {gpu_mem_gb:g} GiB per GPU)")
 
@@ -134,8 +155,9 @@ def cmd_run(args, console: Console) -> int:
 
     overrides = args.overrides + ([f"executor.kind={args.executor}"] if args.executor else [])
     recipe = load_recipe(args.recipe, overrides)
-    return run_pipeline(recipe, args.recipe, _workdir(args, recipe), only=args.only, console=console,
-                        detach=args.detach)
+    return run_pipeline(
+        recipe, args.recipe, _workdir(args, recipe), only=args.only, console=console, detach=args.detach
+    )
 
 
 def cmd_sbatch(args, console: Console) -> int:
@@ -203,8 +225,10 @@ def cmd_logs(args, console: Console) -> int:
         jid = job["job_ids"][min(args.element, len(job["job_ids"]) - 1)]
         path = job_log(job["folder"], jid, args.rank, err=not args.stdout)
     else:  # local executor: submitit folders named by pid
-        logs = sorted((rd.stage_dir(args.stage) / "logs").glob(f"*/*_{args.rank}_log.{'out' if args.stdout else 'err'}"),
-                      key=lambda p: p.stat().st_mtime)
+        logs = sorted(
+            (rd.stage_dir(args.stage) / "logs").glob(f"*/*_{args.rank}_log.{'out' if args.stdout else 'err'}"),
+            key=lambda p: p.stat().st_mtime,
+        )
         if not logs:
             raise RecipeError([f"logs: no logs for stage {args.stage!r} in {rd.root}"])
         path = logs[min(args.element, len(logs) - 1)]
@@ -237,8 +261,12 @@ def cmd_registry(args, console: Console) -> int:
     for col in ("version", "aliases", "gate", "scores"):
         table.add_column(col)
     for v in registry.list_versions(client, args.name):
-        table.add_row(str(v["version"]), ", ".join(v["aliases"]), v.get("gate", ""),
-                      "  ".join(f"{k}={x:.3f}" for k, x in sorted(v.get("scores", {}).items())))
+        table.add_row(
+            str(v["version"]),
+            ", ".join(v["aliases"]),
+            v.get("gate", ""),
+            "  ".join(f"{k}={x:.3f}" for k, x in sorted(v.get("scores", {}).items())),
+        )
     console.print(table)
     return 0
 
@@ -249,6 +277,7 @@ def _interrupt_on_sigterm() -> None:
 
     def handler(signum, frame):
         raise KeyboardInterrupt
+
     signal.signal(signal.SIGTERM, handler)
 
 
@@ -256,9 +285,17 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     console = Console()
     _interrupt_on_sigterm()
-    handler = {"run": cmd_run, "validate": cmd_validate, "plan": cmd_plan, "registry": cmd_registry,
-               "status": cmd_status, "watch": lambda a, c: cmd_status(a, c, once=False), "cancel": cmd_cancel,
-               "logs": cmd_logs, "sbatch": cmd_sbatch}[args.cmd]
+    handler = {
+        "run": cmd_run,
+        "validate": cmd_validate,
+        "plan": cmd_plan,
+        "registry": cmd_registry,
+        "status": cmd_status,
+        "watch": lambda a, c: cmd_status(a, c, once=False),
+        "cancel": cmd_cancel,
+        "logs": cmd_logs,
+        "sbatch": cmd_sbatch,
+    }[args.cmd]
     try:
         return handler(args, console)
     except RecipeError as err:

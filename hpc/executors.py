@@ -1,4 +1,5 @@
 """Executors: the only code that knows where a job runs. Stages are submitted as jobs or job arrays."""
+
 from __future__ import annotations
 
 import time
@@ -31,8 +32,13 @@ class InlineExecutor:
 
     def run(self, spec: StageSpec, rd: RunDir, pending: list[int], poll: Callable[[], None]) -> None:
         if spec.resources.nodes * spec.resources.tasks_per_node > 1:
-            raise StageFailed(spec.name, "0", None, "the inline executor runs one process; a multi-process "
-                              "parallel layout needs executor.kind local or slurm")
+            raise StageFailed(
+                spec.name,
+                "0",
+                None,
+                "the inline executor runs one process; a multi-process "
+                "parallel layout needs executor.kind local or slurm",
+            )
         for i in pending:
             try:
                 run_stage(str(rd.root), spec.name, i)

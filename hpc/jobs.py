@@ -3,6 +3,7 @@
 It loads the recipe snapshot from the run directory, calls the stage's library function with typed config
 and paths, streams progress to `progress.jsonl` and MLflow, and writes the element's completion marker.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,8 @@ from hpc.plan import StageSpec, build_plan
 from hpc.recipe import Recipe, resolve_path
 from hpc.rundir import RunDir, read_json, write_json
 from hpc.tracking import Tracker, quiet_env
-from recipes.stages import KINDS as STAGE_KINDS
-from recipes.stages import previous as previous_stage
+from training.stages import KINDS as STAGE_KINDS
+from training.stages import previous as previous_stage
 
 
 @dataclass
@@ -65,12 +66,17 @@ def _model(ctx: StageContext) -> dict:
 def _data(ctx: StageContext) -> dict:
     from data_tools.stage import run_data
 
-    manifest = run_data(ctx.recipe.data, ctx.base_model_dir(), ctx.out_dir, base_dir=ctx.base_dir,
-                        executor_factory=_datatrove_factory(ctx), progress=ctx.progress)
+    manifest = run_data(
+        ctx.recipe.data,
+        ctx.base_model_dir(),
+        ctx.out_dir,
+        base_dir=ctx.base_dir,
+        executor_factory=_datatrove_factory(ctx),
+        progress=ctx.progress,
+    )
     ctx.tracker.log_artifact(ctx.run_id, ctx.out_dir / "manifest.json")
     splits = manifest.get("splits", {})
-    ctx.tracker.log_metrics(ctx.run_id, {f"rows.{k}": v for k, v in splits.items()
-                                         if isinstance(v, (int, float))})
+    ctx.tracker.log_metrics(ctx.run_id, {f"rows.{k}": v for k, v in splits.items() if isinstance(v, (int, float))})
     ctx.tracker.set_tags(ctx.run_id, {"hpcft.data_manifest_hash": manifest.get("manifest_hash", "")})
     return {"manifest_hash": manifest.get("manifest_hash"), "splits": splits}
 
@@ -92,14 +98,20 @@ def _datatrove_factory(ctx: StageContext):
 
     def factory(pipeline, logging_dir, tasks, depends=None):
         return SubmititPipelineExecutor(
-            pipeline, logging_dir, tasks, max_retries=retries, depends=depends,
-            make_executor=lambda: make_executor(folder, opts, name, [], ctx.recipe.executor.python))
+            pipeline,
+            logging_dir,
+            tasks,
+            max_retries=retries,
+            depends=depends,
+            make_executor=lambda: make_executor(folder, opts, name, [], ctx.recipe.executor.python),
+        )
+
     return factory
 
 
 def _train(ctx: StageContext) -> dict:
-    """Any training stage: its runner from recipes.stages, started from the previous policy's output."""
-    from recipes.stages import KINDS
+    """Any training stage: its runner from training.stages, started from the previous policy's output."""
+    from training.stages import KINDS
 
     stages = ctx.recipe.stages
     index = next(i for i, s in enumerate(stages) if s.name == ctx.spec.name)
@@ -110,9 +122,16 @@ def _train(ctx: StageContext) -> dict:
         reward = previous_stage(stages, index, policy=False)
         extra["reward_model_dir"] = ctx.output_of(reward.name) / "checkpoint" if reward else None
     _keep_resume_state(ctx)
-    result = kind.load_runner()(stage, model_dir=_start_model(ctx, index), data_dir=_data_dir(ctx, kind.data),
-                                out_dir=ctx.out_dir, parallel=ctx.recipe.parallel, seed=seed,
-                                progress=ctx.progress, **extra)
+    result = kind.load_runner()(
+        stage,
+        model_dir=_start_model(ctx, index),
+        data_dir=_data_dir(ctx, kind.data),
+        out_dir=ctx.out_dir,
+        parallel=ctx.recipe.parallel,
+        seed=seed,
+        progress=ctx.progress,
+        **extra,
+    )
     ctx.tracker.log_metrics(ctx.run_id, {f"final.{k}": v for k, v in result.items()})
     return result  # the runner has discarded its resume state
 
@@ -122,7 +141,7 @@ def _keep_resume_state(ctx: StageContext) -> None:
     inputs wrote it; any rank may resume from it once this returns (collective)."""
     import torch.distributed as dist
 
-    from recipes.resume import discard, resume_dir
+    from training.resume import discard, resume_dir
 
     resume = resume_dir(ctx.out_dir)
     key_file = resume / "key"
@@ -148,8 +167,11 @@ def _data_dir(ctx: StageContext, rows: str) -> Path:
 
 def start_model_dir(rd: RunDir, stages: list, index: int, base_model_dir: Path) -> Path:
     """Where stages[index] starts: the base model, or (after a policy stage) that stage's merged export."""
-    return base_model_dir if previous_stage(stages, index, policy=True) is None else \
-        rd.stage_dir(stages[index].name) / "start_model"
+    return (
+        base_model_dir
+        if previous_stage(stages, index, policy=True) is None
+        else rd.stage_dir(stages[index].name) / "start_model"
+    )
 
 
 def _start_model(ctx: StageContext, index: int) -> Path:
@@ -167,8 +189,11 @@ def _start_model(ctx: StageContext, index: int) -> Path:
         return target
     if not engine.is_distributed() or dist.get_rank() == 0:
         prev_index = stages.index(before)
-        export_hf(start_model_dir(ctx.rd, stages, prev_index, ctx.base_model_dir()),
-                  ctx.output_of(before.name) / "checkpoint", target)
+        export_hf(
+            start_model_dir(ctx.rd, stages, prev_index, ctx.base_model_dir()),
+            ctx.output_of(before.name) / "checkpoint",
+            target,
+        )
     if engine.is_distributed():
         dist.barrier()
     return target
@@ -176,7 +201,7 @@ def _start_model(ctx: StageContext, index: int) -> Path:
 
 def _export(ctx: StageContext) -> dict:
     from parallel.export import export_hf
-    from recipes.stages import last_policy
+    from training.stages import last_policy
 
     stages = ctx.recipe.stages
     policy = last_policy(stages)
@@ -191,8 +216,7 @@ def _eval(ctx: StageContext) -> dict:
 
     task, who = ctx.spec.elements[ctx.index].rsplit("@", 1)
     model_dir = ctx.output_of("export") / "model" if who == "candidate" else ctx.base_model_dir()
-    scores = run_task(task, model_dir, ctx.output_of("data"), ctx.out_dir, ctx.recipe.eval,
-                      progress=ctx.progress)
+    scores = run_task(task, model_dir, ctx.output_of("data"), ctx.out_dir, ctx.recipe.eval, progress=ctx.progress)
     label = task_label(task)
     ctx.tracker.log_metrics(ctx.run_id, {f"{who}/{label}/{k}": v for k, v in scores.items()})
     return {"task": label, "model": who, "scores": scores}
@@ -222,20 +246,35 @@ def _gate(ctx: StageContext) -> dict:
     meta = ctx.rd.read_meta()
     model_info = read_json(ctx.rd.stage_dir("model") / "model.json")
     manifest = read_json(ctx.output_of("data") / "manifest.json")
-    tags = {lineage.RECIPE_HASH: meta["recipe_hash"], lineage.GIT_COMMIT: meta["git_commit"],
-            lineage.DATA_MANIFEST_HASH: manifest.get("manifest_hash", ""),
-            lineage.BASE_MODEL_HASH: model_info["hash"], lineage.RUN_DIR: str(ctx.rd.root)}
-    version = registry.register_candidate(client, name, ctx.output_of("export") / "model",
-                                          meta["parent_run_id"], scores["candidate"], verdict, tags)
-    ctx.tracker.set_tags(meta["parent_run_id"], tags | {"hpcft.gate": "passed" if verdict.passed
-                                                        else "rejected"})
-    return {"passed": verdict.passed, "reasons": verdict.reasons, "version": str(version),
-            "alias": "staging" if verdict.passed else None, "registered_model": name,
-            "champion_version": champion_version, "scores": scores, "champion_scores": champion}
+    tags = {
+        lineage.RECIPE_HASH: meta["recipe_hash"],
+        lineage.GIT_COMMIT: meta["git_commit"],
+        lineage.DATA_MANIFEST_HASH: manifest.get("manifest_hash", ""),
+        lineage.BASE_MODEL_HASH: model_info["hash"],
+        lineage.RUN_DIR: str(ctx.rd.root),
+    }
+    version = registry.register_candidate(
+        client, name, ctx.output_of("export") / "model", meta["parent_run_id"], scores["candidate"], verdict, tags
+    )
+    ctx.tracker.set_tags(meta["parent_run_id"], tags | {"hpcft.gate": "passed" if verdict.passed else "rejected"})
+    return {
+        "passed": verdict.passed,
+        "reasons": verdict.reasons,
+        "version": str(version),
+        "alias": "staging" if verdict.passed else None,
+        "registered_model": name,
+        "champion_version": champion_version,
+        "scores": scores,
+        "champion_scores": champion,
+    }
 
 
 STAGE_FUNCS: dict[str, Callable[[StageContext], dict]] = {
-    "model": _model, "data": _data, "export": _export, "eval": _eval, "gate": _gate,
+    "model": _model,
+    "data": _data,
+    "export": _export,
+    "eval": _eval,
+    "gate": _gate,
     **{kind: _train for kind in STAGE_KINDS},
 }
 
@@ -251,8 +290,7 @@ def run_stage(run_root: str, stage: str, index: int = 0) -> dict:
     out_dir = rd.element_dir(spec, index)
     out_dir.mkdir(parents=True, exist_ok=True)
     tracker = Tracker(meta["tracking_uri"])
-    ctx = StageContext(rd, recipe, spec, index, out_dir, tracker, meta["child_runs"][stage],
-                       Path(meta["base_dir"]))
+    ctx = StageContext(rd, recipe, spec, index, out_dir, tracker, meta["child_runs"][stage], Path(meta["base_dir"]))
     started = time.time()
     leader = _join_world()
     ctx.leader = leader

@@ -1,4 +1,5 @@
 """Runs a plan: skip up-to-date stages, submit the rest through an executor, report, return an exit code."""
+
 from __future__ import annotations
 
 import subprocess
@@ -15,7 +16,7 @@ from hpc.progress import PipelineView
 from hpc.recipe import Recipe, RecipeError
 from hpc.rundir import RunDir, read_json
 from hpc.tracking import Tracker, resolve_uri
-from recipes.stages import KINDS as STAGE_KINDS
+from training.stages import KINDS as STAGE_KINDS
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_RECIPE, EXIT_REJECTED = 0, 1, 2, 3
 EXIT_INTERRUPTED = 130  # Ctrl-C or SIGTERM: running local jobs were stopped
@@ -28,19 +29,34 @@ def prepare_run(recipe: Recipe, recipe_path: Path, rd: RunDir) -> dict:
     rd.write_recipe(recipe)
     meta = rd.read_meta()
     uri = resolve_uri(recipe.tracking.uri, rd.root)
-    fields = {"recipe_hash": recipe.hash(), "git_commit": git_commit(Path(__file__).parent),
-              "base_dir": str(Path(recipe_path).resolve().parent), "tracking_uri": uri,
-              "recipe_path": str(Path(recipe_path).resolve())}
-    if meta.get("tracking_uri") != uri or meta.get("recipe_hash") != fields["recipe_hash"] \
-            or "parent_run_id" not in meta:
+    fields = {
+        "recipe_hash": recipe.hash(),
+        "git_commit": git_commit(Path(__file__).parent),
+        "base_dir": str(Path(recipe_path).resolve().parent),
+        "tracking_uri": uri,
+        "recipe_path": str(Path(recipe_path).resolve()),
+    }
+    if (
+        meta.get("tracking_uri") != uri
+        or meta.get("recipe_hash") != fields["recipe_hash"]
+        or "parent_run_id" not in meta
+    ):
         tracker = Tracker(uri)
         run_id = uuid.uuid4().hex[:12]
-        parent = tracker.start_parent(recipe.tracking.experiment, rd.root / "mlartifacts",
-                                      f"{recipe.name}-{run_id}", recipe.model_dump(mode="json"),
-                                      {"hpcft.recipe_hash": fields["recipe_hash"],
-                                       "hpcft.git_commit": fields["git_commit"], "hpcft.run_dir": str(rd.root)})
-        from hpc.tracking import redact
+        parent = tracker.start_parent(
+            recipe.tracking.experiment,
+            rd.root / "mlartifacts",
+            f"{recipe.name}-{run_id}",
+            recipe.model_dump(mode="json"),
+            {
+                "hpcft.recipe_hash": fields["recipe_hash"],
+                "hpcft.git_commit": fields["git_commit"],
+                "hpcft.run_dir": str(rd.root),
+            },
+        )
         import yaml
+
+        from hpc.tracking import redact
 
         redacted = rd.root / "recipe.redacted.yaml"
         redacted.write_text(yaml.safe_dump(redact(recipe.model_dump(mode="json")), sort_keys=False))
@@ -49,8 +65,14 @@ def prepare_run(recipe: Recipe, recipe_path: Path, rd: RunDir) -> dict:
     return rd.update_meta(**fields)
 
 
-def run_pipeline(recipe: Recipe, recipe_path: Path, workdir: Path, only: str | None = None,
-                 console: Console | None = None, detach: bool = False) -> int:
+def run_pipeline(
+    recipe: Recipe,
+    recipe_path: Path,
+    workdir: Path,
+    only: str | None = None,
+    console: Console | None = None,
+    detach: bool = False,
+) -> int:
     console = console or Console()
     rd = RunDir(workdir)
     plan = build_plan(recipe)
@@ -60,8 +82,12 @@ def run_pipeline(recipe: Recipe, recipe_path: Path, workdir: Path, only: str | N
     if only:
         missing = [s.name for s in plan[: names.index(only)] if not rd.stage_done(s)]
         if missing:
-            raise RecipeError([f"--only {only}: earlier stages have no current outputs ({', '.join(missing)});"
-                               " run the pipeline without --only first"])
+            raise RecipeError(
+                [
+                    f"--only {only}: earlier stages have no current outputs ({', '.join(missing)});"
+                    " run the pipeline without --only first"
+                ]
+            )
     kind = recipe.executor.kind
     if kind == "slurm":
         from hpc.slurm import check_options
@@ -73,8 +99,7 @@ def run_pipeline(recipe: Recipe, recipe_path: Path, workdir: Path, only: str | N
         raise RecipeError(["--detach: only the slurm executor runs without the CLI; set executor.kind=slurm"])
     meta = prepare_run(recipe, recipe_path, rd)
     tracker = Tracker(meta["tracking_uri"])
-    console.print(f"run directory: {rd.root}\ntracking: {meta['tracking_uri']} (parent run "
-                  f"{meta['parent_run_id']})")
+    console.print(f"run directory: {rd.root}\ntracking: {meta['tracking_uri']} (parent run {meta['parent_run_id']})")
     if kind == "slurm":
         from hpc.slurm import SubmitError, submit_pipeline
 
@@ -82,15 +107,19 @@ def run_pipeline(recipe: Recipe, recipe_path: Path, workdir: Path, only: str | N
             submitted = submit_pipeline(recipe, plan, rd, lambda name: _start_child(rd, tracker, name), only)
         except SubmitError as err:
             o = err.opts
-            console.print(f"[red bold]stage {err.stage} could not be submitted[/]: {err.message}\n"
-                          f"asked for {o.nodes} node(s) x {o.tasks_per_node} task(s), {o.cpus_per_task} cpu/task, "
-                          f"{o.gpus_per_node} gpu/node, mem {o.mem_gb or 'default'} GB, partition "
-                          f"{o.partition or 'default'}; adjust executor.slurm or executor.stages.{err.stage}; "
-                          "nothing of this run is left queued")
+            console.print(
+                f"[red bold]stage {err.stage} could not be submitted[/]: {err.message}\n"
+                f"asked for {o.nodes} node(s) x {o.tasks_per_node} task(s), {o.cpus_per_task} cpu/task, "
+                f"{o.gpus_per_node} gpu/node, mem {o.mem_gb or 'default'} GB, partition "
+                f"{o.partition or 'default'}; adjust executor.slurm or executor.stages.{err.stage}; "
+                "nothing of this run is left queued"
+            )
             return EXIT_FAILED
         for name, job in submitted.items():
-            console.print(f"submitted {name}: job {job['job_id']}"
-                          + (f" ({len(job['job_ids'])} array elements)" if len(job["job_ids"]) > 1 else ""))
+            console.print(
+                f"submitted {name}: job {job['job_id']}"
+                + (f" ({len(job['job_ids'])} array elements)" if len(job["job_ids"]) > 1 else "")
+            )
         if detach:
             console.print(f"detached; follow with: hpcft watch --workdir {rd.root}")
             return EXIT_OK
@@ -112,8 +141,10 @@ def run_pipeline(recipe: Recipe, recipe_path: Path, workdir: Path, only: str | N
                 return EXIT_FAILED
             except KeyboardInterrupt:
                 view.finish(spec, ok=False, note="interrupted")
-                console.print(f"[yellow]interrupted during {spec.name}[/]: its running jobs were stopped; "
-                              "run the same command again to resume (finished stages are kept)")
+                console.print(
+                    f"[yellow]interrupted during {spec.name}[/]: its running jobs were stopped; "
+                    "run the same command again to resume (finished stages are kept)"
+                )
                 return EXIT_INTERRUPTED
     return _final(rd, console, only)
 
@@ -158,8 +189,11 @@ def watch(rd: RunDir, console: Console, tracker: Tracker | None = None, once: bo
                 for v in mine.values():
                     counts[v["state"]] = counts.get(v["state"], 0) + 1
                 nodes = sorted({v["nodes"] for v in mine.values() if v["nodes"] not in ("", "None assigned")})
-                view.jobs[spec.name] = f"{job['job_id']}: " + " ".join(f"{n} {s}" for s, n in sorted(counts.items())) + (
-                    f" on {','.join(nodes)}" if nodes else "")
+                view.jobs[spec.name] = (
+                    f"{job['job_id']}: "
+                    + " ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+                    + (f" on {','.join(nodes)}" if nodes else "")
+                )
                 if rd.stage_done(spec):
                     if view.state[spec.name] != "running":
                         view.start(spec, "slurm")
@@ -177,10 +211,18 @@ def watch(rd: RunDir, console: Console, tracker: Tracker | None = None, once: bo
                     log = job_log(job["folder"], jid)
                     tail = log.read_text(errors="replace") if log.is_file() else f"no log at {log}"
                     view.finish(spec, ok=False)
-                    _report_failure(console, StageFailed(spec.name, f"job {jid} {st['state']} exit {st['exit']}",
-                                                         log, "\n".join(tail.rstrip().splitlines()[-15:])))
-                    cancelled = [s.name for s in plan if s.name in jobs and s.name not in finished
-                                 and s.name != spec.name]
+                    _report_failure(
+                        console,
+                        StageFailed(
+                            spec.name,
+                            f"job {jid} {st['state']} exit {st['exit']}",
+                            log,
+                            "\n".join(tail.rstrip().splitlines()[-15:]),
+                        ),
+                    )
+                    cancelled = [
+                        s.name for s in plan if s.name in jobs and s.name not in finished and s.name != spec.name
+                    ]
                     if cancelled:
                         console.print(f"dependent stages not run: {', '.join(cancelled)}")
                     if tracker and spec.name in meta.get("child_runs", {}):
@@ -198,8 +240,9 @@ def watch(rd: RunDir, console: Console, tracker: Tracker | None = None, once: bo
 def _cancelled_by_dependency(job_id: str, st: dict) -> bool:
     if st["state"] != "CANCELLED":
         return False
-    out = subprocess.run(["sacct", "-n", "-P", "-X", "-j", job_id, "--format=Reason"], capture_output=True,
-                         text=True, timeout=30).stdout
+    out = subprocess.run(
+        ["sacct", "-n", "-P", "-X", "-j", job_id, "--format=Reason"], capture_output=True, text=True, timeout=30
+    ).stdout
     return "Dependency" in out or "DependencyNeverSatisfied" in out
 
 
@@ -226,9 +269,16 @@ def _note(rd: RunDir, spec: StageSpec) -> str:
         return f"{len(spec.elements)} elements"
     res = read_json(rd.stage_dir(spec.name) / "result.json")
     if spec.kind in STAGE_KINDS:
-        shown = [(label, res[key]) for label, key in (("loss", "final_loss"), ("val", "val_loss"),
-                                                       ("val acc", "val_accuracy"), ("reward", "val_reward"))
-                 if isinstance(res.get(key), (int, float))]
+        shown = [
+            (label, res[key])
+            for label, key in (
+                ("loss", "final_loss"),
+                ("val", "val_loss"),
+                ("val acc", "val_accuracy"),
+                ("reward", "val_reward"),
+            )
+            if isinstance(res.get(key), (int, float))
+        ]
         return "  ".join(f"{label} {value:.4f}" for label, value in shown)
     if spec.kind == "data":
         return "  ".join(f"{k} {v}" for k, v in (res.get("splits") or {}).items())
@@ -253,8 +303,9 @@ def print_summary(console: Console, gate: dict) -> None:
         table.add_column(col, justify="right")
     fmt = lambda v: f"{v:.3f}" if isinstance(v, (int, float)) else "-"  # noqa: E731
     for metric in sorted(scores["candidate"]):
-        table.add_row(metric, fmt(scores.get("base", {}).get(metric)), fmt(scores["candidate"][metric]),
-                      fmt(champion.get(metric)))
+        table.add_row(
+            metric, fmt(scores.get("base", {}).get(metric)), fmt(scores["candidate"][metric]), fmt(champion.get(metric))
+        )
     console.print(table)
     verdict = "[green bold]PASSED" if gate["passed"] else "[red bold]REJECTED"
     console.print(f"gate: {verdict}")

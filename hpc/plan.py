@@ -1,4 +1,5 @@
 """The stage graph: which jobs a recipe needs, in order, with resources and input hashes."""
+
 from __future__ import annotations
 
 import hashlib
@@ -60,20 +61,29 @@ def build_plan(recipe: Recipe) -> list[StageSpec]:
         stages.append(StageSpec(name, kind, tuple(deps), resources, h, tuple(elements), section or {}, key))
 
     add("model", "model", [], dump["model"])
-    add("data", "data", ["model"], dump["data"],
-        Resources(cpus_per_task=1))  # per datatrove rank; ranks fan out
+    add("data", "data", ["model"], dump["data"], Resources(cpus_per_task=1))  # per datatrove rank; ranks fan out
     prev = "data"
     world = recipe.parallel.world_size
     for stage, raw in zip(recipe.stages, dump["stages"]):
-        add(stage.name, stage.kind, ["model", prev],
+        add(
+            stage.name,
+            stage.kind,
+            ["model", prev],
             {"stage": raw, "parallel": dump["parallel"], "seed": recipe.seed},
-            Resources(tasks_per_node=world, cpus_per_task=2), resume_key={"stage": raw, "seed": recipe.seed})
+            Resources(tasks_per_node=world, cpus_per_task=2),
+            resume_key={"stage": raw, "seed": recipe.seed},
+        )
         prev = stage.name
     add("export", "export", ["model", prev], {})
-    add("eval", "eval", ["model", "data", "export"], dump["eval"], Resources(cpus_per_task=2),
-        elements=eval_elements(recipe))
-    add("gate", "gate", ["model", "data", "export", "eval"], {"gate": dump["gate"],
-        "tracking": dump["tracking"]})
+    add(
+        "eval",
+        "eval",
+        ["model", "data", "export"],
+        dump["eval"],
+        Resources(cpus_per_task=2),
+        elements=eval_elements(recipe),
+    )
+    add("gate", "gate", ["model", "data", "export", "eval"], {"gate": dump["gate"], "tracking": dump["tracking"]})
     return stages
 
 

@@ -1,4 +1,5 @@
 """The terminal view: a live table of stages and training progress; plain lines when not a terminal."""
+
 from __future__ import annotations
 
 import json
@@ -91,9 +92,15 @@ class PipelineView:
         for s in self.plan:
             st = self.state[s.name]
             t = self.elapsed.get(s.name) or (time.time() - self.started[s.name] if st == "running" else None)
-            table.add_row(s.name, s.kind, str(len(s.elements)), f"[{style.get(st, '')}]{st}",
-                          f"{t:.0f}s" if t is not None else "", self.jobs.get(s.name, ""),
-                          self.detail.get(s.name, ""))
+            table.add_row(
+                s.name,
+                s.kind,
+                str(len(s.elements)),
+                f"[{style.get(st, '')}]{st}",
+                f"{t:.0f}s" if t is not None else "",
+                self.jobs.get(s.name, ""),
+                self.detail.get(s.name, ""),
+            )
         return Group(table)
 
     def _print(self, msg: str) -> None:
@@ -121,8 +128,10 @@ class PipelineView:
         if note:
             self.detail[spec.name] = note
         mark = "[green]✓" if ok else "[red]✗"
-        self._print(f"{mark} {spec.name}: {'finished' if ok else 'FAILED'} in "
-                    f"{self.elapsed[spec.name]:.1f}s{'  ' + note if note else ''}")
+        self._print(
+            f"{mark} {spec.name}: {'finished' if ok else 'FAILED'} in "
+            f"{self.elapsed[spec.name]:.1f}s{'  ' + note if note else ''}"
+        )
         self.refresh()
 
     def refresh(self) -> None:

@@ -1,4 +1,5 @@
 """The recipe: YAML validated into one frozen, typed object composed of each package's section model."""
+
 from __future__ import annotations
 
 import hashlib
@@ -12,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from data_tools.config import DataConfig
 from eval.config import EvalConfig, GateConfig
 from parallel.dims import ParallelConfig
-from recipes.config import TrainStage
+from training.config import TrainStage
 
 
 class _Section(BaseModel):
@@ -78,7 +79,8 @@ class ExecutorConfig(_Section):
     python: str | None = Field(None, description="interpreter on the nodes (default: this one)")
     slurm: SlurmOptions = SlurmOptions()
     stages: dict[str, SlurmOptions] = Field(
-        default_factory=dict, description="per-stage overrides, keyed by stage name or kind (data, sft, eval)")
+        default_factory=dict, description="per-stage overrides, keyed by stage name or kind (data, sft, eval)"
+    )
 
 
 class Recipe(_Section):
@@ -243,9 +245,12 @@ def model_shape(recipe: Recipe, base_dir: Path) -> dict | None:
         if not cfg_path.is_file():
             return None
         cfg = json.loads(cfg_path.read_text())
-    return {"num_layers": cfg["num_hidden_layers"],
-            "num_kv_heads": cfg.get("num_key_value_heads", cfg["num_attention_heads"]),
-            "vocab_size": cfg.get("vocab_size"), "tied_embeddings": bool(cfg.get("tie_word_embeddings", False))}
+    return {
+        "num_layers": cfg["num_hidden_layers"],
+        "num_kv_heads": cfg.get("num_key_value_heads", cfg["num_attention_heads"]),
+        "vocab_size": cfg.get("vocab_size"),
+        "tied_embeddings": bool(cfg.get("tie_word_embeddings", False)),
+    }
 
 
 def resolve_path(p: str, base_dir: Path) -> Path:
@@ -257,15 +262,13 @@ def check_recipe(recipe: Recipe, base_dir: Path) -> list[str]:
     """Checks that need the filesystem or other packages: missing files, layouts, offline eval tasks."""
     from eval.gate import check_config
     from eval.lmeval import check_tasks, task_label
-
-    from recipes.stages import check_stages
+    from training.stages import check_stages
 
     problems = check_stages(recipe)
     if recipe.model.path:
         mdir = resolve_path(recipe.model.path, base_dir)
         if not (mdir / "config.json").is_file():
-            problems.append(f"model.path: {recipe.model.path} is not a Hugging Face model directory "
-                            "(no config.json)")
+            problems.append(f"model.path: {recipe.model.path} is not a Hugging Face model directory (no config.json)")
     problems += recipe.data.check_paths(base_dir)
     shape = model_shape(recipe, base_dir)
     if shape:

@@ -1,5 +1,6 @@
 """Rendezvous for multi-process jobs: derive the torch.distributed world from Slurm or submitit's local
 executor, agree on it before training, and fail with a clear message (never hang) when ranks disagree."""
+
 from __future__ import annotations
 
 import datetime
@@ -27,10 +28,15 @@ class World:
     job_id: str
 
     def export(self) -> None:
-        os.environ.update(RANK=str(self.rank), LOCAL_RANK=str(self.local_rank),
-                          WORLD_SIZE=str(self.world_size), LOCAL_WORLD_SIZE=str(self.local_world_size),
-                          GROUP_RANK=str(self.node_rank), MASTER_ADDR=self.master_addr,
-                          MASTER_PORT=str(self.master_port))
+        os.environ.update(
+            RANK=str(self.rank),
+            LOCAL_RANK=str(self.local_rank),
+            WORLD_SIZE=str(self.world_size),
+            LOCAL_WORLD_SIZE=str(self.local_world_size),
+            GROUP_RANK=str(self.node_rank),
+            MASTER_ADDR=self.master_addr,
+            MASTER_PORT=str(self.master_port),
+        )
 
 
 def job_port(job_id: str, base: int = 20000, span: int = 30000) -> int:
@@ -41,8 +47,9 @@ def job_port(job_id: str, base: int = 20000, span: int = 30000) -> int:
 def first_host(nodelist: str) -> str:
     """The first host of a Slurm node list, e.g. 'node[3-5,9]' -> 'node3', via scontrol when present."""
     try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
-                             timeout=30, check=True).stdout.split()
+        out = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30, check=True
+        ).stdout.split()
         if out:
             return out[0]
     except (OSError, subprocess.SubprocessError):
@@ -66,17 +73,31 @@ def from_env(env: dict | None = None) -> World:
         nodes = int(env.get("SLURM_JOB_NUM_NODES", env.get("SLURM_NNODES", "1")))
         job = env.get("SLURM_ARRAY_JOB_ID", env["SLURM_JOB_ID"])
         port = int(env["MASTER_PORT"]) if "MASTER_PORT" in env else job_port(env["SLURM_JOB_ID"])
-        return World(rank=int(env["SLURM_PROCID"]), local_rank=int(env.get("SLURM_LOCALID", "0")),
-                     world_size=world, local_world_size=max(1, world // nodes),
-                     node_rank=int(env.get("SLURM_NODEID", "0")), num_nodes=nodes,
-                     master_addr=first_host(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "localhost"))),
-                     master_port=port, job_id=job)
+        return World(
+            rank=int(env["SLURM_PROCID"]),
+            local_rank=int(env.get("SLURM_LOCALID", "0")),
+            world_size=world,
+            local_world_size=max(1, world // nodes),
+            node_rank=int(env.get("SLURM_NODEID", "0")),
+            num_nodes=nodes,
+            master_addr=first_host(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "localhost"))),
+            master_port=port,
+            job_id=job,
+        )
     if "SUBMITIT_LOCAL_GLOBALID" in env:
         world = int(env.get("SUBMITIT_LOCAL_NTASKS", "1"))
         job = env.get("SUBMITIT_LOCAL_JOB_ID", "0")
-        return World(rank=int(env["SUBMITIT_LOCAL_GLOBALID"]), local_rank=int(env["SUBMITIT_LOCAL_LOCALID"]),
-                     world_size=world, local_world_size=world, node_rank=0, num_nodes=1,
-                     master_addr="127.0.0.1", master_port=int(env.get("MASTER_PORT", job_port(job))), job_id=job)
+        return World(
+            rank=int(env["SUBMITIT_LOCAL_GLOBALID"]),
+            local_rank=int(env["SUBMITIT_LOCAL_LOCALID"]),
+            world_size=world,
+            local_world_size=world,
+            node_rank=0,
+            num_nodes=1,
+            master_addr="127.0.0.1",
+            master_port=int(env.get("MASTER_PORT", job_port(job))),
+            job_id=job,
+        )
     return World(0, 0, 1, 1, 0, 1, "127.0.0.1", int(env.get("MASTER_PORT", 29500)), "local")
 
 
@@ -90,14 +111,19 @@ def init_distributed(world: World, timeout_s: int = 300) -> str:
     if backend == "nccl":
         torch.cuda.set_device(world.local_rank)
     try:
-        dist.init_process_group(backend, rank=world.rank, world_size=world.world_size,
-                                timeout=datetime.timedelta(seconds=timeout_s),
-                                init_method=f"tcp://{world.master_addr}:{world.master_port}")
+        dist.init_process_group(
+            backend,
+            rank=world.rank,
+            world_size=world.world_size,
+            timeout=datetime.timedelta(seconds=timeout_s),
+            init_method=f"tcp://{world.master_addr}:{world.master_port}",
+        )
     except Exception as err:  # noqa: BLE001 - re-raised with what the user needs to check
         raise RendezvousError(
             f"rank {world.rank}/{world.world_size} on {socket.gethostname()} could not join "
             f"{world.master_addr}:{world.master_port} within {timeout_s}s ({type(err).__name__}: {err}); "
-            "check that the master host resolves and the port is reachable from every node") from None
+            "check that the master host resolves and the port is reachable from every node"
+        ) from None
     check_agreement(world)
     return backend
 

@@ -1,4 +1,5 @@
 """The run directory: recipe snapshot, run.json, per-stage outputs, logs, progress and completion markers."""
+
 from __future__ import annotations
 
 import json

@@ -1,5 +1,6 @@
 """The Slurm executor: every pending stage is submitted at once as submitit jobs and job arrays chained
 with `afterok`, so the pipeline runs without the CLI; `watch` follows it through markers and sacct."""
+
 from __future__ import annotations
 
 import subprocess
@@ -11,22 +12,31 @@ from pathlib import Path
 from hpc.plan import StageSpec
 from hpc.recipe import ExecutorConfig, Recipe, SlurmOptions
 from hpc.rundir import RunDir
-from recipes.stages import KINDS as STAGE_KINDS
+from training.stages import KINDS as STAGE_KINDS
 
 # Fabric settings users otherwise copy from wiki pages; applied as exports before every job.
 ENV_PRESETS: dict[str, dict[str, str]] = {
     "none": {},
     "coreweave": {  # HGX nodes with 8 InfiniBand rails named ibp*, Ethernet control plane on eth0
-        "NCCL_SOCKET_IFNAME": "eth0", "NCCL_IB_HCA": "ibp", "UCX_NET_DEVICES": ",".join(
-            f"ibp{i}:1" for i in range(8)), "NCCL_COLLNET_ENABLE": "0",
-        "SHARP_COLL_ENABLE_PCI_RELAXED_ORDERING": "1", "NCCL_IB_TIMEOUT": "22",
-        "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "NCCL_DEBUG": "WARN"},
+        "NCCL_SOCKET_IFNAME": "eth0",
+        "NCCL_IB_HCA": "ibp",
+        "UCX_NET_DEVICES": ",".join(f"ibp{i}:1" for i in range(8)),
+        "NCCL_COLLNET_ENABLE": "0",
+        "SHARP_COLL_ENABLE_PCI_RELAXED_ORDERING": "1",
+        "NCCL_IB_TIMEOUT": "22",
+        "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
+        "NCCL_DEBUG": "WARN",
+    },
     "infiniband": {  # generic IB cluster: use IB, keep sockets off loopback/docker bridges
-        "NCCL_IB_DISABLE": "0", "NCCL_NET_GDR_LEVEL": "PHB", "NCCL_SOCKET_IFNAME": "^lo,docker",
-        "NCCL_IB_TIMEOUT": "22", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "NCCL_DEBUG": "WARN"},
+        "NCCL_IB_DISABLE": "0",
+        "NCCL_NET_GDR_LEVEL": "PHB",
+        "NCCL_SOCKET_IFNAME": "^lo,docker",
+        "NCCL_IB_TIMEOUT": "22",
+        "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
+        "NCCL_DEBUG": "WARN",
+    },
 }
-FAILED_STATES = {"FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE",
-                 "PREEMPTED"}
+FAILED_STATES = {"FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
 TRAIN_KINDS = set(STAGE_KINDS)
 
 
@@ -57,8 +67,14 @@ def job_options(spec: StageSpec, cfg: ExecutorConfig, ranks: bool = False) -> Jo
     """Options of a stage's job; for the data stage, `ranks=True` gives its datatrove rank arrays' and
     the default gives the small driver job that submits them and waits."""
     r = spec.resources
-    opts = JobOptions(nodes=r.nodes, tasks_per_node=r.tasks_per_node, cpus_per_task=r.cpus_per_task,
-                      gpus_per_node=r.gpus_per_node, mem_gb=r.mem_gb, time_min=r.time_min)
+    opts = JobOptions(
+        nodes=r.nodes,
+        tasks_per_node=r.tasks_per_node,
+        cpus_per_task=r.cpus_per_task,
+        gpus_per_node=r.gpus_per_node,
+        mem_gb=r.mem_gb,
+        time_min=r.time_min,
+    )
     world = r.nodes * r.tasks_per_node
     for layer in (cfg.slurm, cfg.stages.get(spec.kind), cfg.stages.get(spec.name)):
         if layer is None:
@@ -89,19 +105,24 @@ def check_options(recipe: Recipe, plan: list[StageSpec]) -> list[str]:
     names = {s.name for s in plan} | {s.kind for s in plan}
     for key in recipe.executor.stages:
         if key not in names:
-            problems.append(f"executor.stages.{key}: no stage or stage kind of that name; "
-                            f"allowed: {', '.join(sorted(names))}")
+            problems.append(
+                f"executor.stages.{key}: no stage or stage kind of that name; allowed: {', '.join(sorted(names))}"
+            )
     for spec in plan:
         if spec.kind not in TRAIN_KINDS:
             continue
         o = job_options(spec, recipe.executor)
         world = recipe.parallel.world_size
         if o.nodes * o.tasks_per_node != world:
-            problems.append(f"executor.stages.{spec.name}: nodes {o.nodes} x tasks_per_node {o.tasks_per_node}"
-                            f" = {o.nodes * o.tasks_per_node} processes, but the parallel layout needs {world}")
+            problems.append(
+                f"executor.stages.{spec.name}: nodes {o.nodes} x tasks_per_node {o.tasks_per_node}"
+                f" = {o.nodes * o.tasks_per_node} processes, but the parallel layout needs {world}"
+            )
         if o.gpus_per_node and o.gpus_per_node < o.tasks_per_node:
-            problems.append(f"executor.stages.{spec.name}: gpus_per_node {o.gpus_per_node} < tasks_per_node "
-                            f"{o.tasks_per_node}: one GPU per rank")
+            problems.append(
+                f"executor.stages.{spec.name}: gpus_per_node {o.gpus_per_node} < tasks_per_node "
+                f"{o.tasks_per_node}: one GPU per rank"
+            )
     return problems
 
 
@@ -112,18 +133,28 @@ def _sbatch_params(o: JobOptions, name: str, deps: list[str]) -> dict:
         extra[key.replace("-", "_")] = value if value else True
     if o.account:
         extra["account"] = o.account
-    params = dict(job_name=name, time=o.time_min, nodes=o.nodes, ntasks_per_node=o.tasks_per_node,
-                  cpus_per_task=o.cpus_per_task, mem=f"{o.mem_gb}G" if o.mem_gb else None, partition=o.partition, qos=o.qos,
-                  constraint=o.constraint, exclusive=o.exclusive or None,
-                  gpus_per_node=o.gpus_per_node or None,
-                  setup=[f"export {k}={v}" for k, v in o.env.items()] + list(o.setup),
-                  additional_parameters=extra)
+    params = dict(
+        job_name=name,
+        time=o.time_min,
+        nodes=o.nodes,
+        ntasks_per_node=o.tasks_per_node,
+        cpus_per_task=o.cpus_per_task,
+        mem=f"{o.mem_gb}G" if o.mem_gb else None,
+        partition=o.partition,
+        qos=o.qos,
+        constraint=o.constraint,
+        exclusive=o.exclusive or None,
+        gpus_per_node=o.gpus_per_node or None,
+        setup=[f"export {k}={v}" for k, v in o.env.items()] + list(o.setup),
+        additional_parameters=extra,
+    )
     if deps:
         params["dependency"] = "afterok:" + ":".join(deps)
         extra["kill_on_invalid_dep"] = "yes"
     if o.container_image:
         params["srun_args"] = [f"--container-image={o.container_image}"] + (
-            [f"--container-mounts={','.join(o.container_mounts)}"] if o.container_mounts else [])
+            [f"--container-mounts={','.join(o.container_mounts)}"] if o.container_mounts else []
+        )
     return {k: v for k, v in params.items() if v is not None}
 
 
@@ -146,7 +177,7 @@ def run_element(run_root: str, stage: str, index: int, max_retries: int) -> dict
 class StageJob:
     """What every submitted Slurm job runs: one stage element (run_element). Checkpointable for submitit:
     when the job is preempted or nears its time limit (submitit's USR2, `--signal=USR2@90`), it is requeued
-    as it is, and a training stage then resumes from its latest periodic checkpoint (recipes.resume)
+    as it is, and a training stage then resumes from its latest periodic checkpoint (training.resume)
     instead of starting over. Timeouts requeue up to submitit's max_num_timeout times (3)."""
 
     def __call__(self, run_root: str, stage: str, index: int, max_retries: int) -> dict:
@@ -173,15 +204,19 @@ def requeue_on_failure(fn, args: tuple, counter: Path, max_retries: int):
             counter.parent.mkdir(parents=True, exist_ok=True)
             counter.write_text(str(attempt))
             traceback.print_exc()
-            print(f"hpcft: attempt {attempt} failed; requeueing job {job} ({max_retries - attempt} retries left)",
-                  file=sys.stderr, flush=True)
+            print(
+                f"hpcft: attempt {attempt} failed; requeueing job {job} ({max_retries - attempt} retries left)",
+                file=sys.stderr,
+                flush=True,
+            )
             subprocess.run(["scontrol", "requeue", job], check=False)
             time.sleep(600)  # Slurm ends this run of the job; the requeued one starts over
         raise
 
 
-def submit_pipeline(recipe: Recipe, plan: list[StageSpec], rd: RunDir, start_child, only: str | None = None
-                    ) -> dict[str, dict]:
+def submit_pipeline(
+    recipe: Recipe, plan: list[StageSpec], rd: RunDir, start_child, only: str | None = None
+) -> dict[str, dict]:
     """Submit every stage that is not up to date, each after the jobs it depends on. Returns
     {stage: {"job_id", "job_ids", "folder"}} and records it in run.json."""
     submitted: dict[str, dict] = {}
@@ -204,16 +239,25 @@ def submit_pipeline(recipe: Recipe, plan: list[StageSpec], rd: RunDir, start_chi
         try:
             if spec.is_array:
                 ex.update_parameters(array_parallelism=max(1, len(pending)))
-                jobs = ex.map_array(StageJob(), [str(rd.root)] * len(pending), [spec.name] * len(pending),
-                                    pending, [o.max_retries] * len(pending))
+                jobs = ex.map_array(
+                    StageJob(),
+                    [str(rd.root)] * len(pending),
+                    [spec.name] * len(pending),
+                    pending,
+                    [o.max_retries] * len(pending),
+                )
             else:
                 jobs = [ex.submit(StageJob(), str(rd.root), spec.name, pending[0], o.max_retries)]
         except Exception as err:  # noqa: BLE001 - sbatch's refusal, reported with what was asked
             cancel({"slurm_jobs": submitted})
             raise SubmitError(spec.name, str(err).strip().splitlines()[-1], o) from None
         job_id = jobs[0].job_id.split("_")[0]
-        submitted[spec.name] = {"job_id": job_id, "job_ids": [j.job_id for j in jobs],
-                                "elements": pending, "folder": str(folder)}
+        submitted[spec.name] = {
+            "job_id": job_id,
+            "job_ids": [j.job_id for j in jobs],
+            "elements": pending,
+            "folder": str(folder),
+        }
     rd.update_meta(slurm_jobs=submitted)  # the latest submission is what `watch` follows
     return submitted
 
@@ -228,9 +272,12 @@ def sacct_states(job_ids: list[str]) -> dict[str, dict]:
     """{job id (array elements as 123_4): {state, exit, elapsed, nodes}} from sacct, newest attempt."""
     if not job_ids:
         return {}
-    out = subprocess.run(["sacct", "-n", "-P", "-X", "-D", "-j", ",".join(job_ids),
-                          "--format=JobID,State,ExitCode,Elapsed,NodeList"],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        ["sacct", "-n", "-P", "-X", "-D", "-j", ",".join(job_ids), "--format=JobID,State,ExitCode,Elapsed,NodeList"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     states: dict[str, dict] = {}
     for line in out.stdout.splitlines():
         parts = line.split("|")
@@ -257,10 +304,16 @@ def sbatch_script(spec: StageSpec, o: JobOptions, rd: RunDir, job_name: str, pyt
     logs = rd.stage_dir(spec.name) / "logs"
     p = _sbatch_params(o, job_name, [])
     pattern = "%A_%a" if spec.is_array else "%j"  # the same names submitit gives its logs
-    lines = ["#!/bin/bash", f"#SBATCH --job-name={job_name}", f"#SBATCH --nodes={o.nodes}",
-             f"#SBATCH --ntasks-per-node={o.tasks_per_node}", f"#SBATCH --cpus-per-task={o.cpus_per_task}",
-             f"#SBATCH --time={o.time_min}", f"#SBATCH --output={logs}/{pattern}_batch.out",
-             f"#SBATCH --error={logs}/{pattern}_batch.err"]
+    lines = [
+        "#!/bin/bash",
+        f"#SBATCH --job-name={job_name}",
+        f"#SBATCH --nodes={o.nodes}",
+        f"#SBATCH --ntasks-per-node={o.tasks_per_node}",
+        f"#SBATCH --cpus-per-task={o.cpus_per_task}",
+        f"#SBATCH --time={o.time_min}",
+        f"#SBATCH --output={logs}/{pattern}_batch.out",
+        f"#SBATCH --error={logs}/{pattern}_batch.err",
+    ]
     for key in ("partition", "qos", "constraint"):
         if p.get(key):
             lines.append(f"#SBATCH --{key}={p[key]}")
@@ -276,10 +329,19 @@ def sbatch_script(spec: StageSpec, o: JobOptions, rd: RunDir, job_name: str, pyt
     if spec.is_array:
         lines.append(f"#SBATCH --array=0-{len(spec.elements) - 1}")
     lines += ["", "set -euo pipefail", *p["setup"]]
-    srun = " ".join(["srun", "--kill-on-bad-exit=1", f"--output={logs}/{pattern}_%t_log.out",
-                     f"--error={logs}/{pattern}_%t_log.err", *p.get("srun_args", [])])
-    lines.append(f"{srun} {python} -m hpc.slurm run-element {rd.root} {spec.name} "
-                 f"\"${{SLURM_ARRAY_TASK_ID:-0}}\" --retries {o.max_retries}")
+    srun = " ".join(
+        [
+            "srun",
+            "--kill-on-bad-exit=1",
+            f"--output={logs}/{pattern}_%t_log.out",
+            f"--error={logs}/{pattern}_%t_log.err",
+            *p.get("srun_args", []),
+        ]
+    )
+    lines.append(
+        f"{srun} {python} -m hpc.slurm run-element {rd.root} {spec.name} "
+        f'"${{SLURM_ARRAY_TASK_ID:-0}}" --retries {o.max_retries}'
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -287,8 +349,15 @@ def write_sbatch(recipe: Recipe, plan: list[StageSpec], rd: RunDir, out: Path, p
     """Scripts for every stage plus submit.sh chaining them with afterok; returns the paths written."""
     out.mkdir(parents=True, exist_ok=True)
     python = python or sys.executable
-    written, submit = [], ["#!/bin/bash", "# Submit the whole pipeline; each stage starts after the ones it needs.",
-                           "set -euo pipefail", 'cd "$(dirname "$0")"']
+    written, submit = (
+        [],
+        [
+            "#!/bin/bash",
+            "# Submit the whole pipeline; each stage starts after the ones it needs.",
+            "set -euo pipefail",
+            'cd "$(dirname "$0")"',
+        ],
+    )
     for spec in plan:
         o = job_options(spec, recipe.executor)
         path = out / f"{spec.name}.sbatch"

@@ -1,4 +1,5 @@
 """MLflow tracking for a pipeline: one parent run, one child run per stage, secrets redacted."""
+
 from __future__ import annotations
 
 import os
@@ -41,10 +42,17 @@ def flatten(obj, prefix: str = "") -> dict[str, str]:
 
 def quiet_env() -> None:
     """Environment every hpcft process sets: offline hubs, no telemetry, no tqdm carriage returns."""
-    for k, v in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                 "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1", "TQDM_DISABLE": "1",
-                 "TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_TELEMETRY": "1",
-                 "GIT_PYTHON_REFRESH": "quiet"}.items():
+    for k, v in {
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "DO_NOT_TRACK": "1",
+        "TQDM_DISABLE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "GIT_PYTHON_REFRESH": "quiet",
+    }.items():
         os.environ.setdefault(k, v)
 
 
@@ -70,17 +78,16 @@ class Tracker:
         location = Path(artifact_root).resolve().as_uri() if self.uri.startswith("sqlite:") else None
         return self.client.create_experiment(name, artifact_location=location)
 
-    def start_parent(self, experiment: str, artifact_root: Path, run_name: str, params: dict,
-                     tags: dict) -> str:
-        run = self.client.create_run(self.experiment_id(experiment, artifact_root), run_name=run_name,
-                                     tags=tags)
+    def start_parent(self, experiment: str, artifact_root: Path, run_name: str, params: dict, tags: dict) -> str:
+        run = self.client.create_run(self.experiment_id(experiment, artifact_root), run_name=run_name, tags=tags)
         self.log_params(run.info.run_id, params)
         return run.info.run_id
 
     def start_child(self, parent_id: str, stage: str) -> str:
         parent = self.client.get_run(parent_id)
-        run = self.client.create_run(parent.info.experiment_id, run_name=stage,
-                                     tags={"mlflow.parentRunId": parent_id, "hpcft.stage": stage})
+        run = self.client.create_run(
+            parent.info.experiment_id, run_name=stage, tags={"mlflow.parentRunId": parent_id, "hpcft.stage": stage}
+        )
         return run.info.run_id
 
     def log_params(self, run_id: str, params: dict) -> None:
@@ -89,7 +96,7 @@ class Tracker:
         flat = flatten(redact(params))
         items = [Param(k, v) for k, v in flat.items()]
         for i in range(0, len(items), 100):
-            self.client.log_batch(run_id, params=items[i:i + 100])
+            self.client.log_batch(run_id, params=items[i : i + 100])
 
     def log_metrics(self, run_id: str, metrics: dict, step: int | None = None) -> None:
         import time
@@ -97,8 +104,11 @@ class Tracker:
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
-        items = [Metric(k, float(v), ts, step or 0) for k, v in metrics.items()
-                 if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        items = [
+            Metric(k, float(v), ts, step or 0)
+            for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+        ]
         if items:
             self.client.log_batch(run_id, metrics=items)
 

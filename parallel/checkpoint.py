@@ -4,6 +4,7 @@ Both hold the tokenizer and `hpcft_checkpoint.json` ({"mode", "base_model_dir"})
 can be loaded without knowing how it was trained. A model trained under a multi-process layout is
 first gathered into one full state dict on rank 0 (`gather_full_state_dict`) and saved from there.
 """
+
 from __future__ import annotations
 
 import json

@@ -6,6 +6,7 @@ parallel.distributed.engine.DistributedTrainer and `distributed_train_step` / `d
 give the same numbers as one process. This module knows nothing about the recipe schema: callers
 pass plain values.
 """
+
 from __future__ import annotations
 
 import math
@@ -74,27 +75,37 @@ def check_layout(parallel: ParallelConfig, mode: str = "full", model_config=None
             f"parallel: world size {parallel.world_size} (dp_replicate={parallel.dp_replicate}, "
             f"dp_shard={parallel.dp_shard}, pp={parallel.pp}, tp={parallel.tp}) needs {parallel.world_size} "
             "processes, but torch.distributed is not initialised in this one; run the stage with the local "
-            "or slurm executor, which starts one task per rank")
+            "or slurm executor, which starts one task per rank"
+        )
     if world > 1:
         mesh_mod.ParallelDims.from_config(parallel, world)  # names `parallel` when the sizes differ
         problems = mesh_mod.check_layout(parallel, mode)
         if model_config is not None:
             problems += mesh_mod.check_model_layout(
-                parallel, num_layers=model_config.num_hidden_layers, num_heads=model_config.num_attention_heads,
+                parallel,
+                num_layers=model_config.num_hidden_layers,
+                num_heads=model_config.num_attention_heads,
                 num_kv_heads=model_config.num_key_value_heads,
-                tied_embeddings=bool(getattr(model_config, "tie_word_embeddings", False)))
+                tied_embeddings=bool(getattr(model_config, "tie_word_embeddings", False)),
+            )
         if problems:
             raise ValueError("; ".join(problems))
         return
     if parallel.zero:
-        raise ValueError(f"parallel.zero: ZeRO stage {parallel.zero} shards over data-parallel ranks; "
-                         "a single process has none (use zero: 0)")
+        raise ValueError(
+            f"parallel.zero: ZeRO stage {parallel.zero} shards over data-parallel ranks; "
+            "a single process has none (use zero: 0)"
+        )
     if parallel.microbatches != 1:
-        raise ValueError("parallel.microbatches: pipeline micro-batches need pp > 1; "
-                         "use the stage's grad_accum for accumulation in one process")
+        raise ValueError(
+            "parallel.microbatches: pipeline micro-batches need pp > 1; "
+            "use the stage's grad_accum for accumulation in one process"
+        )
     if parallel.activation_checkpointing == "selective":
-        raise ValueError("parallel.activation_checkpointing: 'selective' needs the multi-process engine; "
-                         "use 'full' or 'none' in one process")
+        raise ValueError(
+            "parallel.activation_checkpointing: 'selective' needs the multi-process engine; "
+            "use 'full' or 'none' in one process"
+        )
 
 
 def build_runtime(parallel: ParallelConfig) -> Runtime:
@@ -134,16 +145,21 @@ def from_pretrained(model_cls, model_dir: Path, quant: dict | None = None, lora:
     from peft import prepare_model_for_kbit_training
     from transformers import BitsAndBytesConfig
 
-    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant["quant_type"],
-                                bnb_4bit_use_double_quant=quant["double_quant"], bnb_4bit_compute_dtype=torch.float32,
-                                llm_int8_skip_modules=["lm_head", "score"])
+    config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant["quant_type"],
+        bnb_4bit_use_double_quant=quant["double_quant"],
+        bnb_4bit_compute_dtype=torch.float32,
+        llm_int8_skip_modules=["lm_head", "score"],
+    )
     model = model_cls.from_pretrained(model_dir, dtype=torch.float32, quantization_config=config, **kwargs)
     # Freezes the base, keeps norms in fp32, lets gradients reach the adapters through frozen embeddings.
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 
-def build_model(model_dir: Path, parallel: ParallelConfig, runtime: Runtime, lora: dict | None = None,
-                quant: dict | None = None):
+def build_model(
+    model_dir: Path, parallel: ParallelConfig, runtime: Runtime, lora: dict | None = None, quant: dict | None = None
+):
     """Load the model for one process (optionally with LoRA, or QLoRA with `quant`) and apply activation
     checkpointing."""
     check_layout(parallel)
@@ -175,8 +191,9 @@ def apply_lora(model, r: int, alpha: int, dropout: float, target_modules):
     """Wrap with peft LoRA adapters; only the adapters stay trainable."""
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
-                        task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type="CAUSAL_LM"
+    )
     return get_peft_model(model, config)
 
 
@@ -186,8 +203,9 @@ def count_params(model) -> tuple[int, int]:
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
-def build_optimizer(model, *, lr: float, weight_decay: float, betas: tuple[float, float], eps: float,
-                    runtime: Runtime) -> torch.optim.AdamW:
+def build_optimizer(
+    model, *, lr: float, weight_decay: float, betas: tuple[float, float], eps: float, runtime: Runtime
+) -> torch.optim.AdamW:
     """AdamW over trainable parameters; norms and biases (1-D) get no weight decay."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     groups = [
@@ -195,8 +213,7 @@ def build_optimizer(model, *, lr: float, weight_decay: float, betas: tuple[float
         {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},
     ]
     fused = runtime.device.type == "cuda"
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=tuple(betas), eps=eps,
-                             fused=fused)
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=tuple(betas), eps=eps, fused=fused)
 
 
 def lr_factor(step: int, *, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
@@ -214,8 +231,9 @@ def lr_factor(step: int, *, warmup_steps: int, max_steps: int, min_lr_ratio: flo
 
 def build_scheduler(optimizer, *, warmup_steps: int, max_steps: int, min_lr_ratio: float):
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, warmup_steps=warmup_steps, max_steps=max_steps,
-                                          min_lr_ratio=min_lr_ratio))
+        optimizer,
+        lambda step: lr_factor(step, warmup_steps=warmup_steps, max_steps=max_steps, min_lr_ratio=min_lr_ratio),
+    )
 
 
 def _label_token_count(batch: dict[str, torch.Tensor]) -> int:
@@ -228,12 +246,12 @@ def summed_loss(model, batch: dict[str, torch.Tensor], runtime: Runtime) -> torc
     batch = {k: v.to(runtime.device) for k, v in batch.items()}
     with runtime.autocast():
         # use_cache=False per call, not in the config, so saved checkpoints still generate with a KV cache.
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       use_cache=False).logits
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
     logits = logits[:, :-1].float()
     targets = batch["labels"][:, 1:]
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
+    return F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
 
 
 def forward_backward(model, micro_batches: list[dict[str, torch.Tensor]], runtime: Runtime) -> tuple[float, int]:
@@ -252,8 +270,9 @@ def forward_backward(model, micro_batches: list[dict[str, torch.Tensor]], runtim
     return total, num_labels
 
 
-def train_step(model, optimizer, scheduler, micro_batches: list[dict[str, torch.Tensor]], runtime: Runtime,
-               *, grad_clip: float) -> StepMetrics:
+def train_step(
+    model, optimizer, scheduler, micro_batches: list[dict[str, torch.Tensor]], runtime: Runtime, *, grad_clip: float
+) -> StepMetrics:
     """One optimizer step: forward/backward over the micro-batches, clip, step, advance the LR."""
     lr = optimizer.param_groups[0]["lr"]
     optimizer.zero_grad(set_to_none=True)
@@ -284,9 +303,21 @@ def eval_loss(model, batches: list[dict[str, torch.Tensor]], runtime: Runtime) -
     return total / count
 
 
-def build_trainer(model_dir: Path, parallel: ParallelConfig, *, mode: str, lora: dict | None, lr: float,
-                  weight_decay: float, betas: tuple[float, float], eps: float, grad_clip: float,
-                  grad_accum: int = 1, model=None, quant: dict | None = None):
+def build_trainer(
+    model_dir: Path,
+    parallel: ParallelConfig,
+    *,
+    mode: str,
+    lora: dict | None,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float],
+    eps: float,
+    grad_clip: float,
+    grad_accum: int = 1,
+    model=None,
+    quant: dict | None = None,
+):
     """The model laid out over the default process group as a DistributedTrainer (collective).
 
     Every rank loads the same weights (and, seeded alike, the same LoRA init). grad_accum multiplies
@@ -301,8 +332,9 @@ def build_trainer(model_dir: Path, parallel: ParallelConfig, *, mode: str, lora:
     layout = parallel.model_copy(update={"microbatches": parallel.microbatches * grad_accum})
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     mesh = mesh_mod.ParallelDims.from_config(layout, process_world_size()).build_mesh(device_type)
-    return DistributedTrainer(model, layout, mesh, mode=mode, lr=lr, weight_decay=weight_decay,
-                              betas=betas, eps=eps, grad_clip=grad_clip)
+    return DistributedTrainer(
+        model, layout, mesh, mode=mode, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, grad_clip=grad_clip
+    )
 
 
 def distributed_train_step(trainer, batch: dict[str, torch.Tensor], *, lr: float, objective=None) -> StepMetrics:
@@ -320,7 +352,7 @@ def distributed_eval_loss(trainer, batches: list[dict[str, torch.Tensor]]) -> fl
 
     Each dp rank takes its slice of every batch; under pp the schedule's forward-only `eval` runs
     and the last stage sums the loss. Rows must split evenly over dp (and the micro-batches under pp;
-    the pipeline also needs the training batches' shape): see recipes.data.eval_batches(fill=...).
+    the pipeline also needs the training batches' shape): see training.data.eval_batches(fill=...).
     """
     for part in trainer.parts:
         part.eval()
@@ -336,7 +368,7 @@ def _distributed_loss_sum(trainer, batch: dict[str, torch.Tensor]) -> float:
 
     rows = batch["input_ids"].shape[0] // trainer.dims.dp
     start = mesh_mod.dp_rank(trainer.mesh) * rows
-    local = {k: v[start:start + rows].to(trainer.device) for k, v in batch.items()}
+    local = {k: v[start : start + rows].to(trainer.device) for k, v in batch.items()}
     with trainer._autocast():
         if trainer.schedule is None:
             logits = trainer.logits(local)
@@ -347,14 +379,16 @@ def _distributed_loss_sum(trainer, batch: dict[str, torch.Tensor]) -> float:
             trainer._inv_count = 1.0
             losses: list[torch.Tensor] = []
             inputs = trainer._padded({"input_ids": local["input_ids"], "attention_mask": local["attention_mask"]})
-            trainer.schedule.eval(inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                                  target=local["labels"], losses=losses)
+            trainer.schedule.eval(
+                inputs["input_ids"], attention_mask=inputs["attention_mask"], target=local["labels"], losses=losses
+            )
             local_sum = float(sum(loss.double() for loss in losses)) if losses else 0.0
     return trainer._global_loss(local_sum)  # sums over pp stages and dp ranks
 
 
-def rebuild_model(model_dir: Path, state: dict[str, torch.Tensor], lora: dict | None = None,
-                  adapters_only: bool = False):
+def rebuild_model(
+    model_dir: Path, state: dict[str, torch.Tensor], lora: dict | None = None, adapters_only: bool = False
+):
     """A plain (or peft) model on CPU holding a gathered full state dict, ready to save.
 
     adapters_only (QLoRA): the state's base weights are 4-bit; only its adapter weights are loaded,

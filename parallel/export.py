@@ -1,4 +1,5 @@
 """Export a checkpoint as a plain Hugging Face model directory, checked against the trained model."""
+
 from __future__ import annotations
 
 import copy
@@ -42,10 +43,11 @@ def export_hf(model_dir: Path, checkpoint_dir: Path, out_dir: Path) -> dict:
     exported = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32).eval()
     diff = max_logit_diff(trained, exported, probe_batch(tokenizer))
     if diff > MAX_LOGIT_DIFF:
-        raise ExportMismatchError(f"exported model's logits differ from the trained model's by {diff:.3g} "
-                                  f"(limit {MAX_LOGIT_DIFF}); {out_dir} is not a faithful export")
-    return {"max_abs_logit_diff": diff, "params": sum(p.numel() for p in exported.parameters()),
-            "merged": merged}
+        raise ExportMismatchError(
+            f"exported model's logits differ from the trained model's by {diff:.3g} "
+            f"(limit {MAX_LOGIT_DIFF}); {out_dir} is not a faithful export"
+        )
+    return {"max_abs_logit_diff": diff, "params": sum(p.numel() for p in exported.parameters()), "merged": merged}
 
 
 def _align_generation_config(model, tokenizer) -> None:

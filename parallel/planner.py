@@ -17,13 +17,14 @@ The model follows what parallel/distributed does on a Llama-family decoder:
   residual stream and norms by tp; the all-gathered attention/MLP inputs the projections keep stay whole.
 Not modelled: allocator fragmentation, communication buffers, the CUDA context (leave headroom).
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
 from parallel.dims import ParallelConfig
 
-GIB = 1024 ** 3
+GIB = 1024**3
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 COLWISE = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")  # the rest are rowwise under TP
 
@@ -45,12 +46,17 @@ class Shape:
     @classmethod
     def from_config(cls, config: dict) -> Shape:
         heads = config["num_attention_heads"]
-        return cls(vocab=config["vocab_size"], hidden=config["hidden_size"],
-                   intermediate=config["intermediate_size"], layers=config["num_hidden_layers"], heads=heads,
-                   kv_heads=config.get("num_key_value_heads") or heads,
-                   head_dim=config.get("head_dim") or config["hidden_size"] // heads,
-                   tied=bool(config.get("tie_word_embeddings", False)),
-                   attention_bias=bool(config.get("attention_bias", False)))
+        return cls(
+            vocab=config["vocab_size"],
+            hidden=config["hidden_size"],
+            intermediate=config["intermediate_size"],
+            layers=config["num_hidden_layers"],
+            heads=heads,
+            kv_heads=config.get("num_key_value_heads") or heads,
+            head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+            tied=bool(config.get("tie_word_embeddings", False)),
+            attention_bias=bool(config.get("attention_bias", False)),
+        )
 
     @property
     def q_dim(self) -> int:
@@ -63,8 +69,15 @@ class Shape:
     def projection(self, name: str) -> tuple[int, int]:
         """(in_features, out_features) of one projection."""
         h, i = self.hidden, self.intermediate
-        return {"q_proj": (h, self.q_dim), "k_proj": (h, self.kv_dim), "v_proj": (h, self.kv_dim),
-                "o_proj": (self.q_dim, h), "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}[name]
+        return {
+            "q_proj": (h, self.q_dim),
+            "k_proj": (h, self.kv_dim),
+            "v_proj": (h, self.kv_dim),
+            "o_proj": (self.q_dim, h),
+            "gate_proj": (h, i),
+            "up_proj": (h, i),
+            "down_proj": (i, h),
+        }[name]
 
     @property
     def embedding(self) -> int:
@@ -127,7 +140,9 @@ def split_layers(num_layers: int, num_stages: int) -> list[int]:
     return [base + (1 if s < extra else 0) for s in range(num_stages)]
 
 
-def _layer_activation_elems(shape: Shape, tp: int, checkpointing: str, sequence_parallel: bool = False) -> tuple[int, int]:
+def _layer_activation_elems(
+    shape: Shape, tp: int, checkpointing: str, sequence_parallel: bool = False
+) -> tuple[int, int]:
     """(elements saved per token per layer, extra elements per token while one layer recomputes).
 
     No checkpointing: layer input, both norm outputs, the post-attention residual (4 x hidden,
@@ -144,7 +159,8 @@ def _layer_activation_elems(shape: Shape, tp: int, checkpointing: str, sequence_
     if checkpointing == "selective":
         # Matmul and attention outputs are kept (q, k, v, attention, o, gate, up, down); the rest recomputed.
         saved = (2 * h + h // tp if sequence_parallel else 3 * h) + (
-            2 * shape.q_dim + 2 * shape.kv_dim + 2 * shape.intermediate) // tp
+            2 * shape.q_dim + 2 * shape.kv_dim + 2 * shape.intermediate
+        ) // tp
         return saved, full - saved
     return full, 0
 
@@ -165,9 +181,18 @@ def _in_flight(parallel: ParallelConfig, pp_rank: int) -> int:
     return min(parallel.microbatches, parallel.pp - pp_rank)
 
 
-def estimate_memory(model_config: dict, parallel: ParallelConfig, *, mode: str = "full", seq_len: int,
-                    micro_batch: int, dtype_bytes: int = 2, lora_r: int = 8,
-                    lora_targets: list[str] | str = "all-linear", loss_parallel: bool = True) -> MemoryEstimate:
+def estimate_memory(
+    model_config: dict,
+    parallel: ParallelConfig,
+    *,
+    mode: str = "full",
+    seq_len: int,
+    micro_batch: int,
+    dtype_bytes: int = 2,
+    lora_r: int = 8,
+    lora_targets: list[str] | str = "all-linear",
+    loss_parallel: bool = True,
+) -> MemoryEstimate:
     """Per-rank bytes of the most loaded pipeline rank.
 
     model_config: the model's config.json as a dict. mode: full | lora | qlora. micro_batch: sequences
@@ -179,19 +204,35 @@ def estimate_memory(model_config: dict, parallel: ParallelConfig, *, mode: str =
         raise ValueError(f"mode: {mode!r} is not one of ['full', 'lora', 'qlora']")
     shape = Shape.from_config(model_config)
     stages = split_layers(shape.layers, parallel.pp)
-    per_rank = [_rank_estimate(shape, parallel, r, stages[r], mode, seq_len, micro_batch, dtype_bytes,
-                               lora_r, lora_targets, loss_parallel) for r in range(parallel.pp)]
+    per_rank = [
+        _rank_estimate(
+            shape, parallel, r, stages[r], mode, seq_len, micro_batch, dtype_bytes, lora_r, lora_targets, loss_parallel
+        )
+        for r in range(parallel.pp)
+    ]
     return max(per_rank, key=lambda e: e.total)
 
 
-def _rank_estimate(shape: Shape, parallel: ParallelConfig, pp_rank: int, num_layers: int, mode: str,
-                   seq_len: int, micro_batch: int, dtype_bytes: int, lora_r: int, lora_targets,
-                   loss_parallel: bool) -> MemoryEstimate:
+def _rank_estimate(
+    shape: Shape,
+    parallel: ParallelConfig,
+    pp_rank: int,
+    num_layers: int,
+    mode: str,
+    seq_len: int,
+    micro_batch: int,
+    dtype_bytes: int,
+    lora_r: int,
+    lora_targets,
+    loss_parallel: bool,
+) -> MemoryEstimate:
     tp, first, last = parallel.tp, pp_rank == 0, pp_rank == parallel.pp - 1
     sequence_parallel, vocab_parallel = tp_options(shape, parallel)
     vocab_split = tp if vocab_parallel else 1
     layer = _layer_params(shape, tp)
-    outer = (shape.embedding // vocab_split if first else 0) + ((shape.hidden + shape.head // vocab_split) if last else 0)
+    outer = (shape.embedding // vocab_split if first else 0) + (
+        (shape.hidden + shape.head // vocab_split) if last else 0
+    )
     base = num_layers * layer + outer
     lora = 0 if mode == "full" else num_layers * _layer_lora_params(shape, tp, lora_r, lora_targets)
     trainable = base if mode == "full" else lora
@@ -212,8 +253,14 @@ def _rank_estimate(shape: Shape, parallel: ParallelConfig, pp_rank: int, num_lay
     if last:
         sharded_logits = loss_parallel and parallel.pp == 1
         activations += tokens * shape.vocab // (vocab_split if sharded_logits else 1) * (dtype_bytes + 8)
-    return MemoryEstimate(params=params, gathered=gathered, grads=trainable * 4 // fsdp,
-                          optimizer=trainable * 8 // optim_shards, activations=activations, pp_rank=pp_rank)
+    return MemoryEstimate(
+        params=params,
+        gathered=gathered,
+        grads=trainable * 4 // fsdp,
+        optimizer=trainable * 8 // optim_shards,
+        activations=activations,
+        pp_rank=pp_rank,
+    )
 
 
 ADVICE = {
@@ -222,10 +269,10 @@ ADVICE = {
     "grads": "shard gradients with parallel.zero: 2 or 3 over dp_shard, or train LoRA adapters (mode: lora)",
     "optimizer": "shard optimizer state with parallel.zero (1 over dp, 2/3 over dp_shard), or use mode: lora",
     "activations": "lower the micro-batch (grad_accum, parallel.microbatches), seq_len, or set "
-                   "parallel.activation_checkpointing",
+    "parallel.activation_checkpointing",
     "frozen": "keep the frozen reference and reward models on CPU between their forwards (offload_frozen: "
-              "true), precompute DPO's reference log-probs, or use mode: lora (the reference is the policy "
-              "with its adapters off)",
+    "true), precompute DPO's reference log-probs, or use mode: lora (the reference is the policy "
+    "with its adapters off)",
 }
 
 
@@ -237,6 +284,8 @@ def memory_warnings(estimate: MemoryEstimate, gpu_bytes: int, *, headroom: float
     gib = estimate.gib()
     largest = max(ADVICE, key=lambda k: getattr(estimate, k))
     breakdown = ", ".join(f"{k} {gib[k]:.1f}" for k in ADVICE)
-    return [f"parallel: about {gib['total']:.1f} GiB per rank (pp rank {estimate.pp_rank}: {breakdown} GiB) "
-            f"exceeds {headroom:.0%} of {gpu_bytes / GIB:.0f} GiB GPU memory; the largest part is {largest}: "
-            f"{ADVICE[largest]}"]
+    return [
+        f"parallel: about {gib['total']:.1f} GiB per rank (pp rank {estimate.pp_rank}: {breakdown} GiB) "
+        f"exceeds {headroom:.0%} of {gpu_bytes / GIB:.0f} GiB GPU memory; the largest part is {largest}: "
+        f"{ADVICE[largest]}"
+    ]

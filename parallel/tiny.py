@@ -1,4 +1,5 @@
 """Tiny Llama-family models and a byte-level tokenizer, built offline for tests and the tiny recipe."""
+
 from __future__ import annotations
 
 import json
@@ -15,12 +16,26 @@ TINY_VOCAB = len(SPECIAL_TOKENS) + 256  # the special tokens and every byte
 
 # name -> LlamaConfig kwargs; vocab_size is filled in from the tokenizer.
 TINY_CONFIGS: dict[str, dict] = {
-    "tiny-llama": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                       rope_theta=10000.0, tie_word_embeddings=False),
-    "micro-llama": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                        rope_theta=10000.0, tie_word_embeddings=False),
+    "tiny-llama": dict(
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+    ),
+    "micro-llama": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+    ),
 }
 
 
@@ -35,8 +50,12 @@ def build_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|pad|>", bos_token=None,
-        unk_token=None, additional_special_tokens=["<|im_start|>", "<|endoftext|>"],
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|pad|>",
+        bos_token=None,
+        unk_token=None,
+        additional_special_tokens=["<|im_start|>", "<|endoftext|>"],
     )
     fast.chat_template = CHATML_TEMPLATE
     return fast
@@ -52,8 +71,11 @@ def build_tiny_model(name: str, out_dir: Path, seed: int = 0) -> Path:
     out_dir = Path(out_dir)
     tokenizer = build_tokenizer()
     config = LlamaConfig(
-        vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id, bos_token_id=None, **TINY_CONFIGS[name],
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        **TINY_CONFIGS[name],
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)

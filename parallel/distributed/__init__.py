@@ -8,10 +8,20 @@
 
 `launch(fn, world_size, *args)` runs fn(rank, world_size, *args) on forked local gloo ranks.
 """
+
 from parallel.distributed.checkpoint import load_checkpoint, save_checkpoint
 from parallel.distributed.engine import DistributedTrainer, num_label_tokens, summed_ce
 from parallel.distributed.launch import launch
 from parallel.distributed.mesh import ParallelDims, check_layout, check_model_layout
 
-__all__ = ["DistributedTrainer", "ParallelDims", "check_layout", "check_model_layout", "launch",
-           "load_checkpoint", "num_label_tokens", "save_checkpoint", "summed_ce"]
+__all__ = [
+    "DistributedTrainer",
+    "ParallelDims",
+    "check_layout",
+    "check_model_layout",
+    "launch",
+    "load_checkpoint",
+    "num_label_tokens",
+    "save_checkpoint",
+    "summed_ce",
+]

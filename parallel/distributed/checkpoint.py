@@ -8,6 +8,7 @@ directory on every start. Also saved: the step count, every rank's RNG state (re
 per rank when the world size is the same, rank 0's otherwise), and a caller's JSON-able `extra` dict
 (e.g. the data position).
 """
+
 from __future__ import annotations
 
 import json
@@ -20,9 +21,13 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_model_state_dict,
-                                                     set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True, ignore_frozen_params=True)
 # Loading sets the trainable parameters only (DCP already failed on any of them missing from the checkpoint).
@@ -62,8 +67,10 @@ def _quiet_single_process():
 
 def _state(trainer) -> tuple[list[dict], list[dict | None]]:
     models = [get_model_state_dict(part, options=OPTIONS) for part in trainer.parts]
-    optims = [None if opt is None else get_optimizer_state_dict(part, opt, options=OPTIONS)
-              for part, opt in zip(trainer.parts, trainer.optimizers)]
+    optims = [
+        None if opt is None else get_optimizer_state_dict(part, opt, options=OPTIONS)
+        for part, opt in zip(trainer.parts, trainer.optimizers)
+    ]
     return models, optims
 
 
@@ -95,9 +102,10 @@ def save_checkpoint(trainer, path: Path, extra: dict | None = None) -> Path:
     # Each rank's own RNG (ranks that sampled different amounts of randomness differ), for an exact
     # continuation when the checkpoint resumes with the same number of ranks.
     _rng_file(path, rank, world).parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"cpu": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
-               _rng_file(path, rank, world))
+    torch.save(
+        {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
+        _rng_file(path, rank, world),
+    )
     if rank == 0:
         (path / EXTRA_FILE).write_text(json.dumps(extra or {}))
     if _distributed():

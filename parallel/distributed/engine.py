@@ -8,6 +8,7 @@ Loss convention (same as parallel/engine.py): next-token cross-entropy summed ov
 (labels != -100, position 0 never a target) and divided by the label-token count of the whole global
 batch; gradients are summed over dp ranks and micro-batches, giving exactly one process's gradients.
 """
+
 from __future__ import annotations
 
 from contextlib import nullcontext
@@ -23,11 +24,15 @@ from torch.distributed.tensor.parallel import loss_parallel
 from parallel.dims import ParallelConfig
 from parallel.distributed import zero as zero_mod
 from parallel.distributed.grads import clip_grads_
-from parallel.distributed.mesh import (ParallelDims, check_layout, check_model_layout, dp_mesh, dp_rank,
-                                      fsdp_mesh)
+from parallel.distributed.mesh import ParallelDims, check_layout, check_model_layout, dp_mesh, dp_rank, fsdp_mesh
 from parallel.distributed.pipeline import build_schedule, build_stage_modules, find_decoder
-from parallel.distributed.tensor_parallel import (LogitsLayout, PartialGrads, apply_tensor_parallel, apply_tp_ends,
-                                                   vocab_parallel_supported)
+from parallel.distributed.tensor_parallel import (
+    LogitsLayout,
+    PartialGrads,
+    apply_tensor_parallel,
+    apply_tp_ends,
+    vocab_parallel_supported,
+)
 
 IGNORE_INDEX = -100
 
@@ -36,8 +41,9 @@ def summed_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum of next-token cross-entropy over label tokens, in fp32."""
     logits = logits[:, :-1].float()
     targets = labels[:, 1:]
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
+    return F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
 
 
 def _local_value(t: torch.Tensor) -> torch.Tensor:
@@ -66,8 +72,9 @@ def apply_activation_checkpointing(layers: list[nn.Module], mode: str) -> None:
         kwargs["context_fn"] = partial(create_selective_checkpoint_contexts, _save_matmuls)
     for layer in layers:
         if not hasattr(layer, "gradient_checkpointing"):
-            raise ValueError(f"parallel.activation_checkpointing: {type(layer).__name__} has no HF "
-                             "gradient checkpointing support")
+            raise ValueError(
+                f"parallel.activation_checkpointing: {type(layer).__name__} has no HF gradient checkpointing support"
+            )
         layer.gradient_checkpointing = True
         layer._gradient_checkpointing_func = partial(checkpoint, **kwargs)
 
@@ -76,16 +83,23 @@ def _save_matmuls(ctx, op, *args, **kwargs):
     from torch.utils.checkpoint import CheckpointPolicy
 
     ops = torch.ops.aten
-    saved = {ops.mm.default, ops.addmm.default, ops.bmm.default,
-             ops._scaled_dot_product_flash_attention_for_cpu.default,
-             ops._scaled_dot_product_efficient_attention.default, ops._scaled_dot_product_flash_attention.default}
+    saved = {
+        ops.mm.default,
+        ops.addmm.default,
+        ops.bmm.default,
+        ops._scaled_dot_product_flash_attention_for_cpu.default,
+        ops._scaled_dot_product_efficient_attention.default,
+        ops._scaled_dot_product_flash_attention.default,
+    }
     return CheckpointPolicy.MUST_SAVE if op in saved else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def build_adamw(params: list[nn.Parameter], *, lr: float, weight_decay: float, betas, eps: float):
     """AdamW; norms and biases (1-D) get no weight decay. Empty param lists give None."""
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
     groups = [g for g in groups if g["params"]]
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps) if groups else None
 
@@ -134,20 +148,43 @@ class DistributedTrainer:
     everywhere; it is cut up in place. mesh: from ParallelDims.build_mesh.
     """
 
-    def __init__(self, model: nn.Module, cfg: ParallelConfig, mesh, *, mode: str = "full", lr: float = 1e-4,
-                 weight_decay: float = 0.0, betas=(0.9, 0.999), eps: float = 1e-8, grad_clip: float = 1.0):
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: ParallelConfig,
+        mesh,
+        *,
+        mode: str = "full",
+        lr: float = 1e-4,
+        weight_decay: float = 0.0,
+        betas=(0.9, 0.999),
+        eps: float = 1e-8,
+        grad_clip: float = 1.0,
+    ):
         self.cfg, self.mesh, self.dims = cfg, mesh, dims_of(mesh)
-        if (self.dims.pp, self.dims.dp_replicate, self.dims.dp_shard, self.dims.tp) != (cfg.pp, cfg.dp_replicate, cfg.dp_shard, cfg.tp):
+        if (self.dims.pp, self.dims.dp_replicate, self.dims.dp_shard, self.dims.tp) != (
+            cfg.pp,
+            cfg.dp_replicate,
+            cfg.dp_shard,
+            cfg.tp,
+        ):
             raise ValueError(f"parallel: the mesh {self.dims} does not match the config {cfg}")
         _, decoder, _, _ = find_decoder(model)
         c = decoder.config
         problems = check_layout(cfg, mode) + check_model_layout(
-            cfg, num_layers=c.num_hidden_layers, num_heads=c.num_attention_heads,
-            num_kv_heads=c.num_key_value_heads, tied_embeddings=bool(getattr(c, "tie_word_embeddings", False)))
+            cfg,
+            num_layers=c.num_hidden_layers,
+            num_heads=c.num_attention_heads,
+            num_kv_heads=c.num_key_value_heads,
+            tied_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
+        )
         if problems:
             raise ValueError("; ".join(problems))
-        self.device = (torch.device("cuda", torch.cuda.current_device()) if mesh.device_type == "cuda"
-                       else torch.device(mesh.device_type))
+        self.device = (
+            torch.device("cuda", torch.cuda.current_device())
+            if mesh.device_type == "cuda"
+            else torch.device(mesh.device_type)
+        )
         self.grad_clip = grad_clip
         self.pp_rank = mesh["pp"].get_local_rank()
         self.sp, self.vp = self._tp_options(model, cfg)
@@ -160,9 +197,16 @@ class DistributedTrainer:
         self._build_optimizers(lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
         self.schedule = None
         if self.dims.pp > 1:
-            self.schedule = build_schedule(self.parts, self.pp_rank, self.dims.pp, cfg.pp_schedule,
-                                           microbatches=cfg.microbatches, loss_fn=self._pp_loss,
-                                           pp_group=mesh["pp"].get_group(), device=self.device)
+            self.schedule = build_schedule(
+                self.parts,
+                self.pp_rank,
+                self.dims.pp,
+                cfg.pp_schedule,
+                microbatches=cfg.microbatches,
+                loss_fn=self._pp_loss,
+                pp_group=mesh["pp"].get_group(),
+                device=self.device,
+            )
         self._inv_count = 0.0
         self.last_stats: dict[str, float] = {}
         self._pp_objective = self._pp_rows_fn = None
@@ -176,8 +220,9 @@ class DistributedTrainer:
             return False, False
         _, decoder, _, head = find_decoder(model)
         c = decoder.config
-        why_not = vocab_parallel_supported(decoder.embed_tokens, head, c.vocab_size, self.dims.tp,
-                                           bool(getattr(c, "tie_word_embeddings", False)))
+        why_not = vocab_parallel_supported(
+            decoder.embed_tokens, head, c.vocab_size, self.dims.tp, bool(getattr(c, "tie_word_embeddings", False))
+        )
         if cfg.vocab_parallel and why_not:
             raise ValueError(f"parallel.vocab_parallel: {why_not}; set vocab_parallel: false")
         return cfg.sequence_parallel is not False, cfg.vocab_parallel is not False and why_not is None
@@ -200,8 +245,9 @@ class DistributedTrainer:
                 for layer in layers:
                     layer.compile()
             if self.cfg.zero >= 2:
-                zero_mod.apply_fsdp(part, layers, fsdp_mesh(self.mesh, self.dims), zero=self.cfg.zero,
-                                    mp_policy=mp_policy)
+                zero_mod.apply_fsdp(
+                    part, layers, fsdp_mesh(self.mesh, self.dims), zero=self.cfg.zero, mp_policy=mp_policy
+                )
         return parts
 
     def _apply_tp(self, part: nn.Module, layers: list[nn.Module]) -> None:
@@ -213,9 +259,15 @@ class DistributedTrainer:
             _, decoder, _, head = find_decoder(part)
             embed, norm, first, last = decoder.embed_tokens, decoder.norm, True, True
         partial = apply_tensor_parallel(layers, tp_mesh, sequence_parallel=self.sp, gather_output=not last)
-        ends = apply_tp_ends(tp_mesh, embed=embed if first else None, norm=norm if last else None,
-                             head=head if last else None, sequence_parallel=self.sp, vocab_parallel=self.vp,
-                             logits=self.logits_layout)
+        ends = apply_tp_ends(
+            tp_mesh,
+            embed=embed if first else None,
+            norm=norm if last else None,
+            head=head if last else None,
+            sequence_parallel=self.sp,
+            vocab_parallel=self.vp,
+            logits=self.logits_layout,
+        )
         self.partial.entries += partial.entries + ends.entries
 
     def _padded(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -235,7 +287,9 @@ class DistributedTrainer:
         out["attention_mask"] = F.pad(mask, (0, extra))
         if "position_ids" in inputs:
             last = inputs["position_ids"][:, -1:]
-            out["position_ids"] = torch.cat([inputs["position_ids"], last + torch.arange(1, extra + 1, device=last.device)], 1)
+            out["position_ids"] = torch.cat(
+                [inputs["position_ids"], last + torch.arange(1, extra + 1, device=last.device)], 1
+            )
         return out
 
     def logits(self, rows: dict[str, torch.Tensor], *, vocab_sharded: bool = False):
@@ -246,7 +300,7 @@ class DistributedTrainer:
             logits = self.parts[0](**self._padded(model_inputs(rows))).logits
         finally:
             self.logits_layout.keep_sharded = False
-        return logits[:, :self._seq] if logits.shape[1] != self._seq else logits
+        return logits[:, : self._seq] if logits.shape[1] != self._seq else logits
 
     def _autocast(self):
         """bf16 autocast where FSDP's mixed-precision policy does not already cast (ZeRO-0/1, or CPU).
@@ -262,7 +316,7 @@ class DistributedTrainer:
     def set_lr(self, lr: float) -> None:
         """Set the learning rate of every optimizer (for an LR schedule computed by the caller)."""
         for opt in self.optimizers:
-            for group in (opt.param_groups if opt is not None else []):
+            for group in opt.param_groups if opt is not None else []:
                 group["lr"] = lr
 
     def _build_optimizers(self, **hparams) -> None:
@@ -281,7 +335,7 @@ class DistributedTrainer:
     def _pp_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The last stage's loss on one micro-batch: token CE on labels, or (packed target) the objective's
         sum, or in forward_rows the objective-free per-row values."""
-        logits = logits[:, :self._seq]  # drop sequence-parallel padding
+        logits = logits[:, : self._seq]  # drop sequence-parallel padding
         if self._pp_objective is None and self._pp_rows_fn is None:
             return summed_ce(logits, target) * self._inv_count
         micro = self._unpack(target)
@@ -297,8 +351,10 @@ class DistributedTrainer:
         extras = sorted(k for k, v in local.items() if v.dim() == 1)
         others = [k for k, v in local.items() if v.dim() != 1 and k not in ("input_ids", "attention_mask", "labels")]
         if others:
-            raise ValueError(f"parallel.pp: pipeline stages carry labels and per-row values only, not {others}; "
-                             "this stage's loss needs pp = 1")
+            raise ValueError(
+                f"parallel.pp: pipeline stages carry labels and per-row values only, not {others}; "
+                "this stage's loss needs pp = 1"
+            )
         self._pp_extras = extras
         return torch.cat([local["labels"].double()] + [local[k].double().unsqueeze(1) for k in extras], dim=1)
 
@@ -319,10 +375,12 @@ class DistributedTrainer:
         rows = batch["input_ids"].shape[0]
         per_rank = rows // self.dims.dp
         if rows % (self.dims.dp * self.cfg.microbatches):
-            raise ValueError(f"parallel.microbatches: a global batch of {rows} rows does not split into "
-                             f"dp={self.dims.dp} x microbatches={self.cfg.microbatches} equal parts")
+            raise ValueError(
+                f"parallel.microbatches: a global batch of {rows} rows does not split into "
+                f"dp={self.dims.dp} x microbatches={self.cfg.microbatches} equal parts"
+            )
         start = dp_rank(self.mesh) * per_rank
-        return {k: v[start:start + per_rank].to(self.device) for k, v in batch.items()}
+        return {k: v[start : start + per_rank].to(self.device) for k, v in batch.items()}
 
     def forward_backward(self, batch: dict[str, torch.Tensor], objective: "Objective | None" = None) -> float:
         """Accumulate this rank's share of the gradients; returns its share of the global loss.
@@ -334,8 +392,9 @@ class DistributedTrainer:
         objective = objective or TOKEN_CE
         count = objective.count(batch)
         if count == 0:
-            raise ValueError("global batch has no label tokens" if objective is TOKEN_CE
-                             else "global batch has nothing to train on")
+            raise ValueError(
+                "global batch has no label tokens" if objective is TOKEN_CE else "global batch has nothing to train on"
+            )
         self._inv_count = 1.0 / count
         local = self._local_batch(batch)
         self.last_stats = {}
@@ -347,8 +406,9 @@ class DistributedTrainer:
             inputs = self._padded(model_inputs(local))
             try:
                 with self._autocast():
-                    self.schedule.step(inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                                       target=target, losses=losses)
+                    self.schedule.step(
+                        inputs["input_ids"], attention_mask=inputs["attention_mask"], target=target, losses=losses
+                    )
             finally:
                 self._pp_objective = None
             if custom:
@@ -357,7 +417,7 @@ class DistributedTrainer:
                     # The schedule's first step also runs the loss on a shape-inference pass: only the
                     # last `microbatches` calls are the real micro-batches.
                     stats = {}
-                    for micro_stats in self._pp_stats[-self.cfg.microbatches:]:
+                    for micro_stats in self._pp_stats[-self.cfg.microbatches :]:
                         for key, value in micro_stats.items():
                             stats[key] = stats.get(key, 0.0) + value
                 self.last_stats = self._sum_over_dp(self._from_last_stage(stats))
@@ -412,8 +472,12 @@ class DistributedTrainer:
             inputs = self._padded(model_inputs(local))
             try:
                 with self._autocast():
-                    self.schedule.eval(inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                                       target=self._pack(local), losses=losses)
+                    self.schedule.eval(
+                        inputs["input_ids"],
+                        attention_mask=inputs["attention_mask"],
+                        target=self._pack(local),
+                        losses=losses,
+                    )
             finally:
                 self._pp_rows_fn = None
             out = torch.cat([l.detach().float().cpu() for l in losses]) if losses else None

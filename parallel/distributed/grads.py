@@ -1,4 +1,5 @@
 """Gradient norm and clipping by the true global norm over every parallel axis."""
+
 from __future__ import annotations
 
 import torch
@@ -64,4 +65,3 @@ def clip_grads_(params: list[nn.Parameter], max_norm: float, mesh, pp_group=None
             if p.grad is not None:
                 p.grad.mul_(coef)
     return float(norm)
-

@@ -4,16 +4,24 @@ A stage module re-registers the model's own submodules under their original path
 (`model.layers.5...`, or `base_model.model.model.layers.5...` under peft), so parameter names are the
 global ones on every stage and checkpoints taken under different layouts share one key space.
 """
+
 from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleGPipe,
-                                          ScheduleInterleaved1F1B, ScheduleInterleavedZeroBubble)
+from torch.distributed.pipelining import (
+    PipelineStage,
+    Schedule1F1B,
+    ScheduleGPipe,
+    ScheduleInterleaved1F1B,
+    ScheduleInterleavedZeroBubble,
+)
 
 SCHEDULES = {
-    "gpipe": ScheduleGPipe, "1f1b": Schedule1F1B,
-    "interleaved_1f1b": ScheduleInterleaved1F1B, "zero_bubble": ScheduleInterleavedZeroBubble,
+    "gpipe": ScheduleGPipe,
+    "1f1b": Schedule1F1B,
+    "interleaved_1f1b": ScheduleInterleaved1F1B,
+    "zero_bubble": ScheduleInterleavedZeroBubble,
 }
 MULTI_STAGE = ("interleaved_1f1b", "zero_bubble")
 
@@ -23,7 +31,11 @@ def find_decoder(model: nn.Module) -> tuple[str, nn.Module, str, nn.Module]:
     head of a sequence-classification model), in HF or peft models."""
     decoder = head = None
     for name, module in model.named_modules():
-        if decoder is None and hasattr(module, "embed_tokens") and isinstance(getattr(module, "layers", None), nn.ModuleList):
+        if (
+            decoder is None
+            and hasattr(module, "embed_tokens")
+            and isinstance(getattr(module, "layers", None), nn.ModuleList)
+        ):
             decoder = (name, module)
         if head is None and name.split(".")[-1] in ("lm_head", "score"):
             head = (name, module)
@@ -87,12 +99,18 @@ class StageModule(nn.Module):
         embed, layers, rotary, norm, head = self._parts
         hidden = embed(x) if self.is_first else x
         position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
-        mask = create_causal_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask,
-                                  cache=None, position_ids=position_ids)
+        mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=hidden,
+            attention_mask=attention_mask,
+            cache=None,
+            position_ids=position_ids,
+        )
         position_embeddings = rotary(hidden, position_ids=position_ids)
         for layer in layers.values():
-            hidden = layer(hidden, attention_mask=mask, position_embeddings=position_embeddings,
-                           position_ids=position_ids)
+            hidden = layer(
+                hidden, attention_mask=mask, position_embeddings=position_embeddings, position_ids=position_ids
+            )
         if self.is_last:
             hidden = head(norm(hidden))
         return hidden
@@ -110,12 +128,23 @@ def build_stage_modules(model: nn.Module, pp_rank: int, pp: int, schedule: str) 
     _, decoder, _, _ = find_decoder(model)
     num_stages = pp * (2 if schedule in MULTI_STAGE and pp > 1 else 1)
     ranges = split_layers(len(decoder.layers), num_stages)
-    return [StageModule(model, ranges[s], is_first=s == 0, is_last=s == num_stages - 1)
-            for s in stage_ids(pp_rank, pp, schedule)]
+    return [
+        StageModule(model, ranges[s], is_first=s == 0, is_last=s == num_stages - 1)
+        for s in stage_ids(pp_rank, pp, schedule)
+    ]
 
 
-def build_schedule(stage_modules: list[StageModule], pp_rank: int, pp: int, schedule: str, *,
-                   microbatches: int, loss_fn, pp_group, device):
+def build_schedule(
+    stage_modules: list[StageModule],
+    pp_rank: int,
+    pp: int,
+    schedule: str,
+    *,
+    microbatches: int,
+    loss_fn,
+    pp_group,
+    device,
+):
     """A torch.distributed.pipelining schedule over this rank's stages.
 
     Gradients are not rescaled by the schedule (scale_grads=False): loss_fn already divides by the
@@ -123,8 +152,7 @@ def build_schedule(stage_modules: list[StageModule], pp_rank: int, pp: int, sche
     """
     ids = stage_ids(pp_rank, pp, schedule)
     num_stages = pp * len(ids)
-    stages = [PipelineStage(mod, sid, num_stages, device, group=pp_group)
-              for mod, sid in zip(stage_modules, ids)]
+    stages = [PipelineStage(mod, sid, num_stages, device, group=pp_group) for mod, sid in zip(stage_modules, ids)]
     cls = SCHEDULES[schedule]
     if schedule in MULTI_STAGE:
         return cls(stages, n_microbatches=microbatches, loss_fn=loss_fn, scale_grads=False)

@@ -15,19 +15,23 @@ Three options, each compared with one process by the tests:
 Per-head norms inside attention (Qwen3's q_norm/k_norm) see only this rank's heads, so their gradients
 are partial sums too, with or without sequence parallelism.
 """
+
 from __future__ import annotations
 
 from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module, distribute_tensor
-from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
-                                               parallelize_module)
+from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInput, RowwiseParallel, parallelize_module
 
 # Projection name -> style. Colwise splits output features (heads); rowwise splits input features and
 # all-reduces (or, under sequence parallelism, reduce-scatters) the output.
 LLAMA_PLAN = {
-    "self_attn.q_proj": "colwise", "self_attn.k_proj": "colwise", "self_attn.v_proj": "colwise",
+    "self_attn.q_proj": "colwise",
+    "self_attn.k_proj": "colwise",
+    "self_attn.v_proj": "colwise",
     "self_attn.o_proj": "rowwise",
-    "mlp.gate_proj": "colwise", "mlp.up_proj": "colwise", "mlp.down_proj": "rowwise",
+    "mlp.gate_proj": "colwise",
+    "mlp.up_proj": "colwise",
+    "mlp.down_proj": "rowwise",
 }
 SEQ = Shard(1)  # [batch, sequence, hidden]: the sequence dim
 
@@ -57,10 +61,12 @@ def _is_lora(module: nn.Module) -> bool:
 
 def _shard_params(module: nn.Module, tp_mesh, placement_of) -> None:
     """Turn `module`'s own parameters into DTensors; placement_of(param name) -> a placement."""
+
     def partition(name, mod, mesh):
         for pname, param in list(mod.named_parameters(recurse=False)):
             dt = distribute_tensor(param.data, mesh, [placement_of(pname)])
             mod.register_parameter(pname, nn.Parameter(dt, requires_grad=param.requires_grad))
+
     distribute_module(module, tp_mesh, partition)
 
 
@@ -68,8 +74,9 @@ def _rowwise(sequence_parallel: bool) -> RowwiseParallel:
     return RowwiseParallel(output_layouts=SEQ) if sequence_parallel else RowwiseParallel()
 
 
-def _parallelize_lora(lora_layer: nn.Module, style: str, tp_mesh, sequence_parallel: bool,
-                      partial: PartialGrads) -> None:
+def _parallelize_lora(
+    lora_layer: nn.Module, style: str, tp_mesh, sequence_parallel: bool, partial: PartialGrads
+) -> None:
     """Shard a peft LoRA wrapper: the base layer and the adapter matrix on the sharded side.
 
     Colwise base (y = x W^T, W split by rows): lora_B split by rows too, lora_A replicated.
@@ -100,6 +107,7 @@ def _parallelize_lora(lora_layer: nn.Module, style: str, tp_mesh, sequence_paral
 
 def _local_io(linear: nn.Module) -> None:
     """A replicated linear fed plain local tensors: wrap inputs as Replicate DTensors, return local."""
+
     def pre(mod, args):
         x = args[0]
         if isinstance(x, DTensor):
@@ -108,6 +116,7 @@ def _local_io(linear: nn.Module) -> None:
 
     def post(mod, args, out):
         return out.to_local() if isinstance(out, DTensor) else out
+
     linear.register_forward_pre_hook(pre)
     linear.register_forward_hook(post)
 
@@ -116,9 +125,11 @@ def shard_sequence(x, tp_mesh):
     """This rank's slice of a full (replicated) [batch, seq, ...] tensor; backward all-gathers."""
     tp = tp_mesh.size()
     if x.shape[1] % tp:
-        raise ValueError(f"parallel.sequence_parallel: a sequence of {x.shape[1]} tokens does not split over "
-                         f"tp={tp} ranks (the trainer pads its batches; other callers must, or set "
-                         "sequence_parallel: false)")
+        raise ValueError(
+            f"parallel.sequence_parallel: a sequence of {x.shape[1]} tokens does not split over "
+            f"tp={tp} ranks (the trainer pads its batches; other callers must, or set "
+            "sequence_parallel: false)"
+        )
     return DTensor.from_local(x, tp_mesh, [Replicate()], run_check=False).redistribute(tp_mesh, [SEQ]).to_local()
 
 
@@ -128,12 +139,21 @@ def gather_sequence(x, tp_mesh):
 
 
 def _norm_names(module: nn.Module) -> list[str]:
-    return [name for name, child in module.named_children()
-            if name.endswith("norm") and any(True for _ in child.parameters())]
+    return [
+        name
+        for name, child in module.named_children()
+        if name.endswith("norm") and any(True for _ in child.parameters())
+    ]
 
 
-def apply_tensor_parallel(layers: list[nn.Module], tp_mesh, plan: dict[str, str] = LLAMA_PLAN, *,
-                          sequence_parallel: bool = False, gather_output: bool = False) -> PartialGrads:
+def apply_tensor_parallel(
+    layers: list[nn.Module],
+    tp_mesh,
+    plan: dict[str, str] = LLAMA_PLAN,
+    *,
+    sequence_parallel: bool = False,
+    gather_output: bool = False,
+) -> PartialGrads:
     """Shard consecutive decoder layers' projections over tp_mesh, in place; LoRA-wrapped ones included.
 
     sequence_parallel: the first layer slices its (replicated) input over the sequence, every layer
@@ -159,13 +179,23 @@ def apply_tensor_parallel(layers: list[nn.Module], tp_mesh, plan: dict[str, str]
                 partial.add_module(layer.get_submodule(name))
             # One all-gather per block input, kept a DTensor so q/k/v (gate/up) share it and backward
             # reduce-scatters their summed input gradients.
-            parallelize_module(attn, tp_mesh, PrepareModuleInput(
-                input_kwarg_layouts={"hidden_states": SEQ}, desired_input_kwarg_layouts={"hidden_states": Replicate()}))
-            parallelize_module(layer.get_submodule("mlp"), tp_mesh, PrepareModuleInput(
-                input_layouts=(SEQ,), desired_input_layouts=(Replicate(),)))
+            parallelize_module(
+                attn,
+                tp_mesh,
+                PrepareModuleInput(
+                    input_kwarg_layouts={"hidden_states": SEQ},
+                    desired_input_kwarg_layouts={"hidden_states": Replicate()},
+                ),
+            )
+            parallelize_module(
+                layer.get_submodule("mlp"),
+                tp_mesh,
+                PrepareModuleInput(input_layouts=(SEQ,), desired_input_layouts=(Replicate(),)),
+            )
     if sequence_parallel and layers:
         layers[0].register_forward_pre_hook(
-            lambda mod, args, kwargs: ((shard_sequence(args[0], tp_mesh), *args[1:]), kwargs), with_kwargs=True)
+            lambda mod, args, kwargs: ((shard_sequence(args[0], tp_mesh), *args[1:]), kwargs), with_kwargs=True
+        )
         if gather_output:  # a stage output, not a view: zero-bubble schedules detach it in place
             layers[-1].register_forward_hook(lambda mod, args, out: gather_sequence(out, tp_mesh).clone())
     return partial
@@ -179,8 +209,9 @@ class LogitsLayout:
         self.keep_sharded = False
 
 
-def vocab_parallel_supported(embed: nn.Module | None, head: nn.Module | None, vocab_size: int, tp: int,
-                             tied: bool) -> str | None:
+def vocab_parallel_supported(
+    embed: nn.Module | None, head: nn.Module | None, vocab_size: int, tp: int, tied: bool
+) -> str | None:
     """Why the embedding/lm_head cannot be split over the vocabulary (None: they can)."""
     if tied:
         return "the model ties lm_head to the input embedding"
@@ -194,8 +225,16 @@ def vocab_parallel_supported(embed: nn.Module | None, head: nn.Module | None, vo
     return None
 
 
-def apply_tp_ends(tp_mesh, *, embed: nn.Module | None, norm: nn.Module | None, head: nn.Module | None,
-                  sequence_parallel: bool, vocab_parallel: bool, logits: LogitsLayout) -> PartialGrads:
+def apply_tp_ends(
+    tp_mesh,
+    *,
+    embed: nn.Module | None,
+    norm: nn.Module | None,
+    head: nn.Module | None,
+    sequence_parallel: bool,
+    vocab_parallel: bool,
+    logits: LogitsLayout,
+) -> PartialGrads:
     """The embedding (first stage) and final norm + head (last stage) around the tensor-parallel layers.
 
     vocab_parallel: the embedding splits its rows (a masked lookup, outputs all-reduced) and lm_head its
@@ -210,11 +249,19 @@ def apply_tp_ends(tp_mesh, *, embed: nn.Module | None, norm: nn.Module | None, h
     if sequence_parallel:
         partial.add_module(norm)
     if vocab_parallel:
-        parallelize_module(head, tp_mesh, ColwiseParallel(input_layouts=SEQ if sequence_parallel else Replicate(),
-                                                          output_layouts=Shard(-1), use_local_output=False))
+        parallelize_module(
+            head,
+            tp_mesh,
+            ColwiseParallel(
+                input_layouts=SEQ if sequence_parallel else Replicate(),
+                output_layouts=Shard(-1),
+                use_local_output=False,
+            ),
+        )
 
         def hand_out(mod, args, out):
             return out if logits.keep_sharded else out.full_tensor()
+
         head.register_forward_hook(hand_out)
     elif sequence_parallel:
         head.register_forward_pre_hook(lambda mod, args: (gather_sequence(args[0], tp_mesh), *args[1:]))

@@ -7,6 +7,7 @@ over dp_shard (hybrid: over (dp_replicate, dp_shard)), resharding after forward 
 
 Every path SUMS gradients over dp: each rank's loss is already divided by the global label count.
 """
+
 from __future__ import annotations
 
 import torch

@@ -17,43 +17,64 @@ def test_alpaca_joins_input_and_keeps_system():
 
 
 def test_sharegpt_roles_are_mapped():
-    row = {"conversations": [{"from": "system", "value": "S"}, {"from": "human", "value": "Hi"},
-                             {"from": "gpt", "value": "Hello"}, {"from": "human", "value": "Bye"},
-                             {"from": "gpt", "value": "Ciao"}]}
+    row = {
+        "conversations": [
+            {"from": "system", "value": "S"},
+            {"from": "human", "value": "Hi"},
+            {"from": "gpt", "value": "Hello"},
+            {"from": "human", "value": "Bye"},
+            {"from": "gpt", "value": "Ciao"},
+        ]
+    }
     assert [m["role"] for m in to_messages(row)] == ["system", "user", "assistant", "user", "assistant"]
 
 
 def test_messages_pass_through_stripped():
     row = {"messages": [{"role": "user", "content": " Hi "}, {"role": "assistant", "content": "Yo\n"}]}
-    assert to_messages(row, "messages") == [{"role": "user", "content": "Hi"},
-                                            {"role": "assistant", "content": "Yo"}]
+    assert to_messages(row, "messages") == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]
 
 
-@pytest.mark.parametrize("row,fmt", [
-    ({"messages": []}, "messages"), ({"conversations": []}, "sharegpt"), ({"instruction": "x"}, "alpaca"),
-    ({"output": "x"}, "alpaca"),
-])
+@pytest.mark.parametrize(
+    "row,fmt",
+    [
+        ({"messages": []}, "messages"),
+        ({"conversations": []}, "sharegpt"),
+        ({"instruction": "x"}, "alpaca"),
+        ({"output": "x"}, "alpaca"),
+    ],
+)
 def test_auto_detects_per_row(row, fmt):
     assert detect_format(row) == fmt
 
 
-@pytest.mark.parametrize("row,reason", [
-    ([1, 2], "not_an_object"),
-    ({"text": "hello"}, "unknown_format"),
-    ({"instruction": "Do it"}, "missing_output"),
-    ({"instruction": "Do it", "output": "   "}, "empty_answer"),
-    ({"instruction": "", "output": "ok"}, "empty_prompt"),
-    ({"instruction": 3, "output": "ok"}, "bad_instruction"),
-    ({"conversations": [{"from": "bot", "value": "x"}]}, "bad_role"),
-    ({"conversations": [{"from": "human"}]}, "bad_turn"),
-    ({"conversations": "hi"}, "bad_conversations"),
-    ({"messages": [{"role": "tool", "content": "x"}]}, "bad_role"),
-    ({"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "q"}]}, "bad_turn_order"),
-    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"},
-                   {"role": "user", "content": "q2"}]}, "no_answer"),
-    ({"messages": [{"role": "system", "content": "s"}]}, "no_turns"),
-    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}]}, "empty_answer"),
-])
+@pytest.mark.parametrize(
+    "row,reason",
+    [
+        ([1, 2], "not_an_object"),
+        ({"text": "hello"}, "unknown_format"),
+        ({"instruction": "Do it"}, "missing_output"),
+        ({"instruction": "Do it", "output": "   "}, "empty_answer"),
+        ({"instruction": "", "output": "ok"}, "empty_prompt"),
+        ({"instruction": 3, "output": "ok"}, "bad_instruction"),
+        ({"conversations": [{"from": "bot", "value": "x"}]}, "bad_role"),
+        ({"conversations": [{"from": "human"}]}, "bad_turn"),
+        ({"conversations": "hi"}, "bad_conversations"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "bad_role"),
+        ({"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "q"}]}, "bad_turn_order"),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "q"},
+                    {"role": "assistant", "content": "a"},
+                    {"role": "user", "content": "q2"},
+                ]
+            },
+            "no_answer",
+        ),
+        ({"messages": [{"role": "system", "content": "s"}]}, "no_turns"),
+        ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}]}, "empty_answer"),
+    ],
+)
 def test_bad_rows_are_rejected_with_reason(row, reason):
     with pytest.raises(RowError) as err:
         to_messages(row)
@@ -68,27 +89,36 @@ def test_explicit_format_reports_missing_field():
 
 def test_jsonl_file_with_bad_lines(tmp_path):
     path = tmp_path / "rows.jsonl"
-    path.write_text("\n".join([
-        json.dumps({"instruction": "Reverse: abc", "output": "cba"}),
-        "{not json",
-        "",
-        json.dumps({"instruction": "Reverse: xyz", "output": ""}),
-        json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hey"}]}),
-    ]) + "\n")
+    path.write_text(
+        "\n".join(
+            [
+                json.dumps({"instruction": "Reverse: abc", "output": "cba"}),
+                "{not json",
+                "",
+                json.dumps({"instruction": "Reverse: xyz", "output": ""}),
+                json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hey"}]}),
+            ]
+        )
+        + "\n"
+    )
     kinds = {"chat": Normalised(), "preference": Normalised()}
     normalise_file(path, "auto", "s00f000", "rows.jsonl", kinds)
     out = kinds["chat"]
     assert out.num_read == 4  # the blank line is not a row
     assert [r["id"] for r in out.kept] == ["s00f000-0000000", "s00f000-0000004"]
     assert [(r["id"], r["reason"]) for r in out.rejected] == [
-        ("s00f000-0000001", "bad_json"), ("s00f000-0000003", "empty_answer")]
+        ("s00f000-0000001", "bad_json"),
+        ("s00f000-0000003", "empty_answer"),
+    ]
     assert out.rejected[0]["raw"] == "{not json"
 
 
 def test_parquet_file(tmp_path):
     path = tmp_path / "rows.parquet"
-    rows = [{"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]},
-            {"conversations": [{"from": "human", "value": "Hi"}, {"from": "robot", "value": "Hello"}]}]
+    rows = [
+        {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]},
+        {"conversations": [{"from": "human", "value": "Hi"}, {"from": "robot", "value": "Hello"}]},
+    ]
     pq.write_table(pa.Table.from_pylist(rows), path)
     kinds = {"chat": Normalised(), "preference": Normalised()}
     normalise_file(path, "sharegpt", "s01f000", "rows.parquet", kinds)
@@ -100,13 +130,22 @@ def test_parquet_file(tmp_path):
 def test_preference_rows_are_their_own_kind(tmp_path):
     path = tmp_path / "mixed.jsonl"
     user = {"role": "user", "content": "What is 2 + 3?"}
-    path.write_text("\n".join(json.dumps(r) for r in [
-        {"prompt": "What is 2 + 3?", "chosen": "5", "rejected": "6"},
-        {"messages": [user, {"role": "assistant", "content": "5"}]},
-        {"chosen": [user, {"role": "assistant", "content": "5"}], "rejected": [user, {"role": "assistant", "content": "4"}]},
-        {"prompt": "What is 2 + 3?", "chosen": "5", "rejected": "5"},
-        {"prompt": "What is 2 + 3?", "chosen": "5"},
-    ]) + "\n")
+    path.write_text(
+        "\n".join(
+            json.dumps(r)
+            for r in [
+                {"prompt": "What is 2 + 3?", "chosen": "5", "rejected": "6"},
+                {"messages": [user, {"role": "assistant", "content": "5"}]},
+                {
+                    "chosen": [user, {"role": "assistant", "content": "5"}],
+                    "rejected": [user, {"role": "assistant", "content": "4"}],
+                },
+                {"prompt": "What is 2 + 3?", "chosen": "5", "rejected": "5"},
+                {"prompt": "What is 2 + 3?", "chosen": "5"},
+            ]
+        )
+        + "\n"
+    )
     kinds = {"chat": Normalised(), "preference": Normalised()}
     normalise_file(path, "auto", "s00f000", "mixed.jsonl", kinds)
     chat, pref = kinds["chat"], kinds["preference"]

@@ -1,4 +1,5 @@
 """The whole data stage on real datatrove runs (forked local ranks)."""
+
 import hashlib
 import json
 import random
@@ -15,8 +16,14 @@ from data_tools.config import DataConfig
 from data_tools.stage import chat_template_for, local_executor, run_data
 from data_tools.steps import SPLITS, prompt_key
 
-PII_PATTERNS = [r"[\w.]+@example\.com", r"203\.0\.113\.\d", r"415-555-\d{4}", r"sk-[0-9a-f]{32}",
-                r"ghp_[a-z0-9]{36}", r"AKIA[A-Z2-7]{16}"]
+PII_PATTERNS = [
+    r"[\w.]+@example\.com",
+    r"203\.0\.113\.\d",
+    r"415-555-\d{4}",
+    r"sk-[0-9a-f]{32}",
+    r"ghp_[a-z0-9]{36}",
+    r"AKIA[A-Z2-7]{16}",
+]
 LOW_QUALITY_MARKERS = ("####", "buy now", "lorem ipsum", "javascript", "click here")
 
 
@@ -65,14 +72,22 @@ def test_low_quality_and_duplicates_rejected_with_reasons(tiny_run):
     _, out, manifest, _ = tiny_run
     raw = {f"s00f000-{i:07d}": row for i, row in enumerate(_read(out / "raw" / "00-tiny-tasks.jsonl"))}
     kept = {r["id"]: r for name in SPLITS for r in _read(out / f"{name}.jsonl")}
-    rejected = {r["id"]: (path.stem, r["reason"]) for path in (out / "rejected").glob("*.jsonl")
-                for r in _read(path)}
+    rejected = {r["id"]: (path.stem, r["reason"]) for path in (out / "rejected").glob("*.jsonl") for r in _read(path)}
     assert not kept.keys() & rejected.keys() and len(kept) + len(rejected) == len(raw)
-    low = [i for i, row in raw.items() if any(m in row["instruction"] for m in LOW_QUALITY_MARKERS)
-           or len(row["instruction"]) >= 600]
+    low = [
+        i
+        for i, row in raw.items()
+        if any(m in row["instruction"] for m in LOW_QUALITY_MARKERS) or len(row["instruction"]) >= 600
+    ]
     assert len(low) > 30
-    assert {rejected[i][0] for i in low} <= {"gopher_repetition", "gopher_quality", "c4", "fineweb",
-                                             "exact_dedup", "minhash_dedup"}
+    assert {rejected[i][0] for i in low} <= {
+        "gopher_repetition",
+        "gopher_quality",
+        "c4",
+        "fineweb",
+        "exact_dedup",
+        "minhash_dedup",
+    }
     assert all(rejected[i][1] for i in low)
     assert manifest["steps"]["exact_dedup"]["reasons"]["exact_duplicate"] > 50
     assert manifest["steps"]["minhash_dedup"]["reasons"]["near_duplicate"] > 20
@@ -130,28 +145,46 @@ def test_deterministic(tiny_run, tmp_path, tokenizer_dir):
 
 
 def _write_sources(base: Path) -> None:
-    alpaca = [{"instruction": f"Reverse the word: {w}", "input": "", "output": w[::-1]}
-              for w in ("apple", "banana", "cherry", "damson")]
+    alpaca = [
+        {"instruction": f"Reverse the word: {w}", "input": "", "output": w[::-1]}
+        for w in ("apple", "banana", "cherry", "damson")
+    ]
     alpaca.append({"instruction": "Reverse the word: apple", "input": "", "output": "elppa"})  # exact dup
     alpaca.append({"instruction": "Describe it", "input": "", "output": ""})  # empty answer
-    alpaca.append({"instruction": "Summarise: the quiet harbour town wakes early, fishermen mend their nets, "
-                                  "children race bicycles past bright market stalls while gulls circle.",
-                   "input": "", "output": "A busy harbour morning."})  # over max_tokens
+    alpaca.append(
+        {
+            "instruction": "Summarise: the quiet harbour town wakes early, fishermen mend their nets, "
+            "children race bicycles past bright market stalls while gulls circle.",
+            "input": "",
+            "output": "A busy harbour morning.",
+        }
+    )  # over max_tokens
     (base / "data").mkdir()
     lines = [json.dumps(r) for r in alpaca] + ["{broken"]
     (base / "data" / "a.jsonl").write_text("\n".join(lines) + "\n")
-    sharegpt = [{"conversations": [{"from": "human", "value": f"Uppercase the word: {w}"},
-                                   {"from": "gpt", "value": w.upper()}]} for w in ("kiwi", "lemon", "mango")]
-    sharegpt.append({"conversations": [{"from": "human", "value": "Mail me at al@example.com: plum"},
-                                       {"from": "gpt", "value": "PLUM"}]})
+    sharegpt = [
+        {"conversations": [{"from": "human", "value": f"Uppercase the word: {w}"}, {"from": "gpt", "value": w.upper()}]}
+        for w in ("kiwi", "lemon", "mango")
+    ]
+    sharegpt.append(
+        {
+            "conversations": [
+                {"from": "human", "value": "Mail me at al@example.com: plum"},
+                {"from": "gpt", "value": "PLUM"},
+            ]
+        }
+    )
     sharegpt.append({"conversations": [{"from": "robot", "value": "hi"}]})
     pq.write_table(pa.Table.from_pylist(sharegpt), base / "data" / "b.parquet")
 
 
 def test_jsonl_and_parquet_sources(tmp_path, tokenizer_dir):
     _write_sources(tmp_path)
-    cfg = DataConfig(sources=[{"path": "data/*.jsonl"}, {"path": "data/b.parquet", "format": "sharegpt"}],
-                     format={"max_tokens": 120, "system_prompt": "Be brief."}, tasks=2)
+    cfg = DataConfig(
+        sources=[{"path": "data/*.jsonl"}, {"path": "data/b.parquet", "format": "sharegpt"}],
+        format={"max_tokens": 120, "system_prompt": "Be brief."},
+        tasks=2,
+    )
     calls = []
 
     def factory(pipeline, logging_dir, tasks, depends=None):
@@ -160,8 +193,12 @@ def test_jsonl_and_parquet_sources(tmp_path, tokenizer_dir):
 
     manifest = run_data(cfg, tokenizer_dir, tmp_path / "out", base_dir=tmp_path, executor_factory=factory)
     steps = manifest["steps"]
-    assert steps["normalise"] == {"in": 13, "kept": 10, "rejected": 3,
-                                  "reasons": {"bad_json": 1, "bad_role": 1, "empty_answer": 1}}
+    assert steps["normalise"] == {
+        "in": 13,
+        "kept": 10,
+        "rejected": 3,
+        "reasons": {"bad_json": 1, "bad_role": 1, "empty_answer": 1},
+    }
     assert steps["exact_dedup"]["rejected"] == 1
     assert steps["chat_format"]["reasons"] == {"too_many_tokens": 1}
     assert sum(manifest["splits"].values()) == 8
@@ -185,21 +222,31 @@ def test_bad_sources_are_user_errors(tmp_path, tokenizer_dir):
 
 def test_preference_rows_get_their_own_chain_and_splits(tmp_path, tokenizer_dir):
     user = {"role": "user", "content": "Reverse the word: apple"}
-    rows = [{"prompt": f"Reverse the word: {w}", "chosen": w[::-1], "rejected": w}
-            for w in ("apple", "banana", "cherry", "damson", "elder", "fig", "grape", "hazel")]
+    rows = [
+        {"prompt": f"Reverse the word: {w}", "chosen": w[::-1], "rejected": w}
+        for w in ("apple", "banana", "cherry", "damson", "elder", "fig", "grape", "hazel")
+    ]
     rows += [
         {"prompt": "Reverse the word: apple", "chosen": "elppa", "rejected": "apple"},  # exact duplicate
         {"prompt": "Reverse the word: kiwi", "chosen": "iwik", "rejected": "mail kiwi@example.com"},  # PII
-        {"prompt": "Reverse the word: lime", "chosen": "emil", "rejected": "The quiet harbour town wakes early, fishermen mend their "
-         "nets, children race bicycles past bright market stalls while gulls circle."},  # rejected side too long
+        {
+            "prompt": "Reverse the word: lime",
+            "chosen": "emil",
+            "rejected": "The quiet harbour town wakes early, fishermen mend their "
+            "nets, children race bicycles past bright market stalls while gulls circle.",
+        },  # rejected side too long
         {"prompt": "Reverse the word: plum", "chosen": "mulp", "rejected": "mulp"},  # identical sides
         {"chosen": [user, {"role": "assistant", "content": "elppa"}]},  # no rejected side
     ]
     (tmp_path / "pref.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     chat = [{"instruction": f"Uppercase the word: {w}", "output": w.upper()} for w in ("apple", "kiwi", "lime")]
     (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chat))
-    cfg = DataConfig(sources=[{"path": "chat.jsonl"}, {"path": "pref.jsonl"}], format={"max_tokens": 100},
-                     splits={"validation": 0.2, "test": 0.2}, tasks=2)
+    cfg = DataConfig(
+        sources=[{"path": "chat.jsonl"}, {"path": "pref.jsonl"}],
+        format={"max_tokens": 100},
+        splits={"validation": 0.2, "test": 0.2},
+        tasks=2,
+    )
     manifest = run_data(cfg, tokenizer_dir, tmp_path / "out", base_dir=tmp_path)
     out, pref = tmp_path / "out", manifest["preference"]
     assert sum(manifest["splits"].values()) == 3  # chat rows are not near-duplicates of preference rows

@@ -33,8 +33,9 @@ def test_no_checks_passes():
     assert verdict.passed and verdict.checks == []
 
 
-@pytest.mark.parametrize("candidate, passed",
-                         [(0.89, True), (0.88, True), (0.87, False), (0.8799, False), (0.95, True)])
+@pytest.mark.parametrize(
+    "candidate, passed", [(0.89, True), (0.88, True), (0.87, False), (0.8799, False), (0.95, True)]
+)
 def test_regression_vs_champion_margin(candidate, passed):
     cfg = GateConfig(max_regression=0.02)
     verdict = decide({EXACT: candidate, MC: 0.5}, None, {EXACT: 0.90, MC: 0.5}, cfg)
@@ -86,6 +87,5 @@ def test_check_config():
     problems = check_config(GateConfig(thresholds={"nope/acc": 0.1, "flat": 0.2}), EvalConfig(), labels)
     assert problems[0].startswith("gate.thresholds.nope/acc: task 'nope'")
     assert problems[1].startswith("gate.thresholds.flat: expected '<task>/<metric>'")
-    assert check_config(GateConfig(), EvalConfig(include_base=True), labels)[0].startswith(
-        "gate.primary_metric:")
+    assert check_config(GateConfig(), EvalConfig(include_base=True), labels)[0].startswith("gate.primary_metric:")
     assert check_config(GateConfig(), EvalConfig(include_base=False), labels) == []

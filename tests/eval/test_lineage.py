@@ -8,8 +8,9 @@ from eval import lineage
 
 
 def _git(cwd, *args):
-    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@example.com", *args], cwd=cwd,
-                   check=True, capture_output=True)
+    subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@example.com", *args], cwd=cwd, check=True, capture_output=True
+    )
 
 
 def test_git_commit_outside_repo_is_unknown(tmp_path):
@@ -60,8 +61,14 @@ def test_collect(tmp_path):
     data.mkdir()
     (data / "manifest.json").write_text(json.dumps({"rows": 3}))
     model = _tree(tmp_path / "m", {"config.json": b"{}", "model.safetensors": b"w"})
-    tags = lineage.collect(recipe_hash="r1", repo_dir=tmp_path, data_dir=data, base_model_dir=model,
-                           model_dir=model, extra={lineage.RUN_DIR: tmp_path})
+    tags = lineage.collect(
+        recipe_hash="r1",
+        repo_dir=tmp_path,
+        data_dir=data,
+        base_model_dir=model,
+        model_dir=model,
+        extra={lineage.RUN_DIR: tmp_path},
+    )
     assert tags[lineage.RECIPE_HASH] == "r1" and tags[lineage.GIT_COMMIT] == "unknown"
     assert tags[lineage.DATA_MANIFEST_HASH] == lineage.hash_file(data / "manifest.json")
     assert tags[lineage.BASE_MODEL_HASH] == tags[lineage.MODEL_HASH] == lineage.hash_dir(model)

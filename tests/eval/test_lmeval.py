@@ -18,9 +18,11 @@ def _rows(n=20, seed=0):
         if word in seen:
             continue
         seen.add(word)
-        messages = [{"role": "system", "content": "Be brief."},
-                    {"role": "user", "content": f"Reverse the word: {word}"},
-                    {"role": "assistant", "content": word[::-1]}]
+        messages = [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": f"Reverse the word: {word}"},
+            {"role": "assistant", "content": word[::-1]},
+        ]
         rows.append({"id": f"row-{len(rows)}", "messages": messages, "text": ""})
     return rows
 
@@ -38,6 +40,7 @@ def _read_jsonl(path):
 
 
 # ---------------------------------------------------------------- check_tasks
+
 
 def test_builtin_tasks_need_nothing():
     assert lmeval.check_tasks(["heldout_exact", "heldout_mc"]) == []
@@ -59,15 +62,15 @@ def test_standard_task_with_cached_dataset_is_accepted(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     (tmp_path / "datasets" / "Rowan___hellaswag").mkdir(parents=True)
     assert lmeval.check_tasks(["hellaswag"]) == []
-    assert lmeval.check_tasks(["arc_easy"])[0].startswith("eval.tasks.0: 'arc_easy' reads hub dataset "
-                                                          "allenai/ai2_arc")
+    assert lmeval.check_tasks(["arc_easy"])[0].startswith("eval.tasks.0: 'arc_easy' reads hub dataset allenai/ai2_arc")
     (tmp_path / "hub" / "datasets--allenai--ai2_arc").mkdir(parents=True)
     assert lmeval.check_tasks(["arc_easy", "arc_challenge"]) == []
 
 
 def test_unknown_and_malformed_tasks(tmp_path):
-    problems = lmeval.check_tasks(["no_such_task_xyz", "yaml:nodir", f"yaml:{tmp_path}/missing:t",
-                                   f"yaml:{tmp_path}:t"])
+    problems = lmeval.check_tasks(
+        ["no_such_task_xyz", "yaml:nodir", f"yaml:{tmp_path}/missing:t", f"yaml:{tmp_path}:t"]
+    )
     assert [p.split(":")[0] for p in problems] == [f"eval.tasks.{i}" for i in range(4)]
     assert "nor a task lm-eval knows" in problems[0]
     assert "expected 'yaml:<dir>:<task>'" in problems[1]
@@ -81,6 +84,7 @@ def test_task_label():
 
 
 # ---------------------------------------------------------------- build_tasks
+
 
 @pytest.fixture(scope="module")
 def tokenizer():
@@ -101,8 +105,7 @@ def test_build_tasks_renders_prompts_and_choices(tmp_path, tokenizer):
     assert exact_spec["generation_kwargs"]["max_gen_toks"] == 7
     exact = _read_jsonl(tmp_path / "tasks" / "heldout_exact.jsonl")
     assert len(exact) == 12
-    expected = tokenizer.apply_chat_template(rows[0]["messages"][:-1], tokenize=False,
-                                             add_generation_prompt=True)
+    expected = tokenizer.apply_chat_template(rows[0]["messages"][:-1], tokenize=False, add_generation_prompt=True)
     assert exact[0]["prompt"] == expected and exact[0]["prompt"].endswith("<|im_start|>assistant\n")
     assert rows[0]["messages"][-1]["content"] not in exact[0]["prompt"]
     assert exact[0]["answer"] == rows[0]["messages"][-1]["content"]
@@ -135,7 +138,8 @@ def test_build_tasks_follow_the_templates_end_of_turn(tmp_path):
     tokenizer.chat_template = (  # Llama-3 style turns
         "{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n{{ m['content'] }}"
         "<|eot_id|>{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>"
-        "\n\n{% endif %}")
+        "\n\n{% endif %}"
+    )
     data_dir = _write_rows(tmp_path / "data", _rows())
     lmeval.build_tasks(data_dir, tmp_path / "t", EvalConfig(), tokenizer=tokenizer)
     spec = yaml.safe_load((tmp_path / "t" / "heldout_exact.yaml").read_text())
@@ -158,6 +162,7 @@ def test_build_tasks_user_errors(tmp_path):
 
 
 # ---------------------------------------------------------------- run_task on a tiny random model
+
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
@@ -209,8 +214,9 @@ def test_exact_match_scores_zero_for_wrong_and_one_for_right_answers(tmp_path, m
     emitted = {s["doc"]["id"]: s["filtered_resps"][0] for s in samples}
     for row in rows:
         row["messages"][-1]["content"] = "  " + emitted[row["id"]] + "\n"  # whitespace is ignored
-    right = lmeval.run_task("heldout_exact", model_dir, _write_rows(tmp_path / "right", rows),
-                            tmp_path / "right_eval", CFG)
+    right = lmeval.run_task(
+        "heldout_exact", model_dir, _write_rows(tmp_path / "right", rows), tmp_path / "right_eval", CFG
+    )
     assert right == {"exact_match": 1.0}
 
 
@@ -231,14 +237,22 @@ def test_multiple_choice_accuracy_matches_the_loglikelihoods(tmp_path, model_dir
 def test_user_yaml_task_with_relative_data_file(tmp_path, model_dir, no_network, monkeypatch):
     task_dir = tmp_path / "my_tasks"
     task_dir.mkdir()
-    lines = [json.dumps({"q": f"<|im_start|>user\nSay {w}<|im_end|>\n<|im_start|>assistant\n", "a": w})
-             for w in ("cat", "dog", "owl", "bee", "ant")]
+    lines = [
+        json.dumps({"q": f"<|im_start|>user\nSay {w}<|im_end|>\n<|im_start|>assistant\n", "a": w})
+        for w in ("cat", "dog", "owl", "bee", "ant")
+    ]
     (task_dir / "rows.jsonl").write_text("\n".join(lines) + "\n")
-    spec = {"task": "my_say", "dataset_path": "json",
-            "dataset_kwargs": {"data_files": {"test": "rows.jsonl"}},
-            "test_split": "test", "output_type": "generate_until", "doc_to_text": "{{q}}",
-            "doc_to_target": "{{a}}", "generation_kwargs": {"until": ["<|im_end|>"], "do_sample": False},
-            "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}]}
+    spec = {
+        "task": "my_say",
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": "rows.jsonl"}},
+        "test_split": "test",
+        "output_type": "generate_until",
+        "doc_to_text": "{{q}}",
+        "doc_to_target": "{{a}}",
+        "generation_kwargs": {"until": ["<|im_end|>"], "do_sample": False},
+        "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}],
+    }
     (task_dir / "say.yaml").write_text(yaml.safe_dump(spec))
     monkeypatch.chdir(tmp_path)
     task = "yaml:my_tasks:my_say"

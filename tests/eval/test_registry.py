@@ -1,4 +1,5 @@
 """Registry actions against a real MLflow sqlite store (creating its tables takes ~10 s, hence slow)."""
+
 import itertools
 
 import pytest
@@ -47,8 +48,12 @@ def model_dir(tmp_path):
 
 
 def _lineage(model_dir):
-    return {lineage.RECIPE_HASH: "abc123", lineage.GIT_COMMIT: "unknown",
-            lineage.DATA_MANIFEST_HASH: "d" * 64, lineage.BASE_MODEL_HASH: lineage.hash_dir(model_dir)}
+    return {
+        lineage.RECIPE_HASH: "abc123",
+        lineage.GIT_COMMIT: "unknown",
+        lineage.DATA_MANIFEST_HASH: "d" * 64,
+        lineage.BASE_MODEL_HASH: lineage.hash_dir(model_dir),
+    }
 
 
 def _register(client, name, model_dir, run_id, score, passed):
@@ -60,8 +65,9 @@ def _register(client, name, model_dir, run_id, score, passed):
 def test_register_passed_version(client, name, model_dir, run_id):
     cfg = GateConfig(thresholds={EXACT: 0.5})
     verdict = decide({EXACT: 0.9375}, None, None, cfg)
-    version = registry.register_candidate(client, name, model_dir, run_id, {EXACT: 0.9375}, verdict,
-                                          _lineage(model_dir))
+    version = registry.register_candidate(
+        client, name, model_dir, run_id, {EXACT: 0.9375}, verdict, _lineage(model_dir)
+    )
     assert version == "1"
     mv = client.get_model_version(name, version)
     assert mv.source == f"runs:/{run_id}/model" and mv.run_id == run_id
@@ -70,8 +76,7 @@ def test_register_passed_version(client, name, model_dir, run_id):
         assert mv.tags[key] == value
     assert registry.scores_of(mv.tags) == {EXACT: 0.9375}
     assert client.get_model_version_by_alias(name, "staging").version in (1, "1")
-    assert {f.path for f in client.list_artifacts(run_id, "model")} == {"model/config.json",
-                                                                        "model/model.safetensors"}
+    assert {f.path for f in client.list_artifacts(run_id, "model")} == {"model/config.json", "model/model.safetensors"}
 
 
 def test_register_rejected_version_gets_no_alias(client, name, model_dir, run_id):
@@ -125,13 +130,15 @@ def test_tag_keys_are_made_valid(client, name, model_dir, run_id):
     assert registry.tag_key("score.my:task/acc,none") == "score.my_task/acc_none"
     assert registry.tag_key("score.a//b/./c/") == "score.a/b/c"
     verdict = Verdict(passed=False, reasons=[], checks=[])
-    version = registry.register_candidate(client, name, model_dir, run_id, {"my:task/acc": 0.5}, verdict,
-                                          {"hpcft.odd:key": "v"})
+    version = registry.register_candidate(
+        client, name, model_dir, run_id, {"my:task/acc": 0.5}, verdict, {"hpcft.odd:key": "v"}
+    )
     tags = client.get_model_version(name, version).tags
     assert tags["score.my_task/acc"] == "0.5" and tags["hpcft.odd_key"] == "v"
 
 
 def test_missing_model_dir_is_a_user_error(client, name, tmp_path, run_id):
     with pytest.raises(ValueError, match="does not exist"):
-        registry.register_candidate(client, name, tmp_path / "nope", run_id, {EXACT: 0.5},
-                                    Verdict(passed=True), {lineage.RECIPE_HASH: "abc"})
+        registry.register_candidate(
+            client, name, tmp_path / "nope", run_id, {EXACT: 0.5}, Verdict(passed=True), {lineage.RECIPE_HASH: "abc"}
+        )

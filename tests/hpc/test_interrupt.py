@@ -1,4 +1,5 @@
 """Stopping `hpcft run` (SIGTERM or Ctrl-C) stops the local jobs it started and says how to resume."""
+
 import signal
 import subprocess
 import sys
@@ -17,8 +18,19 @@ def _processes_mentioning(text: str) -> list[str]:
 @pytest.mark.slow
 def test_sigterm_stops_running_local_jobs(tmp_path):
     workdir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "hpc.cli", "run", str(TINY_RECIPE), "--workdir", str(workdir),
-           "--set", "stages.0.max_steps=100000", "--set", "data.sources.0.num_rows=300"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "hpc.cli",
+        "run",
+        str(TINY_RECIPE),
+        "--workdir",
+        str(workdir),
+        "--set",
+        "stages.0.max_steps=100000",
+        "--set",
+        "data.sources.0.num_rows=300",
+    ]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     progress = workdir / "stages" / "sft" / "progress.jsonl"
     deadline = time.time() + 300
@@ -46,9 +58,25 @@ def test_an_interrupted_stage_resumes_from_its_latest_checkpoint(tmp_path):
     import json
 
     workdir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "hpc.cli", "run", str(TINY_RECIPE), "--workdir", str(workdir),
-           "--set", "stages.0.max_steps=100", "--set", "stages.0.checkpoint_every=10", "--set", "stages.0.log_every=5",
-           "--set", "stages.0.eval_every=1000", "--set", "data.sources.0.num_rows=300"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "hpc.cli",
+        "run",
+        str(TINY_RECIPE),
+        "--workdir",
+        str(workdir),
+        "--set",
+        "stages.0.max_steps=100",
+        "--set",
+        "stages.0.checkpoint_every=10",
+        "--set",
+        "stages.0.log_every=5",
+        "--set",
+        "stages.0.eval_every=1000",
+        "--set",
+        "data.sources.0.num_rows=300",
+    ]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     latest = workdir / "stages" / "sft" / "resume" / "latest"
     deadline = time.time() + 300
@@ -61,8 +89,9 @@ def test_an_interrupted_stage_resumes_from_its_latest_checkpoint(tmp_path):
     assert proc.returncode == 130, out
     saved = int(latest.read_text().strip().split("-")[1])
     assert 10 <= saved < 100
-    done = subprocess.run(cmd[:-4] + ["--only", "sft"] + cmd[-4:], cwd=ROOT, capture_output=True, text=True,
-                          timeout=900)
+    done = subprocess.run(
+        cmd[:-4] + ["--only", "sft"] + cmd[-4:], cwd=ROOT, capture_output=True, text=True, timeout=900
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     events = [json.loads(line) for line in (workdir / "stages" / "sft" / "progress.jsonl").read_text().splitlines()]
     resumed = [e["resumed_from_step"] for e in events if "resumed_from_step" in e]

@@ -1,4 +1,5 @@
 """The tiny recipe end to end on the embedded default: real datatrove, training, lm-eval, MLflow."""
+
 import json
 import os
 import subprocess
@@ -53,8 +54,7 @@ def test_mlflow_tree_registry_and_lineage(first_run, workdir):
     c = client(workdir)
     meta = json.loads((workdir / "run.json").read_text())
     parent = c.get_run(meta["parent_run_id"])
-    children = c.search_runs([parent.info.experiment_id],
-                             f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    children = c.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert {r.info.run_name for r in children} == {"model", "data", "sft", "export", "eval", "gate"}
     sft = next(r for r in children if r.info.run_name == "sft")
     assert len(c.get_metric_history(sft.info.run_id, "loss")) >= 5
@@ -72,11 +72,12 @@ def test_exported_model_loads_in_plain_transformers(first_run, workdir):
     d = workdir / "stages/export/model"
     tok = AutoTokenizer.from_pretrained(d)
     model = AutoModelForCausalLM.from_pretrained(d)
-    prompt = tok.apply_chat_template([{"role": "user", "content": "Which is larger, 2 or 8?"}],
-                                     add_generation_prompt=True, tokenize=False)
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "Which is larger, 2 or 8?"}], add_generation_prompt=True, tokenize=False
+    )
     ids = tok(prompt, return_tensors="pt", add_special_tokens=False)
     out = model.generate(**ids, max_new_tokens=12, do_sample=False)
-    assert tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip() == "8"
+    assert tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip() == "8"
 
 
 def test_rerun_skips_everything(first_run, workdir, hpcft_cmd):
@@ -106,10 +107,8 @@ def test_too_little_training_is_rejected(first_run, workdir, hpcft_cmd):
 def test_failed_stage_names_stage_and_log(tmp_path, hpcft_cmd):
     broken = tmp_path / "broken-model"
     broken.mkdir()
-    (broken / "config.json").write_text('{"model_type": "llama", "num_hidden_layers": 2, '
-                                        '"num_attention_heads": 2}')
-    p = run(hpcft_cmd, "run", str(TINY_RECIPE), "--workdir", str(tmp_path / "w"),
-            "--set", f"model={{path: {broken}}}")
+    (broken / "config.json").write_text('{"model_type": "llama", "num_hidden_layers": 2, "num_attention_heads": 2}')
+    p = run(hpcft_cmd, "run", str(TINY_RECIPE), "--workdir", str(tmp_path / "w"), "--set", f"model={{path: {broken}}}")
     assert p.returncode == 1, p.stdout[-2000:] + p.stderr[-2000:]
     assert "stage data failed" in p.stdout
     log = next(line.split("log: ", 1)[1].strip() for line in p.stdout.splitlines() if line.startswith("log: "))

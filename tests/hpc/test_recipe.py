@@ -1,5 +1,4 @@
 import subprocess
-import sys
 
 import pytest
 import yaml
@@ -41,8 +40,17 @@ def test_unknown_key_names_the_field_and_allowed_keys(tmp_path):
 
 
 def test_every_problem_listed_once_per_line(tmp_path):
-    out = problems(write(tmp_path, **{"stages.0.mode": "int8", "stages.0.max_steps": -1,
-                                      "data.splits.validation": 0.6, "data.splits.test": 0.5}))
+    out = problems(
+        write(
+            tmp_path,
+            **{
+                "stages.0.mode": "int8",
+                "stages.0.max_steps": -1,
+                "data.splits.validation": 0.6,
+                "data.splits.test": 0.5,
+            },
+        )
+    )
     assert any(p.startswith("stages.0.mode:") and "'lora' or 'qlora'" in p for p in out)
     assert any(p.startswith("stages.0.max_steps:") for p in out)
     assert any(p.startswith("data.splits:") for p in out)
@@ -60,8 +68,14 @@ def test_wrong_type_and_missing_section(tmp_path):
 
 
 def test_missing_files_layout_and_offline_tasks(tmp_path):
-    out = problems(TINY_RECIPE, ["model={path: /nonexistent/model}", "data.sources.0={path: missing.jsonl}",
-                                 "eval.tasks=[mmlu, heldout_exact]"])
+    out = problems(
+        TINY_RECIPE,
+        [
+            "model={path: /nonexistent/model}",
+            "data.sources.0={path: missing.jsonl}",
+            "eval.tasks=[mmlu, heldout_exact]",
+        ],
+    )
     assert any(p.startswith("model.path:") for p in out)
     assert any(p.startswith("data.sources.0.path: no such file") for p in out)
     assert any(p.startswith("eval.tasks.0:") and "mmlu" in p for p in out)
@@ -77,8 +91,12 @@ def test_bad_override_syntax():
 
 def test_cli_bad_recipe_exits_2_without_traceback(tmp_path, hpcft_cmd):
     bad = write(tmp_path, **{"stages.0.bogus": 1, "parallel.tp": 4})
-    for args in (["validate", str(bad)], ["run", str(bad), "--workdir", str(tmp_path / "w")],
-                 ["plan", str(bad)], ["validate", str(tmp_path / "nope.yaml")]):
+    for args in (
+        ["validate", str(bad)],
+        ["run", str(bad), "--workdir", str(tmp_path / "w")],
+        ["plan", str(bad)],
+        ["validate", str(tmp_path / "nope.yaml")],
+    ):
         p = subprocess.run(hpcft_cmd + args, capture_output=True, text=True, cwd=ROOT)
         assert p.returncode == 2, p.stderr
         assert "Traceback" not in p.stderr + p.stdout
@@ -92,18 +110,32 @@ def test_plan_hashes_chain_downstream():
     changed = {n for n in a if a[n].input_hash != b[n].input_hash}
     assert changed == {"sft", "export", "eval", "gate"}
     assert changed == downstream_of(list(a.values()), "sft")
-    assert a["eval"].elements == ("heldout_exact@candidate", "heldout_exact@base",
-                                  "heldout_mc@candidate", "heldout_mc@base")
+    assert a["eval"].elements == (
+        "heldout_exact@candidate",
+        "heldout_exact@base",
+        "heldout_mc@candidate",
+        "heldout_mc@base",
+    )
 
 
 def test_cli_plan_shows_stages(hpcft_cmd):
-    p = subprocess.run(hpcft_cmd + ["plan", str(TINY_RECIPE), "--workdir", "/nonexistent-dir"],
-                       capture_output=True, text=True, cwd=ROOT, env={"COLUMNS": "200", **__import__("os").environ})
+    p = subprocess.run(
+        hpcft_cmd + ["plan", str(TINY_RECIPE), "--workdir", "/nonexistent-dir"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={"COLUMNS": "200", **__import__("os").environ},
+    )
     assert p.returncode == 0, p.stderr
     for name in ("model", "data", "sft", "export", "eval", "gate", "array of 4", "memory per rank (GiB)"):
         assert name in p.stdout
-    tight = subprocess.run(hpcft_cmd + ["plan", str(TINY_RECIPE), "--gpu-mem-gb", "0.001"], capture_output=True,
-                           text=True, cwd=ROOT, env={"COLUMNS": "300", **__import__("os").environ})
+    tight = subprocess.run(
+        hpcft_cmd + ["plan", str(TINY_RECIPE), "--gpu-mem-gb", "0.001"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={"COLUMNS": "300", **__import__("os").environ},
+    )
     assert tight.returncode == 0 and "parallel:" in tight.stdout and "at 0.001 GiB per GPU" in tight.stdout
 
 
@@ -122,27 +154,56 @@ def test_stage_order_data_and_layout_problems_name_the_stage():
     # what the engine would refuse at start-up is refused before anything runs
     assert problems(DPO_RECIPE, ["parallel.pp=2"])[0].startswith("parallel.microbatches: 1 micro-batches")
     assert load_recipe(DPO_RECIPE, ["parallel.pp=2", "parallel.microbatches=2"]).parallel.pp == 2
-    out = problems(DPO_RECIPE, ["parallel.pp=2", "parallel.microbatches=2",
-                                "stages.1={kind: grpo, reward_fn: 'recipes.rewards:exact_match'}"])
-    assert out == ["stages.1: the grpo stage trains under data, ZeRO and tensor parallelism, not pipeline "
-                   "stages yet; set parallel.pp = 1"]
+    out = problems(
+        DPO_RECIPE,
+        [
+            "parallel.pp=2",
+            "parallel.microbatches=2",
+            "stages.1={kind: grpo, reward_fn: 'training.rewards:exact_match'}",
+        ],
+    )
+    assert out == [
+        "stages.1: the grpo stage trains under data, ZeRO and tensor parallelism, not pipeline "
+        "stages yet; set parallel.pp = 1"
+    ]
     out = problems(DPO_RECIPE, ["parallel.tp=2", "stages.1.mode=qlora"])
-    assert out == ["parallel.tp: 4-bit quantized (QLoRA) base weights cannot be tensor-sharded; use tp: 1 and "
-                   "scale with dp_replicate/dp_shard"]
+    assert out == [
+        "parallel.tp: 4-bit quantized (QLoRA) base weights cannot be tensor-sharded; use tp: 1 and "
+        "scale with dp_replicate/dp_shard"
+    ]
     out = problems(DPO_RECIPE, ["parallel.tp=2", "stages.1.precompute_reference=false"])
-    assert out == ["stages.1.precompute_reference: must be true under several processes (the reference "
-                   "log-probs are computed before the model is laid out)"]
-    out = problems(DPO_RECIPE, ["parallel.tp=2", "parallel.sequence_parallel=true",
-                                "stages.1={kind: grpo, reward_fn: 'recipes.rewards:exact_match'}"])
-    assert out == ["stages.1: the grpo stage samples from the model token by token, which sequence parallelism "
-                   "cannot split; set parallel.sequence_parallel: false (or leave it unset: it is then off for "
-                   "this stage)"]
-    assert load_recipe(DPO_RECIPE, ["parallel.tp=2", "stages.1={kind: grpo, reward_fn: 'recipes.rewards:exact_match'}"])
-    out = problems(DPO_RECIPE, ["parallel.tp=2", "stages.1={kind: grpo, mode: qlora, reward_fn: 'recipes.rewards:exact_match'}"])
-    assert out == ["parallel.tp: 4-bit quantized (QLoRA) base weights cannot be tensor-sharded; use tp: 1 and "
-                   "scale with dp_replicate/dp_shard"]
+    assert out == [
+        "stages.1.precompute_reference: must be true under several processes (the reference "
+        "log-probs are computed before the model is laid out)"
+    ]
+    out = problems(
+        DPO_RECIPE,
+        [
+            "parallel.tp=2",
+            "parallel.sequence_parallel=true",
+            "stages.1={kind: grpo, reward_fn: 'training.rewards:exact_match'}",
+        ],
+    )
+    assert out == [
+        "stages.1: the grpo stage samples from the model token by token, which sequence parallelism "
+        "cannot split; set parallel.sequence_parallel: false (or leave it unset: it is then off for "
+        "this stage)"
+    ]
+    assert load_recipe(
+        DPO_RECIPE, ["parallel.tp=2", "stages.1={kind: grpo, reward_fn: 'training.rewards:exact_match'}"]
+    )
+    out = problems(
+        DPO_RECIPE, ["parallel.tp=2", "stages.1={kind: grpo, mode: qlora, reward_fn: 'training.rewards:exact_match'}"]
+    )
+    assert out == [
+        "parallel.tp: 4-bit quantized (QLoRA) base weights cannot be tensor-sharded; use tp: 1 and "
+        "scale with dp_replicate/dp_shard"
+    ]
     out = problems(DPO_RECIPE, ["parallel.tp=8", "parallel.vocab_parallel=true"])
-    assert "parallel.vocab_parallel: the vocabulary (260) does not divide by tp=8; leave vocab_parallel unset or false" in out
+    assert (
+        "parallel.vocab_parallel: the vocabulary (260) does not divide by tp=8; leave vocab_parallel unset or false"
+        in out
+    )
     assert not any("vocab_parallel" in p for p in problems(DPO_RECIPE, ["parallel.tp=8"]))
     out = problems(DPO_RECIPE, ["data.sources=[{generate: tiny-tasks}]"])
     assert len(out) == 1 and out[0].startswith("stages.1: the dpo stage reads preference rows")
@@ -154,7 +215,7 @@ def test_stage_order_data_and_layout_problems_name_the_stage():
 
 def test_plan_memory_counts_each_stage_kinds_models(hpcft_cmd):
     from parallel.tiny import TINY_CONFIGS
-    from recipes.stages import plan_memory
+    from training.stages import plan_memory
 
     r = load_recipe(ROOT / "recipes" / "tiny-rlhf.yaml")
     config = {**TINY_CONFIGS["tiny-llama"], "vocab_size": 300}
@@ -165,14 +226,26 @@ def test_plan_memory_counts_each_stage_kinds_models(hpcft_cmd):
     assert ppo.optimizer == 2 * sft.optimizer
     light = r.stages[2].model_copy(update={"offload_frozen": True})
     assert plan_memory(light, r.parallel, config).frozen == 0
-    p = subprocess.run(hpcft_cmd + ["plan", str(ROOT / "recipes" / "tiny-rlhf.yaml")], capture_output=True,
-                       text=True, cwd=ROOT, env={**__import__("os").environ, "COLUMNS": "200"})
+    p = subprocess.run(
+        hpcft_cmd + ["plan", str(ROOT / "recipes" / "tiny-rlhf.yaml")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**__import__("os").environ, "COLUMNS": "200"},
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     assert p.stdout.count("memory per rank (GiB)") == 3 and "frozen" in p.stdout
-    p = subprocess.run(hpcft_cmd + ["plan", str(ROOT / "recipes" / "tiny-rlhf.yaml"), "--set", "parallel.tp=2"],
-                       capture_output=True, text=True, cwd=ROOT, env={**__import__("os").environ, "COLUMNS": "200"})
+    p = subprocess.run(
+        hpcft_cmd + ["plan", str(ROOT / "recipes" / "tiny-rlhf.yaml"), "--set", "parallel.tp=2"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**__import__("os").environ, "COLUMNS": "200"},
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     # sft: both; the reward model's score head keeps the vocabulary whole; ppo samples token by token
     assert [line.split("tensor parallel 2: ")[1] for line in p.stdout.splitlines() if "tensor parallel 2:" in line] == [
-        "sequence parallel on, vocab parallel on", "sequence parallel on, vocab parallel off",
-        "sequence parallel off, vocab parallel on"]
+        "sequence parallel on, vocab parallel on",
+        "sequence parallel on, vocab parallel off",
+        "sequence parallel off, vocab parallel on",
+    ]

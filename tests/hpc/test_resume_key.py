@@ -1,4 +1,5 @@
 """Which resumable training state a restarted stage may use: the same stage config and inputs, any layout."""
+
 from pathlib import Path
 from types import SimpleNamespace
 

@@ -1,4 +1,5 @@
 """The Slurm executor against the real local cluster (slurm/dev-cluster up)."""
+
 import json
 import os
 import subprocess
@@ -20,8 +21,9 @@ FAST = ["--set", "stages.0.max_steps=20", "--set", "eval.limit=20"]
 
 def run_cli(*args, timeout=900):
     env = {**os.environ, "COLUMNS": "160"}
-    return subprocess.run([sys.executable, "-m", "hpc.cli", *args], capture_output=True, text=True, cwd=ROOT,
-                          timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "hpc.cli", *args], capture_output=True, text=True, cwd=ROOT, timeout=timeout, env=env
+    )
 
 
 def sacct(job_ids, settle_s=60):
@@ -37,21 +39,31 @@ def sacct(job_ids, settle_s=60):
 
 
 def _sacct(job_ids):
-    out = subprocess.run(["sacct", "-n", "-P", "-X", "-j", ",".join(job_ids), "--format=JobID,State,Reason"],
-                         capture_output=True, text=True).stdout
+    out = subprocess.run(
+        ["sacct", "-n", "-P", "-X", "-j", ",".join(job_ids), "--format=JobID,State,Reason"],
+        capture_output=True,
+        text=True,
+    ).stdout
     return {line.split("|")[0]: line.split("|")[1:] for line in out.splitlines() if line}
 
 
 def _never_started(job_id: str) -> bool:
-    out = subprocess.run(["sacct", "-n", "-P", "-X", "-j", job_id, "--format=Start"], capture_output=True,
-                         text=True).stdout.split()
+    out = subprocess.run(
+        ["sacct", "-n", "-P", "-X", "-j", job_id, "--format=Start"], capture_output=True, text=True
+    ).stdout.split()
     return bool(out) and out[0] in ("None", "Unknown")
 
 
 def test_options_merge_recipe_and_stage_overrides():
-    r = load_recipe(TINY_RECIPE, ["executor.slurm={partition: gpu, account: lab, env_preset: coreweave}",
-                                  "executor.stages={sft: {nodes: 2, gpus_per_node: 8, time_min: 600}, "
-                                  "eval: {partition: cpu}}", "parallel.dp_shard=16", "parallel.zero=3"])
+    r = load_recipe(
+        TINY_RECIPE,
+        [
+            "executor.slurm={partition: gpu, account: lab, env_preset: coreweave}",
+            "executor.stages={sft: {nodes: 2, gpus_per_node: 8, time_min: 600}, eval: {partition: cpu}}",
+            "parallel.dp_shard=16",
+            "parallel.zero=3",
+        ],
+    )
     plan = {s.name: s for s in build_plan(r)}
     sft = job_options(plan["sft"], r.executor)
     assert (sft.nodes, sft.tasks_per_node, sft.gpus_per_node, sft.partition, sft.account) == (2, 8, 8, "gpu", "lab")
@@ -65,9 +77,16 @@ def test_options_merge_recipe_and_stage_overrides():
 
 
 def test_sbatch_export_writes_chained_scripts(tmp_path):
-    p = run_cli("sbatch", str(TINY_RECIPE), "--out", str(tmp_path / "sb"), "--workdir", str(tmp_path / "w"),
-                "--set", "executor.slurm={partition: debug, extra_sbatch: ['--reservation=r1'], "
-                "setup: ['module load cuda/12']}")
+    p = run_cli(
+        "sbatch",
+        str(TINY_RECIPE),
+        "--out",
+        str(tmp_path / "sb"),
+        "--workdir",
+        str(tmp_path / "w"),
+        "--set",
+        "executor.slurm={partition: debug, extra_sbatch: ['--reservation=r1'], setup: ['module load cuda/12']}",
+    )
     assert p.returncode == 0, p.stderr
     submit = (tmp_path / "sb/submit.sh").read_text()
     assert "eval_job=$(sbatch --parsable --dependency=afterok:${model_job}:${data_job}:${export_job}" in submit
@@ -101,8 +120,18 @@ def test_failed_stage_cancels_dependents(slurm_cluster, tmp_path):  # noqa: F811
     broken.mkdir()
     (broken / "config.json").write_text('{"model_type": "llama", "num_hidden_layers": 2, "num_attention_heads": 2}')
     wd = tmp_path / "run"
-    p = run_cli("run", str(TINY_RECIPE), "--workdir", str(wd), "--executor", "slurm",
-                "--set", f"model={{path: {broken}}}", "--set", "executor.slurm={max_retries: 0}")
+    p = run_cli(
+        "run",
+        str(TINY_RECIPE),
+        "--workdir",
+        str(wd),
+        "--executor",
+        "slurm",
+        "--set",
+        f"model={{path: {broken}}}",
+        "--set",
+        "executor.slurm={max_retries: 0}",
+    )
     assert p.returncode == 1, p.stdout[-3000:] + p.stderr[-3000:]
     assert "stage data failed" in p.stdout and "log: " in p.stdout
     assert "dependent stages not run: sft, export, eval, gate" in p.stdout
@@ -153,10 +182,16 @@ def test_datatrove_array_element_retried(slurm_cluster, tmp_path):  # noqa: F811
         (flags / f"done-{rank}").write_text("ok")
         yield from ()
 
-    opts = JobOptions(nodes=1, tasks_per_node=1, cpus_per_task=1, gpus_per_node=0, mem_gb=None, time_min=5,
-                      max_retries=0)
-    ex = SubmititPipelineExecutor([step], str(tmp_path / "dt"), 3, max_retries=1,
-                                  make_executor=lambda: make_executor(tmp_path / "logs", opts, "dt", [], None))
+    opts = JobOptions(
+        nodes=1, tasks_per_node=1, cpus_per_task=1, gpus_per_node=0, mem_gb=None, time_min=5, max_retries=0
+    )
+    ex = SubmititPipelineExecutor(
+        [step],
+        str(tmp_path / "dt"),
+        3,
+        max_retries=1,
+        make_executor=lambda: make_executor(tmp_path / "logs", opts, "dt", [], None),
+    )
     ex.run()
     assert sorted(p.name for p in flags.glob("done-*")) == ["done-0", "done-1", "done-2"]
     assert len(ex.job_ids) == 4  # 3 elements, then rank 1 again
@@ -179,16 +214,31 @@ def test_two_node_training_matches_one_process(slurm_cluster, tmp_path):  # noqa
     assert single.returncode in (0, 3), single.stdout[-2000:] + single.stderr[-2000:]
     reference = _losses(wd / "stages/sft/progress.jsonl")
     assert sorted(reference) == [1, 2, 3, 4]
-    multi = run_cli("run", str(TINY_RECIPE), "--workdir", str(wd), "--executor", "slurm", "--only", "sft", *steps,
-                    "--set", "parallel.dp_replicate=2", "--set", "parallel.dp_shard=2",
-                    "--set", "executor.stages={sft: {nodes: 2, cpus_per_task: 1}}")
+    multi = run_cli(
+        "run",
+        str(TINY_RECIPE),
+        "--workdir",
+        str(wd),
+        "--executor",
+        "slurm",
+        "--only",
+        "sft",
+        *steps,
+        "--set",
+        "parallel.dp_replicate=2",
+        "--set",
+        "parallel.dp_shard=2",
+        "--set",
+        "executor.stages={sft: {nodes: 2, cpus_per_task: 1}}",
+    )
     assert multi.returncode == 0, multi.stdout[-3000:] + multi.stderr[-3000:]
     result = json.loads((wd / "stages/sft/result.json").read_text())
     assert result["world_size"] == 4
     job = json.loads((wd / "run.json").read_text())["slurm_jobs"]["sft"]["job_id"]
     assert sacct([job])[job][0] == "COMPLETED"  # waits: the job ends a moment after its marker
-    nodes = subprocess.run(["sacct", "-n", "-P", "-X", "-j", job, "--format=NNodes"], capture_output=True,
-                           text=True).stdout.strip()
+    nodes = subprocess.run(
+        ["sacct", "-n", "-P", "-X", "-j", job, "--format=NNodes"], capture_output=True, text=True
+    ).stdout.strip()
     assert nodes == "2", nodes
     losses = _losses(wd / "stages/sft/progress.jsonl")
     assert sorted(losses) == [1, 2, 3, 4]
@@ -204,8 +254,20 @@ def test_preempted_training_job_requeues_and_resumes(slurm_cluster, tmp_path):  
     import time
 
     wd = tmp_path / "run"
-    args = ["--workdir", str(wd), "--executor", "slurm", "--set", "stages.0.max_steps=150",
-            "--set", "stages.0.checkpoint_every=10", "--set", "stages.0.log_every=5", "--set", "eval.limit=20"]
+    args = [
+        "--workdir",
+        str(wd),
+        "--executor",
+        "slurm",
+        "--set",
+        "stages.0.max_steps=150",
+        "--set",
+        "stages.0.checkpoint_every=10",
+        "--set",
+        "stages.0.log_every=5",
+        "--set",
+        "eval.limit=20",
+    ]
     p = run_cli("run", str(TINY_RECIPE), *args, "--detach")
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     latest = wd / "stages/sft/resume/latest"

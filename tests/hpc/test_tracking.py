@@ -2,9 +2,18 @@ from hpc.tracking import REDACTED, Tracker, flatten, redact
 
 
 def test_redact_keys_and_values_but_not_lookalikes():
-    cfg = {"executor": {"env": {"HF_TOKEN": "hf_abcdefghijklmnopqrstuvwxyz", "WANDB_API_KEY": "x",
-                                "DB_PASSWORD": "p", "NCCL_DEBUG": "INFO"}},
-           "eval": {"max_new_tokens": 24}, "note": "use sk-abcdefghijklmnopqrstuvwx please"}
+    cfg = {
+        "executor": {
+            "env": {
+                "HF_TOKEN": "hf_abcdefghijklmnopqrstuvwxyz",
+                "WANDB_API_KEY": "x",
+                "DB_PASSWORD": "p",
+                "NCCL_DEBUG": "INFO",
+            }
+        },
+        "eval": {"max_new_tokens": 24},
+        "note": "use sk-abcdefghijklmnopqrstuvwx please",
+    }
     out = redact(cfg)
     env = out["executor"]["env"]
     assert env["HF_TOKEN"] == env["WANDB_API_KEY"] == env["DB_PASSWORD"] == REDACTED
@@ -14,8 +23,13 @@ def test_redact_keys_and_values_but_not_lookalikes():
 
 def test_params_in_mlflow_are_redacted(tmp_path):
     t = Tracker(f"sqlite:///{tmp_path / 'm.db'}")
-    run = t.start_parent("e", tmp_path / "art", "r", {"executor": {"env": {"HF_TOKEN": "hf_secretsecretsecretsecret"}},
-                                                      "stages": [{"lr": 0.1}]}, {})
+    run = t.start_parent(
+        "e",
+        tmp_path / "art",
+        "r",
+        {"executor": {"env": {"HF_TOKEN": "hf_secretsecretsecretsecret"}}, "stages": [{"lr": 0.1}]},
+        {},
+    )
     params = t.client.get_run(run).data.params
     assert params["executor.env.HF_TOKEN"] == REDACTED and params["stages.0.lr"] == "0.1"
     assert "hf_secret" not in str(params)

@@ -9,7 +9,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from parallel import engine  # noqa: E402
 from parallel.dims import ParallelConfig  # noqa: E402
 from parallel.tiny import build_tiny_model, build_tokenizer  # noqa: E402
-from recipes.data import build_examples, collate, micro_batches  # noqa: E402
+from training.data import build_examples, collate, micro_batches  # noqa: E402
 
 FP32 = ParallelConfig(mixed_precision="fp32")
 
@@ -22,8 +22,15 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def examples():
     # Different prompt and answer lengths, so micro-batches pad differently and hold unequal label counts.
-    rows = [{"messages": [{"role": "user", "content": "Reverse the word: " + "abcdefgh"[: 3 + i % 5] * (1 + i % 3)},
-                          {"role": "assistant", "content": "zyxwvuts"[: 1 + (i * 3) % 8]}]} for i in range(8)]
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": "Reverse the word: " + "abcdefgh"[: 3 + i % 5] * (1 + i % 3)},
+                {"role": "assistant", "content": "zyxwvuts"[: 1 + (i * 3) % 8]},
+            ]
+        }
+        for i in range(8)
+    ]
     return build_examples(rows, build_tokenizer(), seq_len=128)[0]
 
 
@@ -69,14 +76,16 @@ def test_scheduler_drives_optimizer_lr():
         lrs.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
-    assert lrs == pytest.approx([1 / 3, 2 / 3, 1.0, 0.5 + 0.25 * (1 + math.cos(math.pi / 3)),
-                                 0.5 + 0.25 * (1 + math.cos(2 * math.pi / 3)), 0.5])
+    assert lrs == pytest.approx(
+        [1 / 3, 2 / 3, 1.0, 0.5 + 0.25 * (1 + math.cos(math.pi / 3)), 0.5 + 0.25 * (1 + math.cos(2 * math.pi / 3)), 0.5]
+    )
 
 
 def test_lora_trains_only_adapters(model_dir, examples):
     runtime = engine.build_runtime(FP32)
-    model = engine.build_model(model_dir, FP32, runtime, lora=dict(r=4, alpha=8, dropout=0.0,
-                                                                   target_modules="all-linear"))
+    model = engine.build_model(
+        model_dir, FP32, runtime, lora=dict(r=4, alpha=8, dropout=0.0, target_modules="all-linear")
+    )
     trainable, total = engine.count_params(model)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     assert names and all("lora_" in n for n in names) and trainable < total / 5
@@ -104,11 +113,16 @@ def test_clipping_bounds_the_update_norm(model_dir, examples):
     assert float((after - before).norm()) == pytest.approx(0.01, rel=1e-3)
 
 
-@pytest.mark.parametrize("layout, field", [
-    (dict(dp_shard=2), "parallel:"), (dict(tp=2), "parallel:"), (dict(zero=1), "parallel.zero"),
-    (dict(microbatches=4), "parallel.microbatches"), (dict(activation_checkpointing="selective"),
-                                                      "parallel.activation_checkpointing"),
-])
+@pytest.mark.parametrize(
+    "layout, field",
+    [
+        (dict(dp_shard=2), "parallel:"),
+        (dict(tp=2), "parallel:"),
+        (dict(zero=1), "parallel.zero"),
+        (dict(microbatches=4), "parallel.microbatches"),
+        (dict(activation_checkpointing="selective"), "parallel.activation_checkpointing"),
+    ],
+)
 def test_unsupported_layouts_name_the_field(layout, field):
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):
         engine.check_layout(ParallelConfig(**layout))

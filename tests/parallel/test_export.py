@@ -13,9 +13,9 @@ from parallel.checkpoint import load_checkpoint  # noqa: E402
 from parallel.dims import ParallelConfig  # noqa: E402
 from parallel.export import MAX_LOGIT_DIFF, export_hf, max_logit_diff, probe_batch  # noqa: E402
 from parallel.tiny import build_tiny_model, build_tokenizer  # noqa: E402
-from recipes.config import SFTStage  # noqa: E402
-from recipes.sft import run_sft  # noqa: E402
-from tests.recipes.sft_helpers import write_task_data  # noqa: E402
+from tests.training.sft_helpers import write_task_data  # noqa: E402
+from training.config import SFTStage  # noqa: E402
+from training.sft import run_sft  # noqa: E402
 
 
 @pytest.fixture(scope="module")

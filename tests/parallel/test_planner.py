@@ -3,6 +3,7 @@
 Per layer: q 64x64 + k 64x32 + v 64x32 + o 64x64 = 12288, MLP 3 x 64x128 = 24576, two norms 128:
 36992. Embedding and lm_head 260 x 64 = 16640 each, final norm 64. Total 181312.
 """
+
 import pytest
 
 from parallel.dims import ParallelConfig
@@ -14,8 +15,9 @@ LAYER, EMBED, TOTAL = 36992, 16640, 181312
 
 
 def _estimate(mode="full", micro_batch=2, seq_len=16, dtype_bytes=2, **layout):
-    return estimate_memory(MICRO, ParallelConfig(**layout), mode=mode, seq_len=seq_len, micro_batch=micro_batch,
-                           dtype_bytes=dtype_bytes)
+    return estimate_memory(
+        MICRO, ParallelConfig(**layout), mode=mode, seq_len=seq_len, micro_batch=micro_batch, dtype_bytes=dtype_bytes
+    )
 
 
 def test_param_count_matches_the_hf_model():
@@ -76,8 +78,9 @@ def test_lora_trains_only_adapters():
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    model = get_peft_model(LlamaForCausalLM(LlamaConfig(**MICRO)),
-                           LoraConfig(r=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        LlamaForCausalLM(LlamaConfig(**MICRO)), LoraConfig(r=8, target_modules="all-linear", task_type="CAUSAL_LM")
+    )
     adapters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert adapters == 4 * 8 * (128 + 96 + 96 + 128 + 192 + 192 + 192)  # r x (in + out) per projection
     e = _estimate(mode="lora")

@@ -37,8 +37,7 @@ def _results(job: submitit.Job):
     while not job.done():
         if time.monotonic() > deadline:
             job.cancel(check=False)
-            pytest.fail(f"submitit job {job.job_id} not done after {JOB_TIMEOUT_S}s; "
-                        f"stderr: {job.stderr()}")
+            pytest.fail(f"submitit job {job.job_id} not done after {JOB_TIMEOUT_S}s; stderr: {job.stderr()}")
         time.sleep(1)
     return job.results()
 
@@ -46,16 +45,35 @@ def _results(job: submitit.Job):
 def test_all_nodes_idle(slurm_cluster):
     # Other users of the cluster may still be finishing jobs: allow them a moment.
     states = wait_until(
-        lambda: (s := _node_states()) and all(v == "idle" for v in s.values()) and s,
-        timeout=60, what="all nodes idle")
+        lambda: (s := _node_states()) and all(v == "idle" for v in s.values()) and s, timeout=60, what="all nodes idle"
+    )
     assert sorted(states) == [f"node{i}" for i in range(1, slurm_cluster + 1)]
 
 
 def test_sbatch_hostname_on_two_nodes_and_sacct(tmp_path):
     out_file = tmp_path / "hostname.out"
-    job_id = run(["sbatch", "--parsable", "--wait", "-N2", "--ntasks-per-node=1", "-t", "2",
-                  "-p", "debug", "-o", str(out_file), "--wrap", "srun hostname"],
-                 timeout=JOB_TIMEOUT_S).strip().split(";")[0]
+    job_id = (
+        run(
+            [
+                "sbatch",
+                "--parsable",
+                "--wait",
+                "-N2",
+                "--ntasks-per-node=1",
+                "-t",
+                "2",
+                "-p",
+                "debug",
+                "-o",
+                str(out_file),
+                "--wrap",
+                "srun hostname",
+            ],
+            timeout=JOB_TIMEOUT_S,
+        )
+        .strip()
+        .split(";")[0]
+    )
     hosts = out_file.read_text().split()
     assert len(hosts) == 2 and len(set(hosts)) == 2 and set(hosts) <= set(_node_states())
 
@@ -70,8 +88,12 @@ def test_sbatch_hostname_on_two_nodes_and_sacct(tmp_path):
 def _where_am_i(x: int) -> dict:
     import socket
 
-    return {"value": x * 7, "host": socket.gethostname(), "python": sys.executable,
-            "job_id": os.environ["SLURM_JOB_ID"]}
+    return {
+        "value": x * 7,
+        "host": socket.gethostname(),
+        "python": sys.executable,
+        "job_id": os.environ["SLURM_JOB_ID"],
+    }
 
 
 def test_submitit_job_returns_value(tmp_path):
@@ -92,20 +114,31 @@ def _gloo_all_reduce() -> dict:
     import torch.distributed as dist
 
     env = submitit.JobEnvironment()
-    hosts = subprocess.run(["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]],
-                           capture_output=True, text=True, check=True).stdout.split()
+    hosts = subprocess.run(
+        ["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]], capture_output=True, text=True, check=True
+    ).stdout.split()
     os.environ["MASTER_ADDR"] = hosts[0]
     # Derived from the job id so that concurrent jobs on the same master node do not clash.
     os.environ["MASTER_PORT"] = str(20000 + int(os.environ["SLURM_JOB_ID"]) % 20000)
-    dist.init_process_group("gloo", init_method="env://", rank=env.global_rank,
-                            world_size=env.num_tasks, timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo",
+        init_method="env://",
+        rank=env.global_rank,
+        world_size=env.num_tasks,
+        timeout=datetime.timedelta(seconds=60),
+    )
     try:
         tensor = torch.tensor([float(env.global_rank + 1)])
         dist.all_reduce(tensor)
     finally:
         dist.destroy_process_group()
-    return {"rank": env.global_rank, "world": env.num_tasks, "host": socket.gethostname(),
-            "master": hosts[0], "sum": tensor.item()}
+    return {
+        "rank": env.global_rank,
+        "world": env.num_tasks,
+        "host": socket.gethostname(),
+        "master": hosts[0],
+        "sum": tensor.item(),
+    }
 
 
 def test_submitit_two_node_gloo_all_reduce(tmp_path):

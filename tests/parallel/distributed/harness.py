@@ -1,4 +1,5 @@
 """Shared pieces of the multi-process tests: a tiny Llama, fixed batches, one-process reference, diffs."""
+
 from __future__ import annotations
 
 import torch
@@ -9,8 +10,17 @@ from parallel.dims import ParallelConfig
 from parallel.distributed.engine import DistributedTrainer, build_adamw, num_label_tokens, summed_ce
 from parallel.distributed.mesh import ParallelDims
 
-MODEL = dict(vocab_size=260, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False, pad_token_id=3)
+MODEL = dict(
+    vocab_size=260,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    tie_word_embeddings=False,
+    pad_token_id=3,
+)
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 HPARAMS = dict(lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8)
 GRAD_CLIP = 1.0
@@ -36,8 +46,9 @@ def build_model(mode: str, seed: int = 0, family: str = "llama"):
     if mode == "lora":
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
-                                                 target_modules=LORA_TARGETS, task_type="CAUSAL_LM"))
+        model = get_peft_model(
+            model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
+        )
         gen = torch.Generator().manual_seed(seed + 1)
         with torch.no_grad():
             for name, p in model.named_parameters():
@@ -95,8 +106,9 @@ def full_grads(trainer: DistributedTrainer) -> dict[str, torch.Tensor]:
     return out
 
 
-def check_layout_against_reference(cfg: ParallelConfig, mode: str, world_size: int, family: str = "llama",
-                                   seq: int = SEQ) -> dict:
+def check_layout_against_reference(
+    cfg: ParallelConfig, mode: str, world_size: int, family: str = "llama", seq: int = SEQ
+) -> dict:
     """Train STEPS steps under `cfg`; diffs against one process (losses, norms, first-step grads).
 
     Also reports which tensor-parallel options the trainer took (sequence/vocab parallel)."""
@@ -118,10 +130,19 @@ def check_layout_against_reference(cfg: ParallelConfig, mode: str, world_size: i
     return {
         "loss_diff": max(abs(a - b) for a, b in zip(losses, ref["losses"])),
         "norm_diff": max(abs(a - b) / b for a, b in zip(norms, ref["norms"])),
-        "grad_abs": grad_abs, "grad_rel": grad_rel, "names": names,
-        "ref_names": sorted(ref["grads"]), "losses": losses,
-        "sequence_parallel": trainer.sp, "vocab_parallel": trainer.vp,
-        "vocab_sharded": sorted(n for part in trainer.parts for n, p in part.named_parameters()
-                                if isinstance(p, DTensor) and n.endswith(("embed_tokens.weight", "lm_head.weight"))
-                                and any(pl.is_shard() for pl in p.placements)),
+        "grad_abs": grad_abs,
+        "grad_rel": grad_rel,
+        "names": names,
+        "ref_names": sorted(ref["grads"]),
+        "losses": losses,
+        "sequence_parallel": trainer.sp,
+        "vocab_parallel": trainer.vp,
+        "vocab_sharded": sorted(
+            n
+            for part in trainer.parts
+            for n, p in part.named_parameters()
+            if isinstance(p, DTensor)
+            and n.endswith(("embed_tokens.weight", "lm_head.weight"))
+            and any(pl.is_shard() for pl in p.placements)
+        ),
     }

@@ -6,6 +6,7 @@ reference): dp2 ZeRO-0, ZeRO-1, ZeRO-2, ZeRO-3, ZeRO-3 + selective checkpointing
 checkpointing and pp2 1F1B with compile all match one process (loss 2.4e-7, relative gradient 8.4e-7).
 They are not in the CI suite: with a cold cache each new graph (LoRA, checkpointing, FSDP hooks) compiles
 for minutes per rank on 2 cores. Tensor parallelism with compile is refused (see the test below)."""
+
 import pytest
 
 from parallel.dims import ParallelConfig

@@ -1,4 +1,5 @@
 """One-process tests: layout validation, stage splitting, names, ZeRO-1 partition, checkpointing policy."""
+
 import pytest
 import torch
 
@@ -16,15 +17,18 @@ def test_world_size_mismatch_names_the_fields():
     assert ParallelDims.from_config(ParallelConfig(dp_replicate=2, dp_shard=2, tp=2), 8).dp == 4
 
 
-@pytest.mark.parametrize("cfg, mode, quantized, field", [
-    (dict(tp=2), "qlora", False, "parallel.tp"),
-    (dict(tp=2), "lora", True, "parallel.tp"),
-    (dict(dp_shard=2, zero=3), "qlora", False, "parallel.zero"),
-    (dict(dp_replicate=2, zero=3), "full", False, "parallel.zero"),
-    (dict(zero=1), "full", False, "parallel.zero"),
-    (dict(pp=4, microbatches=2), "full", False, "parallel.microbatches"),
-    (dict(pp=2, microbatches=3, pp_schedule="interleaved_1f1b"), "full", False, "parallel.microbatches"),
-])
+@pytest.mark.parametrize(
+    "cfg, mode, quantized, field",
+    [
+        (dict(tp=2), "qlora", False, "parallel.tp"),
+        (dict(tp=2), "lora", True, "parallel.tp"),
+        (dict(dp_shard=2, zero=3), "qlora", False, "parallel.zero"),
+        (dict(dp_replicate=2, zero=3), "full", False, "parallel.zero"),
+        (dict(zero=1), "full", False, "parallel.zero"),
+        (dict(pp=4, microbatches=2), "full", False, "parallel.microbatches"),
+        (dict(pp=2, microbatches=3, pp_schedule="interleaved_1f1b"), "full", False, "parallel.microbatches"),
+    ],
+)
 def test_check_layout_problems(cfg, mode, quantized, field):
     problems = check_layout(ParallelConfig(**cfg), mode, quantized)
     assert problems and problems[0].startswith(field + ":"), problems

@@ -4,6 +4,7 @@ One forked launch per world size runs many layouts (fork after imports keeps a l
 Under tp, sequence and vocab parallelism are on unless a layout turns them off; a third entry picks
 the model family (qwen3: per-head q/k norms) or an odd sequence length (padded for sequence parallel).
 """
+
 import time
 
 import pytest
@@ -48,18 +49,24 @@ LAYOUTS = {
         "tp2xdp2-zero3": (dict(tp=2, dp_shard=2, zero=3), "full"),
         "tp2xdp2-zero1-lora": (dict(tp=2, dp_shard=2, zero=1), "lora"),
         "pp2xdp2-zero2": (dict(pp=2, dp_shard=2, zero=2, microbatches=2), "full"),
-        "pp2xdp2-zero1-interleaved-lora": (dict(pp=2, dp_replicate=2, zero=1, microbatches=2,
-                                                 pp_schedule="interleaved_1f1b"), "lora"),
+        "pp2xdp2-zero1-interleaved-lora": (
+            dict(pp=2, dp_replicate=2, zero=1, microbatches=2, pp_schedule="interleaved_1f1b"),
+            "lora",
+        ),
         "pp2xtp2-1f1b": (dict(pp=2, tp=2, microbatches=2), "full"),
         "pp2xtp2-gpipe-lora": (dict(pp=2, tp=2, microbatches=2, pp_schedule="gpipe"), "lora"),
         "pp2xtp2-seq15-qwen3": (dict(pp=2, tp=2, microbatches=2), "full", dict(seq=15, family="qwen3")),
-        "tp2xdp2-zero2-accum2-ac_full": (dict(tp=2, dp_shard=2, zero=2, microbatches=2,
-                                              activation_checkpointing="full"), "full"),
+        "tp2xdp2-zero2-accum2-ac_full": (
+            dict(tp=2, dp_shard=2, zero=2, microbatches=2, activation_checkpointing="full"),
+            "full",
+        ),
     },
     8: {
         "pp2xdp2xtp2-zero3": (dict(pp=2, dp_shard=2, tp=2, zero=3, microbatches=2), "full"),
-        "pp2xdp2xtp2-zero2-zb-lora": (dict(pp=2, dp_shard=2, tp=2, zero=2, microbatches=4,
-                                            pp_schedule="zero_bubble"), "lora"),
+        "pp2xdp2xtp2-zero2-zb-lora": (
+            dict(pp=2, dp_shard=2, tp=2, zero=2, microbatches=4, pp_schedule="zero_bubble"),
+            "lora",
+        ),
     },
 }
 CASES = [(world, name) for world, layouts in LAYOUTS.items() for name in layouts]
@@ -69,7 +76,9 @@ def _run_layouts(rank, world_size, layouts):
     out = {}
     for name, (cfg, mode, *opts) in layouts.items():
         start = time.perf_counter()
-        out[name] = H.check_layout_against_reference(ParallelConfig(**cfg), mode, world_size, **(opts[0] if opts else {}))
+        out[name] = H.check_layout_against_reference(
+            ParallelConfig(**cfg), mode, world_size, **(opts[0] if opts else {})
+        )
         out[name]["seconds"] = time.perf_counter() - start
     return out
 
@@ -82,6 +91,7 @@ def results():
         if world not in cache:
             cache[world] = launch(_run_layouts, world, LAYOUTS[world])
         return cache[world]
+
     return get
 
 

@@ -1,0 +1,305 @@
+"""Direct preference optimisation: setup, a train loop you can read top to bottom, save.
+
+The reference model is a frozen copy of the starting policy (full fine-tuning) or the policy itself
+with its LoRA adapters switched off, so LoRA and QLoRA DPO hold one model. With precompute_reference the
+reference log-probs of every pair are computed once before training and the copy is freed.
+
+Under torch.distributed (several ranks, one task each) every rank runs this same function: the
+reference log-probs are precomputed (each rank scores its share of the pairs before the model is laid
+out), and the engine's DistributedTrainer trains under data, ZeRO and tensor parallelism with the DPO
+loss averaged over the global batch of pairs, so losses and gradients equal one process's.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from parallel import engine
+from parallel.checkpoint import save_checkpoint
+from parallel.dims import ParallelConfig
+from parallel.distributed.engine import Objective
+from training.config import DPOStage
+from training.loop import Checkpoints, train_loop
+from training.losses import IGNORE_INDEX, dpo_loss, sequence_logprobs
+from training.preference import (
+    Pair,
+    PairBatches,
+    PairwiseTrainer,
+    PreferenceStats,
+    check_pair_split,
+    collate_pairs,
+    eval_pair_batches,
+    load_preference_data,
+    share_of_pairs,
+    sides,
+)
+from training.resume import Resumer
+from training.resume import discard as discard_resume
+
+Progress = Callable[[dict], None]
+
+
+def row_logprobs(logits: torch.Tensor, rows: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed response log-probs of every row, [rows]."""
+    return sequence_logprobs(logits, rows["labels"])
+
+
+def pair_logprobs(model, batch: dict[str, torch.Tensor], runtime: engine.Runtime) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed response log-probs of the (chosen, rejected) sides of a collated pair batch, [pairs] each."""
+    with runtime.autocast():
+        logits = model(
+            input_ids=batch["input_ids"].to(runtime.device),
+            attention_mask=batch["attention_mask"].to(runtime.device),
+            use_cache=False,
+        ).logits
+    return sides(row_logprobs(logits, {"labels": batch["labels"].to(runtime.device)}))
+
+
+class DPOObjective(Objective):
+    """The DPO (or IPO) loss per pair on interleaved rows carrying the reference log-probs (`ref_logps`)."""
+
+    vocab_parallel = True  # takes vocab-sharded logits (training.losses.token_logprobs)
+
+    def __init__(self, cfg: DPOStage):
+        self.cfg = cfg
+
+    def count(self, batch):
+        return batch["input_ids"].shape[0] // 2
+
+    def __call__(self, logits, micro):
+        chosen, rejected = sides(row_logprobs(logits, micro))
+        ref_chosen, ref_rejected = sides(micro["ref_logps"])
+        out = dpo_loss(
+            chosen,
+            rejected,
+            ref_chosen,
+            ref_rejected,
+            beta=self.cfg.beta,
+            loss_type=self.cfg.loss_type,
+            label_smoothing=self.cfg.label_smoothing,
+        )
+        n = chosen.shape[0]
+        summed = out.loss * n
+        stats = {
+            "loss": out.loss.detach() * n,
+            "margin": out.margin * n,
+            "accuracy": out.accuracy * n,
+            "chosen_reward": out.chosen_rewards.sum(),
+            "rejected_reward": out.rejected_rewards.sum(),
+            "kl": (chosen - ref_chosen).detach().sum(),
+        }
+        if self.cfg.rpo_alpha:
+            # Per-token NLL of each chosen response (sequence log-prob / its label tokens), summed over pairs.
+            tokens = sides((micro["labels"][:, 1:] != IGNORE_INDEX).sum(-1).clamp(min=1))[0]
+            nll = -(chosen / tokens).sum()
+            summed = summed + self.cfg.rpo_alpha * nll
+            stats["chosen_nll"] = nll.detach()
+        return summed, stats
+
+
+class Reference:
+    """Log-probs of the frozen starting model: its own copy (full) or the policy with adapters off (lora)."""
+
+    def __init__(self, policy, mode: str):
+        self.policy = policy
+        self.copy, self.released = None, False
+        if mode == "full":
+            self.copy = copy.deepcopy(policy).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, torch.Tensor], runtime: engine.Runtime) -> tuple[torch.Tensor, torch.Tensor]:
+        # After release a LoRA policy would silently serve as its own reference; that is a bug, not a choice.
+        assert not self.released, "reference log-probs were precomputed; the reference was released"
+        if self.copy is not None:
+            return pair_logprobs(self.copy, batch, runtime)
+        was_training = self.policy.training
+        self.policy.eval()
+        with self.policy.disable_adapter():
+            out = pair_logprobs(self.policy, batch, runtime)
+        self.policy.train(was_training)
+        return out
+
+    def all_pairs(self, pairs: list[Pair], batch_size: int, pad_id: int, runtime) -> torch.Tensor:
+        """[len(pairs), 2] (chosen, rejected) reference log-probs, on CPU; under several ranks each
+        scores its share and every rank gets them all."""
+
+        def score(some: list[Pair]) -> torch.Tensor:
+            rows = [torch.stack(self(b, runtime), dim=1).cpu() for b in eval_pair_batches(some, batch_size, pad_id)]
+            return torch.cat(rows)
+
+        return share_of_pairs(pairs, score)
+
+    def release(self) -> None:
+        """Drop the copy once every reference log-prob needed is computed."""
+        self.copy, self.released = None, True
+
+
+@dataclass
+class Session:
+    """Everything the loop needs, built once by `setup`."""
+
+    trainer: PairwiseTrainer
+    reference: Reference
+    tokenizer: object
+    runtime: engine.Runtime
+    train_pairs: list[Pair]
+    batches: PairBatches
+    train_ref: torch.Tensor | None  # [pairs, 2] when precomputed
+    val_pairs: list[Pair]
+    val_ref: torch.Tensor  # [pairs, 2]; the reference never changes, so always computed once
+    pad_id: int
+    data_stats: dict[str, PreferenceStats]
+
+    @property
+    def policy(self):
+        """The policy module of a one-process run (before any multi-process layout cuts it up)."""
+        return self.trainer.model if self.trainer.model is not None else self.reference.policy
+
+
+def run_dpo(
+    cfg: DPOStage,
+    *,
+    model_dir: Path,
+    data_dir: Path,
+    out_dir: Path,
+    parallel: ParallelConfig,
+    seed: int,
+    progress: Progress | None = None,
+) -> dict:
+    """Train, validate, write out_dir/checkpoint/ and out_dir/result.json; returns the result dict."""
+    started = time.perf_counter()
+    seed = cfg.seed if cfg.seed is not None else seed
+    torch.manual_seed(seed)
+    session = setup(cfg, Path(model_dir), Path(data_dir), parallel, seed)
+    out_dir = Path(out_dir)
+    result = train(cfg, session, progress or (lambda event: None), Resumer(out_dir, cfg.checkpoint_every))
+    state = session.trainer.final_state()  # collective under several ranks
+    if state is not None:  # one process, or rank 0
+        model = (
+            state
+            if isinstance(state, torch.nn.Module)
+            else engine.rebuild_model(
+                model_dir,
+                state,
+                None if cfg.mode == "full" else cfg.lora.model_dump(),
+                adapters_only=cfg.mode == "qlora",
+            )
+        )
+        save_checkpoint(model, session.tokenizer, out_dir / "checkpoint", base_model_dir=model_dir, mode=cfg.mode)
+        trainable, total = engine.count_params(model)
+        result.update(
+            mode=cfg.mode,
+            loss_type=cfg.loss_type,
+            beta=cfg.beta,
+            seed=seed,
+            precompute_reference=cfg.precompute_reference,
+            seconds=time.perf_counter() - started,
+            trainable_params=trainable,
+            total_params=total,
+            device=str(session.runtime.device),
+            world_size=parallel.world_size,
+            data={name: vars(stats) for name, stats in session.data_stats.items()},
+        )
+        (out_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+        discard_resume(out_dir)  # the stage is complete: nothing to resume
+    return engine.from_rank0(result)
+
+
+def setup(cfg: DPOStage, model_dir: Path, data_dir: Path, parallel: ParallelConfig, seed: int) -> Session:
+    from transformers import AutoConfig
+
+    engine.check_layout(parallel, cfg.mode, AutoConfig.from_pretrained(model_dir))
+    distributed = engine.is_distributed()
+    if distributed:
+        check_pair_split(cfg.batch_size, cfg.grad_accum, parallel, "dpo")
+        if not cfg.precompute_reference:
+            raise ValueError(
+                "precompute_reference: must be true under several processes (the reference "
+                "log-probs are computed before the model is laid out)"
+            )
+    data = load_preference_data(model_dir, data_dir, cfg.seq_len, cfg.batch_size, seed, "dpo")
+    runtime = engine.build_runtime(parallel)
+    lora = None if cfg.mode == "full" else cfg.lora.model_dump()
+    quant = cfg.quant.model_dump() if cfg.mode == "qlora" else None
+    # Several ranks: the full model on every rank first (same seed, same LoRA init), cut up below.
+    policy = (
+        engine.load_model(model_dir, lora, quant)
+        if distributed
+        else engine.build_model(model_dir, parallel, runtime, lora=lora, quant=quant)
+    )
+    reference = Reference(policy, cfg.mode)
+    micro = cfg.batch_size // cfg.grad_accum
+    val_ref = reference.all_pairs(data.validation, micro, data.pad_id, runtime)
+    train_ref = None
+    if cfg.precompute_reference:
+        train_ref = reference.all_pairs(data.train, micro, data.pad_id, runtime)
+        reference.release()
+    trainer = PairwiseTrainer(cfg, policy, model_dir, parallel, runtime, DPOObjective(cfg))
+    return Session(
+        trainer,
+        reference,
+        data.tokenizer,
+        runtime,
+        data.train,
+        data.batches,
+        train_ref,
+        data.validation,
+        val_ref,
+        data.pad_id,
+        data.stats,
+    )
+
+
+def dpo_step(cfg: DPOStage, s: Session, indices: list[int]) -> dict[str, float]:
+    """One optimizer step over a global batch of pairs; returns its metrics (means over the pairs)."""
+    pairs = [s.train_pairs[i] for i in indices]
+    if s.train_ref is not None:
+        ref = s.train_ref[indices]
+    else:  # one process: the reference scores this batch now (no gradient)
+        ref = torch.stack(s.reference(collate_pairs(pairs, s.pad_id), s.runtime), dim=1).cpu()
+    return s.trainer.step(s.trainer.collate(pairs, s.pad_id, ref_logps=ref))
+
+
+def evaluate(cfg: DPOStage, s: Session) -> dict[str, float]:
+    """Held-out DPO loss, implicit-reward accuracy and margin, and the policy's own preference.
+
+    val_logp_accuracy / val_logp_margin compare the policy's log-probs of chosen and rejected
+    directly, so they are meaningful before training too (implicit rewards are all 0 at the start).
+    """
+    policy = s.trainer.pair_values(s.val_pairs, cfg.batch_size // cfg.grad_accum, s.pad_id, row_logprobs)
+    out = dpo_loss(
+        policy[:, 0],
+        policy[:, 1],
+        s.val_ref[:, 0],
+        s.val_ref[:, 1],
+        beta=cfg.beta,
+        loss_type=cfg.loss_type,
+        label_smoothing=cfg.label_smoothing,
+    )
+    return {
+        "val_loss": float(out.loss),
+        "val_accuracy": float(out.accuracy),
+        "val_margin": float(out.margin),
+        "val_logp_accuracy": float((policy[:, 0] > policy[:, 1]).float().mean()),
+        "val_logp_margin": float((policy[:, 0] - policy[:, 1]).mean()),
+        "val_kl": float((policy[:, 0] - s.val_ref[:, 0]).mean()),
+    }
+
+
+def train(cfg: DPOStage, s: Session, progress: Progress, resumer: Resumer | None = None) -> dict:
+    checkpoints = Checkpoints(resumer, {"model": s.trainer.learner}) if resumer is not None else None
+    return train_loop(
+        cfg,
+        lambda step: dpo_step(cfg, s, s.batches(step - 1)),
+        lambda: evaluate(cfg, s),
+        progress,
+        rate=("pairs_per_s", cfg.batch_size),
+        checkpoints=checkpoints,
+    )

@@ -1,0 +1,249 @@
+"""GRPO: group-relative policy optimisation, PPO without a critic.
+
+Each step samples group_size responses per prompt and scores them; a response's advantage is its score
+minus its group's mean (divided by the group's std with scale_rewards), the same at every token. The
+loss is the clipped surrogate (token mean over the mini-batch) plus beta x the k3 estimate of
+KL(policy || reference) at the sampled tokens. beta = 0 drops the reference model entirely.
+
+Under torch.distributed (dp, ZeRO 0-3, tp; not pp) the policy is laid out by the engine's
+DistributedTrainer: each dp rank samples its share of the rollouts (tp ranks of a dp group draw the same
+samples; generation keeps the ranks in lockstep), the responses are gathered so every rank holds the
+whole batch, advantages are computed over it, and each update is one DistributedTrainer step on the
+global mini-batch with the loss as a token mean over the whole mini-batch, as in one process.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from parallel import engine
+from parallel.dims import ParallelConfig
+from training.config import GRPOStage
+from training.data import chat_tokenizer
+from training.learner import Learner
+from training.loop import Checkpoints, train_loop
+from training.losses import grpo_advantages
+from training.preference import check_no_pipeline
+from training.resume import Resumer
+from training.rollout import (
+    LAST_ONLY,
+    ClippedPolicyObjective,
+    Progress,
+    Prompt,
+    PromptBatches,
+    PromptStats,
+    Reference,
+    RewardScorer,
+    Sampler,
+    build_reward,
+    check_reward_source,
+    end_ids,
+    evaluate,
+    finish_policy_run,
+    load_prompts,
+    minibatches,
+    reference_logprobs,
+    response_logprobs_of,
+    rollout_rows,
+    sample_rollouts,
+    score,
+)
+from training.stages import sampling_layout
+
+
+@dataclass
+class Session:
+    """Everything the loop needs, built once by `setup`."""
+
+    policy_learner: Learner  # the policy and its updates, in one process or laid out over the ranks
+    reference: Reference | None  # None when beta is 0
+    reward: RewardScorer
+    reward_source: str
+    tokenizer: object
+    sampler: Sampler
+    runtime: engine.Runtime
+    train_prompts: list[Prompt]
+    batches: PromptBatches
+    val_prompts: list[Prompt]
+    data_stats: dict[str, PromptStats]
+    seed: int = 0
+
+    @property
+    def policy(self):
+        return self.policy_learner.model
+
+
+def mini_batch_size(cfg: GRPOStage) -> int:
+    return cfg.mini_batch_size or cfg.batch_size * cfg.group_size
+
+
+def GRPOObjective(cfg: GRPOStage) -> ClippedPolicyObjective:
+    """Clipped surrogate + beta x k3 KL per response token (a response's advantage at all its tokens)."""
+    return ClippedPolicyObjective(clip_eps=cfg.clip_eps, temperature=cfg.temperature, kl_beta=cfg.beta)
+
+
+def run_grpo(
+    cfg: GRPOStage,
+    *,
+    model_dir: Path,
+    data_dir: Path,
+    out_dir: Path,
+    parallel: ParallelConfig,
+    seed: int,
+    reward_model_dir: Path | None = None,
+    progress: Progress | None = None,
+) -> dict:
+    """Train, evaluate, write out_dir/checkpoint/ (the policy) and out_dir/result.json; returns the result."""
+    started = time.perf_counter()
+    seed = cfg.seed if cfg.seed is not None else seed
+    torch.manual_seed(seed)
+    session = setup(cfg, Path(model_dir), Path(data_dir), parallel, seed, reward_model_dir)
+    result = train(cfg, session, progress or (lambda event: None), Resumer(Path(out_dir), cfg.checkpoint_every))
+    return finish_policy_run(
+        cfg,
+        session,
+        result,
+        model_dir=model_dir,
+        out_dir=out_dir,
+        started=started,
+        seed=seed,
+        parallel=parallel,
+        group_size=cfg.group_size,
+        beta=cfg.beta,
+    )
+
+
+def setup(
+    cfg: GRPOStage,
+    model_dir: Path,
+    data_dir: Path,
+    parallel: ParallelConfig,
+    seed: int,
+    reward_model_dir: Path | None = None,
+) -> Session:
+    from transformers import AutoConfig
+
+    engine.check_layout(parallel, cfg.mode, AutoConfig.from_pretrained(model_dir))
+    distributed = engine.is_distributed()
+    if distributed:
+        check_no_pipeline(parallel, "grpo")
+        for name, rows in (
+            ("batch_size x group_size", cfg.batch_size * cfg.group_size),
+            ("mini_batch_size", mini_batch_size(cfg)),
+        ):
+            if rows % (parallel.dp * parallel.microbatches):
+                raise ValueError(
+                    f"stages (grpo): {name} = {rows} responses do not split into dp={parallel.dp} x "
+                    f"parallel.microbatches={parallel.microbatches} equal parts"
+                )
+    check_reward_source(cfg.reward_fn, reward_model_dir, "grpo")
+    tokenizer, pad_id = chat_tokenizer(model_dir, "GRPO renders prompts")
+    train_prompts, train_stats = load_prompts(data_dir / "train.jsonl", tokenizer, cfg.max_prompt_len)
+    val_prompts, val_stats = load_prompts(data_dir / "validation.jsonl", tokenizer, cfg.max_prompt_len)
+    batches = PromptBatches(train_prompts, cfg.batch_size, seed)
+
+    runtime = engine.build_runtime(parallel)
+    lora = None if cfg.mode == "full" else cfg.lora.model_dump()
+    quant = cfg.quant.model_dump() if cfg.mode == "qlora" else None
+    reward, reward_source = build_reward(cfg.reward_fn, reward_model_dir, "grpo", runtime, cfg.offload_frozen)
+    num_updates = cfg.max_steps * cfg.ppo_epochs * (cfg.batch_size * cfg.group_size // mini_batch_size(cfg))
+    opt = cfg.optim
+    if distributed:
+        trainer = engine.build_trainer(
+            model_dir,
+            sampling_layout(parallel),
+            mode=cfg.mode,
+            lora=lora,
+            lr=opt.lr,
+            weight_decay=opt.weight_decay,
+            betas=opt.betas,
+            eps=opt.eps,
+            grad_clip=opt.grad_clip,
+            quant=quant,
+        )
+        learner = Learner(None, opt, num_updates, runtime, trainer)
+    else:
+        learner = Learner(
+            engine.build_model(model_dir, parallel, runtime, lora=lora, quant=quant), opt, num_updates, runtime
+        )
+    policy = learner.model
+    reference = Reference(policy, model_dir, cfg.mode, runtime, cfg.offload_frozen) if cfg.beta > 0 else None
+    sampler = Sampler(tokenizer, pad_id, end_ids(tokenizer, policy), runtime, synced=distributed)
+    return Session(
+        learner,
+        reference,
+        reward,
+        reward_source,
+        tokenizer,
+        sampler,
+        runtime,
+        train_prompts,
+        batches,
+        val_prompts[: cfg.eval_prompts],
+        {"train": train_stats, "validation": val_stats},
+        seed,
+    )
+
+
+def grpo_step(cfg: GRPOStage, s: Session, step: int) -> dict[str, float]:
+    """Sample group_size responses per prompt, score them, then ppo_epochs of mini-batch updates."""
+    prompts = [s.train_prompts[i] for i in s.batches(step - 1) for _ in range(cfg.group_size)]  # groups contiguous
+    rollout, texts = sample_rollouts(cfg, s, prompts, step)
+    scores = score(s.reward, prompts, texts)
+    rows = rollout_rows(rollout)
+    # Per sequence, broadcast over its tokens by the loss.
+    rows["advantages"] = grpo_advantages(scores, cfg.group_size, scale=cfg.scale_rewards)
+    rows["old_logprobs"] = response_logprobs_of(s.policy_learner, rows, cfg.temperature)
+    rows["ref_logprobs"] = (
+        reference_logprobs(s.reference, s.policy_learner, rollout, rows, cfg.temperature)
+        if s.reference is not None
+        else torch.zeros_like(rows["old_logprobs"])
+    )
+
+    objective = GRPOObjective(cfg)
+    totals, updates = {}, 0
+    for index in minibatches(len(prompts), mini_batch_size(cfg), cfg.ppo_epochs):
+        stats, lr, grad_norm = s.policy_learner.update({k: v[index] for k, v in rows.items()}, objective)
+        for key, value in stats.items():
+            totals[key] = totals.get(key, 0.0) + value
+        updates += 1
+
+    groups = scores.view(-1, cfg.group_size)
+    return {
+        "score": float(scores.mean()),
+        "score_std": float(groups.std(dim=1).mean()),
+        # Groups whose responses all scored the same give no learning signal.
+        "zero_std_fraction": float((groups.std(dim=1) == 0).float().mean()),
+        **{k: v / updates for k, v in totals.items()},
+        "response_length": float(rollout.lengths.float().mean()),
+        "eos_rate": float(rollout.ended.float().mean()),
+        "lr": lr,
+        "grad_norm": grad_norm,
+    }
+
+
+def train(cfg: GRPOStage, s: Session, progress: Progress, resumer: Resumer | None = None) -> dict:
+    def evaluate_fn():
+        return evaluate(
+            s.policy,
+            s.val_prompts,
+            s.sampler,
+            s.reward,
+            max_new_tokens=cfg.max_new_tokens,
+            batch_size=cfg.batch_size * cfg.group_size,
+        )
+
+    checkpoints = None if resumer is None else Checkpoints(resumer, {"policy": s.policy_learner})
+    return train_loop(
+        cfg,
+        lambda step: grpo_step(cfg, s, step),
+        evaluate_fn,
+        progress,
+        rate=("rollouts_per_s", cfg.batch_size * cfg.group_size),
+        last_only=LAST_ONLY,
+        checkpoints=checkpoints,
+    )

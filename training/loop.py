@@ -1,0 +1,99 @@
+"""The training loop of the Learner-based stages (DPO, reward model, PPO, GRPO): held-out metrics at
+step 0, one `step_fn(step)` per step, windowed training logs, held-out metrics every eval_every, and a
+resumable checkpoint of the learners every checkpoint_every (training.resume), from which a restarted
+stage continues."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from training.learner import Learner
+from training.resume import Resumer
+
+Progress = Callable[[dict], None]
+
+
+@dataclass
+class Checkpoints:
+    """What a stage's checkpoint holds: its learners' training states by name, plus the loop state
+    `extra()` returns (JSON-able, e.g. an adaptive KL coefficient), which `restore(extra)` puts back."""
+
+    resumer: Resumer
+    learners: dict[str, Learner]
+    extra: Callable[[], dict] = dict
+    restore: Callable[[dict], None] = field(default=lambda extra: None)
+
+    def load(self) -> dict | None:
+        states = {name: learner.state() for name, learner in self.learners.items()}
+        resumed = self.resumer.load(states)
+        if resumed:
+            for name, learner in self.learners.items():
+                learner.updates = states[name].step
+            self.restore(resumed)
+        return resumed
+
+    def save(self, step: int, val_before: dict) -> str:
+        states = {name: learner.state() for name, learner in self.learners.items()}
+        return str(self.resumer.save(states, step, self.extra() | {"val_before": val_before}))
+
+
+def train_loop(
+    cfg,
+    step_fn: Callable[[int], dict[str, float]],
+    evaluate_fn: Callable[[], dict[str, float]],
+    progress: Progress,
+    *,
+    rate: tuple[str, int],
+    last_only: frozenset[str] = frozenset({"lr", "grad_norm"}),
+    checkpoints: Checkpoints | None = None,
+) -> dict:
+    """Run steps 1..cfg.max_steps (after the latest checkpoint when there is one).
+
+    Logged training metrics are means over the steps since the last log, except `last_only` ones (the
+    last value). rate: (name, units per step) for the throughput, e.g. ("pairs_per_s", batch_size).
+    """
+    started = time.perf_counter()
+    resumed = checkpoints.load() if checkpoints is not None else None
+    if resumed:
+        val_before = resumed["val_before"]
+        progress({"resumed_from_step": resumed["step"], "checkpoint": resumed["path"]})
+    else:
+        val_before = evaluate_fn()
+        progress({"step": 0} | val_before)
+    val, window, window_seconds, train_metrics = val_before, [], 0.0, {}
+    first = 1 + (resumed["step"] if resumed else 0)
+    rate_key, units = rate
+    for step in range(first, cfg.max_steps + 1):
+        t0 = time.perf_counter()
+        window.append(step_fn(step))
+        window_seconds += time.perf_counter() - t0
+        last = step == cfg.max_steps
+        if step % cfg.log_every == 0 or last:
+            train_metrics = {
+                k: window[-1][k] if k in last_only else sum(m[k] for m in window) / len(window) for k in window[0]
+            }
+            progress(
+                {
+                    "step": step,
+                    "max_steps": cfg.max_steps,
+                    **train_metrics,
+                    rate_key: len(window) * units / window_seconds,
+                    "elapsed_s": time.perf_counter() - started,
+                }
+            )
+            window, window_seconds = [], 0.0
+        if step % cfg.eval_every == 0 or last:
+            val = evaluate_fn()
+            progress({"step": step} | val)
+        if checkpoints is not None and checkpoints.resumer.due(step, cfg.max_steps):
+            progress({"step": step, "checkpoint": checkpoints.save(step, val_before)})
+    return {
+        "steps": cfg.max_steps,
+        "train_seconds": time.perf_counter() - started,
+        **{f"final_{k}": v for k, v in train_metrics.items()},
+        **val,
+        "val_before": val_before,
+        "resumed_from_step": resumed["step"] if resumed else None,
+    }

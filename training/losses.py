@@ -1,0 +1,219 @@
+"""Alignment losses as pure functions on tensors: DPO/IPO, Bradley-Terry, and the PPO/GRPO pieces.
+
+Conventions: `logits` are [batch, time, vocab] from a causal LM; `labels` are aligned with the inputs
+(IGNORE_INDEX where no log-prob is taken) and shifted here, so position t's logits score token t+1.
+Per-token tensors passed to the RL helpers are already aligned with each other: [batch, time] with a
+0/1 `mask` of the positions that count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100  # the engine's label padding value (parallel.engine.IGNORE_INDEX)
+
+
+@dataclass(frozen=True)
+class PreferenceLoss:
+    loss: torch.Tensor  # scalar mean over pairs (differentiable)
+    chosen_rewards: torch.Tensor  # [batch], detached
+    rejected_rewards: torch.Tensor  # [batch], detached
+    margin: torch.Tensor  # scalar mean(chosen - rejected)
+    accuracy: torch.Tensor  # scalar fraction of pairs with chosen > rejected (ties count as wrong)
+
+
+def token_logprobs(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-prob of each next label token and the mask of label positions, both [batch, time - 1].
+
+    Vocab-sharded logits (a DTensor from a vocab-parallel lm_head, inside torch's loss_parallel context)
+    are never gathered: the log-prob is minus the per-token cross-entropy, which loss_parallel computes
+    from the shards."""
+    from torch.distributed.tensor import DTensor
+
+    logits = logits[:, :-1].float()
+    targets = labels[:, 1:]
+    mask = targets != ignore_index
+    # Gather at a valid index everywhere, then zero the ignored positions.
+    safe = targets.masked_fill(~mask, 0)
+    if isinstance(logits, DTensor):
+        nll = F.cross_entropy(logits.flatten(0, 1), safe.flatten(), reduction="none")
+        logp = -nll.to_local().view_as(safe)  # replicated over tp: every rank holds every value
+    else:
+        logp = torch.gather(F.log_softmax(logits, dim=-1), 2, safe.unsqueeze(-1)).squeeze(-1)
+    return logp * mask, mask
+
+
+def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Sum of the label tokens' log-probs per sequence, [batch]."""
+    logp, _ = token_logprobs(logits, labels, ignore_index)
+    return logp.sum(-1)
+
+
+def _preference(loss: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor) -> PreferenceLoss:
+    chosen, rejected = chosen.detach(), rejected.detach()
+    return PreferenceLoss(
+        loss=loss.mean(),
+        chosen_rewards=chosen,
+        rejected_rewards=rejected,
+        margin=(chosen - rejected).mean(),
+        accuracy=(chosen > rejected).float().mean(),
+    )
+
+
+def dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    *,
+    beta: float,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> PreferenceLoss:
+    """DPO on sequence log-probs [batch]; implicit rewards are beta * (policy - reference).
+
+    sigmoid: -(1 - eps) * logsigmoid(beta * h) - eps * logsigmoid(-beta * h), h the log-ratio difference;
+    eps = label_smoothing > 0 is conservative DPO (labels flipped with probability eps).
+    ipo: (h - 1 / (2 * beta))^2, which stops pushing once the gap reaches its target.
+    """
+    chosen_ratio = policy_chosen - ref_chosen
+    rejected_ratio = policy_rejected - ref_rejected
+    h = chosen_ratio - rejected_ratio
+    if loss_type == "sigmoid":
+        loss = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    elif loss_type == "ipo":
+        loss = (h - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown DPO loss_type {loss_type!r}; use 'sigmoid' or 'ipo'")
+    return _preference(loss, beta * chosen_ratio, beta * rejected_ratio)
+
+
+def bradley_terry_loss(
+    chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | float = 0.0
+) -> PreferenceLoss:
+    """Reward-model loss -logsigmoid(r_chosen - r_rejected - margin) on scalar rewards [batch]."""
+    return _preference(-F.logsigmoid(chosen - rejected - margin), chosen, rejected)
+
+
+# ---- PPO / GRPO ---------------------------------------------------------------------------------------
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    mask = mask.to(x.dtype)
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Population variance of the masked entries."""
+    mean = masked_mean(x, mask)
+    return masked_mean((x - mean) ** 2, mask)
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """Scale masked entries to unit variance (and zero mean unless shift_mean is False); others become 0."""
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return out * mask.to(x.dtype)
+
+
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over [batch, time]; returns (advantages, returns).
+
+    A masked position is terminal: it contributes no value to the step before it and no advantage,
+    so a right-padded response ends at its last unmasked token (masked prompt positions, before the
+    response, see zeros and are zeroed).
+    """
+    mask = mask.to(values.dtype)
+    advantages = torch.zeros_like(values)
+    running = torch.zeros_like(values[:, 0])
+    num_steps = values.size(1)
+    for t in reversed(range(num_steps)):
+        next_mask = mask[:, t + 1] if t + 1 < num_steps else torch.zeros_like(running)
+        next_value = values[:, t + 1] * next_mask if t + 1 < num_steps else torch.zeros_like(running)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = delta + gamma * lam * next_mask * running
+        advantages[:, t] = running
+    advantages = advantages * mask
+    return advantages, (advantages + values) * mask
+
+
+@dataclass(frozen=True)
+class PolicyLoss:
+    loss: torch.Tensor
+    clip_fraction: torch.Tensor  # share of tokens where the clipped objective was the active one
+    approx_kl: torch.Tensor  # k3 estimate of KL(old || new) over the tokens
+
+
+def ppo_policy_loss(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *, clip_eps: float
+) -> PolicyLoss:
+    """Clipped surrogate: mean over tokens of max(-A * r, -A * clip(r, 1 - eps, 1 + eps))."""
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        clip_fraction = masked_mean((clipped > unclipped).float(), mask)
+        approx_kl = masked_mean(ratio - 1 - log_ratio, mask)
+    return PolicyLoss(loss, clip_fraction, approx_kl)
+
+
+def ppo_value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, *, clip_eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """0.5 * mean of max(unclipped, clipped) squared error, values clipped to old +- eps; (loss, clip fraction)."""
+    clipped_values = old_values + torch.clamp(values - old_values, -clip_eps, clip_eps)
+    unclipped = (values - returns) ** 2
+    clipped = (clipped_values - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        clip_fraction = masked_mean((clipped > unclipped).float(), mask)
+    return loss, clip_fraction
+
+
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(policy || reference) from samples of the policy.
+
+    k1 = log p - log q (unbiased, can be negative); k3 = q/p - 1 - log(q/p) (unbiased, always >= 0).
+    """
+    log_ratio = logprobs - ref_logprobs
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k3":
+        return torch.exp(-log_ratio) - 1 + log_ratio
+    raise ValueError(f"unknown KL estimator {estimator!r}; use 'k1' or 'k3'")
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of the softmax over the last dimension: logsumexp(z) - sum(softmax(z) * z)."""
+    logits = logits.float()
+    return torch.logsumexp(logits, dim=-1) - (F.softmax(logits, dim=-1) * logits).sum(-1)
+
+
+def grpo_advantages(rewards: torch.Tensor, group_size: int, *, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
+    """Group-relative advantages for rewards [num_prompts * group_size], grouped contiguously per prompt.
+
+    Each reward minus its group's mean, divided by the group's (sample) std + eps when scale is set;
+    a group whose rewards are all equal gets zero advantage.
+    """
+    if group_size < 2:
+        raise ValueError(f"GRPO needs at least 2 samples per prompt, not {group_size}")
+    if rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+    groups = rewards.view(-1, group_size)
+    centred = groups - groups.mean(dim=1, keepdim=True)
+    if scale:
+        centred = centred / (groups.std(dim=1, keepdim=True) + eps)
+    return centred.reshape(-1)

@@ -1,0 +1,403 @@
+"""PPO for language models: setup, one rollout-and-update step you can read top to bottom, save.
+
+Four models: the policy (trained), the critic (trained; the policy's backbone or the reward model's
+with a scalar value head read at every position), the frozen reference and the reward (a frozen reward
+model or a rule function). Each step samples one response per prompt, scores it, and turns the score
+into per-token rewards: the score at the last response token minus kl_coef x (log pi - log pi_ref) at
+every token. GAE gives advantages (whitened over the batch) and returns; then ppo_epochs passes of
+mini-batch updates with the clipped policy and value losses. kl_coef is fixed or follows an adaptive
+controller (Ziegler et al. 2019) towards kl_target nats per response.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from parallel import engine
+from parallel.dims import ParallelConfig
+from parallel.distributed.engine import Objective, model_inputs
+from training.config import PPOStage
+from training.data import chat_tokenizer
+from training.learner import Learner
+from training.loop import Checkpoints, train_loop
+from training.losses import gae, ppo_value_loss, whiten
+from training.preference import check_no_pipeline
+from training.resume import Resumer
+from training.rollout import (
+    LAST_ONLY,
+    ClippedPolicyObjective,
+    Progress,
+    Prompt,
+    PromptBatches,
+    PromptStats,
+    Reference,
+    RewardScorer,
+    Rollout,
+    Sampler,
+    build_reward,
+    check_reward_source,
+    end_ids,
+    evaluate,
+    finish_policy_run,
+    load_prompts,
+    minibatches,
+    reference_logprobs,
+    response_logprobs_of,
+    rollout_rows,
+    sample_rollouts,
+    score,
+)
+from training.stages import sampling_layout
+
+
+class KLController:
+    """The KL penalty coefficient: fixed, or adapted towards a target KL (nats per response).
+
+    Adaptive: coef *= 1 + clip(kl / target - 1, -0.2, 0.2) * rollouts / horizon, so the coefficient
+    grows while the policy drifts further than the target and shrinks while it stays closer.
+    """
+
+    def __init__(self, coef: float, target: float | None = None, horizon: int = 10000):
+        self.coef, self.target, self.horizon = coef, target, horizon
+
+    def update(self, kl: float, num_rollouts: int) -> None:
+        if self.target is None:
+            return
+        error = min(max(kl / self.target - 1, -0.2), 0.2)
+        self.coef *= 1 + error * num_rollouts / self.horizon
+
+
+def build_critic(
+    init_dir: Path,
+    pad_id: int,
+    parallel: ParallelConfig,
+    runtime: engine.Runtime,
+    lora: dict | None = None,
+    quant: dict | None = None,
+):
+    """A sequence-classification model (num_labels=1) used as a per-token value function.
+
+    From a reward model the head is kept; from the policy's directory it is freshly initialised.
+    quant: QLoRA's 4-bit backbone (the value head stays full precision).
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    critic = engine.from_pretrained(AutoModelForSequenceClassification, init_dir, quant, lora, num_labels=1)
+    critic.config.pad_token_id = pad_id
+    if not hasattr(critic, "score") or not hasattr(critic, critic.base_model_prefix):
+        raise ValueError(
+            f"critic from {init_dir}: {type(critic).__name__} has no `score` head over a backbone; "
+            "per-token values need one"
+        )
+    if parallel.activation_checkpointing == "full":
+        critic.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if lora is not None:
+        from peft import LoraConfig, get_peft_model
+
+        # SEQ_CLS keeps the value head fully trainable (peft adds it to modules_to_save).
+        config = LoraConfig(
+            r=lora["r"],
+            lora_alpha=lora["alpha"],
+            lora_dropout=lora["dropout"],
+            target_modules=lora["target_modules"],
+            task_type="SEQ_CLS",
+        )
+        critic = get_peft_model(critic, config)
+    return critic.to(runtime.device).train()
+
+
+class TokenValues(torch.nn.Module):
+    """A sequence-classification model read at every position: `.logits` holds [B, L, 1] values. The
+    engine lays it out like any decoder (its backbone's layers, the score head replicated)."""
+
+    def __init__(self, critic):
+        super().__init__()
+        self.critic = critic
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, **_):
+        from transformers.modeling_outputs import TokenClassifierOutput
+
+        inner = self.critic.get_base_model() if hasattr(self.critic, "get_base_model") else self.critic
+        hidden = getattr(inner, inner.base_model_prefix)(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
+        return TokenClassifierOutput(logits=inner.score(hidden))
+
+
+def response_values(values: torch.Tensor, rows: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[B, T] fp32 V(state before each response token) from TokenValues logits [B, L, 1]."""
+    width = rows["input_ids"].shape[1] - rows["response_ids"].shape[1]
+    return values.float().squeeze(-1)[:, width - 1 : -1]
+
+
+class ValueObjective(Objective):
+    """The clipped value loss per response token (token mean over the whole mini-batch)."""
+
+    def __init__(self, clip_eps: float):
+        self.clip_eps = clip_eps
+
+    def count(self, batch):
+        return int(batch["response_mask"].sum())
+
+    def __call__(self, logits, rows):
+        mask = rows["response_mask"]
+        loss, clipped = ppo_value_loss(
+            response_values(logits, rows), rows["old_values"], rows["returns"], mask, clip_eps=self.clip_eps
+        )
+        n = mask.sum()
+        return loss * n, {"value_loss": loss.detach() * n, "value_clip_fraction": clipped * n}
+
+
+def token_values(critic, rollout: Rollout, runtime: engine.Runtime) -> torch.Tensor:
+    """V(state before each response token), [B, T] fp32: the value head applied at every position."""
+    rows = {k: v.to(runtime.device) for k, v in rollout_rows(rollout).items()}
+    with runtime.autocast():
+        values = TokenValues(critic)(**model_inputs(rows)).logits
+    return response_values(values, rows)
+
+
+@dataclass
+class Session:
+    """Everything the loop needs, built once by `setup`."""
+
+    policy_learner: Learner  # the policy and its updates, in one process or laid out over the ranks
+    critic_learner: Learner  # TokenValues over the critic, likewise
+    reference: Reference
+    reward: RewardScorer
+    reward_source: str
+    critic_init: str  # "reward_model" or "policy"
+    tokenizer: object
+    sampler: Sampler
+    runtime: engine.Runtime
+    train_prompts: list[Prompt]
+    batches: PromptBatches
+    val_prompts: list[Prompt]
+    kl: KLController
+    data_stats: dict[str, PromptStats]
+    seed: int = 0
+
+    @property
+    def policy(self):
+        return self.policy_learner.model
+
+    @property
+    def critic(self):
+        return self.critic_learner.model.critic
+
+
+def run_ppo(
+    cfg: PPOStage,
+    *,
+    model_dir: Path,
+    data_dir: Path,
+    out_dir: Path,
+    parallel: ParallelConfig,
+    seed: int,
+    reward_model_dir: Path | None = None,
+    progress: Progress | None = None,
+) -> dict:
+    """Train, evaluate, write out_dir/checkpoint/ (the policy) and out_dir/result.json; returns the result."""
+    started = time.perf_counter()
+    seed = cfg.seed if cfg.seed is not None else seed
+    torch.manual_seed(seed)
+    session = setup(cfg, Path(model_dir), Path(data_dir), parallel, seed, reward_model_dir)
+    result = train(cfg, session, progress or (lambda event: None), Resumer(Path(out_dir), cfg.checkpoint_every))
+    return finish_policy_run(
+        cfg,
+        session,
+        result,
+        model_dir=model_dir,
+        out_dir=out_dir,
+        started=started,
+        seed=seed,
+        parallel=parallel,
+        critic_init=session.critic_init,
+        final_kl_coef=session.kl.coef,
+    )
+
+
+def _critic_init(cfg: PPOStage, reward_model_dir: Path | None) -> str:
+    if cfg.critic_init == "auto":
+        return "reward_model" if reward_model_dir is not None else "policy"
+    if cfg.critic_init == "reward_model" and reward_model_dir is None:
+        raise ValueError("critic_init is 'reward_model' but the ppo stage was given no reward model directory")
+    return cfg.critic_init
+
+
+def setup(
+    cfg: PPOStage,
+    model_dir: Path,
+    data_dir: Path,
+    parallel: ParallelConfig,
+    seed: int,
+    reward_model_dir: Path | None = None,
+) -> Session:
+    from transformers import AutoConfig, AutoTokenizer
+
+    engine.check_layout(parallel, cfg.mode, AutoConfig.from_pretrained(model_dir))
+    distributed = engine.is_distributed()
+    if distributed:
+        check_no_pipeline(parallel, "ppo")
+        for name, rows in (("batch_size", cfg.batch_size), ("mini_batch_size", cfg.mini_batch_size)):
+            if rows % (parallel.dp * parallel.microbatches):
+                raise ValueError(
+                    f"stages (ppo): {name} = {rows} rollouts do not split into dp={parallel.dp} x "
+                    f"parallel.microbatches={parallel.microbatches} equal parts"
+                )
+    check_reward_source(cfg.reward_fn, reward_model_dir, "ppo")
+    critic_init = _critic_init(cfg, reward_model_dir)
+    tokenizer, pad_id = chat_tokenizer(model_dir, "PPO renders prompts")
+    if critic_init == "reward_model":
+        # The critic reads the policy's token ids, so the reward model must share the vocabulary.
+        if AutoTokenizer.from_pretrained(reward_model_dir).get_vocab() != tokenizer.get_vocab():
+            raise ValueError(
+                f"critic_init: the reward model {reward_model_dir} has another vocabulary than the "
+                "policy, so it cannot read the policy's tokens as a critic; use critic_init: policy"
+            )
+    train_prompts, train_stats = load_prompts(data_dir / "train.jsonl", tokenizer, cfg.max_prompt_len)
+    val_prompts, val_stats = load_prompts(data_dir / "validation.jsonl", tokenizer, cfg.max_prompt_len)
+    batches = PromptBatches(train_prompts, cfg.batch_size, seed)
+
+    runtime = engine.build_runtime(parallel)
+    lora = None if cfg.mode == "full" else cfg.lora.model_dump()
+    quant = cfg.quant.model_dump() if cfg.mode == "qlora" else None
+    reward, reward_source = build_reward(cfg.reward_fn, reward_model_dir, "ppo", runtime, cfg.offload_frozen)
+    critic_dir = reward_model_dir if critic_init == "reward_model" else model_dir
+    num_updates = cfg.max_steps * cfg.ppo_epochs * (cfg.batch_size // cfg.mini_batch_size)
+    if distributed:  # both models laid out by the engine; the engine applies activation checkpointing
+        plain = parallel.model_copy(update={"activation_checkpointing": "none"})
+        parallel = sampling_layout(parallel)
+        cpu = engine.Runtime(torch.device("cpu"), None)
+        learners = []
+        for model, opt in (
+            (None, cfg.optim),
+            (TokenValues(build_critic(critic_dir, pad_id, plain, cpu, lora, quant)), cfg.critic_optim),
+        ):
+            trainer = engine.build_trainer(
+                model_dir,
+                parallel,
+                mode=cfg.mode,
+                lora=lora,
+                lr=opt.lr,
+                weight_decay=opt.weight_decay,
+                betas=opt.betas,
+                eps=opt.eps,
+                grad_clip=opt.grad_clip,
+                model=model,
+                quant=quant,
+            )
+            learners.append(Learner(None, opt, num_updates, runtime, trainer))
+        policy_learner, critic_learner = learners
+    else:
+        policy_learner = Learner(
+            engine.build_model(model_dir, parallel, runtime, lora=lora, quant=quant), cfg.optim, num_updates, runtime
+        )
+        critic_learner = Learner(
+            TokenValues(build_critic(critic_dir, pad_id, parallel, runtime, lora, quant)),
+            cfg.critic_optim,
+            num_updates,
+            runtime,
+        )
+    policy = policy_learner.model
+    reference = Reference(policy, model_dir, cfg.mode, runtime, cfg.offload_frozen)
+    kl = KLController(cfg.kl_coef, cfg.kl_target if cfg.adaptive_kl else None, cfg.kl_horizon)
+    sampler = Sampler(tokenizer, pad_id, end_ids(tokenizer, policy), runtime, synced=distributed)
+    return Session(
+        policy_learner,
+        critic_learner,
+        reference,
+        reward,
+        reward_source,
+        critic_init,
+        tokenizer,
+        sampler,
+        runtime,
+        train_prompts,
+        batches,
+        val_prompts[: cfg.eval_prompts],
+        kl,
+        {"train": train_stats, "validation": val_stats},
+        seed,
+    )
+
+
+def ppo_step(cfg: PPOStage, s: Session, step: int) -> dict[str, float]:
+    """Sample and score a rollout batch, compute advantages, then ppo_epochs of mini-batch updates."""
+    prompts = [s.train_prompts[i] for i in s.batches(step - 1)]
+    rollout, texts = sample_rollouts(cfg, s, prompts, step)
+    scores = score(s.reward, prompts, texts)
+    rows = rollout_rows(rollout)
+    mask = rows["response_mask"]
+
+    with torch.no_grad():
+        old_logprobs = response_logprobs_of(s.policy_learner, rows, cfg.temperature)
+        ref_logprobs = reference_logprobs(s.reference, s.policy_learner, rollout, rows, cfg.temperature)
+        old_values = s.critic_learner.rows(rows, response_values) * mask
+        # Per-token reward: the KL penalty everywhere, plus the sequence score at the last response token.
+        kl = (old_logprobs - ref_logprobs) * mask
+        rewards = -s.kl.coef * kl
+        last = mask.sum(1).long() - 1  # every response has at least one token
+        rewards[torch.arange(len(last)), last] += scores
+        advantages, returns = gae(rewards, old_values, mask, gamma=cfg.gamma, lam=cfg.lam)
+        if cfg.whiten_advantages:
+            advantages = whiten(advantages, mask)
+    rows.update(old_logprobs=old_logprobs, old_values=old_values, advantages=advantages, returns=returns)
+
+    policy_objective = ClippedPolicyObjective(clip_eps=cfg.clip_eps, temperature=cfg.temperature)
+    value_objective = ValueObjective(cfg.value_clip_eps)
+    totals, updates = {}, 0
+    for index in minibatches(len(prompts), cfg.mini_batch_size, cfg.ppo_epochs):
+        batch = {k: v[index] for k, v in rows.items()}
+        policy_stats, lr, grad_norm = s.policy_learner.update(batch, policy_objective)
+        value_stats, critic_lr, critic_grad_norm = s.critic_learner.update(batch, value_objective)
+        for key, value in {**policy_stats, **value_stats}.items():
+            totals[key] = totals.get(key, 0.0) + value
+        updates += 1
+
+    sequence_kl = float(kl.sum(1).mean())
+    coef = s.kl.coef
+    s.kl.update(sequence_kl, len(prompts))
+    shown = ("policy_loss", "value_loss", "clip_fraction", "value_clip_fraction", "approx_kl", "entropy")
+    return {
+        "score": float(scores.mean()),
+        "kl": sequence_kl,
+        "kl_coef": coef,
+        **{k: totals[k] / updates for k in shown},
+        "response_length": float(rollout.lengths.float().mean()),
+        "eos_rate": float(rollout.ended.float().mean()),
+        "lr": lr,
+        "critic_lr": critic_lr,
+        "grad_norm": grad_norm,
+        "critic_grad_norm": critic_grad_norm,
+    }
+
+
+def train(cfg: PPOStage, s: Session, progress: Progress, resumer: Resumer | None = None) -> dict:
+    def evaluate_fn():
+        return evaluate(
+            s.policy, s.val_prompts, s.sampler, s.reward, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size
+        )
+
+    checkpoints = (
+        None
+        if resumer is None
+        else Checkpoints(
+            resumer,
+            {"policy": s.policy_learner, "critic": s.critic_learner},
+            extra=lambda: {"kl_coef": s.kl.coef},
+            restore=lambda extra: setattr(s.kl, "coef", extra["kl_coef"]),
+        )
+    )
+    return train_loop(
+        cfg,
+        lambda step: ppo_step(cfg, s, step),
+        evaluate_fn,
+        progress,
+        rate=("rollouts_per_s", cfg.batch_size),
+        last_only=LAST_ONLY,
+        checkpoints=checkpoints,
+    )

@@ -1,0 +1,245 @@
+"""Reward model: a scalar head on the LM trained with the Bradley-Terry loss on preference pairs.
+
+The model is the Hugging Face sequence-classification variant of the base (num_labels=1), which
+scores the last non-pad token; the checkpoint is a plain directory AutoModelForSequenceClassification
+loads (LoRA adapters are merged before saving). Under torch.distributed it trains through the engine's
+DistributedTrainer (data, ZeRO and tensor parallelism) with the loss averaged over the global pairs.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from parallel import engine
+from parallel.dims import ParallelConfig
+from parallel.distributed.engine import Objective
+from training.config import RewardModelStage
+from training.loop import Checkpoints, train_loop
+from training.losses import bradley_terry_loss
+from training.preference import (
+    Pair,
+    PairBatches,
+    PairwiseTrainer,
+    PreferenceStats,
+    check_pair_split,
+    load_preference_data,
+    sides,
+)
+from training.resume import Resumer
+from training.resume import discard as discard_resume
+
+Progress = Callable[[dict], None]
+MANIFEST = "hpcft_reward_model.json"
+
+
+def build_reward_model(
+    model_dir: Path,
+    pad_id: int,
+    parallel: ParallelConfig,
+    runtime: engine.Runtime,
+    lora: dict | None = None,
+    quant: dict | None = None,
+):
+    """The base LM with a fresh 1-output score head (seeded by the caller's RNG state); pad_token_id set
+    so the last real token is scored. quant: QLoRA's 4-bit base (lora required)."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = engine.from_pretrained(AutoModelForSequenceClassification, model_dir, quant, lora, num_labels=1)
+    model.config.pad_token_id = pad_id
+    if parallel.activation_checkpointing == "full":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if lora is not None:
+        from peft import LoraConfig, get_peft_model
+
+        # SEQ_CLS keeps the new score head fully trainable (peft adds it to modules_to_save).
+        config = LoraConfig(
+            r=lora["r"],
+            lora_alpha=lora["alpha"],
+            lora_dropout=lora["dropout"],
+            target_modules=lora["target_modules"],
+            task_type="SEQ_CLS",
+        )
+        model = get_peft_model(model, config)
+    return model.to(runtime.device).train()
+
+
+def row_scores(logits: torch.Tensor, rows: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The model's pooled scores ([rows, 1] logits of the last real token) as [rows]. Pipeline stages apply
+    the score head at every position ([rows, seq, 1]); then the last real token's score is read."""
+    scores = logits.float().squeeze(-1)
+    if scores.dim() == 2:
+        last = rows["last_index"].long().to(scores.device)
+        scores = scores[torch.arange(len(last), device=scores.device), last]
+    return scores
+
+
+def pair_rewards(model, batch: dict[str, torch.Tensor], runtime: engine.Runtime) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scalar rewards of the (chosen, rejected) sides of a collated pair batch, [pairs] each."""
+    with runtime.autocast():
+        scores = model(
+            input_ids=batch["input_ids"].to(runtime.device),
+            attention_mask=batch["attention_mask"].to(runtime.device),
+            use_cache=False,
+        ).logits
+    return sides(row_scores(scores, batch))
+
+
+class BradleyTerryObjective(Objective):
+    """-log sigmoid(r_chosen - r_rejected - margin) per pair on interleaved rows."""
+
+    def count(self, batch):
+        return batch["input_ids"].shape[0] // 2
+
+    def __call__(self, logits, micro):
+        chosen, rejected = sides(row_scores(logits, micro))
+        out = bradley_terry_loss(chosen, rejected, sides(micro["margin"])[0])
+        n = chosen.shape[0]
+        return out.loss * n, {"loss": out.loss.detach() * n, "accuracy": out.accuracy * n, "margin": out.margin * n}
+
+
+def save_reward_model(model, tokenizer, out_dir: Path, *, base_model_dir: Path, mode: str) -> Path:
+    """A plain sequence-classification directory (adapters merged) with the tokenizer."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plain = model.merge_and_unload() if mode in ("lora", "qlora") else model
+    plain.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    manifest = {"kind": "reward_model", "mode": mode, "base_model_dir": str(Path(base_model_dir).resolve())}
+    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return out_dir
+
+
+@dataclass
+class Session:
+    trainer: PairwiseTrainer
+    tokenizer: object
+    runtime: engine.Runtime
+    train_pairs: list[Pair]
+    batches: PairBatches
+    val_pairs: list[Pair]
+    pad_id: int
+    data_stats: dict[str, PreferenceStats]
+
+
+def run_reward_model(
+    cfg: RewardModelStage,
+    *,
+    model_dir: Path,
+    data_dir: Path,
+    out_dir: Path,
+    parallel: ParallelConfig,
+    seed: int,
+    progress: Progress | None = None,
+) -> dict:
+    """Train, validate, write out_dir/checkpoint/ (HF sequence classifier) and result.json; returns the result."""
+    started = time.perf_counter()
+    seed = cfg.seed if cfg.seed is not None else seed
+    torch.manual_seed(seed)
+    session = setup(cfg, Path(model_dir), Path(data_dir), parallel, seed)
+    out_dir = Path(out_dir)
+    result = train(cfg, session, progress or (lambda event: None), Resumer(out_dir, cfg.checkpoint_every))
+    state = session.trainer.final_state()  # collective under several ranks
+    if state is not None:  # one process, or rank 0
+        if isinstance(state, torch.nn.Module) and cfg.mode == "qlora":  # merge into the full-precision base
+            state = state.state_dict()
+        model = state if isinstance(state, torch.nn.Module) else _rebuild(cfg, model_dir, session, parallel, state)
+        trainable, total = engine.count_params(model)
+        save_reward_model(model, session.tokenizer, out_dir / "checkpoint", base_model_dir=model_dir, mode=cfg.mode)
+        result.update(
+            mode=cfg.mode,
+            seed=seed,
+            seconds=time.perf_counter() - started,
+            trainable_params=trainable,
+            total_params=total,
+            device=str(session.runtime.device),
+            world_size=parallel.world_size,
+            data={name: vars(stats) for name, stats in session.data_stats.items()},
+        )
+        (out_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+        discard_resume(out_dir)  # the stage is complete: nothing to resume
+    return engine.from_rank0(result)
+
+
+def _rebuild(cfg: RewardModelStage, model_dir: Path, s: Session, parallel: ParallelConfig, state: dict):
+    """A one-process, full-precision reward model holding a trained state dict (rank 0's gathered one after a
+    multi-process run). QLoRA: the trained adapters and score head on the full-precision base."""
+    lora = None if cfg.mode == "full" else cfg.lora.model_dump()
+    model = build_reward_model(
+        model_dir,
+        s.pad_id,
+        parallel.model_copy(update={"activation_checkpointing": "none"}),
+        engine.Runtime(torch.device("cpu"), None),
+        lora=lora,
+    )
+    if cfg.mode != "qlora":
+        model.load_state_dict(state)
+        return model
+    trained = {k: v for k, v in state.items() if "lora_" in k or "modules_to_save" in k}
+    expected = {k for k in model.state_dict() if "lora_" in k or "modules_to_save" in k}
+    if set(trained) != expected:
+        raise ValueError(f"trained adapters do not match the model's: {sorted(set(trained) ^ expected)[:4]}")
+    model.load_state_dict(trained, strict=False)
+    return model
+
+
+def setup(cfg: RewardModelStage, model_dir: Path, data_dir: Path, parallel: ParallelConfig, seed: int) -> Session:
+    from transformers import AutoConfig
+
+    engine.check_layout(parallel, cfg.mode, AutoConfig.from_pretrained(model_dir))
+    if engine.is_distributed():
+        check_pair_split(cfg.batch_size, cfg.grad_accum, parallel, "reward_model")
+    data = load_preference_data(model_dir, data_dir, cfg.seq_len, cfg.batch_size, seed, "reward_model")
+    runtime = engine.build_runtime(parallel)
+    lora = None if cfg.mode == "full" else cfg.lora.model_dump()
+    quant = cfg.quant.model_dump() if cfg.mode == "qlora" else None
+    # Several ranks: each builds the same model on CPU (same seed, same fresh head); the engine lays it out.
+    if engine.is_distributed():  # the engine applies activation checkpointing itself
+        model = build_reward_model(
+            model_dir,
+            data.pad_id,
+            parallel.model_copy(update={"activation_checkpointing": "none"}),
+            engine.Runtime(torch.device("cpu"), None),
+            lora=lora,
+            quant=quant,
+        )
+    else:
+        model = build_reward_model(model_dir, data.pad_id, parallel, runtime, lora=lora, quant=quant)
+    trainer = PairwiseTrainer(cfg, model, model_dir, parallel, runtime, BradleyTerryObjective())
+    return Session(trainer, data.tokenizer, runtime, data.train, data.batches, data.validation, data.pad_id, data.stats)
+
+
+def reward_step(cfg: RewardModelStage, s: Session, indices: list[int]) -> dict[str, float]:
+    """One optimizer step over a global batch of pairs; returns its metrics (means over the pairs)."""
+    return s.trainer.step(s.trainer.collate([s.train_pairs[i] for i in indices], s.pad_id))
+
+
+def evaluate(cfg: RewardModelStage, s: Session) -> dict[str, float]:
+    """Held-out pairwise accuracy (chosen scored above rejected), loss, margin and reward spread."""
+    rewards = s.trainer.pair_values(s.val_pairs, cfg.batch_size // cfg.grad_accum, s.pad_id, row_scores)
+    margins = torch.tensor([p.margin for p in s.val_pairs])
+    out = bradley_terry_loss(rewards[:, 0], rewards[:, 1], margins)
+    return {
+        "val_loss": float(out.loss),
+        "val_accuracy": float(out.accuracy),
+        "val_margin": float(out.margin),
+        "val_reward_mean": float(rewards.mean()),
+        "val_reward_std": float(rewards.std()),
+    }
+
+
+def train(cfg: RewardModelStage, s: Session, progress: Progress, resumer: Resumer | None = None) -> dict:
+    checkpoints = Checkpoints(resumer, {"model": s.trainer.learner}) if resumer is not None else None
+    return train_loop(
+        cfg,
+        lambda step: reward_step(cfg, s, s.batches(step - 1)),
+        lambda: evaluate(cfg, s),
+        progress,
+        rate=("pairs_per_s", cfg.batch_size),
+        checkpoints=checkpoints,
+    )
