@@ -17,7 +17,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from parallel.dims import ParallelConfig
-from parallel.distributed.engine import TOKEN_CE, DistributedTrainer, model_inputs, summed_ce
+from parallel.trainer import TOKEN_CE, Trainer, model_inputs, summed_ce
 from parallel.distributed.launch import launch
 from parallel.distributed.mesh import ParallelDims
 
@@ -90,7 +90,7 @@ def _rank(rank, world, args, layouts):
     data = batch(args.rows, args.seq, args.vocab)
     for name, cfg in layouts.items():
         mesh = ParallelDims.from_config(cfg, world).build_mesh("cpu")
-        trainer = DistributedTrainer(build_model(args.vocab, args.hidden, args.layers), cfg, mesh)
+        trainer = Trainer(build_model(args.vocab, args.hidden, args.layers), cfg, mesh)
         saved = _measure(trainer, data, distributed=True)
         for p in trainer.params:
             p.grad = None

@@ -139,8 +139,7 @@ def _train(ctx: StageContext) -> dict:
 def _keep_resume_state(ctx: StageContext) -> None:
     """Keep `resume/` (the stage's periodic training-state checkpoints) only if the same stage config and
     inputs wrote it; any rank may resume from it once this returns (collective)."""
-    import torch.distributed as dist
-
+    from parallel import engine
     from training.resume import discard, resume_dir
 
     resume = resume_dir(ctx.out_dir)
@@ -151,8 +150,7 @@ def _keep_resume_state(ctx: StageContext) -> None:
             discard(ctx.out_dir)
         resume.mkdir(parents=True)
         key_file.write_text(ctx.spec.resume_key + "\n")
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+    engine.barrier()
 
 
 def _data_dir(ctx: StageContext, rows: str) -> Path:
@@ -177,8 +175,6 @@ def start_model_dir(rd: RunDir, stages: list, index: int, base_model_dir: Path) 
 def _start_model(ctx: StageContext, index: int) -> Path:
     """Export the previous policy stage's checkpoint (LoRA merged) as a plain model to start from; under
     several ranks rank 0 writes it and the others wait."""
-    import torch.distributed as dist
-
     from parallel import engine
     from parallel.export import export_hf
 
@@ -187,15 +183,14 @@ def _start_model(ctx: StageContext, index: int) -> Path:
     target = start_model_dir(ctx.rd, stages, index, ctx.base_model_dir())
     if before is None:
         return target
-    if not engine.is_distributed() or dist.get_rank() == 0:
+    if engine.is_leader():
         prev_index = stages.index(before)
         export_hf(
             start_model_dir(ctx.rd, stages, prev_index, ctx.base_model_dir()),
             ctx.output_of(before.name) / "checkpoint",
             target,
         )
-    if engine.is_distributed():
-        dist.barrier()
+    engine.barrier()
     return target
 
 

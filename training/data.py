@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from parallel.engine import IGNORE_INDEX
+from parallel.trainer import IGNORE_INDEX
 
 # Global batches are cut from chunks of this many batches after sorting each chunk by length:
 # padding stays small while the order is still shuffled.
@@ -166,13 +166,6 @@ def collate(examples: list[Example], pad_id: int, width: int | None = None) -> d
         labels[row, :n] = torch.tensor(ex.labels)
         mask[row, :n] = 1
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
-
-
-def micro_batches(examples: list[Example], num_micro: int, pad_id: int) -> list[dict[str, torch.Tensor]]:
-    """Split one global batch into num_micro equal micro-batches, each padded on its own."""
-    size = len(examples) // num_micro
-    assert size * num_micro == len(examples)
-    return [collate(examples[i * size : (i + 1) * size], pad_id) for i in range(num_micro)]
 
 
 def eval_batches(

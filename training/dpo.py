@@ -6,15 +6,13 @@ reference log-probs of every pair are computed once before training and the copy
 
 Under torch.distributed (several ranks, one task each) every rank runs this same function: the
 reference log-probs are precomputed (each rank scores its share of the pairs before the model is laid
-out), and the engine's DistributedTrainer trains under data, ZeRO and tensor parallelism with the DPO
+out), and the engine's Trainer trains under data, ZeRO and tensor parallelism with the DPO
 loss averaged over the global batch of pairs, so losses and gradients equal one process's.
 """
 
 from __future__ import annotations
 
 import copy
-import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -22,9 +20,8 @@ from typing import Callable
 import torch
 
 from parallel import engine
-from parallel.checkpoint import save_checkpoint
 from parallel.dims import ParallelConfig
-from parallel.distributed.engine import Objective
+from parallel.trainer import Objective
 from training.config import DPOStage
 from training.loop import Checkpoints, train_loop
 from training.losses import IGNORE_INDEX, dpo_loss, sequence_logprobs
@@ -41,7 +38,7 @@ from training.preference import (
     sides,
 )
 from training.resume import Resumer
-from training.resume import discard as discard_resume
+from training.skeleton import StageRun, adapters
 
 Progress = Callable[[dict], None]
 
@@ -174,66 +171,39 @@ def run_dpo(
     progress: Progress | None = None,
 ) -> dict:
     """Train, validate, write out_dir/checkpoint/ and out_dir/result.json; returns the result dict."""
-    started = time.perf_counter()
-    seed = cfg.seed if cfg.seed is not None else seed
-    torch.manual_seed(seed)
-    session = setup(cfg, Path(model_dir), Path(data_dir), parallel, seed)
-    out_dir = Path(out_dir)
-    result = train(cfg, session, progress or (lambda event: None), Resumer(out_dir, cfg.checkpoint_every))
-    state = session.trainer.final_state()  # collective under several ranks
-    if state is not None:  # one process, or rank 0
-        model = (
-            state
-            if isinstance(state, torch.nn.Module)
-            else engine.rebuild_model(
-                model_dir,
-                state,
-                None if cfg.mode == "full" else cfg.lora.model_dump(),
-                adapters_only=cfg.mode == "qlora",
-            )
-        )
-        save_checkpoint(model, session.tokenizer, out_dir / "checkpoint", base_model_dir=model_dir, mode=cfg.mode)
-        trainable, total = engine.count_params(model)
-        result.update(
-            mode=cfg.mode,
-            loss_type=cfg.loss_type,
-            beta=cfg.beta,
-            seed=seed,
-            precompute_reference=cfg.precompute_reference,
-            seconds=time.perf_counter() - started,
-            trainable_params=trainable,
-            total_params=total,
-            device=str(session.runtime.device),
-            world_size=parallel.world_size,
-            data={name: vars(stats) for name, stats in session.data_stats.items()},
-        )
-        (out_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
-        discard_resume(out_dir)  # the stage is complete: nothing to resume
-    return engine.from_rank0(result)
+    run = StageRun.start(
+        cfg, model_dir=model_dir, data_dir=data_dir, out_dir=out_dir, parallel=parallel, seed=seed, progress=progress
+    )
+    session = setup(cfg, run.model_dir, run.data_dir, parallel, run.seed)
+    result = train(cfg, session, run.progress, run.resumer())
+    return run.finish(
+        session.trainer.learner,
+        result,
+        save=run.save_causal_lm(session.tokenizer),
+        data_stats=session.data_stats,
+        device=session.runtime.device,
+        loss_type=cfg.loss_type,
+        beta=cfg.beta,
+        precompute_reference=cfg.precompute_reference,
+    )
 
 
 def setup(cfg: DPOStage, model_dir: Path, data_dir: Path, parallel: ParallelConfig, seed: int) -> Session:
     from transformers import AutoConfig
 
+    model_dir, data_dir = Path(model_dir), Path(data_dir)
     engine.check_layout(parallel, cfg.mode, AutoConfig.from_pretrained(model_dir))
-    distributed = engine.is_distributed()
-    if distributed:
-        check_pair_split(cfg.batch_size, cfg.grad_accum, parallel, "dpo")
-        if not cfg.precompute_reference:
-            raise ValueError(
-                "precompute_reference: must be true under several processes (the reference "
-                "log-probs are computed before the model is laid out)"
-            )
+    check_pair_split(cfg.batch_size, cfg.grad_accum, parallel, "dpo")
+    if parallel.world_size > 1 and not cfg.precompute_reference:
+        raise ValueError(
+            "precompute_reference: must be true under several processes (the reference "
+            "log-probs are computed before the model is laid out)"
+        )
     data = load_preference_data(model_dir, data_dir, cfg.seq_len, cfg.batch_size, seed, "dpo")
     runtime = engine.build_runtime(parallel)
-    lora = None if cfg.mode == "full" else cfg.lora.model_dump()
-    quant = cfg.quant.model_dump() if cfg.mode == "qlora" else None
-    # Several ranks: the full model on every rank first (same seed, same LoRA init), cut up below.
-    policy = (
-        engine.load_model(model_dir, lora, quant)
-        if distributed
-        else engine.build_model(model_dir, parallel, runtime, lora=lora, quant=quant)
-    )
+    lora, quant = adapters(cfg)
+    # The whole model on every rank first (same seed, same LoRA init); the engine lays it out below.
+    policy = engine.load_model(model_dir, lora, quant).to(runtime.device)
     reference = Reference(policy, cfg.mode)
     micro = cfg.batch_size // cfg.grad_accum
     val_ref = reference.all_pairs(data.validation, micro, data.pad_id, runtime)
@@ -241,7 +211,7 @@ def setup(cfg: DPOStage, model_dir: Path, data_dir: Path, parallel: ParallelConf
     if cfg.precompute_reference:
         train_ref = reference.all_pairs(data.train, micro, data.pad_id, runtime)
         reference.release()
-    trainer = PairwiseTrainer(cfg, policy, model_dir, parallel, runtime, DPOObjective(cfg))
+    trainer = PairwiseTrainer(cfg, policy, model_dir, parallel, DPOObjective(cfg))
     return Session(
         trainer,
         reference,
@@ -262,7 +232,7 @@ def dpo_step(cfg: DPOStage, s: Session, indices: list[int]) -> dict[str, float]:
     pairs = [s.train_pairs[i] for i in indices]
     if s.train_ref is not None:
         ref = s.train_ref[indices]
-    else:  # one process: the reference scores this batch now (no gradient)
+    else:  # the whole policy on this rank (one process): the reference scores this batch now
         ref = torch.stack(s.reference(collate_pairs(pairs, s.pad_id), s.runtime), dim=1).cpu()
     return s.trainer.step(s.trainer.collate(pairs, s.pad_id, ref_logps=ref))
 

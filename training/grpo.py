@@ -6,15 +6,14 @@ loss is the clipped surrogate (token mean over the mini-batch) plus beta x the k
 KL(policy || reference) at the sampled tokens. beta = 0 drops the reference model entirely.
 
 Under torch.distributed (dp, ZeRO 0-3, tp; not pp) the policy is laid out by the engine's
-DistributedTrainer: each dp rank samples its share of the rollouts (tp ranks of a dp group draw the same
+Trainer: each dp rank samples its share of the rollouts (tp ranks of a dp group draw the same
 samples; generation keeps the ranks in lockstep), the responses are gathered so every rank holds the
-whole batch, advantages are computed over it, and each update is one DistributedTrainer step on the
+whole batch, advantages are computed over it, and each update is one Trainer step on the
 global mini-batch with the loss as a token mean over the whole mini-batch, as in one process.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +51,7 @@ from training.rollout import (
     sample_rollouts,
     score,
 )
+from training.skeleton import StageRun, adapters
 from training.stages import sampling_layout
 
 
@@ -98,23 +98,12 @@ def run_grpo(
     progress: Progress | None = None,
 ) -> dict:
     """Train, evaluate, write out_dir/checkpoint/ (the policy) and out_dir/result.json; returns the result."""
-    started = time.perf_counter()
-    seed = cfg.seed if cfg.seed is not None else seed
-    torch.manual_seed(seed)
-    session = setup(cfg, Path(model_dir), Path(data_dir), parallel, seed, reward_model_dir)
-    result = train(cfg, session, progress or (lambda event: None), Resumer(Path(out_dir), cfg.checkpoint_every))
-    return finish_policy_run(
-        cfg,
-        session,
-        result,
-        model_dir=model_dir,
-        out_dir=out_dir,
-        started=started,
-        seed=seed,
-        parallel=parallel,
-        group_size=cfg.group_size,
-        beta=cfg.beta,
+    run = StageRun.start(
+        cfg, model_dir=model_dir, data_dir=data_dir, out_dir=out_dir, parallel=parallel, seed=seed, progress=progress
     )
+    session = setup(cfg, run.model_dir, run.data_dir, parallel, run.seed, reward_model_dir)
+    result = train(cfg, session, run.progress, run.resumer())
+    return finish_policy_run(run, session, result, group_size=cfg.group_size, beta=cfg.beta)
 
 
 def setup(
@@ -127,19 +116,18 @@ def setup(
 ) -> Session:
     from transformers import AutoConfig
 
+    model_dir, data_dir = Path(model_dir), Path(data_dir)
     engine.check_layout(parallel, cfg.mode, AutoConfig.from_pretrained(model_dir))
-    distributed = engine.is_distributed()
-    if distributed:
-        check_no_pipeline(parallel, "grpo")
-        for name, rows in (
-            ("batch_size x group_size", cfg.batch_size * cfg.group_size),
-            ("mini_batch_size", mini_batch_size(cfg)),
-        ):
-            if rows % (parallel.dp * parallel.microbatches):
-                raise ValueError(
-                    f"stages (grpo): {name} = {rows} responses do not split into dp={parallel.dp} x "
-                    f"parallel.microbatches={parallel.microbatches} equal parts"
-                )
+    check_no_pipeline(parallel, "grpo")
+    for name, rows in (
+        ("batch_size x group_size", cfg.batch_size * cfg.group_size),
+        ("mini_batch_size", mini_batch_size(cfg)),
+    ):
+        if rows % (parallel.dp * parallel.microbatches):
+            raise ValueError(
+                f"stages (grpo): {name} = {rows} responses do not split into dp={parallel.dp} x "
+                f"parallel.microbatches={parallel.microbatches} equal parts"
+            )
     check_reward_source(cfg.reward_fn, reward_model_dir, "grpo")
     tokenizer, pad_id = chat_tokenizer(model_dir, "GRPO renders prompts")
     train_prompts, train_stats = load_prompts(data_dir / "train.jsonl", tokenizer, cfg.max_prompt_len)
@@ -147,32 +135,21 @@ def setup(
     batches = PromptBatches(train_prompts, cfg.batch_size, seed)
 
     runtime = engine.build_runtime(parallel)
-    lora = None if cfg.mode == "full" else cfg.lora.model_dump()
-    quant = cfg.quant.model_dump() if cfg.mode == "qlora" else None
+    lora, quant = adapters(cfg)
     reward, reward_source = build_reward(cfg.reward_fn, reward_model_dir, "grpo", runtime, cfg.offload_frozen)
     num_updates = cfg.max_steps * cfg.ppo_epochs * (cfg.batch_size * cfg.group_size // mini_batch_size(cfg))
-    opt = cfg.optim
-    if distributed:
-        trainer = engine.build_trainer(
-            model_dir,
-            sampling_layout(parallel),
-            mode=cfg.mode,
-            lora=lora,
-            lr=opt.lr,
-            weight_decay=opt.weight_decay,
-            betas=opt.betas,
-            eps=opt.eps,
-            grad_clip=opt.grad_clip,
-            quant=quant,
-        )
-        learner = Learner(None, opt, num_updates, runtime, trainer)
-    else:
-        learner = Learner(
-            engine.build_model(model_dir, parallel, runtime, lora=lora, quant=quant), opt, num_updates, runtime
-        )
+    learner = Learner.build(
+        model_dir,
+        sampling_layout(parallel),
+        mode=cfg.mode,
+        optim=cfg.optim,
+        num_updates=num_updates,
+        lora=lora,
+        quant=quant,
+    )
     policy = learner.model
     reference = Reference(policy, model_dir, cfg.mode, runtime, cfg.offload_frozen) if cfg.beta > 0 else None
-    sampler = Sampler(tokenizer, pad_id, end_ids(tokenizer, policy), runtime, synced=distributed)
+    sampler = Sampler(tokenizer, pad_id, end_ids(tokenizer, policy), runtime, synced=parallel.world_size > 1)
     return Session(
         learner,
         reference,

@@ -1,5 +1,6 @@
-"""A trained model and its optimizer updates, the same for every stage that trains with an engine Objective
-(DPO, the reward model, PPO's policy and critic, GRPO): one process, or the engine's DistributedTrainer."""
+"""A trained model and its optimizer updates, the same for every training stage (SFT's token loss, DPO,
+the reward model, PPO's policy and critic, GRPO): the engine's Trainer over this process group's mesh
+(one process is the mesh of ones) and the warmup + cosine schedule over its updates."""
 
 from __future__ import annotations
 
@@ -8,39 +9,45 @@ import contextlib
 import torch
 
 from parallel import engine
-from parallel.distributed.engine import Objective, model_inputs
+from parallel.trainer import Objective
 
 
 class Learner:
-    """A trained model and its updates: in one process the model with AdamW and the update schedule,
-    under torch.distributed the engine's DistributedTrainer (whose laid-out model is `model`).
+    """A model laid out by the engine's Trainer (`trainer`; `model` is the part this rank holds, the whole
+    model when nothing is cut up) and its updates.
 
     update(batch, objective) runs one optimizer update on a global mini-batch and returns the objective's
-    statistics as means per unit, the learning rate used and the grad norm before clipping. In one
-    process the batch runs as grad_accum micro-batches (a DistributedTrainer has its own count)."""
+    statistics as means per unit, the learning rate used and the grad norm before clipping."""
 
-    def __init__(self, model, optim_cfg, num_updates: int, runtime: engine.Runtime, trainer=None, grad_accum: int = 1):
-        self.optim_cfg, self.num_updates, self.runtime, self.trainer = optim_cfg, num_updates, runtime, trainer
-        self.grad_accum = grad_accum
+    def __init__(self, trainer, optim_cfg, num_updates: int):
+        self.trainer, self.optim_cfg, self.num_updates = trainer, optim_cfg, num_updates
+        self.model = trainer.parts[0]
         self.updates = 0
-        if trainer is not None:
-            self.model, self.optimizer, self.scheduler = trainer.parts[0], None, None
-        else:
-            opt = optim_cfg
-            self.model = model
-            self.optimizer = engine.build_optimizer(
-                model, lr=opt.lr, weight_decay=opt.weight_decay, betas=opt.betas, eps=opt.eps, runtime=runtime
-            )
-            self.scheduler = update_schedule(self.optimizer, opt, num_updates)
+
+    @classmethod
+    def build(
+        cls,
+        model_dir,
+        parallel,
+        *,
+        mode: str,
+        optim,
+        num_updates: int,
+        lora=None,
+        quant=None,
+        grad_accum: int = 1,
+        model=None,
+    ) -> "Learner":
+        """Load (or take) the model and lay it out (collective under several ranks); see engine.build_trainer."""
+        trainer = engine.build_trainer(
+            model_dir, parallel, mode=mode, optim=optim, lora=lora, quant=quant, grad_accum=grad_accum, model=model
+        )
+        return cls(trainer, optim, num_updates)
 
     def state(self):
-        """The training state a checkpoint holds: the DistributedTrainer, or the one-process model,
-        optimizer and schedule (parallel.distributed.checkpoint), at this learner's update count."""
-        from parallel.distributed.checkpoint import OneProcessState
-
-        if self.trainer is not None:
-            return self.trainer
-        return OneProcessState(self.model, self.optimizer, self.scheduler, step=self.updates)
+        """The training state a checkpoint holds (parallel.distributed.checkpoint), at this update count."""
+        self.trainer.step = self.updates
+        return self.trainer
 
     def resume(self, resumer) -> dict | None:
         """Restore the latest checkpoint of `resumer` (training.resume.Resumer), if any (collective)."""
@@ -49,57 +56,34 @@ class Learner:
             self.updates = resumed["step"]
         return resumed
 
-    def update(self, batch: dict[str, torch.Tensor], objective: Objective) -> tuple[dict[str, float], float, float]:
-        units = objective.count(batch)
+    def lr(self) -> float:
+        """The learning rate of the next update."""
         opt = self.optim_cfg
-        if self.trainer is not None:
-            lr = opt.lr * engine.lr_factor(
-                self.updates, warmup_steps=opt.warmup_steps, max_steps=self.num_updates, min_lr_ratio=opt.min_lr_ratio
-            )
-            grad_norm = engine.distributed_train_step(self.trainer, batch, lr=lr, objective=objective).grad_norm
-            stats = self.trainer.last_stats
-        else:
-            lr = self.optimizer.param_groups[0]["lr"]
-            self.optimizer.zero_grad(set_to_none=True)
-            stats = {}
-            for micro in _split_rows(batch, self.grad_accum):
-                summed, micro_stats = objective(*self._forward(micro))
-                (summed / units).backward()
-                for key, value in micro_stats.items():
-                    stats[key] = stats.get(key, 0.0) + float(value)
-            grad_norm = engine.optimizer_step(self.model, self.optimizer, self.scheduler, opt.grad_clip)
+        return opt.lr * engine.lr_factor(
+            self.updates, warmup_steps=opt.warmup_steps, max_steps=self.num_updates, min_lr_ratio=opt.min_lr_ratio
+        )
+
+    def update(self, batch: dict[str, torch.Tensor], objective: Objective | None = None):
+        """One optimizer update: (statistics as means per unit, lr, grad norm); `metrics` keeps the
+        engine's StepMetrics of it (loss, label and input token counts). objective: token CE when None."""
+        units = objective.count(batch) if objective is not None else None
+        self.metrics = engine.train_step(self.trainer, batch, lr=self.lr(), objective=objective)
         self.updates += 1
-        return {k: float(v) / units for k, v in stats.items()}, lr, float(grad_norm)
+        stats = {k: float(v) / units for k, v in self.trainer.last_stats.items()} if units else {}
+        return stats, self.metrics.lr, float(self.metrics.grad_norm)
 
     @torch.no_grad()
     def rows(self, rows: dict[str, torch.Tensor], fn, context=None) -> torch.Tensor:
         """fn(logits, rows) for every row (eval mode; through the layout, gathered over dp), on CPU."""
-        parts = self.trainer.parts if self.trainer is not None else [self.model]
-        for part in parts:
+        for part in self.trainer.parts:
             part.eval()
         try:
             with context if context is not None else contextlib.nullcontext():
-                if self.trainer is not None:
-                    return self.trainer.forward_rows(rows, fn)
-                return fn(*self._forward(rows)).float().cpu()
+                return self.trainer.forward_rows(rows, fn)
         finally:
-            for part in parts:
+            for part in self.trainer.parts:
                 part.train()
 
-    def _forward(self, rows: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(logits, rows on the device) of the one-process model."""
-        local = {k: v.to(self.runtime.device) for k, v in rows.items()}
-        with self.runtime.autocast():
-            return self.model(**model_inputs(local), use_cache=False).logits, local
-
-
-def update_schedule(optimizer, optim_cfg, num_updates: int):
-    """The engine's warmup + cosine schedule over optimizer updates."""
-    return engine.build_scheduler(
-        optimizer, warmup_steps=optim_cfg.warmup_steps, max_steps=num_updates, min_lr_ratio=optim_cfg.min_lr_ratio
-    )
-
-
-def _split_rows(batch: dict[str, torch.Tensor], parts: int) -> list[dict[str, torch.Tensor]]:
-    chunks = {k: v.chunk(parts) for k, v in batch.items()}
-    return [{k: v[i] for k, v in chunks.items()} for i in range(parts)]
+    def eval_loss(self, batches: list[dict[str, torch.Tensor]]) -> float:
+        """Token-mean cross-entropy over the batches' label tokens (collective)."""
+        return self.trainer.eval_loss(batches)

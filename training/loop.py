@@ -1,4 +1,4 @@
-"""The training loop of the Learner-based stages (DPO, reward model, PPO, GRPO): held-out metrics at
+"""The training loop of every stage (SFT, DPO, reward model, PPO, GRPO): held-out metrics at
 step 0, one `step_fn(step)` per step, windowed training logs, held-out metrics every eval_every, and a
 resumable checkpoint of the learners every checkpoint_every (training.resume), from which a restarted
 stage continues."""
@@ -45,14 +45,16 @@ def train_loop(
     evaluate_fn: Callable[[], dict[str, float]],
     progress: Progress,
     *,
-    rate: tuple[str, int],
+    rate: tuple[str, int | str],
     last_only: frozenset[str] = frozenset({"lr", "grad_norm"}),
     checkpoints: Checkpoints | None = None,
 ) -> dict:
     """Run steps 1..cfg.max_steps (after the latest checkpoint when there is one).
 
     Logged training metrics are means over the steps since the last log, except `last_only` ones (the
-    last value). rate: (name, units per step) for the throughput, e.g. ("pairs_per_s", batch_size).
+    last value). rate: (name, units per step) for the throughput, e.g. ("pairs_per_s", batch_size), or
+    (name, key) when each step's metrics count its units under `key` (e.g. ("tokens_per_s", "tokens"):
+    that key is summed, not logged, and the result holds its total and the overall rate).
     """
     started = time.perf_counter()
     resumed = checkpoints.load() if checkpoints is not None else None
@@ -65,10 +67,17 @@ def train_loop(
     val, window, window_seconds, train_metrics = val_before, [], 0.0, {}
     first = 1 + (resumed["step"] if resumed else 0)
     rate_key, units = rate
+    total_units, window_units, step_seconds = 0, 0, 0.0
     for step in range(first, cfg.max_steps + 1):
         t0 = time.perf_counter()
-        window.append(step_fn(step))
-        window_seconds += time.perf_counter() - t0
+        metrics = step_fn(step)
+        seconds = time.perf_counter() - t0
+        window_seconds += seconds
+        step_seconds += seconds
+        step_units = metrics.pop(units) if isinstance(units, str) else units
+        total_units += step_units
+        window_units += step_units
+        window.append(metrics)
         last = step == cfg.max_steps
         if step % cfg.log_every == 0 or last:
             train_metrics = {
@@ -79,17 +88,19 @@ def train_loop(
                     "step": step,
                     "max_steps": cfg.max_steps,
                     **train_metrics,
-                    rate_key: len(window) * units / window_seconds,
+                    rate_key: window_units / window_seconds,
                     "elapsed_s": time.perf_counter() - started,
                 }
             )
-            window, window_seconds = [], 0.0
+            window, window_seconds, window_units = [], 0.0, 0
         if step % cfg.eval_every == 0 or last:
             val = evaluate_fn()
             progress({"step": step} | val)
         if checkpoints is not None and checkpoints.resumer.due(step, cfg.max_steps):
-            progress({"step": step, "checkpoint": checkpoints.save(step, val_before)})
-    return {
+            t0 = time.perf_counter()
+            path = checkpoints.save(step, val_before)
+            progress({"step": step, "checkpoint": path, "checkpoint_s": time.perf_counter() - t0})
+    out = {
         "steps": cfg.max_steps,
         "train_seconds": time.perf_counter() - started,
         **{f"final_{k}": v for k, v in train_metrics.items()},
@@ -97,3 +108,6 @@ def train_loop(
         "val_before": val_before,
         "resumed_from_step": resumed["step"] if resumed else None,
     }
+    if isinstance(units, str):
+        out |= {units: total_units, rate_key: total_units / max(step_seconds, 1e-9)}
+    return out

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100  # the engine's label padding value (parallel.engine.IGNORE_INDEX)
+from parallel.trainer import IGNORE_INDEX  # the engine's label padding value
 
 
 @dataclass(frozen=True)

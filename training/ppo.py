@@ -11,7 +11,6 @@ controller (Ziegler et al. 2019) towards kl_target nats per response.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import torch
 
 from parallel import engine
 from parallel.dims import ParallelConfig
-from parallel.distributed.engine import Objective, model_inputs
+from parallel.trainer import Objective, model_inputs
 from training.config import PPOStage
 from training.data import chat_tokenizer
 from training.learner import Learner
@@ -27,6 +26,7 @@ from training.loop import Checkpoints, train_loop
 from training.losses import gae, ppo_value_loss, whiten
 from training.preference import check_no_pipeline
 from training.resume import Resumer
+from training.reward import build_reward_model
 from training.rollout import (
     LAST_ONLY,
     ClippedPolicyObjective,
@@ -51,6 +51,7 @@ from training.rollout import (
     sample_rollouts,
     score,
 )
+from training.skeleton import StageRun, adapters
 from training.stages import sampling_layout
 
 
@@ -69,45 +70,6 @@ class KLController:
             return
         error = min(max(kl / self.target - 1, -0.2), 0.2)
         self.coef *= 1 + error * num_rollouts / self.horizon
-
-
-def build_critic(
-    init_dir: Path,
-    pad_id: int,
-    parallel: ParallelConfig,
-    runtime: engine.Runtime,
-    lora: dict | None = None,
-    quant: dict | None = None,
-):
-    """A sequence-classification model (num_labels=1) used as a per-token value function.
-
-    From a reward model the head is kept; from the policy's directory it is freshly initialised.
-    quant: QLoRA's 4-bit backbone (the value head stays full precision).
-    """
-    from transformers import AutoModelForSequenceClassification
-
-    critic = engine.from_pretrained(AutoModelForSequenceClassification, init_dir, quant, lora, num_labels=1)
-    critic.config.pad_token_id = pad_id
-    if not hasattr(critic, "score") or not hasattr(critic, critic.base_model_prefix):
-        raise ValueError(
-            f"critic from {init_dir}: {type(critic).__name__} has no `score` head over a backbone; "
-            "per-token values need one"
-        )
-    if parallel.activation_checkpointing == "full":
-        critic.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if lora is not None:
-        from peft import LoraConfig, get_peft_model
-
-        # SEQ_CLS keeps the value head fully trainable (peft adds it to modules_to_save).
-        config = LoraConfig(
-            r=lora["r"],
-            lora_alpha=lora["alpha"],
-            lora_dropout=lora["dropout"],
-            target_modules=lora["target_modules"],
-            task_type="SEQ_CLS",
-        )
-        critic = get_peft_model(critic, config)
-    return critic.to(runtime.device).train()
 
 
 class TokenValues(torch.nn.Module):
@@ -201,23 +163,12 @@ def run_ppo(
     progress: Progress | None = None,
 ) -> dict:
     """Train, evaluate, write out_dir/checkpoint/ (the policy) and out_dir/result.json; returns the result."""
-    started = time.perf_counter()
-    seed = cfg.seed if cfg.seed is not None else seed
-    torch.manual_seed(seed)
-    session = setup(cfg, Path(model_dir), Path(data_dir), parallel, seed, reward_model_dir)
-    result = train(cfg, session, progress or (lambda event: None), Resumer(Path(out_dir), cfg.checkpoint_every))
-    return finish_policy_run(
-        cfg,
-        session,
-        result,
-        model_dir=model_dir,
-        out_dir=out_dir,
-        started=started,
-        seed=seed,
-        parallel=parallel,
-        critic_init=session.critic_init,
-        final_kl_coef=session.kl.coef,
+    run = StageRun.start(
+        cfg, model_dir=model_dir, data_dir=data_dir, out_dir=out_dir, parallel=parallel, seed=seed, progress=progress
     )
+    session = setup(cfg, run.model_dir, run.data_dir, parallel, run.seed, reward_model_dir)
+    result = train(cfg, session, run.progress, run.resumer())
+    return finish_policy_run(run, session, result, critic_init=session.critic_init, final_kl_coef=session.kl.coef)
 
 
 def _critic_init(cfg: PPOStage, reward_model_dir: Path | None) -> str:
@@ -238,16 +189,15 @@ def setup(
 ) -> Session:
     from transformers import AutoConfig, AutoTokenizer
 
+    model_dir, data_dir = Path(model_dir), Path(data_dir)
     engine.check_layout(parallel, cfg.mode, AutoConfig.from_pretrained(model_dir))
-    distributed = engine.is_distributed()
-    if distributed:
-        check_no_pipeline(parallel, "ppo")
-        for name, rows in (("batch_size", cfg.batch_size), ("mini_batch_size", cfg.mini_batch_size)):
-            if rows % (parallel.dp * parallel.microbatches):
-                raise ValueError(
-                    f"stages (ppo): {name} = {rows} rollouts do not split into dp={parallel.dp} x "
-                    f"parallel.microbatches={parallel.microbatches} equal parts"
-                )
+    check_no_pipeline(parallel, "ppo")
+    for name, rows in (("batch_size", cfg.batch_size), ("mini_batch_size", cfg.mini_batch_size)):
+        if rows % (parallel.dp * parallel.microbatches):
+            raise ValueError(
+                f"stages (ppo): {name} = {rows} rollouts do not split into dp={parallel.dp} x "
+                f"parallel.microbatches={parallel.microbatches} equal parts"
+            )
     check_reward_source(cfg.reward_fn, reward_model_dir, "ppo")
     critic_init = _critic_init(cfg, reward_model_dir)
     tokenizer, pad_id = chat_tokenizer(model_dir, "PPO renders prompts")
@@ -263,49 +213,23 @@ def setup(
     batches = PromptBatches(train_prompts, cfg.batch_size, seed)
 
     runtime = engine.build_runtime(parallel)
-    lora = None if cfg.mode == "full" else cfg.lora.model_dump()
-    quant = cfg.quant.model_dump() if cfg.mode == "qlora" else None
+    lora, quant = adapters(cfg)
     reward, reward_source = build_reward(cfg.reward_fn, reward_model_dir, "ppo", runtime, cfg.offload_frozen)
     critic_dir = reward_model_dir if critic_init == "reward_model" else model_dir
     num_updates = cfg.max_steps * cfg.ppo_epochs * (cfg.batch_size // cfg.mini_batch_size)
-    if distributed:  # both models laid out by the engine; the engine applies activation checkpointing
-        plain = parallel.model_copy(update={"activation_checkpointing": "none"})
-        parallel = sampling_layout(parallel)
-        cpu = engine.Runtime(torch.device("cpu"), None)
-        learners = []
-        for model, opt in (
-            (None, cfg.optim),
-            (TokenValues(build_critic(critic_dir, pad_id, plain, cpu, lora, quant)), cfg.critic_optim),
-        ):
-            trainer = engine.build_trainer(
-                model_dir,
-                parallel,
-                mode=cfg.mode,
-                lora=lora,
-                lr=opt.lr,
-                weight_decay=opt.weight_decay,
-                betas=opt.betas,
-                eps=opt.eps,
-                grad_clip=opt.grad_clip,
-                model=model,
-                quant=quant,
-            )
-            learners.append(Learner(None, opt, num_updates, runtime, trainer))
-        policy_learner, critic_learner = learners
-    else:
-        policy_learner = Learner(
-            engine.build_model(model_dir, parallel, runtime, lora=lora, quant=quant), cfg.optim, num_updates, runtime
-        )
-        critic_learner = Learner(
-            TokenValues(build_critic(critic_dir, pad_id, parallel, runtime, lora, quant)),
-            cfg.critic_optim,
-            num_updates,
-            runtime,
-        )
+    layout = sampling_layout(parallel)
+    # The policy first, then the critic (each rank loads alike: same seed, same LoRA and head inits).
+    policy_learner = Learner.build(
+        model_dir, layout, mode=cfg.mode, optim=cfg.optim, num_updates=num_updates, lora=lora, quant=quant
+    )
+    critic = TokenValues(build_reward_model(critic_dir, pad_id, lora, quant, require_head=True))
+    critic_learner = Learner.build(
+        model_dir, layout, mode=cfg.mode, optim=cfg.critic_optim, num_updates=num_updates, model=critic
+    )
     policy = policy_learner.model
     reference = Reference(policy, model_dir, cfg.mode, runtime, cfg.offload_frozen)
     kl = KLController(cfg.kl_coef, cfg.kl_target if cfg.adaptive_kl else None, cfg.kl_horizon)
-    sampler = Sampler(tokenizer, pad_id, end_ids(tokenizer, policy), runtime, synced=distributed)
+    sampler = Sampler(tokenizer, pad_id, end_ids(tokenizer, policy), runtime, synced=parallel.world_size > 1)
     return Session(
         policy_learner,
         critic_learner,

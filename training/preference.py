@@ -188,39 +188,28 @@ def load_preference_data(
 
 
 class PairwiseTrainer:
-    """Trains a model on interleaved pair batches with an Objective (parallel.distributed.engine) through a
-    Learner: in one process (AdamW + schedule, grad_accum micro-batches) or, under torch.distributed, the
-    engine's DistributedTrainer (every layout: dp, ZeRO, tp, pp). The objective's statistics come back as
-    means per pair; losses and gradients equal one process's."""
+    """Trains a model on interleaved pair batches with an Objective (parallel.trainer) through a Learner
+    (the engine's Trainer: one process or any layout: dp, ZeRO, tp, pp). The objective's statistics come
+    back as means per pair; losses and gradients equal one process's."""
 
-    def __init__(self, cfg, model, model_dir: Path, parallel, runtime, objective):
-        from parallel import engine
-
+    def __init__(self, cfg, model, model_dir: Path, parallel, objective):
         self.cfg, self.objective, self.pp = cfg, objective, parallel.pp
         self.width = cfg.seq_len if parallel.pp > 1 else None  # pipeline stages keep the first shape they see
-        trainer = None
-        if engine.is_distributed():
-            opt = cfg.optim
-            trainer = engine.build_trainer(
-                model_dir,
-                parallel,
-                mode=cfg.mode,
-                lora=None,
-                lr=opt.lr,
-                weight_decay=opt.weight_decay,
-                betas=opt.betas,
-                eps=opt.eps,
-                grad_clip=opt.grad_clip,
-                grad_accum=cfg.grad_accum,
-                model=model,
-            )
-        self.learner = Learner(model, cfg.optim, cfg.max_steps, runtime, trainer, grad_accum=cfg.grad_accum)
-        self.dp = trainer.dims.dp if trainer is not None else 1
+        self.learner = Learner.build(
+            model_dir,
+            parallel,
+            mode=cfg.mode,
+            optim=cfg.optim,
+            num_updates=cfg.max_steps,
+            grad_accum=cfg.grad_accum,
+            model=model,
+        )
+        self.dp = self.learner.trainer.dims.dp
 
     @property
     def model(self):
-        """The one-process model (None when laid out over several ranks)."""
-        return self.learner.model if self.learner.trainer is None else None
+        """The trained model when the layout keeps it whole on this rank (no pp, tp or FSDP), else None."""
+        return self.learner.trainer.whole_model
 
     def step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         """One optimizer step on a global pair batch: per-pair mean statistics, lr, grad_norm."""
@@ -241,13 +230,6 @@ class PairwiseTrainer:
         ]
         return torch.cat(out).reshape(-1, 2)[: len(pairs)]
 
-    def final_state(self):
-        """One process: the model. Several: the gathered full state dict on rank 0, None elsewhere."""
-        from parallel.checkpoint import gather_full_state_dict
-
-        trainer = self.learner.trainer
-        return self.learner.model if trainer is None else gather_full_state_dict(trainer)
-
 
 def check_pair_split(batch_size: int, grad_accum: int, parallel, stage: str) -> None:
     """Under several ranks every dp rank runs microbatches x grad_accum micro-batches of whole pairs."""
@@ -262,18 +244,12 @@ def check_pair_split(batch_size: int, grad_accum: int, parallel, stage: str) -> 
 
 def share_of_pairs(pairs: list[Pair], fn_all) -> torch.Tensor:
     """fn_all(some pairs) -> [n, 2] computed by each rank for its share of `pairs` (every world-th pair),
-    then gathered so every rank holds all len(pairs) rows in order. One process: fn_all(pairs)."""
-    import torch.distributed as dist
-
+    then gathered so every rank holds all len(pairs) rows in order (one process: all of them)."""
     from parallel import engine
 
-    if not engine.is_distributed():
-        return fn_all(pairs)
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank, world = engine.rank_and_world()
     mine = fn_all(pairs[rank::world]) if pairs[rank::world] else torch.zeros(0, 2)
-    gathered = [None] * world
-    dist.all_gather_object(gathered, mine)
     out = torch.zeros(len(pairs), 2)
-    for r, values in enumerate(gathered):
+    for r, values in enumerate(engine.all_gather_object(mine)):
         out[r::world] = values
     return out

@@ -14,8 +14,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import torch.distributed as dist
-
+from parallel import engine
 from parallel.distributed.checkpoint import load_checkpoint, save_checkpoint
 
 LATEST = "latest"
@@ -29,15 +28,6 @@ def resume_dir(out_dir: Path) -> Path:
 def discard(out_dir: Path) -> None:
     """Drop a stage's resumable state (the stage completed, or its config changed)."""
     shutil.rmtree(resume_dir(out_dir), ignore_errors=True)
-
-
-def _leader() -> bool:
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 class Resumer:
@@ -55,7 +45,7 @@ class Resumer:
         return path if path.is_dir() else None
 
     def load(self, state) -> dict | None:
-        """Restore `state` (a DistributedTrainer or OneProcessState, or a dict of them by name) from the
+        """Restore `state` (a Trainer, or a dict of them by name) from the
         latest checkpoint (collective); returns its saved extra dict with the loop's `step`, or None when
         there is nothing to resume."""
         path = self.latest()
@@ -76,18 +66,18 @@ class Resumer:
         it and delete the older ones. `step` is the loop's; each state keeps its own update count."""
         name = f"step-{step:08d}"
         path = self.root / name
-        if _leader() and path.exists():
+        if engine.is_leader() and path.exists():
             shutil.rmtree(path)
-        _barrier()
+        engine.barrier()
         extra = (extra or {}) | {"loop_step": step}
         for sub, one in state.items() if isinstance(state, dict) else [(None, state)]:
             save_checkpoint(one, path / sub if sub else path, extra)
-        if _leader():
+        if engine.is_leader():
             tmp = self.root / f".{LATEST}.tmp"
             tmp.write_text(name + "\n")
             tmp.replace(self.root / LATEST)
             for old in self.root.glob("step-*"):
                 if old.name != name:
                     shutil.rmtree(old, ignore_errors=True)
-        _barrier()
+        engine.barrier()
         return path

@@ -3,13 +3,12 @@
 The model is the Hugging Face sequence-classification variant of the base (num_labels=1), which
 scores the last non-pad token; the checkpoint is a plain directory AutoModelForSequenceClassification
 loads (LoRA adapters are merged before saving). Under torch.distributed it trains through the engine's
-DistributedTrainer (data, ZeRO and tensor parallelism) with the loss averaged over the global pairs.
+Trainer (data, ZeRO and tensor parallelism) with the loss averaged over the global pairs.
 """
 
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -18,7 +17,7 @@ import torch
 
 from parallel import engine
 from parallel.dims import ParallelConfig
-from parallel.distributed.engine import Objective
+from parallel.trainer import Objective
 from training.config import RewardModelStage
 from training.loop import Checkpoints, train_loop
 from training.losses import bradley_terry_loss
@@ -32,41 +31,30 @@ from training.preference import (
     sides,
 )
 from training.resume import Resumer
-from training.resume import discard as discard_resume
+from training.skeleton import StageRun, adapters
 
 Progress = Callable[[dict], None]
 MANIFEST = "hpcft_reward_model.json"
 
 
-def build_reward_model(
-    model_dir: Path,
-    pad_id: int,
-    parallel: ParallelConfig,
-    runtime: engine.Runtime,
-    lora: dict | None = None,
-    quant: dict | None = None,
-):
-    """The base LM with a fresh 1-output score head (seeded by the caller's RNG state); pad_token_id set
-    so the last real token is scored. quant: QLoRA's 4-bit base (lora required)."""
+def build_reward_model(model_dir: Path, pad_id: int, lora=None, quant=None, *, require_head: bool = False):
+    """A sequence-classification model with one output on CPU, in training mode: the base LM with a fresh
+    score head (seeded by the caller's RNG state), or a reward model with its head kept (the reward model
+    stage, PPO's critic). pad_token_id set so the last real token is scored. lora/quant: typed configs
+    (QLoRA's 4-bit base needs lora; the head stays full precision and trains, peft's modules_to_save).
+    require_head: refuse a model without a `score` head over a backbone (per-token values need one)."""
     from transformers import AutoModelForSequenceClassification
 
     model = engine.from_pretrained(AutoModelForSequenceClassification, model_dir, quant, lora, num_labels=1)
     model.config.pad_token_id = pad_id
-    if parallel.activation_checkpointing == "full":
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if lora is not None:
-        from peft import LoraConfig, get_peft_model
-
-        # SEQ_CLS keeps the new score head fully trainable (peft adds it to modules_to_save).
-        config = LoraConfig(
-            r=lora["r"],
-            lora_alpha=lora["alpha"],
-            lora_dropout=lora["dropout"],
-            target_modules=lora["target_modules"],
-            task_type="SEQ_CLS",
+    if require_head and (not hasattr(model, "score") or not hasattr(model, model.base_model_prefix)):
+        raise ValueError(
+            f"critic from {model_dir}: {type(model).__name__} has no `score` head over a backbone; "
+            "per-token values need one"
         )
-        model = get_peft_model(model, config)
-    return model.to(runtime.device).train()
+    if lora is not None:
+        model = engine.apply_lora(model, lora, task_type="SEQ_CLS")
+    return model.train()
 
 
 def row_scores(logits: torch.Tensor, rows: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -138,45 +126,29 @@ def run_reward_model(
     progress: Progress | None = None,
 ) -> dict:
     """Train, validate, write out_dir/checkpoint/ (HF sequence classifier) and result.json; returns the result."""
-    started = time.perf_counter()
-    seed = cfg.seed if cfg.seed is not None else seed
-    torch.manual_seed(seed)
-    session = setup(cfg, Path(model_dir), Path(data_dir), parallel, seed)
-    out_dir = Path(out_dir)
-    result = train(cfg, session, progress or (lambda event: None), Resumer(out_dir, cfg.checkpoint_every))
-    state = session.trainer.final_state()  # collective under several ranks
-    if state is not None:  # one process, or rank 0
-        if isinstance(state, torch.nn.Module) and cfg.mode == "qlora":  # merge into the full-precision base
-            state = state.state_dict()
-        model = state if isinstance(state, torch.nn.Module) else _rebuild(cfg, model_dir, session, parallel, state)
-        trainable, total = engine.count_params(model)
-        save_reward_model(model, session.tokenizer, out_dir / "checkpoint", base_model_dir=model_dir, mode=cfg.mode)
-        result.update(
-            mode=cfg.mode,
-            seed=seed,
-            seconds=time.perf_counter() - started,
-            trainable_params=trainable,
-            total_params=total,
-            device=str(session.runtime.device),
-            world_size=parallel.world_size,
-            data={name: vars(stats) for name, stats in session.data_stats.items()},
-        )
-        (out_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
-        discard_resume(out_dir)  # the stage is complete: nothing to resume
-    return engine.from_rank0(result)
-
-
-def _rebuild(cfg: RewardModelStage, model_dir: Path, s: Session, parallel: ParallelConfig, state: dict):
-    """A one-process, full-precision reward model holding a trained state dict (rank 0's gathered one after a
-    multi-process run). QLoRA: the trained adapters and score head on the full-precision base."""
-    lora = None if cfg.mode == "full" else cfg.lora.model_dump()
-    model = build_reward_model(
-        model_dir,
-        s.pad_id,
-        parallel.model_copy(update={"activation_checkpointing": "none"}),
-        engine.Runtime(torch.device("cpu"), None),
-        lora=lora,
+    run = StageRun.start(
+        cfg, model_dir=model_dir, data_dir=data_dir, out_dir=out_dir, parallel=parallel, seed=seed, progress=progress
     )
+    session = setup(cfg, run.model_dir, run.data_dir, parallel, run.seed)
+    result = train(cfg, session, run.progress, run.resumer())
+
+    def save(model):
+        save_reward_model(model, session.tokenizer, run.out_dir / "checkpoint", base_model_dir=model_dir, mode=cfg.mode)
+
+    return run.finish(
+        session.trainer.learner,
+        result,
+        save=save,
+        rebuild=lambda state: _rebuild(cfg, run, session.pad_id, state),
+        data_stats=session.data_stats,
+        device=session.runtime.device,
+    )
+
+
+def _rebuild(cfg: RewardModelStage, run: StageRun, pad_id: int, state: dict):
+    """A one-process, full-precision reward model holding a trained state dict (rank 0's gathered one).
+    QLoRA: the trained adapters and score head on the full-precision base."""
+    model = build_reward_model(run.model_dir, pad_id, adapters(cfg)[0])
     if cfg.mode != "qlora":
         model.load_state_dict(state)
         return model
@@ -191,26 +163,14 @@ def _rebuild(cfg: RewardModelStage, model_dir: Path, s: Session, parallel: Paral
 def setup(cfg: RewardModelStage, model_dir: Path, data_dir: Path, parallel: ParallelConfig, seed: int) -> Session:
     from transformers import AutoConfig
 
+    model_dir, data_dir = Path(model_dir), Path(data_dir)
     engine.check_layout(parallel, cfg.mode, AutoConfig.from_pretrained(model_dir))
-    if engine.is_distributed():
-        check_pair_split(cfg.batch_size, cfg.grad_accum, parallel, "reward_model")
+    check_pair_split(cfg.batch_size, cfg.grad_accum, parallel, "reward_model")
     data = load_preference_data(model_dir, data_dir, cfg.seq_len, cfg.batch_size, seed, "reward_model")
     runtime = engine.build_runtime(parallel)
-    lora = None if cfg.mode == "full" else cfg.lora.model_dump()
-    quant = cfg.quant.model_dump() if cfg.mode == "qlora" else None
-    # Several ranks: each builds the same model on CPU (same seed, same fresh head); the engine lays it out.
-    if engine.is_distributed():  # the engine applies activation checkpointing itself
-        model = build_reward_model(
-            model_dir,
-            data.pad_id,
-            parallel.model_copy(update={"activation_checkpointing": "none"}),
-            engine.Runtime(torch.device("cpu"), None),
-            lora=lora,
-            quant=quant,
-        )
-    else:
-        model = build_reward_model(model_dir, data.pad_id, parallel, runtime, lora=lora, quant=quant)
-    trainer = PairwiseTrainer(cfg, model, model_dir, parallel, runtime, BradleyTerryObjective())
+    # Every rank builds the same model on CPU (same seed, same fresh head); the engine lays it out.
+    model = build_reward_model(model_dir, data.pad_id, *adapters(cfg))
+    trainer = PairwiseTrainer(cfg, model, model_dir, parallel, BradleyTerryObjective())
     return Session(trainer, data.tokenizer, runtime, data.train, data.batches, data.validation, data.pad_id, data.stats)
 
 

@@ -9,7 +9,6 @@ generation and in every training forward, so a left-padded prompt is seen exactl
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from parallel import engine
-from parallel.distributed.engine import Objective
+from parallel.trainer import Objective
 from training.data import epoch_batches, read_jsonl
 from training.learner import Learner
 from training.losses import entropy_from_logits, kl_penalty, masked_mean, ppo_policy_loss
@@ -493,10 +492,11 @@ class ClippedPolicyObjective(Objective):
 
 def sample_rollouts(cfg, s, prompts: list[Prompt], step: int):
     """(rollout, texts) for every prompt, from session `s` (policy, sampler, tokenizer, seed, and the
-    DistributedTrainer `s.policy_learner.trainer` or None). Several ranks: each dp rank samples a
-    contiguous share (its tp ranks alike, seeded by dp rank), then all ranks gather the responses in prompt order."""
+    Trainer `s.policy_learner.trainer`). One rank samples every prompt with the running generator.
+    Several ranks: each dp rank samples a contiguous share (its tp ranks alike, seeded by dp rank), then
+    all ranks gather the responses in prompt order."""
     trainer = s.policy_learner.trainer
-    if trainer is None:
+    if trainer.dims.world_size == 1:
         return s.sampler(
             s.policy, prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p
         )
@@ -622,63 +622,16 @@ def minibatches(num_rows: int, size: int, epochs: int) -> Iterator[torch.Tensor]
         yield from torch.randperm(num_rows).split(size)
 
 
-def save_policy_run(
-    cfg, session, result: dict, *, model_dir: Path, out_dir: Path, started: float, seed: int, policy=None, **extra
-) -> dict:
-    """Write out_dir/checkpoint/ (the policy: session.policy unless given) and out_dir/result.json (the
-    loop's result, the run's facts and `extra`); returns the result."""
-    import json
-
-    from parallel.checkpoint import save_checkpoint
-    from training.resume import discard as discard_resume
-
-    out_dir = Path(out_dir)
-    policy = session.policy if policy is None else policy
-    save_checkpoint(policy, session.tokenizer, out_dir / "checkpoint", base_model_dir=model_dir, mode=cfg.mode)
-    trainable, total = engine.count_params(policy)
-    result.update(
-        mode=cfg.mode,
-        seed=seed,
+def finish_policy_run(run, session, result: dict, **facts) -> dict:
+    """The policy gathered from its layout (collective) and, on rank 0, saved as out_dir/checkpoint/ with
+    out_dir/result.json (the loop's result, the reward source, `facts` and the run's facts); every rank
+    returns rank 0's result."""
+    return run.finish(
+        session.policy_learner,
+        result,
+        save=run.save_causal_lm(session.tokenizer),
+        data_stats=session.data_stats,
+        device=session.runtime.device,
         reward=session.reward_source,
-        **extra,
-        seconds=time.perf_counter() - started,
-        trainable_params=trainable,
-        total_params=total,
-        device=str(session.runtime.device),
-        data={name: vars(stats) for name, stats in session.data_stats.items()},
+        **facts,
     )
-    (out_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
-    discard_resume(out_dir)  # the stage is complete: nothing to resume
-    return result
-
-
-def finish_policy_run(
-    cfg, session, result: dict, *, model_dir: Path, out_dir: Path, started: float, seed: int, parallel, **extra
-) -> dict:
-    """save_policy_run in one process; under several ranks the policy is gathered (collective), rank 0
-    saves it, and every rank returns rank 0's result."""
-    trainer = session.policy_learner.trainer
-    if trainer is None:
-        return save_policy_run(
-            cfg, session, result, model_dir=model_dir, out_dir=out_dir, started=started, seed=seed, **extra
-        )
-    from parallel.checkpoint import gather_full_state_dict
-
-    state = gather_full_state_dict(trainer)
-    if state is not None:  # rank 0
-        policy = engine.rebuild_model(
-            model_dir, state, None if cfg.mode == "full" else cfg.lora.model_dump(), adapters_only=cfg.mode == "qlora"
-        )
-        result = save_policy_run(
-            cfg,
-            session,
-            result,
-            model_dir=model_dir,
-            out_dir=out_dir,
-            started=started,
-            seed=seed,
-            policy=policy,
-            world_size=parallel.world_size,
-            **extra,
-        )
-    return engine.from_rank0(result)

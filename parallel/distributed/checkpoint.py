@@ -2,9 +2,9 @@
 
 Keys are global parameter names (stage modules keep them), optimizer state is flattened per
 parameter name, and DCP reshards on load, so a checkpoint saved at tp2 x dp2 loads at pp2 or in one
-process, and one saved by a plain one-process model (`OneProcessState`) loads into a DistributedTrainer
-and back. Only trainable parameters are saved: frozen ones (a LoRA/QLoRA base) come from the model
-directory on every start. Also saved: the step count, every rank's RNG state (restored
+process (a Trainer over the mesh of ones) and back. Only trainable parameters are saved: frozen ones (a
+LoRA/QLoRA base) come from the model directory on every start.
+Also saved: the step count, every rank's RNG state (restored
 per rank when the world size is the same, rank 0's otherwise), and a caller's JSON-able `extra` dict
 (e.g. the data position).
 """
@@ -14,13 +14,11 @@ from __future__ import annotations
 import json
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -33,24 +31,6 @@ OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True, ignore_frozen_para
 # Loading sets the trainable parameters only (DCP already failed on any of them missing from the checkpoint).
 LOAD_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True, ignore_frozen_params=True, strict=False)
 EXTRA_FILE = "trainer_extra.json"
-
-
-@dataclass
-class OneProcessState:
-    """A one-process model and its optimizer (and LR scheduler) in the shape these functions take."""
-
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: object | None = None
-    step: int = 0
-
-    @property
-    def parts(self) -> list[nn.Module]:
-        return [self.model]
-
-    @property
-    def optimizers(self) -> list[torch.optim.Optimizer]:
-        return [self.optimizer]
 
 
 def _distributed() -> bool:

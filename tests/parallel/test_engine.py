@@ -1,5 +1,6 @@
 import math
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -9,7 +10,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from parallel import engine  # noqa: E402
 from parallel.dims import ParallelConfig  # noqa: E402
 from parallel.tiny import build_tiny_model, build_tokenizer  # noqa: E402
-from training.data import build_examples, collate, micro_batches  # noqa: E402
+from parallel.trainer import LocalMesh  # noqa: E402
+from training.config import LoraConfig  # noqa: E402
+from training.data import build_examples, collate  # noqa: E402
+from training.learner import Learner  # noqa: E402
 
 FP32 = ParallelConfig(mixed_precision="fp32")
 
@@ -34,25 +38,49 @@ def examples():
     return build_examples(rows, build_tokenizer(), seq_len=128)[0]
 
 
-def _grads(model_dir, micro):
+OPTIM = SimpleNamespace(lr=1e-2, weight_decay=0.0, betas=(0.9, 0.95), eps=1e-8, grad_clip=1.0)
+
+
+def _trainer(model_dir, parallel=FP32, grad_accum=1, lora=None, optim=OPTIM):
+    """The one-process Trainer (a mesh of ones) over the micro model, seeded alike."""
     torch.manual_seed(0)
-    runtime = engine.build_runtime(FP32)
-    model = engine.build_model(model_dir, FP32, runtime)
-    loss, num_labels = engine.forward_backward(model, micro, runtime)
-    return loss, num_labels, {n: p.grad.clone() for n, p in model.named_parameters()}
+    mode = "full" if lora is None else "lora"
+    return engine.build_trainer(model_dir, parallel, mode=mode, optim=optim, lora=lora, grad_accum=grad_accum)
+
+
+def _grads(model_dir, batch, **kwargs):
+    trainer = _trainer(model_dir, **kwargs)
+    loss = trainer.forward_backward(batch)
+    return loss, {n: p.grad.clone() for n, p in trainer.parts[0].named_parameters()}
+
+
+def test_one_process_is_a_mesh_of_ones(model_dir):
+    trainer = _trainer(model_dir)
+    assert isinstance(trainer.mesh, LocalMesh) and trainer.dims.world_size == 1
+    assert trainer.whole_model is trainer.parts[0] and len(trainer.parts) == 1
 
 
 def test_grad_accumulation_matches_one_batch(model_dir, examples):
     pad = build_tokenizer().pad_token_id
-    loss1, n1, g1 = _grads(model_dir, [collate(examples, pad)])
-    loss4, n4, g4 = _grads(model_dir, micro_batches(examples, 4, pad))
-    assert n1 == n4
+    batch = collate(examples, pad)
+    loss1, g1 = _grads(model_dir, batch)
+    loss4, g4 = _grads(model_dir, batch, grad_accum=4)
     assert abs(loss1 - loss4) < 1e-6
     worst = max(float((g1[k] - g4[k]).abs().max()) for k in g1)
     assert worst < 1e-6
     # A mean of micro-batch means would weight tokens differently: make sure the data can tell.
-    counts = [int((mb["labels"][:, 1:] != -100).sum()) for mb in micro_batches(examples, 4, pad)]
+    counts = [int((c[:, 1:] != -100).sum()) for c in batch["labels"].chunk(4)]
     assert len(set(counts)) > 1
+
+
+def test_one_process_runs_pipeline_microbatches_and_selective_checkpointing(model_dir, examples):
+    """One process is the same trainer as every layout, so what it supports there works here too."""
+    batch = collate(examples, build_tokenizer().pad_token_id)
+    loss1, g1 = _grads(model_dir, batch)
+    layout = ParallelConfig(mixed_precision="fp32", microbatches=2, activation_checkpointing="selective")
+    loss2, g2 = _grads(model_dir, batch, parallel=layout)
+    assert abs(loss1 - loss2) < 1e-6
+    assert max(float((g1[k] - g2[k]).abs().max()) for k in g1) < 1e-6
 
 
 def test_schedule_warms_up_then_decays_to_min():
@@ -65,36 +93,34 @@ def test_schedule_warms_up_then_decays_to_min():
     assert engine.lr_factor(5, warmup_steps=0, max_steps=1, min_lr_ratio=0.0) == 0.0
 
 
-def test_scheduler_drives_optimizer_lr():
-    runtime = engine.build_runtime(FP32)
-    model = torch.nn.Linear(2, 2)
-    opt = engine.build_optimizer(model, lr=1.0, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, runtime=runtime)
-    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]  # bias gets no decay
-    sched = engine.build_scheduler(opt, warmup_steps=2, max_steps=6, min_lr_ratio=0.5)
+def test_schedule_drives_the_trainers_lr(model_dir, examples):
+    optim = SimpleNamespace(
+        lr=1.0, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, grad_clip=1.0, warmup_steps=2, min_lr_ratio=0.5
+    )
+    learner = Learner(_trainer(model_dir, optim=optim), optim, num_updates=6)
+    # Norms (1-D) get no weight decay.
+    assert [g["weight_decay"] for g in learner.trainer.optimizers[0].param_groups] == [0.1, 0.0]
+    batch = collate(examples[:2], build_tokenizer().pad_token_id)
     lrs = []
     for _ in range(6):
-        lrs.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
+        learner.update(batch)
+        lrs.append(learner.trainer.optimizers[0].param_groups[0]["lr"])
     assert lrs == pytest.approx(
         [1 / 3, 2 / 3, 1.0, 0.5 + 0.25 * (1 + math.cos(math.pi / 3)), 0.5 + 0.25 * (1 + math.cos(2 * math.pi / 3)), 0.5]
     )
 
 
 def test_lora_trains_only_adapters(model_dir, examples):
-    runtime = engine.build_runtime(FP32)
-    model = engine.build_model(
-        model_dir, FP32, runtime, lora=dict(r=4, alpha=8, dropout=0.0, target_modules="all-linear")
-    )
+    lora = LoraConfig(r=4, alpha=8, dropout=0.0, target_modules="all-linear")
+    trainer = _trainer(model_dir, lora=lora, grad_accum=2)
+    model = trainer.parts[0]
     trainable, total = engine.count_params(model)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     assert names and all("lora_" in n for n in names) and trainable < total / 5
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    opt = engine.build_optimizer(model, lr=1e-2, weight_decay=0.0, betas=(0.9, 0.95), eps=1e-8, runtime=runtime)
-    sched = engine.build_scheduler(opt, warmup_steps=0, max_steps=3, min_lr_ratio=1.0)
-    batch = micro_batches(examples, 2, build_tokenizer().pad_token_id)
+    batch = collate(examples, build_tokenizer().pad_token_id)
     for _ in range(3):
-        metrics = engine.train_step(model, opt, sched, batch, runtime, grad_clip=1.0)
+        metrics = engine.train_step(trainer, batch, lr=1e-2)
     assert metrics.grad_norm > 0
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and changed <= set(names)
@@ -102,12 +128,13 @@ def test_lora_trains_only_adapters(model_dir, examples):
 
 
 def test_clipping_bounds_the_update_norm(model_dir, examples):
-    runtime = engine.build_runtime(FP32)
-    model = engine.build_model(model_dir, FP32, runtime)
-    opt = torch.optim.SGD(model.parameters(), lr=1.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    trainer = _trainer(
+        model_dir, optim=SimpleNamespace(lr=1.0, weight_decay=0.0, betas=(0.9, 0.95), eps=1e-8, grad_clip=0.01)
+    )
+    model = trainer.parts[0]
+    trainer.optimizers = [torch.optim.SGD(model.parameters(), lr=1.0)]
     before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
-    metrics = engine.train_step(model, opt, sched, [collate(examples, 3)], runtime, grad_clip=0.01)
+    metrics = engine.train_step(trainer, collate(examples, 3), lr=1.0)
     after = torch.cat([p.detach().flatten() for p in model.parameters()])
     assert metrics.grad_norm > 0.01  # the pre-clip norm is reported
     assert float((after - before).norm()) == pytest.approx(0.01, rel=1e-3)
@@ -119,8 +146,7 @@ def test_clipping_bounds_the_update_norm(model_dir, examples):
         (dict(dp_shard=2), "parallel:"),
         (dict(tp=2), "parallel:"),
         (dict(zero=1), "parallel.zero"),
-        (dict(microbatches=4), "parallel.microbatches"),
-        (dict(activation_checkpointing="selective"), "parallel.activation_checkpointing"),
+        (dict(zero=3), "parallel.zero"),
     ],
 )
 def test_unsupported_layouts_name_the_field(layout, field):

@@ -1,6 +1,6 @@
 import pytest
 
-from parallel.engine import IGNORE_INDEX
+from parallel.trainer import IGNORE_INDEX
 from parallel.tiny import build_tokenizer
 from training.data import (
     StepBatches,
@@ -8,7 +8,6 @@ from training.data import (
     build_examples,
     collate,
     epoch_batches,
-    micro_batches,
     tokenize_conversation,
 )
 
@@ -105,4 +104,3 @@ def test_collate_pads_right_without_labels_or_attention(tokenizer):
     n = min(n0, n1)
     assert (batch["attention_mask"][short, n:] == 0).all() and (batch["labels"][short, n:] == IGNORE_INDEX).all()
     assert (batch["input_ids"][short, n:] == tokenizer.pad_token_id).all()
-    assert len(micro_batches(examples, 2, tokenizer.pad_token_id)) == 2

@@ -16,9 +16,9 @@ import torch  # noqa: E402
 from transformers import LlamaConfig, LlamaForSequenceClassification  # noqa: E402
 
 from parallel.dims import ParallelConfig  # noqa: E402
-from parallel.distributed.engine import DistributedTrainer  # noqa: E402
 from parallel.distributed.launch import launch  # noqa: E402
 from parallel.distributed.mesh import ParallelDims  # noqa: E402
+from parallel.trainer import Trainer  # noqa: E402
 from tests.parallel.distributed.harness import MODEL, build_model, full_grads, make_batch  # noqa: E402
 from tests.training.preference_helpers import write_preference_data  # noqa: E402
 from training.config import DPOStage, RewardModelStage  # noqa: E402
@@ -90,7 +90,7 @@ def _ranks_main(rank, world_size, model_dir, data_dir, out_root):
         for name in ("dpo", "bt"):
             model, objective, batch = _models()[name]
             cfg = ParallelConfig(**layout)
-            trainer = DistributedTrainer(model, cfg, ParallelDims.from_config(cfg, world_size).build_mesh("cpu"))
+            trainer = Trainer(model, cfg, ParallelDims.from_config(cfg, world_size).build_mesh("cpu"))
             loss = trainer.forward_backward(batch, _LogitsSpy(objective))
             if cfg.zero <= 1 and trainer.dims.dp > 1:
                 from parallel.distributed import zero as zero_mod

@@ -65,12 +65,13 @@ def test_base_is_4bit_and_only_adapters_train(model_dir, data_dir):
     import bitsandbytes as bnb
 
     s = setup(SFTStage(**STAGE, mode="qlora"), model_dir, data_dir, ParallelConfig(), seed=0)
-    q_proj = s.model.base_model.model.model.layers[0].self_attn.q_proj
+    model = s.learner.model
+    q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
     assert isinstance(q_proj.base_layer, bnb.nn.Linear4bit) and q_proj.base_layer.weight.dtype == torch.uint8
-    trainable = {n for n, p in s.model.named_parameters() if p.requires_grad}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
-    in_optimizer = {id(p) for group in s.optimizer.param_groups for p in group["params"]}
-    assert in_optimizer == {id(p) for p in s.model.parameters() if p.requires_grad}
+    in_optimizer = {id(p) for group in s.learner.trainer.optimizers[0].param_groups for p in group["params"]}
+    assert in_optimizer == {id(p) for p in model.parameters() if p.requires_grad}
 
 
 @pytest.mark.slow

@@ -81,7 +81,7 @@ def test_run_saves_a_plain_sequence_classifier(model_dir, data_dir, tmp_path, mo
 
 def test_reward_reads_the_last_real_token_whatever_the_padding(model_dir):
     tok = build_tokenizer()
-    model = build_reward_model(model_dir, tok.pad_token_id, ParallelConfig(), build_runtime(ParallelConfig())).eval()
+    model = build_reward_model(model_dir, tok.pad_token_id).eval()
     short = {"prompt": "1 + 1?", "chosen": "2", "rejected": "3"}
     long = {"prompt": "What is the sum of one and one, please?", "chosen": "2", "rejected": "11"}
     pairs, _ = build_pairs([short, long], tok, 96)

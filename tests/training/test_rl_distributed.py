@@ -18,12 +18,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from parallel.dims import ParallelConfig  # noqa: E402
-from parallel.distributed.engine import DistributedTrainer, model_inputs  # noqa: E402
 from parallel.distributed.launch import launch  # noqa: E402
 from parallel.distributed.mesh import ParallelDims  # noqa: E402
 from parallel.engine import Runtime  # noqa: E402
 from parallel.export import export_hf  # noqa: E402
 from parallel.tiny import build_tokenizer  # noqa: E402
+from parallel.trainer import Trainer, model_inputs  # noqa: E402
 from tests.parallel.distributed.harness import MODEL, build_model, full_grads  # noqa: E402
 from tests.training.rl_helpers import write_reward_model  # noqa: E402
 from tests.training.sft_helpers import write_task_data  # noqa: E402
@@ -126,14 +126,14 @@ def _ranks_main(rank, world_size, model_dir, data_dir, out_root):
         cfg = ParallelConfig(**layout)
         for case, (build, make_rows, make_objective) in CASES.items():
             mesh = ParallelDims.from_config(cfg, world_size).build_mesh("cpu")
-            trainer = DistributedTrainer(build(), cfg, mesh)
+            trainer = Trainer(build(), cfg, mesh)
             loss = trainer.forward_backward(make_rows(), make_objective())
             if cfg.zero <= 1 and trainer.dims.dp > 1:
                 zero_mod.allreduce_grads(trainer.params, dp_mesh(trainer.mesh).get_group())
             grads = {n: g.detach().numpy().copy() for n, g in full_grads(trainer).items()}
             out["grads"][(name, case)] = (trainer._global_loss(loss), grads)
         gen_cfg = sampling_layout(cfg)  # decoding token by token: no sequence parallelism
-        trainer = DistributedTrainer(
+        trainer = Trainer(
             build_model("full"), gen_cfg, ParallelDims.from_config(cfg, world_size).build_mesh("cpu")
         )
         if name != "dp2-zero0":  # generation through sharded weights

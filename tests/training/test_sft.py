@@ -50,7 +50,7 @@ def test_full_run_writes_checkpoint_result_and_progress(model_dir, data_dir, tmp
     train = [e for e in events if "loss" in e]
     val = [e for e in events if "val_loss" in e]
     assert [e["step"] for e in train] == [2, 4, 6] and all(set(e) == TRAIN_EVENT_KEYS for e in train)
-    assert [e["step"] for e in val] == [3, 6]
+    assert [e["step"] for e in val] == [0, 3, 6]  # the shared loop measures the start too (val_before)
     assert train[-1]["loss"] < train[0]["loss"] and val[-1]["val_loss"] < val[0]["val_loss"]
     assert train[0]["lr"] == pytest.approx(5e-3)  # step 2 is the first after the one warmup step
     assert json.loads((tmp_path / "result.json").read_text()) == json.loads(json.dumps(result))

@@ -7,8 +7,8 @@ from torch.distributed.tensor import DTensor
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from parallel.dims import ParallelConfig
-from parallel.distributed.engine import DistributedTrainer, build_adamw, num_label_tokens, summed_ce
 from parallel.distributed.mesh import ParallelDims
+from parallel.trainer import Trainer, build_adamw, num_label_tokens, summed_ce
 
 MODEL = dict(
     vocab_size=260,
@@ -96,7 +96,7 @@ def reference(mode: str, family: str = "llama", seq: int = SEQ) -> dict:
     return _REFERENCE[key]
 
 
-def full_grads(trainer: DistributedTrainer) -> dict[str, torch.Tensor]:
+def full_grads(trainer: Trainer) -> dict[str, torch.Tensor]:
     """Every gradient this rank's parts hold, un-sharded (collective over the dp/tp groups)."""
     out = {}
     for part in trainer.parts:
@@ -113,7 +113,7 @@ def check_layout_against_reference(
 
     Also reports which tensor-parallel options the trainer took (sequence/vocab parallel)."""
     mesh = ParallelDims.from_config(cfg, world_size).build_mesh("cpu")
-    trainer = DistributedTrainer(build_model(mode, family=family), cfg, mesh, mode=mode, grad_clip=GRAD_CLIP, **HPARAMS)
+    trainer = Trainer(build_model(mode, family=family), cfg, mesh, mode=mode, grad_clip=GRAD_CLIP, **HPARAMS)
     ref = reference(mode, family, seq)
     losses, norms, grad_abs, grad_rel, names = [], [], 0.0, 0.0, []
     for step in range(STEPS):

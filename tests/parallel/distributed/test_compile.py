@@ -8,16 +8,17 @@ They are not in the CI suite: with a cold cache each new graph (LoRA, checkpoint
 for minutes per rank on 2 cores. Tensor parallelism with compile is refused (see the test below)."""
 
 import pytest
+import torch
 
 from parallel.dims import ParallelConfig
-from parallel.distributed.engine import num_label_tokens, summed_ce
-from parallel.engine import compile_blocks
+from parallel.trainer import LocalMesh, num_label_tokens, parallelize, summed_ce
 from tests.parallel.distributed.harness import build_model, make_batch, reference
 
 
 @pytest.mark.slow
 def test_compiled_blocks_match_eager_in_one_process():
-    model = compile_blocks(build_model("full"), ParallelConfig(compile=True)).train()
+    # One process: the mesh of ones, on which parallelize applies only compile.
+    model = parallelize(build_model("full"), ParallelConfig(compile=True), LocalMesh(), torch.device("cpu")).parts[0]
     batch = make_batch(0)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     loss = summed_ce(logits, batch["labels"]) / num_label_tokens(batch["labels"])

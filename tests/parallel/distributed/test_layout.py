@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from parallel.dims import ParallelConfig
-from parallel.distributed.engine import apply_activation_checkpointing, num_label_tokens, summed_ce
 from parallel.distributed.mesh import ParallelDims, check_layout, check_model_layout
 from parallel.distributed.pipeline import build_stage_modules, find_decoder, split_layers
 from parallel.distributed.zero import partition_params
+from parallel.trainer import apply_activation_checkpointing, num_label_tokens, summed_ce
 from tests.parallel.distributed.harness import build_model, make_batch
 
 

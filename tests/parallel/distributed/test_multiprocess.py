@@ -11,9 +11,9 @@ import pytest
 
 from parallel.dims import ParallelConfig
 from parallel.distributed.checkpoint import load_checkpoint, save_checkpoint
-from parallel.distributed.engine import DistributedTrainer
 from parallel.distributed.launch import launch
 from parallel.distributed.mesh import ParallelDims
+from parallel.trainer import Trainer
 from tests.parallel.distributed import harness as H
 
 pytestmark = pytest.mark.slow
@@ -119,7 +119,7 @@ def test_layout_matches_one_process(results, world, name):
 def _trainer(world_size, cfg, mode):
     cfg = ParallelConfig(**cfg)
     mesh = ParallelDims.from_config(cfg, world_size).build_mesh("cpu")
-    return DistributedTrainer(H.build_model(mode), cfg, mesh, mode=mode, grad_clip=H.GRAD_CLIP, **H.HPARAMS)
+    return Trainer(H.build_model(mode), cfg, mesh, mode=mode, grad_clip=H.GRAD_CLIP, **H.HPARAMS)
 
 
 def _save_after_one_step(rank, world_size, cfg, mode, path):

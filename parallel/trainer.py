@@ -1,4 +1,6 @@
-"""DistributedTrainer: a HF (optionally peft) model laid out over (pp, dp_replicate, dp_shard, tp).
+"""Trainer: the one training path. A HF (optionally peft) model laid out over (pp, dp_replicate, dp_shard,
+tp); one process is the mesh of ones (`LocalMesh`: nothing is cut up, nothing communicates), not a second
+engine.
 
 Order of transformations, as in torchtitan: PP cuts the model into stage modules first; then, on each
 stage module: TP -> activation checkpointing -> FSDP (ZeRO-2/3). Every rank receives the same global
@@ -12,6 +14,7 @@ batch; gradients are summed over dp ranks and micro-batches, giving exactly one 
 from __future__ import annotations
 
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
@@ -24,7 +27,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 from parallel.dims import ParallelConfig
 from parallel.distributed import zero as zero_mod
 from parallel.distributed.grads import clip_grads_
-from parallel.distributed.mesh import ParallelDims, check_layout, check_model_layout, dp_mesh, dp_rank, fsdp_mesh
+from parallel.distributed.mesh import AXES, ParallelDims, check_layout, check_model_layout, dp_mesh, dp_rank, fsdp_mesh
 from parallel.distributed.pipeline import build_schedule, build_stage_modules, find_decoder
 from parallel.distributed.tensor_parallel import (
     LogitsLayout,
@@ -34,7 +37,7 @@ from parallel.distributed.tensor_parallel import (
     vocab_parallel_supported,
 )
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = -100  # label of a position that is not a target (padding, prompt tokens)
 
 
 def summed_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -110,7 +113,7 @@ def model_inputs(rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 class Objective:
-    """A training loss for DistributedTrainer: per-unit losses summed over a micro-batch.
+    """A training loss for Trainer: per-unit losses summed over a micro-batch.
 
     count(global batch) -> the number of units the loss is averaged over (label tokens, pairs, ...);
     __call__(logits, micro-batch) -> (summed loss tensor, {statistic: summed value}). A micro-batch
@@ -141,7 +144,161 @@ class TokenCrossEntropy(Objective):
 TOKEN_CE = TokenCrossEntropy()
 
 
-class DistributedTrainer:
+class LocalMesh:
+    """The mesh of one process: every axis (and any slice or flattening of axes) has size 1 and local rank 0.
+
+    It stands in for a DeviceMesh when the world is one process, so the trainer needs no process group;
+    every collective the trainer issues is skipped for size-1 axes, so it never asks for a group."""
+
+    mesh_dim_names = AXES
+
+    def __init__(self, device_type: str = "cpu"):
+        self.device_type = device_type
+
+    def __getitem__(self, axes) -> "LocalMesh":
+        return self
+
+    def _flatten(self, name: str) -> "LocalMesh":
+        return self
+
+    def size(self, dim: int | None = None) -> int:
+        return 1
+
+    def get_local_rank(self, dim=None) -> int:
+        return 0
+
+    def get_group(self, dim=None):
+        raise RuntimeError("a one-process mesh has no process group (no collective should ask for one)")
+
+
+def build_mesh(cfg: ParallelConfig, world_size: int, device_type: str = "cpu"):
+    """The mesh for `cfg` over `world_size` processes: a DeviceMesh (torch.distributed initialised) or,
+    for one process, the LocalMesh. ValueError naming `parallel` when the sizes differ."""
+    dims = ParallelDims.from_config(cfg, world_size)
+    return LocalMesh(device_type) if world_size == 1 else dims.build_mesh(device_type)
+
+
+@dataclass
+class Layout:
+    """What `parallelize` made of a model: the parts this rank holds (one, or its pipeline stages) and the
+    tensor-parallel bookkeeping the trainer needs at run time."""
+
+    parts: list[nn.Module]
+    sequence_parallel: bool
+    vocab_parallel: bool
+    logits: LogitsLayout
+    partial: PartialGrads
+
+
+def tp_options(model: nn.Module, cfg: ParallelConfig, tp: int) -> tuple[bool, bool]:
+    """(sequence parallel, vocab parallel): unset means on under tp where the model allows it."""
+    if tp == 1:
+        return False, False
+    _, decoder, _, head = find_decoder(model)
+    c = decoder.config
+    why_not = vocab_parallel_supported(
+        decoder.embed_tokens, head, c.vocab_size, tp, bool(getattr(c, "tie_word_embeddings", False))
+    )
+    if cfg.vocab_parallel and why_not:
+        raise ValueError(f"parallel.vocab_parallel: {why_not}; set vocab_parallel: false")
+    return cfg.sequence_parallel is not False, cfg.vocab_parallel is not False and why_not is None
+
+
+def parallelize(model: nn.Module, cfg: ParallelConfig, mesh, device: torch.device) -> Layout:
+    """Lay `model` out over `mesh` in place, torchtitan's order: the pipeline split first, then on each
+    part TP -> activation checkpointing -> compile -> FSDP (ZeRO-2/3). A mesh of ones applies only
+    activation checkpointing and compile."""
+    dims = dims_of(mesh)
+    sp, vp = tp_options(model, cfg, dims.tp)
+    layout = Layout([], sp, vp, LogitsLayout(), PartialGrads())
+    find_decoder(model)[1].config.use_cache = False
+    if dims.pp > 1:
+        parts = build_stage_modules(model, mesh["pp"].get_local_rank(), dims.pp, cfg.pp_schedule)
+    else:
+        parts = [model]
+    mp_policy = zero_mod.mixed_precision_policy(cfg.mixed_precision, device.type)
+    for part in parts:
+        part.to(device).train()
+        layers = part.layers if dims.pp > 1 else list(find_decoder(part)[1].layers)
+        if dims.tp > 1:
+            _apply_tp(part, layers, mesh["tp"], layout, pipelined=dims.pp > 1)
+        apply_activation_checkpointing(layers, cfg.activation_checkpointing)
+        if cfg.compile:
+            for layer in layers:
+                layer.compile()
+        if cfg.zero >= 2:
+            zero_mod.apply_fsdp(part, layers, fsdp_mesh(mesh, dims), zero=cfg.zero, mp_policy=mp_policy)
+    layout.parts = parts
+    return layout
+
+
+def _apply_tp(part: nn.Module, layers: list[nn.Module], tp_mesh, layout: Layout, *, pipelined: bool) -> None:
+    if pipelined:
+        embed, _, _, norm, head = part._parts
+        first, last = part.is_first, part.is_last
+    else:
+        _, decoder, _, head = find_decoder(part)
+        embed, norm, first, last = decoder.embed_tokens, decoder.norm, True, True
+    sp = layout.sequence_parallel
+    partial = apply_tensor_parallel(layers, tp_mesh, sequence_parallel=sp, gather_output=not last)
+    ends = apply_tp_ends(
+        tp_mesh,
+        embed=embed if first else None,
+        norm=norm if last else None,
+        head=head if last else None,
+        sequence_parallel=sp,
+        vocab_parallel=layout.vocab_parallel,
+        logits=layout.logits,
+    )
+    layout.partial.entries += partial.entries + ends.entries
+
+
+@dataclass
+class PipelineLoss:
+    """What the last pipeline stage's loss needs for one schedule call, passed to it explicitly (the
+    schedule's loss_fn is fixed when the schedule is built): token CE on labels by default; an
+    Objective's sum on a packed target (its per-micro-batch statistics collected in `stats`); or, for
+    forward_rows, per-row values of `rows_fn`. `scale` is 1 / the global batch's unit count (1.0: sums)."""
+
+    scale: float = 1.0
+    seq: int = 0  # logits are cut back to this width (sequence-parallel padding)
+    objective: "Objective | None" = None
+    rows_fn: object = None
+    extras: list[str] = field(default_factory=list)
+    stats: list[dict[str, float]] = field(default_factory=list)
+
+    def __call__(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logits = logits[:, : self.seq]
+        if self.objective is None and self.rows_fn is None:
+            return summed_ce(logits, target) * self.scale
+        micro = self.unpack(target)
+        if self.rows_fn is not None:
+            return self.rows_fn(logits, micro).float()
+        summed, stats = self.objective(logits, micro)
+        self.stats.append({key: float(value) for key, value in stats.items()})
+        return summed * self.scale
+
+    def pack(self, local: dict[str, torch.Tensor]) -> torch.Tensor:
+        """labels and every 1-D per-row tensor of a batch as one float64 target [rows, seq + extras], which
+        the pipeline schedule splits into micro-batches like the inputs (token ids are exact in float64)."""
+        self.extras = sorted(k for k, v in local.items() if v.dim() == 1)
+        others = [k for k, v in local.items() if v.dim() != 1 and k not in ("input_ids", "attention_mask", "labels")]
+        if others:
+            raise ValueError(
+                f"parallel.pp: pipeline stages carry labels and per-row values only, not {others}; "
+                "this stage's loss needs pp = 1"
+            )
+        return torch.cat([local["labels"].double()] + [local[k].double().unsqueeze(1) for k in self.extras], dim=1)
+
+    def unpack(self, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        width = target.shape[1] - len(self.extras)
+        micro = {"labels": target[:, :width].long()}
+        for i, key in enumerate(self.extras):
+            micro[key] = target[:, width + i].float()
+        return micro
+
+
+class Trainer:
     """Parallelized model parts, their optimizers, and one `train_step` per global batch.
 
     model: a full HF causal LM on every rank (already wrapped by peft for LoRA), same weights
@@ -187,12 +344,14 @@ class DistributedTrainer:
         )
         self.grad_clip = grad_clip
         self.pp_rank = mesh["pp"].get_local_rank()
-        self.sp, self.vp = self._tp_options(model, cfg)
         # Sequence-parallel padding uses the pad token: a classifier (the reward model) pools the last non-pad one.
         self._pad_id = getattr(find_decoder(model)[1].config, "pad_token_id", None) or 0
-        self.logits_layout, self.partial = LogitsLayout(), PartialGrads()
         self._seq = 0
-        self.parts = self._parallelize(model)
+        layout = parallelize(model, cfg, mesh, self.device)
+        self.parts, self.sp, self.vp = layout.parts, layout.sequence_parallel, layout.vocab_parallel
+        self.logits_layout, self.partial = layout.logits, layout.partial
+        # Not cut up (no pp, tp or FSDP sharding): the model itself, whole on this rank.
+        self.whole_model = model if (self.dims.pp, self.dims.tp) == (1, 1) and cfg.zero < 2 else None
         self.params = [p for part in self.parts for p in part.parameters() if p.requires_grad]
         self._build_optimizers(lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
         self.schedule = None
@@ -203,72 +362,13 @@ class DistributedTrainer:
                 self.dims.pp,
                 cfg.pp_schedule,
                 microbatches=cfg.microbatches,
-                loss_fn=self._pp_loss,
+                loss_fn=lambda logits, target: self._pp_loss(logits, target),
                 pp_group=mesh["pp"].get_group(),
                 device=self.device,
             )
-        self._inv_count = 0.0
+        self._pp_loss = PipelineLoss()  # replaced by each schedule call
         self.last_stats: dict[str, float] = {}
-        self._pp_objective = self._pp_rows_fn = None
-        self._pp_stats: list[dict[str, float]] = []
-        self._pp_extras: list[str] = []
         self.step = 0
-
-    def _tp_options(self, model: nn.Module, cfg: ParallelConfig) -> tuple[bool, bool]:
-        """(sequence parallel, vocab parallel): unset means on under tp where the model allows it."""
-        if self.dims.tp == 1:
-            return False, False
-        _, decoder, _, head = find_decoder(model)
-        c = decoder.config
-        why_not = vocab_parallel_supported(
-            decoder.embed_tokens, head, c.vocab_size, self.dims.tp, bool(getattr(c, "tie_word_embeddings", False))
-        )
-        if cfg.vocab_parallel and why_not:
-            raise ValueError(f"parallel.vocab_parallel: {why_not}; set vocab_parallel: false")
-        return cfg.sequence_parallel is not False, cfg.vocab_parallel is not False and why_not is None
-
-    def _parallelize(self, model: nn.Module) -> list[nn.Module]:
-        config = find_decoder(model)[1].config
-        config.use_cache = False
-        if self.dims.pp > 1:
-            parts = build_stage_modules(model, self.pp_rank, self.dims.pp, self.cfg.pp_schedule)
-        else:
-            parts = [model]
-        mp_policy = zero_mod.mixed_precision_policy(self.cfg.mixed_precision, self.device.type)
-        for part in parts:
-            part.to(self.device).train()
-            layers = part.layers if self.dims.pp > 1 else list(find_decoder(part)[1].layers)
-            if self.dims.tp > 1:
-                self._apply_tp(part, layers)
-            apply_activation_checkpointing(layers, self.cfg.activation_checkpointing)
-            if self.cfg.compile:  # torchtitan's order: TP, activation checkpointing, compile, FSDP
-                for layer in layers:
-                    layer.compile()
-            if self.cfg.zero >= 2:
-                zero_mod.apply_fsdp(
-                    part, layers, fsdp_mesh(self.mesh, self.dims), zero=self.cfg.zero, mp_policy=mp_policy
-                )
-        return parts
-
-    def _apply_tp(self, part: nn.Module, layers: list[nn.Module]) -> None:
-        tp_mesh = self.mesh["tp"]
-        if self.dims.pp > 1:
-            embed, _, _, norm, head = part._parts
-            first, last = part.is_first, part.is_last
-        else:
-            _, decoder, _, head = find_decoder(part)
-            embed, norm, first, last = decoder.embed_tokens, decoder.norm, True, True
-        partial = apply_tensor_parallel(layers, tp_mesh, sequence_parallel=self.sp, gather_output=not last)
-        ends = apply_tp_ends(
-            tp_mesh,
-            embed=embed if first else None,
-            norm=norm if last else None,
-            head=head if last else None,
-            sequence_parallel=self.sp,
-            vocab_parallel=self.vp,
-            logits=self.logits_layout,
-        )
-        self.partial.entries += partial.entries + ends.entries
 
     def _padded(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Model inputs right-padded to a multiple of tp tokens under sequence parallelism (masked out;
@@ -332,39 +432,6 @@ class DistributedTrainer:
                 params = [p for p in params if id(p) in mine]
             self.optimizers.append(build_adamw(params, **hparams))
 
-    def _pp_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """The last stage's loss on one micro-batch: token CE on labels, or (packed target) the objective's
-        sum, or in forward_rows the objective-free per-row values."""
-        logits = logits[:, : self._seq]  # drop sequence-parallel padding
-        if self._pp_objective is None and self._pp_rows_fn is None:
-            return summed_ce(logits, target) * self._inv_count
-        micro = self._unpack(target)
-        if self._pp_rows_fn is not None:
-            return self._pp_rows_fn(logits, micro).float()
-        summed, stats = self._pp_objective(logits, micro)
-        self._pp_stats.append({key: float(value) for key, value in stats.items()})
-        return summed * self._inv_count
-
-    def _pack(self, local: dict[str, torch.Tensor]) -> torch.Tensor:
-        """labels and every 1-D per-row tensor of a batch as one float64 target [rows, seq + extras], which
-        the pipeline schedule splits into micro-batches like the inputs (token ids are exact in float64)."""
-        extras = sorted(k for k, v in local.items() if v.dim() == 1)
-        others = [k for k, v in local.items() if v.dim() != 1 and k not in ("input_ids", "attention_mask", "labels")]
-        if others:
-            raise ValueError(
-                f"parallel.pp: pipeline stages carry labels and per-row values only, not {others}; "
-                "this stage's loss needs pp = 1"
-            )
-        self._pp_extras = extras
-        return torch.cat([local["labels"].double()] + [local[k].double().unsqueeze(1) for k in extras], dim=1)
-
-    def _unpack(self, target: torch.Tensor) -> dict[str, torch.Tensor]:
-        width = target.shape[1] - len(self._pp_extras)
-        micro = {"labels": target[:, :width].long()}
-        for i, key in enumerate(self._pp_extras):
-            micro[key] = target[:, width + i].float()
-        return micro
-
     def _from_last_stage(self, value):
         """A Python value only the last pipeline stage computed, on every rank of the pp group."""
         gathered = [None] * self.dims.pp
@@ -395,29 +462,26 @@ class DistributedTrainer:
             raise ValueError(
                 "global batch has no label tokens" if objective is TOKEN_CE else "global batch has nothing to train on"
             )
-        self._inv_count = 1.0 / count
+        scale = 1.0 / count
         local = self._local_batch(batch)
         self.last_stats = {}
         if self.schedule is not None:
             custom = objective is not TOKEN_CE
-            self._pp_objective, self._pp_stats = (objective if custom else None), []
-            target = self._pack(local) if custom else local["labels"]
-            losses: list[torch.Tensor] = []
             inputs = self._padded(model_inputs(local))
-            try:
-                with self._autocast():
-                    self.schedule.step(
-                        inputs["input_ids"], attention_mask=inputs["attention_mask"], target=target, losses=losses
-                    )
-            finally:
-                self._pp_objective = None
+            self._pp_loss = PipelineLoss(scale, self._seq, objective if custom else None)
+            target = self._pp_loss.pack(local) if custom else local["labels"]
+            losses: list[torch.Tensor] = []
+            with self._autocast():
+                self.schedule.step(
+                    inputs["input_ids"], attention_mask=inputs["attention_mask"], target=target, losses=losses
+                )
             if custom:
                 stats = None
                 if self.pp_rank == self.dims.pp - 1:
                     # The schedule's first step also runs the loss on a shape-inference pass: only the
                     # last `microbatches` calls are the real micro-batches.
                     stats = {}
-                    for micro_stats in self._pp_stats[-self.cfg.microbatches :]:
+                    for micro_stats in self._pp_loss.stats[-self.cfg.microbatches :]:
                         for key, value in micro_stats.items():
                             stats[key] = stats.get(key, 0.0) + value
                 self.last_stats = self._sum_over_dp(self._from_last_stage(stats))
@@ -436,7 +500,7 @@ class DistributedTrainer:
                 logits = self.logits(micro, vocab_sharded=sharded)
             with loss_parallel() if sharded else nullcontext():
                 summed, micro_stats = objective(logits, micro)
-                loss = summed * self._inv_count
+                loss = summed * scale
                 loss.backward()
             total += float(_local_value(loss.detach()))
             for key, value in micro_stats.items():
@@ -468,18 +532,15 @@ class DistributedTrainer:
         local = self._local_batch(batch)
         if self.schedule is not None:  # the last stage computes the values; every pp rank gets them
             losses: list[torch.Tensor] = []
-            self._pp_rows_fn = fn
             inputs = self._padded(model_inputs(local))
-            try:
-                with self._autocast():
-                    self.schedule.eval(
-                        inputs["input_ids"],
-                        attention_mask=inputs["attention_mask"],
-                        target=self._pack(local),
-                        losses=losses,
-                    )
-            finally:
-                self._pp_rows_fn = None
+            self._pp_loss = PipelineLoss(seq=self._seq, rows_fn=fn)
+            with self._autocast():
+                self.schedule.eval(
+                    inputs["input_ids"],
+                    attention_mask=inputs["attention_mask"],
+                    target=self._pp_loss.pack(local),
+                    losses=losses,
+                )
             out = torch.cat([l.detach().float().cpu() for l in losses]) if losses else None
             out = self._from_last_stage(out)
         else:
@@ -491,6 +552,37 @@ class DistributedTrainer:
         parts = [torch.empty_like(out) for _ in range(self.dims.dp)]
         dist.all_gather(parts, out, group=dp_mesh(self.mesh).get_group())
         return torch.cat(parts)
+
+    @torch.no_grad()
+    def eval_loss(self, batches: list[dict[str, torch.Tensor]]) -> float:
+        """Token-mean cross-entropy over all label tokens of the batches, through the layout (collective).
+
+        Each dp rank takes its slice of every batch; under pp the schedule's forward-only `eval` runs and
+        the last stage sums the loss. Rows must split evenly over dp (and the micro-batches under pp, whose
+        batches must also have the training batches' shape): see training.data.eval_batches(fill=...)."""
+        for part in self.parts:
+            part.eval()
+        try:
+            total = sum(self._summed_ce(batch) for batch in batches)
+        finally:
+            for part in self.parts:
+                part.train()
+        return total / sum(num_label_tokens(b["labels"]) for b in batches)
+
+    def _summed_ce(self, batch: dict[str, torch.Tensor]) -> float:
+        local = self._local_batch(batch)
+        with self._autocast():
+            if self.schedule is None:
+                local_sum = float(summed_ce(self.logits(local), local["labels"]))
+            else:
+                losses: list[torch.Tensor] = []
+                inputs = self._padded(model_inputs(local))
+                self._pp_loss = PipelineLoss(1.0, self._seq)  # a plain sum
+                self.schedule.eval(
+                    inputs["input_ids"], attention_mask=inputs["attention_mask"], target=local["labels"], losses=losses
+                )
+                local_sum = float(sum(loss.double() for loss in losses)) if losses else 0.0
+        return self._global_loss(local_sum)  # sums over pp stages and dp ranks
 
     def train_step(self, batch: dict[str, torch.Tensor], objective: "Objective | None" = None) -> tuple[float, float]:
         """One optimizer step on a global batch {input_ids, labels, attention_mask, ...}: (loss, grad norm).

@@ -1,0 +1,107 @@
+"""What every training stage does around its loop, in one place: start (the stage's seed, the clock) and
+finish (gather the trained model from the layout, rebuild it as a plain model on rank 0, save it, write
+result.json with the run's facts, drop the resume state, hand every rank rank 0's result)."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from parallel import engine
+from parallel.checkpoint import gather_full_state_dict, save_checkpoint
+from training.resume import Resumer
+from training.resume import discard as discard_resume
+
+Progress = Callable[[dict], None]
+
+
+def adapters(cfg):
+    """(lora, quant) configs of a stage's mode: (None, None) for full fine-tuning, (lora, None) for LoRA."""
+    return (None if cfg.mode == "full" else cfg.lora), (cfg.quant if cfg.mode == "qlora" else None)
+
+
+@dataclass
+class StageRun:
+    """One run of a training stage: its seed (the stage's own, else the recipe's; torch seeded with it),
+    output directory, progress callback and resume checkpoints, and when it started."""
+
+    cfg: object
+    model_dir: Path
+    data_dir: Path
+    out_dir: Path
+    parallel: object
+    seed: int
+    progress: Progress
+    started: float
+
+    @classmethod
+    def start(cls, cfg, *, model_dir, data_dir, out_dir, parallel, seed: int, progress: Progress | None) -> "StageRun":
+        seed = cfg.seed if cfg.seed is not None else seed
+        torch.manual_seed(seed)
+        return cls(
+            cfg,
+            Path(model_dir),
+            Path(data_dir),
+            Path(out_dir),
+            parallel,
+            seed,
+            progress or (lambda event: None),
+            time.perf_counter(),
+        )
+
+    def resumer(self) -> Resumer:
+        return Resumer(self.out_dir, self.cfg.checkpoint_every)
+
+    def adapters(self):
+        return adapters(self.cfg)
+
+    def rebuild_causal_lm(self, state: dict):
+        """A plain (or peft, adapters on the full-precision base) causal LM holding a gathered state."""
+        return engine.rebuild_model(self.model_dir, state, self.adapters()[0], adapters_only=self.cfg.mode == "qlora")
+
+    def save_causal_lm(self, tokenizer) -> Callable:
+        def save(model):
+            save_checkpoint(
+                model, tokenizer, self.out_dir / "checkpoint", base_model_dir=self.model_dir, mode=self.cfg.mode
+            )
+
+        return save
+
+    def finish(
+        self,
+        learner,
+        result: dict,
+        *,
+        save: Callable,
+        data_stats: dict,
+        device,
+        rebuild: Callable | None = None,
+        **facts,
+    ) -> dict:
+        """Gather the learner's model (collective), and on rank 0 rebuild it (`rebuild(state)`, default: the
+        causal LM), `save(model)` it, write result.json (the loop's `result`, `facts`, the run's facts) and
+        drop the resume state; every rank returns rank 0's result."""
+        state = gather_full_state_dict(learner.trainer)
+        if state is not None:
+            model = (rebuild or self.rebuild_causal_lm)(state)
+            save(model)
+            trainable, total = engine.count_params(model)
+            result.update(
+                mode=self.cfg.mode,
+                seed=self.seed,
+                **facts,
+                seconds=time.perf_counter() - self.started,
+                trainable_params=trainable,
+                total_params=total,
+                device=str(device),
+                world_size=self.parallel.world_size,
+                data={name: vars(stats) for name, stats in data_stats.items()},
+            )
+            (self.out_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+            discard_resume(self.out_dir)  # the stage is complete: nothing to resume
+        return engine.from_rank0(result)
