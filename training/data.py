@@ -133,25 +133,26 @@ def epoch_batches(num_examples: int, lengths: list[int], batch_size: int, seed: 
     return batches
 
 
-class StepBatches:
-    """Deterministic global batches indexed by optimizer step; epochs roll over as needed."""
+class EpochBatches:
+    """Deterministic global batches (index lists) by optimizer step, over items of the given lengths
+    (training examples, preference pairs, prompts); epochs roll over as needed. Items of similar length
+    share a batch (epoch_batches), and step s's batch is a function of s alone, so a resumed run picks up
+    the data where it stopped."""
 
-    def __init__(self, examples: list[Example], batch_size: int, seed: int):
-        if len(examples) < batch_size:
-            raise ValueError(f"batch_size {batch_size} is larger than the {len(examples)} training examples")
-        self.examples = examples
-        self.batch_size = batch_size
-        self.seed = seed
-        self.batches_per_epoch = len(examples) // batch_size
-        self._lengths = [len(ex.input_ids) for ex in examples]
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, unit: str = "training examples"):
+        if len(lengths) < batch_size:
+            raise ValueError(f"batch_size {batch_size} is larger than the {len(lengths)} {unit}")
+        self.batch_size, self.seed = batch_size, seed
+        self.batches_per_epoch = len(lengths) // batch_size
+        self._lengths = list(lengths)
         self._epoch, self._batches = -1, []
 
-    def __call__(self, step: int) -> list[Example]:
+    def __call__(self, step: int) -> list[int]:
         epoch, index = divmod(step, self.batches_per_epoch)
         if epoch != self._epoch:
             self._epoch = epoch
-            self._batches = epoch_batches(len(self.examples), self._lengths, self.batch_size, self.seed, epoch)
-        return [self.examples[i] for i in self._batches[index]]
+            self._batches = epoch_batches(len(self._lengths), self._lengths, self.batch_size, self.seed, epoch)
+        return self._batches[index]
 
 
 def collate(examples: list[Example], pad_id: int, width: int | None = None) -> dict[str, torch.Tensor]:

@@ -23,11 +23,11 @@ from parallel import engine
 from parallel.dims import ParallelConfig
 from parallel.trainer import Objective
 from training.config import DPOStage
+from training.data import EpochBatches
 from training.loop import Checkpoints, train_loop
 from training.losses import IGNORE_INDEX, dpo_loss, sequence_logprobs
 from training.preference import (
     Pair,
-    PairBatches,
     PairwiseTrainer,
     PreferenceStats,
     check_pair_split,
@@ -147,7 +147,7 @@ class Session:
     tokenizer: object
     runtime: engine.Runtime
     train_pairs: list[Pair]
-    batches: PairBatches
+    batches: EpochBatches
     train_ref: torch.Tensor | None  # [pairs, 2] when precomputed
     val_pairs: list[Pair]
     val_ref: torch.Tensor  # [pairs, 2]; the reference never changes, so always computed once

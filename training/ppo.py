@@ -20,7 +20,7 @@ from parallel import engine
 from parallel.dims import ParallelConfig
 from parallel.trainer import Objective, model_inputs
 from training.config import PPOStage
-from training.data import chat_tokenizer
+from training.data import EpochBatches, chat_tokenizer
 from training.learner import Learner
 from training.loop import Checkpoints, train_loop
 from training.losses import gae, ppo_value_loss, whiten
@@ -32,7 +32,6 @@ from training.rollout import (
     ClippedPolicyObjective,
     Progress,
     Prompt,
-    PromptBatches,
     PromptStats,
     Reference,
     RewardScorer,
@@ -45,6 +44,7 @@ from training.rollout import (
     finish_policy_run,
     load_prompts,
     minibatches,
+    prompt_batches,
     reference_logprobs,
     response_logprobs_of,
     rollout_rows,
@@ -136,7 +136,7 @@ class Session:
     sampler: Sampler
     runtime: engine.Runtime
     train_prompts: list[Prompt]
-    batches: PromptBatches
+    batches: EpochBatches
     val_prompts: list[Prompt]
     kl: KLController
     data_stats: dict[str, PromptStats]
@@ -210,7 +210,7 @@ def setup(
             )
     train_prompts, train_stats = load_prompts(data_dir / "train.jsonl", tokenizer, cfg.max_prompt_len)
     val_prompts, val_stats = load_prompts(data_dir / "validation.jsonl", tokenizer, cfg.max_prompt_len)
-    batches = PromptBatches(train_prompts, cfg.batch_size, seed)
+    batches = prompt_batches(train_prompts, cfg.batch_size, seed)
 
     runtime = engine.build_runtime(parallel)
     lora, quant = adapters(cfg)

@@ -17,7 +17,7 @@ import torch
 
 from data_tools.normalise import RowError as PreferenceRowError
 from data_tools.normalise import parse_preference as parse_row
-from training.data import Example, assistant_spans, chat_tokenizer, collate, epoch_batches, read_jsonl
+from training.data import EpochBatches, Example, assistant_spans, chat_tokenizer, collate, read_jsonl
 from training.learner import Learner
 from training.losses import IGNORE_INDEX
 
@@ -133,23 +133,10 @@ def eval_pair_batches(
     return batches
 
 
-class PairBatches:
-    """Deterministic global batches (pair indices) by optimizer step; epochs roll over as needed."""
-
-    def __init__(self, pairs: list[Pair], batch_size: int, seed: int):
-        if len(pairs) < batch_size:
-            raise ValueError(f"batch_size {batch_size} is larger than the {len(pairs)} training pairs")
-        self.batch_size, self.seed = batch_size, seed
-        self.batches_per_epoch = len(pairs) // batch_size
-        self._lengths = [max(len(p.chosen.input_ids), len(p.rejected.input_ids)) for p in pairs]
-        self._epoch, self._batches = -1, []
-
-    def __call__(self, step: int) -> list[int]:
-        epoch, index = divmod(step, self.batches_per_epoch)
-        if epoch != self._epoch:
-            self._epoch = epoch
-            self._batches = epoch_batches(len(self._lengths), self._lengths, self.batch_size, self.seed, epoch)
-        return self._batches[index]
+def pair_batches(pairs: list[Pair], batch_size: int, seed: int) -> EpochBatches:
+    """Global batches of pair indices by step; a pair's length is its longer side."""
+    lengths = [max(len(p.chosen.input_ids), len(p.rejected.input_ids)) for p in pairs]
+    return EpochBatches(lengths, batch_size, seed, "training pairs")
 
 
 def check_no_pipeline(parallel, stage: str) -> None:
@@ -166,7 +153,7 @@ class PreferenceData:
     pad_id: int
     train: list[Pair]
     validation: list[Pair]
-    batches: PairBatches
+    batches: EpochBatches
     stats: dict[str, PreferenceStats]
 
 
@@ -182,7 +169,7 @@ def load_preference_data(
         pad_id,
         train,
         validation,
-        PairBatches(train, batch_size, seed),
+        pair_batches(train, batch_size, seed),
         {"train": train_stats, "validation": val_stats},
     )
 

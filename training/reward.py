@@ -19,11 +19,11 @@ from parallel import engine
 from parallel.dims import ParallelConfig
 from parallel.trainer import Objective
 from training.config import RewardModelStage
+from training.data import EpochBatches
 from training.loop import Checkpoints, train_loop
 from training.losses import bradley_terry_loss
 from training.preference import (
     Pair,
-    PairBatches,
     PairwiseTrainer,
     PreferenceStats,
     check_pair_split,
@@ -109,7 +109,7 @@ class Session:
     tokenizer: object
     runtime: engine.Runtime
     train_pairs: list[Pair]
-    batches: PairBatches
+    batches: EpochBatches
     val_pairs: list[Pair]
     pad_id: int
     data_stats: dict[str, PreferenceStats]

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from parallel import engine
 from parallel.trainer import Objective
-from training.data import epoch_batches, read_jsonl
+from training.data import EpochBatches, read_jsonl
 from training.learner import Learner
 from training.losses import entropy_from_logits, kl_penalty, masked_mean, ppo_policy_loss
 from training.rewards import RuleReward, exact_match
@@ -146,23 +146,9 @@ def load_prompts(path: Path, tokenizer, max_prompt_len: int) -> tuple[list[Promp
     return prompts, stats
 
 
-class PromptBatches:
-    """Deterministic prompt indices by step (prompts of similar length together); epochs roll over."""
-
-    def __init__(self, prompts: list[Prompt], batch_size: int, seed: int):
-        if len(prompts) < batch_size:
-            raise ValueError(f"batch_size {batch_size} is larger than the {len(prompts)} training prompts")
-        self.batch_size, self.seed = batch_size, seed
-        self.batches_per_epoch = len(prompts) // batch_size
-        self._lengths = [len(p.input_ids) for p in prompts]
-        self._epoch, self._batches = -1, []
-
-    def __call__(self, step: int) -> list[int]:
-        epoch, index = divmod(step, self.batches_per_epoch)
-        if epoch != self._epoch:
-            self._epoch = epoch
-            self._batches = epoch_batches(len(self._lengths), self._lengths, self.batch_size, self.seed, epoch)
-        return self._batches[index]
+def prompt_batches(prompts: list[Prompt], batch_size: int, seed: int) -> EpochBatches:
+    """Global batches of prompt indices by step (prompts of similar length together)."""
+    return EpochBatches([len(p.input_ids) for p in prompts], batch_size, seed, "training prompts")
 
 
 # ---- sampling -----------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import torch
 from parallel import engine
 from parallel.dims import ParallelConfig
 from training.config import SFTStage
-from training.data import DataStats, StepBatches, chat_tokenizer, collate, eval_batches, load_split
+from training.data import DataStats, EpochBatches, Example, chat_tokenizer, collate, eval_batches, load_split
 from training.learner import Learner
 from training.loop import Checkpoints, train_loop
 from training.resume import Resumer
@@ -35,7 +35,8 @@ class Session:
     tokenizer: object
     runtime: engine.Runtime
     learner: Learner
-    train_batches: StepBatches
+    train_examples: list[Example]
+    train_batches: EpochBatches
     val_batches: list[dict[str, torch.Tensor]]
     pad_id: int
     data_stats: dict[str, DataStats]
@@ -93,7 +94,8 @@ def setup(cfg: SFTStage, model_dir: Path, data_dir: Path, parallel: ParallelConf
         tokenizer=tokenizer,
         runtime=engine.build_runtime(parallel),
         learner=learner,
-        train_batches=StepBatches(train_examples, cfg.batch_size, seed),
+        train_examples=train_examples,
+        train_batches=EpochBatches([len(ex.input_ids) for ex in train_examples], cfg.batch_size, seed),
         val_batches=val_batches(cfg, parallel, val_examples, pad_id, pad_width),
         pad_id=pad_id,
         data_stats={"train": train_stats, "validation": val_stats},
@@ -126,7 +128,8 @@ def val_batches(
 
 def sft_step(s: Session, step: int) -> dict[str, float]:
     """Optimizer step `step` (1-based) on its global batch: loss, lr, grad norm, and its input tokens."""
-    _, lr, grad_norm = s.learner.update(collate(s.train_batches(step - 1), s.pad_id, s.pad_width))
+    examples = [s.train_examples[i] for i in s.train_batches(step - 1)]
+    _, lr, grad_norm = s.learner.update(collate(examples, s.pad_id, s.pad_width))
     metrics = s.learner.metrics
     return {"loss": metrics.loss, "lr": lr, "grad_norm": grad_norm, "tokens": metrics.num_tokens}
 

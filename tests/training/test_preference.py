@@ -6,7 +6,7 @@ import torch
 from data_tools.synth import BAD_PREFERENCES, generate_tiny_preferences
 from parallel.tiny import build_tokenizer
 from training.losses import IGNORE_INDEX
-from training.preference import PairBatches, PreferenceRowError, build_pairs, collate_pairs, parse_row
+from training.preference import PreferenceRowError, build_pairs, collate_pairs, pair_batches, parse_row
 
 USER = {"role": "user", "content": "What is 2 + 3?"}
 
@@ -120,9 +120,9 @@ def test_collate_and_batches_are_deterministic(tok):
     assert batch["input_ids"][2, : len(pairs[1].chosen.input_ids)].tolist() == pairs[1].chosen.input_ids
     ref = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
     assert collate_pairs(pairs[:3], tok.pad_token_id, ref_logps=ref)["ref_logps"].tolist() == [1, 2, 3, 4, 5, 6]
-    a, b = PairBatches(pairs, 8, seed=0), PairBatches(pairs, 8, seed=0)
+    a, b = pair_batches(pairs, 8, seed=0), pair_batches(pairs, 8, seed=0)
     steps = [a(s) for s in range(10)]
     assert steps == [b(s) for s in range(10)] and all(len(ix) == 8 for ix in steps)
     assert sorted(sum(steps[:5], [])) == sorted(set(sum(steps[:5], [])))  # one epoch: no repeats
     with pytest.raises(ValueError, match="larger than the 40 training pairs"):
-        PairBatches(pairs, 64, seed=0)
+        pair_batches(pairs, 64, seed=0)

@@ -133,9 +133,7 @@ def _ranks_main(rank, world_size, model_dir, data_dir, out_root):
             grads = {n: g.detach().numpy().copy() for n, g in full_grads(trainer).items()}
             out["grads"][(name, case)] = (trainer._global_loss(loss), grads)
         gen_cfg = sampling_layout(cfg)  # decoding token by token: no sequence parallelism
-        trainer = Trainer(
-            build_model("full"), gen_cfg, ParallelDims.from_config(cfg, world_size).build_mesh("cpu")
-        )
+        trainer = Trainer(build_model("full"), gen_cfg, ParallelDims.from_config(cfg, world_size).build_mesh("cpu"))
         if name != "dp2-zero0":  # generation through sharded weights
             share = _prompts(5, 2)[:2] if dp_rank(trainer.mesh) == 0 and trainer.dims.dp > 1 else _prompts(5, 2)
             if trainer.dims.dp > 1 and dp_rank(trainer.mesh) == 1:
