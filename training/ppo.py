@@ -21,37 +21,25 @@ from parallel.dims import ParallelConfig
 from parallel.trainer import Objective, model_inputs
 from training.config import PPOStage
 from training.data import EpochBatches, chat_tokenizer
+from training.frozen import Reference, RewardScorer, build_reward, check_reward_source, score
 from training.learner import Learner
 from training.loop import Checkpoints, train_loop
 from training.losses import gae, ppo_value_loss, whiten
 from training.preference import check_no_pipeline
+from training.prompts import Prompt, PromptStats, load_prompts, prompt_batches
 from training.resume import Resumer
 from training.reward import build_reward_model
 from training.rollout import (
     LAST_ONLY,
     ClippedPolicyObjective,
-    Progress,
-    Prompt,
-    PromptStats,
-    Reference,
-    RewardScorer,
-    Rollout,
-    Sampler,
-    build_reward,
-    check_reward_source,
-    end_ids,
     evaluate,
     finish_policy_run,
-    load_prompts,
     minibatches,
-    prompt_batches,
     reference_logprobs,
     response_logprobs_of,
-    rollout_rows,
-    sample_rollouts,
-    score,
 )
-from training.skeleton import StageRun, adapters
+from training.sampling import Rollout, Sampler, end_ids, rollout_rows, sample_rollouts
+from training.skeleton import Progress, StageRun, adapters
 from training.stages import sampling_layout
 
 

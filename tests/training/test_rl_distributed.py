@@ -30,7 +30,7 @@ from tests.training.sft_helpers import write_task_data  # noqa: E402
 from training.config import GRPOStage, PPOStage  # noqa: E402
 from training.grpo import GRPOObjective, run_grpo  # noqa: E402
 from training.ppo import TokenValues, ValueObjective, run_ppo  # noqa: E402
-from training.rollout import (  # noqa: E402,E501
+from training.sampling import (  # noqa: E402
     gather_logprobs,
     response_tokens,
     rollout_from_tokens,

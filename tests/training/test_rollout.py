@@ -12,19 +12,10 @@ from parallel.dims import ParallelConfig  # noqa: E402
 from parallel.engine import build_runtime, load_model  # noqa: E402
 from parallel.tiny import build_tokenizer  # noqa: E402
 from tests.training.rl_helpers import write_reward_model  # noqa: E402
+from training.frozen import Frozen, RewardModel  # noqa: E402
+from training.prompts import build_prompts, load_prompts, parse_prompt_row  # noqa: E402
 from training.rewards import RuleReward, exact_match, first_number_match, load_reward_fn  # noqa: E402
-from training.rollout import (  # noqa: E402
-    Frozen,
-    RewardModel,
-    build_prompts,
-    decode_responses,
-    left_pad,
-    load_prompts,
-    mask_after_eos,
-    parse_prompt_row,
-    response_logprobs,
-    sample,
-)
+from training.sampling import decode_responses, left_pad, mask_after_eos, response_logprobs, sample  # noqa: E402
 
 RUNTIME = build_runtime(ParallelConfig())
 
