@@ -75,22 +75,11 @@ def GRPOObjective(cfg: GRPOStage) -> ClippedPolicyObjective:
     return ClippedPolicyObjective(clip_eps=cfg.clip_eps, temperature=cfg.temperature, kl_beta=cfg.beta)
 
 
-def run_grpo(
-    cfg: GRPOStage,
-    *,
-    model_dir: Path,
-    data_dir: Path,
-    out_dir: Path,
-    parallel: ParallelConfig,
-    seed: int,
-    reward_model_dir: Path | None = None,
-    progress: Progress | None = None,
-) -> dict:
-    """Train, evaluate, write out_dir/checkpoint/ (the policy) and out_dir/result.json; returns the result."""
-    run = StageRun.start(
-        cfg, model_dir=model_dir, data_dir=data_dir, out_dir=out_dir, parallel=parallel, seed=seed, progress=progress
-    )
-    session = setup(cfg, run.model_dir, run.data_dir, parallel, run.seed, reward_model_dir)
+def run_grpo(cfg: GRPOStage, **where) -> dict:
+    """Train, evaluate, write out_dir/checkpoint/ (the policy) and out_dir/result.json; returns the result.
+    where: the runner arguments every stage takes (training.skeleton.StageRun.start)."""
+    run = StageRun.start(cfg, **where)
+    session = setup(cfg, run.model_dir, run.data_dir, run.parallel, run.seed, run.reward_model_dir)
     result = train(cfg, session, run.progress, run.resumer())
     return finish_policy_run(run, session, result, group_size=cfg.group_size, beta=cfg.beta)
 

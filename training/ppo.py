@@ -139,22 +139,11 @@ class Session:
         return self.critic_learner.model.critic
 
 
-def run_ppo(
-    cfg: PPOStage,
-    *,
-    model_dir: Path,
-    data_dir: Path,
-    out_dir: Path,
-    parallel: ParallelConfig,
-    seed: int,
-    reward_model_dir: Path | None = None,
-    progress: Progress | None = None,
-) -> dict:
-    """Train, evaluate, write out_dir/checkpoint/ (the policy) and out_dir/result.json; returns the result."""
-    run = StageRun.start(
-        cfg, model_dir=model_dir, data_dir=data_dir, out_dir=out_dir, parallel=parallel, seed=seed, progress=progress
-    )
-    session = setup(cfg, run.model_dir, run.data_dir, parallel, run.seed, reward_model_dir)
+def run_ppo(cfg: PPOStage, **where) -> dict:
+    """Train, evaluate, write out_dir/checkpoint/ (the policy) and out_dir/result.json; returns the result.
+    where: the runner arguments every stage takes (training.skeleton.StageRun.start)."""
+    run = StageRun.start(cfg, **where)
+    session = setup(cfg, run.model_dir, run.data_dir, run.parallel, run.seed, run.reward_model_dir)
     result = train(cfg, session, run.progress, run.resumer())
     return finish_policy_run(run, session, result, critic_init=session.critic_init, final_kl_coef=session.kl.coef)
 

@@ -115,25 +115,17 @@ class Session:
     data_stats: dict[str, PreferenceStats]
 
 
-def run_reward_model(
-    cfg: RewardModelStage,
-    *,
-    model_dir: Path,
-    data_dir: Path,
-    out_dir: Path,
-    parallel: ParallelConfig,
-    seed: int,
-    progress: Progress | None = None,
-) -> dict:
-    """Train, validate, write out_dir/checkpoint/ (HF sequence classifier) and result.json; returns the result."""
-    run = StageRun.start(
-        cfg, model_dir=model_dir, data_dir=data_dir, out_dir=out_dir, parallel=parallel, seed=seed, progress=progress
-    )
-    session = setup(cfg, run.model_dir, run.data_dir, parallel, run.seed)
+def run_reward_model(cfg: RewardModelStage, **where) -> dict:
+    """Train, validate, write out_dir/checkpoint/ (HF sequence classifier) and result.json; returns the result.
+    where: the runner arguments every stage takes (training.skeleton.StageRun.start)."""
+    run = StageRun.start(cfg, **where)
+    session = setup(cfg, run.model_dir, run.data_dir, run.parallel, run.seed)
     result = train(cfg, session, run.progress, run.resumer())
 
     def save(model):
-        save_reward_model(model, session.tokenizer, run.out_dir / "checkpoint", base_model_dir=model_dir, mode=cfg.mode)
+        save_reward_model(
+            model, session.tokenizer, run.out_dir / "checkpoint", base_model_dir=run.model_dir, mode=cfg.mode
+        )
 
     return run.finish(
         session.trainer.learner,

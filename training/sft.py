@@ -43,21 +43,11 @@ class Session:
     pad_width: int | None = None  # fixed batch width (pipeline stages need one shape), else per batch
 
 
-def run_sft(
-    cfg: SFTStage,
-    *,
-    model_dir: Path,
-    data_dir: Path,
-    out_dir: Path,
-    parallel: ParallelConfig,
-    seed: int,
-    progress: Progress | None = None,
-) -> dict:
-    """Train, validate, write out_dir/checkpoint/ and out_dir/result.json; returns the result dict."""
-    run = StageRun.start(
-        cfg, model_dir=model_dir, data_dir=data_dir, out_dir=out_dir, parallel=parallel, seed=seed, progress=progress
-    )
-    session = setup(cfg, run.model_dir, run.data_dir, parallel, run.seed)
+def run_sft(cfg: SFTStage, **where) -> dict:
+    """Train, validate, write out_dir/checkpoint/ and out_dir/result.json; returns the result dict.
+    where: the runner arguments every stage takes (training.skeleton.StageRun.start)."""
+    run = StageRun.start(cfg, **where)
+    session = setup(cfg, run.model_dir, run.data_dir, run.parallel, run.seed)
     result = train(cfg, session, run.progress, run.resumer())
     return run.finish(
         session.learner,

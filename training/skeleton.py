@@ -38,9 +38,24 @@ class StageRun:
     seed: int
     progress: Progress
     started: float
+    reward_model_dir: Path | None = None
 
     @classmethod
-    def start(cls, cfg, *, model_dir, data_dir, out_dir, parallel, seed: int, progress: Progress | None) -> "StageRun":
+    def start(
+        cls,
+        cfg,
+        *,
+        model_dir: Path,
+        data_dir: Path,
+        out_dir: Path,
+        parallel,
+        seed: int,
+        progress: Progress | None = None,
+        reward_model_dir: Path | None = None,
+    ) -> "StageRun":
+        """The arguments every stage runner takes (training.stages KINDS runner): where the stage starts
+        (model_dir), reads (data_dir) and writes (out_dir), its layout, the recipe seed, a progress
+        callback, and for the stages that score with one, the reward model's directory."""
         seed = cfg.seed if cfg.seed is not None else seed
         torch.manual_seed(seed)
         return cls(
@@ -52,6 +67,7 @@ class StageRun:
             seed,
             progress or (lambda event: None),
             time.perf_counter(),
+            Path(reward_model_dir) if reward_model_dir is not None else None,
         )
 
     def resumer(self) -> Resumer:
