@@ -179,7 +179,10 @@ def ppo_value_loss(
     clipped = (clipped_values - returns) ** 2
     loss = 0.5 * masked_mean(torch.maximum(unclipped, clipped), mask)
     with torch.no_grad():
-        clip_fraction = masked_mean((clipped > unclipped).float(), mask)
+        # Only where the value left the clip range: inside it the clipped and unclipped errors differ by
+        # rounding alone (old + (v - old) != v in the last bit), which would count at random.
+        active = ((values - old_values).abs() > clip_eps) & (clipped > unclipped)
+        clip_fraction = masked_mean(active.float(), mask)
     return loss, clip_fraction
 
 

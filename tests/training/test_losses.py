@@ -143,3 +143,12 @@ def test_grpo_group_relative_advantages():
     assert L.grpo_advantages(rewards, 4, scale=False).tolist() == [0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0]
     with pytest.raises(ValueError, match="groups of 3"):
         L.grpo_advantages(rewards, 3)
+
+
+def test_value_clip_fraction_counts_only_values_outside_the_range():
+    old = torch.tensor([[0.1, 0.2, 0.3, 0.4]])
+    # Inside the range (rounding of old + (v - old) would make the clipped error win at random), then outside.
+    values = torch.tensor([[0.1 + 1e-7, 0.2 - 3e-8, 0.3 + 0.5, 0.4]])
+    returns = torch.tensor([[5.0, -5.0, 2.0, 0.4]])
+    _, fraction = L.ppo_value_loss(values, old, returns, torch.ones(1, 4), clip_eps=0.2)
+    assert float(fraction) == pytest.approx(0.25)  # only the third moved by more than clip_eps (and clipping binds)
