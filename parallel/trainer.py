@@ -104,7 +104,11 @@ def build_adamw(params: list[nn.Parameter], *, lr: float, weight_decay: float, b
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
     groups = [g for g in groups if g["params"]]
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps) if groups else None
+    if not groups:
+        return None
+    # The fused CUDA kernel for plain tensors (one process, dp, ZeRO-1); sharded DTensors take the default.
+    fused = all(p.is_cuda and not isinstance(p, DTensor) for p in params)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused or None)
 
 
 def model_inputs(rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
