@@ -233,24 +233,14 @@ def _absolute_yaml_tasks(raw: dict, base_dir: Path) -> None:
             tasks[i] = f"yaml:{resolve_path(d, base_dir)}:{name}"
 
 
-def model_shape(recipe: Recipe, base_dir: Path) -> dict | None:
-    """Layers, KV heads, vocabulary and tying of the base model, from the tiny table or the directory's
-    config.json."""
+def model_config(recipe: Recipe, base_dir: Path) -> dict | None:
+    """The base model's config.json (a dict), from the tiny table or the model directory; None when missing."""
     if recipe.model.tiny:
         from parallel.tiny import TINY_CONFIGS, TINY_VOCAB
 
-        cfg = dict(TINY_CONFIGS[recipe.model.tiny], vocab_size=TINY_VOCAB)
-    else:
-        cfg_path = resolve_path(recipe.model.path, base_dir) / "config.json"
-        if not cfg_path.is_file():
-            return None
-        cfg = json.loads(cfg_path.read_text())
-    return {
-        "num_layers": cfg["num_hidden_layers"],
-        "num_kv_heads": cfg.get("num_key_value_heads", cfg["num_attention_heads"]),
-        "vocab_size": cfg.get("vocab_size"),
-        "tied_embeddings": bool(cfg.get("tie_word_embeddings", False)),
-    }
+        return dict(TINY_CONFIGS[recipe.model.tiny], vocab_size=TINY_VOCAB)
+    cfg_path = resolve_path(recipe.model.path, base_dir) / "config.json"
+    return json.loads(cfg_path.read_text()) if cfg_path.is_file() else None
 
 
 def resolve_path(p: str, base_dir: Path) -> Path:
@@ -264,15 +254,12 @@ def check_recipe(recipe: Recipe, base_dir: Path) -> list[str]:
     from eval.lmeval import check_tasks, task_label
     from training.stages import check_stages
 
-    problems = check_stages(recipe)
+    problems = check_stages(recipe, model_config(recipe, base_dir))  # order, data, layouts (parallel.layout)
     if recipe.model.path:
         mdir = resolve_path(recipe.model.path, base_dir)
         if not (mdir / "config.json").is_file():
             problems.append(f"model.path: {recipe.model.path} is not a Hugging Face model directory (no config.json)")
     problems += recipe.data.check_paths(base_dir)
-    shape = model_shape(recipe, base_dir)
-    if shape:
-        problems += recipe.parallel.check_model(**shape)
     problems += check_tasks(list(recipe.eval.tasks))
     problems += check_config(recipe.gate, recipe.eval, [task_label(t) for t in recipe.eval.tasks])
     return problems

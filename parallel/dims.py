@@ -1,10 +1,31 @@
-"""The parallel layout: data-parallel replicate x shard, pipeline, tensor, and the ZeRO stage."""
+"""The parallel layout (data-parallel replicate x shard, pipeline, tensor, the ZeRO stage) and the typed
+LoRA / 4-bit quantization configs the engine takes (the stages' `lora:` and `quant:` sections)."""
 
 from __future__ import annotations
 
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+
+class LoraConfig(BaseModel):
+    """LoRA adapters (modes lora and qlora): rank, scaling, dropout and the linear layers they wrap."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    r: int = Field(8, ge=1)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+
+class QuantConfig(BaseModel):
+    """4-bit base weights for mode: qlora (bitsandbytes); the LoRA adapters train in full precision."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = Field(True, description="quantize the quantization constants too (~0.4 bit/param less)")
 
 
 class ParallelConfig(BaseModel):
@@ -45,25 +66,3 @@ class ParallelConfig(BaseModel):
     @property
     def dp(self) -> int:
         return self.dp_replicate * self.dp_shard
-
-    def check_model(
-        self, num_layers: int, num_kv_heads: int, vocab_size: int | None = None, tied_embeddings: bool = False
-    ) -> list[str]:
-        """Layout problems for a model, as 'field: message' lines."""
-        problems = []
-        if self.tp > 1 and self.vocab_parallel:
-            if tied_embeddings:
-                problems.append(
-                    "parallel.vocab_parallel: the model ties lm_head to the input embedding, which "
-                    "cannot be split over the vocabulary here; leave vocab_parallel unset or false"
-                )
-            elif vocab_size and vocab_size % self.tp:
-                problems.append(
-                    f"parallel.vocab_parallel: the vocabulary ({vocab_size}) does not divide by "
-                    f"tp={self.tp}; leave vocab_parallel unset or false"
-                )
-        if num_kv_heads % self.tp:
-            problems.append(f"parallel.tp: {self.tp} must divide the model's {num_kv_heads} KV heads")
-        if self.pp > num_layers:
-            problems.append(f"parallel.pp: {self.pp} stages but the model has only {num_layers} layers")
-        return problems

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from parallel.dims import ParallelConfig
-from parallel.distributed import mesh as mesh_mod
+from parallel import layout
+from parallel.dims import LoraConfig, ParallelConfig, QuantConfig
 
 
 @dataclass(frozen=True)
@@ -85,30 +85,9 @@ def from_rank0(value):
 
 
 def check_layout(parallel: ParallelConfig, mode: str = "full", model_config=None) -> None:
-    """Raise a ValueError naming the parallel.* field for a layout this process (group) cannot run.
-
-    model_config: a HF config, to check the layout against the model's shape too.
-    """
-    world = process_world_size()
-    if parallel.world_size > 1 and world == 1:
-        raise ValueError(
-            f"parallel: world size {parallel.world_size} (dp_replicate={parallel.dp_replicate}, "
-            f"dp_shard={parallel.dp_shard}, pp={parallel.pp}, tp={parallel.tp}) needs {parallel.world_size} "
-            "processes, but torch.distributed is not initialised in this one; run the stage with the local "
-            "or slurm executor, which starts one task per rank"
-        )
-    mesh_mod.ParallelDims.from_config(parallel, world)  # names `parallel` when the sizes differ
-    problems = mesh_mod.check_layout(parallel, mode)
-    if model_config is not None:
-        problems += mesh_mod.check_model_layout(
-            parallel,
-            num_layers=model_config.num_hidden_layers,
-            num_heads=model_config.num_attention_heads,
-            num_kv_heads=model_config.num_key_value_heads,
-            tied_embeddings=bool(getattr(model_config, "tie_word_embeddings", False)),
-        )
-    if problems:
-        raise ValueError("; ".join(problems))
+    """Raise a ValueError naming the parallel.* field for a layout this process group cannot run
+    (parallel.layout: the one layout check). model_config: a HF config, to check the model's shape too."""
+    layout.check_layout(parallel, mode=mode, world=process_world_size(), model_config=model_config)
 
 
 def build_runtime(parallel: ParallelConfig) -> Runtime:
@@ -124,7 +103,7 @@ def build_runtime(parallel: ParallelConfig) -> Runtime:
     return Runtime(device, dtype)
 
 
-def load_model(model_dir: Path, lora=None, quant=None):
+def load_model(model_dir: Path, lora: LoraConfig | None = None, quant: QuantConfig | None = None):
     """The HF causal LM in fp32 (master weights) on CPU, wrapped with LoRA when asked.
 
     lora: None for full fine-tuning, else a LoraConfig (parallel.dims: r, alpha, dropout, target_modules).
@@ -137,7 +116,9 @@ def load_model(model_dir: Path, lora=None, quant=None):
     return model if lora is None else apply_lora(model, lora)
 
 
-def from_pretrained(model_cls, model_dir: Path, quant=None, lora=None, **kwargs):
+def from_pretrained(
+    model_cls, model_dir: Path, quant: QuantConfig | None = None, lora: LoraConfig | None = None, **kwargs
+):
     """model_cls.from_pretrained in fp32; with `quant` (QLoRA) every decoder linear layer loads as a
     bitsandbytes 4-bit weight (the heads, lm_head or a classifier's score, stay full precision) and the
     whole model is frozen for k-bit training: only adapters added afterwards train."""
@@ -160,7 +141,7 @@ def from_pretrained(model_cls, model_dir: Path, quant=None, lora=None, **kwargs)
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 
-def apply_lora(model, lora, task_type: str = "CAUSAL_LM"):
+def apply_lora(model, lora: LoraConfig, task_type: str = "CAUSAL_LM"):
     """Wrap with peft LoRA adapters (`lora`: a LoraConfig); only the adapters stay trainable."""
     from peft import LoraConfig, get_peft_model
 
@@ -215,7 +196,6 @@ def build_trainer(
     """
     from parallel.trainer import Trainer, build_mesh
 
-    check_layout(parallel, mode)
     model = load_model(model_dir, lora, quant) if model is None else model
     layout = parallel.model_copy(update={"microbatches": parallel.microbatches * grad_accum})
     mesh = build_mesh(layout, process_world_size(), "cuda" if torch.cuda.is_available() else "cpu")

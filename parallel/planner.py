@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from parallel.dims import ParallelConfig
+from parallel.layout import MODES
 
 GIB = 1024**3
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -200,8 +201,8 @@ def estimate_memory(
     dtype (2 for bf16, 4 for fp32). loss_parallel: the stage's loss runs on vocab-sharded logits (token
     cross-entropy at pp = 1); other losses gather the logits whole.
     """
-    if mode not in ("full", "lora", "qlora"):
-        raise ValueError(f"mode: {mode!r} is not one of ['full', 'lora', 'qlora']")
+    if mode not in MODES:
+        raise ValueError(f"mode: {mode!r} is not one of {list(MODES)}")
     shape = Shape.from_config(model_config)
     stages = split_layers(shape.layers, parallel.pp)
     per_rank = [

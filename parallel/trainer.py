@@ -27,7 +27,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 from parallel.dims import ParallelConfig
 from parallel.distributed import zero as zero_mod
 from parallel.distributed.grads import clip_grads_
-from parallel.distributed.mesh import AXES, ParallelDims, check_layout, check_model_layout, dp_mesh, dp_rank, fsdp_mesh
+from parallel.distributed.mesh import AXES, ParallelDims, dp_mesh, dp_rank, fsdp_mesh
 from parallel.distributed.pipeline import build_schedule, build_stage_modules, find_decoder
 from parallel.distributed.tensor_parallel import (
     LogitsLayout,
@@ -36,6 +36,7 @@ from parallel.distributed.tensor_parallel import (
     apply_tp_ends,
     vocab_parallel_supported,
 )
+from parallel.layout import check_layout
 
 IGNORE_INDEX = -100  # label of a position that is not a target (padding, prompt tokens)
 
@@ -330,17 +331,8 @@ class Trainer:
             cfg.tp,
         ):
             raise ValueError(f"parallel: the mesh {self.dims} does not match the config {cfg}")
-        _, decoder, _, _ = find_decoder(model)
-        c = decoder.config
-        problems = check_layout(cfg, mode) + check_model_layout(
-            cfg,
-            num_layers=c.num_hidden_layers,
-            num_heads=c.num_attention_heads,
-            num_kv_heads=c.num_key_value_heads,
-            tied_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
-        )
-        if problems:
-            raise ValueError("; ".join(problems))
+        # The one layout check (parallel.layout), once, against this world and the model's shape.
+        check_layout(cfg, mode=mode, world=self.dims.world_size, model_config=find_decoder(model)[1].config)
         self.device = (
             torch.device("cuda", torch.cuda.current_device())
             if mesh.device_type == "cuda"

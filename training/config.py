@@ -2,27 +2,28 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, ClassVar, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from parallel.dims import LoraConfig, QuantConfig
+
+__all__ = [
+    "LoraConfig",
+    "QuantConfig",
+    "OptimConfig",
+    "StageConfig",
+    "SFTStage",
+    "DPOStage",
+    "RewardModelStage",
+    "PPOStage",
+    "GRPOStage",
+    "TrainStage",
+]
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class LoraConfig(_Section):
-    r: int = Field(8, ge=1)
-    alpha: int = Field(16, ge=1)
-    dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] | Literal["all-linear"] = "all-linear"
-
-
-class QuantConfig(_Section):
-    """4-bit base weights for mode: qlora (bitsandbytes); the LoRA adapters train in full precision."""
-
-    quant_type: Literal["nf4", "fp4"] = "nf4"
-    double_quant: bool = Field(True, description="quantize the quantization constants too (~0.4 bit/param less)")
 
 
 class OptimConfig(_Section):
@@ -35,6 +36,11 @@ class OptimConfig(_Section):
     grad_clip: float = Field(1.0, ge=0, description="max global grad norm; 0 disables clipping")
 
 
+Mode = Literal["full", "lora", "qlora"]
+Count = Annotated[int, Field(ge=1)]  # steps, rows, "every N steps": at least 1
+SeqLen = Annotated[int, Field(ge=8)]
+
+
 def _checkpoint_every(default: int = 100):
     return Field(
         default,
@@ -44,45 +50,59 @@ def _checkpoint_every(default: int = 100):
     )
 
 
-class SFTStage(_Section):
-    kind: Literal["sft"] = "sft"
-    name: str = "sft"
-    mode: Literal["full", "lora", "qlora"] = Field("full", description="qlora: LoRA on a 4-bit base (bitsandbytes)")
+class StageConfig(_Section):
+    """The fields every training stage has. A kind redeclares one only to give it its own default or
+    description (its `kind` and `name`, its optimizer's learning rate, what its batch counts, ...)."""
+
+    kind: str
+    name: str
+    mode: Mode = Field("full", description="qlora: LoRA on a 4-bit base (bitsandbytes)")
     lora: LoraConfig = LoraConfig()
     quant: QuantConfig = QuantConfig()
     optim: OptimConfig = OptimConfig()
-    max_steps: int = Field(300, ge=1)
-    batch_size: int = Field(16, ge=1, description="sequences per optimizer step (global)")
-    grad_accum: int = Field(1, ge=1)
-    seq_len: int = Field(128, ge=8)
-    eval_every: int = Field(50, ge=1, description="validation loss every N steps")
-    log_every: int = Field(10, ge=1)
+    max_steps: Count = 200
+    batch_size: Count = 16
+    eval_every: Count = 50
+    log_every: Count = 10
     checkpoint_every: int = _checkpoint_every()
     seed: int | None = Field(None, description="defaults to the recipe seed")
 
+
+class _AccumulatingStage(StageConfig):
+    """Stages that train on fixed-length rows, one optimizer step accumulated over grad_accum micro-steps."""
+
+    _unit: ClassVar[str] = "sequences"  # what batch_size counts, in messages
+
+    grad_accum: Count = 1
+    seq_len: SeqLen = 128
+
     @model_validator(mode="after")
-    def _batch_divides(self) -> "SFTStage":
+    def _batch_divides(self):
         if self.batch_size % self.grad_accum:
-            raise ValueError(f"batch_size {self.batch_size} must be a multiple of grad_accum {self.grad_accum}")
+            raise ValueError(
+                f"batch_size {self.batch_size} must be a multiple of grad_accum {self.grad_accum} ({self._unit})"
+            )
         return self
 
 
-def _check_accum(stage, batch_size: int, grad_accum: int, unit: str):
-    if batch_size % grad_accum:
-        raise ValueError(f"batch_size {batch_size} must be a multiple of grad_accum {grad_accum} ({unit})")
-    return stage
+class SFTStage(_AccumulatingStage):
+    kind: Literal["sft"] = "sft"
+    name: str = "sft"
+    max_steps: Count = 300
+    batch_size: Count = Field(16, description="sequences per optimizer step (global)")
+    eval_every: Count = Field(50, description="validation loss every N steps")
 
 
-class DPOStage(_Section):
+class DPOStage(_AccumulatingStage):
     """Direct preference optimisation on {prompt, chosen, rejected} rows against a frozen reference."""
+
+    _unit: ClassVar[str] = "pairs"
 
     kind: Literal["dpo"] = "dpo"
     name: str = "dpo"
-    mode: Literal["full", "lora", "qlora"] = Field(
+    mode: Mode = Field(
         "full", description="lora/qlora: the reference is the model with adapters disabled, so no second copy is held"
     )
-    lora: LoraConfig = LoraConfig()
-    quant: QuantConfig = QuantConfig()
     optim: OptimConfig = OptimConfig(lr=5e-6, warmup_steps=10)
     beta: float = Field(0.1, gt=0, description="strength of the pull towards the reference")
     loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
@@ -98,69 +118,53 @@ class DPOStage(_Section):
         description="reference log-probs computed once before "
         "training (no reference forward per step; the full copy is freed)",
     )
-    max_steps: int = Field(200, ge=1)
-    batch_size: int = Field(16, ge=1, description="preference pairs per optimizer step (global)")
-    grad_accum: int = Field(1, ge=1)
-    seq_len: int = Field(256, ge=8, description="tokens of prompt + response, each side of a pair")
-    eval_every: int = Field(50, ge=1, description="held-out preference accuracy every N steps")
-    checkpoint_every: int = _checkpoint_every()
-    log_every: int = Field(10, ge=1)
-    seed: int | None = Field(None, description="defaults to the recipe seed")
+    batch_size: Count = Field(16, description="preference pairs per optimizer step (global)")
+    seq_len: SeqLen = Field(256, description="tokens of prompt + response, each side of a pair")
+    eval_every: Count = Field(50, description="held-out preference accuracy every N steps")
 
     @model_validator(mode="after")
-    def _batch_divides(self) -> "DPOStage":
+    def _smoothing_is_sigmoid(self) -> "DPOStage":
         if self.loss_type == "ipo" and self.label_smoothing:
             raise ValueError("label_smoothing applies to the sigmoid loss only, not ipo")
-        return _check_accum(self, self.batch_size, self.grad_accum, "pairs")
+        return self
 
 
-class RewardModelStage(_Section):
+class RewardModelStage(_AccumulatingStage):
     """A scalar reward head on the LM trained with the Bradley-Terry loss on preference rows."""
+
+    _unit: ClassVar[str] = "pairs"
 
     kind: Literal["reward_model"] = "reward_model"
     name: str = "reward_model"
-    mode: Literal["full", "lora", "qlora"] = Field(
+    mode: Mode = Field(
         "full", description="qlora: LoRA on a 4-bit base (bitsandbytes), the score head trained in full precision"
     )
-    quant: QuantConfig = QuantConfig()
-    lora: LoraConfig = LoraConfig()
     optim: OptimConfig = OptimConfig(lr=1e-4, warmup_steps=10)
-    max_steps: int = Field(200, ge=1)
-    batch_size: int = Field(16, ge=1, description="preference pairs per optimizer step (global)")
-    grad_accum: int = Field(1, ge=1)
-    seq_len: int = Field(256, ge=8)
-    eval_every: int = Field(50, ge=1, description="held-out pairwise accuracy every N steps")
-    checkpoint_every: int = _checkpoint_every()
-    log_every: int = Field(10, ge=1)
-    seed: int | None = Field(None, description="defaults to the recipe seed")
-
-    @model_validator(mode="after")
-    def _batch_divides(self) -> "RewardModelStage":
-        return _check_accum(self, self.batch_size, self.grad_accum, "pairs")
+    batch_size: Count = Field(16, description="preference pairs per optimizer step (global)")
+    seq_len: SeqLen = 256
+    eval_every: Count = Field(50, description="held-out pairwise accuracy every N steps")
 
 
-class _RLStage(_Section):
+class _RLStage(StageConfig):
     """Fields PPO and GRPO share: the policy, sampling, the clipped update and the reward."""
 
-    mode: Literal["full", "lora", "qlora"] = Field(
+    mode: Mode = Field(
         "full",
         description="lora/qlora (4-bit base, bitsandbytes): the reference is the policy with adapters "
         "disabled, so no second copy is held; PPO's critic is quantized alike",
     )
-    lora: LoraConfig = LoraConfig()
-    quant: QuantConfig = QuantConfig()
     optim: OptimConfig = Field(
         OptimConfig(lr=1e-6, warmup_steps=0, min_lr_ratio=1.0),
         description="the policy's optimizer; warmup_steps and the schedule count "
         "optimizer updates (ppo_epochs x mini-batches per step)",
     )
-    max_steps: int = Field(100, ge=1, description="rollout batches (each followed by ppo_epochs of updates)")
-    ppo_epochs: int = Field(1, ge=1, description="passes over each rollout batch")
+    max_steps: Count = Field(100, description="rollout batches (each followed by ppo_epochs of updates)")
+    ppo_epochs: Count = Field(1, description="passes over each rollout batch")
     clip_eps: float = Field(0.2, gt=0, description="policy ratio clip range")
-    max_prompt_len: int = Field(
-        256, ge=8, description="prompt tokens (with the chat template); longer prompts are skipped and counted"
+    max_prompt_len: SeqLen = Field(
+        256, description="prompt tokens (with the chat template); longer prompts are skipped and counted"
     )
-    max_new_tokens: int = Field(64, ge=1, description="response tokens sampled per prompt")
+    max_new_tokens: Count = Field(64, description="response tokens sampled per prompt")
     temperature: float = Field(1.0, gt=0, description="sampling temperature; log-probs are taken at it too")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass")
     reward_fn: str | None = Field(
@@ -175,11 +179,10 @@ class _RLStage(_Section):
         description="keep the reference and reward models on CPU, moving them "
         "to the accelerator only for their forward passes",
     )
-    eval_every: int = Field(10, ge=1, description="held-out greedy reward / exact match every N steps (and at step 0)")
+    eval_every: Count = Field(10, description="held-out greedy reward / exact match every N steps (and at step 0)")
     checkpoint_every: int = _checkpoint_every(20)
-    eval_prompts: int = Field(128, ge=1, description="validation prompts scored per evaluation (the first N)")
-    log_every: int = Field(1, ge=1)
-    seed: int | None = Field(None, description="defaults to the recipe seed")
+    eval_prompts: Count = Field(128, description="validation prompts scored per evaluation (the first N)")
+    log_every: Count = 1
 
     @model_validator(mode="after")
     def _reward_fn_imports(self) -> "_RLStage":
@@ -207,12 +210,12 @@ class PPOStage(_RLStage):
         description="the critic's starting weights: auto = the reward model when the stage is given one "
         "(even with reward_fn set), else the policy with a fresh value head",
     )
-    batch_size: int = Field(64, ge=1, description="prompts sampled per rollout batch (one response each)")
-    mini_batch_size: int = Field(16, ge=1, description="rollouts per optimizer update")
+    batch_size: Count = Field(64, description="prompts sampled per rollout batch (one response each)")
+    mini_batch_size: Count = Field(16, description="rollouts per optimizer update")
     kl_coef: float = Field(0.05, ge=0, description="initial coefficient of the per-token KL penalty")
     adaptive_kl: bool = Field(False, description="adapt kl_coef towards kl_target (proportional controller)")
     kl_target: float = Field(6.0, gt=0, description="target KL (nats per response) of the adaptive controller")
-    kl_horizon: int = Field(10000, ge=1, description="adaptive controller horizon, in rollouts")
+    kl_horizon: Count = Field(10000, description="adaptive controller horizon, in rollouts")
     gamma: float = Field(1.0, ge=0, le=1, description="GAE discount")
     lam: float = Field(0.95, ge=0, le=1, description="GAE lambda")
     value_clip_eps: float = Field(0.2, gt=0, description="value clip range around the rollout's values")
@@ -232,7 +235,7 @@ class GRPOStage(_RLStage):
 
     kind: Literal["grpo"] = "grpo"
     name: str = "grpo"
-    batch_size: int = Field(16, ge=1, description="prompts per rollout batch")
+    batch_size: Count = Field(16, description="prompts per rollout batch")
     group_size: int = Field(8, ge=2, description="responses sampled per prompt")
     mini_batch_size: int | None = Field(
         None,

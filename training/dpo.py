@@ -30,7 +30,6 @@ from training.preference import (
     Pair,
     PairwiseTrainer,
     PreferenceStats,
-    check_pair_split,
     collate_pairs,
     eval_pair_batches,
     load_preference_data,
@@ -38,7 +37,7 @@ from training.preference import (
     sides,
 )
 from training.resume import Resumer
-from training.skeleton import StageRun, adapters
+from training.skeleton import StageRun, adapters, check_stage
 
 Progress = Callable[[dict], None]
 
@@ -179,16 +178,8 @@ def run_dpo(cfg: DPOStage, **where) -> dict:
 
 
 def setup(cfg: DPOStage, model_dir: Path, data_dir: Path, parallel: ParallelConfig, seed: int) -> Session:
-    from transformers import AutoConfig
-
     model_dir, data_dir = Path(model_dir), Path(data_dir)
-    engine.check_layout(parallel, cfg.mode, AutoConfig.from_pretrained(model_dir))
-    check_pair_split(cfg.batch_size, cfg.grad_accum, parallel, "dpo")
-    if parallel.world_size > 1 and not cfg.precompute_reference:
-        raise ValueError(
-            "precompute_reference: must be true under several processes (the reference "
-            "log-probs are computed before the model is laid out)"
-        )
+    check_stage(cfg, parallel, model_dir)
     data = load_preference_data(model_dir, data_dir, cfg.seq_len, cfg.batch_size, seed, "dpo")
     runtime = engine.build_runtime(parallel)
     lora, quant = adapters(cfg)

@@ -27,7 +27,6 @@ from training.frozen import Reference, RewardScorer, build_reward, check_reward_
 from training.learner import Learner
 from training.loop import Checkpoints, train_loop
 from training.losses import grpo_advantages
-from training.preference import check_no_pipeline
 from training.prompts import Prompt, PromptStats, load_prompts, prompt_batches
 from training.resume import Resumer
 from training.rollout import (
@@ -40,7 +39,7 @@ from training.rollout import (
     response_logprobs_of,
 )
 from training.sampling import Sampler, end_ids, rollout_rows, sample_rollouts
-from training.skeleton import Progress, StageRun, adapters
+from training.skeleton import Progress, StageRun, adapters, check_stage
 from training.stages import sampling_layout
 
 
@@ -92,20 +91,8 @@ def setup(
     seed: int,
     reward_model_dir: Path | None = None,
 ) -> Session:
-    from transformers import AutoConfig
-
     model_dir, data_dir = Path(model_dir), Path(data_dir)
-    engine.check_layout(parallel, cfg.mode, AutoConfig.from_pretrained(model_dir))
-    check_no_pipeline(parallel, "grpo")
-    for name, rows in (
-        ("batch_size x group_size", cfg.batch_size * cfg.group_size),
-        ("mini_batch_size", mini_batch_size(cfg)),
-    ):
-        if rows % (parallel.dp * parallel.microbatches):
-            raise ValueError(
-                f"stages (grpo): {name} = {rows} responses do not split into dp={parallel.dp} x "
-                f"parallel.microbatches={parallel.microbatches} equal parts"
-            )
+    check_stage(cfg, parallel, model_dir)
     check_reward_source(cfg.reward_fn, reward_model_dir, "grpo")
     tokenizer, pad_id = chat_tokenizer(model_dir, "GRPO renders prompts")
     train_prompts, train_stats = load_prompts(data_dir / "train.jsonl", tokenizer, cfg.max_prompt_len)

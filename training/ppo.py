@@ -25,7 +25,6 @@ from training.frozen import Reference, RewardScorer, build_reward, check_reward_
 from training.learner import Learner
 from training.loop import Checkpoints, train_loop
 from training.losses import gae, ppo_value_loss, whiten
-from training.preference import check_no_pipeline
 from training.prompts import Prompt, PromptStats, load_prompts, prompt_batches
 from training.resume import Resumer
 from training.reward import build_reward_model
@@ -39,7 +38,7 @@ from training.rollout import (
     response_logprobs_of,
 )
 from training.sampling import Rollout, Sampler, end_ids, rollout_rows, sample_rollouts
-from training.skeleton import Progress, StageRun, adapters
+from training.skeleton import Progress, StageRun, adapters, check_stage
 from training.stages import sampling_layout
 
 
@@ -164,17 +163,10 @@ def setup(
     seed: int,
     reward_model_dir: Path | None = None,
 ) -> Session:
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
 
     model_dir, data_dir = Path(model_dir), Path(data_dir)
-    engine.check_layout(parallel, cfg.mode, AutoConfig.from_pretrained(model_dir))
-    check_no_pipeline(parallel, "ppo")
-    for name, rows in (("batch_size", cfg.batch_size), ("mini_batch_size", cfg.mini_batch_size)):
-        if rows % (parallel.dp * parallel.microbatches):
-            raise ValueError(
-                f"stages (ppo): {name} = {rows} rollouts do not split into dp={parallel.dp} x "
-                f"parallel.microbatches={parallel.microbatches} equal parts"
-            )
+    check_stage(cfg, parallel, model_dir)
     check_reward_source(cfg.reward_fn, reward_model_dir, "ppo")
     critic_init = _critic_init(cfg, reward_model_dir)
     tokenizer, pad_id = chat_tokenizer(model_dir, "PPO renders prompts")

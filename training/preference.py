@@ -139,14 +139,6 @@ def pair_batches(pairs: list[Pair], batch_size: int, seed: int) -> EpochBatches:
     return EpochBatches(lengths, batch_size, seed, "training pairs")
 
 
-def check_no_pipeline(parallel, stage: str) -> None:
-    if parallel.pp > 1:
-        raise ValueError(
-            f"parallel.pp: the {stage} stage trains under data, ZeRO and tensor parallelism, not "
-            "pipeline stages yet; set pp = 1"
-        )
-
-
 @dataclass
 class PreferenceData:
     tokenizer: object
@@ -216,17 +208,6 @@ class PairwiseTrainer:
             for batch in eval_pair_batches(pairs, batch_size, pad_id, multiple=multiple, width=self.width)
         ]
         return torch.cat(out).reshape(-1, 2)[: len(pairs)]
-
-
-def check_pair_split(batch_size: int, grad_accum: int, parallel, stage: str) -> None:
-    """Under several ranks every dp rank runs microbatches x grad_accum micro-batches of whole pairs."""
-    parts = parallel.dp * parallel.microbatches * grad_accum
-    if batch_size % parts:
-        raise ValueError(
-            f"stages ({stage}).batch_size: {batch_size} pairs do not split into dp={parallel.dp} x "
-            f"parallel.microbatches={parallel.microbatches} x grad_accum={grad_accum} equal "
-            f"micro-batches; use a multiple of {parts}"
-        )
 
 
 def share_of_pairs(pairs: list[Pair], fn_all) -> torch.Tensor:

@@ -26,12 +26,11 @@ from training.preference import (
     Pair,
     PairwiseTrainer,
     PreferenceStats,
-    check_pair_split,
     load_preference_data,
     sides,
 )
 from training.resume import Resumer
-from training.skeleton import StageRun, adapters
+from training.skeleton import StageRun, adapters, check_stage
 
 Progress = Callable[[dict], None]
 MANIFEST = "hpcft_reward_model.json"
@@ -153,11 +152,8 @@ def _rebuild(cfg: RewardModelStage, run: StageRun, pad_id: int, state: dict):
 
 
 def setup(cfg: RewardModelStage, model_dir: Path, data_dir: Path, parallel: ParallelConfig, seed: int) -> Session:
-    from transformers import AutoConfig
-
     model_dir, data_dir = Path(model_dir), Path(data_dir)
-    engine.check_layout(parallel, cfg.mode, AutoConfig.from_pretrained(model_dir))
-    check_pair_split(cfg.batch_size, cfg.grad_accum, parallel, "reward_model")
+    check_stage(cfg, parallel, model_dir)
     data = load_preference_data(model_dir, data_dir, cfg.seq_len, cfg.batch_size, seed, "reward_model")
     runtime = engine.build_runtime(parallel)
     # Every rank builds the same model on CPU (same seed, same fresh head); the engine lays it out.

@@ -23,7 +23,7 @@ from training.data import DataStats, EpochBatches, Example, chat_tokenizer, coll
 from training.learner import Learner
 from training.loop import Checkpoints, train_loop
 from training.resume import Resumer
-from training.skeleton import StageRun, adapters
+from training.skeleton import StageRun, adapters, check_stage
 
 Progress = Callable[[dict], None]
 
@@ -59,12 +59,8 @@ def run_sft(cfg: SFTStage, **where) -> dict:
 
 
 def setup(cfg: SFTStage, model_dir: Path, data_dir: Path, parallel: ParallelConfig, seed: int) -> Session:
-    from transformers import AutoConfig
-
     model_dir, data_dir = Path(model_dir), Path(data_dir)
-    # Fail on a bad layout before spending time on data.
-    engine.check_layout(parallel, cfg.mode, AutoConfig.from_pretrained(model_dir))
-    check_batch_split(cfg, parallel)
+    check_stage(cfg, parallel, model_dir)
     tokenizer, pad_id = chat_tokenizer(model_dir, "SFT renders chat rows")
     train_examples, train_stats = load_split(data_dir / "train.jsonl", tokenizer, cfg.seq_len)
     val_examples, val_stats = load_split(data_dir / "validation.jsonl", tokenizer, cfg.seq_len)
@@ -91,17 +87,6 @@ def setup(cfg: SFTStage, model_dir: Path, data_dir: Path, parallel: ParallelConf
         data_stats={"train": train_stats, "validation": val_stats},
         pad_width=pad_width,
     )
-
-
-def check_batch_split(cfg: SFTStage, parallel: ParallelConfig) -> None:
-    """Every dp rank runs parallel.microbatches x grad_accum equal micro-batches of the global batch."""
-    parts = parallel.dp * parallel.microbatches * cfg.grad_accum
-    if cfg.batch_size % parts:
-        raise ValueError(
-            f"batch_size: {cfg.batch_size} sequences do not split into dp={parallel.dp} x "
-            f"parallel.microbatches={parallel.microbatches} x grad_accum={cfg.grad_accum} "
-            f"equal micro-batches; use a multiple of {parts}"
-        )
 
 
 def val_batches(

@@ -20,6 +20,18 @@ from training.resume import discard as discard_resume
 Progress = Callable[[dict], None]
 
 
+def check_stage(cfg, parallel, model_dir: Path) -> None:
+    """The stage's one start-up check, before any data is read: its layout against the processes running
+    and the model's shape, and its kind's batch-split and own rules (training.stages.check_stage_layout)."""
+    from transformers import AutoConfig
+
+    from training.stages import check_stage_layout
+
+    check_stage_layout(
+        cfg, parallel, world=engine.process_world_size(), model_config=AutoConfig.from_pretrained(model_dir)
+    )
+
+
 def adapters(cfg):
     """(lora, quant) configs of a stage's mode: (None, None) for full fine-tuning, (lora, None) for LoRA."""
     return (None if cfg.mode == "full" else cfg.lora), (cfg.quant if cfg.mode == "qlora" else None)

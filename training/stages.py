@@ -1,62 +1,173 @@
-"""What the orchestrator needs to know about each training-stage kind, in one table.
+"""What the orchestrator and the planner need to know about each training-stage kind, in one table.
 
 A recipe's `stages:` run in order. Policy stages (sft, dpo, ppo, grpo) each start from the previous policy
 stage's output (the base model for the first); the last policy stage is what export, eval and the gate
 see. A reward_model stage starts from the policy before it and serves the PPO/GRPO stages after it.
+
+Everything kind-specific that recipe validation (check_stages), `hpcft plan` (plan_memory, stage_layout)
+and the jobs (runner, reward model) use is a field of the kind's StageKind row; the code below the table
+reads only the row, never the kind's name.
 """
 
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, replace
+from typing import Any, Callable
+
+Stage = Any  # one of training.config's stage models
 
 
 @dataclass(frozen=True)
 class StageKind:
     policy: bool  # trains the policy (exported, evaluated, gated) rather than a reward model
     data: str  # rows it reads: "chat" (SFT rows), "preference" (pairs), "prompts" (chat or preference rows)
-    layouts: str  # "all" layouts of the engine, "no_pp" (dp, ZeRO, tp: not pipeline stages), or "single"
     runner: str  # "module:function" with run_x(cfg, *, model_dir, data_dir, out_dir, parallel, seed, ...)
+    pipeline: bool  # runs under pipeline stages (pp > 1); False: data, ZeRO and tensor parallelism only
+    # (field, units, grad_accum): the global batch of one optimizer update, in `unit`s, as the stage field
+    # it comes from names it, and the accumulation steps it is split into
+    update_batch: Callable[[Stage], tuple[str, int, int]]
+    unit: str  # what update_batch counts, in messages: sequences, pairs, rollouts, responses
+    rows_per_unit: int  # model rows (sequences through the model) per unit: 2 for a pair (chosen + rejected)
+    seq_len: Callable[[Stage], int]  # tokens per row
+    loss_vocab_parallel: bool  # its loss runs on vocab-sharded logits under tp (token CE, DPO log-probs)
+    frozen: Callable[[Stage], tuple[str, ...]]  # frozen models held whole on each rank ("reference", ...)
+    trained_models: int = 1  # models of the policy's size it trains (PPO: the policy and its critic)
     uses_reward_model: bool = False  # gets reward_model_dir= (the latest reward_model stage before it)
     samples: bool = False  # generates with the trained model (no sequence parallelism: decoding is token by token)
+    score_head: bool = False  # trains a scalar head, not the vocabulary: vocab parallelism off unless set
+    # problems of the stage's own fields under a layout, as '<field>: message' lines (relative to the stage)
+    stage_problems: Callable[[Stage, Any], list[str]] = lambda stage, parallel: []
 
     def load_runner(self) -> Callable[..., dict]:
         module, name = self.runner.split(":")
         return getattr(importlib.import_module(module), name)
 
 
+def _accumulated(stage) -> tuple[str, int, int]:
+    return "batch_size", stage.batch_size, stage.grad_accum
+
+
+def _no_frozen(stage) -> tuple[str, ...]:
+    return ()
+
+
+def _rl_frozen(stage, reference: bool) -> tuple[str, ...]:
+    """PPO/GRPO: the reference (full fine-tuning; LoRA's reference is the policy with its adapters off) and
+    the reward model (unless a rule scores), both on CPU between forwards with offload_frozen."""
+    if stage.offload_frozen:
+        return ()
+    return (("reference",) if reference and stage.mode == "full" else ()) + (
+        () if stage.reward_fn else ("reward model",)
+    )
+
+
+def _dpo_precompute(stage, parallel) -> list[str]:
+    if parallel.world_size > 1 and not stage.precompute_reference:
+        return [
+            "precompute_reference: must be true under several processes (the "
+            "reference log-probs are computed before the model is laid out)"
+        ]
+    return []
+
+
+def _row_stage(**facts) -> StageKind:
+    """A kind that trains on fixed-length rows of its data (seq_len tokens each), batch_size units per optimizer
+    step accumulated over grad_accum; it runs under every layout, pipeline stages included."""
+    return StageKind(pipeline=True, update_batch=_accumulated, seq_len=lambda s: s.seq_len, **facts)
+
+
+def _sampling_stage(**facts) -> StageKind:
+    """A policy kind that samples responses to prompts and trains on them (rows of prompt + response, one
+    per unit), scored by a reward model or a rule; dp, ZeRO and tp only, no sequence parallelism."""
+    return StageKind(
+        policy=True,
+        data="prompts",
+        pipeline=False,
+        rows_per_unit=1,
+        seq_len=lambda s: s.max_prompt_len + s.max_new_tokens,
+        loss_vocab_parallel=False,
+        uses_reward_model=True,
+        samples=True,
+        **facts,
+    )
+
+
+# How to add a stage kind: its config model in training/config.py (a StageConfig subclass with
+# `kind: Literal["<kind>"]`, added to the TrainStage union), its runner module (run_<kind>: setup through
+# learner.Learner, training.loop.train_loop, skeleton.StageRun to finish), and one row here that answers
+# every StageKind field without a default (no fact is guessed for a kind the table does not know: kind_of
+# raises).
 KINDS: dict[str, StageKind] = {
-    "sft": StageKind(policy=True, data="chat", layouts="all", runner="training.sft:run_sft"),
-    "dpo": StageKind(policy=True, data="preference", layouts="all", runner="training.dpo:run_dpo"),
-    "reward_model": StageKind(
-        policy=False, data="preference", layouts="all", runner="training.reward:run_reward_model"
-    ),
-    "ppo": StageKind(
+    "sft": _row_stage(
         policy=True,
-        data="prompts",
-        layouts="no_pp",
+        data="chat",
+        runner="training.sft:run_sft",
+        unit="sequences",
+        rows_per_unit=1,
+        loss_vocab_parallel=True,
+        frozen=_no_frozen,
+    ),
+    "dpo": _row_stage(
+        policy=True,
+        data="preference",
+        runner="training.dpo:run_dpo",
+        unit="pairs",
+        rows_per_unit=2,
+        loss_vocab_parallel=True,
+        # full fine-tuning holds a reference copy unless its log-probs are precomputed (then it is freed)
+        frozen=lambda s: ("reference",) if s.mode == "full" and not s.precompute_reference else (),
+        stage_problems=_dpo_precompute,
+    ),
+    "reward_model": _row_stage(
+        policy=False,
+        data="preference",
+        runner="training.reward:run_reward_model",
+        unit="pairs",
+        rows_per_unit=2,
+        loss_vocab_parallel=False,
+        frozen=_no_frozen,
+        score_head=True,
+    ),
+    "ppo": _sampling_stage(
         runner="training.ppo:run_ppo",
-        uses_reward_model=True,
-        samples=True,
+        update_batch=lambda s: ("mini_batch_size", s.mini_batch_size, 1),
+        unit="rollouts",
+        frozen=lambda s: _rl_frozen(s, reference=True),
+        trained_models=2,  # a critic of the policy's size (an estimate: its value head is small)
     ),
-    "grpo": StageKind(
-        policy=True,
-        data="prompts",
-        layouts="no_pp",
+    "grpo": _sampling_stage(
         runner="training.grpo:run_grpo",
-        uses_reward_model=True,
-        samples=True,
+        update_batch=lambda s: (
+            ("mini_batch_size", s.mini_batch_size, 1)
+            if s.mini_batch_size
+            else ("batch_size x group_size", s.batch_size * s.group_size, 1)
+        ),
+        unit="responses",
+        frozen=lambda s: _rl_frozen(s, reference=s.beta > 0),  # beta = 0 drops the reference
     ),
 }
 
 
+def kind_of(stage_or_kind) -> StageKind:
+    """The table row of a stage (or a kind name); a kind the table does not know is an error."""
+    name = stage_or_kind if isinstance(stage_or_kind, str) else stage_or_kind.kind
+    try:
+        return KINDS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown training stage kind {name!r}; known kinds: {', '.join(KINDS)} (add a row to "
+            "training.stages.KINDS)"
+        ) from None
+
+
 def stage_layout(stage, parallel):
     """The layout a stage's engine actually runs (what `hpcft plan` estimates): sequence parallelism off in
-    stages that sample, vocab parallelism off for the reward model's score head, unless set explicitly."""
-    if KINDS[stage.kind].samples:
+    stages that sample, vocab parallelism off for a score head, unless set explicitly."""
+    kind = kind_of(stage)
+    if kind.samples:
         parallel = sampling_layout(parallel)
-    if stage.kind == "reward_model" and parallel.vocab_parallel is None:
+    if kind.score_head and parallel.vocab_parallel is None:
         parallel = parallel.model_copy(update={"vocab_parallel": False})
     return parallel
 
@@ -72,7 +183,7 @@ def sampling_layout(parallel):
 def previous(stages: list, index: int, *, policy: bool):
     """The latest stage before stages[index] that is (policy=True) or is not (False) a policy stage."""
     for stage in reversed(stages[:index]):
-        if KINDS[stage.kind].policy == policy:
+        if kind_of(stage).policy == policy:
             return stage
     return None
 
@@ -83,7 +194,7 @@ def last_policy(stages: list):
 
 def needs_reward_model(stage) -> bool:
     """PPO/GRPO score with a reward model unless the stage names a rule-based reward function."""
-    return KINDS[stage.kind].uses_reward_model and not getattr(stage, "reward_fn", None)
+    return kind_of(stage).uses_reward_model and not getattr(stage, "reward_fn", None)
 
 
 def _source_kinds(data) -> set[str]:
@@ -101,41 +212,59 @@ def _source_kinds(data) -> set[str]:
     return kinds
 
 
-def check_stages(recipe) -> list[str]:
-    """Problems with the order, data and layout of the recipe's stages, as 'field: message' lines."""
+def stage_layout_problems(stage, parallel, *, world: int | None = None, model_config=None) -> list[str]:
+    """parallel.layout.layout_problems for one stage: its mode, its kind's pipeline rule and batch split."""
+    from parallel.layout import layout_problems
+
+    kind = kind_of(stage)
+    field, units, grad_accum = kind.update_batch(stage)
+    return layout_problems(
+        parallel,
+        mode=stage.mode,
+        world=world,
+        model_config=model_config,
+        pipeline=kind.pipeline,
+        batch_rows=units,
+        grad_accum=grad_accum,
+        unit=kind.unit,
+        stage=stage.kind,
+        batch_field=field,
+    )
+
+
+def check_stage_layout(stage, parallel, *, world: int, model_config=None) -> None:
+    """What a stage runner checks once at start-up, before loading data: the layout against the `world`
+    processes running and the model (a HF config), the kind's pipeline and batch-split rules, and the
+    kind's own rules (dpo: precompute_reference under several processes). Raises ValueError('; '-joined)."""
+    problems = stage_layout_problems(stage, parallel, world=world, model_config=model_config)
+    problems += kind_of(stage).stage_problems(stage, parallel)
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def check_stages(recipe, model_config=None) -> list[str]:
+    """Problems with the order, data and layout of the recipe's stages, as 'field: message' lines.
+
+    model_config: the base model's config.json (a dict), when it can be read, for the model-shape rules.
+    """
     problems = []
-    stages, world = recipe.stages, recipe.parallel.world_size
+    stages, parallel = recipe.stages, recipe.parallel
     if last_policy(stages) is None:
-        problems.append("stages: no policy stage (sft, dpo, ppo or grpo); export, eval and the gate need one")
+        *some, last = [name for name, kind in KINDS.items() if kind.policy]
+        problems.append(f"stages: no policy stage ({', '.join(some)} or {last}); export, eval and the gate need one")
     available = _source_kinds(recipe.data)
     for i, stage in enumerate(stages):
-        kind = KINDS[stage.kind]
-        if world > 1:  # what the engine would refuse at start-up: ZeRO without dp, 4-bit under tp, ...
-            from parallel.distributed.mesh import check_layout
-
-            for line in check_layout(recipe.parallel, getattr(stage, "mode", "full")):
-                if line not in problems:
-                    problems.append(line)
-        if world > 1 and kind.layouts == "single":
-            problems.append(
-                f"stages.{i}: the {stage.kind} stage runs in one process for now, but parallel asks "
-                f"for world size {world}; set parallel.dp_replicate = dp_shard = pp = tp = 1"
-            )
-        if recipe.parallel.pp > 1 and kind.layouts == "no_pp":
-            problems.append(
-                f"stages.{i}: the {stage.kind} stage trains under data, ZeRO and tensor parallelism, "
-                "not pipeline stages yet; set parallel.pp = 1"
-            )
-        if kind.samples and recipe.parallel.tp > 1 and recipe.parallel.sequence_parallel:
+        kind = kind_of(stage)
+        # what the engine would refuse at start-up (no world yet: the processes are not started)
+        for line in stage_layout_problems(stage, parallel, model_config=model_config):
+            if line not in problems:
+                problems.append(line)
+        problems += [f"stages.{i}.{line}" for line in kind.stage_problems(stage, parallel)]
+        if kind.samples and parallel.tp > 1 and parallel.sequence_parallel:
             problems.append(
                 f"stages.{i}: the {stage.kind} stage samples from the model token by token, which "
                 "sequence parallelism cannot split; set parallel.sequence_parallel: false (or leave "
                 "it unset: it is then off for this stage)"
-            )
-        if world > 1 and stage.kind == "dpo" and not stage.precompute_reference:
-            problems.append(
-                f"stages.{i}.precompute_reference: must be true under several processes (the "
-                "reference log-probs are computed before the model is laid out)"
             )
         wanted = {"chat": {"chat"}, "preference": {"preference"}, "prompts": {"chat", "preference"}}[kind.data]
         if not wanted & available:
@@ -154,47 +283,31 @@ def check_stages(recipe) -> list[str]:
 
 def plan_memory(stage, parallel, model_config: dict, dtype_bytes: int = 2):
     """Per-rank memory of a training stage (parallel.planner.MemoryEstimate): the trained model(s) under
-    the layout, plus the frozen models the stage holds whole on each rank (fp32). PPO trains a critic of
-    the policy's size as well, so its trained parts count twice (an estimate: the critic's head is small).
+    the layout, plus the frozen models the stage holds whole on each rank (fp32). A kind that trains a
+    second model of the policy's size (PPO's critic) counts its trained parts that many times.
     """
-    from dataclasses import replace
-
     from parallel.planner import estimate_memory, num_params
 
-    split = parallel.dp * parallel.microbatches
-    if stage.kind in ("ppo", "grpo"):
-        rows = (stage.mini_batch_size or stage.batch_size * stage.group_size) / split
-        seq_len = stage.max_prompt_len + stage.max_new_tokens
-    else:
-        rows = stage.batch_size * (2 if stage.kind in ("dpo", "reward_model") else 1) / (stage.grad_accum * split)
-        seq_len = stage.seq_len
-    layout = stage_layout(stage, parallel)
+    kind = kind_of(stage)
+    _, units, grad_accum = kind.update_batch(stage)
+    rows = units * kind.rows_per_unit / (grad_accum * parallel.dp * parallel.microbatches)
     est = estimate_memory(
         model_config,
-        layout,
+        stage_layout(stage, parallel),
         mode=stage.mode,
-        seq_len=seq_len,
+        seq_len=kind.seq_len(stage),
         micro_batch=max(1, int(rows)),
         dtype_bytes=dtype_bytes,
         lora_r=stage.lora.r,
-        loss_parallel=stage.kind in ("sft", "dpo"),
+        loss_parallel=kind.loss_vocab_parallel,
     )
-    whole = num_params(model_config) * 4
-    frozen = 0
-    if stage.kind == "dpo" and stage.mode == "full" and not stage.precompute_reference:
-        frozen = whole  # the reference copy
-    if stage.kind in ("ppo", "grpo") and not stage.offload_frozen:
-        if stage.mode == "full" and (stage.kind == "ppo" or stage.beta > 0):
-            frozen += whole  # the reference copy
-        if not stage.reward_fn:
-            frozen += whole  # the reward model (usually the same backbone)
-    if stage.kind == "ppo":
-        est = replace(
-            est,
-            params=2 * est.params,
-            gathered=2 * est.gathered,
-            grads=2 * est.grads,
-            optimizer=2 * est.optimizer,
-            activations=2 * est.activations,
-        )
-    return replace(est, frozen=frozen)
+    n = kind.trained_models
+    est = replace(
+        est,
+        params=n * est.params,
+        gathered=n * est.gathered,
+        grads=n * est.grads,
+        optimizer=n * est.optimizer,
+        activations=n * est.activations,
+    )
+    return replace(est, frozen=len(kind.frozen(stage)) * num_params(model_config) * 4)

@@ -163,8 +163,8 @@ def test_stage_order_data_and_layout_problems_name_the_stage():
         ],
     )
     assert out == [
-        "stages.1: the grpo stage trains under data, ZeRO and tensor parallelism, not pipeline "
-        "stages yet; set parallel.pp = 1"
+        "parallel.pp: the grpo stage trains under data, ZeRO and tensor parallelism, not pipeline stages "
+        "yet; set pp = 1"
     ]
     out = problems(DPO_RECIPE, ["parallel.tp=2", "stages.1.mode=qlora"])
     assert out == [
@@ -249,3 +249,13 @@ def test_plan_memory_counts_each_stage_kinds_models(hpcft_cmd):
         "sequence parallel on, vocab parallel off",
         "sequence parallel off, vocab parallel on",
     ]
+
+
+def test_recipe_validation_refuses_what_the_engine_refuses_at_start_up():
+    # one layout check (parallel.layout) for recipe validation and the engine: ZeRO needs data-parallel
+    # ranks in any world, interleaved pipeline stages count twice per pp rank, batches split into dp ranks
+    assert problems(TINY_RECIPE, ["parallel.zero=1"])[0].startswith("parallel.zero: ZeRO-1 shards optimizer state")
+    out = problems(TINY_RECIPE, ["parallel.pp=4", "parallel.microbatches=4", "parallel.pp_schedule=interleaved_1f1b"])
+    assert out == ["parallel.pp: 8 pipeline stages (interleaved_1f1b) but the model has only 4 layers"]
+    out = problems(DPO_RECIPE, ["parallel.dp_shard=3"])
+    assert [line.split(":")[0] for line in out] == ["stages (sft).batch_size", "stages (dpo).batch_size"]

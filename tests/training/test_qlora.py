@@ -89,11 +89,13 @@ def test_qlora_learns_like_lora_and_exports(single, model_dir, tmp_path):
 
 
 def test_qlora_refuses_layouts_it_cannot_use():
-    from parallel.distributed.mesh import check_layout
+    from parallel.layout import layout_problems
 
-    assert [p.split(":")[0] for p in check_layout(ParallelConfig(tp=2), "qlora")] == ["parallel.tp"]
-    assert [p.split(":")[0] for p in check_layout(ParallelConfig(pp=2, microbatches=2), "qlora")] == ["parallel.pp"]
-    assert check_layout(ParallelConfig(dp_shard=2, zero=1), "qlora") == []
+    assert [p.split(":")[0] for p in layout_problems(ParallelConfig(tp=2), mode="qlora")] == ["parallel.tp"]
+    assert [p.split(":")[0] for p in layout_problems(ParallelConfig(pp=2, microbatches=2), mode="qlora")] == [
+        "parallel.pp"
+    ]
+    assert layout_problems(ParallelConfig(dp_shard=2, zero=1), mode="qlora") == []
 
 
 def _reward_qlora(model_dir, pref_dir, out_dir, parallel):

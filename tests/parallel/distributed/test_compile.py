@@ -34,7 +34,9 @@ def test_compiled_blocks_match_eager_in_one_process():
 def test_compile_under_tensor_parallelism_is_refused():
     """Measured (torch 2.13, gloo): compiled TP blocks fail in backward (DTensor redistribute gets a plain
     tensor); with sequence parallelism they run but gradients are off by ~12% relative. Refused up front."""
-    from parallel.distributed.mesh import check_layout
+    from parallel.layout import layout_problems
 
-    assert [p.split(":")[0] for p in check_layout(ParallelConfig(tp=2, compile=True), "full")] == ["parallel.compile"]
-    assert check_layout(ParallelConfig(dp_shard=2, zero=3, compile=True), "full") == []
+    assert [p.split(":")[0] for p in layout_problems(ParallelConfig(tp=2, compile=True), mode="full")] == [
+        "parallel.compile"
+    ]
+    assert layout_problems(ParallelConfig(dp_shard=2, zero=3, compile=True), mode="full") == []

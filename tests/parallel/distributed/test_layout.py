@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from parallel.dims import ParallelConfig
-from parallel.distributed.mesh import ParallelDims, check_layout, check_model_layout
+from parallel.distributed.mesh import ParallelDims
 from parallel.distributed.pipeline import build_stage_modules, find_decoder, split_layers
 from parallel.distributed.zero import partition_params
+from parallel.layout import layout_problems, model_problems
 from parallel.trainer import apply_activation_checkpointing, num_label_tokens, summed_ce
 from tests.parallel.distributed.harness import build_model, make_batch
 
@@ -30,22 +31,22 @@ def test_world_size_mismatch_names_the_fields():
     ],
 )
 def test_check_layout_problems(cfg, mode, quantized, field):
-    problems = check_layout(ParallelConfig(**cfg), mode, quantized)
+    problems = layout_problems(ParallelConfig(**cfg), mode="qlora" if quantized else mode)
     assert problems and problems[0].startswith(field + ":"), problems
 
 
 def test_check_layout_accepts_valid_layouts():
-    assert check_layout(ParallelConfig(pp=2, tp=2, dp_shard=2, zero=3, microbatches=4), "full") == []
-    assert check_layout(ParallelConfig(dp_replicate=2, zero=1), "qlora") == []
-    assert check_layout(ParallelConfig(), "sft") == ["mode: 'sft' is not one of ['full', 'lora', 'qlora']"]
+    assert layout_problems(ParallelConfig(pp=2, tp=2, dp_shard=2, zero=3, microbatches=4), mode="full") == []
+    assert layout_problems(ParallelConfig(dp_replicate=2, zero=1), mode="qlora") == []
+    assert layout_problems(ParallelConfig(), mode="sft") == ["mode: 'sft' is not one of ['full', 'lora', 'qlora']"]
 
 
 def test_check_model_layout():
-    kw = dict(num_layers=4, num_heads=4, num_kv_heads=2, tied_embeddings=False)
-    assert check_model_layout(ParallelConfig(tp=4), **kw)[0].startswith("parallel.tp:")
-    assert check_model_layout(ParallelConfig(pp=4, pp_schedule="zero_bubble"), **kw)[0].startswith("parallel.pp:")
-    assert check_model_layout(ParallelConfig(pp=2), **{**kw, "tied_embeddings": True})[0].startswith("parallel.pp:")
-    assert check_model_layout(ParallelConfig(pp=2, tp=2, pp_schedule="interleaved_1f1b"), **kw) == []
+    kw = dict(num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    assert model_problems(ParallelConfig(tp=4), kw)[0].startswith("parallel.tp:")
+    assert model_problems(ParallelConfig(pp=4, pp_schedule="zero_bubble"), kw)[0].startswith("parallel.pp:")
+    assert model_problems(ParallelConfig(pp=2), {**kw, "tie_word_embeddings": True})[0].startswith("parallel.pp:")
+    assert model_problems(ParallelConfig(pp=2, tp=2, pp_schedule="interleaved_1f1b"), kw) == []
 
 
 def test_split_layers_is_balanced_and_contiguous():

@@ -1,0 +1,224 @@
+"""The one layout check: can a training run use this parallel layout? Problems come back as
+'parallel.<field>: message' lines (stage fields as 'stages (<kind>).<field>'), so recipe validation and
+the engine at start-up refuse the same layouts with the same words.
+
+Callers pass what they know:
+- recipe validation (training.stages.check_stages, once per stage): world=None (no process is running
+  yet), the stage's mode, the base model's config.json when it can be read, whether the stage kind can
+  run pipeline stages, and its batch per optimizer update;
+- the engine, once, when a stage lays its model out: world = the processes actually running, and the
+  model's HF config.
+
+Rules, in the order they are reported: world size (only when `world` is known); degrees and schedule;
+a 4-bit (QLoRA) base; the model's shape; the stage kind (pipeline); the batch split.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from parallel.dims import ParallelConfig
+
+MODES = ("full", "lora", "qlora")
+INTERLEAVED = ("interleaved_1f1b", "zero_bubble")  # schedules that hold two stages per pp rank
+
+
+def layout_problems(
+    parallel: ParallelConfig,
+    *,
+    mode: str = "full",
+    world: int | None = None,
+    model_config: Any = None,
+    pipeline: bool = True,
+    batch_rows: int | None = None,
+    grad_accum: int = 1,
+    unit: str = "sequences",
+    stage: str | None = None,
+    batch_field: str = "batch_size",
+) -> list[str]:
+    """Problems of `parallel` for one training run, as 'parallel.<field>: message' lines (empty: fine).
+
+    mode: full | lora | qlora. world: the number of processes actually running (None: not known yet, as
+    in recipe validation; the world-size rules are skipped). model_config: the model's HF config (an
+    object or the config.json dict) for the model-shape rules. pipeline: False for stage kinds that cannot
+    run under pp > 1. batch_rows: the global batch per optimizer update, in `unit`s (sequences, pairs,
+    ...), checked to split into dp x parallel.microbatches x grad_accum equal micro-batches. stage: the
+    stage kind the stage-dependent messages name; batch_field: the stage field batch_rows comes from.
+    """
+    if mode not in MODES:
+        return [f"mode: {mode!r} is not one of {list(MODES)}"]
+    problems = world_problems(parallel, world) if world is not None else []
+    problems += _degree_problems(parallel)
+    if mode == "qlora":
+        problems += _quantized_problems(parallel)
+    if model_config is not None:
+        problems += model_problems(parallel, model_config)
+    if not pipeline and parallel.pp > 1:
+        problems.append(
+            f"parallel.pp: {_the(stage)} trains under data, ZeRO and tensor parallelism, not pipeline "
+            "stages yet; set pp = 1"
+        )
+    if batch_rows is not None:
+        problems += _split_problems(parallel, batch_rows, grad_accum, unit, stage, batch_field)
+    return problems
+
+
+def check_layout(parallel: ParallelConfig, **kwargs) -> None:
+    """Raise ValueError('; '.join(problems)) for the layout_problems(parallel, **kwargs) found."""
+    problems = layout_problems(parallel, **kwargs)
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def _the(stage: str | None) -> str:
+    return f"the {stage} stage" if stage else "this stage"
+
+
+# --- world size: what the processes started can run (the engine knows `world`; recipe validation not) --
+
+
+def world_problems(parallel: ParallelConfig, world: int) -> list[str]:
+    """The layout's degrees against the `world` processes started."""
+    if parallel.world_size > 1 and world == 1:
+        return [
+            f"parallel: world size {parallel.world_size} (dp_replicate={parallel.dp_replicate}, "
+            f"dp_shard={parallel.dp_shard}, pp={parallel.pp}, tp={parallel.tp}) needs {parallel.world_size} "
+            "processes, but torch.distributed is not initialised in this one; run the stage with the local "
+            "or slurm executor, which starts one task per rank"
+        ]
+    if parallel.world_size != world:
+        return [world_mismatch(parallel, world)]
+    return []
+
+
+def world_mismatch(parallel: ParallelConfig, world: int) -> str:
+    return (
+        f"parallel: dp_replicate={parallel.dp_replicate} x dp_shard={parallel.dp_shard} x pp={parallel.pp} x "
+        f"tp={parallel.tp} = {parallel.world_size}, but {world} processes were started"
+    )
+
+
+# --- degrees and schedule: the layout alone ----------------------------------------------------------
+
+
+def _degree_problems(cfg: ParallelConfig) -> list[str]:
+    problems = []
+    if cfg.zero >= 2 and cfg.dp_shard == 1:
+        problems.append(
+            f"parallel.zero: ZeRO-{cfg.zero} shards parameters over parallel.dp_shard, "
+            "which is 1 (raise dp_shard or use zero 0/1)"
+        )
+    if cfg.zero == 1 and cfg.dp == 1:
+        problems.append(
+            "parallel.zero: ZeRO-1 shards optimizer state over data-parallel ranks, but "
+            "dp_replicate x dp_shard is 1 (use zero: 0)"
+        )
+    if cfg.pp > 1 and cfg.microbatches < cfg.pp:
+        problems.append(
+            f"parallel.microbatches: {cfg.microbatches} micro-batches cannot fill "
+            f"{cfg.pp} pipeline stages (use at least {cfg.pp})"
+        )
+    if cfg.pp > 1 and cfg.pp_schedule in INTERLEAVED and cfg.microbatches % cfg.pp:
+        problems.append(
+            f"parallel.microbatches: the {cfg.pp_schedule} schedule needs a multiple of "
+            f"parallel.pp ({cfg.pp}), got {cfg.microbatches}"
+        )
+    if cfg.compile and cfg.tp > 1:
+        problems.append(
+            "parallel.compile: torch.compile of tensor-parallel blocks fails in backward (or, with "
+            "sequence parallelism, gives wrong gradients) on this torch; use compile: false with tp > 1"
+        )
+    return problems
+
+
+# --- a 4-bit quantized base (mode: qlora) -------------------------------------------------------------
+
+
+def _quantized_problems(cfg: ParallelConfig) -> list[str]:
+    problems = []
+    if cfg.tp > 1:
+        problems.append(
+            "parallel.tp: 4-bit quantized (QLoRA) base weights cannot be tensor-sharded; "
+            "use tp: 1 and scale with dp_replicate/dp_shard"
+        )
+    if cfg.pp > 1:
+        problems.append(
+            "parallel.pp: pipeline stages of a 4-bit quantized (QLoRA) base are not supported "
+            "yet; use pp: 1 and scale with dp_replicate/dp_shard"
+        )
+    if cfg.zero >= 2:
+        problems.append(
+            "parallel.zero: 4-bit quantized (QLoRA) base weights cannot be sharded by FSDP here; use zero 0 or 1"
+        )
+    return problems
+
+
+# --- the model's shape ---------------------------------------------------------------------------------
+
+
+def num_virtual_stages(cfg: ParallelConfig) -> int:
+    """Pipeline stages in total: interleaved schedules hold two stages per pp rank."""
+    if cfg.pp == 1:
+        return 1
+    return cfg.pp * (2 if cfg.pp_schedule in INTERLEAVED else 1)
+
+
+def _config_value(model_config: Any, key: str, default=None):
+    if isinstance(model_config, dict):
+        value = model_config.get(key)
+    else:
+        value = getattr(model_config, key, None)
+    return default if value is None else value
+
+
+def model_problems(cfg: ParallelConfig, model_config: Any) -> list[str]:
+    """Problems of a layout for one model (a HF config object or its config.json dict): heads and KV heads
+    split by tp, layers enough for the pipeline stages, tied embeddings, a vocabulary split by tp."""
+    layers = _config_value(model_config, "num_hidden_layers")
+    heads = _config_value(model_config, "num_attention_heads")
+    kv_heads = _config_value(model_config, "num_key_value_heads", heads)
+    vocab = _config_value(model_config, "vocab_size")
+    tied = bool(_config_value(model_config, "tie_word_embeddings", False))
+    problems = []
+    if cfg.tp > 1 and cfg.vocab_parallel:
+        if tied:
+            problems.append(
+                "parallel.vocab_parallel: the model ties lm_head to the input embedding, which "
+                "cannot be split over the vocabulary here; leave vocab_parallel unset or false"
+            )
+        elif vocab and vocab % cfg.tp:
+            problems.append(
+                f"parallel.vocab_parallel: the vocabulary ({vocab}) does not divide by "
+                f"tp={cfg.tp}; leave vocab_parallel unset or false"
+            )
+    if heads and (kv_heads % cfg.tp or heads % cfg.tp):
+        problems.append(
+            f"parallel.tp: {cfg.tp} must divide the model's {heads} attention heads and {kv_heads} KV heads"
+        )
+    stages = num_virtual_stages(cfg)
+    if layers and stages > layers:
+        problems.append(
+            f"parallel.pp: {stages} pipeline stages ({cfg.pp_schedule}) but the model has only {layers} layers"
+        )
+    if cfg.pp > 1 and tied:
+        problems.append(
+            "parallel.pp: the model ties lm_head to the input embedding, which would live "
+            "on two pipeline stages; use pp: 1"
+        )
+    return problems
+
+
+# --- the batch: every dp rank runs microbatches x grad_accum equal micro-batches of whole units -------
+
+
+def _split_problems(
+    cfg: ParallelConfig, rows: int, grad_accum: int, unit: str, stage: str | None, field: str
+) -> list[str]:
+    parts = cfg.dp * cfg.microbatches * grad_accum
+    if rows % parts == 0:
+        return []
+    where = f"stages ({stage}).{field}" if stage else field
+    return [
+        f"{where}: {rows} {unit} do not split into dp={cfg.dp} x parallel.microbatches={cfg.microbatches} "
+        f"x grad_accum={grad_accum} equal micro-batches; use a multiple of {parts}"
+    ]

@@ -1,0 +1,129 @@
+"""parallel.layout: the one layout check, rule by rule, without a world (recipe validation) and with one."""
+
+import pytest
+
+from parallel.dims import ParallelConfig
+from parallel.layout import check_layout, layout_problems
+
+LLAMA = dict(num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, vocab_size=300)
+
+
+def fields(problems: list[str]) -> list[str]:
+    return [p.split(":")[0] for p in problems]
+
+
+def test_a_plain_layout_has_no_problems():
+    assert layout_problems(ParallelConfig()) == []
+    assert layout_problems(ParallelConfig(), world=1, model_config=LLAMA, batch_rows=16) == []
+    assert layout_problems(ParallelConfig(pp=2, tp=2, dp_shard=2, zero=3, microbatches=4), world=8) == []
+
+
+def test_unknown_mode_is_the_only_problem():
+    assert layout_problems(ParallelConfig(zero=3), mode="sft") == [
+        "mode: 'sft' is not one of ['full', 'lora', 'qlora']"
+    ]
+
+
+@pytest.mark.parametrize(
+    "cfg, world, message",
+    [
+        (dict(tp=2), 1, "needs 2 processes, but torch.distributed is not initialised"),
+        (dict(dp_shard=2, pp=2, tp=2, microbatches=2), 4, "dp_shard=2 x pp=2 x tp=2 = 8, but 4 processes were started"),
+        (dict(), 2, "= 1, but 2 processes were started"),
+    ],
+)
+def test_world_rules_apply_only_when_the_world_is_known(cfg, world, message):
+    parallel = ParallelConfig(**cfg)
+    assert layout_problems(parallel) == []  # recipe validation: no processes yet
+    problems = layout_problems(parallel, world=world)
+    assert len(problems) == 1 and problems[0].startswith("parallel:") and message in problems[0]
+    assert layout_problems(parallel, world=parallel.world_size) == []
+
+
+@pytest.mark.parametrize(
+    "cfg, field, words",
+    [
+        (dict(zero=2), "parallel.zero", "ZeRO-2 shards parameters over parallel.dp_shard"),
+        (dict(dp_replicate=2, zero=3), "parallel.zero", "ZeRO-3 shards parameters"),
+        (dict(zero=1), "parallel.zero", "ZeRO-1 shards optimizer state"),
+        (dict(pp=4, microbatches=2), "parallel.microbatches", "cannot fill 4 pipeline stages"),
+        (dict(pp=2, microbatches=3, pp_schedule="interleaved_1f1b"), "parallel.microbatches", "multiple of"),
+        (dict(tp=2, compile=True), "parallel.compile", "torch.compile of tensor-parallel blocks"),
+    ],
+)
+def test_degree_rules(cfg, field, words):
+    problems = layout_problems(ParallelConfig(**cfg))
+    assert fields(problems) == [field] and words in problems[0], problems
+
+
+@pytest.mark.parametrize(
+    "cfg, field",
+    [
+        (dict(tp=2), "parallel.tp"),
+        (dict(pp=2, microbatches=2), "parallel.pp"),
+        (dict(dp_shard=2, zero=3), "parallel.zero"),
+    ],
+)
+def test_quantized_base_rules_apply_to_qlora_only(cfg, field):
+    parallel = ParallelConfig(**cfg)
+    assert layout_problems(parallel, mode="lora") == []
+    problems = layout_problems(parallel, mode="qlora")
+    assert fields(problems) == [field] and "4-bit quantized (QLoRA)" in problems[0]
+
+
+@pytest.mark.parametrize(
+    "cfg, model, field, words",
+    [
+        (dict(tp=4), {}, "parallel.tp", "4 must divide the model's 4 attention heads and 2 KV heads"),
+        # the pipeline rule counts virtual stages: interleaved schedules hold two per pp rank
+        (dict(pp=4, microbatches=4, pp_schedule="interleaved_1f1b"), {}, "parallel.pp", "8 pipeline stages"),
+        (dict(pp=2, microbatches=2), {"tie_word_embeddings": True}, "parallel.pp", "ties lm_head"),
+        (dict(tp=2, vocab_parallel=True), {"vocab_size": 301}, "parallel.vocab_parallel", "(301) does not divide"),
+        (dict(tp=2, vocab_parallel=True), {"tie_word_embeddings": True}, "parallel.vocab_parallel", "ties lm_head"),
+    ],
+)
+def test_model_shape_rules(cfg, model, field, words):
+    parallel = ParallelConfig(**cfg)
+    assert layout_problems(parallel) == []  # no model config: no shape rules
+    problems = layout_problems(parallel, model_config={**LLAMA, **model})
+    assert fields(problems) == [field] and words in problems[0], problems
+
+
+def test_model_rules_read_a_hf_config_object():
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(**{**LLAMA, "num_key_value_heads": 1})
+    assert fields(layout_problems(ParallelConfig(tp=2), model_config=config)) == ["parallel.tp"]
+    assert layout_problems(ParallelConfig(pp=4, microbatches=4), model_config=config) == []
+
+
+def test_kinds_without_pipeline_refuse_pp():
+    parallel = ParallelConfig(pp=2, microbatches=2)
+    assert layout_problems(parallel, pipeline=False, stage="grpo") == [
+        "parallel.pp: the grpo stage trains under data, ZeRO and tensor parallelism, not pipeline stages "
+        "yet; set pp = 1"
+    ]
+    assert layout_problems(ParallelConfig(tp=2), pipeline=False) == []
+
+
+def test_batch_split_counts_dp_microbatches_and_grad_accum():
+    parallel = ParallelConfig(dp_shard=2, microbatches=2, pp=1)
+    assert layout_problems(parallel, batch_rows=8, grad_accum=2) == []
+    assert layout_problems(parallel, batch_rows=12, grad_accum=2) == [
+        "batch_size: 12 sequences do not split into dp=2 x parallel.microbatches=2 x grad_accum=2 equal "
+        "micro-batches; use a multiple of 8"
+    ]
+    (line,) = layout_problems(parallel, batch_rows=6, unit="pairs", stage="dpo")
+    assert line.startswith("stages (dpo).batch_size: 6 pairs do not split") and line.endswith("multiple of 4")
+    (line,) = layout_problems(parallel, batch_rows=6, unit="rollouts", stage="ppo", batch_field="mini_batch_size")
+    assert line.startswith("stages (ppo).mini_batch_size: 6 rollouts")
+
+
+def test_check_layout_raises_every_problem_at_once():
+    parallel = ParallelConfig(tp=2, zero=1)
+    problems = layout_problems(parallel, mode="qlora", world=1)
+    assert fields(problems) == ["parallel", "parallel.zero", "parallel.tp"]
+    with pytest.raises(ValueError) as err:
+        check_layout(parallel, mode="qlora", world=1)
+    assert str(err.value) == "; ".join(problems)
+    check_layout(ParallelConfig(dp_shard=2, zero=1), world=2)
