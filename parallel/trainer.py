@@ -214,6 +214,7 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, mesh, device: torch.devic
     part TP -> activation checkpointing -> compile -> FSDP (ZeRO-2/3). A mesh of ones applies only
     activation checkpointing and compile."""
     dims = dims_of(mesh)
+    keep_4bit_trainable(model)
     sp, vp = tp_options(model, cfg, dims.tp)
     layout = Layout([], sp, vp, LogitsLayout(), PartialGrads())
     find_decoder(model)[1].config.use_cache = False
@@ -235,6 +236,16 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, mesh, device: torch.devic
             zero_mod.apply_fsdp(part, layers, fsdp_mesh(mesh, dims), zero=cfg.zero, mp_policy=mp_policy)
     layout.parts = parts
     return layout
+
+
+def keep_4bit_trainable(model: nn.Module) -> None:
+    """bitsandbytes repacks a 4-bit weight for a CPU inference kernel (AVX512-BF16) at the first eval-mode
+    forward without gradients, and keeps it: that kernel has no backward, so every training step after an
+    evaluation would silently lose the gradients through the 4-bit base layers (the adapters of all earlier
+    layers would stop learning). A trained model keeps the differentiable kernel."""
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
 
 
 def _apply_tp(part: nn.Module, layers: list[nn.Module], tp_mesh, layout: Layout, *, pipelined: bool) -> None:
@@ -496,7 +507,7 @@ class Trainer:
                 logits = self.logits(micro, vocab_sharded=sharded)
             with loss_parallel() if sharded else nullcontext():
                 summed, micro_stats = objective(logits, micro)
-                loss = summed * scale
+                loss = summed / count  # (not * scale: the same rounding as a plain token mean)
                 loss.backward()
             total += float(_local_value(loss.detach()))
             for key, value in micro_stats.items():

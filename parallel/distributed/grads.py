@@ -56,8 +56,13 @@ def _all_keys(mesh) -> list[tuple[str, ...]]:
 def clip_grads_(params: list[nn.Parameter], max_norm: float, mesh, pp_group=None) -> float:
     """Scale gradients so their global norm is at most max_norm (<= 0: measure only); returns the norm.
 
-    Same coefficient as torch.nn.utils.clip_grad_norm_, so one process and any layout agree.
+    Same coefficient as torch.nn.utils.clip_grad_norm_, so one process and any layout agree. Where every
+    rank holds whole gradients (one process, data parallel with ZeRO 0/1) it is torch's own function.
     """
+    whole = pp_group is None and not any(isinstance(p.grad, DTensor) for p in params)
+    if whole:
+        grads = [p for p in params if p.grad is not None]
+        return float(torch.nn.utils.clip_grad_norm_(grads, max_norm if max_norm > 0 else float("inf")))
     norm = global_grad_norm(params, mesh, pp_group)
     if max_norm > 0:
         coef = float(torch.clamp(max_norm / (norm + 1e-6), max=1.0))

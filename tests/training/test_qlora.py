@@ -254,3 +254,27 @@ def test_data_parallel_qlora_reward_model_matches_one_process(ranks, model_dir, 
             assert loss == pytest.approx(ref_loss, abs=1e-6) and norm == pytest.approx(ref_norm, rel=1e-5)
         assert curve[2] == pytest.approx(ref_curve[2], rel=1e-3)
         assert result["val_loss"] == pytest.approx(ref_result["val_loss"], rel=1e-3)
+
+
+def test_training_after_an_evaluation_keeps_the_4bit_gradients(model_dir, data_dir):
+    """bitsandbytes repacks 4-bit weights for a CPU inference kernel without a backward at the first
+    eval-mode forward (AVX512-BF16 CPUs); the trainer must keep training exact after any evaluation."""
+    from training.data import collate, load_split
+
+    s = setup(SFTStage(**STAGE, mode="qlora"), model_dir, data_dir, ParallelConfig(), seed=0)
+    examples, _ = load_split(data_dir / "train.jsonl", s.tokenizer, STAGE["seq_len"])
+    batch = collate(examples[:8], s.pad_id)
+    trainer, model = s.learner.trainer, s.learner.model
+
+    def grads():
+        for p in trainer.params:
+            p.grad = None
+        trainer.forward_backward(batch)
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    before = grads()
+    s.learner.eval_loss(s.val_batches)  # an eval-mode forward without gradients
+    after = grads()
+    assert max(float((before[n] - after[n]).abs().max()) for n in before) < 1e-6
+    # LoRA B starts at zero, so only B has gradients at first; those of layer 0 flow back through the base.
+    assert float(before["base_model.model.model.layers.0.self_attn.q_proj.lora_B.default.weight"].abs().sum()) > 0
