@@ -17,9 +17,9 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from parallel.dims import ParallelConfig
-from parallel.trainer import TOKEN_CE, Trainer, model_inputs, summed_ce
 from parallel.distributed.launch import launch
 from parallel.distributed.mesh import ParallelDims
+from parallel.trainer import TOKEN_CE, Trainer, model_inputs, summed_ce
 
 
 def build_model(vocab: int, hidden: int, layers: int):

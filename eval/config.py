@@ -4,17 +4,19 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from eval.tasks import EvalTask, HeldoutTask
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-# Custom tasks built from the data stage's held-out split; they run offline.
-BUILTIN_TASKS = ("heldout_exact", "heldout_mc")
-
-
 class EvalConfig(_Section):
-    tasks: list[str] = Field(default_factory=lambda: list(BUILTIN_TASKS), min_length=1)
+    tasks: list[EvalTask] = Field(
+        default_factory=lambda: [HeldoutTask(heldout="exact"), HeldoutTask(heldout="mc")],
+        min_length=1,
+        description="eval/tasks.py: {heldout: exact|mc}, {yaml_dir, task}, {lm_eval: name}, or their shorthand",
+    )
     include_base: bool = True
     limit: int | None = Field(200, ge=1, description="max examples per task (None: all)")
     batch_size: int = Field(16, ge=1)

@@ -92,7 +92,7 @@ def _reason(check: dict) -> str:
 def check_config(gate: GateConfig, eval_cfg: EvalConfig, task_labels: list[str]) -> list[str]:
     """Problems, as 'gate.<field>: message' lines, to report when a recipe is loaded rather than after eval.
 
-    `task_labels` are the names metrics are keyed by (eval.lmeval.task_label of each eval task).
+    `task_labels` are the names metrics are keyed by (the `label` of each eval task, eval/tasks.py).
     """
     problems = []
     keys = [(f"gate.thresholds.{k}", k) for k in gate.thresholds]

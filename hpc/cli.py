@@ -9,6 +9,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.tree import Tree
 
+from hpc import executors
 from hpc.recipe import RecipeError, load_recipe
 from training.stages import KINDS as STAGE_KINDS
 
@@ -37,21 +38,26 @@ def _parser() -> argparse.ArgumentParser:
 
     run = recipe_cmd("run", "run the pipeline (skips stages whose inputs did not change)")
     run.add_argument("--workdir", type=Path, help="run directory (default ./hpcft-runs/<recipe name>)")
-    run.add_argument("--executor", choices=["local", "inline", "slurm"], help="override executor.kind")
+    run.add_argument("--executor", choices=list(executors.EXECUTORS), help="override executor.kind")
     run.add_argument("--only", metavar="STAGE", help="rerun one stage on the outputs of the stages before it")
-    run.add_argument("--detach", action="store_true", help="slurm: submit the whole pipeline and return")
+    run.add_argument(
+        "--detach",
+        action="store_true",
+        help=f"{', '.join(executors.submitting())}: submit the whole pipeline and return",
+    )
     recipe_cmd("validate", "check a recipe and list every problem")
-    sb = recipe_cmd("sbatch", "write standalone sbatch scripts (one per stage + submit.sh) instead of submitting")
-    sb.add_argument("--out", type=Path, required=True, help="folder for the scripts")
-    sb.add_argument("--workdir", type=Path, help="run directory the jobs will use")
+    for command, cls in executors.script_writers().items():
+        sp = recipe_cmd(command, cls.script_help)
+        sp.add_argument("--out", type=Path, required=True, help="folder for the scripts")
+        sp.add_argument("--workdir", type=Path, help="run directory the jobs will use")
     plan = recipe_cmd("plan", "show the stage graph with resources and per-rank training memory")
     plan.add_argument("--workdir", type=Path)
     plan.add_argument("--gpu-mem-gb", type=float, default=80.0, help="flag layouts that would not fit this")
 
     for name, help in (
         ("status", "one look at a run: stages, jobs, progress"),
-        ("watch", "follow a run until it ends (reattaches to a detached Slurm run)"),
-        ("cancel", "cancel a run's Slurm jobs"),
+        ("watch", "follow a run until it ends (reattaches to a detached run)"),
+        ("cancel", f"cancel a run's submitted jobs ({', '.join(executors.submitting())})"),
     ):
         sp = sub.add_parser(name, help=help)
         sp.add_argument("workdir", type=Path, nargs="?", default=None, help="run directory")
@@ -160,16 +166,18 @@ def cmd_run(args, console: Console) -> int:
     )
 
 
-def cmd_sbatch(args, console: Console) -> int:
+def cmd_scripts(args, console: Console) -> int:
+    """Standalone job scripts of the executor whose script command this is (`hpcft sbatch`)."""
     from hpc.pipeline import _start_child, prepare_run
     from hpc.plan import build_plan
     from hpc.rundir import RunDir
-    from hpc.slurm import check_options, write_sbatch
     from hpc.tracking import Tracker
 
-    recipe = load_recipe(args.recipe, args.overrides + ["executor.kind=slurm"])
+    cls = executors.script_writers()[args.cmd]
+    recipe = load_recipe(args.recipe, args.overrides + [f"executor.kind={cls.name}"])
     plan = build_plan(recipe)
-    problems = check_options(recipe, plan)
+    ex = executors.get(recipe.executor)
+    problems = ex.check(recipe, plan)
     if problems:
         raise RecipeError(problems)
     rd = RunDir(_workdir(args, recipe))
@@ -177,8 +185,8 @@ def cmd_sbatch(args, console: Console) -> int:
     tracker = Tracker(meta["tracking_uri"])
     for spec in plan:  # jobs log into these child runs; the CLI is not there to create them
         _start_child(rd, tracker, spec.name)
-    paths = write_sbatch(recipe, plan, rd, args.out, recipe.executor.python)
-    console.print(f"wrote {len(paths)} files to {args.out}; review them, then run {args.out / 'submit.sh'}")
+    paths = ex.write_scripts(recipe, plan, rd, args.out)
+    console.print(f"wrote {len(paths)} files to {args.out}; review them, then run {paths[-1]}")
     return 0
 
 
@@ -195,7 +203,7 @@ def cmd_status(args, console: Console, once: bool = True) -> int:
     from hpc.pipeline import watch
 
     rd = _run_dir(args)
-    if rd.read_meta().get("slurm_jobs"):
+    if executors.submitted_by(rd.read_meta()):
         from hpc.tracking import Tracker
 
         return watch(rd, console, None if once else Tracker(rd.read_meta()["tracking_uri"]), once=once)
@@ -209,29 +217,20 @@ def cmd_status(args, console: Console, once: bool = True) -> int:
 
 
 def cmd_cancel(args, console: Console) -> int:
-    from hpc.slurm import cancel
-
-    ids = cancel(_run_dir(args).read_meta())
+    rd = _run_dir(args)
+    submitted = executors.submitted_by(rd.read_meta())
+    ids = submitted[0].cancel(submitted[1]) if submitted else []
     console.print(f"cancelled jobs: {', '.join(ids) or 'none'}")
     return 0
 
 
 def cmd_logs(args, console: Console) -> int:
-    from hpc.slurm import job_log
-
     rd = _run_dir(args)
-    job = rd.read_meta().get("slurm_jobs", {}).get(args.stage)
-    if job is not None:
-        jid = job["job_ids"][min(args.element, len(job["job_ids"]) - 1)]
-        path = job_log(job["folder"], jid, args.rank, err=not args.stdout)
-    else:  # local executor: submitit folders named by pid
-        logs = sorted(
-            (rd.stage_dir(args.stage) / "logs").glob(f"*/*_{args.rank}_log.{'out' if args.stdout else 'err'}"),
-            key=lambda p: p.stat().st_mtime,
-        )
-        if not logs:
-            raise RecipeError([f"logs: no logs for stage {args.stage!r} in {rd.root}"])
-        path = logs[min(args.element, len(logs) - 1)]
+    submitted = executors.submitted_by(rd.read_meta())
+    ex = submitted[0] if submitted else executors.get(rd.load_recipe().executor)
+    path = ex.find_log(rd, args.stage, args.element, args.rank, args.stdout)
+    if path is None:
+        raise RecipeError([f"logs: no logs for stage {args.stage!r} in {rd.root}"])
     if not path.is_file():
         raise RecipeError([f"logs: {path} does not exist (yet)"])
     print(f"==> {path}")
@@ -294,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         "watch": lambda a, c: cmd_status(a, c, once=False),
         "cancel": cmd_cancel,
         "logs": cmd_logs,
-        "sbatch": cmd_sbatch,
+        **{command: cmd_scripts for command in executors.script_writers()},
     }[args.cmd]
     try:
         return handler(args, console)

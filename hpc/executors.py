@@ -1,121 +1,52 @@
-"""Executors: the only code that knows where a job runs. Stages are submitted as jobs or job arrays."""
+"""The executors by name (the recipe's `executor.kind`, `hpcft run --executor`). The pipeline and the CLI
+find executors here and talk to them only through the interface in `hpc/executor.py`.
+
+Adding an executor (Kubernetes, Ray, ...) touches one new module plus the EXECUTORS line below:
+- a BlockingExecutor runs the CLI's stages one at a time and implements `run(spec, rd, pending, poll)`
+  (raise StageFailed for a failed element; on KeyboardInterrupt stop what it started);
+- a SubmittingExecutor hands the whole pipeline to a scheduler and implements `submit(recipe, plan, rd,
+  start_child, only)` (raise SubmitError), `states(jobs)`, `failure(stage, job, st)`, `cancel(jobs)`, and
+  sets `jobs_key` (its run.json key); it may override `find_log(rd, stage, element, rank, stdout)`.
+Either may implement `check(recipe, plan)` (option problems, exit 2), `datatrove_ranks(recipe, spec,
+out_dir)` (where the data stage's datatrove ranks run; its job body passes it to `jobs.run_stage`), and
+`write_scripts` with `script_command` (an `hpcft` subcommand writing standalone job scripts, e.g. sbatch).
+Every job runs `hpc.jobs.run_stage(run_root, stage, index)`. (The recipe's `executor.kind` choices and the
+executor's own option section, like `executor.slurm`, are in hpc/recipe.py.)
+"""
 
 from __future__ import annotations
 
-import time
-import traceback
-from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING
 
-from hpc.jobs import run_stage
-from hpc.plan import StageSpec
-from hpc.rundir import RunDir
+from hpc.executor import Executor, SubmittingExecutor
+from hpc.local import InlineExecutor, LocalExecutor
+from hpc.slurm import SlurmExecutor
 
+if TYPE_CHECKING:
+    from hpc.recipe import ExecutorConfig
 
-class StageFailed(Exception):
-    def __init__(self, stage: str, element: str, log_path: Path | None, tail: str):
-        super().__init__(f"stage {stage} [{element}] failed")
-        self.stage, self.element, self.log_path, self.tail = stage, element, log_path, tail
+EXECUTORS: dict[str, type[Executor]] = {cls.name: cls for cls in (LocalExecutor, InlineExecutor, SlurmExecutor)}
 
 
-def _tail(text: str, lines: int = 15) -> str:
-    return "\n".join(text.rstrip().splitlines()[-lines:])
+def get(cfg: ExecutorConfig) -> Executor:
+    """The executor the recipe's `executor` section names."""
+    return EXECUTORS[cfg.kind](cfg)
 
 
-class InlineExecutor:
-    """Runs every element in this process, one after the other: for debugging with pdb or prints."""
-
-    name = "inline"
-
-    def __init__(self, max_parallel: int = 1, timeout_min: int = 60):
-        pass
-
-    def run(self, spec: StageSpec, rd: RunDir, pending: list[int], poll: Callable[[], None]) -> None:
-        if spec.resources.nodes * spec.resources.tasks_per_node > 1:
-            raise StageFailed(
-                spec.name,
-                "0",
-                None,
-                "the inline executor runs one process; a multi-process "
-                "parallel layout needs executor.kind local or slurm",
-            )
-        for i in pending:
-            try:
-                run_stage(str(rd.root), spec.name, i)
-            except Exception:
-                raise StageFailed(spec.name, spec.elements[i], None, _tail(traceback.format_exc())) from None
-            poll()
+def submitting() -> list[str]:
+    """Names of the executors that run a pipeline without the CLI (--detach)."""
+    return [name for name, cls in EXECUTORS.items() if cls.submits]
 
 
-class LocalExecutor:
-    """Each element is a real subprocess via submitit's LocalExecutor, at most `max_parallel` at once."""
-
-    name = "local"
-
-    def __init__(self, max_parallel: int = 2, timeout_min: int = 60):
-        self.max_parallel = max_parallel
-        self.timeout_min = timeout_min
-
-    def run(self, spec: StageSpec, rd: RunDir, pending: list[int], poll: Callable[[], None]) -> None:
-        import submitit
-
-        ex = submitit.LocalExecutor(folder=rd.stage_dir(spec.name) / "logs" / "%j")
-        # A multi-process training layout runs as one job of several local tasks (ranks).
-        tasks = spec.resources.nodes * spec.resources.tasks_per_node
-        ex.update_parameters(timeout_min=self.timeout_min, tasks_per_node=tasks)
-        queue, running = list(pending), {}
-        try:
-            while queue or running:
-                while queue and len(running) < self.max_parallel:
-                    i = queue.pop(0)
-                    running[i] = ex.submit(run_stage, str(rd.root), spec.name, i)
-                for i, job in list(running.items()):
-                    if job.done():
-                        del running[i]
-                        self._check(spec, i, job, running)
-                poll()
-                time.sleep(0.3)
-        except BaseException:  # Ctrl-C or SIGTERM of the CLI: leave no job behind
-            _stop(running.values())
-            raise
-
-    def _check(self, spec: StageSpec, i: int, job, running: dict) -> None:
-        exc = job.exception()
-        if exc is None:
-            return
-        for other in running.values():
-            other.cancel(check=False)
-        log = Path(job.paths.stderr)
-        text = log.read_text(errors="replace") if log.is_file() else str(exc)
-        raise StageFailed(spec.name, spec.elements[i], log, _tail(text))
+def script_writers() -> dict[str, type[Executor]]:
+    """{hpcft subcommand: executor} for the executors that write standalone job scripts."""
+    return {cls.script_command: cls for cls in EXECUTORS.values() if cls.script_command}
 
 
-def _stop(jobs) -> None:
-    """Stop local jobs at once: each job's submitit controller and every process under it (its tasks and
-    their workers). Killing the tree, rather than SIGINT to the controller, leaves no process behind and
-    no controller traceback in the terminal."""
-    for job in jobs:
-        process = getattr(job, "_process", None)
-        if process is not None and process.poll() is None:
-            _kill_tree(process.pid)
-            process.wait()
-
-
-def _kill_tree(pid: int) -> None:
-    import os
-    import signal
-
-    try:
-        os.kill(pid, signal.SIGSTOP)  # freeze it so it cannot start new children while we look
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except (ProcessLookupError, FileNotFoundError):
-        children = []
-    for child in children:
-        _kill_tree(int(child))
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
-EXECUTORS = {"inline": InlineExecutor, "local": LocalExecutor}
+def submitted_by(meta: dict, cfg: ExecutorConfig | None = None) -> tuple[SubmittingExecutor, dict[str, dict]] | None:
+    """The executor whose jobs a run directory's run.json records (its latest submission), with them.
+    Following, cancelling and finding logs need only run.json; `cfg` is the recipe's executor section."""
+    for cls in EXECUTORS.values():
+        if issubclass(cls, SubmittingExecutor) and meta.get(cls.jobs_key):
+            return cls(cfg), meta[cls.jobs_key]
+    return None

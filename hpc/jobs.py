@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from hpc.plan import StageSpec, build_plan
+from hpc.plan import StageSpec, build_plan, eval_elements
 from hpc.recipe import Recipe, resolve_path
 from hpc.rundir import RunDir, read_json, write_json
 from hpc.tracking import Tracker, quiet_env
@@ -32,6 +32,7 @@ class StageContext:
     run_id: str  # this stage's MLflow child run
     base_dir: Path  # the recipe file's directory: relative paths resolve against it
     leader: bool = True  # rank 0 of a multi-process job (the one that reports and writes shared files)
+    datatrove: Callable | None = None  # the executor's datatrove_ranks(recipe, spec, out_dir), see run_stage
 
     def progress(self, event: dict) -> None:
         event = {"t": time.time(), "stage": self.spec.name, "element": self.spec.elements[self.index]} | event
@@ -82,31 +83,9 @@ def _data(ctx: StageContext) -> dict:
 
 
 def _datatrove_factory(ctx: StageContext):
-    """On Slurm, each datatrove step runs as a job array (one element per rank); locally, a process pool."""
-    if ctx.recipe.executor.kind != "slurm" or "SLURM_JOB_ID" not in os.environ:
-        return None
-    from dataclasses import replace
-
-    from hpc.datatrove_slurm import SubmititPipelineExecutor
-    from hpc.slurm import job_options, make_executor
-
-    ranks = job_options(ctx.spec, ctx.recipe.executor, ranks=True)
-    retries = ranks.max_retries  # the executor resubmits failed ranks; each rank job itself never requeues
-    opts = replace(ranks, max_retries=0)
-    folder = ctx.out_dir / "logs" / "ranks"
-    name = f"hpcft-{ctx.recipe.name}-data-ranks"
-
-    def factory(pipeline, logging_dir, tasks, depends=None):
-        return SubmititPipelineExecutor(
-            pipeline,
-            logging_dir,
-            tasks,
-            max_retries=retries,
-            depends=depends,
-            make_executor=lambda: make_executor(folder, opts, name, [], ctx.recipe.executor.python),
-        )
-
-    return factory
+    """Where the data stage's datatrove ranks run: what the executor running this job handed run_stage
+    (e.g. Slurm job arrays); None: datatrove's local process pool inside this job."""
+    return ctx.datatrove(ctx.recipe, ctx.spec, ctx.out_dir) if ctx.datatrove else None
 
 
 def _train(ctx: StageContext) -> dict:
@@ -207,14 +186,14 @@ def _export(ctx: StageContext) -> dict:
 
 
 def _eval(ctx: StageContext) -> dict:
-    from eval.lmeval import run_task, task_label
+    from eval.runner import run_task
 
-    task, who = ctx.spec.elements[ctx.index].rsplit("@", 1)
+    element = eval_elements(ctx.recipe)[ctx.index]
+    task, who = element.task, element.model
     model_dir = ctx.output_of("export") / "model" if who == "candidate" else ctx.base_model_dir()
     scores = run_task(task, model_dir, ctx.output_of("data"), ctx.out_dir, ctx.recipe.eval, progress=ctx.progress)
-    label = task_label(task)
-    ctx.tracker.log_metrics(ctx.run_id, {f"{who}/{label}/{k}": v for k, v in scores.items()})
-    return {"task": label, "model": who, "scores": scores}
+    ctx.tracker.log_metrics(ctx.run_id, {f"{who}/{task.label}/{k}": v for k, v in scores.items()})
+    return {"task": task.label, "model": who, "scores": scores}
 
 
 def collect_scores(rd: RunDir, spec: StageSpec) -> dict[str, dict[str, float]]:
@@ -274,8 +253,10 @@ STAGE_FUNCS: dict[str, Callable[[StageContext], dict]] = {
 }
 
 
-def run_stage(run_root: str, stage: str, index: int = 0) -> dict:
-    """Run one element of one stage; the executor-agnostic entry point of every job."""
+def run_stage(run_root: str, stage: str, index: int = 0, datatrove: Callable | None = None) -> dict:
+    """Run one element of one stage; the executor-agnostic entry point of every job. `datatrove`: the
+    running executor's `datatrove_ranks(recipe, spec, out_dir)`, where the data stage's datatrove ranks run
+    (default: a process pool in this job)."""
     quiet_env()
     rd = RunDir(Path(run_root))
     recipe = rd.load_recipe()
@@ -289,6 +270,7 @@ def run_stage(run_root: str, stage: str, index: int = 0) -> dict:
     started = time.time()
     leader = _join_world()
     ctx.leader = leader
+    ctx.datatrove = datatrove
     if not leader:  # other ranks of a multi-process job compute; rank 0 reports and marks
         ctx.progress = lambda event: None
     result = STAGE_FUNCS[spec.kind](ctx)

@@ -1,8 +1,8 @@
-"""Runs a plan: skip up-to-date stages, submit the rest through an executor, report, return an exit code."""
+"""Runs a plan: skip up-to-date stages, run the rest through an executor (stage by stage, or all submitted at
+once and then watched), report, return an exit code."""
 
 from __future__ import annotations
 
-import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -10,7 +10,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from hpc.executors import EXECUTORS, StageFailed
+from hpc import executors
+from hpc.executor import BlockingExecutor, StageFailed, SubmitError, SubmittingExecutor
 from hpc.plan import StageSpec, build_plan
 from hpc.progress import PipelineView
 from hpc.recipe import Recipe, RecipeError
@@ -88,43 +89,57 @@ def run_pipeline(
                     " run the pipeline without --only first"
                 ]
             )
-    kind = recipe.executor.kind
-    if kind == "slurm":
-        from hpc.slurm import check_options
-
-        problems = check_options(recipe, plan)
-        if problems:
-            raise RecipeError(problems)
-    elif detach:
-        raise RecipeError(["--detach: only the slurm executor runs without the CLI; set executor.kind=slurm"])
+    ex = executors.get(recipe.executor)
+    problems = ex.check(recipe, plan)
+    if problems:
+        raise RecipeError(problems)
+    if detach and not ex.submits:
+        submitting = executors.submitting()
+        raise RecipeError(
+            [
+                f"--detach: only the {' or '.join(submitting)} executor runs without the CLI;"
+                f" set executor.kind={submitting[0]}"
+            ]
+        )
     meta = prepare_run(recipe, recipe_path, rd)
     tracker = Tracker(meta["tracking_uri"])
     console.print(f"run directory: {rd.root}\ntracking: {meta['tracking_uri']} (parent run {meta['parent_run_id']})")
-    if kind == "slurm":
-        from hpc.slurm import SubmitError, submit_pipeline
+    if isinstance(ex, SubmittingExecutor):
+        return _submit(ex, recipe, plan, rd, tracker, console, only, detach)
+    return _run_blocking(ex, plan, rd, tracker, console, only)
 
-        try:
-            submitted = submit_pipeline(recipe, plan, rd, lambda name: _start_child(rd, tracker, name), only)
-        except SubmitError as err:
-            o = err.opts
-            console.print(
-                f"[red bold]stage {err.stage} could not be submitted[/]: {err.message}\n"
-                f"asked for {o.nodes} node(s) x {o.tasks_per_node} task(s), {o.cpus_per_task} cpu/task, "
-                f"{o.gpus_per_node} gpu/node, mem {o.mem_gb or 'default'} GB, partition "
-                f"{o.partition or 'default'}; adjust executor.slurm or executor.stages.{err.stage}; "
-                "nothing of this run is left queued"
-            )
-            return EXIT_FAILED
-        for name, job in submitted.items():
-            console.print(
-                f"submitted {name}: job {job['job_id']}"
-                + (f" ({len(job['job_ids'])} array elements)" if len(job["job_ids"]) > 1 else "")
-            )
-        if detach:
-            console.print(f"detached; follow with: hpcft watch --workdir {rd.root}")
-            return EXIT_OK
-        return watch(rd, console, tracker)
-    ex = EXECUTORS[kind](max_parallel=recipe.executor.max_parallel, timeout_min=recipe.executor.timeout_min)
+
+def _submit(
+    ex: SubmittingExecutor,
+    recipe: Recipe,
+    plan: list[StageSpec],
+    rd: RunDir,
+    tracker: Tracker,
+    console: Console,
+    only: str | None,
+    detach: bool,
+) -> int:
+    """Submit every pending stage at once, then watch the run (or return at once with --detach)."""
+    try:
+        submitted = ex.submit(recipe, plan, rd, lambda name: _start_child(rd, tracker, name), only)
+    except SubmitError as err:
+        console.print(f"[red bold]stage {err.stage} could not be submitted[/]: {err.message}\n{err.detail}")
+        return EXIT_FAILED
+    for name, job in submitted.items():
+        console.print(
+            f"submitted {name}: job {job['job_id']}"
+            + (f" ({len(job['job_ids'])} array elements)" if len(job["job_ids"]) > 1 else "")
+        )
+    if detach:
+        console.print(f"detached; follow with: hpcft watch --workdir {rd.root}")
+        return EXIT_OK
+    return watch(rd, console, tracker)
+
+
+def _run_blocking(
+    ex: BlockingExecutor, plan: list[StageSpec], rd: RunDir, tracker: Tracker, console: Console, only: str | None
+) -> int:
+    """Run the stages one after the other in this CLI, skipping up-to-date ones."""
     with PipelineView(plan, rd.progress_path, console) as view:
         for spec in plan:
             if only and spec.name != only:
@@ -165,13 +180,11 @@ def _start_child(rd: RunDir, tracker: Tracker, name: str) -> str:
 
 
 def watch(rd: RunDir, console: Console, tracker: Tracker | None = None, once: bool = False) -> int:
-    """Follow a submitted Slurm pipeline until the gate finishes or a stage fails."""
-    from hpc.slurm import FAILED_STATES, job_log, sacct_states
-
+    """Follow a submitted pipeline until the gate finishes or a stage fails."""
     recipe = rd.load_recipe()
     plan = build_plan(recipe)
     meta = rd.read_meta()
-    jobs = meta.get("slurm_jobs", {})
+    ex, jobs = executors.submitted_by(meta, recipe.executor) or (None, {})
     finished: set[str] = set()
     with PipelineView(plan, rd.progress_path, console) as view:
         for spec in plan:
@@ -179,47 +192,27 @@ def watch(rd: RunDir, console: Console, tracker: Tracker | None = None, once: bo
                 view.skip(spec)
                 finished.add(spec.name)
         while True:
-            states = sacct_states([j["job_id"] for j in jobs.values()])
+            states = ex.states(jobs) if jobs else {}
             for spec in plan:
                 job = jobs.get(spec.name)
                 if job is None or spec.name in finished:
                     continue
-                mine = {k: v for k, v in states.items() if k == job["job_id"] or k.startswith(job["job_id"] + "_")}
-                counts: dict[str, int] = {}
-                for v in mine.values():
-                    counts[v["state"]] = counts.get(v["state"], 0) + 1
-                nodes = sorted({v["nodes"] for v in mine.values() if v["nodes"] not in ("", "None assigned")})
-                view.jobs[spec.name] = (
-                    f"{job['job_id']}: "
-                    + " ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-                    + (f" on {','.join(nodes)}" if nodes else "")
-                )
+                st = states[spec.name]
+                view.jobs[spec.name] = st.summary
                 if rd.stage_done(spec):
                     if view.state[spec.name] != "running":
-                        view.start(spec, "slurm")
+                        view.start(spec, ex.name)
                     view.finish(spec, ok=True, note=_note(rd, spec))
                     finished.add(spec.name)
                     if tracker and spec.name in meta.get("child_runs", {}):
                         tracker.finish(meta["child_runs"][spec.name], ok=True)
                     continue
-                if view.state[spec.name] == "pending" and any(v["state"] == "RUNNING" for v in mine.values()):
-                    view.start(spec, "slurm")
-                failed = [(k, v) for k, v in mine.items() if v["state"] in FAILED_STATES]
-                own = [(k, v) for k, v in failed if not _cancelled_by_dependency(k, v)]
-                if own:
-                    jid, st = own[0]
-                    log = job_log(job["folder"], jid)
-                    tail = log.read_text(errors="replace") if log.is_file() else f"no log at {log}"
+                if view.state[spec.name] == "pending" and st.running:
+                    view.start(spec, ex.name)
+                err = ex.failure(spec.name, job, st)
+                if err:
                     view.finish(spec, ok=False)
-                    _report_failure(
-                        console,
-                        StageFailed(
-                            spec.name,
-                            f"job {jid} {st['state']} exit {st['exit']}",
-                            log,
-                            "\n".join(tail.rstrip().splitlines()[-15:]),
-                        ),
-                    )
+                    _report_failure(console, err)
                     cancelled = [
                         s.name for s in plan if s.name in jobs and s.name not in finished and s.name != spec.name
                     ]
@@ -235,15 +228,6 @@ def watch(rd: RunDir, console: Console, tracker: Tracker | None = None, once: bo
     if not set(jobs) <= finished or "gate" not in jobs:  # one look, or a partial (--only) submission
         return EXIT_OK
     return _final(rd, console)
-
-
-def _cancelled_by_dependency(job_id: str, st: dict) -> bool:
-    if st["state"] != "CANCELLED":
-        return False
-    out = subprocess.run(
-        ["sacct", "-n", "-P", "-X", "-j", job_id, "--format=Reason"], capture_output=True, text=True, timeout=30
-    ).stdout
-    return "Dependency" in out or "DependencyNeverSatisfied" in out
 
 
 def _run_one(spec: StageSpec, rd: RunDir, ex, tracker: Tracker, view: PipelineView, force: bool) -> None:

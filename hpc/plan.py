@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
+from typing import Literal
 
+from eval.tasks import TaskSpec
 from hpc.recipe import Recipe
 
 # Bumped when a stage's outputs change meaning, so old markers stop matching.
@@ -45,9 +47,22 @@ def _hash(*parts) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def eval_elements(recipe: Recipe) -> tuple[str, ...]:
-    models = ["candidate"] + (["base"] if recipe.eval.include_base else [])
-    return tuple(f"{task}@{m}" for task in recipe.eval.tasks for m in models)
+@dataclass(frozen=True)
+class EvalElement:
+    """One element of the eval array: a task on one model (the exported candidate or the base model)."""
+
+    task: TaskSpec
+    model: Literal["candidate", "base"]
+
+    @property
+    def key(self) -> str:
+        """The element's label: its run directory, marker, progress and log name ('heldout_exact@candidate')."""
+        return f"{self.task.shorthand}@{self.model}"
+
+
+def eval_elements(recipe: Recipe) -> tuple[EvalElement, ...]:
+    models = ("candidate", "base") if recipe.eval.include_base else ("candidate",)
+    return tuple(EvalElement(task, model) for task in recipe.eval.tasks for model in models)
 
 
 def build_plan(recipe: Recipe) -> list[StageSpec]:
@@ -81,7 +96,7 @@ def build_plan(recipe: Recipe) -> list[StageSpec]:
         ["model", "data", "export"],
         dump["eval"],
         Resources(cpus_per_task=2),
-        elements=eval_elements(recipe),
+        elements=[e.key for e in eval_elements(recipe)],
     )
     add("gate", "gate", ["model", "data", "export", "eval"], {"gate": dump["gate"], "tracking": dump["tracking"]})
     return stages

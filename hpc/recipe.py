@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from data_tools.config import DataConfig
 from eval.config import EvalConfig, GateConfig
+from eval.tasks import TASK_KINDS
 from parallel.dims import ParallelConfig
 from training.config import TrainStage
 
@@ -133,6 +134,8 @@ def _stage_kinds() -> dict[str, type[BaseModel]]:
 def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
     """Field names allowed at `loc` (the parent of an unknown key), walking nested models."""
     kinds = _stage_kinds()
+    if model is Recipe and loc[:2] == ("eval", "tasks") and len(loc) == 4 and loc[3] in TASK_KINDS:
+        return sorted(TASK_KINDS[loc[3]].model_fields)
     if model is Recipe and loc[:1] == ("stages",) and len(loc) >= 2:
         kind = loc[2] if len(loc) >= 3 and loc[2] in kinds else next(iter(kinds)) if len(kinds) == 1 else None
         start = 3 if len(loc) >= 3 and loc[2] in kinds else 2
@@ -159,6 +162,10 @@ def format_errors(err: ValidationError) -> list[str]:
         loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
         # a union of stage models puts the chosen `kind` into the location: stages.0.sft.max_steps
         shown = tuple(p for i, p in enumerate(loc) if not (i == 2 and loc[0] == "stages" and p in kinds))
+        # ... and a union of eval task kinds its tag: eval.tasks.0.yaml.task
+        shown = tuple(
+            p for i, p in enumerate(shown) if not (i == 3 and shown[:2] == ("eval", "tasks") and p in TASK_KINDS)
+        )
         path = ".".join(str(p) for p in shown) or "<recipe>"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
@@ -195,11 +202,12 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
-def parse_recipe(raw: Any) -> Recipe:
+def parse_recipe(raw: Any, base_dir: Path | None = None) -> Recipe:
+    """Validate a raw recipe; `base_dir` (the recipe file's directory) anchors relative eval task directories."""
     if not isinstance(raw, dict):
         raise RecipeError(["<recipe>: the file must hold a YAML mapping of sections"])
     try:
-        return Recipe.model_validate(raw)
+        return Recipe.model_validate(raw, context={"base_dir": base_dir})
     except ValidationError as err:
         raise RecipeError(format_errors(err)) from None
 
@@ -214,23 +222,11 @@ def load_recipe(path: Path, overrides: list[str] = ()) -> Recipe:
     except yaml.YAMLError as err:
         raise RecipeError([f"<recipe>: not valid YAML: {err}".replace("\n", " ")]) from None
     raw = apply_overrides(raw, list(overrides))
-    _absolute_yaml_tasks(raw, path.resolve().parent)
-    recipe = parse_recipe(raw)
+    recipe = parse_recipe(raw, base_dir=path.resolve().parent)
     problems = check_recipe(recipe, base_dir=path.resolve().parent)
     if problems:
         raise RecipeError(problems)
     return recipe
-
-
-def _absolute_yaml_tasks(raw: dict, base_dir: Path) -> None:
-    """`yaml:<dir>:<task>` eval tasks name a directory relative to the recipe; jobs run elsewhere."""
-    tasks = (raw.get("eval") or {}).get("tasks") if isinstance(raw.get("eval"), dict) else None
-    if not isinstance(tasks, list):
-        return
-    for i, t in enumerate(tasks):
-        if isinstance(t, str) and t.startswith("yaml:") and t.count(":") >= 2:
-            _, d, name = t.split(":", 2)
-            tasks[i] = f"yaml:{resolve_path(d, base_dir)}:{name}"
 
 
 def model_config(recipe: Recipe, base_dir: Path) -> dict | None:
@@ -251,7 +247,7 @@ def resolve_path(p: str, base_dir: Path) -> Path:
 def check_recipe(recipe: Recipe, base_dir: Path) -> list[str]:
     """Checks that need the filesystem or other packages: missing files, layouts, offline eval tasks."""
     from eval.gate import check_config
-    from eval.lmeval import check_tasks, task_label
+    from eval.tasks import check_tasks
     from training.stages import check_stages
 
     problems = check_stages(recipe, model_config(recipe, base_dir))  # order, data, layouts (parallel.layout)
@@ -260,6 +256,6 @@ def check_recipe(recipe: Recipe, base_dir: Path) -> list[str]:
         if not (mdir / "config.json").is_file():
             problems.append(f"model.path: {recipe.model.path} is not a Hugging Face model directory (no config.json)")
     problems += recipe.data.check_paths(base_dir)
-    problems += check_tasks(list(recipe.eval.tasks))
-    problems += check_config(recipe.gate, recipe.eval, [task_label(t) for t in recipe.eval.tasks])
+    problems += check_tasks(recipe.eval.tasks)
+    problems += check_config(recipe.gate, recipe.eval, [t.label for t in recipe.eval.tasks])
     return problems

@@ -1,14 +1,22 @@
 """The Slurm executor: every pending stage is submitted at once as submitit jobs and job arrays chained
-with `afterok`, so the pipeline runs without the CLI; `watch` follows it through markers and sacct."""
+with `afterok`, so the pipeline runs without the CLI; `hpcft watch` follows it through markers and sacct.
+Failed jobs requeue themselves while retries remain, jobs are checkpointable (preemption or the time limit
+requeue them and training resumes), the data stage's datatrove ranks run as job arrays, and `hpcft sbatch`
+writes the same jobs as standalone sbatch scripts."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
+from typing import Callable
 
+from hpc.executor import StageFailed, StageJobs, SubmitError, SubmittingExecutor, tail
+from hpc.jobs import run_stage
 from hpc.plan import StageSpec
 from hpc.recipe import ExecutorConfig, Recipe, SlurmOptions
 from hpc.rundir import RunDir
@@ -167,11 +175,11 @@ def make_executor(folder: Path, o: JobOptions, name: str, deps: list[str], pytho
 
 
 def run_element(run_root: str, stage: str, index: int, max_retries: int) -> dict:
-    """A Slurm job's body: run the element; on failure requeue this very job while retries remain."""
-    from hpc.jobs import run_stage
-
+    """A Slurm job's body: run the element (a data stage's datatrove ranks as job arrays); on failure
+    requeue this very job while retries remain."""
     counter = RunDir(Path(run_root)).stage_dir(stage) / "attempts" / f"{index}"
-    return requeue_on_failure(run_stage, (run_root, stage, index), counter, max_retries)
+    job = partial(run_stage, datatrove=SlurmExecutor.datatrove_ranks)
+    return requeue_on_failure(job, (run_root, stage, index), counter, max_retries)
 
 
 class StageJob:
@@ -192,7 +200,6 @@ class StageJob:
 def requeue_on_failure(fn, args: tuple, counter: Path, max_retries: int):
     """Call fn(*args); if it raises inside a Slurm job with retries left, requeue the job itself (so that
     `afterok` dependants keep waiting for its final outcome) and let Slurm end this attempt."""
-    import os
     import traceback
 
     try:
@@ -214,58 +221,135 @@ def requeue_on_failure(fn, args: tuple, counter: Path, max_retries: int):
         raise
 
 
-def submit_pipeline(
-    recipe: Recipe, plan: list[StageSpec], rd: RunDir, start_child, only: str | None = None
-) -> dict[str, dict]:
-    """Submit every stage that is not up to date, each after the jobs it depends on. Returns
-    {stage: {"job_id", "job_ids", "folder"}} and records it in run.json."""
-    submitted: dict[str, dict] = {}
-    for spec in plan:
-        if only and spec.name != only:
-            continue
-        if only:
-            rd.clear_markers(spec)
-        pending = [i for i in range(len(spec.elements)) if not rd.element_done(spec, i)]
-        if not pending:
-            continue
-        deps = [submitted[d]["job_id"] for d in spec.depends_on if d in submitted]
-        o = job_options(spec, recipe.executor)
-        folder = rd.stage_dir(spec.name) / "logs"
-        progress = rd.progress_path(spec.name)
-        progress.parent.mkdir(parents=True, exist_ok=True)
-        progress.write_text("")
-        start_child(spec.name)
-        ex = make_executor(folder, o, f"hpcft-{recipe.name}-{spec.name}", deps, recipe.executor.python)
-        try:
-            if spec.is_array:
-                ex.update_parameters(array_parallelism=max(1, len(pending)))
-                jobs = ex.map_array(
-                    StageJob(),
-                    [str(rd.root)] * len(pending),
-                    [spec.name] * len(pending),
-                    pending,
-                    [o.max_retries] * len(pending),
-                )
-            else:
-                jobs = [ex.submit(StageJob(), str(rd.root), spec.name, pending[0], o.max_retries)]
-        except Exception as err:  # noqa: BLE001 - sbatch's refusal, reported with what was asked
-            cancel({"slurm_jobs": submitted})
-            raise SubmitError(spec.name, str(err).strip().splitlines()[-1], o) from None
-        job_id = jobs[0].job_id.split("_")[0]
-        submitted[spec.name] = {
-            "job_id": job_id,
-            "job_ids": [j.job_id for j in jobs],
-            "elements": pending,
-            "folder": str(folder),
-        }
-    rd.update_meta(slurm_jobs=submitted)  # the latest submission is what `watch` follows
-    return submitted
+class SlurmExecutor(SubmittingExecutor):
+    name = "slurm"
+    jobs_key = "slurm_jobs"
+    script_command = "sbatch"
+    script_help = "write standalone sbatch scripts (one per stage + submit.sh) instead of submitting"
+
+    def check(self, recipe: Recipe, plan: list[StageSpec]) -> list[str]:
+        return check_options(recipe, plan)
+
+    def submit(
+        self, recipe: Recipe, plan: list[StageSpec], rd: RunDir, start_child: Callable[[str], str], only: str | None
+    ) -> dict[str, dict]:
+        submitted: dict[str, dict] = {}
+        for spec in plan:
+            if only and spec.name != only:
+                continue
+            if only:
+                rd.clear_markers(spec)
+            pending = [i for i in range(len(spec.elements)) if not rd.element_done(spec, i)]
+            if not pending:
+                continue
+            deps = [submitted[d]["job_id"] for d in spec.depends_on if d in submitted]
+            o = job_options(spec, recipe.executor)
+            folder = rd.stage_dir(spec.name) / "logs"
+            progress = rd.progress_path(spec.name)
+            progress.parent.mkdir(parents=True, exist_ok=True)
+            progress.write_text("")
+            start_child(spec.name)
+            ex = make_executor(folder, o, f"hpcft-{recipe.name}-{spec.name}", deps, recipe.executor.python)
+            try:
+                if spec.is_array:
+                    ex.update_parameters(array_parallelism=max(1, len(pending)))
+                    jobs = ex.map_array(
+                        StageJob(),
+                        [str(rd.root)] * len(pending),
+                        [spec.name] * len(pending),
+                        pending,
+                        [o.max_retries] * len(pending),
+                    )
+                else:
+                    jobs = [ex.submit(StageJob(), str(rd.root), spec.name, pending[0], o.max_retries)]
+            except Exception as err:  # noqa: BLE001 - sbatch's refusal, reported with what was asked
+                self.cancel(submitted)
+                raise SubmitError(spec.name, str(err).strip().splitlines()[-1], _asked(spec.name, o)) from None
+            job_id = jobs[0].job_id.split("_")[0]
+            submitted[spec.name] = {
+                "job_id": job_id,
+                "job_ids": [j.job_id for j in jobs],
+                "elements": pending,
+                "folder": str(folder),
+            }
+        rd.update_meta(**{self.jobs_key: submitted})  # the latest submission is what `watch` follows
+        return submitted
+
+    def states(self, jobs: dict[str, dict]) -> dict[str, StageJobs]:
+        states = sacct_states([j["job_id"] for j in jobs.values()])
+        out = {}
+        for stage, job in jobs.items():
+            mine = {k: v for k, v in states.items() if k == job["job_id"] or k.startswith(job["job_id"] + "_")}
+            counts: dict[str, int] = {}
+            for v in mine.values():
+                counts[v["state"]] = counts.get(v["state"], 0) + 1
+            nodes = sorted({v["nodes"] for v in mine.values() if v["nodes"] not in ("", "None assigned")})
+            summary = (
+                f"{job['job_id']}: "
+                + " ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+                + (f" on {','.join(nodes)}" if nodes else "")
+            )
+            out[stage] = StageJobs(summary, any(v["state"] == "RUNNING" for v in mine.values()), mine)
+        return out
+
+    def failure(self, stage: str, job: dict, st: StageJobs) -> StageFailed | None:
+        failed = [(k, v) for k, v in st.jobs.items() if v["state"] in FAILED_STATES]
+        own = [(k, v) for k, v in failed if not _cancelled_by_dependency(k, v)]
+        if not own:
+            return None
+        jid, state = own[0]
+        log = job_log(job["folder"], jid)
+        text = log.read_text(errors="replace") if log.is_file() else f"no log at {log}"
+        return StageFailed(stage, f"job {jid} {state['state']} exit {state['exit']}", log, tail(text))
+
+    def cancel(self, jobs: dict[str, dict]) -> list[str]:
+        ids = [j["job_id"] for j in jobs.values()]
+        if ids:
+            subprocess.run(["scancel", *ids], check=False)
+        return ids
+
+    def find_log(self, rd: RunDir, stage: str, element: int, rank: int, stdout: bool) -> Path | None:
+        job = rd.read_meta().get(self.jobs_key, {}).get(stage)
+        if job is None:  # the stage ran elsewhere (an earlier local run of this run directory)
+            return super().find_log(rd, stage, element, rank, stdout)
+        return job_log(job["folder"], job["job_ids"][min(element, len(job["job_ids"]) - 1)], rank, err=not stdout)
+
+    @staticmethod
+    def datatrove_ranks(recipe: Recipe, spec: StageSpec, out_dir: Path) -> Callable | None:
+        """Each datatrove step of the data stage runs as a job array, one element per rank."""
+        if "SLURM_JOB_ID" not in os.environ:  # run-element by hand outside a job: a local process pool
+            return None
+        from hpc.datatrove_slurm import SubmititPipelineExecutor
+
+        ranks = job_options(spec, recipe.executor, ranks=True)
+        retries = ranks.max_retries  # the executor resubmits failed ranks; each rank job itself never requeues
+        opts = replace(ranks, max_retries=0)
+        folder = out_dir / "logs" / "ranks"
+        name = f"hpcft-{recipe.name}-data-ranks"
+
+        def factory(pipeline, logging_dir, tasks, depends=None):
+            return SubmititPipelineExecutor(
+                pipeline,
+                logging_dir,
+                tasks,
+                max_retries=retries,
+                depends=depends,
+                make_executor=lambda: make_executor(folder, opts, name, [], recipe.executor.python),
+            )
+
+        return factory
+
+    def write_scripts(self, recipe: Recipe, plan: list[StageSpec], rd: RunDir, out: Path) -> list[Path]:
+        return write_sbatch(recipe, plan, rd, out, self.cfg.python)
 
 
-class SubmitError(Exception):
-    def __init__(self, stage: str, message: str, opts: JobOptions):
-        super().__init__(f"sbatch refused stage {stage}: {message}")
-        self.stage, self.message, self.opts = stage, message, opts
+def _asked(stage: str, o: JobOptions) -> str:
+    return (
+        f"asked for {o.nodes} node(s) x {o.tasks_per_node} task(s), {o.cpus_per_task} cpu/task, "
+        f"{o.gpus_per_node} gpu/node, mem {o.mem_gb or 'default'} GB, partition "
+        f"{o.partition or 'default'}; adjust executor.slurm or executor.stages.{stage}; "
+        "nothing of this run is left queued"
+    )
 
 
 def sacct_states(job_ids: list[str]) -> dict[str, dict]:
@@ -288,15 +372,17 @@ def sacct_states(job_ids: list[str]) -> dict[str, dict]:
     return states
 
 
+def _cancelled_by_dependency(job_id: str, st: dict) -> bool:
+    if st["state"] != "CANCELLED":
+        return False
+    out = subprocess.run(
+        ["sacct", "-n", "-P", "-X", "-j", job_id, "--format=Reason"], capture_output=True, text=True, timeout=30
+    ).stdout
+    return "Dependency" in out or "DependencyNeverSatisfied" in out
+
+
 def job_log(folder: str, job_id: str, rank: int = 0, err: bool = True) -> Path:
     return Path(folder) / f"{job_id}_{rank}_log.{'err' if err else 'out'}"
-
-
-def cancel(meta: dict) -> list[str]:
-    ids = [j["job_id"] for j in meta.get("slurm_jobs", {}).values()]
-    if ids:
-        subprocess.run(["scancel", *ids], check=False)
-    return ids
 
 
 def sbatch_script(spec: StageSpec, o: JobOptions, rd: RunDir, job_name: str, python: str) -> str:

@@ -259,3 +259,31 @@ def test_recipe_validation_refuses_what_the_engine_refuses_at_start_up():
     assert out == ["parallel.pp: 8 pipeline stages (interleaved_1f1b) but the model has only 4 layers"]
     out = problems(DPO_RECIPE, ["parallel.dp_shard=3"])
     assert [line.split(":")[0] for line in out] == ["stages (sft).batch_size", "stages (dpo).batch_size"]
+
+
+def test_eval_tasks_are_typed_shorthand_resolves_against_the_recipe_and_errors_name_the_field(tmp_path, hpcft_cmd):
+    from hpc.plan import eval_elements
+    from hpc.recipe import parse_recipe
+
+    (tmp_path / "my_tasks").mkdir()
+    (tmp_path / "my_tasks" / "say.yaml").write_text("task: my_say\ndataset_path: json\n")
+    path = write(tmp_path, **{"eval.tasks": "[heldout_mc, 'yaml:my_tasks:my_say']", "eval.include_base": "false"})
+    r = load_recipe(path, ["gate.thresholds={my_say/exact_match: 0.1}"])
+    heldout, yaml_task = r.eval.tasks
+    assert (heldout.heldout, yaml_task.yaml_dir, yaml_task.label) == ("mc", str(tmp_path / "my_tasks"), "my_say")
+    # The snapshot keeps the shorthand (absolute now) and parses back to the same recipe anywhere.
+    dumped = r.model_dump(mode="json")
+    assert dumped["eval"]["tasks"] == ["heldout_mc", f"yaml:{tmp_path / 'my_tasks'}:my_say"]
+    assert parse_recipe(dumped) == r
+    elements = eval_elements(r)
+    assert [(e.task, e.model) for e in elements] == [(heldout, "candidate"), (yaml_task, "candidate")]
+    assert {s.name: s for s in build_plan(r)}["eval"].elements == tuple(e.key for e in elements)
+    assert elements[1].key == f"yaml:{tmp_path / 'my_tasks'}:my_say@candidate"
+
+    out = problems(TINY_RECIPE, ["eval.tasks=[heldout_mc, 'yaml:nodir', {yaml_dir: d}, {heldout: mc, bogus: 1}]"])
+    assert out[0] == "eval.tasks.1: 'yaml:nodir': expected 'yaml:<dir>:<task>'"
+    assert "eval.tasks.2.task: required field is missing" in out
+    assert "eval.tasks.3.bogus: unknown key; allowed: heldout" in out
+    bad = write(tmp_path, **{"eval.tasks": "[heldout_mc, 'yaml:nodir']"})
+    p = subprocess.run(hpcft_cmd + ["validate", str(bad)], capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 2 and "eval.tasks.1: 'yaml:nodir'" in p.stderr

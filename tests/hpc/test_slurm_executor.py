@@ -76,6 +76,16 @@ def test_options_merge_recipe_and_stage_overrides():
     assert any(p.startswith("executor.stages.sft:") and "needs 4" in p for p in problems)
 
 
+def test_registry_names_the_recipe_executor_kinds():
+    from typing import get_args
+
+    from hpc import executors
+    from hpc.recipe import ExecutorConfig
+
+    assert set(executors.EXECUTORS) == set(get_args(ExecutorConfig.model_fields["kind"].annotation))
+    assert executors.submitting() == ["slurm"] and list(executors.script_writers()) == ["sbatch"]
+
+
 def test_sbatch_export_writes_chained_scripts(tmp_path):
     p = run_cli(
         "sbatch",
