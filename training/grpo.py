@@ -22,25 +22,26 @@ import torch
 from parallel import engine
 from parallel.dims import ParallelConfig
 from training.config import GRPOStage
-from training.data import EpochBatches, chat_tokenizer
+from training.data import EpochBatches
 from training.frozen import Reference, RewardScorer, build_reward, check_reward_source, score
 from training.learner import Learner
 from training.loop import Checkpoints, train_loop
 from training.losses import grpo_advantages
-from training.prompts import Prompt, PromptStats, load_prompts, prompt_batches
+from training.prompts import Prompt, PromptStats, load_prompt_data
 from training.resume import Resumer
 from training.rollout import (
     LAST_ONLY,
     ClippedPolicyObjective,
+    build_policy,
     evaluate,
     finish_policy_run,
     minibatches,
+    policy_sampler,
     reference_logprobs,
     response_logprobs_of,
 )
-from training.sampling import Sampler, end_ids, rollout_rows, sample_rollouts
-from training.skeleton import Progress, StageRun, adapters, check_stage
-from training.stages import sampling_layout
+from training.sampling import Sampler, rollout_rows, sample_rollouts
+from training.skeleton import Progress, StageRun, check_stage
 
 
 @dataclass
@@ -94,39 +95,25 @@ def setup(
     model_dir, data_dir = Path(model_dir), Path(data_dir)
     check_stage(cfg, parallel, model_dir)
     check_reward_source(cfg.reward_fn, reward_model_dir, "grpo")
-    tokenizer, pad_id = chat_tokenizer(model_dir, "GRPO renders prompts")
-    train_prompts, train_stats = load_prompts(data_dir / "train.jsonl", tokenizer, cfg.max_prompt_len)
-    val_prompts, val_stats = load_prompts(data_dir / "validation.jsonl", tokenizer, cfg.max_prompt_len)
-    batches = prompt_batches(train_prompts, cfg.batch_size, seed)
-
+    data = load_prompt_data(cfg, model_dir, data_dir, seed)
     runtime = engine.build_runtime(parallel)
-    lora, quant = adapters(cfg)
     reward, reward_source = build_reward(cfg.reward_fn, reward_model_dir, "grpo", runtime, cfg.offload_frozen)
     num_updates = cfg.max_steps * cfg.ppo_epochs * (cfg.batch_size * cfg.group_size // mini_batch_size(cfg))
-    learner = Learner.build(
-        model_dir,
-        sampling_layout(parallel),
-        mode=cfg.mode,
-        optim=cfg.optim,
-        num_updates=num_updates,
-        lora=lora,
-        quant=quant,
-    )
+    learner = build_policy(cfg, model_dir, parallel, num_updates)
     policy = learner.model
     reference = Reference(policy, model_dir, cfg.mode, runtime, cfg.offload_frozen) if cfg.beta > 0 else None
-    sampler = Sampler(tokenizer, pad_id, end_ids(tokenizer, policy), runtime, synced=parallel.world_size > 1)
     return Session(
         learner,
         reference,
         reward,
         reward_source,
-        tokenizer,
-        sampler,
+        data.tokenizer,
+        policy_sampler(data, policy, runtime, parallel),
         runtime,
-        train_prompts,
-        batches,
-        val_prompts[: cfg.eval_prompts],
-        {"train": train_stats, "validation": val_stats},
+        data.train,
+        data.batches,
+        data.validation,
+        data.stats,
         seed,
     )
 

@@ -39,6 +39,12 @@ class Checkpoints:
         return str(self.resumer.save(states, step, self.extra() | {"val_before": val_before}))
 
 
+def train_one(cfg, learner: Learner, step_fn, evaluate_fn, progress: Progress, resumer: Resumer | None, *, rate):
+    """train_loop for a stage that trains one model, checkpointed (when `resumer`) under the name 'model'."""
+    checkpoints = Checkpoints(resumer, {"model": learner}) if resumer is not None else None
+    return train_loop(cfg, step_fn, evaluate_fn, progress, rate=rate, checkpoints=checkpoints)
+
+
 def train_loop(
     cfg,
     step_fn: Callable[[int], dict[str, float]],

@@ -20,24 +20,26 @@ from parallel import engine
 from parallel.dims import ParallelConfig
 from parallel.trainer import Objective, model_inputs
 from training.config import PPOStage
-from training.data import EpochBatches, chat_tokenizer
+from training.data import EpochBatches
 from training.frozen import Reference, RewardScorer, build_reward, check_reward_source, score
 from training.learner import Learner
 from training.loop import Checkpoints, train_loop
 from training.losses import gae, ppo_value_loss, whiten
-from training.prompts import Prompt, PromptStats, load_prompts, prompt_batches
+from training.prompts import Prompt, PromptStats, load_prompt_data
 from training.resume import Resumer
 from training.reward import build_reward_model
 from training.rollout import (
     LAST_ONLY,
     ClippedPolicyObjective,
+    build_policy,
     evaluate,
     finish_policy_run,
     minibatches,
+    policy_sampler,
     reference_logprobs,
     response_logprobs_of,
 )
-from training.sampling import Rollout, Sampler, end_ids, rollout_rows, sample_rollouts
+from training.sampling import Rollout, Sampler, rollout_rows, sample_rollouts
 from training.skeleton import Progress, StageRun, adapters, check_stage
 from training.stages import sampling_layout
 
@@ -169,36 +171,32 @@ def setup(
     check_stage(cfg, parallel, model_dir)
     check_reward_source(cfg.reward_fn, reward_model_dir, "ppo")
     critic_init = _critic_init(cfg, reward_model_dir)
-    tokenizer, pad_id = chat_tokenizer(model_dir, "PPO renders prompts")
+    data = load_prompt_data(cfg, model_dir, data_dir, seed)
     if critic_init == "reward_model":
         # The critic reads the policy's token ids, so the reward model must share the vocabulary.
-        if AutoTokenizer.from_pretrained(reward_model_dir).get_vocab() != tokenizer.get_vocab():
+        if AutoTokenizer.from_pretrained(reward_model_dir).get_vocab() != data.tokenizer.get_vocab():
             raise ValueError(
                 f"critic_init: the reward model {reward_model_dir} has another vocabulary than the "
                 "policy, so it cannot read the policy's tokens as a critic; use critic_init: policy"
             )
-    train_prompts, train_stats = load_prompts(data_dir / "train.jsonl", tokenizer, cfg.max_prompt_len)
-    val_prompts, val_stats = load_prompts(data_dir / "validation.jsonl", tokenizer, cfg.max_prompt_len)
-    batches = prompt_batches(train_prompts, cfg.batch_size, seed)
-
     runtime = engine.build_runtime(parallel)
-    lora, quant = adapters(cfg)
     reward, reward_source = build_reward(cfg.reward_fn, reward_model_dir, "ppo", runtime, cfg.offload_frozen)
     critic_dir = reward_model_dir if critic_init == "reward_model" else model_dir
     num_updates = cfg.max_steps * cfg.ppo_epochs * (cfg.batch_size // cfg.mini_batch_size)
-    layout = sampling_layout(parallel)
     # The policy first, then the critic (each rank loads alike: same seed, same LoRA and head inits).
-    policy_learner = Learner.build(
-        model_dir, layout, mode=cfg.mode, optim=cfg.optim, num_updates=num_updates, lora=lora, quant=quant
-    )
-    critic = TokenValues(build_reward_model(critic_dir, pad_id, lora, quant, require_head=True))
+    policy_learner = build_policy(cfg, model_dir, parallel, num_updates)
+    critic = TokenValues(build_reward_model(critic_dir, data.pad_id, *adapters(cfg), require_head=True))
     critic_learner = Learner.build(
-        model_dir, layout, mode=cfg.mode, optim=cfg.critic_optim, num_updates=num_updates, model=critic
+        model_dir,
+        sampling_layout(parallel),
+        mode=cfg.mode,
+        optim=cfg.critic_optim,
+        num_updates=num_updates,
+        model=critic,
     )
     policy = policy_learner.model
     reference = Reference(policy, model_dir, cfg.mode, runtime, cfg.offload_frozen)
     kl = KLController(cfg.kl_coef, cfg.kl_target if cfg.adaptive_kl else None, cfg.kl_horizon)
-    sampler = Sampler(tokenizer, pad_id, end_ids(tokenizer, policy), runtime, synced=parallel.world_size > 1)
     return Session(
         policy_learner,
         critic_learner,
@@ -206,14 +204,14 @@ def setup(
         reward,
         reward_source,
         critic_init,
-        tokenizer,
-        sampler,
+        data.tokenizer,
+        policy_sampler(data, policy, runtime, parallel),
         runtime,
-        train_prompts,
-        batches,
-        val_prompts[: cfg.eval_prompts],
+        data.train,
+        data.batches,
+        data.validation,
         kl,
-        {"train": train_stats, "validation": val_stats},
+        data.stats,
         seed,
     )
 

@@ -7,7 +7,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from training.data import EpochBatches, read_jsonl
+from training.data import EpochBatches, chat_tokenizer, read_jsonl
 
 ROLES = ("system", "user", "assistant")
 
@@ -128,3 +128,31 @@ def load_prompts(path: Path, tokenizer, max_prompt_len: int) -> tuple[list[Promp
 def prompt_batches(prompts: list[Prompt], batch_size: int, seed: int) -> EpochBatches:
     """Global batches of prompt indices by step (prompts of similar length together)."""
     return EpochBatches([len(p.input_ids) for p in prompts], batch_size, seed, "training prompts")
+
+
+@dataclass
+class PromptData:
+    """What a sampling stage reads: the tokenizer, the training prompts and their step-indexed batches,
+    the first `eval_prompts` validation prompts, and the counts of both splits."""
+
+    tokenizer: object
+    pad_id: int
+    train: list[Prompt]
+    batches: EpochBatches
+    validation: list[Prompt]
+    stats: dict[str, PromptStats]
+
+
+def load_prompt_data(cfg, model_dir: Path, data_dir: Path, seed: int) -> PromptData:
+    """The prompts of data_dir's train/validation splits for a PPO/GRPO stage config `cfg`."""
+    tokenizer, pad_id = chat_tokenizer(model_dir, f"{cfg.kind.upper()} renders prompts")
+    train, train_stats = load_prompts(Path(data_dir) / "train.jsonl", tokenizer, cfg.max_prompt_len)
+    validation, val_stats = load_prompts(Path(data_dir) / "validation.jsonl", tokenizer, cfg.max_prompt_len)
+    return PromptData(
+        tokenizer,
+        pad_id,
+        train,
+        prompt_batches(train, cfg.batch_size, seed),
+        validation[: cfg.eval_prompts],
+        {"train": train_stats, "validation": val_stats},
+    )

@@ -20,7 +20,7 @@ from parallel.dims import ParallelConfig
 from parallel.trainer import Objective
 from training.config import RewardModelStage
 from training.data import EpochBatches
-from training.loop import Checkpoints, train_loop
+from training.loop import train_one
 from training.losses import bradley_terry_loss
 from training.preference import (
     Pair,
@@ -182,12 +182,9 @@ def evaluate(cfg: RewardModelStage, s: Session) -> dict[str, float]:
 
 
 def train(cfg: RewardModelStage, s: Session, progress: Progress, resumer: Resumer | None = None) -> dict:
-    checkpoints = Checkpoints(resumer, {"model": s.trainer.learner}) if resumer is not None else None
-    return train_loop(
-        cfg,
-        lambda step: reward_step(cfg, s, s.batches(step - 1)),
-        lambda: evaluate(cfg, s),
-        progress,
-        rate=("pairs_per_s", cfg.batch_size),
-        checkpoints=checkpoints,
+    def step(n: int) -> dict[str, float]:
+        return reward_step(cfg, s, s.batches(n - 1))
+
+    return train_one(
+        cfg, s.trainer.learner, step, lambda: evaluate(cfg, s), progress, resumer, rate=("pairs_per_s", cfg.batch_size)
     )

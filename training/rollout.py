@@ -14,7 +14,9 @@ from training.learner import Learner
 from training.losses import entropy_from_logits, kl_penalty, masked_mean, ppo_policy_loss
 from training.prompts import Prompt
 from training.rewards import exact_match
-from training.sampling import Rollout, Sampler, gather_logprobs, rows_response_logits
+from training.sampling import Rollout, Sampler, end_ids, gather_logprobs, rows_response_logits
+from training.skeleton import adapters
+from training.stages import sampling_layout
 
 # ---- sampling and scoring through the engine's layout ---------------------------------------------------
 
@@ -113,6 +115,28 @@ def minibatches(num_rows: int, size: int, epochs: int) -> Iterator[torch.Tensor]
     """Row indices of each update: a fresh shuffle per epoch, cut into `size` rows."""
     for _ in range(epochs):
         yield from torch.randperm(num_rows).split(size)
+
+
+def build_policy(cfg, model_dir, parallel, num_updates: int) -> Learner:
+    """The policy a sampling stage trains, laid out with sequence parallelism off (decoding goes token by
+    token), with its LoRA/QLoRA adapters per the stage's mode."""
+    lora, quant = adapters(cfg)
+    return Learner.build(
+        model_dir,
+        sampling_layout(parallel),
+        mode=cfg.mode,
+        optim=cfg.optim,
+        num_updates=num_updates,
+        lora=lora,
+        quant=quant,
+    )
+
+
+def policy_sampler(data, policy, runtime, parallel) -> Sampler:
+    """Sampling from `policy` (PromptData's tokenizer); synced across ranks when the layout has several."""
+    return Sampler(
+        data.tokenizer, data.pad_id, end_ids(data.tokenizer, policy), runtime, synced=parallel.world_size > 1
+    )
 
 
 def finish_policy_run(run, session, result: dict, **facts) -> dict:

@@ -21,7 +21,7 @@ from parallel.dims import ParallelConfig
 from training.config import SFTStage
 from training.data import DataStats, EpochBatches, Example, chat_tokenizer, collate, eval_batches, load_split
 from training.learner import Learner
-from training.loop import Checkpoints, train_loop
+from training.loop import train_one
 from training.resume import Resumer
 from training.skeleton import StageRun, adapters, check_stage
 
@@ -113,12 +113,11 @@ def train(cfg: SFTStage, s: Session, progress: Progress, resumer: Resumer | None
     """The shared loop (training.loop): held-out loss at the start and every eval_every, logs every
     log_every, a resumable checkpoint every checkpoint_every; starts after the latest checkpoint when there
     is one (the batch of step s is a function of s, so the data picks up where it stopped)."""
-    checkpoints = Checkpoints(resumer, {"model": s.learner}) if resumer is not None else None
-    return train_loop(
-        cfg,
-        lambda step: sft_step(s, step),
-        lambda: {"val_loss": s.learner.eval_loss(s.val_batches)},
-        progress,
-        rate=("tokens_per_s", "tokens"),
-        checkpoints=checkpoints,
-    )
+
+    def step(n: int) -> dict[str, float]:
+        return sft_step(s, n)
+
+    def evaluate() -> dict[str, float]:
+        return {"val_loss": s.learner.eval_loss(s.val_batches)}
+
+    return train_one(cfg, s.learner, step, evaluate, progress, resumer, rate=("tokens_per_s", "tokens"))
