@@ -37,7 +37,17 @@ def run_recipe(tree: Path, recipe: str, workdir: Path) -> dict:
     seconds = time.perf_counter() - started
     if proc.returncode not in (0, 3):
         raise SystemExit(f"{tree}: exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
-    return {"seconds": seconds, "exit": proc.returncode, **scores(workdir)}
+    return {"seconds": seconds, "exit": proc.returncode, **scores(workdir), **stage_seconds(workdir)}
+
+
+def stage_seconds(workdir: Path) -> dict:
+    """Seconds between each stage's first and last progress event (its own work, without start-up)."""
+    out = {}
+    for path in sorted((workdir / "stages").glob("*/progress.jsonl")):
+        times = [json.loads(line)["t"] for line in path.read_text().splitlines() if '"t"' in line]
+        if len(times) > 1:
+            out[f"seconds:{path.parent.name}"] = round(max(times) - min(times), 1)
+    return out
 
 
 def scores(workdir: Path) -> dict:
