@@ -200,23 +200,62 @@ def record_text(record: dict) -> str:
     return chat_text(record["messages"] + record.get("rejected", []))
 
 
-def read_rows(path: Path) -> Iterator[tuple[int, object, str | None]]:
-    """(row index, parsed row or None, raw line) for a JSONL(.gz) or Parquet file."""
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
+def json_line(obj) -> str:
+    """One JSONL line (no newline): UTF-8 text as is, but U+2028/U+2029 escaped, since readers that split
+    on every Unicode line break (str.splitlines, JavaScript) would cut the line there."""
+    return json.dumps(obj, ensure_ascii=False).replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+
+
+def read_rows(path: Path) -> Iterator[tuple[int, object, str | None, str | None]]:
+    """(row index, parsed row or None, raw line, reason the line is unreadable or None) for a JSONL(.gz) or
+    Parquet file. Nothing in a line stops the file: bytes that are not UTF-8 ('bad_utf8'), NUL bytes
+    ('nul_byte'), JSON that does not parse ('bad_json'; 'truncated_line' for a last line without its
+    newline), an unpaired surrogate escape no UTF-8 output could hold ('lone_surrogate') and a gzip
+    stream that ends early ('truncated_file') come back as reasons. Lines end at b"\n" only (a U+2028
+    inside a string is content), a byte-order mark on the first line and CR of CRLF are dropped, blank
+    lines are skipped."""
     if path.suffix in (".parquet", ".pq"):
         import pyarrow.parquet as pq
 
         for i, row in enumerate(pq.read_table(path).to_pylist()):
-            yield i, row, None
+            yield i, row, None, None
         return
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for i, line in enumerate(f):
-            if not line.strip():
-                continue
-            try:
-                yield i, json.loads(line), line.rstrip("\n")
-            except json.JSONDecodeError:
-                yield i, None, line.rstrip("\n")
+    i = -1
+    with opener(path, "rb") as f:
+        try:
+            for i, raw in enumerate(f):
+                yield (i, *_parse_line(raw, first=i == 0))
+        except (EOFError, gzip.BadGzipFile, OSError) as err:  # a compressed file cut short
+            yield i + 1, None, f"{type(err).__name__}: {err}", "truncated_file"
+
+
+def _parse_line(raw: bytes, *, first: bool) -> tuple[object, str | None, str | None]:
+    complete = raw.endswith(b"\n")
+    raw = raw.rstrip(b"\r\n")
+    if first and raw.startswith(UTF8_BOM):
+        raw = raw[len(UTF8_BOM) :]
+    if not raw.strip():
+        return None, None, "blank"
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None, raw.decode("utf-8", errors="backslashreplace"), "bad_utf8"
+    if "\x00" in text:
+        return None, text.replace("\x00", "\\x00"), "nul_byte"
+    try:
+        row = json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        return None, text, "bad_json" if complete else "truncated_line"
+    if "\\ud" in text.lower():  # an escaped UTF-16 surrogate: valid only as a pair
+        try:
+            json_line(row).encode("utf-8")
+        except UnicodeEncodeError:
+            return None, text, "lone_surrogate"
+    return row, text, None
 
 
 def row_kind(row: object, fmt: str) -> str:
@@ -238,14 +277,16 @@ def to_record(row: object, fmt: str = "auto") -> dict:
 
 def normalise_file(path: Path, fmt: str, id_prefix: str, source: str, out: dict[str, Normalised]) -> None:
     """Append the file's rows to out[kind]; ids are `<id_prefix>-<row index>`, stable across runs."""
-    for i, row, line in read_rows(path):
+    for i, row, line, unreadable in read_rows(path):
+        if unreadable == "blank":
+            continue
         kind = row_kind(row, fmt)
         target = out[kind]
         target.num_read += 1
         row_id = f"{id_prefix}-{i:07d}"
         try:
-            if row is None:
-                raise RowError("bad_json")
+            if unreadable is not None:
+                raise RowError(unreadable)
             target.kept.append({"id": row_id, **to_record(row, fmt), "source": source})
         except RowError as e:
             raw = line if line is not None else json.dumps(row, default=str)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from data_tools.config import DataConfig, SourceConfig
-from data_tools.normalise import KINDS, Normalised, normalise_file, record_text
+from data_tools.normalise import KINDS, Normalised, json_line, normalise_file, record_text
 from data_tools.pii import Scrubber
 from data_tools.pipeline import Plan, build_plan
 from data_tools.steps import SPLITS
@@ -166,11 +166,11 @@ def write_shards(rows: list[dict], folder: Path, tasks: int) -> None:
     """Round-robin the rows into one datatrove input file per rank (datatrove parallelises by file)."""
     folder.mkdir(parents=True, exist_ok=True)
     for rank in range(tasks):
-        with open(folder / f"{rank:05d}.jsonl", "w") as f:
+        with open(folder / f"{rank:05d}.jsonl", "w", encoding="utf-8") as f:
             for row in rows[rank::tasks]:
                 meta = {k: v for k, v in row.items() if k != "id"}
                 doc = {"id": row["id"], "text": record_text(row), "metadata": meta}
-                f.write(json.dumps(doc, ensure_ascii=False) + "\n")
+                f.write(json_line(doc) + "\n")
 
 
 def run_chain(plan: Plan, logs: Path, factory: ExecutorFactory, report: Callable[[str], None]) -> None:
@@ -264,7 +264,7 @@ def _read_rows(folder: Path) -> list[dict]:
 
 def _write_jsonl(path: Path, rows: list[dict]) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode()
+    data = "".join(json_line(row) + "\n" for row in rows).encode()
     path.write_bytes(data)
     return _sha256_bytes(data)
 

@@ -13,6 +13,8 @@ from datatrove.pipeline.readers.base import BaseDiskReader
 from datatrove.pipeline.writers.disk_base import DiskWriter
 from datatrove.utils.text import simplify_text
 
+from data_tools.normalise import json_line
+
 SPLITS = ("train", "validation", "test")
 
 
@@ -25,7 +27,7 @@ class JsonLinesWriter(DiskWriter):
         super().__init__(output_folder, output_filename=output_filename, compression=None, adapter=adapter)
 
     def _write(self, document: dict, file_handler: IO, _filename: str) -> None:
-        file_handler.write(json.dumps(document, ensure_ascii=False) + "\n")
+        file_handler.write(json_line(document) + "\n")
 
 
 class RankShardReader(BaseDiskReader):

@@ -155,3 +155,18 @@ def test_preference_rows_are_their_own_kind(tmp_path):
     assert pref.kept[1]["rejected"] == [{"role": "assistant", "content": "4"}]  # implicit prompt
     assert [r["reason"] for r in pref.rejected] == ["identical_responses", "missing_rejected"]
     assert detect_format({"chosen": "a"}) == "preference"
+
+
+def test_gzip_cut_short_keeps_the_rows_before_and_says_so(tmp_path):
+    import gzip
+
+    rows = [{"instruction": f"Say {i}", "output": f"{i}"} for i in range(2000)]
+    data = gzip.compress("".join(json.dumps(r) + "\n" for r in rows).encode())
+    path = tmp_path / "cut.jsonl.gz"
+    path.write_bytes(data[: len(data) // 2])  # a download or copy that stopped half way
+    kinds = {"chat": Normalised(), "preference": Normalised()}
+    normalise_file(path, "auto", "s00f000", "cut.jsonl.gz", kinds)
+    out = kinds["chat"]
+    assert 0 < len(out.kept) < len(rows)
+    assert [r["reason"] for r in out.rejected][-1] == "truncated_file"
+    assert all(r["reason"] in ("truncated_file", "truncated_line", "bad_json") for r in out.rejected)

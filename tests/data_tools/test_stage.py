@@ -283,3 +283,72 @@ def test_synth_markers_match_generator():
     # guards the markers above against drift in synth.LOW_QUALITY
     rows = [make(random.Random(0)) for make in synth.LOW_QUALITY]
     assert all(any(m in p for m in LOW_QUALITY_MARKERS) or len(p) >= 600 for p, _ in rows)
+
+
+def _hostile_corpus(root: Path) -> tuple[dict[str, int], list[dict]]:
+    """Good chat rows (distinct, each kept) mixed with lines real exports contain; returns the expected
+    rejection count per reason and the good rows. Generated here, so nothing is shipped."""
+    good = [
+        {"instruction": f"Spell the number {n} in words, then add a short note", "output": f"{n} is written {n}."}
+        for n in ("seven", "eight", "nine", "ten", "eleven", "twelve")
+    ]
+    good.append(
+        {
+            "messages": [
+                {"role": "user", "content": "Line\u2028separator inside?"},
+                {"role": "assistant", "content": "Yes, kept as text."},
+            ]
+        }
+    )
+    good.append({"instruction": "A long answer follows", "output": "word " * 40_000})  # a 200 KB line
+    lines = [b"\xef\xbb\xbf" + json.dumps(good[0]).encode()]  # byte-order mark on the first line
+    lines += [json.dumps(good[1]).encode() + b"\r"]  # CRLF
+    lines += [b'{"instruction": "caf\xe9", "output": "latin-1 byte"}']  # not UTF-8
+    lines += [b'{"instruction": "nul\x00", "output": "x"}']  # a raw NUL byte
+    lines += [json.dumps(r, ensure_ascii=False).encode() for r in good[2:]]
+    lines += [b"[1, 2, 3]", b"42", b'"just a string"', b"null"]  # JSON that is no object
+    lines += [b'{"instruction": 5, "output": "wrong type"}', b'{"instruction": "", "output": ""}']
+    lines += [b"{not json", b"", b"   ", b'{"instruction": "half a pair \\ud83d", "output": "x"}']
+    lines += [b'{"instruction": "cut off at the end of the ex']  # truncated last line, no newline
+    (root / "data").mkdir(parents=True)
+    (root / "data" / "hostile.jsonl").write_bytes(b"\n".join(lines))
+    expected = {
+        "bad_utf8": 1,
+        "nul_byte": 1,
+        "not_an_object": 4,
+        "bad_json": 1,
+        "truncated_line": 1,
+        "lone_surrogate": 1,
+    }
+    return expected, good
+
+
+def test_hostile_lines_are_rejected_with_reasons_and_good_rows_kept(tmp_path, tokenizer_dir):
+    expected, good = _hostile_corpus(tmp_path)
+    cfg = DataConfig(
+        sources=[{"path": "data/hostile.jsonl"}],
+        format={"max_tokens": 400_000},  # the 200 KB line is ~200k byte-level tokens
+        dedup={"minhash": False},
+        # the reading is under test, not the quality policy: the 200 KB row passes the filters
+        filters={
+            "gopher_repetition": False,
+            "gopher_quality": False,
+            "c4": False,
+            "fineweb": False,
+            "max_chars": 400_000,
+        },
+        splits={"validation": 0.0, "test": 0.0},
+        tasks=1,
+    )
+    manifest = run_data(cfg, tokenizer_dir, tmp_path / "out", base_dir=tmp_path)
+    normalise = manifest["steps"]["normalise"]
+    reasons = normalise["reasons"]
+    # the wrong-typed and the empty row get the row checks' own reasons
+    assert {k: v for k, v in reasons.items() if k in expected} == expected
+    assert normalise["rejected"] == sum(expected.values()) + 2 and normalise["kept"] == len(good)
+    assert sum(manifest["splits"].values()) == len(good)
+    rows = _read(tmp_path / "out" / "train.jsonl")
+    answers = sorted(r["messages"][-1]["content"] for r in rows)
+    assert answers == sorted(g.get("output", "").strip() or g["messages"][-1]["content"] for g in good)
+    rejected = _read(tmp_path / "out" / "rejected" / "normalise.jsonl")
+    assert any(r["reason"] == "bad_utf8" and "caf\\xe9" in r["raw"] for r in rejected)
