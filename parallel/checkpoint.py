@@ -81,5 +81,6 @@ def gather_full_state_dict(trainer) -> dict[str, torch.Tensor] | None:
         dist.gather_object(state, stages, dst=dist.get_global_rank(group, 0), group=group)
         if stages is not None:
             state = {name: value for stage in stages for name, value in stage.items()}
-    rank0 = not dist.is_initialized() or dist.get_rank() == 0  # a one-process mesh has no process group
-    return state if rank0 else None
+    from parallel.engine import is_leader
+
+    return state if is_leader() else None

@@ -49,13 +49,6 @@ class Learner:
         self.trainer.step = self.updates
         return self.trainer
 
-    def resume(self, resumer) -> dict | None:
-        """Restore the latest checkpoint of `resumer` (training.resume.Resumer), if any (collective)."""
-        resumed = resumer.load(self.state())
-        if resumed:
-            self.updates = resumed["step"]
-        return resumed
-
     def lr(self) -> float:
         """The learning rate of the next update."""
         opt = self.optim_cfg

@@ -85,12 +85,11 @@ class StageRun:
     def resumer(self) -> Resumer:
         return Resumer(self.out_dir, self.cfg.checkpoint_every)
 
-    def adapters(self):
-        return adapters(self.cfg)
-
     def rebuild_causal_lm(self, state: dict):
         """A plain (or peft, adapters on the full-precision base) causal LM holding a gathered state."""
-        return engine.rebuild_model(self.model_dir, state, self.adapters()[0], adapters_only=self.cfg.mode == "qlora")
+        return engine.rebuild_model(
+            self.model_dir, state, adapters(self.cfg)[0], adapters_only=self.cfg.mode == "qlora"
+        )
 
     def save_causal_lm(self, tokenizer) -> Callable:
         def save(model):

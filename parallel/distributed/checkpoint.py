@@ -17,7 +17,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -27,14 +26,12 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from parallel.engine import barrier, rank_and_world
+
 OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True, ignore_frozen_params=True)
 # Loading sets the trainable parameters only (DCP already failed on any of them missing from the checkpoint).
 LOAD_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True, ignore_frozen_params=True, strict=False)
 EXTRA_FILE = "trainer_extra.json"
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
 
 
 @contextmanager
@@ -64,10 +61,6 @@ def _merged(models: list[dict], optims: list[dict | None], trainer) -> dict:
     return state
 
 
-def _rank_world() -> tuple[int, int]:
-    return (dist.get_rank(), dist.get_world_size()) if _distributed() else (0, 1)
-
-
 def _rng_file(path: Path, rank: int, world: int) -> Path:
     return path / "rng" / f"rank-{rank}-of-{world}.pt"
 
@@ -78,7 +71,7 @@ def save_checkpoint(trainer, path: Path, extra: dict | None = None) -> Path:
     models, optims = _state(trainer)
     with _quiet_single_process():
         dcp.save(_merged(models, optims, trainer), checkpoint_id=str(path))
-    rank, world = _rank_world()
+    rank, world = rank_and_world()
     # Each rank's own RNG (ranks that sampled different amounts of randomness differ), for an exact
     # continuation when the checkpoint resumes with the same number of ranks.
     _rng_file(path, rank, world).parent.mkdir(parents=True, exist_ok=True)
@@ -88,8 +81,7 @@ def save_checkpoint(trainer, path: Path, extra: dict | None = None) -> Path:
     )
     if rank == 0:
         (path / EXTRA_FILE).write_text(json.dumps(extra or {}))
-    if _distributed():
-        dist.barrier()
+    barrier()
     return path
 
 
@@ -105,7 +97,7 @@ def load_checkpoint(trainer, path: Path) -> dict:
         if opt is not None:
             set_optimizer_state_dict(part, opt, {k: state[f"optim.{k}"] for k in optim_sd}, options=LOAD_OPTIONS)
     trainer.step = int(state["trainer"]["step"])
-    own = _rng_file(path, *_rank_world())
+    own = _rng_file(path, *rank_and_world())
     if own.is_file():  # same number of ranks: each its own RNG; otherwise rank 0's for all
         rng = torch.load(own, weights_only=True)
         torch.set_rng_state(rng["cpu"])
