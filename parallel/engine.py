@@ -90,17 +90,19 @@ def check_layout(parallel: ParallelConfig, mode: str = "full", model_config=None
     layout.check_layout(parallel, mode=mode, world=process_world_size(), model_config=model_config)
 
 
+def autocast_dtype(mixed_precision: str, device_type: str) -> torch.dtype | None:
+    """bf16 on a GPU unless fp32 is asked for; on CPU only when bf16 is asked for (bf16 autocast on CPU is
+    slow without AMX). None: plain fp32."""
+    if device_type == "cuda":
+        return None if mixed_precision == "fp32" else torch.bfloat16
+    return torch.bfloat16 if mixed_precision == "bf16" else None
+
+
 def build_runtime(parallel: ParallelConfig) -> Runtime:
-    """CUDA when present, with bf16 autocast unless fp32 is asked for; CPU runs fp32 unless bf16 is asked for."""
-    if torch.cuda.is_available():
-        # Under torch.distributed the rendezvous has already picked this rank's GPU.
-        device = torch.device("cuda", torch.cuda.current_device())
-        dtype = None if parallel.mixed_precision == "fp32" else torch.bfloat16
-    else:
-        device = torch.device("cpu")
-        # bf16 autocast on CPU is slow without AMX, so only an explicit request turns it on.
-        dtype = torch.bfloat16 if parallel.mixed_precision == "bf16" else None
-    return Runtime(device, dtype)
+    """CUDA when present (under torch.distributed the rendezvous has already picked this rank's GPU), else
+    CPU, with autocast_dtype's precision."""
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    return Runtime(device, autocast_dtype(parallel.mixed_precision, device.type))
 
 
 def load_model(model_dir: Path, lora: LoraConfig | None = None, quant: QuantConfig | None = None):

@@ -410,15 +410,14 @@ class Trainer:
         return logits[:, : self._seq] if logits.shape[1] != self._seq else logits
 
     def _autocast(self):
-        """bf16 autocast where FSDP's mixed-precision policy does not already cast (ZeRO-0/1, or CPU).
+        """bf16 autocast (engine.autocast_dtype's rule) where FSDP's mixed-precision policy does not already
+        cast (ZeRO-0/1, or CPU)."""
+        from parallel.engine import autocast_dtype
 
-        As in parallel/engine.py: GPU runs bf16 unless fp32 is asked for; CPU only on an explicit bf16.
-        """
-        on_gpu = self.device.type == "cuda"
-        wanted = self.cfg.mixed_precision != "fp32" if on_gpu else self.cfg.mixed_precision == "bf16"
-        if not wanted or (on_gpu and self.cfg.zero >= 2):
+        dtype = autocast_dtype(self.cfg.mixed_precision, self.device.type)
+        if dtype is None or (self.device.type == "cuda" and self.cfg.zero >= 2):
             return nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
 
     def set_lr(self, lr: float) -> None:
         """Set the learning rate of every optimizer (for an LR schedule computed by the caller)."""
