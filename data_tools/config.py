@@ -23,6 +23,15 @@ class SourceConfig(_Section):
         None, min_length=1, description="generated task kinds (default: the arithmetic facts)"
     )
     seed: int = 0
+    weight: float | None = Field(
+        None,
+        ge=0,
+        description="share of this source in every training epoch (set on every source or on none): an "
+        "epoch holds N examples, N = the train rows of the sources with weight > 0, of which source s gives "
+        "round(N x weight_s / sum of weights); a source with fewer rows repeats them (a fresh permutation "
+        "each pass), one with more gets a different subset each epoch (every row once before any repeats); "
+        "weight 0 leaves the source out of training. Unset: every row once per epoch",
+    )
 
     @model_validator(mode="after")
     def _one_kind(self) -> "SourceConfig":
@@ -96,6 +105,25 @@ class DataConfig(_Section):
     format: FormatConfig = FormatConfig()
     splits: SplitConfig = SplitConfig()
     tasks: int = Field(2, ge=1, description="datatrove ranks (array elements) per step")
+
+    @model_validator(mode="after")
+    def _weights_all_or_none(self) -> "DataConfig":
+        weighted = [i for i, src in enumerate(self.sources) if src.weight is not None]
+        if weighted and len(weighted) < len(self.sources):
+            unset = next(i for i, src in enumerate(self.sources) if src.weight is None)
+            raise ValueError(
+                f"sources.{weighted[0]}.weight is set but sources.{unset}.weight is not; "
+                "set a weight on every source or on none"
+            )
+        if weighted and not any(src.weight > 0 for src in self.sources):
+            raise ValueError(f"sources.{weighted[0]}.weight: every source has weight 0; at least one must be > 0")
+        return self
+
+    def source_weights(self) -> dict[int, float] | None:
+        """Source index -> weight for training.batching.EpochBatches, or None when no source sets one."""
+        if self.sources[0].weight is None:
+            return None
+        return {i: src.weight for i, src in enumerate(self.sources)}
 
     def check_paths(self, base: Path) -> list[str]:
         """Problems with input paths, as 'field: message' lines (paths resolve against `base`)."""

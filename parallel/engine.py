@@ -38,7 +38,7 @@ class StepMetrics:
     grad_norm: float  # global norm before clipping
     lr: float  # the rate this step used
     num_label_tokens: int
-    num_tokens: int  # non-padding input tokens
+    num_tokens: int  # non-padding input tokens (packed rows, without attention_mask: every position)
 
 
 def process_world_size() -> int:
@@ -222,7 +222,9 @@ def train_step(trainer, batch: dict[str, torch.Tensor], *, lr: float, objective=
     trainer.set_lr(lr)
     loss, grad_norm = trainer.train_step(batch, objective)
     labels = num_label_tokens(batch["labels"]) if "labels" in batch else 0
-    return StepMetrics(loss, grad_norm, lr, labels, int(batch["attention_mask"].sum()))
+    mask = batch.get("attention_mask")
+    tokens = int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+    return StepMetrics(loss, grad_norm, lr, labels, tokens)
 
 
 def rebuild_model(model_dir: Path, state: dict[str, torch.Tensor], lora=None, adapters_only: bool = False):

@@ -379,7 +379,9 @@ class Trainer:
 
     def _padded(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Model inputs right-padded to a multiple of tp tokens under sequence parallelism (masked out;
-        callers cut the logits back to `self._seq`)."""
+        callers cut the logits back to `self._seq`). Packed rows (position_ids, no attention_mask: the
+        model keeps their documents apart by position_ids) get the padding as one more document, still
+        without a mask, which would switch the packed-sequence attention off."""
         seq = inputs["input_ids"].shape[1]
         self._seq = seq
         extra = (-seq) % self.dims.tp if self.sp else 0
@@ -388,6 +390,10 @@ class Trainer:
         rows = inputs["input_ids"].shape[0]
         out = dict(inputs)
         out["input_ids"] = F.pad(inputs["input_ids"], (0, extra), value=self._pad_id)
+        if "attention_mask" not in inputs and "position_ids" in inputs:
+            tail = torch.arange(extra, device=inputs["position_ids"].device).expand(rows, extra)
+            out["position_ids"] = torch.cat([inputs["position_ids"], tail], 1)
+            return out
         mask = inputs.get("attention_mask")
         if mask is None:
             mask = torch.ones(rows, seq, dtype=torch.long, device=inputs["input_ids"].device)

@@ -61,11 +61,28 @@ class StageConfig(_Section):
     quant: QuantConfig = QuantConfig()
     optim: OptimConfig = OptimConfig()
     max_steps: Count = 200
+    num_epochs: float | None = Field(
+        None,
+        gt=0,
+        description="train for this many passes over the training data instead of max_steps (setting both "
+        "is an error): max_steps = ceil(num_epochs x the steps of one epoch), computed at stage start from the "
+        "loaded train split (an epoch: its rows // batch_size steps; with data.sources weights, the rows of "
+        "the weighted sources)",
+    )
     batch_size: Count = 16
     eval_every: Count = 50
     log_every: Count = 10
     checkpoint_every: int = _checkpoint_every()
     seed: int | None = Field(None, description="defaults to the recipe seed")
+
+    @model_validator(mode="after")
+    def _steps_or_epochs(self):
+        if self.num_epochs is not None and "max_steps" in self.model_fields_set:
+            raise ValueError(
+                "max_steps and num_epochs are both set; set one of them (num_epochs computes max_steps "
+                "from the train split at stage start)"
+            )
+        return self
 
 
 class _AccumulatingStage(StageConfig):
@@ -90,6 +107,13 @@ class SFTStage(_AccumulatingStage):
     name: str = "sft"
     max_steps: Count = 300
     batch_size: Count = Field(16, description="sequences per optimizer step (global)")
+    packing: bool = Field(
+        True,
+        description="the examples of a step's batch are packed into rows of at most seq_len tokens (documents "
+        "kept apart: attention and labels never cross them); the same examples per step as without packing, "
+        "so the loss is the same token mean, with less padding. Off under pipeline parallelism (pp > 1), "
+        "whose stages take no position_ids; `hpcft plan` and the stage's result say whether it applied",
+    )
     eval_every: Count = Field(50, description="validation loss every N steps")
 
 
