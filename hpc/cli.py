@@ -115,9 +115,28 @@ def cmd_plan(args, console: Console) -> int:
             node.add(f"array of {len(s.elements)}: {', '.join(s.elements)}")
         if s.kind in STAGE_KINDS:
             _memory_lines(node, recipe, s, args.recipe.resolve().parent, args.gpu_mem_gb)
+            _step_lines(node, recipe, s, rd)
         node.add(f"input hash {s.input_hash}")
     console.print(tree)
     return 0
+
+
+def _step_lines(node, recipe, spec, rd) -> None:
+    """Steps from num_epochs (with the data stage's train count when it has run) and packing."""
+    import json
+
+    from training.stages import plan_lines, split_rows
+
+    stage = next(st for st in recipe.stages if st.name == spec.name)
+    manifest_path = rd.stage_dir("data") / "manifest.json"
+    rows = None
+    if manifest_path.is_file():
+        try:
+            rows = split_rows(stage, json.loads(manifest_path.read_text()))
+        except (OSError, ValueError):
+            rows = None
+    for line in plan_lines(stage, recipe.parallel, rows):
+        node.add(line)
 
 
 def _memory_lines(node, recipe, spec, base_dir: Path, gpu_mem_gb: float) -> None:

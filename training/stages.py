@@ -281,6 +281,54 @@ def check_stages(recipe, model_config=None) -> list[str]:
     return problems
 
 
+def packs(stage, parallel) -> bool:
+    """Whether the stage packs the examples of a step into rows (its `packing` field, SFT): not under
+    pipeline stages (pp > 1), which take no position_ids to keep packed documents apart."""
+    return bool(getattr(stage, "packing", False)) and parallel.pp == 1
+
+
+def split_rows(stage, manifest: dict) -> int | None:
+    """The train rows a stage reads according to the data stage's manifest.json (None: not in it): chat
+    rows, preference pairs, or prompts (chat rows, else the pairs' prompts, as hpc.jobs hands them)."""
+    chat = (manifest.get("splits") or {}).get("train")
+    pairs = ((manifest.get("preference") or {}).get("splits") or {}).get("train")
+    data = kind_of(stage).data
+    if data == "chat":
+        return chat
+    if data == "preference":
+        return pairs
+    return chat or pairs
+
+
+def plan_lines(stage, parallel, train_rows: int | None = None) -> list[str]:
+    """What `hpcft plan` says of a stage's steps and rows: its step count when num_epochs sets it
+    (estimated from train_rows, the manifest's count, when the data stage has run) and whether it packs."""
+    from training.batching import steps_for_epochs
+
+    lines = []
+    if stage.num_epochs is not None:
+        epochs = f"num_epochs {stage.num_epochs:g}"
+        per_epoch = train_rows // stage.batch_size if train_rows is not None else None
+        if per_epoch is None:
+            lines.append(f"{epochs} (steps computed from the train split at stage start)")
+        elif per_epoch == 0:
+            lines.append(f"{epochs}: the {train_rows} train rows do not fill one batch of {stage.batch_size}")
+        else:
+            lines.append(
+                f"{epochs}: about {steps_for_epochs(stage.num_epochs, per_epoch)} steps ({per_epoch} per epoch "
+                f"from the {train_rows} train rows in the data manifest; exact at stage start, after rows "
+                "that cannot train are dropped and with data.sources weights)"
+            )
+    if hasattr(stage, "packing"):
+        if packs(stage, parallel):
+            lines.append(f"packing on: a step's sequences in rows of at most {stage.seq_len} tokens")
+        elif stage.packing:
+            lines.append("packing off under pipeline stages (pp > 1), which take no position_ids")
+        else:
+            lines.append("packing off")
+    return lines
+
+
 def plan_memory(stage, parallel, model_config: dict, dtype_bytes: int = 2):
     """Per-rank memory of a training stage (parallel.planner.MemoryEstimate): the trained model(s) under
     the layout, plus the frozen models the stage holds whole on each rank (fp32). A kind that trains a

@@ -303,3 +303,23 @@ def test_num_epochs_resolves_max_steps_and_excludes_it():
             stage(max_steps=5, num_epochs=1)
     with pytest.raises(ValidationError, match="greater than 0"):
         SFTStage(num_epochs=0)
+
+
+def test_plan_lines_give_steps_from_the_manifest_and_packing():
+    from parallel.dims import ParallelConfig
+    from training.stages import plan_lines, split_rows
+
+    manifest = {"splits": {"train": 1000}, "preference": {"splits": {"train": 300}}}
+    sft = SFTStage(num_epochs=2.5, batch_size=32, seq_len=96)
+    assert split_rows(sft, manifest) == 1000 and split_rows(DPOStage(), manifest) == 300
+    assert split_rows(GRPOStage(), {"splits": {"train": 0}, "preference": {"splits": {"train": 300}}}) == 300
+    assert split_rows(sft, {}) is None
+    lines = plan_lines(sft, ParallelConfig(), 1000)
+    assert lines[0].startswith("num_epochs 2.5: about 78 steps (31 per epoch from the 1000 train rows")
+    assert lines[1] == "packing on: a step's sequences in rows of at most 96 tokens"
+    assert plan_lines(sft, ParallelConfig(), None)[0] == (
+        "num_epochs 2.5 (steps computed from the train split at stage start)"
+    )
+    assert plan_lines(sft, ParallelConfig(pp=2, microbatches=2))[1].startswith("packing off under pipeline")
+    assert plan_lines(SFTStage(packing=False), ParallelConfig()) == ["packing off"]
+    assert plan_lines(DPOStage(), ParallelConfig()) == []
