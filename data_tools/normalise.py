@@ -272,7 +272,12 @@ def to_record(row: object, fmt: str = "auto") -> dict:
     prompt, chosen, rejected = parse_preference(row)
     check_conversation(prompt + chosen)
     check_conversation(prompt + rejected)
-    return {"messages": prompt + chosen, "rejected": rejected, "prompt_turns": len(prompt)}
+    record = {"messages": prompt + chosen, "rejected": rejected, "prompt_turns": len(prompt)}
+    if row.get("margin") is not None:  # an optional reward margin (reward model stages)
+        if isinstance(row["margin"], bool) or not isinstance(row["margin"], (int, float)):
+            raise RowError("bad_margin")
+        record["margin"] = float(row["margin"])
+    return record
 
 
 def normalise_file(path: Path, fmt: str, id_prefix: str, source: str, out: dict[str, Normalised]) -> None:

@@ -1,10 +1,11 @@
 """The data stage as a short chain of datatrove executor runs.
 
-Every document-level step (PII, filters, dedup filters, chat formatting, splitting) runs inside the
-streaming runs; only the dedup barriers (find exact duplicates, MinHash buckets and clusters) need runs
-of their own. With both dedups on that is 6 runs:
+Before these, the normalise run (data_tools.sources) reads the sources on every rank. Every
+document-level step (PII, filters, dedup filters, chat template + tokenization, splitting, writing the
+splits and the token store) runs inside the streaming runs; only the dedup barriers (find exact duplicates,
+MinHash buckets and clusters) need runs of their own. With both dedups on that is 6 runs per row kind:
   scrub+filter+exact-sig -> exact-find -> exact-filter+minhash-sig -> buckets -> verify+cluster
-  -> minhash-filter+format+split
+  -> minhash-filter+tokenize+split+write
 """
 
 from __future__ import annotations
@@ -31,10 +32,11 @@ from data_tools.dedup import MinhashVerifyPairs
 from data_tools.filters import RegexWordTokenizer, quality_filters
 from data_tools.pii import ChatPIIFormatter
 from data_tools.steps import (
-    ChatTemplateFilter,
     RankShardReader,
     RejectWriter,
     SplitAssigner,
+    TokenizeFilter,
+    TokenStoreWriter,
     shard_writer,
     split_writer,
 )
@@ -73,8 +75,10 @@ class _Work:
         return RejectWriter(self("rejected", step), step, DEFAULT_REASONS.get(step, step))
 
 
-def build_plan(cfg: DataConfig, work_dir: Path, tokenizer_dir: Path, chat_template: str) -> Plan:
-    """Runs in order; rows come from `work_dir/shards/normalised/<rank>.jsonl`."""
+def build_plan(cfg: DataConfig, work_dir: Path, tokenizer_dir: Path, chat_template: str, kind: str = "chat") -> Plan:
+    """Runs in order for rows of `kind`; rows come from `work_dir/shards/normalised/<rank>.jsonl` (the
+    normalise run, data_tools.sources) and end as `work_dir/splits/<split>/<rank>.jsonl` and the token
+    store's shards `work_dir/tokens/<split>/<rank>.*`."""
     work, tasks = _Work(work_dir), cfg.tasks
     filters = quality_filters(cfg.filters, work.rejects)
     pending = [ChatPIIFormatter(cfg.pii, work("pii"))] + [f for _, f in filters]
@@ -86,14 +90,21 @@ def build_plan(cfg: DataConfig, work_dir: Path, tokenizer_dir: Path, chat_templa
         runs.extend(barriers)
         pending, source = [dedup_filter], out
         steps.append(name)
-    formatter = ChatTemplateFilter(
+    formatter = TokenizeFilter(
         str(tokenizer_dir), chat_template, cfg.format.max_tokens, cfg.format.system_prompt, work.rejects("chat_format")
     )
     splitter = SplitAssigner(cfg.splits.validation, cfg.splits.test, cfg.splits.seed, cfg.dedup.normalize_numbers)
     runs.append(
         Run(
             "format_split",
-            [RankShardReader(source), *pending, formatter, splitter, split_writer(work("splits"))],
+            [
+                RankShardReader(source),
+                *pending,
+                formatter,
+                splitter,
+                split_writer(work("splits")),
+                TokenStoreWriter(work("tokens"), kind, str(tokenizer_dir)),
+            ],
             tasks,
         )
     )

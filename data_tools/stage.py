@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Callable
 
 from data_tools.config import DataConfig, SourceConfig
-from data_tools.normalise import KINDS, Normalised, json_line, normalise_file, record_text
-from data_tools.pii import Scrubber
-from data_tools.pipeline import Plan, build_plan
+from data_tools.normalise import KINDS
+from data_tools.pipeline import Plan, Run, build_plan
+from data_tools.sources import SourceReader, plan_units, read_counts
 from data_tools.steps import SPLITS
 from data_tools.synth import generate_tiny_preferences, generate_tiny_tasks, write_jsonl
+from data_tools.tokens import shard_files, write_meta
 
 ExecutorFactory = Callable[..., object]  # (pipeline, logging_dir, tasks, depends=None) -> PipelineExecutor
 
@@ -47,39 +48,47 @@ def run_data(
     executor_factory: ExecutorFactory | None = None,
     progress: Callable[[dict], None] | None = None,
 ) -> dict:
-    """Build the splits, rejected rows and manifest.json in `out_dir`.
+    """Build the splits, the token store, rejected rows and manifest.json in `out_dir`, streaming.
 
-    Chat rows give train/validation/test.jsonl and rejected/<step>.jsonl; preference rows
-    ({prompt, chosen, rejected}) go through the same steps in a chain of their own (dedup within their
-    kind) and give preference/{train,validation,test}.jsonl and preference/rejected/<step>.jsonl.
+    Chat rows give `<split>/<rank>.jsonl` shards, the token store `tokens/` (data_tools.tokens) and
+    `rejected/<step>/<rank>.jsonl`; preference rows ({prompt, chosen, rejected}) go through the same steps
+    in a chain of their own (dedup within their kind) and give the same under `preference/`. No process
+    holds more than a row at a time (the manifest's counts and hashes are summed over the shards).
     """
     out_dir, base_dir = Path(out_dir), Path(base_dir)
     files = _source_files(cfg, base_dir, out_dir / "raw")
     work = out_dir / "work"
-    for stale in (work, out_dir / "rejected", out_dir / "preference"):  # datatrove skips completed ranks
-        shutil.rmtree(stale, ignore_errors=True)
+    _clear_outputs(out_dir)
     template, template_source = chat_template_for(tokenizer_dir, cfg.format.chat_template)
-    normalised = _normalise(files, base_dir)
-    kinds = [kind for kind in KINDS if normalised[kind].num_read]
-    plans = {kind: build_plan(cfg, work / kind, Path(tokenizer_dir), template) for kind in kinds}
-    report = _progress(progress, total=sum(len(plans[k].runs) for k in kinds if normalised[k].kept) + 2)
+    factory = executor_factory or local_executor
+    report = _progress(progress)
 
+    listed = [
+        (i, j, path, src.format, _display(path, base_dir))
+        for i, (src, paths) in enumerate(files)
+        for j, path in enumerate(paths)
+    ]
+    normalise = Run("normalise", [SourceReader(plan_units(listed, cfg.tasks), str(work), cfg.pii)], cfg.tasks)
+    run_chain(Plan([normalise], []), work / "logs", factory, lambda step: None)
+    read = read_counts(work)
+    kinds = [kind for kind in KINDS if read[kind]]
+    plans = {kind: build_plan(cfg, work / kind, Path(tokenizer_dir), template, kind) for kind in kinds}
+    kept = {kind: read[kind] - _count_rows(work / kind / "rejected" / "normalise") for kind in kinds}
+    report("normalise", total_steps=2 + sum(len(plans[k].runs) for k in kinds if kept[k]))
     for kind in kinds:
-        write_shards(normalised[kind].kept, work / kind / "shards" / "normalised", cfg.tasks)
-    report("normalise")
-    for kind in kinds:
-        if normalised[kind].kept:
+        if kept[kind]:
             prefix = "" if kind == "chat" else f"{kind}/"
-            run_chain(
-                plans[kind],
-                work / kind / "logs",
-                executor_factory or local_executor,
-                lambda step, prefix=prefix: report(prefix + step),
-            )
+            run_chain(plans[kind], work / kind / "logs", factory, lambda step, prefix=prefix: report(prefix + step))
 
-    outputs = {
-        kind: write_outputs(cfg, plans[kind], normalised[kind], _kind_dir(out_dir, kind), work / kind) for kind in kinds
-    }
+    outputs = {kind: write_outputs(plans[kind], read[kind], _kind_dir(out_dir, kind), work / kind) for kind in kinds}
+    tokenizer = _load_tokenizer(tokenizer_dir)
+    weights = {str(i): src.weight for i, src in enumerate(cfg.sources) if getattr(src, "weight", None) is not None}
+    for kind in kinds:
+        store = _kind_dir(out_dir, kind) / "tokens"
+        if store.is_dir():
+            meta = write_meta(store, kind, tokenizer, template, template_source, source_weights=weights)
+            outputs[kind]["tokens"] = meta["splits"]
+            outputs[kind]["files"] |= _hash_files(_kind_dir(out_dir, kind), shard_files(store))
     manifest = _manifest(cfg, outputs)
     manifest["sources"] = [_source_entry(src, paths, base_dir) for src, paths in files]
     manifest["tokenizer"] = {
@@ -88,10 +97,13 @@ def run_data(
         "chat_template_sha256": _sha256_bytes(template.encode()),
     }
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    for kind in kinds:  # intermediates hold unscrubbed rows; logs and PII counts stay
-        for folder in (work / kind).iterdir():
-            if folder.name not in ("logs", "pii"):
-                shutil.rmtree(folder)
+    for folder in work.iterdir():  # intermediates hold unscrubbed rows; logs and PII counts stay
+        if folder.name in kinds:
+            for sub in folder.iterdir():
+                if sub.name not in ("logs", "pii"):
+                    shutil.rmtree(sub)
+        elif folder.name != "logs":
+            shutil.rmtree(folder)
     report("manifest")
     if not any(out["splits"].get("train") for out in outputs.values()):
         raise ValueError(
@@ -101,34 +113,41 @@ def run_data(
     return manifest
 
 
+def _clear_outputs(out_dir: Path) -> None:
+    """What an earlier run left (datatrove skips ranks it finds completed; stale shards would be read)."""
+    for name in ("work", "rejected", "preference", "tokens", *SPLITS):
+        shutil.rmtree(out_dir / name, ignore_errors=True)
+    for name in SPLITS:
+        (out_dir / f"{name}.jsonl").unlink(missing_ok=True)
+
+
+def _load_tokenizer(tokenizer_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
 def _kind_dir(out_dir: Path, kind: str) -> Path:
     return out_dir if kind == "chat" else out_dir / kind
 
 
 def _manifest(cfg: DataConfig, outputs: dict[str, dict]) -> dict:
-    """Chat outputs at the top level (steps, splits, files), preference outputs under "preference"; one
-    hash over every split file of both kinds."""
+    """Chat outputs at the top level (steps, splits, shards, files, tokens), preference outputs under
+    "preference"; one hash over every split shard and token-store file of both kinds."""
     empty = {"steps": {}, "splits": {name: 0 for name in SPLITS}, "files": {}}
     chat = outputs.get("chat", empty)
     split_hashes = {
-        f"{kind}/{name}": digest for kind, out in outputs.items() for name, digest in out.pop("split_hashes").items()
+        f"{kind}/{name}": digest
+        for kind, out in outputs.items()
+        for name, digest in out["files"].items()
+        if not name.startswith("rejected/")
     }
     manifest = {**chat}
     if "preference" in outputs:
         manifest["preference"] = outputs["preference"]
-    # Chat-only runs keep the hash they always had (split hashes keyed by file name alone).
-    keyed = {k.split("/", 1)[1]: v for k, v in split_hashes.items()} if set(outputs) == {"chat"} else split_hashes
     manifest["config"] = cfg.model_dump(mode="json")
-    manifest["manifest_hash"] = _sha256_bytes(json.dumps(keyed, sort_keys=True).encode())
+    manifest["manifest_hash"] = _sha256_bytes(json.dumps(split_hashes, sort_keys=True).encode())
     return manifest
-
-
-def _normalise(files: list[tuple[SourceConfig, list[Path]]], base_dir: Path) -> dict[str, Normalised]:
-    normalised = {kind: Normalised() for kind in KINDS}
-    for i, (src, paths) in enumerate(files):
-        for j, path in enumerate(paths):
-            normalise_file(path, src.format, f"s{i:02d}f{j:03d}", _display(path, base_dir), normalised)
-    return normalised
 
 
 def _source_files(cfg: DataConfig, base_dir: Path, raw_dir: Path) -> list[tuple[SourceConfig, list[Path]]]:
@@ -160,17 +179,6 @@ def chat_template_for(tokenizer_dir: Path, choice: str) -> tuple[str, str]:
     if choice == "chatml" or not own:
         return CHATML_TEMPLATE, "chatml"
     return own, "tokenizer"
-
-
-def write_shards(rows: list[dict], folder: Path, tasks: int) -> None:
-    """Round-robin the rows into one datatrove input file per rank (datatrove parallelises by file)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for rank in range(tasks):
-        with open(folder / f"{rank:05d}.jsonl", "w", encoding="utf-8") as f:
-            for row in rows[rank::tasks]:
-                meta = {k: v for k, v in row.items() if k != "id"}
-                doc = {"id": row["id"], "text": record_text(row), "metadata": meta}
-                f.write(json_line(doc) + "\n")
 
 
 def run_chain(plan: Plan, logs: Path, factory: ExecutorFactory, report: Callable[[str], None]) -> None:
@@ -216,57 +224,55 @@ def _quiet_tqdm():
             os.environ["TQDM_DISABLE"] = saved_env
 
 
-def write_outputs(cfg: DataConfig, plan: Plan, normalised: Normalised, out_dir: Path, work: Path) -> dict:
-    """Merge per-rank files into sorted outputs; count every step; hash every file."""
-    scrubber = Scrubber(cfg.pii)
-    normalise_rejects = [{**r, "raw": scrubber.scrub(r["raw"])[0]} for r in normalised.rejected]
-    rejected = {"normalise": normalise_rejects}
-    rejected |= {step: _read_rows(work / "rejected" / step) for step in plan.steps}
-    splits = {name: _read_rows(work / "splits" / name) for name in SPLITS}
-
-    steps = {"normalise": _count(normalised.num_read, normalise_rejects)}
-    kept = steps["normalise"]["kept"]
-    for step in plan.steps:
-        steps[step] = _count(kept, rejected[step])
+def write_outputs(plan: Plan, num_read: int, out_dir: Path, work: Path) -> dict:
+    """Move the per-rank splits, rejected rows and token-store shards of one row kind into `out_dir`; count
+    every step (rows in, kept, rejected by reason) and hash the split shards, streaming over the files."""
+    steps, kept = {}, num_read
+    for step in ["normalise", *plan.steps]:
+        reasons = _count_reasons(work / "rejected" / step)
+        steps[step] = {"in": kept, "kept": kept - sum(reasons.values()), "rejected": sum(reasons.values())}
+        steps[step]["reasons"] = dict(sorted(reasons.items()))
         kept = steps[step]["kept"]
     steps["pii"]["replaced"] = _pii_counts(work / "pii")
-    assert kept == sum(map(len, splits.values())), "rows lost between the last step and the splits"
+    splits = {name: _count_rows(work / "splits" / name) for name in SPLITS}
+    if kept != sum(splits.values()):
+        raise RuntimeError(f"data: {kept} rows passed the last step but the splits hold {sum(splits.values())}")
 
-    hashes = {f"{name}.jsonl": _write_jsonl(out_dir / f"{name}.jsonl", rows) for name, rows in splits.items()}
-    split_hashes = dict(hashes)
-    for step, rows in rejected.items():
-        hashes[f"rejected/{step}.jsonl"] = _write_jsonl(out_dir / "rejected" / f"{step}.jsonl", rows)
+    moves = [(work / "splits" / n, out_dir / n) for n in SPLITS]
+    moves += [(work / "rejected" / step, out_dir / "rejected" / step) for step in ["normalise", *plan.steps]]
+    moves.append((work / "tokens", out_dir / "tokens"))
+    jsonl = []
+    for folder, target in moves:
+        if folder.is_dir():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(folder, target)
+            jsonl += sorted(target.rglob("*.jsonl"))
     return {
         "steps": steps,
-        "splits": {name: len(rows) for name, rows in splits.items()},
-        "files": hashes,
-        "split_hashes": split_hashes,
+        "splits": splits,
+        "files": _hash_files(out_dir, jsonl),
+        "shards": {n: [str(p.relative_to(out_dir)) for p in sorted((out_dir / n).glob("*.jsonl"))] for n in SPLITS},
     }
 
 
-def _count(num_in: int, rejected: list[dict]) -> dict:
-    reasons = Counter(r["reason"] for r in rejected)
-    return {
-        "in": num_in,
-        "kept": num_in - len(rejected),
-        "rejected": len(rejected),
-        "reasons": dict(sorted(reasons.items())),
-    }
+def _hash_files(root: Path, paths: list[Path]) -> dict[str, str]:
+    return {str(Path(p).relative_to(root)): _sha256_file(p) for p in paths}
 
 
-def _read_rows(folder: Path) -> list[dict]:
-    rows = []
-    for path in sorted(folder.rglob("*.jsonl")):
-        with open(path) as f:
-            rows.extend(json.loads(line) for line in f if line.strip())
-    return sorted(rows, key=lambda r: r["id"])
+def _count_rows(folder: Path) -> int:
+    total = 0
+    for path in sorted(Path(folder).rglob("*.jsonl")):
+        with open(path, "rb") as f:
+            total += sum(1 for line in f if line.strip())
+    return total
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = "".join(json_line(row) + "\n" for row in rows).encode()
-    path.write_bytes(data)
-    return _sha256_bytes(data)
+def _count_reasons(folder: Path) -> Counter:
+    reasons = Counter()
+    for path in sorted(Path(folder).rglob("*.jsonl")):
+        with open(path, encoding="utf-8") as f:
+            reasons.update(json.loads(line)["reason"] for line in f if line.strip())
+    return reasons
 
 
 def _pii_counts(folder: Path) -> dict:
@@ -301,13 +307,14 @@ def _sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _progress(callback: Callable[[dict], None] | None, total: int) -> Callable[[str], None]:
-    done = 0
+def _progress(callback: Callable[[dict], None] | None) -> Callable[..., None]:
+    done, total = 0, 0
 
-    def report(step: str) -> None:
-        nonlocal done
+    def report(step: str, total_steps: int | None = None) -> None:
+        nonlocal done, total
         done += 1
+        total = total_steps or total
         if callback is not None:
-            callback({"step": step, "done": done, "total": total})
+            callback({"step": step, "done": done, "total": max(total, done)})
 
     return report

@@ -77,10 +77,13 @@ class RejectWriter(JsonLinesWriter):
         return row | ({"rejected": meta["rejected"]} if "rejected" in meta else {})
 
 
-class ChatTemplateFilter(BaseFilter):
-    """Renders each conversation with the model's chat template; rows over `max_tokens` are dropped."""
+class TokenizeFilter(BaseFilter):
+    """Renders each conversation with the chat template and tokenizes it once, with its assistant-only
+    label mask (data_tools.tokens); rows over `max_tokens`, rows the template cannot render and rows with no
+    answer token are rejected with that reason. The rendered text and the token arrays ride along in the
+    document's metadata to the split and token-store writers."""
 
-    name = "💬 Chat template"
+    name = "💬 Chat template + tokens"
 
     def __init__(
         self,
@@ -104,29 +107,71 @@ class ChatTemplateFilter(BaseFilter):
         return self._tokenizer
 
     def filter(self, doc: Document) -> bool | tuple[bool, str]:
+        from data_tools.normalise import RowError
+        from data_tools.tokens import encode_chat, encode_pair
+
         meta = doc.metadata
         messages = meta["messages"]
+        prompt_turns = meta.get("prompt_turns")
         if self.system_prompt and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": self.system_prompt}] + messages
-            if "prompt_turns" in meta:
-                meta["prompt_turns"] += 1
-        text, num_tokens = self._render(messages)
-        if "rejected" in meta:  # a preference row: both sides must fit
-            prompt = messages[: meta["prompt_turns"]]
-            rejected_text, rejected_tokens = self._render(prompt + meta["rejected"])
-            num_tokens = max(num_tokens, rejected_tokens)
-            meta["rendered_rejected"] = rejected_text
+            prompt_turns = prompt_turns + 1 if prompt_turns is not None else None
+        try:
+            if "rejected" in meta:  # a preference row: both sides must fit
+                n = prompt_turns
+                (text, rejected_text), arrays = encode_pair(
+                    self.tokenizer, messages[:n], messages[n:], meta["rejected"], self.chat_template
+                )
+                num_tokens = max(len(arrays["chosen_ids"]), len(arrays["rejected_ids"]))
+                meta.update(rendered_rejected=rejected_text, prompt_turns=n)
+            else:
+                text, arrays = encode_chat(self.tokenizer, messages, self.chat_template)
+                num_tokens = len(arrays["ids"])
+        except RowError as err:
+            return False, err.reason
         if num_tokens > self.max_tokens:
             return False, "too_many_tokens"
-        meta.update(messages=messages, rendered=text, num_tokens=num_tokens)
+        meta.update(messages=messages, rendered=text, num_tokens=num_tokens, tokens=arrays)
         return True
-
-    def _render(self, messages: list[dict]) -> tuple[str, int]:
-        text = self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False)
-        return text, len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def __getstate__(self):
         return {**self.__dict__, "_tokenizer": None}
+
+
+class TokenStoreWriter(PipelineStep):
+    """Writes each document's token arrays to its split's shard of the token store
+    (`<folder>/<split>/<rank>.*`, data_tools.tokens), then drops them from the document."""
+
+    type = "💽 - WRITER"
+    name = "🔢 Token store"
+
+    def __init__(self, folder: str, kind: str, tokenizer_dir: str):
+        super().__init__()
+        self.folder, self.kind, self.tokenizer_dir = folder, kind, tokenizer_dir
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        from pathlib import Path
+
+        from transformers import AutoTokenizer
+
+        from data_tools.tokens import ShardWriter, row_key
+
+        vocab = len(AutoTokenizer.from_pretrained(self.tokenizer_dir))
+        writers = {}
+        try:
+            for doc in data:
+                meta = doc.metadata
+                split = meta["split"]
+                if split not in writers:
+                    writers[split] = ShardWriter(Path(self.folder) / split / f"{rank:05d}", self.kind, vocab)
+                writers[split].add(
+                    meta.pop("tokens"), row_key(doc.id), meta.get("source_index", -1), meta.get("margin", 0.0)
+                )
+                self.stat_update(f"tokens_{split}", value=meta["num_tokens"])
+                yield doc
+        finally:
+            for writer in writers.values():
+                writer.close()
 
 
 def prompt_key(messages: list[dict], normalize_numbers: bool = True) -> str:
@@ -175,7 +220,7 @@ def _split_row(writer: DiskWriter, doc: Document) -> dict:
         "rejected": meta["rejected"],
         "text": meta["rendered"],
         "text_rejected": meta["rendered_rejected"],
-    }
+    } | ({"margin": meta["margin"]} if "margin" in meta else {})
 
 
 def split_writer(folder: str) -> JsonLinesWriter:

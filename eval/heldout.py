@@ -24,12 +24,12 @@ CHATML_STOP = "<|im_end|>"
 def build_tasks(
     data_dir: Path, task_dir: Path, cfg: EvalConfig, *, tokenizer=None, names: tuple[str, ...] = BUILTIN_TASKS
 ) -> None:
-    """Write built-in tasks `names` (YAML + JSONL, absolute paths) from `data_dir/test.jsonl` into `task_dir`.
+    """Write built-in tasks `names` (YAML + JSONL, absolute paths) from the test split of `data_dir` into `task_dir`.
 
     Prompts are rendered here with `tokenizer`'s chat template (ChatML when None or template-less) and
     add_generation_prompt=True, so lm-eval sees a finished `prompt` string and applies no template itself.
     """
-    rows = _read_rows(Path(data_dir) / "test.jsonl", cfg.limit)
+    rows = _read_rows(Path(data_dir), cfg.limit)
     task_dir = Path(task_dir).resolve()
     task_dir.mkdir(parents=True, exist_ok=True)
     render = _renderer(tokenizer)
@@ -52,23 +52,27 @@ def _write_task(task_dir: Path, name: str, examples: list[dict], spec: dict) -> 
     (task_dir / f"{name}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
 
 
-def _read_rows(path: Path, limit: int | None) -> list[dict]:
-    if not path.is_file():
-        raise ValueError(f"{path}: the data stage's held-out split is missing")
+def _read_rows(data_dir: Path, limit: int | None) -> list[dict]:
+    """The first `limit` rows of the test split (`test.jsonl` or the data stage's `test/*.jsonl` shards)."""
+    from data_tools.splits import has_split, split_files
+
+    if not has_split(data_dir, "test"):
+        raise ValueError(f"{data_dir}: the data stage's held-out split is missing (test.jsonl or test/*.jsonl)")
     rows = []
-    with open(path) as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            messages = row.get("messages") or []
-            if len(messages) < 2 or messages[-1].get("role") != "assistant":
-                raise ValueError(f"{path}:{line_no}: expected messages ending with an assistant answer")
-            rows.append(row)
-            if limit is not None and len(rows) >= limit:
-                break
+    for path in split_files(data_dir, "test"):
+        with open(path) as f:
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                row = json.loads(line)
+                messages = row.get("messages") or []
+                if len(messages) < 2 or messages[-1].get("role") != "assistant":
+                    raise ValueError(f"{path}:{line_no}: expected messages ending with an assistant answer")
+                rows.append(row)
+                if limit is not None and len(rows) >= limit:
+                    return rows
     if not rows:
-        raise ValueError(f"{path}: no test rows")
+        raise ValueError(f"{data_dir}: no test rows")
     return rows
 
 

@@ -6,20 +6,26 @@ exactly the batches it would have seen had it never stopped.
 
 from __future__ import annotations
 
+import hashlib
 import json
-from dataclasses import dataclass
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from data_tools.splits import has_split, iter_split, split_files
+from data_tools.tokens import TokenSplit, build_split_store, encode_turns, fingerprint, read_meta, write_meta
 from parallel.trainer import IGNORE_INDEX
 from training.batching import EpochBatches, epoch_batches  # noqa: F401
 
 
 @dataclass(frozen=True)
 class Example:
-    input_ids: list[int]
-    labels: list[int]  # aligned with input_ids; IGNORE_INDEX where no loss is taken
+    input_ids: Sequence[int]  # a list, or a numpy array when read from the token store
+    labels: Sequence[int]  # aligned with input_ids; IGNORE_INDEX where no loss is taken
 
 
 @dataclass(frozen=True)
@@ -28,6 +34,7 @@ class DataStats:
     examples: int
     truncated: int  # rows cut at seq_len (still used if an assistant token survived)
     dropped: int  # rows with no assistant token left after truncation
+    rejected: dict = field(default_factory=dict)  # reason -> rows the tokenizer could not use (JSONL input)
 
 
 def chat_tokenizer(model_dir: Path, renders: str):
@@ -47,67 +54,124 @@ def read_jsonl(path: Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def _render(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+def to_example(ids: np.ndarray, mask: np.ndarray, seq_len: int) -> tuple[Example | None, bool]:
+    """(example or None, truncated): the first seq_len tokens, labels where the mask is 1; None when no
+    label is left after position 0 (that token is never predicted)."""
+    truncated = len(ids) > seq_len
+    ids, mask = np.asarray(ids[:seq_len], dtype=np.int64), np.asarray(mask[:seq_len])
+    if not mask[1:].any():
+        return None, truncated
+    return Example(ids, np.where(mask.astype(bool), ids, IGNORE_INDEX)), truncated
 
 
-def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the character spans the assistant writes (turn end included).
-
-    Each span runs from the end of the rendered prefix with a generation prompt to the end of the
-    rendered prefix that includes the assistant turn, so any template that renders prefixes as
-    prefixes works, whatever its markup.
-    """
-    text = _render(tokenizer, messages, generation_prompt=False)
-    spans = []
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        before = _render(tokenizer, messages[:i], generation_prompt=True)
-        through = _render(tokenizer, messages[: i + 1], generation_prompt=False)
-        if not (text.startswith(before) and text.startswith(through) and len(before) <= len(through)):
-            raise ValueError(
-                "the chat template does not render conversation prefixes as text prefixes; "
-                "cannot locate assistant turns for loss masking"
-            )
-        spans.append((len(before), len(through)))
-    return text, spans
-
-
-def tokenize_conversation(tokenizer, messages: list[dict]) -> Example:
-    """Token ids of the whole conversation; labels only on tokens that start inside an assistant span."""
-    text, spans = assistant_spans(tokenizer, messages)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    labels = []
-    for token_id, (start, _end) in zip(enc["input_ids"], enc["offset_mapping"]):
-        inside = any(lo <= start < hi for lo, hi in spans)
-        labels.append(token_id if inside else IGNORE_INDEX)
-    return Example(list(enc["input_ids"]), labels)
+def tokenize_conversation(tokenizer, messages: list[dict], template: str | None = None) -> Example:
+    """Token ids of the whole conversation; labels only on tokens that start inside an assistant span
+    (data_tools.tokens.encode_turns, what the data stage stores)."""
+    _, ids, mask = encode_turns(tokenizer, messages, template)
+    return Example(ids.tolist(), np.where(mask.astype(bool), ids, IGNORE_INDEX).tolist())
 
 
 def build_examples(rows: list[dict], tokenizer, seq_len: int) -> tuple[list[Example], DataStats]:
-    """Tokenise rows, truncating at seq_len; rows whose assistant tokens were all cut are dropped."""
+    """In memory (tests, small tools): tokenise rows, truncating at seq_len; rows whose assistant tokens were
+    all cut are dropped. Training stages read the token store instead (load_split)."""
     examples, truncated, dropped = [], 0, 0
     for row in rows:
-        ex = tokenize_conversation(tokenizer, row["messages"])
-        if len(ex.input_ids) > seq_len:
-            truncated += 1
-            ex = Example(ex.input_ids[:seq_len], ex.labels[:seq_len])
-        # The label at position 0 is never predicted (no previous token), so it does not count.
-        if sum(label != IGNORE_INDEX for label in ex.labels[1:]) == 0:
+        _, ids, mask = encode_turns(tokenizer, row["messages"])
+        ex, cut = to_example(ids, mask, seq_len)
+        truncated += cut
+        if ex is None:
             dropped += 1
             continue
-        examples.append(ex)
+        examples.append(Example(ex.input_ids.tolist(), ex.labels.tolist()))
     return examples, DataStats(len(rows), len(examples), truncated, dropped)
 
 
-def load_split(path: Path, tokenizer, seq_len: int) -> tuple[list[Example], DataStats]:
-    if not path.exists():
-        raise ValueError(f"data split {path} does not exist; run the data stage first")
-    examples, stats = build_examples(read_jsonl(path), tokenizer, seq_len)
-    if not examples:
-        raise ValueError(f"{path}: no usable rows (every row lacked an assistant turn within seq_len)")
-    return examples, stats
+class ChatExamples(Sequence):
+    """A chat split of the token store as training examples, read from the mapped files on access: rows cut
+    at seq_len, rows with no label left dropped (counted in `stats`). `lengths` (numpy) feeds batching."""
+
+    def __init__(self, split: TokenSplit, seq_len: int, rejected: dict | None = None):
+        self.split, self.seq_len = split, seq_len
+        full = split.lengths("ids")
+        cut = np.flatnonzero(full > seq_len)
+        drop = [i for i in cut if not split.get(int(i), "labels", seq_len)[1:].any()]
+        keep = np.ones(len(full), dtype=bool)
+        keep[drop] = False
+        self.index = np.flatnonzero(keep)
+        self.lengths = np.minimum(full, seq_len)[self.index]
+        self.sources = split.sources[self.index]
+        self.stats = DataStats(len(full), len(self.index), len(cut), len(drop), dict(rejected or {}))
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        row = int(self.index[i])
+        ex, _ = to_example(
+            self.split.get(row, "ids", self.seq_len), self.split.get(row, "labels", self.seq_len), self.seq_len
+        )
+        return ex
+
+
+def open_store(data_dir: Path, kind: str, tokenizer, splits: tuple[str, ...] = ("train", "validation")) -> Path:
+    """The token store of `data_dir` (`tokens/`, written by the data stage) for rows of `kind`, checked
+    against the model's tokenizer. A directory holding only JSONL splits (`<split>.jsonl` or shards; tests,
+    hand-made data) gets its store built here, by rank 0 while the others wait, and rebuilt when the
+    JSONL or the tokenizer changes."""
+    from parallel import engine
+
+    data_dir = Path(data_dir)
+    store = data_dir / "tokens"
+    meta = read_meta(store)
+    if meta is not None and "built_from" not in meta:  # the data stage's store
+        if meta["kind"] != kind:
+            raise ValueError(f"{store}: a token store of {meta['kind']} rows, not {kind} rows")
+        if meta["tokenizer"]["fingerprint"] != fingerprint(tokenizer, meta["chat_template"]):
+            raise ValueError(
+                f"{store} was tokenized with a different tokenizer than the model's; rerun the data stage "
+                "with this model (the data stage tokenizes with the recipe's model)"
+            )
+        return store
+    for name in splits:
+        if not has_split(data_dir, name):
+            raise ValueError(
+                f"{data_dir}: the data split {name}.jsonl does not exist (nor {name}/*.jsonl shards or a token "
+                "store tokens/); run the data stage first"
+            )
+    wanted = {name: [_sha256_file(p) for p in split_files(data_dir, name)] for name in splits}
+    wanted["tokenizer"] = [fingerprint(tokenizer, None)]
+    if engine.is_leader() and (meta is None or meta.get("built_from") != wanted):
+        shutil.rmtree(store, ignore_errors=True)
+        rejected = {}
+        for name in splits:
+            stats = build_split_store(iter_split(data_dir, name), kind, tokenizer, None, store / name / "00000")
+            rejected[name] = stats.rejected
+        write_meta(store, kind, tokenizer, None, "tokenizer", built_from=wanted, rejected=rejected)
+    engine.barrier()
+    return store
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_split(data_dir: Path, name: str, tokenizer, seq_len: int) -> tuple[ChatExamples, DataStats]:
+    """Split `name` of data_dir's token store (open_store) as training examples."""
+    store = open_store(data_dir, "chat", tokenizer)
+    rejected = (read_meta(store).get("rejected") or {}).get(name)
+    examples = ChatExamples(TokenSplit(store / name, "chat"), seq_len, rejected)
+    if not len(examples):
+        raise ValueError(
+            f"{data_dir}: the {name} split has no usable rows (every row lacked an assistant turn within "
+            f"seq_len {seq_len}; {examples.stats})"
+        )
+    return examples, examples.stats
 
 
 def collate(examples: list[Example], pad_id: int, width: int | None = None) -> dict[str, torch.Tensor]:

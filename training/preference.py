@@ -10,14 +10,17 @@ A row that cannot be used is rejected with a short reason and counted, never rai
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from data_tools.normalise import RowError as PreferenceRowError
 from data_tools.normalise import parse_preference as parse_row
-from training.data import EpochBatches, Example, assistant_spans, chat_tokenizer, collate, read_jsonl
+from data_tools.tokens import FIELDS, TokenSplit, encode_pair, encode_turns, read_meta
+from training.data import EpochBatches, Example, chat_tokenizer, collate, open_store, to_example
 from training.learner import Learner
 from training.losses import IGNORE_INDEX
 
@@ -37,30 +40,6 @@ class PreferenceStats:
     rejected: dict[str, int] = field(default_factory=dict)  # reason -> count
 
 
-def tokenize_response(tokenizer, prompt: list[dict], response: list[dict]) -> Example:
-    """Token ids of prompt + response with labels only on the response's assistant turns (turn ends included)."""
-    text, spans = assistant_spans(tokenizer, prompt + response)
-    # Assistant turns inside the prompt are context, not part of what is being preferred.
-    spans = spans[sum(m["role"] == "assistant" for m in prompt) :]
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    labels = [
-        tid if any(lo <= start < hi for lo, hi in spans) else IGNORE_INDEX
-        for tid, (start, _end) in zip(enc["input_ids"], enc["offset_mapping"])
-    ]
-    return Example(list(enc["input_ids"]), labels)
-
-
-def _truncate(ex: Example, seq_len: int) -> tuple[Example, bool]:
-    if len(ex.input_ids) <= seq_len:
-        return ex, False
-    return Example(ex.input_ids[:seq_len], ex.labels[:seq_len]), True
-
-
-def _has_labels(ex: Example) -> bool:
-    # The label at position 0 is never predicted (no previous token).
-    return any(label != IGNORE_INDEX for label in ex.labels[1:])
-
-
 def _margin(row: dict) -> float:
     value = row.get("margin", 0.0)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -68,34 +47,90 @@ def _margin(row: dict) -> float:
     return float(value)
 
 
+def tokenize_response(tokenizer, prompt: list[dict], response: list[dict]) -> Example:
+    """Token ids of prompt + response with labels only on the response's assistant turns (turn ends included)."""
+    # Assistant turns inside the prompt are context, not part of what is being preferred.
+    skip = sum(m["role"] == "assistant" for m in prompt)
+    _, ids, mask = encode_turns(tokenizer, prompt + response, skip_answers=skip)
+    return Example(ids.tolist(), np.where(mask.astype(bool), ids, IGNORE_INDEX).tolist())
+
+
+def to_pair(arrays: dict[str, np.ndarray], seq_len: int, margin: float = 0.0) -> tuple[Pair | None, bool]:
+    """(pair or None, a side was cut at seq_len); None when a side has no response token left."""
+    chosen, cut_c = to_example(arrays["chosen_ids"], arrays["chosen_labels"], seq_len)
+    rejected, cut_r = to_example(arrays["rejected_ids"], arrays["rejected_labels"], seq_len)
+    if chosen is None or rejected is None:
+        return None, cut_c or cut_r
+    return Pair(chosen, rejected, margin), cut_c or cut_r
+
+
 def build_pairs(rows: list, tokenizer, seq_len: int) -> tuple[list[Pair], PreferenceStats]:
-    """Tokenised pairs of the usable rows, and counts of what was truncated or rejected (by reason)."""
+    """In memory (tests, small tools): tokenised pairs of the usable rows, and counts of what was truncated
+    or rejected (by reason). Training stages read the token store instead (load_pairs)."""
     pairs, stats, reasons = [], PreferenceStats(rows=len(rows)), Counter()
     for row in rows:
         try:
             prompt, chosen, rejected = parse_row(row)
             margin = _margin(row)
-            chosen_ex, cut_c = _truncate(tokenize_response(tokenizer, prompt, chosen), seq_len)
-            rejected_ex, cut_r = _truncate(tokenize_response(tokenizer, prompt, rejected), seq_len)
-            if not (_has_labels(chosen_ex) and _has_labels(rejected_ex)):
+            _, arrays = encode_pair(tokenizer, prompt, chosen, rejected)
+            pair, cut = to_pair(arrays, seq_len, margin)
+            if pair is None:
                 raise PreferenceRowError("response_truncated")
         except PreferenceRowError as err:
             reasons[err.reason] += 1
             continue
-        stats.truncated += cut_c or cut_r
-        pairs.append(Pair(chosen_ex, rejected_ex, margin))
+        stats.truncated += cut
+        chosen, rejected = (Example(ex.input_ids.tolist(), ex.labels.tolist()) for ex in (pair.chosen, pair.rejected))
+        pairs.append(Pair(chosen, rejected, pair.margin))
     stats.pairs, stats.rejected = len(pairs), dict(sorted(reasons.items()))
     return pairs, stats
 
 
-def load_pairs(path: Path, tokenizer, seq_len: int) -> tuple[list[Pair], PreferenceStats]:
-    path = Path(path)
-    if not path.exists():
-        raise ValueError(f"preference split {path} does not exist; run the data stage first")
-    pairs, stats = build_pairs(read_jsonl(path), tokenizer, seq_len)
-    if not pairs:
-        raise ValueError(f"{path}: no usable preference rows out of {stats.rows} (rejected: {stats.rejected})")
-    return pairs, stats
+class PairExamples(Sequence):
+    """A preference split of the token store as pairs, read from the mapped files on access: sides cut at
+    seq_len, pairs with a side left without response tokens dropped (counted as 'response_truncated').
+    `lengths` (a pair's longer side, numpy) feeds batching."""
+
+    def __init__(self, split: TokenSplit, seq_len: int, rejected: dict | None = None):
+        self.split, self.seq_len = split, seq_len
+        full = {side: split.lengths(f"{side}_ids") for side in ("chosen", "rejected")}
+        cut = np.flatnonzero((full["chosen"] > seq_len) | (full["rejected"] > seq_len))
+        drop = [i for i in cut if self._pair(int(i))[0] is None]
+        keep = np.ones(len(split), dtype=bool)
+        keep[drop] = False
+        self.index = np.flatnonzero(keep)
+        self.lengths = np.minimum(np.maximum(full["chosen"], full["rejected"]), seq_len)[self.index]
+        self.sources = split.sources[self.index]
+        reasons = Counter(rejected or {})
+        if drop:
+            reasons["response_truncated"] += len(drop)
+        self.stats = PreferenceStats(len(split), len(self.index), len(cut) - len(drop), dict(sorted(reasons.items())))
+
+    def _pair(self, row: int) -> tuple[Pair | None, bool]:
+        arrays = {f: self.split.get(row, f, self.seq_len) for f in FIELDS["preference"]}
+        return to_pair(arrays, self.seq_len, float(self.split.margins[row]))
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return self._pair(int(self.index[i]))[0]
+
+
+def load_pairs(data_dir: Path, name: str, tokenizer, seq_len: int) -> tuple[PairExamples, PreferenceStats]:
+    """Split `name` of data_dir's preference token store (training.data.open_store) as pairs."""
+    store = open_store(data_dir, "preference", tokenizer)
+    rejected = (read_meta(store).get("rejected") or {}).get(name)
+    pairs = PairExamples(TokenSplit(store / name, "preference"), seq_len, rejected)
+    if not len(pairs):
+        stats = pairs.stats
+        raise ValueError(
+            f"{data_dir}: no usable preference rows in the {name} split out of {stats.rows} "
+            f"(rejected: {stats.rejected})"
+        )
+    return pairs, pairs.stats
 
 
 def collate_pairs(
@@ -135,7 +170,9 @@ def eval_pair_batches(
 
 def pair_batches(pairs: list[Pair], batch_size: int, seed: int) -> EpochBatches:
     """Global batches of pair indices by step; a pair's length is its longer side."""
-    lengths = [max(len(p.chosen.input_ids), len(p.rejected.input_ids)) for p in pairs]
+    lengths = getattr(pairs, "lengths", None)
+    if lengths is None:
+        lengths = [max(len(p.chosen.input_ids), len(p.rejected.input_ids)) for p in pairs]
     return EpochBatches(lengths, batch_size, seed, "training pairs")
 
 
@@ -154,8 +191,8 @@ def load_preference_data(
 ) -> PreferenceData:
     """The tokenizer and the tokenised train/validation pairs of data_dir (the data stage's preference/)."""
     tokenizer, pad_id = chat_tokenizer(model_dir, f"the {stage} stage renders rows")
-    train, train_stats = load_pairs(Path(data_dir) / "train.jsonl", tokenizer, seq_len)
-    validation, val_stats = load_pairs(Path(data_dir) / "validation.jsonl", tokenizer, seq_len)
+    train, train_stats = load_pairs(data_dir, "train", tokenizer, seq_len)
+    validation, val_stats = load_pairs(data_dir, "validation", tokenizer, seq_len)
     return PreferenceData(
         tokenizer,
         pad_id,

@@ -7,7 +7,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from training.data import EpochBatches, chat_tokenizer, read_jsonl
+from data_tools.splits import has_split, iter_split
+from training.data import EpochBatches, chat_tokenizer
 
 ROLES = ("system", "user", "assistant")
 
@@ -112,14 +113,14 @@ def build_prompts(rows: list, tokenizer, max_prompt_len: int) -> tuple[list[Prom
     return prompts, stats
 
 
-def load_prompts(path: Path, tokenizer, max_prompt_len: int) -> tuple[list[Prompt], PromptStats]:
-    path = Path(path)
-    if not path.exists():
-        raise ValueError(f"prompt split {path} does not exist; run the data stage first")
-    prompts, stats = build_prompts(read_jsonl(path), tokenizer, max_prompt_len)
+def load_prompts(data_dir: Path, name: str, tokenizer, max_prompt_len: int) -> tuple[list[Prompt], PromptStats]:
+    """The prompts of split `name` of data_dir (`<name>.jsonl` or the data stage's `<name>/*.jsonl` shards)."""
+    if not has_split(data_dir, name):
+        raise ValueError(f"{data_dir}: the prompt split {name}.jsonl does not exist; run the data stage first")
+    prompts, stats = build_prompts(list(iter_split(data_dir, name)), tokenizer, max_prompt_len)
     if not prompts:
         raise ValueError(
-            f"{path}: no usable prompt out of {stats.rows} rows (rejected: {stats.rejected}); "
+            f"{data_dir} ({name}): no usable prompt out of {stats.rows} rows (rejected: {stats.rejected}); "
             "rows are {'messages': [...]} or {'prompt': ..., 'chosen': ...}"
         )
     return prompts, stats
@@ -146,8 +147,8 @@ class PromptData:
 def load_prompt_data(cfg, model_dir: Path, data_dir: Path, seed: int) -> PromptData:
     """The prompts of data_dir's train/validation splits for a PPO/GRPO stage config `cfg`."""
     tokenizer, pad_id = chat_tokenizer(model_dir, f"{cfg.kind.upper()} renders prompts")
-    train, train_stats = load_prompts(Path(data_dir) / "train.jsonl", tokenizer, cfg.max_prompt_len)
-    validation, val_stats = load_prompts(Path(data_dir) / "validation.jsonl", tokenizer, cfg.max_prompt_len)
+    train, train_stats = load_prompts(data_dir, "train", tokenizer, cfg.max_prompt_len)
+    validation, val_stats = load_prompts(data_dir, "validation", tokenizer, cfg.max_prompt_len)
     return PromptData(
         tokenizer,
         pad_id,

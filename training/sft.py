@@ -19,7 +19,7 @@ import torch
 from parallel import engine
 from parallel.dims import ParallelConfig
 from training.config import SFTStage
-from training.data import DataStats, EpochBatches, Example, chat_tokenizer, collate, eval_batches, load_split
+from training.data import ChatExamples, DataStats, EpochBatches, chat_tokenizer, collate, eval_batches, load_split
 from training.learner import Learner
 from training.loop import train_one
 from training.resume import Resumer
@@ -35,7 +35,7 @@ class Session:
     tokenizer: object
     runtime: engine.Runtime
     learner: Learner
-    train_examples: list[Example]
+    train_examples: ChatExamples
     train_batches: EpochBatches
     val_batches: list[dict[str, torch.Tensor]]
     pad_id: int
@@ -62,8 +62,8 @@ def setup(cfg: SFTStage, model_dir: Path, data_dir: Path, parallel: ParallelConf
     model_dir, data_dir = Path(model_dir), Path(data_dir)
     check_stage(cfg, parallel, model_dir)
     tokenizer, pad_id = chat_tokenizer(model_dir, "SFT renders chat rows")
-    train_examples, train_stats = load_split(data_dir / "train.jsonl", tokenizer, cfg.seq_len)
-    val_examples, val_stats = load_split(data_dir / "validation.jsonl", tokenizer, cfg.seq_len)
+    train_examples, train_stats = load_split(data_dir, "train", tokenizer, cfg.seq_len)
+    val_examples, val_stats = load_split(data_dir, "validation", tokenizer, cfg.seq_len)
     lora, quant = adapters(cfg)
     learner = Learner.build(
         model_dir,
@@ -81,7 +81,7 @@ def setup(cfg: SFTStage, model_dir: Path, data_dir: Path, parallel: ParallelConf
         runtime=engine.build_runtime(parallel),
         learner=learner,
         train_examples=train_examples,
-        train_batches=EpochBatches([len(ex.input_ids) for ex in train_examples], cfg.batch_size, seed),
+        train_batches=EpochBatches(train_examples.lengths, cfg.batch_size, seed),
         val_batches=val_batches(cfg, parallel, val_examples, pad_id, pad_width),
         pad_id=pad_id,
         data_stats={"train": train_stats, "validation": val_stats},

@@ -13,6 +13,7 @@ from datatrove.utils.text import simplify_text
 
 from data_tools import synth
 from data_tools.config import DataConfig
+from data_tools.splits import read_split, rejected_rows
 from data_tools.stage import chat_template_for, local_executor, run_data
 from data_tools.steps import SPLITS, prompt_key
 
@@ -59,7 +60,7 @@ def test_outputs_and_progress(tiny_run):
     assert [e["done"] for e in events] == list(range(1, events[0]["total"] + 1))
     assert manifest == json.loads((out / "manifest.json").read_text())
     for name in SPLITS:
-        rows = _read(out / f"{name}.jsonl")
+        rows = read_split(out, name)
         assert len(rows) == manifest["splits"][name] > 0
         assert all(set(r) == {"id", "messages", "text"} for r in rows)
         assert all(r["text"].startswith("<|im_start|>user\n") for r in rows)
@@ -71,8 +72,8 @@ def test_outputs_and_progress(tiny_run):
 def test_low_quality_and_duplicates_rejected_with_reasons(tiny_run):
     _, out, manifest, _ = tiny_run
     raw = {f"s00f000-{i:07d}": row for i, row in enumerate(_read(out / "raw" / "00-tiny-tasks.jsonl"))}
-    kept = {r["id"]: r for name in SPLITS for r in _read(out / f"{name}.jsonl")}
-    rejected = {r["id"]: (path.stem, r["reason"]) for path in (out / "rejected").glob("*.jsonl") for r in _read(path)}
+    kept = {r["id"]: r for name in SPLITS for r in read_split(out, name)}
+    rejected = {r["id"]: (step, r["reason"]) for step, r in rejected_rows(out)}
     assert not kept.keys() & rejected.keys() and len(kept) + len(rejected) == len(raw)
     low = [
         i
@@ -94,7 +95,7 @@ def test_low_quality_and_duplicates_rejected_with_reasons(tiny_run):
     # no two kept rows are the same after normalisation, and every near-duplicate dropped has its twin kept
     texts = [_full_text(r) for r in kept.values()]
     assert len(texts) == len(set(texts))
-    near = _read(out / "rejected" / "minhash_dedup.jsonl")
+    near = read_split(out / "rejected", "minhash_dedup")
     assert all(_full_text(r) in set(texts) for r in near)
 
 
@@ -114,7 +115,7 @@ def test_no_pii_in_any_output(tiny_run):
 @pytest.mark.slow
 def test_splits_share_no_prompt(tiny_run):
     _, out, _, _ = tiny_run
-    keys = {name: {prompt_key(r["messages"]) for r in _read(out / f"{name}.jsonl")} for name in SPLITS}
+    keys = {name: {prompt_key(r["messages"]) for r in read_split(out, name)} for name in SPLITS}
     assert not keys["train"] & keys["validation"]
     assert not keys["train"] & keys["test"]
     assert not keys["validation"] & keys["test"]
@@ -203,13 +204,13 @@ def test_jsonl_and_parquet_sources(tmp_path, tokenizer_dir):
     assert steps["chat_format"]["reasons"] == {"too_many_tokens": 1}
     assert sum(manifest["splits"].values()) == 8
     assert [s["files"][0]["path"] for s in manifest["sources"]] == ["data/a.jsonl", "data/b.parquet"]
-    rows = [r for name in SPLITS for r in _read(tmp_path / "out" / f"{name}.jsonl")]
+    rows = [r for name in SPLITS for r in read_split(tmp_path / "out", name)]
     assert all(r["messages"][0] == {"role": "system", "content": "Be brief."} for r in rows)
     assert any("<EMAIL>" in r["text"] for r in rows) and not any("al@example.com" in r["text"] for r in rows)
     # every datatrove run went through the factory, each depending on the one before
-    assert [c[0] for c in calls][:2] == ["exact_dedup_signature", "exact_find"]
-    assert calls[0][2] is None and all(c[2] is not None for c in calls[1:])
-    assert calls[3][:2] == ("minhash_buckets", 14)
+    assert [c[0] for c in calls][:3] == ["normalise", "exact_dedup_signature", "exact_find"]
+    assert calls[0][2] is None and calls[1][2] is None and all(c[2] is not None for c in calls[2:])
+    assert calls[4][:2] == ("minhash_buckets", 14)
 
 
 def test_bad_sources_are_user_errors(tmp_path, tokenizer_dir):
@@ -254,16 +255,16 @@ def test_preference_rows_get_their_own_chain_and_splits(tmp_path, tokenizer_dir)
     assert pref["steps"]["exact_dedup"]["rejected"] == 1
     assert pref["steps"]["chat_format"]["reasons"] == {"too_many_tokens": 1}
     assert pref["steps"]["pii"]["replaced"]["email"] == 1
-    kept = {name: _read(out / "preference" / f"{name}.jsonl") for name in SPLITS}
+    kept = {name: read_split(out / "preference", name) for name in SPLITS}
     assert sum(map(len, kept.values())) == sum(pref["splits"].values()) == 9
     for row in (r for rs in kept.values() for r in rs):
         assert set(row) == {"id", "prompt", "chosen", "rejected", "text", "text_rejected"}
         assert row["prompt"][-1]["role"] == "user" and row["chosen"][0]["role"] == "assistant"
         assert row["text_rejected"].endswith(row["rejected"][-1]["content"] + "<|im_end|>\n")
     assert any("<EMAIL>" in r["rejected"][0]["content"] for rs in kept.values() for r in rs)
-    assert (out / "preference" / "rejected" / "chat_format.jsonl").exists()
+    assert read_split(out / "preference" / "rejected", "chat_format")
     # a prompt lands in the same split whatever the row kind, so no test prompt is trained on
-    chat_split = {prompt_key(r["messages"]): name for name in SPLITS for r in _read(out / f"{name}.jsonl")}
+    chat_split = {prompt_key(r["messages"]): name for name in SPLITS for r in read_split(out, name)}
     pref_split = {prompt_key(r["prompt"]): name for name, rs in kept.items() for r in rs}
     assert all(pref_split[k] == v for k, v in chat_split.items() if k in pref_split)
 
@@ -347,8 +348,8 @@ def test_hostile_lines_are_rejected_with_reasons_and_good_rows_kept(tmp_path, to
     assert {k: v for k, v in reasons.items() if k in expected} == expected
     assert normalise["rejected"] == sum(expected.values()) + 2 and normalise["kept"] == len(good)
     assert sum(manifest["splits"].values()) == len(good)
-    rows = _read(tmp_path / "out" / "train.jsonl")
+    rows = read_split(tmp_path / "out", "train")
     answers = sorted(r["messages"][-1]["content"] for r in rows)
     assert answers == sorted(g.get("output", "").strip() or g["messages"][-1]["content"] for g in good)
-    rejected = _read(tmp_path / "out" / "rejected" / "normalise.jsonl")
+    rejected = read_split(tmp_path / "out" / "rejected", "normalise")
     assert any(r["reason"] == "bad_utf8" and "caf\\xe9" in r["raw"] for r in rejected)

@@ -1,10 +1,11 @@
 import pytest
 
+from data_tools.normalise import RowError
+from data_tools.tokens import assistant_spans
 from parallel.tiny import build_tokenizer
 from parallel.trainer import IGNORE_INDEX
 from training.data import (
     EpochBatches,
-    assistant_spans,
     build_examples,
     collate,
     epoch_batches,
@@ -54,8 +55,9 @@ def test_template_that_is_not_prefix_stable_is_rejected():
     tok = build_tokenizer()
     # A template that prints the number of messages up front changes every prefix.
     tok.chat_template = "{{ messages|length }}" + tok.chat_template
-    with pytest.raises(ValueError, match="prefixes"):
+    with pytest.raises(RowError, match="template_error") as err:
         tokenize_conversation(tok, CONVERSATION[1:3])
+    assert "prefixes" in str(err.value.__cause__)
 
 
 def test_truncation_is_counted_and_label_free_rows_dropped(tokenizer):

@@ -262,7 +262,7 @@ def test_training_after_an_evaluation_keeps_the_4bit_gradients(model_dir, data_d
     from training.data import collate, load_split
 
     s = setup(SFTStage(**STAGE, mode="qlora"), model_dir, data_dir, ParallelConfig(), seed=0)
-    examples, _ = load_split(data_dir / "train.jsonl", s.tokenizer, STAGE["seq_len"])
+    examples, _ = load_split(data_dir, "train", s.tokenizer, STAGE["seq_len"])
     batch = collate(examples[:8], s.pad_id)
     trainer, model = s.learner.trainer, s.learner.model
 

@@ -93,9 +93,9 @@ def test_loader_counts_unusable_rows_and_never_raises_on_one(tok, tmp_path):
     }
     (tmp_path / "bad.jsonl").write_text(json.dumps({"text": "x"}) + "\n" + json.dumps("row") + "\n")
     with pytest.raises(ValueError, match=r"no usable prompt out of 2 rows .*no_prompt"):
-        load_prompts(tmp_path / "bad.jsonl", tok, 64)
+        load_prompts(tmp_path, "bad", tok, 64)
     with pytest.raises(ValueError, match="does not exist"):
-        load_prompts(tmp_path / "missing.jsonl", tok, 64)
+        load_prompts(tmp_path, "missing", tok, 64)
 
 
 # ---- sampling -----------------------------------------------------------------------------------------
