@@ -22,6 +22,7 @@ import torch
 from parallel import engine
 from parallel.dims import ParallelConfig
 from parallel.trainer import Objective
+from training.batching import resolve_max_steps
 from training.config import DPOStage
 from training.data import EpochBatches
 from training.loop import train_one
@@ -141,6 +142,7 @@ class Reference:
 class Session:
     """Everything the loop needs, built once by `setup`."""
 
+    cfg: DPOStage  # the stage's config, max_steps resolved when num_epochs sets it
     trainer: PairwiseTrainer
     reference: Reference
     tokenizer: object
@@ -164,7 +166,7 @@ def run_dpo(cfg: DPOStage, **where) -> dict:
     where: the runner arguments every stage takes (training.skeleton.StageRun.start)."""
     run = StageRun.start(cfg, **where)
     session = setup(cfg, run.model_dir, run.data_dir, run.parallel, run.seed)
-    result = train(cfg, session, run.progress, run.resumer())
+    result = train(session.cfg, session, run.progress, run.resumer())
     return run.finish(
         session.trainer.learner,
         result,
@@ -181,6 +183,7 @@ def setup(cfg: DPOStage, model_dir: Path, data_dir: Path, parallel: ParallelConf
     model_dir, data_dir = Path(model_dir), Path(data_dir)
     check_stage(cfg, parallel, model_dir)
     data = load_preference_data(model_dir, data_dir, cfg.seq_len, cfg.batch_size, seed, "dpo")
+    cfg = resolve_max_steps(cfg, data.batches.batches_per_epoch)
     runtime = engine.build_runtime(parallel)
     lora, quant = adapters(cfg)
     # The whole model on every rank first (same seed, same LoRA init); the engine lays it out below.
@@ -194,6 +197,7 @@ def setup(cfg: DPOStage, model_dir: Path, data_dir: Path, parallel: ParallelConf
         reference.release()
     trainer = PairwiseTrainer(cfg, policy, model_dir, parallel, DPOObjective(cfg))
     return Session(
+        cfg,
         trainer,
         reference,
         data.tokenizer,

@@ -21,6 +21,7 @@ import torch
 
 from parallel import engine
 from parallel.dims import ParallelConfig
+from training.batching import resolve_max_steps
 from training.config import GRPOStage
 from training.data import EpochBatches
 from training.frozen import Reference, RewardScorer, build_reward, check_reward_source, score
@@ -48,6 +49,7 @@ from training.skeleton import Progress, StageRun, check_stage
 class Session:
     """Everything the loop needs, built once by `setup`."""
 
+    cfg: GRPOStage  # the stage's config, max_steps resolved when num_epochs sets it
     policy_learner: Learner  # the policy and its updates, in one process or laid out over the ranks
     reference: Reference | None  # None when beta is 0
     reward: RewardScorer
@@ -80,7 +82,7 @@ def run_grpo(cfg: GRPOStage, **where) -> dict:
     where: the runner arguments every stage takes (training.skeleton.StageRun.start)."""
     run = StageRun.start(cfg, **where)
     session = setup(cfg, run.model_dir, run.data_dir, run.parallel, run.seed, run.reward_model_dir)
-    result = train(cfg, session, run.progress, run.resumer())
+    result = train(session.cfg, session, run.progress, run.resumer())
     return finish_policy_run(run, session, result, group_size=cfg.group_size, beta=cfg.beta)
 
 
@@ -96,6 +98,7 @@ def setup(
     check_stage(cfg, parallel, model_dir)
     check_reward_source(cfg.reward_fn, reward_model_dir, "grpo")
     data = load_prompt_data(cfg, model_dir, data_dir, seed)
+    cfg = resolve_max_steps(cfg, data.batches.batches_per_epoch)
     runtime = engine.build_runtime(parallel)
     reward, reward_source = build_reward(cfg.reward_fn, reward_model_dir, "grpo", runtime, cfg.offload_frozen)
     num_updates = cfg.max_steps * cfg.ppo_epochs * (cfg.batch_size * cfg.group_size // mini_batch_size(cfg))
@@ -103,6 +106,7 @@ def setup(
     policy = learner.model
     reference = Reference(policy, model_dir, cfg.mode, runtime, cfg.offload_frozen) if cfg.beta > 0 else None
     return Session(
+        cfg,
         learner,
         reference,
         reward,

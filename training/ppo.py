@@ -19,6 +19,7 @@ import torch
 from parallel import engine
 from parallel.dims import ParallelConfig
 from parallel.trainer import Objective, model_inputs
+from training.batching import resolve_max_steps
 from training.config import PPOStage
 from training.data import EpochBatches
 from training.frozen import Reference, RewardScorer, build_reward, check_reward_source, score
@@ -115,6 +116,7 @@ def token_values(critic, rollout: Rollout, runtime: engine.Runtime) -> torch.Ten
 class Session:
     """Everything the loop needs, built once by `setup`."""
 
+    cfg: PPOStage  # the stage's config, max_steps resolved when num_epochs sets it
     policy_learner: Learner  # the policy and its updates, in one process or laid out over the ranks
     critic_learner: Learner  # TokenValues over the critic, likewise
     reference: Reference
@@ -145,7 +147,7 @@ def run_ppo(cfg: PPOStage, **where) -> dict:
     where: the runner arguments every stage takes (training.skeleton.StageRun.start)."""
     run = StageRun.start(cfg, **where)
     session = setup(cfg, run.model_dir, run.data_dir, run.parallel, run.seed, run.reward_model_dir)
-    result = train(cfg, session, run.progress, run.resumer())
+    result = train(session.cfg, session, run.progress, run.resumer())
     return finish_policy_run(run, session, result, critic_init=session.critic_init, final_kl_coef=session.kl.coef)
 
 
@@ -172,6 +174,7 @@ def setup(
     check_reward_source(cfg.reward_fn, reward_model_dir, "ppo")
     critic_init = _critic_init(cfg, reward_model_dir)
     data = load_prompt_data(cfg, model_dir, data_dir, seed)
+    cfg = resolve_max_steps(cfg, data.batches.batches_per_epoch)
     if critic_init == "reward_model":
         # The critic reads the policy's token ids, so the reward model must share the vocabulary.
         if AutoTokenizer.from_pretrained(reward_model_dir).get_vocab() != data.tokenizer.get_vocab():
@@ -198,6 +201,7 @@ def setup(
     reference = Reference(policy, model_dir, cfg.mode, runtime, cfg.offload_frozen)
     kl = KLController(cfg.kl_coef, cfg.kl_target if cfg.adaptive_kl else None, cfg.kl_horizon)
     return Session(
+        cfg,
         policy_learner,
         critic_learner,
         reference,

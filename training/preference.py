@@ -20,6 +20,7 @@ import torch
 from data_tools.normalise import RowError as PreferenceRowError
 from data_tools.normalise import parse_preference as parse_row
 from data_tools.tokens import FIELDS, TokenSplit, encode_pair, encode_turns, read_meta
+from training.batching import store_weights
 from training.data import EpochBatches, Example, chat_tokenizer, collate, open_store, to_example
 from training.learner import Learner
 from training.losses import IGNORE_INDEX
@@ -168,12 +169,16 @@ def eval_pair_batches(
     return batches
 
 
-def pair_batches(pairs: list[Pair], batch_size: int, seed: int) -> EpochBatches:
-    """Global batches of pair indices by step; a pair's length is its longer side."""
+def pair_batches(
+    pairs: list[Pair], batch_size: int, seed: int, weights: dict[int, float] | None = None
+) -> EpochBatches:
+    """Global batches of pair indices by step; a pair's length is its longer side. weights: the data
+    sources' (training.batching.store_weights), mixed by the pairs' `sources`."""
     lengths = getattr(pairs, "lengths", None)
     if lengths is None:
         lengths = [max(len(p.chosen.input_ids), len(p.rejected.input_ids)) for p in pairs]
-    return EpochBatches(lengths, batch_size, seed, "training pairs")
+    sources = getattr(pairs, "sources", None) if weights else None
+    return EpochBatches(lengths, batch_size, seed, "training pairs", sources=sources, weights=weights)
 
 
 @dataclass
@@ -198,7 +203,7 @@ def load_preference_data(
         pad_id,
         train,
         validation,
-        pair_batches(train, batch_size, seed),
+        pair_batches(train, batch_size, seed, store_weights(data_dir)),
         {"train": train_stats, "validation": val_stats},
     )
 

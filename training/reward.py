@@ -18,6 +18,7 @@ import torch
 from parallel import engine
 from parallel.dims import ParallelConfig
 from parallel.trainer import Objective
+from training.batching import resolve_max_steps
 from training.config import RewardModelStage
 from training.data import EpochBatches
 from training.loop import train_one
@@ -104,6 +105,7 @@ def save_reward_model(model, tokenizer, out_dir: Path, *, base_model_dir: Path, 
 
 @dataclass
 class Session:
+    cfg: RewardModelStage  # the stage's config, max_steps resolved when num_epochs sets it
     trainer: PairwiseTrainer
     tokenizer: object
     runtime: engine.Runtime
@@ -119,7 +121,7 @@ def run_reward_model(cfg: RewardModelStage, **where) -> dict:
     where: the runner arguments every stage takes (training.skeleton.StageRun.start)."""
     run = StageRun.start(cfg, **where)
     session = setup(cfg, run.model_dir, run.data_dir, run.parallel, run.seed)
-    result = train(cfg, session, run.progress, run.resumer())
+    result = train(session.cfg, session, run.progress, run.resumer())
 
     def save(model):
         save_reward_model(
@@ -155,11 +157,14 @@ def setup(cfg: RewardModelStage, model_dir: Path, data_dir: Path, parallel: Para
     model_dir, data_dir = Path(model_dir), Path(data_dir)
     check_stage(cfg, parallel, model_dir)
     data = load_preference_data(model_dir, data_dir, cfg.seq_len, cfg.batch_size, seed, "reward_model")
+    cfg = resolve_max_steps(cfg, data.batches.batches_per_epoch)
     runtime = engine.build_runtime(parallel)
     # Every rank builds the same model on CPU (same seed, same fresh head); the engine lays it out.
     model = build_reward_model(model_dir, data.pad_id, *adapters(cfg))
     trainer = PairwiseTrainer(cfg, model, model_dir, parallel, BradleyTerryObjective())
-    return Session(trainer, data.tokenizer, runtime, data.train, data.batches, data.validation, data.pad_id, data.stats)
+    return Session(
+        cfg, trainer, data.tokenizer, runtime, data.train, data.batches, data.validation, data.pad_id, data.stats
+    )
 
 
 def reward_step(cfg: RewardModelStage, s: Session, indices: list[int]) -> dict[str, float]:

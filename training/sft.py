@@ -18,12 +18,14 @@ import torch
 
 from parallel import engine
 from parallel.dims import ParallelConfig
+from training.batching import collate_packed, resolve_max_steps, store_weights
 from training.config import SFTStage
 from training.data import ChatExamples, DataStats, EpochBatches, chat_tokenizer, collate, eval_batches, load_split
 from training.learner import Learner
 from training.loop import train_one
 from training.resume import Resumer
 from training.skeleton import StageRun, adapters, check_stage
+from training.stages import packs
 
 Progress = Callable[[dict], None]
 
@@ -32,6 +34,7 @@ Progress = Callable[[dict], None]
 class Session:
     """Everything the loop needs, built once by `setup`."""
 
+    cfg: SFTStage  # the stage's config, max_steps resolved when num_epochs sets it
     tokenizer: object
     runtime: engine.Runtime
     learner: Learner
@@ -41,6 +44,8 @@ class Session:
     pad_id: int
     data_stats: dict[str, DataStats]
     pad_width: int | None = None  # fixed batch width (pipeline stages need one shape), else per batch
+    packing: bool = False  # a step's examples packed into rows (training.batching.collate_packed)
+    row_split: int = 1  # packed rows: a multiple of this many (dp x microbatches x grad_accum)
 
 
 def run_sft(cfg: SFTStage, **where) -> dict:
@@ -48,13 +53,14 @@ def run_sft(cfg: SFTStage, **where) -> dict:
     where: the runner arguments every stage takes (training.skeleton.StageRun.start)."""
     run = StageRun.start(cfg, **where)
     session = setup(cfg, run.model_dir, run.data_dir, run.parallel, run.seed)
-    result = train(cfg, session, run.progress, run.resumer())
+    result = train(session.cfg, session, run.progress, run.resumer())
     return run.finish(
         session.learner,
         result,
         save=run.save_causal_lm(session.tokenizer),
         data_stats=session.data_stats,
         device=session.runtime.device,
+        packing=session.packing,
     )
 
 
@@ -64,6 +70,10 @@ def setup(cfg: SFTStage, model_dir: Path, data_dir: Path, parallel: ParallelConf
     tokenizer, pad_id = chat_tokenizer(model_dir, "SFT renders chat rows")
     train_examples, train_stats = load_split(data_dir, "train", tokenizer, cfg.seq_len)
     val_examples, val_stats = load_split(data_dir, "validation", tokenizer, cfg.seq_len)
+    train_batches = EpochBatches(
+        train_examples.lengths, cfg.batch_size, seed, sources=train_examples.sources, weights=store_weights(data_dir)
+    )
+    cfg = resolve_max_steps(cfg, train_batches.batches_per_epoch)
     lora, quant = adapters(cfg)
     learner = Learner.build(
         model_dir,
@@ -77,15 +87,18 @@ def setup(cfg: SFTStage, model_dir: Path, data_dir: Path, parallel: ParallelConf
     )
     pad_width = cfg.seq_len if parallel.pp > 1 else None
     return Session(
+        cfg=cfg,
         tokenizer=tokenizer,
         runtime=engine.build_runtime(parallel),
         learner=learner,
         train_examples=train_examples,
-        train_batches=EpochBatches(train_examples.lengths, cfg.batch_size, seed),
+        train_batches=train_batches,
         val_batches=val_batches(cfg, parallel, val_examples, pad_id, pad_width),
         pad_id=pad_id,
         data_stats={"train": train_stats, "validation": val_stats},
         pad_width=pad_width,
+        packing=packs(cfg, parallel),
+        row_split=parallel.dp * parallel.microbatches * cfg.grad_accum,
     )
 
 
@@ -102,11 +115,17 @@ def val_batches(
 
 
 def sft_step(s: Session, step: int) -> dict[str, float]:
-    """Optimizer step `step` (1-based) on its global batch: loss, lr, grad norm, and its input tokens."""
+    """Optimizer step `step` (1-based) on its global batch: loss, lr, grad norm, and its input tokens.
+    Packed or not, the batch holds the same examples and the loss is the same token mean."""
     examples = [s.train_examples[i] for i in s.train_batches(step - 1)]
-    _, lr, grad_norm = s.learner.update(collate(examples, s.pad_id, s.pad_width))
+    if s.packing:
+        batch = collate_packed(examples, s.pad_id, s.cfg.seq_len, s.row_split)
+    else:
+        batch = collate(examples, s.pad_id, s.pad_width)
+    _, lr, grad_norm = s.learner.update(batch)
     metrics = s.learner.metrics
-    return {"loss": metrics.loss, "lr": lr, "grad_norm": grad_norm, "tokens": metrics.num_tokens}
+    tokens = sum(len(ex.input_ids) for ex in examples)
+    return {"loss": metrics.loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens}
 
 
 def train(cfg: SFTStage, s: Session, progress: Progress, resumer: Resumer | None = None) -> dict:
