@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import gzip
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -25,16 +24,6 @@ class RowError(ValueError):
 
 
 KINDS = ("chat", "preference")
-
-
-@dataclass
-class Normalised:
-    """Rows of one kind. Chat: {"id", "messages", "source"}. Preference: the same with messages = prompt +
-    chosen response, plus "rejected" (the rejected response's messages) and "prompt_turns"."""
-
-    kept: list[dict] = field(default_factory=list)
-    rejected: list[dict] = field(default_factory=list)  # {"id", "reason", "source", "raw"}
-    num_read: int = 0
 
 
 def detect_format(row: dict) -> str:
@@ -266,7 +255,9 @@ def row_kind(row: object, fmt: str) -> str:
 
 
 def to_record(row: object, fmt: str = "auto") -> dict:
-    """The row as a normalised record (see Normalised); raises RowError on anything unusable."""
+    """The row as a normalised record; raises RowError on anything unusable. Chat: {"messages"}. Preference:
+    {"messages": prompt + chosen response, "rejected": the rejected response's messages, "prompt_turns",
+    "margin" (when the row has one)}."""
     if row_kind(row, fmt) == "chat":
         return {"messages": to_messages(row, fmt)}
     prompt, chosen, rejected = parse_preference(row)
@@ -278,21 +269,3 @@ def to_record(row: object, fmt: str = "auto") -> dict:
             raise RowError("bad_margin")
         record["margin"] = float(row["margin"])
     return record
-
-
-def normalise_file(path: Path, fmt: str, id_prefix: str, source: str, out: dict[str, Normalised]) -> None:
-    """Append the file's rows to out[kind]; ids are `<id_prefix>-<row index>`, stable across runs."""
-    for i, row, line, unreadable in read_rows(path):
-        if unreadable == "blank":
-            continue
-        kind = row_kind(row, fmt)
-        target = out[kind]
-        target.num_read += 1
-        row_id = f"{id_prefix}-{i:07d}"
-        try:
-            if unreadable is not None:
-                raise RowError(unreadable)
-            target.kept.append({"id": row_id, **to_record(row, fmt), "source": source})
-        except RowError as e:
-            raw = line if line is not None else json.dumps(row, default=str)
-            target.rejected.append({"id": row_id, "reason": e.reason, "source": source, "raw": raw})

@@ -1,10 +1,13 @@
 import json
+from types import SimpleNamespace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from data_tools.normalise import Normalised, RowError, detect_format, normalise_file, to_messages
+from data_tools.config import PIIConfig
+from data_tools.normalise import KINDS, RowError, detect_format, to_messages
+from data_tools.sources import SourceReader, plan_units
 
 
 def test_alpaca_joins_input_and_keeps_system():
@@ -101,8 +104,7 @@ def test_jsonl_file_with_bad_lines(tmp_path):
         )
         + "\n"
     )
-    kinds = {"chat": Normalised(), "preference": Normalised()}
-    normalise_file(path, "auto", "s00f000", "rows.jsonl", kinds)
+    kinds = _normalise(path, "auto", tmp_path, source=0)
     out = kinds["chat"]
     assert out.num_read == 4  # the blank line is not a row
     assert [r["id"] for r in out.kept] == ["s00f000-0000000", "s00f000-0000004"]
@@ -120,8 +122,7 @@ def test_parquet_file(tmp_path):
         {"conversations": [{"from": "human", "value": "Hi"}, {"from": "robot", "value": "Hello"}]},
     ]
     pq.write_table(pa.Table.from_pylist(rows), path)
-    kinds = {"chat": Normalised(), "preference": Normalised()}
-    normalise_file(path, "sharegpt", "s01f000", "rows.parquet", kinds)
+    kinds = _normalise(path, "sharegpt", tmp_path, source=1)
     out = kinds["chat"]
     assert out.kept[0]["messages"] == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
     assert [r["reason"] for r in out.rejected] == ["bad_role"]
@@ -146,8 +147,7 @@ def test_preference_rows_are_their_own_kind(tmp_path):
         )
         + "\n"
     )
-    kinds = {"chat": Normalised(), "preference": Normalised()}
-    normalise_file(path, "auto", "s00f000", "mixed.jsonl", kinds)
+    kinds = _normalise(path, "auto", tmp_path, source=0)
     chat, pref = kinds["chat"], kinds["preference"]
     assert chat.num_read == 1 and pref.num_read == 4
     assert pref.kept[0]["messages"] == [user, {"role": "assistant", "content": "5"}]
@@ -164,9 +164,51 @@ def test_gzip_cut_short_keeps_the_rows_before_and_says_so(tmp_path):
     data = gzip.compress("".join(json.dumps(r) + "\n" for r in rows).encode())
     path = tmp_path / "cut.jsonl.gz"
     path.write_bytes(data[: len(data) // 2])  # a download or copy that stopped half way
-    kinds = {"chat": Normalised(), "preference": Normalised()}
-    normalise_file(path, "auto", "s00f000", "cut.jsonl.gz", kinds)
+    kinds = _normalise(path, "auto", tmp_path, source=0)
     out = kinds["chat"]
     assert 0 < len(out.kept) < len(rows)
     assert [r["reason"] for r in out.rejected][-1] == "truncated_file"
     assert all(r["reason"] in ("truncated_file", "truncated_line", "bad_json") for r in out.rejected)
+
+
+def _normalise(path, fmt, tmp_path, source=0, tasks=1):
+    """The normalise run's SourceReader over one file on `tasks` ranks (in this process); per kind the kept
+    rows ({"id", **metadata}), rejected rows and rows read, in id order."""
+    work = tmp_path / f"work-{tasks}"
+    reader = SourceReader(plan_units([(source, 0, path, fmt, path.name)], tasks), str(work), PIIConfig())
+    for rank in range(tasks):
+        list(reader.run(None, rank, tasks))
+    out = {}
+    for kind in KINDS:
+        kept = [json.loads(x) for f in (work / kind / "shards" / "normalised").glob("*.jsonl") for x in f.open()]
+        rejected = [json.loads(x) for f in (work / kind / "rejected" / "normalise").glob("*.jsonl") for x in f.open()]
+        counts = [json.loads(f.read_text())[kind] for f in (work / "normalise").glob("*.json")]
+        out[kind] = SimpleNamespace(
+            kept=sorted(({"id": d["id"], **d["metadata"]} for d in kept), key=lambda r: r["id"]),
+            rejected=sorted(rejected, key=lambda r: r["id"]),
+            num_read=sum(counts),
+        )
+    return out
+
+
+def test_a_large_file_is_cut_into_byte_ranges_with_the_same_rows_and_ids(tmp_path, monkeypatch):
+    from data_tools import sources
+
+    lines = [json.dumps({"instruction": f"Say {i} " + "x" * (i % 37), "output": f"{i}"}) for i in range(3000)]
+    lines[1234] = "{not json"
+    path = tmp_path / "big.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    monkeypatch.setattr(sources, "MIN_RANGE_BYTES", 1000)
+    units = plan_units([(0, 0, path, "auto", "big.jsonl")], 4)
+    assert len(units) == 4 and units[0].start == 0 and units[-1].end == path.stat().st_size
+    one, four = _normalise(path, "auto", tmp_path), _normalise(path, "auto", tmp_path, tasks=4)
+    assert one["chat"].num_read == four["chat"].num_read == 3000
+    assert (
+        [r["id"] for r in four["chat"].kept]
+        == [r["id"] for r in one["chat"].kept]
+        == [f"s00f000-{i:07d}" for i in range(3000) if i != 1234]
+    )
+    assert four["chat"].kept == one["chat"].kept
+    assert [(r["id"], r["reason"]) for r in four["chat"].rejected] == [("s00f000-0001234", "bad_json")]
+    for rank in range(4):  # every rank got a share
+        assert (tmp_path / "work-4" / "chat" / "shards" / "normalised" / f"{rank:05d}.jsonl").stat().st_size > 0
