@@ -82,11 +82,10 @@ def run_data(
 
     outputs = {kind: write_outputs(plans[kind], read[kind], _kind_dir(out_dir, kind), work / kind) for kind in kinds}
     tokenizer = _load_tokenizer(tokenizer_dir)
-    weights = {str(i): src.weight for i, src in enumerate(cfg.sources) if getattr(src, "weight", None) is not None}
     for kind in kinds:
         store = _kind_dir(out_dir, kind) / "tokens"
         if store.is_dir():
-            meta = write_meta(store, kind, tokenizer, template, template_source, source_weights=weights)
+            meta = write_meta(store, kind, tokenizer, template, template_source)
             outputs[kind]["tokens"] = meta["splits"]
             outputs[kind]["files"] |= _hash_files(_kind_dir(out_dir, kind), shard_files(store))
     manifest = _manifest(cfg, outputs)

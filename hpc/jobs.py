@@ -96,7 +96,7 @@ def _train(ctx: StageContext) -> dict:
     index = next(i for i, s in enumerate(stages) if s.name == ctx.spec.name)
     stage, kind = stages[index], KINDS[stages[index].kind]
     seed = stage.seed if stage.seed is not None else ctx.recipe.seed
-    extra = {}
+    extra = {"source_weights": source_weights(ctx.recipe)}
     if kind.uses_reward_model:
         reward = previous_stage(stages, index, policy=False)
         extra["reward_model_dir"] = ctx.output_of(reward.name) / "checkpoint" if reward else None
@@ -113,6 +113,13 @@ def _train(ctx: StageContext) -> dict:
     )
     ctx.tracker.log_metrics(ctx.run_id, {f"final.{k}": v for k, v in result.items()})
     return result  # the runner has discarded its resume state
+
+
+def source_weights(recipe) -> dict[int, float] | None:
+    """data.sources.<i>.weight by source index (None when no source sets one): the training stages mix
+    with them, so they are part of the training stages' inputs, not the data stage's."""
+    weights = {i: src.weight for i, src in enumerate(recipe.data.sources) if src.weight is not None}
+    return weights or None
 
 
 def _keep_resume_state(ctx: StageContext) -> None:

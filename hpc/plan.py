@@ -76,6 +76,8 @@ def build_plan(recipe: Recipe) -> list[StageSpec]:
         stages.append(StageSpec(name, kind, tuple(deps), resources, h, tuple(elements), section or {}, key))
 
     add("model", "model", [], dump["model"])
+    # Source weights only steer the training stages' sampling: changing one retrains, it does not re-tokenize.
+    weights = [src.pop("weight", None) for src in dump["data"]["sources"]]
     add("data", "data", ["model"], dump["data"], Resources(cpus_per_task=1))  # per datatrove rank; ranks fan out
     prev = "data"
     world = recipe.parallel.world_size
@@ -84,9 +86,11 @@ def build_plan(recipe: Recipe) -> list[StageSpec]:
             stage.name,
             stage.kind,
             ["model", prev],
-            {"stage": raw, "parallel": dump["parallel"], "seed": recipe.seed},
+            {"stage": raw, "parallel": dump["parallel"], "seed": recipe.seed}
+            | ({"source_weights": weights} if any(w is not None for w in weights) else {}),
             Resources(tasks_per_node=world, cpus_per_task=2),
-            resume_key={"stage": raw, "seed": recipe.seed},
+            resume_key={"stage": raw, "seed": recipe.seed}
+            | ({"source_weights": weights} if any(w is not None for w in weights) else {}),
         )
         prev = stage.name
     add("export", "export", ["model", prev], {})

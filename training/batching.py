@@ -179,18 +179,6 @@ def epoch_batches(num_examples: int, lengths, batch_size: int, seed: int, epoch:
     return [batches(first + i) for i in range(batches.batches_per_epoch)]
 
 
-def store_weights(data_dir) -> dict[int, float] | None:
-    """The source weights of data_dir's token store (tokens/meta.json `source_weights`, which the data
-    stage writes from data.sources.<i>.weight) as EpochBatches takes them; None when no source sets one
-    (or the store was built from bare JSONL splits)."""
-    from pathlib import Path
-
-    from data_tools.tokens import read_meta
-
-    weights = (read_meta(Path(data_dir) / "tokens") or {}).get("source_weights") or {}
-    return {int(k): float(v) for k, v in weights.items()} or None
-
-
 def steps_for_epochs(num_epochs: float, steps_per_epoch: int) -> int:
     """ceil(num_epochs x steps_per_epoch) optimizer steps (at least 1); products within 1e-9 of an
     integer count as that integer (0.1 x 30 is 3 steps, not 4)."""

@@ -165,7 +165,7 @@ def run_dpo(cfg: DPOStage, **where) -> dict:
     """Train, validate, write out_dir/checkpoint/ and out_dir/result.json; returns the result dict.
     where: the runner arguments every stage takes (training.skeleton.StageRun.start)."""
     run = StageRun.start(cfg, **where)
-    session = setup(cfg, run.model_dir, run.data_dir, run.parallel, run.seed)
+    session = setup(cfg, run.model_dir, run.data_dir, run.parallel, run.seed, run.source_weights)
     result = train(session.cfg, session, run.progress, run.resumer())
     return run.finish(
         session.trainer.learner,
@@ -179,10 +179,12 @@ def run_dpo(cfg: DPOStage, **where) -> dict:
     )
 
 
-def setup(cfg: DPOStage, model_dir: Path, data_dir: Path, parallel: ParallelConfig, seed: int) -> Session:
+def setup(
+    cfg: DPOStage, model_dir: Path, data_dir: Path, parallel: ParallelConfig, seed: int, weights: dict | None = None
+) -> Session:
     model_dir, data_dir = Path(model_dir), Path(data_dir)
     check_stage(cfg, parallel, model_dir)
-    data = load_preference_data(model_dir, data_dir, cfg.seq_len, cfg.batch_size, seed, "dpo")
+    data = load_preference_data(model_dir, data_dir, cfg.seq_len, cfg.batch_size, seed, "dpo", weights)
     cfg = resolve_max_steps(cfg, data.batches.batches_per_epoch)
     runtime = engine.build_runtime(parallel)
     lora, quant = adapters(cfg)

@@ -20,7 +20,6 @@ import torch
 from data_tools.normalise import RowError as PreferenceRowError
 from data_tools.normalise import parse_preference as parse_row
 from data_tools.tokens import FIELDS, TokenSplit, encode_pair, encode_turns, read_meta
-from training.batching import store_weights
 from training.data import EpochBatches, Example, chat_tokenizer, collate, open_store, to_example
 from training.learner import Learner
 from training.losses import IGNORE_INDEX
@@ -173,7 +172,7 @@ def pair_batches(
     pairs: list[Pair], batch_size: int, seed: int, weights: dict[int, float] | None = None
 ) -> EpochBatches:
     """Global batches of pair indices by step; a pair's length is its longer side. weights: the data
-    sources' (training.batching.store_weights), mixed by the pairs' `sources`."""
+    sources' (data.sources.<i>.weight by source index), mixed by the pairs' `sources`."""
     lengths = getattr(pairs, "lengths", None)
     if lengths is None:
         lengths = [max(len(p.chosen.input_ids), len(p.rejected.input_ids)) for p in pairs]
@@ -192,9 +191,16 @@ class PreferenceData:
 
 
 def load_preference_data(
-    model_dir: Path, data_dir: Path, seq_len: int, batch_size: int, seed: int, stage: str
+    model_dir: Path,
+    data_dir: Path,
+    seq_len: int,
+    batch_size: int,
+    seed: int,
+    stage: str,
+    weights: dict[int, float] | None = None,
 ) -> PreferenceData:
-    """The tokenizer and the tokenised train/validation pairs of data_dir (the data stage's preference/)."""
+    """The tokenizer and the tokenised train/validation pairs of data_dir (the data stage's preference/);
+    weights: the recipe's source weights (None: every pair once per epoch)."""
     tokenizer, pad_id = chat_tokenizer(model_dir, f"the {stage} stage renders rows")
     train, train_stats = load_pairs(data_dir, "train", tokenizer, seq_len)
     validation, val_stats = load_pairs(data_dir, "validation", tokenizer, seq_len)
@@ -203,7 +209,7 @@ def load_preference_data(
         pad_id,
         train,
         validation,
-        pair_batches(train, batch_size, seed, store_weights(data_dir)),
+        pair_batches(train, batch_size, seed, weights),
         {"train": train_stats, "validation": val_stats},
     )
 

@@ -120,7 +120,7 @@ def run_reward_model(cfg: RewardModelStage, **where) -> dict:
     """Train, validate, write out_dir/checkpoint/ (HF sequence classifier) and result.json; returns the result.
     where: the runner arguments every stage takes (training.skeleton.StageRun.start)."""
     run = StageRun.start(cfg, **where)
-    session = setup(cfg, run.model_dir, run.data_dir, run.parallel, run.seed)
+    session = setup(cfg, run.model_dir, run.data_dir, run.parallel, run.seed, run.source_weights)
     result = train(session.cfg, session, run.progress, run.resumer())
 
     def save(model):
@@ -153,10 +153,17 @@ def _rebuild(cfg: RewardModelStage, run: StageRun, pad_id: int, state: dict):
     return model
 
 
-def setup(cfg: RewardModelStage, model_dir: Path, data_dir: Path, parallel: ParallelConfig, seed: int) -> Session:
+def setup(
+    cfg: RewardModelStage,
+    model_dir: Path,
+    data_dir: Path,
+    parallel: ParallelConfig,
+    seed: int,
+    weights: dict | None = None,
+) -> Session:
     model_dir, data_dir = Path(model_dir), Path(data_dir)
     check_stage(cfg, parallel, model_dir)
-    data = load_preference_data(model_dir, data_dir, cfg.seq_len, cfg.batch_size, seed, "reward_model")
+    data = load_preference_data(model_dir, data_dir, cfg.seq_len, cfg.batch_size, seed, "reward_model", weights)
     cfg = resolve_max_steps(cfg, data.batches.batches_per_epoch)
     runtime = engine.build_runtime(parallel)
     # Every rank builds the same model on CPU (same seed, same fresh head); the engine lays it out.

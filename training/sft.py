@@ -18,7 +18,7 @@ import torch
 
 from parallel import engine
 from parallel.dims import ParallelConfig
-from training.batching import collate_packed, resolve_max_steps, store_weights
+from training.batching import collate_packed, resolve_max_steps
 from training.config import SFTStage
 from training.data import ChatExamples, DataStats, EpochBatches, chat_tokenizer, collate, eval_batches, load_split
 from training.learner import Learner
@@ -52,7 +52,7 @@ def run_sft(cfg: SFTStage, **where) -> dict:
     """Train, validate, write out_dir/checkpoint/ and out_dir/result.json; returns the result dict.
     where: the runner arguments every stage takes (training.skeleton.StageRun.start)."""
     run = StageRun.start(cfg, **where)
-    session = setup(cfg, run.model_dir, run.data_dir, run.parallel, run.seed)
+    session = setup(cfg, run.model_dir, run.data_dir, run.parallel, run.seed, run.source_weights)
     result = train(session.cfg, session, run.progress, run.resumer())
     return run.finish(
         session.learner,
@@ -64,14 +64,16 @@ def run_sft(cfg: SFTStage, **where) -> dict:
     )
 
 
-def setup(cfg: SFTStage, model_dir: Path, data_dir: Path, parallel: ParallelConfig, seed: int) -> Session:
+def setup(
+    cfg: SFTStage, model_dir: Path, data_dir: Path, parallel: ParallelConfig, seed: int, weights: dict | None = None
+) -> Session:
     model_dir, data_dir = Path(model_dir), Path(data_dir)
     check_stage(cfg, parallel, model_dir)
     tokenizer, pad_id = chat_tokenizer(model_dir, "SFT renders chat rows")
     train_examples, train_stats = load_split(data_dir, "train", tokenizer, cfg.seq_len)
     val_examples, val_stats = load_split(data_dir, "validation", tokenizer, cfg.seq_len)
     train_batches = EpochBatches(
-        train_examples.lengths, cfg.batch_size, seed, sources=train_examples.sources, weights=store_weights(data_dir)
+        train_examples.lengths, cfg.batch_size, seed, sources=train_examples.sources, weights=weights
     )
     cfg = resolve_max_steps(cfg, train_batches.batches_per_epoch)
     lora, quant = adapters(cfg)

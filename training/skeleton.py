@@ -51,6 +51,7 @@ class StageRun:
     progress: Progress
     started: float
     reward_model_dir: Path | None = None
+    source_weights: dict[int, float] | None = None  # data.sources.<i>.weight, for stages that mix sources
 
     @classmethod
     def start(
@@ -64,10 +65,12 @@ class StageRun:
         seed: int,
         progress: Progress | None = None,
         reward_model_dir: Path | None = None,
+        source_weights: dict[int, float] | None = None,
     ) -> "StageRun":
         """The arguments every stage runner takes (training.stages KINDS runner): where the stage starts
         (model_dir), reads (data_dir) and writes (out_dir), its layout, the recipe seed, a progress
-        callback, and for the stages that score with one, the reward model's directory."""
+        callback, for the stages that score with one, the reward model's directory, and the recipe's source
+        weights (data.sources.<i>.weight; None: every row once per epoch) for the stages that mix."""
         seed = cfg.seed if cfg.seed is not None else seed
         torch.manual_seed(seed)
         return cls(
@@ -80,6 +83,7 @@ class StageRun:
             progress or (lambda event: None),
             time.perf_counter(),
             Path(reward_model_dir) if reward_model_dir is not None else None,
+            dict(source_weights) if source_weights else None,
         )
 
     def resumer(self) -> Resumer:

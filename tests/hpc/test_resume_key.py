@@ -36,3 +36,14 @@ def test_resume_state_is_kept_only_for_the_same_key(tmp_path):
     assert not (tmp_path / "resume" / "latest").exists()
     assert (tmp_path / "resume" / "key").read_text().strip() == "b"
     assert events == [{"resume": "discarded", "reason": "stage config or inputs changed"}]
+
+
+def test_a_source_weight_retrains_without_re_tokenizing():
+    def plan(overrides):
+        return {s.name: s for s in build_plan(load_recipe(TINY_RECIPE, overrides))}
+
+    base, weighted = plan([]), plan(["data.sources.0.weight=2"])
+    assert weighted["data"].input_hash == base["data"].input_hash  # the token store stays valid
+    assert weighted["sft"].input_hash != base["sft"].input_hash
+    assert weighted["sft"].resume_key != base["sft"].resume_key
+    assert plan(["data.sources.0.weight=3"])["sft"].input_hash != weighted["sft"].input_hash

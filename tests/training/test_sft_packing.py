@@ -1,5 +1,5 @@
 """Step batching in the stages: SFT packed and unpacked train alike, num_epochs sets max_steps at stage start,
-source weights come from the token store."""
+the recipe's source weights mix the data stage's sources."""
 
 import json
 import math
@@ -13,7 +13,6 @@ from parallel.dims import ParallelConfig  # noqa: E402
 from parallel.tiny import build_tokenizer  # noqa: E402
 from tests.training.preference_helpers import write_preference_data  # noqa: E402
 from tests.training.sft_helpers import write_task_data  # noqa: E402
-from training.batching import store_weights  # noqa: E402
 from training.config import DPOStage, SFTStage  # noqa: E402
 from training.sft import run_sft  # noqa: E402
 
@@ -69,10 +68,37 @@ def test_num_epochs_in_a_pairwise_stage(model_dir, tmp_path):
     assert s.trainer.learner.num_updates == s.cfg.max_steps  # the LR schedule counts the resolved steps
 
 
-def test_store_weights(tmp_path):
-    assert store_weights(tmp_path) is None
-    (tmp_path / "tokens").mkdir()
-    (tmp_path / "tokens" / "meta.json").write_text(json.dumps({"source_weights": {}}))
-    assert store_weights(tmp_path) is None
-    (tmp_path / "tokens" / "meta.json").write_text(json.dumps({"source_weights": {"0": 1, "1": 0.5}}))
-    assert store_weights(tmp_path) == {0: 1.0, 1: 0.5}
+@pytest.mark.slow
+def test_recipe_source_weights_mix_the_data_stage_sources(model_dir, tmp_path):
+    """Two chat sources through the data stage; the runner's source weights (the recipe's
+    data.sources.<i>.weight, handed over by the job) set each source's share of an epoch."""
+    from collections import Counter
+
+    from data_tools.config import DataConfig
+    from data_tools.stage import run_data
+    from training.sft import setup
+
+    for name, verb in (("a", "Repeat"), ("b", "Echo back")):
+        rows = [{"instruction": f"{verb} the code {i:04d}{name} please", "output": f"{i:04d}{name}"} for i in range(90)]
+        (tmp_path / f"{name}.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in rows[: 90 if name == "a" else 30])
+        )
+    cfg = DataConfig(
+        sources=[{"path": "a.jsonl"}, {"path": "b.jsonl"}],
+        dedup={"minhash": False, "normalize_numbers": False},  # rows differ by their numbers
+        filters={"gopher_repetition": False, "gopher_quality": False, "c4": False, "fineweb": False},
+        tasks=2,
+    )
+    run_data(cfg, model_dir, tmp_path / "data", base_dir=tmp_path)
+    stage = SFTStage(batch_size=8, seq_len=64)
+    natural = setup(stage, model_dir, tmp_path / "data", ParallelConfig(), seed=0)
+    mixed = setup(stage, model_dir, tmp_path / "data", ParallelConfig(), seed=0, weights={0: 1.0, 1: 1.0})
+
+    def shares(s):
+        epoch = [i for step in range(s.train_batches.batches_per_epoch) for i in s.train_batches(step)]
+        return Counter(int(s.train_examples.sources[i]) for i in epoch)
+
+    got, want = shares(natural), Counter(int(x) for x in natural.train_examples.sources)
+    assert got[1] / (got[0] + got[1]) == pytest.approx(want[1] / (want[0] + want[1]), abs=0.07)  # ~1/4
+    got = shares(mixed)
+    assert got[1] / (got[0] + got[1]) == pytest.approx(0.5, abs=0.07)  # the small source repeats
