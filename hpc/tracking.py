@@ -3,28 +3,17 @@
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
-SECRET_KEY = re.compile(r"(passw|secret|api[_-]?key|credential|private[_-]?key)|(^|[_.-])(token|auth)$", re.I)
-SECRET_VALUE = re.compile(
-    r"(sk-[A-Za-z0-9_-]{16,}|ghp_[A-Za-z0-9]{20,}|github_pat_[A-Za-z0-9_]{20,}|hf_[A-Za-z0-9]{20,}"
-    r"|AKIA[A-Z0-9]{12,}|xox[baprs]-[A-Za-z0-9-]{10,}|eyJ[A-Za-z0-9_-]{20,}\.[A-Za-z0-9_-]+)"
-)
+from data_tools import secrets
+
 REDACTED = "***"
 
 
 def redact(obj, key: str = ""):
-    """A copy of `obj` with values under secret-looking keys, and secret-looking strings, replaced."""
-    if isinstance(obj, dict):
-        return {k: redact(v, str(k)) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [redact(v, key) for v in obj]
-    if isinstance(obj, str):
-        if SECRET_KEY.search(key):
-            return REDACTED
-        return SECRET_VALUE.sub(REDACTED, obj)
-    return obj
+    """A copy of `obj` with values under secret-looking keys, and secrets inside any string (a `setup:`
+    line `export WANDB_API_KEY=...`, a URL's password, a bearer token), replaced: data_tools.secrets."""
+    return secrets.redact(obj, REDACTED, key)
 
 
 def flatten(obj, prefix: str = "") -> dict[str, str]:

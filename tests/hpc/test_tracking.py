@@ -37,3 +37,17 @@ def test_params_in_mlflow_are_redacted(tmp_path):
 
 def test_flatten_lists_of_sections():
     assert flatten({"a": [{"b": 1}], "c": [1, 2]}) == {"a.0.b": "1", "c": "[1, 2]"}
+
+
+def test_secret_values_under_innocent_keys_are_redacted():
+    cfg = {
+        "executor": {"setup": ["module load cuda", "export WANDB_API_KEY=0123456789abcdef0123456789abcdef01234567"]},
+        "tracking": {"uri": "http://alice:s3cretpw@mlflow.example.com:5000"},
+        "headers": ["Authorization: Bearer abcDEF123456ghiJKL7890"],
+    }
+    out = redact(cfg)
+    assert out["executor"]["setup"] == ["module load cuda", f"export WANDB_API_KEY={REDACTED}"]
+    assert out["tracking"]["uri"] == f"http://alice:{REDACTED}@mlflow.example.com:5000"
+    assert out["headers"] == [f"Authorization: Bearer {REDACTED}"]
+    flat = flatten(out)
+    assert not any(s in str(flat) for s in ("0123456789abcdef", "s3cretpw", "abcDEF123456"))
