@@ -76,7 +76,9 @@ class PIIConfig(_Section):
         True, description="leave RFC 1918, loopback and link-local addresses: they identify nobody"
     )
     phones: bool = True
-    secrets: bool = True
+    secrets: bool = Field(True, description="API tokens, cloud keys, private keys, passwords (data_tools.secrets)")
+    cards: bool = Field(True, description="payment card numbers (13-19 digits passing the Luhn check)")
+    national_ids: bool = Field(True, description="US social security numbers (never-issued ranges kept)")
 
 
 class FormatConfig(_Section):

@@ -1,8 +1,23 @@
-"""PII scrubbing: emails, IP addresses, phone numbers and API-key-like secrets become placeholders.
+"""PII scrubbing: secrets, emails, card numbers, US social security numbers, IP addresses and phone numbers
+become placeholders.
 
 datatrove's PIIFormatter covers emails and public IPs only, and its "public" test keeps documentation
 ranges such as 203.0.113.0/24; this formatter scrubs every address except the ones that identify nobody
-(RFC 1918, loopback, link-local) and adds phones and secrets. It scrubs inside each message's content.
+(RFC 1918, loopback, link-local) and adds the rest. It scrubs inside each message's content.
+
+Detectors, in the order they run (`detectors(cfg)` names the ones a config enables; the manifest lists
+them under `steps.pii.detectors`):
+- secret: data_tools.secrets (vendor tokens, PEM private keys, URL passwords, Authorization values, values
+  under secret-looking key names such as aws_secret_access_key / SecretAccessKey / secret=).
+- email.
+- card: 13-19 digits, plain or grouped by one kind of separator (space or dash), issuer prefix 2-6, Luhn
+  check; a 16-digit id that fails the Luhn check stays.
+- ssn: US social security numbers AAA-GG-SSSS / AAA GG SSSS (or 9 digits right after "SSN"), without the
+  ranges never issued (area 000, 666, 900-999; group 00; serial 0000).
+- ip: IPv4 and IPv6; a dotted quad written as a version stays (see `_is_version`).
+- phone: international numbers (+cc ...), US groups, and national numbers with a trunk 0 (UK/DE style,
+  10-12 digits); space-separated digit runs without those shapes are counts, not phones.
+No names or street addresses: that needs an NER model, which this stage does not ship.
 """
 
 from __future__ import annotations
@@ -17,10 +32,18 @@ from datatrove.data import DocumentsPipeline
 from datatrove.io import DataFolderLike, get_datafolder
 from datatrove.pipeline.formatters.base import BaseFormatter
 
+from data_tools import secrets
 from data_tools.config import PIIConfig
 from data_tools.normalise import record_text
 
-PLACEHOLDERS = {"email": "<EMAIL>", "ip": "<IP>", "phone": "<PHONE>", "secret": "<SECRET>"}
+PLACEHOLDERS = {
+    "secret": secrets.PLACEHOLDER,
+    "email": "<EMAIL>",
+    "card": "<CARD>",
+    "ssn": "<SSN>",
+    "ip": "<IP>",
+    "phone": "<PHONE>",
+}
 
 EMAIL_RE = re.compile(
     r"(?<![\w.%+-])[A-Za-z0-9][A-Za-z0-9._%+-]*@(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?\.)+[A-Za-z]{2,}\b"
@@ -28,27 +51,52 @@ EMAIL_RE = re.compile(
 _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
 IPV4_RE = re.compile(rf"(?<![\w.]){_OCTET}(?:\.{_OCTET}){{3}}(?!\w|\.\d)")
 IPV6_RE = re.compile(r"(?<![\w:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])")
-# International numbers (+cc ...) or national ones written in groups with - . or (area) separators;
-# plain space-separated digit runs are left alone, they are far more often counts than phones.
+# International numbers (+cc ...), national ones written in groups with - . or (area) separators, and
+# national numbers with a trunk 0 (UK 020 7946 0958, DE 030 12345678, 089/1234567); plain
+# space-separated digit runs are left alone, they are far more often counts than phones.
 PHONE_RE = re.compile(
-    r"(?<![\w+])(?:\+\d{1,3}[\s.-]?(?:\(\d{1,4}\)[\s.-]?)?\d{1,4}(?:[\s.-]?\d{2,4}){1,4}"
+    r"(?<![\w+.-])(?:\+\d{1,3}[\s.-]?(?:\(\d{1,4}\)[\s.-]?)?\d{1,4}(?:[\s.-]?\d{2,4}){1,4}"
     r"|\(\d{2,4}\)\s?\d{3,4}[.-]\d{3,4}"
     r"|\d{2,4}[.-]\d{3,4}[.-]\d{3,4}"
-    r"|\d{3} \d{3} \d{4})(?![\w])"
+    r"|\d{3} \d{3} \d{4}"
+    r"|(?<!\d[ /-])0\d{1,4}(?:[ /-]?\d{2,8})(?:[ -]\d{2,4}){0,2})(?!\w|[.-]\d)"
 )
-VENDOR_SECRET_RE = re.compile(
-    r"\bsk-(?:proj-|live-|test-)?[A-Za-z0-9_-]{16,}"  # OpenAI / Stripe style
-    r"|\bgh[pousr]_[A-Za-z0-9]{20,}|\bgithub_pat_\w{20,}"  # GitHub
-    r"|\b(?:AKIA|ASIA)[A-Z0-9]{16}\b"  # AWS access key id
-    r"|\bxox[abposr]-[A-Za-z0-9-]{10,}"  # Slack
-    r"|\bAIza[0-9A-Za-z_-]{35}"  # Google
-    r"|-----BEGIN [A-Z ]*PRIVATE KEY-----[\s\S]*?-----END [A-Z ]*PRIVATE KEY-----"
+CARD_RE = re.compile(r"(?<![\w+.-])(?:\d{13,19}|\d{4}(?P<sep>[ -])\d{4,6}(?:(?P=sep)\d{1,7}){1,3})(?!\w|[.-]\d)")
+SSN_RE = re.compile(
+    r"(?<![\w.-])(?!000|666|9\d\d)\d{3}(?P<sep>[- ])(?!00)\d{2}(?P=sep)(?!0000)\d{4}(?![\w-]|\.\d)"
+    r"|(?i:(?<=ssn)|(?<=ssn:)|(?<=ssn )|(?<=ssn: )|(?<=ssn=)|(?<=ssn#))(?!000|666|9\d\d)\d{3}(?!00)\d{2}(?!0000)\d{4}\b"
 )
-# A long hex/base64 value right after a word like key/token/secret: "api_key=3f9a...", "token: ZXlK...".
-KEYED_SECRET_RE = re.compile(
-    r"(?i)(?P<head>\b(?:api[_ -]?key|access[_ -]?key|secret(?:[_ -]?key)?|key|token|bearer|password)"
-    r"\b[\"']?\s*(?:[:=]|\bis\b|\bwas\b)?\s*[\"']?)(?P<value>[A-Za-z0-9+/_=.-]{16,})"
+# A dotted quad is a version, not an address, right after a version operator or `v` (`pkg==1.2.3.4`,
+# `numpy>=1.2.3.4`, `v1.2.3.4`), after a version word on its line (`version 8.3.9.2`, `release`, `build`,
+# `firmware`, `upgraded from`), or on a line that pins versions (`pip install pkg==8.13.2 ... 8.3.9.2`)
+# unless an address word (ip, host, server, ping, ssh, @, ...) comes closer before it.
+_VERSION_OPERATOR = re.compile(r"(?:[=<>~!]=|===|[<>]|\bv|-)\s*$", re.I)
+_VERSION_WORD = re.compile(
+    r"\b(?:version|ver|release[sd]?|build|firmware|fw|pkg|package|pip|npm|conda|changelog|patch"
+    r"|up(?:grade|date)[sd]?|downgrade[sd]?)\b",
+    re.I,
 )
+_ADDRESS_WORD = re.compile(
+    r"\b(?:ip|ipv4|address|addr|host(?:name)?|server|ping|ssh|connect(?:ed|ion)?|gateway|dns|proxy|subnet|route"
+    r"|client|peer|remote|listen|bind|nameserver)\b|@",
+    re.I,
+)
+_PINNED = re.compile(r"[=<>~!]=\s*\d+(?:\.\d+)+")
+
+
+def detectors(cfg: PIIConfig) -> list[str]:
+    """The kinds a config scrubs, in the order they run."""
+    enabled = {
+        "secret": cfg.secrets,
+        "email": cfg.emails,
+        "card": cfg.cards,
+        "ssn": cfg.national_ids,
+        "ip": cfg.ips,
+        "phone": cfg.phones,
+    }
+    return [kind for kind, on in enabled.items() if on]
+
+
 _PRIVATE_NETS = [ipaddress.ip_network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7")]
 
 
@@ -61,10 +109,39 @@ def _is_private(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     )
 
 
-def _looks_like_token(value: str) -> bool:
-    if re.fullmatch(r"[0-9a-fA-F]{16,}", value):
-        return len(value) >= 20 or any(c.isalpha() for c in value)
-    return len(value) >= 20 and any(c.isdigit() for c in value) and any(c.isalpha() for c in value)
+def _is_version(text: str, start: int) -> bool:
+    """Whether the dotted quad at `start` is written as a version (the rule above)."""
+    line_start = text.rfind("\n", 0, start) + 1
+    before = text[line_start:start]
+    if _VERSION_OPERATOR.search(before):
+        return True
+    window = before[-40:]
+    words = [(m.end(), "version") for m in _VERSION_WORD.finditer(window)]
+    words += [(m.end(), "address") for m in _ADDRESS_WORD.finditer(window)]
+    if words:
+        return max(words)[1] == "version"
+    line_end = text.find("\n", start)
+    return bool(_PINNED.search(text[line_start : None if line_end < 0 else line_end]))
+
+
+def luhn_ok(digits: str) -> bool:
+    total = 0
+    for i, c in enumerate(reversed(digits)):
+        d = int(c) * (2 if i % 2 else 1)
+        total += d - 9 if d > 9 else d
+    return total % 10 == 0
+
+
+def _is_card(m: re.Match) -> bool:
+    digits = re.sub(r"\D", "", m[0])
+    return 13 <= len(digits) <= 19 and digits[0] in "23456" and luhn_ok(digits)
+
+
+def _phone_digits_ok(m: re.Match) -> bool:
+    digits = sum(c.isdigit() for c in m[0])
+    if m[0].startswith("0"):
+        return 10 <= digits <= 12
+    return 9 <= digits <= 15
 
 
 class Scrubber:
@@ -72,14 +149,18 @@ class Scrubber:
 
     def __init__(self, cfg: PIIConfig):
         self.cfg = cfg
-        # Secrets first: a key can contain digit runs that would otherwise read as phone numbers.
-        kinds: list[tuple[str, bool, Callable[[str], tuple[str, int]]]] = [
-            ("secret", cfg.secrets, self._secrets),
-            ("email", cfg.emails, _sub(EMAIL_RE, PLACEHOLDERS["email"])),
-            ("ip", cfg.ips, self._ips),
-            ("phone", cfg.phones, _sub(PHONE_RE, PLACEHOLDERS["phone"], _phone_digits_ok)),
-        ]
-        self.replacers = [(kind, fn) for kind, enabled, fn in kinds if enabled]
+        # Secrets first: a key can contain digit runs that would otherwise read as phone numbers; cards and
+        # SSNs before phones, whose groups they resemble.
+        replacers: dict[str, Callable[[str], tuple[str, int]]] = {
+            "secret": self._secrets,
+            "email": _sub(EMAIL_RE, PLACEHOLDERS["email"]),
+            "card": _sub(CARD_RE, PLACEHOLDERS["card"], _is_card),
+            "ssn": _sub(SSN_RE, PLACEHOLDERS["ssn"]),
+            "ip": self._ips,
+            "phone": _sub(PHONE_RE, PLACEHOLDERS["phone"], _phone_digits_ok),
+        }
+        self.detectors = detectors(cfg)
+        self.replacers = [(kind, replacers[kind]) for kind in self.detectors]
 
     def scrub(self, text: str) -> tuple[str, Counter]:
         counts: Counter = Counter()
@@ -90,38 +171,31 @@ class Scrubber:
         return text, counts
 
     def _ips(self, text: str) -> tuple[str, int]:
-        def keep(match: str) -> bool:
-            if match.count(":") and match.count(":") < 3:
-                return False  # "a::b" in code is not an address worth the risk
+        def scrub_address(match: str) -> bool:
             try:
                 address = ipaddress.ip_address(match)
             except ValueError:
                 return False
             return not (self.cfg.keep_private_ips and _is_private(address))
 
-        text, n4 = _sub(IPV4_RE, PLACEHOLDERS["ip"], keep)(text)
-        text, n6 = _sub(IPV6_RE, PLACEHOLDERS["ip"], keep)(text)
+        def v4(m: re.Match) -> bool:
+            return scrub_address(m[0]) and not _is_version(m.string, m.start())
+
+        def v6(m: re.Match) -> bool:
+            # "a::b" in code is not an address worth the risk
+            return not (m[0].count(":") and m[0].count(":") < 3) and scrub_address(m[0])
+
+        text, n4 = _sub(IPV4_RE, PLACEHOLDERS["ip"], v4)(text)
+        text, n6 = _sub(IPV6_RE, PLACEHOLDERS["ip"], v6)(text)
         return text, n4 + n6
 
     @staticmethod
     def _secrets(text: str) -> tuple[str, int]:
-        text, n = VENDOR_SECRET_RE.subn(PLACEHOLDERS["secret"], text)
-        count = [n]
-
-        def replace(m: re.Match) -> str:
-            if not _looks_like_token(m["value"]):
-                return m[0]
-            count[0] += 1
-            return m["head"] + PLACEHOLDERS["secret"]
-
-        return KEYED_SECRET_RE.sub(replace, text), count[0]
+        text, counts = secrets.redact_text(text, PLACEHOLDERS["secret"])
+        return text, sum(counts.values())
 
 
-def _phone_digits_ok(match: str) -> bool:
-    return 9 <= sum(c.isdigit() for c in match) <= 15
-
-
-def _sub(pattern: re.Pattern, placeholder: str, accept: Callable[[str], bool] | None = None):
+def _sub(pattern: re.Pattern, placeholder: str, accept: Callable[[re.Match], bool] | None = None):
     """A replacer that swaps each accepted match for `placeholder` and counts the swaps."""
 
     def replace_all(text: str) -> tuple[str, int]:
@@ -129,7 +203,7 @@ def _sub(pattern: re.Pattern, placeholder: str, accept: Callable[[str], bool] | 
 
         def one(m: re.Match) -> str:
             nonlocal count
-            if accept is not None and not accept(m[0]):
+            if accept is not None and not accept(m):
                 return m[0]
             count += 1
             return placeholder

@@ -10,7 +10,7 @@ MinHash buckets and clusters) need runs of their own. With both dedups on that i
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from datatrove.data import Document
@@ -30,7 +30,7 @@ from datatrove.utils.text import TextNormConfig
 from data_tools.config import DataConfig
 from data_tools.dedup import MinhashVerifyPairs
 from data_tools.filters import RegexWordTokenizer, quality_filters
-from data_tools.pii import ChatPIIFormatter
+from data_tools.pii import ChatPIIFormatter, detectors
 from data_tools.steps import (
     RankShardReader,
     RejectWriter,
@@ -56,6 +56,7 @@ class Run:
 class Plan:
     runs: list[Run]
     steps: list[str]  # document steps in order, each with rejected/<step>/ under the work folder
+    pii_detectors: list[str] = field(default_factory=list)  # the kinds the PII step scrubs, in order
 
 
 def document_text(doc: Document) -> str:
@@ -108,7 +109,7 @@ def build_plan(cfg: DataConfig, work_dir: Path, tokenizer_dir: Path, chat_templa
             tasks,
         )
     )
-    return Plan(runs, steps + ["chat_format"])
+    return Plan(runs, steps + ["chat_format"], detectors(cfg.pii))
 
 
 def _dedups(cfg: DataConfig, work: _Work):

@@ -17,7 +17,8 @@ header values (Bearer/Basic/Token); vendor tokens (OpenAI sk-, Stripe sk_live_/r
 ghp_/gho_/ghu_/ghs_/ghr_/github_pat_, Hugging Face hf_, AWS AKIA/ASIA key ids, Slack xox*, Google AIza,
 JWTs); `key=value` / `key: value` / `"key": "value"` / `--key value` where `is_secret_key(key)` (AWS
 secret access keys, passwords, tokens under any name such as aws_secret_access_key, SecretAccessKey,
-secret=); prose such as "my AWS secret key is <40 chars>" when the value looks like a generated token.
+secret=), or followed by a space and a generated-looking value; prose such as
+"my AWS secret key is <40 chars>" when the value looks like a generated token.
 """
 
 from __future__ import annotations
@@ -51,15 +52,22 @@ VENDOR_RE = re.compile(
 )
 # `key = value`, `key: value`, `"key": "value"`, `key => value`; the key decides (is_secret_key).
 KEYED_RE = re.compile(
-    rf"(?P<head>(?<![\w.-])(?P<key>[A-Za-z_][\w.-]*)[\"']?\s*(?:=>|:=|[:=])\s*[\"']?)(?P<value>{_VALUE})"
+    rf"(?P<head>(?<![\w.-])(?P<key>[A-Za-z_][\w.-]*)[\"']?\s*(?:=>|:=|[:=])\s*[\"']?)(?=(?P<value>{_VALUE}))"
 )
 # `--secret-access-key VALUE` on a command line.
-FLAG_RE = re.compile(rf"(?P<head>(?<![\w-])--(?P<key>[A-Za-z][\w-]*)\s+[\"']?)(?P<value>[^\s\"'`<>,;-]{_VALUE[:-1]}*)")
+FLAG_RE = re.compile(
+    rf"(?P<head>(?<![\w-])--(?P<key>[A-Za-z][\w-]*)\s+[\"']?)(?=(?P<value>[^\s\"'`<>,;-]{_VALUE[:-1]}*))"
+)
+# `aws configure set aws_secret_access_key VALUE`: a secret key name, a space, a generated-looking value.
+SPACED_RE = re.compile(
+    rf"(?P<head>(?<![\w.-])(?P<key>(?i:[A-Za-z_][\w.-]*(?:secret|token|passw|key|credential|auth)[\w.-]*))\s+[\"']?)"
+    rf"(?=(?P<value>{_VALUE}))"
+)
 # Prose: "the AWS secret access key is wJalr...", "my token: ..."; only values that look generated.
 PROSE_RE = re.compile(
     r"(?i)(?P<head>\b(?:(?:aws|api|access|secret|private|auth|bearer)\s+)*"
-    rf"(?:secret(?:\s+access)?(?:\s+key)?|api\s+key|access\s+key|private\s+key|password|passphrase|token"
-    rf"|credentials?)\s+(?:is|was|=|:)\s*[\"']?)(?P<value>{_VALUE})"
+    rf"(?:secret(?:\s+access)?(?:\s+key)?|api\s+key|access\s+key|private\s+key|password|passphrase|token|key"
+    rf"|credentials?)\s+(?:is|was|=|:)\s*[\"']?)(?=(?P<value>{_VALUE}))"
 )
 
 _CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
@@ -96,6 +104,13 @@ def _keyed_value_is_secret(value: str) -> bool:
     return True
 
 
+def _keyed_secret(key: str, value: str) -> bool:
+    """`key=value`: a secret key name with a real value, or any `...key` name with a generated-looking one."""
+    if is_secret_key(key):
+        return _keyed_value_is_secret(value)
+    return bool(re.search(r"(?:^|[^a-z])key$", key.lower())) and looks_generated(value)
+
+
 def _trim(value: str) -> tuple[str, str]:
     """Sentence punctuation after a value stays in the text."""
     core = value.rstrip(".:!?")
@@ -113,20 +128,19 @@ def _whole(pattern: re.Pattern) -> Replacer:
 
 
 def _value(pattern: re.Pattern, accept: Callable[[re.Match, str], bool]) -> Replacer:
-    """Replace the `value` group of each accepted match, keeping `head`."""
+    """Replace the `value` group of each accepted match, keeping what surrounds it. Patterns whose value
+    sits in a lookahead consume only their key, so a rejected `key: value` does not hide a key in its value."""
 
     def replace(text: str, placeholder: str) -> tuple[str, int]:
-        count = 0
-
-        def one(m: re.Match) -> str:
-            nonlocal count
-            value, tail = _trim(m["value"])
-            if placeholder in value or not accept(m, value):
-                return m[0]
-            count += 1
-            return m["head"] + placeholder + tail
-
-        return pattern.sub(one, text), count
+        out, done, count = [], 0, 0
+        for m in pattern.finditer(text):
+            value, _ = _trim(m["value"])
+            start = m.start("value")
+            if start < done or placeholder in value or not accept(m, value):
+                continue
+            out += [text[done:start], placeholder]
+            done, count = start + len(value), count + 1
+        return "".join(out) + text[done:], count
 
     return replace
 
@@ -136,8 +150,9 @@ PATTERNS: dict[str, Replacer] = {
     "url_password": _value(URL_CREDENTIALS_RE, lambda m, v: not _REFERENCE.fullmatch(v)),
     "authorization": _value(AUTHORIZATION_RE, lambda m, v: not _REFERENCE.fullmatch(v)),
     "token": _whole(VENDOR_RE),
-    "keyed": _value(KEYED_RE, lambda m, v: is_secret_key(m["key"]) and _keyed_value_is_secret(v)),
-    "flag": _value(FLAG_RE, lambda m, v: is_secret_key(m["key"]) and _keyed_value_is_secret(v)),
+    "keyed": _value(KEYED_RE, lambda m, v: _keyed_secret(m["key"], v)),
+    "flag": _value(FLAG_RE, lambda m, v: _keyed_secret(m["key"], v)),
+    "spaced": _value(SPACED_RE, lambda m, v: is_secret_key(m["key"]) and looks_generated(v)),
     "prose": _value(PROSE_RE, lambda m, v: looks_generated(v)),
 }
 

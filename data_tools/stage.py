@@ -233,6 +233,7 @@ def write_outputs(plan: Plan, num_read: int, out_dir: Path, work: Path) -> dict:
         steps[step]["reasons"] = dict(sorted(reasons.items()))
         kept = steps[step]["kept"]
     steps["pii"]["replaced"] = _pii_counts(work / "pii")
+    steps["pii"]["detectors"] = plan.pii_detectors
     splits = {name: _count_rows(work / "splits" / name) for name in SPLITS}
     if kept != sum(splits.values()):
         raise RuntimeError(f"data: {kept} rows passed the last step but the splits hold {sum(splits.values())}")

@@ -14,6 +14,16 @@ AWS_SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
         (f"export AWS_SECRET_ACCESS_KEY='{AWS_SECRET}'", "export AWS_SECRET_ACCESS_KEY='<SECRET>'", "keyed"),
         (f"aws s3 ls --secret-access-key {AWS_SECRET}", "aws s3 ls --secret-access-key <SECRET>", "flag"),
         (f"My AWS secret access key is {AWS_SECRET} now", "My AWS secret access key is <SECRET> now", "prose"),
+        (
+            f"Answer this: AWS_SECRET_ACCESS_KEY: '{AWS_SECRET}'",
+            "Answer this: AWS_SECRET_ACCESS_KEY: '<SECRET>'",
+            "keyed",
+        ),
+        (
+            f"aws configure set aws_secret_access_key {AWS_SECRET}",
+            "aws configure set aws_secret_access_key <SECRET>",
+            "spaced",
+        ),
         ("db password: hunter2", "db password: <SECRET>", "keyed"),
         ("postgres://app:pa55w0rd@db.internal:5432/x", "postgres://app:<SECRET>@db.internal:5432/x", "url_password"),
         ("Authorization: Bearer abc123DEF456ghi789", "Authorization: Bearer <SECRET>", "authorization"),
