@@ -47,9 +47,17 @@ class DedupConfig(_Section):
     minhash_buckets: int = Field(14, ge=1)
     minhash_hashes_per_bucket: int = Field(8, ge=1)
     normalize_numbers: bool = Field(
-        True,
-        description="MinHash treats all numbers as equal (web text); "
-        "turn off when rows differ by their numbers (arithmetic, code)",
+        False,
+        description="MinHash (and the split key) treat all numbers as equal, as for web text. Off by default: "
+        "instruction rows made from templates differ by their numbers (600 distinct templated rows, word "
+        "3-gram Jaccard < 0.3 between any two: 489 removed with it on, 0 with it off)",
+    )
+    minhash_threshold: float = Field(
+        0.8,
+        gt=0,
+        le=1,
+        description="a MinHash candidate pair counts as near-duplicate only when the true Jaccard of its word "
+        "n-grams (normalised as above) reaches this; a row is removed only when it has such a twin that is kept",
     )
 
 

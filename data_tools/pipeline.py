@@ -4,7 +4,7 @@ Before these, the normalise run (data_tools.sources) reads the sources on every 
 document-level step (PII, filters, dedup filters, chat template + tokenization, splitting, writing the
 splits and the token store) runs inside the streaming runs; only the dedup barriers (find exact duplicates,
 MinHash buckets and clusters) need runs of their own. With both dedups on that is 6 runs per row kind:
-  scrub+filter+exact-sig -> exact-find -> exact-filter+minhash-sig -> buckets -> verify+cluster
+  scrub+filter+exact-sig -> exact-find -> exact-filter+minhash-sig -> buckets -> verify+remove
   -> minhash-filter+tokenize+split+write
 """
 
@@ -19,7 +19,6 @@ from datatrove.pipeline.dedup import (
     ExactDedupSignature,
     ExactFindDedups,
     MinhashDedupBuckets,
-    MinhashDedupCluster,
     MinhashDedupFilter,
     MinhashDedupSignature,
 )
@@ -28,7 +27,7 @@ from datatrove.pipeline.dedup.minhash import MinhashConfig
 from datatrove.utils.text import TextNormConfig
 
 from data_tools.config import DataConfig
-from data_tools.dedup import MinhashVerifyPairs
+from data_tools.dedup import MinhashRemoveVerified
 from data_tools.filters import RegexWordTokenizer, quality_filters
 from data_tools.pii import ChatPIIFormatter, detectors
 from data_tools.steps import (
@@ -140,14 +139,14 @@ def _dedups(cfg: DataConfig, work: _Work):
             Run(
                 "minhash_cluster",
                 [
-                    MinhashVerifyPairs(
+                    MinhashRemoveVerified(
                         work("minhash", "buckets"),
                         work("shards", "minhash_dedup"),
-                        work("minhash", "verified"),
+                        work("minhash", "remove"),
                         minhash,
                         words,
+                        threshold=cfg.dedup.minhash_threshold,
                     ),
-                    MinhashDedupCluster(work("minhash", "verified"), work("minhash", "remove"), config=minhash),
                 ],
                 1,
             ),

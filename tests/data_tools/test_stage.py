@@ -9,7 +9,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from datatrove.utils.text import simplify_text
+from datatrove.utils.text import TextNormConfig, simplify_text
 
 from data_tools import synth
 from data_tools.config import DataConfig
@@ -41,8 +41,10 @@ def _read(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def _full_text(row: dict) -> str:
-    return simplify_text("\n".join(m["content"] for m in row["messages"]))
+def _full_text(row: dict, normalize_numbers: bool = False) -> str:
+    """A row as the dedup compares it (numbers kept apart unless dedup.normalize_numbers)."""
+    text = "\n".join(m["content"] for m in row["messages"])
+    return simplify_text(text, TextNormConfig(norm_numbers=normalize_numbers))
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +72,7 @@ def test_outputs_and_progress(tiny_run):
 
 @pytest.mark.slow
 def test_low_quality_and_duplicates_rejected_with_reasons(tiny_run):
-    _, out, manifest, _ = tiny_run
+    cfg, out, manifest, _ = tiny_run
     raw = {f"s00f000-{i:07d}": row for i, row in enumerate(_read(out / "raw" / "00-tiny-tasks.jsonl"))}
     kept = {r["id"]: r for name in SPLITS for r in read_split(out, name)}
     rejected = {r["id"]: (step, r["reason"]) for step, r in rejected_rows(out)}
@@ -93,10 +95,10 @@ def test_low_quality_and_duplicates_rejected_with_reasons(tiny_run):
     assert manifest["steps"]["exact_dedup"]["reasons"]["exact_duplicate"] > 50
     assert manifest["steps"]["minhash_dedup"]["reasons"]["near_duplicate"] > 20
     # no two kept rows are the same after normalisation, and every near-duplicate dropped has its twin kept
-    texts = [_full_text(r) for r in kept.values()]
+    texts = [_full_text(r, cfg.dedup.normalize_numbers) for r in kept.values()]
     assert len(texts) == len(set(texts))
     near = read_split(out / "rejected", "minhash_dedup")
-    assert all(_full_text(r) in set(texts) for r in near)
+    assert all(_full_text(r, cfg.dedup.normalize_numbers) in set(texts) for r in near)
 
 
 @pytest.mark.slow
@@ -114,8 +116,9 @@ def test_no_pii_in_any_output(tiny_run):
 
 @pytest.mark.slow
 def test_splits_share_no_prompt(tiny_run):
-    _, out, _, _ = tiny_run
-    keys = {name: {prompt_key(r["messages"]) for r in read_split(out, name)} for name in SPLITS}
+    cfg, out, _, _ = tiny_run
+    norm = cfg.dedup.normalize_numbers
+    keys = {name: {prompt_key(r["messages"], norm) for r in read_split(out, name)} for name in SPLITS}
     assert not keys["train"] & keys["validation"]
     assert not keys["train"] & keys["test"]
     assert not keys["validation"] & keys["test"]
