@@ -143,7 +143,12 @@ class DataConfig(_Section):
                 continue
             p = Path(src.path).expanduser()
             p = p if p.is_absolute() else base / p
-            is_glob = any(c in p.name for c in "*?[")
-            if not (any(p.parent.glob(p.name)) if is_glob else p.is_file()):
-                problems.append(f"data.sources.{i}.path: no such file: {src.path}")
+            where = f"data.sources.{i}.path"
+            if any(c in p.name for c in "*?["):
+                if not any(m.is_file() for m in p.parent.glob(p.name)):
+                    problems.append(f"{where}: the pattern {src.path} matched no files (in {p.parent})")
+            elif p.is_dir():
+                problems.append(f"{where}: {src.path} is a directory; give a file or a pattern such as dir/*.jsonl")
+            elif not p.is_file():
+                problems.append(f"{where}: no such file: {src.path}")
         return problems

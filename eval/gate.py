@@ -92,8 +92,11 @@ def _reason(check: dict) -> str:
 def check_config(gate: GateConfig, eval_cfg: EvalConfig, task_labels: list[str]) -> list[str]:
     """Problems, as 'gate.<field>: message' lines, to report when a recipe is loaded rather than after eval.
 
-    `task_labels` are the names metrics are keyed by (the `label` of each eval task, eval/tasks.py).
+    `task_labels` are the names metrics are keyed by (the `label` of each eval task, eval/tasks.py). A metric
+    is checked against what its task reports when that is known offline (the built-in held-out tasks); an
+    lm-eval or YAML task's metrics are known only once it ran, so any metric name is accepted under its label.
     """
+    reported = {t.label: t.metrics for t in eval_cfg.tasks}
     problems = []
     keys = [(f"gate.thresholds.{k}", k) for k in gate.thresholds]
     if gate.primary_metric:
@@ -104,6 +107,10 @@ def check_config(gate: GateConfig, eval_cfg: EvalConfig, task_labels: list[str])
             problems.append(f"{where}: expected '<task>/<metric>', e.g. 'heldout_exact/exact_match'")
         elif task not in task_labels:
             problems.append(f"{where}: task {task!r} is not among eval.tasks ({', '.join(task_labels)})")
+        elif reported.get(task) is not None and metric not in reported[task]:
+            problems.append(
+                f"{where}: task {task!r} reports no metric {metric!r}; it reports {', '.join(reported[task])}"
+            )
     if eval_cfg.include_base and primary_metric(gate) is None:
         problems.append(
             "gate.primary_metric: eval.include_base compares with the base model on one "

@@ -18,6 +18,8 @@ if TYPE_CHECKING:
     from eval.config import EvalConfig
 
 BUILTIN_TASKS = ("heldout_exact", "heldout_mc")
+# The metrics each built-in task reports (its YAML's metric_list; no filters, so lm-eval's ',none' keys).
+BUILTIN_METRICS = {"heldout_exact": ("exact_match",), "heldout_mc": ("acc", "acc_norm")}
 CHATML_STOP = "<|im_end|>"
 
 
@@ -137,7 +139,7 @@ def _exact_yaml(task_dir: Path, cache: str, cfg: EvalConfig, end: str) -> dict:
         "generation_kwargs": {"until": [end], "do_sample": False, "max_gen_toks": cfg.max_new_tokens},
         "metric_list": [
             {
-                "metric": "exact_match",
+                "metric": BUILTIN_METRICS["heldout_exact"][0],
                 "aggregation": "mean",
                 "higher_is_better": True,
                 "regexes_to_ignore": [r"^\s+", r"\s+$"],
@@ -152,5 +154,7 @@ def _mc_yaml(task_dir: Path, cache: str) -> dict:
         "output_type": "multiple_choice",
         "doc_to_choice": "{{choices}}",
         "doc_to_target": "{{label}}",
-        "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True} for m in ("acc", "acc_norm")],
+        "metric_list": [
+            {"metric": m, "aggregation": "mean", "higher_is_better": True} for m in BUILTIN_METRICS["heldout_mc"]
+        ],
     }

@@ -98,7 +98,7 @@ def promote(client, name: str, version: str | int, *, force: bool = False) -> st
     A version the gate rejected is promoted only with force=True.
     """
     version = str(version)
-    tags = client.get_model_version(name, version).tags
+    tags = model_version(client, name, version).tags
     if tags.get(GATE_TAG) != "passed" and not force:
         raise ValueError(
             f"{name} version {version} did not pass the gate "
@@ -109,6 +109,34 @@ def promote(client, name: str, version: str | int, *, force: bool = False) -> st
         client.set_registered_model_alias(name, PREVIOUS_CHAMPION, old)
     client.set_registered_model_alias(name, CHAMPION, version)
     return old if old != version else None
+
+
+def require_model(client, name: str) -> None:
+    """ValueError naming the registered models there are when `name` is not one of them."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+        return
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+    known = sorted(m.name for m in client.search_registered_models(max_results=50))
+    raise ValueError(f"no registered model {name!r}" + (f"; registered: {', '.join(known)}" if known else ""))
+
+
+def model_version(client, name: str, version: str):
+    """The ModelVersion; ValueError naming the versions there are when `name` has no `version`."""
+    from mlflow.exceptions import MlflowException
+
+    require_model(client, name)
+    try:
+        return client.get_model_version(name, version)
+    except MlflowException as err:
+        if err.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise
+    versions = [row["version"] for row in list_versions(client, name)]
+    raise ValueError(f"{name} has no version {version!r}; versions: {', '.join(versions) or 'none'}")
 
 
 def list_versions(client, name: str) -> list[dict]:

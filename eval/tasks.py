@@ -19,6 +19,8 @@ and every task dumps back to its shorthand, so recipe snapshots, hashes and eval
 from __future__ import annotations
 
 import functools
+import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,12 +40,25 @@ from pydantic import (
 )
 
 from eval import offline
-from eval.heldout import BUILTIN_TASKS, build_tasks
+from eval.heldout import BUILTIN_METRICS, BUILTIN_TASKS, build_tasks
 
 if TYPE_CHECKING:
     from eval.config import EvalConfig
 
 YAML_PREFIX = "yaml:"
+# Task names end up in eval element keys, which name directories under <workdir>/stages/eval/: one plain
+# path component. The same pattern as training.config.NAME_PATTERN (stage and recipe names; eval does not
+# import training, a test keeps the two equal); every task lm-eval bundles matches it.
+TASK_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
+
+def _check_task_name(value: str) -> str:
+    if not re.fullmatch(TASK_NAME_PATTERN, value):
+        raise ValueError(
+            f"{value!r} is not a valid task name: use letters, digits, '_', '.' and '-', starting with a "
+            "letter or digit (it names a directory of the run)"
+        )
+    return value
 
 
 @dataclass(frozen=True)
@@ -71,6 +86,12 @@ class _Task(BaseModel):
     def shorthand(self) -> str:
         """The string form of this task in a recipe (and in eval element keys)."""
         raise NotImplementedError
+
+    @property
+    def metrics(self) -> tuple[str, ...] | None:
+        """The metric names this task reports ('<label>/<metric>'); None when they are not known offline
+        (lm-eval task definitions can compute any metric, filters rename them)."""
+        return None
 
     def check(self) -> str | None:
         """Why this task cannot run offline on this machine; None when it can."""
@@ -101,6 +122,10 @@ class HeldoutTask(_Task):
     def shorthand(self) -> str:
         return self.label
 
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        return BUILTIN_METRICS[self.label]
+
     def prepare(self, data_dir: Path, work_dir: Path, cfg: EvalConfig, tokenizer) -> LmEvalRun:
         task_dir = work_dir / "tasks"
         build_tasks(data_dir, task_dir, cfg, tokenizer=tokenizer, names=(self.label,))
@@ -122,14 +147,15 @@ class YamlTask(_Task):
         if base_dir is None:
             return v
         path = Path(v).expanduser()
-        return str(path if path.is_absolute() else Path(base_dir) / path)
+        # normalised: no '..' left in the element key, whose directory nests under stages/eval/
+        return os.path.normpath(path if path.is_absolute() else Path(base_dir) / path)
 
     @field_validator("task")
     @classmethod
     def _no_colon(cls, v: str) -> str:
         if ":" in v:
             raise ValueError(f"{v!r}: a task name has no ':'")
-        return v
+        return _check_task_name(v)
 
     @property
     def label(self) -> str:
@@ -167,7 +193,7 @@ class LmEvalTask(_Task):
     def _not_another_kind(cls, v: str) -> str:
         if v in BUILTIN_TASKS or v.startswith(YAML_PREFIX):
             raise ValueError(f"{v!r} is not an lm-eval task name; write it as the string {v!r}")
-        return v
+        return _check_task_name(v)
 
     @property
     def label(self) -> str:
@@ -243,7 +269,13 @@ def as_task(value: Any) -> TaskSpec:
 def check_tasks(tasks: Sequence[TaskSpec]) -> list[str]:
     """Problems with `eval.tasks`, as 'eval.tasks.<i>: message' lines; empty when all can run offline."""
     problems = []
+    labels = [task.label for task in tasks]
     for i, task in enumerate(tasks):
+        if task.label in labels[:i]:  # its scores ('<label>/<metric>') would overwrite the other's
+            problems.append(
+                f"eval.tasks.{i}: a second task labelled {task.label!r} (eval.tasks.{labels.index(task.label)})"
+            )
+            continue
         problem = task.check()
         if problem:
             problems.append(f"eval.tasks.{i}: {problem}")

@@ -244,12 +244,22 @@ def cmd_cancel(args, console: Console) -> int:
 
 
 def cmd_logs(args, console: Console) -> int:
+    from hpc.plan import build_plan
+
     rd = _run_dir(args)
+    for flag, value in (("--element", args.element), ("--rank", args.rank)):
+        if value < 0:
+            raise RecipeError([f"{flag}: {value} is negative; the first is 0"])
+    recipe = rd.load_recipe()
+    names = [spec.name for spec in build_plan(recipe)]
+    if args.stage not in names:
+        raise RecipeError([f"stage: {args.stage!r} is not a stage of the run in {rd.root} ({', '.join(names)})"])
     submitted = executors.submitted_by(rd.read_meta())
-    ex = submitted[0] if submitted else executors.get(rd.load_recipe().executor)
+    ex = submitted[0] if submitted else executors.get(recipe.executor)
     path = ex.find_log(rd, args.stage, args.element, args.rank, args.stdout)
     if path is None:
         raise RecipeError([f"logs: no logs for stage {args.stage!r} in {rd.root}"])
+    path = rd.inside(path, "logs")  # printed only when it is the run's own file
     if not path.is_file():
         raise RecipeError([f"logs: {path} does not exist (yet)"])
     print(f"==> {path}")
@@ -265,7 +275,15 @@ def cmd_registry(args, console: Console) -> int:
 
     if args.uri is None and args.workdir is None and not __import__("os").environ.get("MLFLOW_TRACKING_URI"):
         raise RecipeError(["registry: give --uri, --workdir or set MLFLOW_TRACKING_URI"])
-    client = Tracker(resolve_uri(args.uri, (args.workdir or Path(".")).resolve())).client
+    uri = resolve_uri(args.uri, (args.workdir or Path(".")).resolve())
+    store = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+    if store is not None and not store.is_file():  # MLflow would create an empty store and find nothing
+        raise RecipeError([f"registry: no MLflow store at {store} (give --uri, or --workdir of a run)"])
+    client = Tracker(uri).client
+    try:
+        registry.require_model(client, args.name)
+    except ValueError as err:
+        raise RecipeError([f"registry {args.action}: {err}"]) from None
     if args.action == "promote":
         if not args.version:
             raise RecipeError(["registry promote: give the VERSION to promote"])

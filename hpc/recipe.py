@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from data_tools.config import DataConfig
 from eval.config import EvalConfig, GateConfig
 from eval.tasks import TASK_KINDS
 from parallel.dims import ParallelConfig
-from training.config import TrainStage
+from training.config import TrainStage, check_name
+
+# The stages every plan has besides the training stages (hpc/plan.py); their names are taken.
+PIPELINE_STAGES = ("model", "data", "export", "eval", "gate")
 
 
 class _Section(BaseModel):
@@ -85,7 +90,7 @@ class ExecutorConfig(_Section):
 
 
 class Recipe(_Section):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: str = Field(description="names the default run directory: training.config.NAME_PATTERN")
     seed: int = 0
     model: ModelConfig
     data: DataConfig
@@ -96,14 +101,10 @@ class Recipe(_Section):
     tracking: TrackingConfig
     executor: ExecutorConfig = ExecutorConfig()
 
-    @model_validator(mode="after")
-    def _unique_stage_names(self) -> "Recipe":
-        names = [s.name for s in self.stages]
-        reserved = {"model", "data", "export", "eval", "gate"}
-        for n in names:
-            if names.count(n) > 1 or n in reserved:
-                raise ValueError(f"stage name {n!r} is repeated or reserved ({', '.join(sorted(reserved))})")
-        return self
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v: str) -> str:
+        return check_name(v)
 
     def hash(self) -> str:
         return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
@@ -177,66 +178,218 @@ def format_errors(err: ValidationError) -> list[str]:
     return lines
 
 
+def _root_problem(raw: Any) -> str:
+    sections = ", ".join(Recipe.model_fields)
+    return f"<recipe>: the file must hold a YAML mapping of sections ({sections}), not {_kind_of_yaml(raw)}"
+
+
+def _kind_of_yaml(value: Any) -> str:
+    return "a list" if isinstance(value, list) else f"the {type(value).__name__} {value!r}"[:80]
+
+
+def _yaml_reason(err: yaml.YAMLError) -> str:
+    """One line of why YAML did not parse (PyYAML's messages span lines, with a caret under the spot)."""
+    problem = getattr(err, "problem", None)
+    context = getattr(err, "context", None)
+    mark = getattr(err, "problem_mark", None)
+    if not problem:
+        return " ".join(str(err).split())
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{problem}{' ' + context if context else ''}{where}"
+
+
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """Apply `a.b.c=value` overrides (value parsed as YAML; list indices allowed) to a raw recipe dict."""
-    for item in overrides:
-        if "=" not in item:
-            raise RecipeError([f"--set {item}: expected KEY=VALUE, e.g. stages.0.max_steps=50"])
-        key, value = item.split("=", 1)
-        parts = key.split(".")
-        node: Any = raw
-        for i, part in enumerate(parts):
-            last = i == len(parts) - 1
-            if isinstance(node, list):
-                if not part.isdigit() or int(part) >= len(node):
-                    raise RecipeError([f"--set {key}: {part!r} is not an index of a {len(node)}-item list"])
-                part = int(part)
-            elif not isinstance(node, dict):
-                raise RecipeError([f"--set {key}: {'.'.join(parts[:i])} is not a section"])
-            if last:
-                node[part] = yaml.safe_load(value)
-            else:
-                if isinstance(node, dict) and part not in node:
-                    node[part] = {}
-                node = node[part]
+    """Apply `a.b.c=value` overrides (value parsed as YAML; list indices allowed) to a raw recipe dict.
+
+    Every override that can be applied is; RecipeError lists all that could not, one line each."""
+    if not isinstance(raw, dict):
+        raise RecipeError([_root_problem(raw)])
+    problems = [p for p in (_apply_override(raw, item) for item in overrides) if p]
+    if problems:
+        raise RecipeError(problems)
     return raw
 
 
+def _apply_override(raw: dict, item: str) -> str | None:
+    """Apply one `--set` item; the problem line when it cannot be applied (nothing is changed then)."""
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        return f"--set {item}: expected KEY=VALUE, e.g. stages.0.max_steps=50"
+    parts = key.split(".")
+    if "" in parts:
+        return f"--set {key}: a field name is empty (write the path as a.b.c)"
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError as err:
+        return f"--set {key}: the value {value!r} is not valid YAML ({_yaml_reason(err)}); quote it to set a string"
+    node: Any = raw
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                return f"--set {key}: {part!r} is not an index of a {len(node)}-item list"
+            part = int(part)
+        elif not isinstance(node, dict):
+            return f"--set {key}: {'.'.join(parts[:i])} is not a section"
+        if last:
+            node[part] = parsed
+        else:
+            if isinstance(node, dict) and part not in node:
+                node[part] = {}
+            node = node[part]
+    return None
+
+
 def parse_recipe(raw: Any, base_dir: Path | None = None) -> Recipe:
-    """Validate a raw recipe; `base_dir` (the recipe file's directory) anchors relative eval task directories."""
+    """Validate a raw recipe (the schema only); `base_dir` (the recipe file's directory) anchors relative eval
+    task directories."""
     if not isinstance(raw, dict):
-        raise RecipeError(["<recipe>: the file must hold a YAML mapping of sections"])
+        raise RecipeError([_root_problem(raw)])
     try:
         return Recipe.model_validate(raw, context={"base_dir": base_dir})
     except ValidationError as err:
         raise RecipeError(format_errors(err)) from None
 
 
-def load_recipe(path: Path, overrides: list[str] = ()) -> Recipe:
-    """Read, override, validate and check a recipe file; raises RecipeError listing every problem."""
+def read_recipe(path: Path) -> dict:
+    """The raw recipe mapping in a file; RecipeError when the file cannot be read as one."""
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir():
+        raise RecipeError([f"<recipe>: {path} is a directory; give the recipe's YAML file"])
+    if not path.exists():
         raise RecipeError([f"<recipe>: no such file: {path}"])
+    if not path.is_file():
+        raise RecipeError([f"<recipe>: {path} is not a regular file"])
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise RecipeError([f"<recipe>: cannot read {path}: {err}"]) from None
+    try:
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise RecipeError([f"<recipe>: not valid YAML: {err}".replace("\n", " ")]) from None
-    raw = apply_overrides(raw, list(overrides))
-    recipe = parse_recipe(raw, base_dir=path.resolve().parent)
-    problems = check_recipe(recipe, base_dir=path.resolve().parent)
+        raise RecipeError([f"<recipe>: not valid YAML: {_yaml_reason(err)}"]) from None
+    raw = {} if raw is None else raw  # an empty file: every required section is reported missing
+    if not isinstance(raw, dict):
+        raise RecipeError([_root_problem(raw)])
+    return raw
+
+
+def load_recipe(path: Path, overrides: list[str] = ()) -> Recipe:
+    """Read, override, validate and check a recipe file; raises RecipeError listing every problem.
+
+    All problems at once: the `--set` items that cannot be applied, then the schema's, then the checks
+    (files, layouts, eval tasks, gate metrics, executor keys). When the schema fails, each section is
+    validated on its own (unknown keys and invalid values dropped, see `_sections`) and every check whose
+    sections hold up still runs. Only a file that is no recipe mapping stops at its one line.
+    """
+    path = Path(path)
+    raw = read_recipe(path)
+    base_dir = path.resolve().parent
+    problems = []
+    try:
+        apply_overrides(raw, list(overrides))
+    except RecipeError as err:
+        problems += err.problems
+    try:
+        recipe = Recipe.model_validate(raw, context={"base_dir": base_dir})
+    except ValidationError as err:
+        recipe = None
+        problems += format_errors(err)
+        sections, defaulted = _sections(raw, base_dir)
+        problems += [line for line in _checks(sections, base_dir, defaulted) if not _about(line, defaulted, sections)]
+    else:
+        problems += check_recipe(recipe, base_dir)
     if problems:
-        raise RecipeError(problems)
+        raise RecipeError(list(dict.fromkeys(problems)))
     return recipe
 
 
+def _sections(raw: dict, base_dir: Path) -> tuple[dict[str, Any], list[tuple]]:
+    """The recipe's sections that validate on their own, for the checks after a schema error.
+
+    Inside a section, unknown keys and invalid values whose parent is a mapping are dropped (a dropped value
+    falls back to its default) until it validates; a section still invalid then (a wrong type at its root, a
+    bad list item, a required field missing) is left out, and so are the checks that need it. Returns
+    ({section: typed value}, [raw paths of the dropped values, whose defaults now stand in]).
+    """
+    sections, defaulted = {}, []
+    for name, field in Recipe.model_fields.items():
+        if name not in raw:
+            if not field.is_required():
+                sections[name] = field.get_default(call_default_factory=True)
+            continue
+        one = create_model(f"Recipe_{name}", __config__=ConfigDict(extra="forbid"), **{name: (field.annotation, field)})
+        wrapper = {name: copy.deepcopy(raw[name])}
+        here = []
+        for _ in range(10):
+            try:
+                value = getattr(one.model_validate(wrapper, context={"base_dir": base_dir}), name)
+            except ValidationError as err:
+                removed = [(e["type"], _drop(wrapper, e["loc"])) for e in err.errors()]
+                if not any(path for _, path in removed):
+                    break
+                here += [path for kind, path in removed if path and kind != "extra_forbidden"]
+            else:
+                sections[name] = value
+                defaulted += here
+                break
+    return sections, defaulted
+
+
+def _drop(root: dict, loc: tuple) -> tuple | None:
+    """Delete the raw value an error location points at, when its parent is a mapping inside a section; its
+    path, else None. Location parts not in the data (a union's tag, a validator's name) are skipped."""
+    node: Any = root
+    path: list = []
+    for i, part in enumerate(loc):
+        last = i == len(loc) - 1
+        if isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            if last:
+                return None  # removing a list item would renumber the others
+        elif isinstance(node, dict) and part in node:
+            if last:
+                if not path:
+                    return None  # the section itself: its default would stand in for what the recipe says
+                del node[part]
+                return (*path, part)
+        elif isinstance(node, dict) and isinstance(part, str):
+            continue
+        else:
+            return None
+        node = node[part]
+        path.append(part)
+    return None
+
+
+def _about(line: str, defaulted: list[tuple], sections: dict) -> bool:
+    """Whether a check's line concerns a value that was dropped (it would judge the default, not the recipe):
+    its field is the dropped one, inside it, or contains it ('stages.1: ...' when stages.1.reward_fn was)."""
+    where = line.split(": ", 1)[0]
+    stages = sections.get("stages")
+    for path in defaulted:
+        names = [".".join(str(p) for p in path)]
+        if len(path) >= 3 and path[0] == "stages" and isinstance(path[1], int) and stages and path[1] < len(stages):
+            # layout lines name a stage by its name: 'stages (sft).batch_size'
+            names.append(f"stages ({stages[path[1]].name})." + ".".join(str(p) for p in path[2:]))
+        for name in names:
+            if where == name or where.startswith(name + ".") or name.startswith(where + "."):
+                return True
+    return False
+
+
 def model_config(recipe: Recipe, base_dir: Path) -> dict | None:
-    """The base model's config.json (a dict), from the tiny table or the model directory; None when missing."""
+    """The base model's config.json (a dict), from the tiny table or the model directory; None when missing
+    or unreadable (check_recipe says which)."""
     if recipe.model.tiny:
         from parallel.tiny import TINY_CONFIGS, TINY_VOCAB
 
         return dict(TINY_CONFIGS[recipe.model.tiny], vocab_size=TINY_VOCAB)
     cfg_path = resolve_path(recipe.model.path, base_dir) / "config.json"
-    return json.loads(cfg_path.read_text()) if cfg_path.is_file() else None
+    try:
+        config = json.loads(cfg_path.read_text()) if cfg_path.is_file() else None
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
 
 
 def resolve_path(p: str, base_dir: Path) -> Path:
@@ -245,17 +398,68 @@ def resolve_path(p: str, base_dir: Path) -> Path:
 
 
 def check_recipe(recipe: Recipe, base_dir: Path) -> list[str]:
-    """Checks that need the filesystem or other packages: missing files, layouts, offline eval tasks."""
+    """Checks beyond the schema: stage names, missing files, layouts, offline eval tasks, gate metrics,
+    executor keys."""
+    return _checks({name: getattr(recipe, name) for name in Recipe.model_fields}, base_dir)
+
+
+def _checks(sections: dict[str, Any], base_dir: Path, defaulted: list[tuple] = ()) -> list[str]:
+    """The checks whose sections are present in `sections` (all of a valid recipe, or those that validated).
+
+    `defaulted`: raw paths whose defaults stand in for dropped values. The caller drops the lines about them;
+    a check that reads one section and reports on another is skipped when what it reads was defaulted."""
     from eval.gate import check_config
     from eval.tasks import check_tasks
     from training.stages import check_stages
 
-    problems = check_stages(recipe, model_config(recipe, base_dir))  # order, data, layouts (parallel.layout)
-    if recipe.model.path:
-        mdir = resolve_path(recipe.model.path, base_dir)
+    def have(*names: str) -> bool:
+        return all(n in sections for n in names)
+
+    def stage_names_defaulted() -> bool:
+        return any(p[0] == "stages" and len(p) == 3 and p[2] == "name" for p in defaulted)
+
+    some = SimpleNamespace(**sections)  # what the checks read of a recipe, section by section
+    problems = []
+    if have("stages") and not stage_names_defaulted():
+        problems += stage_name_problems(some.stages)
+    if have("stages", "parallel", "data"):  # order, data, layouts (parallel.layout); the model's shape if known
+        problems += check_stages(some, model_config(some, base_dir) if have("model") else None)
+    if have("model") and some.model.path:
+        mdir = resolve_path(some.model.path, base_dir)
         if not (mdir / "config.json").is_file():
-            problems.append(f"model.path: {recipe.model.path} is not a Hugging Face model directory (no config.json)")
-    problems += recipe.data.check_paths(base_dir)
-    problems += check_tasks(recipe.eval.tasks)
-    problems += check_config(recipe.gate, recipe.eval, [t.label for t in recipe.eval.tasks])
+            problems.append(f"model.path: {some.model.path} is not a Hugging Face model directory (no config.json)")
+        elif model_config(some, base_dir) is None:
+            problems.append(f"model.path: {mdir / 'config.json'} is not a readable JSON object")
+    if have("data"):
+        problems += some.data.check_paths(base_dir)
+    if have("eval"):
+        problems += check_tasks(some.eval.tasks)
+    if have("gate", "eval") and not any(p[0] == "eval" for p in defaulted):
+        problems += check_config(some.gate, some.eval, [t.label for t in some.eval.tasks])
+    if have("executor", "stages") and not stage_names_defaulted():
+        problems += executor_stage_problems(some.executor, some.stages)
     return problems
+
+
+def stage_name_problems(stages) -> list[str]:
+    """Each stage has its own name, none of the pipeline's (model, data, export, eval, gate)."""
+    problems, names = [], [s.name for s in stages]
+    for i, name in enumerate(names):
+        if name in PIPELINE_STAGES:
+            problems.append(
+                f"stages.{i}.name: {name!r} is the name of a pipeline stage ({', '.join(PIPELINE_STAGES)}); "
+                "choose another"
+            )
+        elif name in names[:i]:
+            problems.append(f"stages.{i}.name: {name!r} is already the name of stages.{names.index(name)}")
+    return problems
+
+
+def executor_stage_problems(executor: ExecutorConfig, stages) -> list[str]:
+    """executor.stages keys: a stage's name or kind (the Slurm executor checks the same at submit)."""
+    names = set(PIPELINE_STAGES) | {s.name for s in stages} | {s.kind for s in stages}
+    return [
+        f"executor.stages.{key}: no stage or stage kind of that name; allowed: {', '.join(sorted(names))}"
+        for key in executor.stages
+        if key not in names
+    ]

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, ClassVar, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from parallel.dims import LoraConfig, QuantConfig
 
 __all__ = [
+    "NAME_PATTERN",
+    "check_name",
     "LoraConfig",
     "QuantConfig",
     "OptimConfig",
@@ -20,6 +23,22 @@ __all__ = [
     "GRPOStage",
     "TrainStage",
 ]
+
+
+# Names that become a directory (a recipe's, a stage's under <workdir>/stages/): one plain path component,
+# never '.', '..', absolute or with a separator. hpc/recipe.py uses it for the recipe name; eval/tasks.py
+# keeps the same pattern for task names (a test keeps them equal).
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
+
+def check_name(value: str) -> str:
+    """`value` when it matches NAME_PATTERN; else a ValueError saying what a name may hold."""
+    if not re.fullmatch(NAME_PATTERN, value):
+        raise ValueError(
+            f"{value!r} is not a valid name: use letters, digits, '_', '.' and '-', starting with a letter "
+            "or digit (it names a directory of the run)"
+        )
+    return value
 
 
 class _Section(BaseModel):
@@ -74,6 +93,12 @@ class StageConfig(_Section):
     log_every: Count = 10
     checkpoint_every: int = _checkpoint_every()
     seed: int | None = Field(None, description="defaults to the recipe seed")
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v: str) -> str:
+        # names <workdir>/stages/<name>/ (progress, logs, resume state): it must not lead elsewhere
+        return check_name(v)
 
     @model_validator(mode="after")
     def _steps_or_epochs(self):

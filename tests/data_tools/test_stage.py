@@ -217,7 +217,7 @@ def test_jsonl_and_parquet_sources(tmp_path, tokenizer_dir):
 
 
 def test_bad_sources_are_user_errors(tmp_path, tokenizer_dir):
-    with pytest.raises(ValueError, match="no such file"):
+    with pytest.raises(ValueError, match="matched no files"):
         run_data(DataConfig(sources=[{"path": "missing/*.jsonl"}]), tokenizer_dir, tmp_path, base_dir=tmp_path)
     with pytest.raises(ValueError, match="no rows left for train"):
         (tmp_path / "bad.jsonl").write_text('{"prompt": "q", "chosen": "a"}\n{"broken\n')

@@ -142,3 +142,30 @@ def test_missing_model_dir_is_a_user_error(client, name, tmp_path, run_id):
         registry.register_candidate(
             client, name, tmp_path / "nope", run_id, {EXACT: 0.5}, Verdict(passed=True), {lineage.RECIPE_HASH: "abc"}
         )
+
+
+def test_cli_registry_of_a_missing_model_or_version_is_one_line(client, name, model_dir, run_id, capsys):
+    # `hpcft registry` against this sqlite store: a model or version that is not there is a user's mistake,
+    # one line and exit 2 (it was an MlflowException traceback for promote, an empty table for list)
+    from hpc.cli import main
+
+    uri = client.tracking_uri
+    _register(client, name, model_dir, run_id, 0.9, passed=True)
+    capsys.readouterr()
+    for argv, line in (
+        (["promote", name, "7"], f"registry promote: {name} has no version '7'; versions: 1"),
+        (["promote", name, "x"], f"registry promote: {name} has no version 'x'; versions: 1"),
+        (["promote", "no-such-model", "1"], "registry promote: no registered model 'no-such-model'; registered: "),
+        (["list", "no-such-model"], "registry list: no registered model 'no-such-model'; registered: "),
+    ):
+        assert main(["registry", *argv, "--uri", uri]) == 2, argv
+        out = capsys.readouterr()
+        assert f"  {line}" in out.err and "Traceback" not in out.err and out.out == "", (argv, out.err)
+    assert name in out.err  # the registered models are named
+    assert registry.champion_scores(client, name) is None  # nothing moved
+    assert main(["registry", "promote", name, "1", "--uri", uri]) == 0
+    assert main(["registry", "list", name, "--uri", uri]) == 0
+    # a store that does not exist is not created empty
+    missing = model_dir / "none.db"
+    assert main(["registry", "list", name, "--uri", f"sqlite:///{missing}"]) == 2
+    assert "registry: no MLflow store at" in capsys.readouterr().err and not missing.exists()

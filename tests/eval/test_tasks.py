@@ -84,8 +84,11 @@ def test_standard_task_with_cached_dataset_is_accepted(tmp_path, monkeypatch):
 
 
 def test_unknown_and_missing_tasks(tmp_path):
-    problems = check_tasks(tasks("no_such_task_xyz", f"yaml:{tmp_path}/missing:t", f"yaml:{tmp_path}:t"))
+    problems = check_tasks(tasks("no_such_task_xyz", f"yaml:{tmp_path}/missing:t", f"yaml:{tmp_path}:u"))
     assert [p.split(":")[0] for p in problems] == [f"eval.tasks.{i}" for i in range(3)]
     assert "nor a task lm-eval knows" in problems[0]
     assert "does not exist" in problems[1]
-    assert "defines a task or group named 't'" in problems[2]
+    assert "defines a task or group named 'u'" in problems[2]
+    # two tasks of one label: their '<label>/<metric>' scores would overwrite each other
+    problems = check_tasks(tasks(f"yaml:{tmp_path}/a:t", f"yaml:{tmp_path}/b:t"))
+    assert problems[1] == "eval.tasks.1: a second task labelled 't' (eval.tasks.0)"

@@ -287,3 +287,175 @@ def test_eval_tasks_are_typed_shorthand_resolves_against_the_recipe_and_errors_n
     bad = write(tmp_path, **{"eval.tasks": "[heldout_mc, 'yaml:nodir']"})
     p = subprocess.run(hpcft_cmd + ["validate", str(bad)], capture_output=True, text=True, cwd=ROOT)
     assert p.returncode == 2 and "eval.tasks.1: 'yaml:nodir'" in p.stderr
+
+
+# issue 15, recipes and CLI: every mistake is one 'field.path: message' line and exit 2, nothing silent
+
+
+def cli(capsys, *argv):
+    """`hpcft argv...` in this process: (exit code, stderr); the CLI must not raise."""
+    from hpc.cli import main
+
+    capsys.readouterr()
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return code, err
+
+
+def test_recipe_root_that_is_no_mapping_is_one_line_with_or_without_overrides(tmp_path, capsys):
+    for text, what in (("- a\n- b\n", "not a list"), ("3\n", "not the int 3"), ("just words\n", "not the str")):
+        path = tmp_path / "r.yaml"
+        path.write_text(text)
+        for overrides in ([], ["--set", "stages.0.max_steps=1"], ["--set", "a.b=1"]):
+            code, err = cli(capsys, "validate", path, *overrides)
+            assert code == 2, (text, overrides)
+            assert err.splitlines()[1].startswith("  <recipe>: the file must hold a YAML mapping of sections (name, ")
+            assert what in err and len(err.splitlines()) == 2, err
+
+
+def test_set_value_that_is_not_yaml_is_one_line(capsys):
+    code, err = cli(capsys, "validate", TINY_RECIPE, "--set", "stages.0.max_steps=[1", "--set", "eval.limit={a")
+    assert code == 2
+    assert err.splitlines()[1:] == [
+        "  --set stages.0.max_steps: the value '[1' is not valid YAML (expected ',' or ']', but got '<stream end>' "
+        "while parsing a flow sequence at line 1, column 3); quote it to set a string",
+        "  --set eval.limit: the value '{a' is not valid YAML (expected ',' or '}', but got '<stream end>' "
+        "while parsing a flow mapping at line 1, column 3); quote it to set a string",
+    ]
+    assert "a field name is empty" in problems(TINY_RECIPE, ["stages..max_steps=3"])[0]
+
+
+def test_recipe_path_that_is_a_directory_and_sources_that_match_nothing(tmp_path, capsys):
+    code, err = cli(capsys, "validate", tmp_path)
+    assert code == 2 and f"<recipe>: {tmp_path} is a directory; give the recipe's YAML file" in err
+    (tmp_path / "rows").mkdir()
+    (tmp_path / "rows" / "a.txt").write_text("x")
+    out = problems(
+        write(
+            tmp_path,
+            **{"data.sources": "[{path: 'rows/*.jsonl'}, {path: rows}, {path: 'rows/*.txt'}, {path: no.jsonl}]"},
+        )
+    )
+    assert out == [
+        f"data.sources.0.path: the pattern rows/*.jsonl matched no files (in {tmp_path / 'rows'})",
+        "data.sources.1.path: rows is a directory; give a file or a pattern such as dir/*.jsonl",
+        "data.sources.3.path: no such file: no.jsonl",
+    ]
+
+
+def test_gate_metrics_must_be_ones_the_eval_tasks_report(tmp_path):
+    out = problems(TINY_RECIPE, ["gate.thresholds={heldout_exact/em: 0.5, heldout_mc/acc_norm: 0.3}"])
+    assert out == [
+        "gate.thresholds.heldout_exact/em: task 'heldout_exact' reports no metric 'em'; it reports exact_match"
+    ]
+    out = problems(TINY_RECIPE, ["gate.primary_metric=heldout_mc/exact_match"])
+    assert out == ["gate.primary_metric: task 'heldout_mc' reports no metric 'exact_match'; it reports acc, acc_norm"]
+    # a user's lm-eval YAML task reports what its definition computes: any metric under its label, no other label
+    (tmp_path / "my_tasks").mkdir()
+    (tmp_path / "my_tasks" / "say.yaml").write_text("task: my_say\ndataset_path: json\n")
+    path = write(tmp_path, **{"eval.tasks": "[heldout_exact, 'yaml:my_tasks:my_say']"})
+    assert load_recipe(path, ["gate.thresholds={my_say/bleu: 0.1, heldout_exact/exact_match: 0.5}"])
+    out = problems(path, ["gate.thresholds={other/bleu: 0.1}"])
+    assert out == ["gate.thresholds.other/bleu: task 'other' is not among eval.tasks (heldout_exact, my_say)"]
+
+
+def test_executor_stages_keys_are_checked_by_validate(capsys):
+    out = problems(TINY_RECIPE, ["executor.stages={sftt: {partition: gpu}, eval: {mem_gb: 8}, sft: {nodes: 1}}"])
+    assert out == [
+        "executor.stages.sftt: no stage or stage kind of that name; allowed: data, eval, export, gate, model, sft"
+    ]
+    assert load_recipe(DPO_RECIPE, ["executor.stages={dpo: {nodes: 1}, sft: {nodes: 1}, data: {}}"])
+    code, err = cli(capsys, "validate", TINY_RECIPE, "--set", "executor.stages={nope: {}}")
+    assert code == 2 and "  executor.stages.nope: no stage or stage kind of that name" in err
+
+
+def test_schema_errors_do_not_hide_the_other_problems(tmp_path):
+    out = problems(
+        TINY_RECIPE,
+        [
+            "stages.0.bogus=1",  # schema: unknown key (dropped for the checks)
+            "stages.0.batch_size=lots",  # schema: wrong type (the layout check must not judge its default)
+            "tracking=3",  # schema: a section that does not validate at all
+            "parallel.tp=4",  # layout (needs stages, parallel, data, model)
+            "parallel.dp_shard=3",
+            "data.sources.0={path: 'missing/*.jsonl'}",  # filesystem
+            "gate.thresholds={heldout_exact/em: 0.5}",  # gate metric
+            "executor.stages={nope: {}}",  # executor key
+        ],
+    )
+    schema = [
+        "stages.0.batch_size: Input should be a valid integer, unable to parse string as an integer",
+        "stages.0.bogus: unknown key; allowed: ",
+        "tracking: Input should be a valid dictionary or instance of TrackingConfig",
+    ]
+    assert [line[: len(want)] for line, want in zip(out, schema)] == schema  # schema errors first
+    rest = out[len(schema) :]
+    assert any(line.startswith("parallel.tp: 4 must divide the model's 4 attention heads") for line in rest)
+    assert not any("batch_size" in line for line in rest), rest  # about the default 16, not the recipe's value
+    assert (
+        f"data.sources.0.path: the pattern missing/*.jsonl matched no files (in {ROOT / 'recipes' / 'missing'})" in rest
+    )
+    assert any(
+        line.startswith("gate.thresholds.heldout_exact/em: task 'heldout_exact' reports no metric") for line in rest
+    )
+    assert any(line.startswith("executor.stages.nope:") for line in rest)
+    # an independent section's problems still show when another section cannot be checked at all
+    out = problems(TINY_RECIPE, ["stages=3", "eval.tasks=[mmlu_nope_task]", "model={path: /nonexistent}"])
+    assert out[0] == "stages: Input should be a valid list"
+    assert "model.path: /nonexistent is not a Hugging Face model directory (no config.json)" in out
+    assert any(line.startswith("eval.tasks.0: 'mmlu_nope_task' is neither") for line in out)
+    # and an override that cannot be applied does not hide the recipe's own problems
+    out = problems(TINY_RECIPE, ["stages.0.max_steps=[1", "stages.0.mode=int8", "parallel.tp=4"])
+    assert out[0].startswith("--set stages.0.max_steps: the value '[1' is not valid YAML")
+    assert out[1].startswith("stages.0.mode: Input should be")
+    assert out[2].startswith("parallel.tp: 4 must divide")
+    # a dropped value's default never speaks for the recipe: no line judges it, in its section or another
+    assert problems(TINY_RECIPE, ["eval.tasks=3", "gate.thresholds={my_say/acc: 0.1}"]) == [
+        "eval.tasks: Input should be a valid list"
+    ]
+    assert problems(DPO_RECIPE, ["stages.1={kind: grpo, reward_fn: 3}"]) == [
+        "stages.1.reward_fn: Input should be a valid string"
+    ]  # not 'the grpo stage scores responses with a reward model, but no reward_model stage comes before it'
+    out = problems(DPO_RECIPE, ["stages.0.name='../x'", "stages.1.name=sft", "executor.stages={sft: {}}"])
+    assert len(out) == 1 and out[0].startswith("stages.0.name: '../x' is not a valid name")
+
+
+def test_stage_and_task_names_are_plain_directory_names():
+    from eval.tasks import TASK_NAME_PATTERN
+    from hpc.recipe import PIPELINE_STAGES
+    from training.config import NAME_PATTERN
+    from training.stages import KINDS
+
+    assert TASK_NAME_PATTERN == NAME_PATTERN
+    for bad in ("../../../x", "/tmp/x", "a/b", "..", ".hidden", ""):
+        for kind in KINDS:  # every stage schema
+            out = problems(DPO_RECIPE, [f"stages.1={{kind: {kind}, name: '{bad}'}}"])
+            assert any(line.startswith(f"stages.1.name: {bad!r} is not a valid name") for line in out), (kind, out)
+        assert problems(TINY_RECIPE, [f"name='{bad}'"])[0].startswith(f"name: {bad!r} is not a valid name")
+    out = problems(TINY_RECIPE, ["eval.tasks=['../../x', 'yaml:d:a/b', {lm_eval: /abs}]"])
+    assert out[0].startswith("eval.tasks.0.lm_eval: '../../x' is not a valid task name")
+    assert any(line.startswith("eval.tasks.1") and "'a/b'" in line for line in out), out
+    assert out[-1].startswith("eval.tasks.2.lm_eval: '/abs' is not a valid task name")
+    out = problems(DPO_RECIPE, ["stages.1.name=sft"])
+    assert out == ["stages.1.name: 'sft' is already the name of stages.0"]
+    out = problems(TINY_RECIPE, ["stages.0.name=eval"])
+    assert out == [
+        f"stages.0.name: 'eval' is the name of a pipeline stage ({', '.join(PIPELINE_STAGES)}); choose another"
+    ]
+
+
+def test_yaml_task_directories_are_normalised(tmp_path):
+    from hpc.plan import eval_elements
+
+    (tmp_path / "my_tasks").mkdir()
+    (tmp_path / "my_tasks" / "say.yaml").write_text("task: my_say\ndataset_path: json\n")
+    deep = "/".join([".."] * 12) + str(tmp_path / "my_tasks")  # climbs to / and back down
+    for spec in (deep, "./x/../my_tasks"):
+        path = write(tmp_path, **{"eval.tasks": f"['yaml:{spec}:my_say']"})
+        r = load_recipe(path, ["gate.thresholds={my_say/acc: 0.1}"])
+        assert r.eval.tasks[0].yaml_dir == str(tmp_path / "my_tasks")
+        assert ".." not in eval_elements(r)[0].key
+    # two tasks of one label would write one element directory and mix their scores
+    out = problems(path, ["eval.tasks=[heldout_exact, heldout_mc, heldout_exact]"])
+    assert out == ["eval.tasks.2: a second task labelled 'heldout_exact' (eval.tasks.0)"]

@@ -10,7 +10,7 @@ import cloudpickle
 import pytest
 
 from hpc.plan import build_plan
-from hpc.recipe import load_recipe
+from hpc.recipe import RecipeError, SlurmOptions, load_recipe
 from hpc.slurm import check_options, job_options, requeue_on_failure
 from tests.conftest import ROOT, TINY_RECIPE
 from tests.slurm.conftest import slurm_cluster  # noqa: F401 - the fixture
@@ -70,7 +70,13 @@ def test_options_merge_recipe_and_stage_overrides():
     assert sft.env["NCCL_IB_HCA"] == "ibp"
     assert job_options(plan["eval"], r.executor).partition == "cpu"
     assert check_options(r, list(plan.values())) == []
-    bad = load_recipe(TINY_RECIPE, ["executor.stages={sft: {nodes: 3}, trian: {nodes: 1}}", "parallel.dp_shard=4"])
+    # an unknown executor.stages key is a recipe error at `hpcft validate` already (issue 15) ...
+    with pytest.raises(RecipeError, match="executor.stages.trian: no stage or stage kind of that name"):
+        load_recipe(TINY_RECIPE, ["executor.stages={trian: {nodes: 1}}"])
+    bad = load_recipe(TINY_RECIPE, ["executor.stages={sft: {nodes: 3}}", "parallel.dp_shard=4"])
+    # ... and still one for the executor's own check, for a recipe that never went through validation
+    stages = {**bad.executor.stages, "trian": SlurmOptions(nodes=1)}
+    bad = bad.model_copy(update={"executor": bad.executor.model_copy(update={"stages": stages})})
     problems = check_options(bad, build_plan(bad))
     assert any(p.startswith("executor.stages.trian:") for p in problems)
     assert any(p.startswith("executor.stages.sft:") and "needs 4" in p for p in problems)
