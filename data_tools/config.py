@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class _Section(BaseModel):
@@ -87,6 +87,19 @@ class PIIConfig(_Section):
     secrets: bool = Field(True, description="API tokens, cloud keys, private keys, passwords (data_tools.secrets)")
     cards: bool = Field(True, description="payment card numbers (13-19 digits passing the Luhn check)")
     national_ids: bool = Field(True, description="US social security numbers (never-issued ranges kept)")
+    ner_model: str | None = Field(
+        None,
+        description="local Hugging Face token-classification model directory: names (PER) and street "
+        "addresses (ADDRESS) it finds become <NAME>/<ADDRESS>; an absolute path (~ allowed), never downloaded, "
+        "a missing directory is an error when the data stage starts",
+    )
+
+    @field_validator("ner_model")
+    @classmethod
+    def _absolute(cls, value: str | None) -> str | None:
+        if value is not None and not Path(value).expanduser().is_absolute():
+            raise ValueError(f"give an absolute path to a local model directory, not {value!r}")
+        return value
 
 
 class FormatConfig(_Section):

@@ -17,7 +17,9 @@ them under `steps.pii.detectors`):
 - ip: IPv4 and IPv6; a dotted quad written as a version stays (see `_is_version`).
 - phone: international numbers (+cc ...), US groups, and national numbers with a trunk 0 (UK/DE style,
   10-12 digits); space-separated digit runs without those shapes are counts, not phones.
-No names or street addresses: that needs an NER model, which this stage does not ship.
+- name, address (only with `pii.ner_model`, a local Hugging Face token-classification model directory;
+  nothing is downloaded and a missing directory is an error): entity groups PER/PERSON/NAME become
+  <NAME>, ADDRESS/STREET/STREET_ADDRESS become <ADDRESS>; runs last, on the text the patterns left.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import ipaddress
 import json
 import re
 from collections import Counter
+from pathlib import Path
 from typing import Callable
 
 from datatrove.data import DocumentsPipeline
@@ -43,7 +46,12 @@ PLACEHOLDERS = {
     "ssn": "<SSN>",
     "ip": "<IP>",
     "phone": "<PHONE>",
+    "name": "<NAME>",
+    "address": "<ADDRESS>",
 }
+# NER entity groups (B-/I- prefixes stripped) -> kind
+NER_KINDS = {"PER": "name", "PERSON": "name", "NAME": "name", "ADDRESS": "address", "STREET": "address"}
+NER_KINDS["STREET_ADDRESS"] = "address"
 
 EMAIL_RE = re.compile(
     r"(?<![\w.%+-])[A-Za-z0-9][A-Za-z0-9._%+-]*@(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?\.)+[A-Za-z]{2,}\b"
@@ -94,7 +102,7 @@ def detectors(cfg: PIIConfig) -> list[str]:
         "ip": cfg.ips,
         "phone": cfg.phones,
     }
-    return [kind for kind, on in enabled.items() if on]
+    return [kind for kind, on in enabled.items() if on] + (["name", "address"] if cfg.ner_model else [])
 
 
 _PRIVATE_NETS = [ipaddress.ip_network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7")]
@@ -160,7 +168,8 @@ class Scrubber:
             "phone": _sub(PHONE_RE, PLACEHOLDERS["phone"], _phone_digits_ok),
         }
         self.detectors = detectors(cfg)
-        self.replacers = [(kind, replacers[kind]) for kind in self.detectors]
+        self.replacers = [(kind, replacers[kind]) for kind in self.detectors if kind in replacers]
+        self.ner = NerScrubber(cfg.ner_model) if cfg.ner_model else None
 
     def scrub(self, text: str) -> tuple[str, Counter]:
         counts: Counter = Counter()
@@ -168,6 +177,9 @@ class Scrubber:
             text, n = replace(text)
             if n:
                 counts[kind] += n
+        if self.ner is not None:
+            text, found = self.ner.scrub(text)
+            counts.update(found)
         return text, counts
 
     def _ips(self, text: str) -> tuple[str, int]:
@@ -193,6 +205,69 @@ class Scrubber:
     def _secrets(text: str) -> tuple[str, int]:
         text, counts = secrets.redact_text(text, PLACEHOLDERS["secret"])
         return text, sum(counts.values())
+
+
+_PLACEHOLDER_RE = re.compile(r"<[A-Z_]+>")
+
+
+class NerScrubber:
+    """Names and street addresses found by a local token-classification model (`pii.ner_model`)."""
+
+    CHUNK = 1000  # characters per model call; lines longer than this are cut at spaces
+
+    def __init__(self, model_dir: str):
+        path = Path(model_dir).expanduser()
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"data.pii.ner_model: {model_dir} is not a model directory (no config.json); give a local "
+                "Hugging Face token-classification model, nothing is downloaded"
+            )
+        from transformers import AutoModelForTokenClassification, AutoTokenizer, pipeline
+
+        model = AutoModelForTokenClassification.from_pretrained(path, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self.pipe = pipeline(
+            "token-classification", model=model, tokenizer=tokenizer, aggregation_strategy="simple", device="cpu"
+        )
+
+    def scrub(self, text: str) -> tuple[str, Counter]:
+        placeholders = [m.span() for m in _PLACEHOLDER_RE.finditer(text)]
+        spans = []
+        for start, chunk in _chunks(text, self.CHUNK):
+            for entity in self.pipe(chunk) if chunk.strip() else []:
+                group = str(entity.get("entity_group") or entity.get("entity", "")).split("-")[-1].upper()
+                a, b = start + entity["start"], start + entity["end"]
+                while a < b and text[a].isspace():
+                    a += 1
+                if NER_KINDS.get(group) and a < b and not any(a < pb and pa < b for pa, pb in placeholders):
+                    spans.append([a, b, NER_KINDS[group]])
+        merged: list[list] = []  # pieces of one entity (adjacent or split by spaces) become one placeholder
+        for span in sorted(spans):
+            last = merged[-1] if merged else None
+            if last and last[2] == span[2] and not text[last[1] : span[0]].strip():
+                last[1] = max(last[1], span[1])
+            elif not last or span[0] >= last[1]:
+                merged.append(span)
+        out, done, counts = [], 0, Counter()
+        for a, b, kind in merged:
+            out += [text[done:a], PLACEHOLDERS[kind]]
+            done = b
+            counts[kind] += 1
+        return "".join(out) + text[done:], counts
+
+
+def _chunks(text: str, size: int):
+    """(offset, piece) covering `text`: its lines, long lines cut at a space near `size`."""
+    offset = 0
+    for line in text.splitlines(keepends=True):
+        start = 0
+        while len(line) - start > size:
+            cut = line.rfind(" ", start, start + size)
+            cut = cut if cut > start else start + size
+            yield offset + start, line[start:cut]
+            start = cut
+        yield offset + start, line[start:]
+        offset += len(line)
 
 
 def _sub(pattern: re.Pattern, placeholder: str, accept: Callable[[re.Match], bool] | None = None):

@@ -429,3 +429,35 @@ def test_data_stage_leaves_no_planted_pii_in_any_row_format(tmp_path):
         pii = section["steps"]["pii"]
         assert pii["detectors"] == ["secret", "email", "card", "ssn", "ip", "phone"]
         assert all(pii["replaced"].get(kind, 0) > 0 for kind in pii["detectors"]), pii["replaced"]
+
+
+def test_ner_model_must_be_a_local_directory(tmp_path):
+    with pytest.raises(ValueError, match="absolute path"):
+        PIIConfig(ner_model="models/ner")
+    with pytest.raises(FileNotFoundError, match="ner_model: .* is not a model directory .*nothing is downloaded"):
+        Scrubber(PIIConfig(ner_model=str(tmp_path / "missing")))
+
+
+def test_ner_names_become_placeholders(tmp_path):
+    """A local token-classification model (here one that tags every token as a person) replaces what it finds
+    after the patterns ran, leaves their placeholders alone, and is named among the detectors."""
+    import torch
+    from transformers import BertConfig, BertForTokenClassification
+
+    from parallel.tiny import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    labels = {0: "O", 1: "B-PER", 2: "I-PER"}
+    config = BertConfig(
+        vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        num_labels=3, id2label=labels, label2id={v: k for k, v in labels.items()},
+    )  # fmt: skip
+    model = BertForTokenClassification(config)
+    with torch.no_grad():
+        model.classifier.weight.zero_()
+        model.classifier.bias.copy_(torch.tensor([0.0, 10.0, 0.0]))
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    scrubber = Scrubber(PIIConfig(ner_model=str(tmp_path)))
+    assert scrubber.detectors[-2:] == ["name", "address"]
+    assert scrubber.scrub("Alice Smith wrote to bob@example.com") == ("<NAME> <EMAIL>", {"name": 1, "email": 1})
