@@ -70,10 +70,9 @@ PHONE_RE = re.compile(
     r"|(?<!\d[ /-])0\d{1,4}(?:[ /-]?\d{2,8})(?:[ -]\d{2,4}){0,2})(?!\w|[.-]\d)"
 )
 CARD_RE = re.compile(r"(?<![\w+.-])(?:\d{13,19}|\d{4}(?P<sep>[ -])\d{4,6}(?:(?P=sep)\d{1,7}){1,3})(?!\w|[.-]\d)")
-SSN_RE = re.compile(
-    r"(?<![\w.-])(?!000|666|9\d\d)\d{3}(?P<sep>[- ])(?!00)\d{2}(?P=sep)(?!0000)\d{4}(?![\w-]|\.\d)"
-    r"|(?i:(?<=ssn)|(?<=ssn:)|(?<=ssn )|(?<=ssn: )|(?<=ssn=)|(?<=ssn#))(?!000|666|9\d\d)\d{3}(?!00)\d{2}(?!0000)\d{4}\b"
-)
+SSN_RE = re.compile(r"(?<![\w.-])(?!000|666|9\d\d)\d{3}(?P<sep>[- ])(?!00)\d{2}(?P=sep)(?!0000)\d{4}(?![\w-]|\.\d)")
+# nine digits in a row count only right after "SSN"
+SSN_BARE_RE = re.compile(r"(?i)(?<=ssn)(?P<gap>[#:=]?\s?)(?!000|666|9\d\d)\d{3}(?!00)\d{2}(?!0000)\d{4}\b")
 # A dotted quad is a version, not an address, right after a version operator or `v` (`pkg==1.2.3.4`,
 # `numpy>=1.2.3.4`, `v1.2.3.4`), after a version word on its line (`version 8.3.9.2`, `release`, `build`,
 # `firmware`, `upgraded from`), or on a line that pins versions (`pip install pkg==8.13.2 ... 8.3.9.2`)
@@ -145,6 +144,14 @@ def _is_card(m: re.Match) -> bool:
     return 13 <= len(digits) <= 19 and digits[0] in "23456" and luhn_ok(digits)
 
 
+def _ssns(text: str) -> tuple[str, int]:
+    text, n = _sub(SSN_RE, PLACEHOLDERS["ssn"])(text)
+    if "ssn" in text.lower():
+        text, bare = SSN_BARE_RE.subn(lambda m: m["gap"] + PLACEHOLDERS["ssn"], text)
+        n += bare
+    return text, n
+
+
 def _phone_digits_ok(m: re.Match) -> bool:
     digits = sum(c.isdigit() for c in m[0])
     if m[0].startswith("0"):
@@ -163,7 +170,7 @@ class Scrubber:
             "secret": self._secrets,
             "email": _sub(EMAIL_RE, PLACEHOLDERS["email"]),
             "card": _sub(CARD_RE, PLACEHOLDERS["card"], _is_card),
-            "ssn": _sub(SSN_RE, PLACEHOLDERS["ssn"]),
+            "ssn": _ssns,
             "ip": self._ips,
             "phone": _sub(PHONE_RE, PLACEHOLDERS["phone"], _phone_digits_ok),
         }

@@ -40,6 +40,7 @@ AUTHORIZATION_RE = re.compile(
     r"(?i)(?P<head>\b(?:proxy-)?authorization[\"']?\s*[:=]\s*[\"']?(?:(?:bearer|basic|token|digest)\s+)?"
     r"|\b(?:bearer|basic)\s+)(?P<value>[A-Za-z0-9._~+/=-]{8,})"
 )
+# A new prefix here goes into the hints of PATTERNS["token"] too (tests: test_vendor_tokens_alone).
 VENDOR_RE = re.compile(
     r"\bsk-(?:proj-|svcacct-|admin-|live-|test-)?[A-Za-z0-9_-]{16,}"  # OpenAI (and old Stripe style)
     r"|\b[sr]k_(?:live|test)_[A-Za-z0-9]{16,}"  # Stripe
@@ -145,15 +146,32 @@ def _value(pattern: re.Pattern, accept: Callable[[re.Match, str], bool]) -> Repl
     return replace
 
 
+def _hinted(hints: tuple[str, ...], replace: Replacer) -> Replacer:
+    """`replace` only on text that holds one of `hints` (lower case): every match of the pattern does."""
+
+    def run(text: str, placeholder: str) -> tuple[str, int]:
+        low = text.lower()
+        return replace(text, placeholder) if any(h in low for h in hints) else (text, 0)
+
+    return run
+
+
+# Every key name is_secret_key accepts (and every `...key`) contains one of these.
+_NAME_HINTS = ("pass", "secret", "key", "credential", "auth", "token", "pat")
+
 PATTERNS: dict[str, Replacer] = {
     "private_key": _whole(PEM_RE),
-    "url_password": _value(URL_CREDENTIALS_RE, lambda m, v: not _REFERENCE.fullmatch(v)),
-    "authorization": _value(AUTHORIZATION_RE, lambda m, v: not _REFERENCE.fullmatch(v)),
-    "token": _whole(VENDOR_RE),
-    "keyed": _value(KEYED_RE, lambda m, v: _keyed_secret(m["key"], v)),
-    "flag": _value(FLAG_RE, lambda m, v: _keyed_secret(m["key"], v)),
-    "spaced": _value(SPACED_RE, lambda m, v: is_secret_key(m["key"]) and looks_generated(v)),
-    "prose": _value(PROSE_RE, lambda m, v: looks_generated(v)),
+    "url_password": _hinted(("://",), _value(URL_CREDENTIALS_RE, lambda m, v: not _REFERENCE.fullmatch(v))),
+    "authorization": _hinted(
+        ("auth", "bearer", "basic"), _value(AUTHORIZATION_RE, lambda m, v: not _REFERENCE.fullmatch(v))
+    ),
+    "token": _hinted(
+        ("sk", "rk_", "gh", "github_pat", "hf_", "akia", "asia", "xox", "xapp-", "aiza", "eyj"), _whole(VENDOR_RE)
+    ),
+    "keyed": _hinted(_NAME_HINTS, _value(KEYED_RE, lambda m, v: _keyed_secret(m["key"], v))),
+    "flag": _hinted(_NAME_HINTS, _value(FLAG_RE, lambda m, v: _keyed_secret(m["key"], v))),
+    "spaced": _hinted(_NAME_HINTS, _value(SPACED_RE, lambda m, v: is_secret_key(m["key"]) and looks_generated(v))),
+    "prose": _hinted(_NAME_HINTS, _value(PROSE_RE, lambda m, v: looks_generated(v))),
 }
 
 

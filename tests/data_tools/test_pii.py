@@ -28,12 +28,27 @@ from data_tools.pii import ChatPIIFormatter, Scrubber
         ("AWS key AKIA753XLNYSAIJRVVXF was rotated.", "AWS key <SECRET> was rotated.", "secret"),
         ("api_key = 3f9a8b7c6d5e4f3a2b1c0d9e8f7a6b5c", "api_key = <SECRET>", "secret"),
         ("token: ZXlKaGJHY2lPaUpJVXpJMU5pSjk1234", "token: <SECRET>", "secret"),
+        ("SSN: 123456789 on file", "SSN: <SSN> on file", "ssn"),
+        ("ssn 078-05-1120.", "ssn <SSN>.", "ssn"),
+        ("pay with 4111 1111 1111 1111 now", "pay with <CARD> now", "card"),
+        ("Amex 3782-822463-10005", "Amex <CARD>", "card"),
     ],
 )
 def test_each_kind_is_replaced(text, expected, kind):
     scrubbed, counts = Scrubber(PIIConfig()).scrub(text)
     assert scrubbed == expected
     assert counts == {kind: 1}
+
+
+def test_versions_and_invalid_ids_are_kept():
+    text = (
+        "pip install pkg==8.13.2 then 8.3.9.2 works; numpy>=1.2.3.4; v10.4.2.1; version 7.1.0.2; "
+        "SSN 900123456, 666-12-3456, 123-00-4567; card 4111 1111 1111 1112; 12 + 30 = 42"
+    )
+    assert Scrubber(PIIConfig()).scrub(text) == (text, {})
+    assert (
+        Scrubber(PIIConfig()).scrub("host 8.3.9.2 after pip install x==1.2")[0] == "host <IP> after pip install x==1.2"
+    )
 
 
 def test_normal_text_is_untouched():

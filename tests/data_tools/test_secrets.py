@@ -68,3 +68,27 @@ def test_secret_key_names():
 def test_redact_walks_structures():
     cfg = {"env": {"HF_TOKEN": "x"}, "setup": ["export GITHUB_TOKEN=ghp_abcdefghijklmnopqrstuvwxyz0123"], "n": 3}
     assert redact(cfg) == {"env": {"HF_TOKEN": "***"}, "setup": ["export GITHUB_TOKEN=***"], "n": 3}
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        "sk-abcdefghijklmnop1234",
+        "sk-proj-abcdefghijklmnop1234",
+        "sk_live_4eC39HqLyjWDarjtT1zdp7dc",
+        "rk_test_4eC39HqLyjWDarjtT1zdp7dc",
+        "ghp_abcdefghijklmnopqrstuvwxyz0123456789",
+        "gho_abcdefghijklmnopqrstuvwxyz0123456789",
+        "github_pat_11ABCDEFG0123456789_abcdefghijklmnop",
+        "hf_abcdefghijklmnopqrstuvwxyz12",
+        "AKIAY34FZKBOKMUTVV7A",
+        "ASIAY34FZKBOKMUTVV7A",
+        "xoxb-123456789012-abcdefghij",
+        "xapp-1-A0123456789-abcdef",
+        "AIzaSyA1234567890abcdefghijklmnopqrstuv",
+        "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N",
+    ],
+)
+def test_vendor_tokens_alone(token):
+    """Each vendor prefix on its own (no other word that could open the fast path by chance)."""
+    assert redact_text(f"x {token} y") == ("x <SECRET> y", {"token": 1})
