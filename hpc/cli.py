@@ -186,11 +186,10 @@ def cmd_run(args, console: Console) -> int:
 
 
 def cmd_scripts(args, console: Console) -> int:
-    """Standalone job scripts of the executor whose script command this is (`hpcft sbatch`)."""
-    from hpc.pipeline import _start_child, prepare_run
+    """Standalone job scripts of the executor whose script command this is (`hpcft sbatch`). Only --out is
+    written; the run directory and MLflow are untouched until the scripts' submit step runs."""
     from hpc.plan import build_plan
-    from hpc.rundir import RunDir
-    from hpc.tracking import Tracker
+    from hpc.rundir import RunDir, private_umask
 
     cls = executors.script_writers()[args.cmd]
     recipe = load_recipe(args.recipe, args.overrides + [f"executor.kind={cls.name}"])
@@ -199,13 +198,13 @@ def cmd_scripts(args, console: Console) -> int:
     problems = ex.check(recipe, plan)
     if problems:
         raise RecipeError(problems)
+    private_umask()
     rd = RunDir(_workdir(args, recipe))
-    meta = prepare_run(recipe, args.recipe, rd)
-    tracker = Tracker(meta["tracking_uri"])
-    for spec in plan:  # jobs log into these child runs; the CLI is not there to create them
-        _start_child(rd, tracker, spec.name)
-    paths = ex.write_scripts(recipe, plan, rd, args.out)
-    console.print(f"wrote {len(paths)} files to {args.out}; review them, then run {paths[-1]}")
+    paths = ex.write_scripts(recipe, args.recipe, plan, rd, args.out)
+    console.print(
+        f"wrote {len(paths)} files to {args.out} (run directory {rd.root}, untouched until submitted); "
+        f"review them, then run {paths[-1]}"
+    )
     return 0
 
 

@@ -81,8 +81,12 @@ class Executor:
         )
         return logs[min(element, len(logs) - 1)] if logs else None
 
-    def write_scripts(self, recipe: Recipe, plan: list[StageSpec], rd: RunDir, out: Path) -> list[Path]:
-        """Standalone job scripts for every stage (`script_command`); the last path written submits them."""
+    def write_scripts(
+        self, recipe: Recipe, recipe_path: Path, plan: list[StageSpec], rd: RunDir, out: Path
+    ) -> list[Path]:
+        """Standalone job scripts for every stage (`script_command`) into `out`; the last path written submits
+        them. Writing them changes nothing else (no run directory files, no MLflow runs): the submitting script
+        prepares the run directory `rd` when it runs."""
         raise NotImplementedError(f"the {self.name} executor writes no job scripts")
 
 

@@ -15,7 +15,7 @@ from typing import Callable
 
 from hpc.plan import StageSpec, build_plan, eval_elements
 from hpc.recipe import Recipe, resolve_path
-from hpc.rundir import RunDir, read_json, write_json
+from hpc.rundir import RunDir, private_umask, read_json, write_json
 from hpc.tracking import Tracker, quiet_env
 from training.stages import KINDS as STAGE_KINDS
 from training.stages import previous as previous_stage
@@ -266,6 +266,7 @@ def run_stage(run_root: str, stage: str, index: int = 0, datatrove: Callable | N
     running executor's `datatrove_ranks(recipe, spec, out_dir)`, where the data stage's datatrove ranks run
     (default: a process pool in this job)."""
     quiet_env()
+    private_umask()  # files this job writes: 0600/0700 unless $HPCFT_UMASK says otherwise
     rd = RunDir(Path(run_root))
     recipe = rd.load_recipe()
     meta = rd.read_meta()

@@ -10,12 +10,13 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from data_tools.secrets import redact_text
 from hpc import executors
 from hpc.executor import BlockingExecutor, StageFailed, SubmitError, SubmittingExecutor
 from hpc.plan import StageSpec, build_plan
 from hpc.progress import PipelineView
 from hpc.recipe import Recipe, RecipeError
-from hpc.rundir import RunDir, read_json
+from hpc.rundir import RunDir, private_umask, read_json
 from hpc.tracking import Tracker, resolve_uri
 from training.stages import KINDS as STAGE_KINDS
 
@@ -24,9 +25,12 @@ EXIT_INTERRUPTED = 130  # Ctrl-C or SIGTERM: running local jobs were stopped
 
 
 def prepare_run(recipe: Recipe, recipe_path: Path, rd: RunDir) -> dict:
-    """Snapshot the recipe and create (or reuse) the MLflow parent run; returns run.json."""
+    """Snapshot the recipe and create (or reuse) the MLflow parent run; returns run.json. Sets the process
+    umask to $HPCFT_UMASK (default 077) first: the run directory, mlflow.db and the jobs' files (submitted
+    jobs inherit it) are not readable by other users."""
     from eval.lineage import git_commit
 
+    private_umask()
     rd.write_recipe(recipe)
     meta = rd.read_meta()
     uri = resolve_uri(recipe.tracking.uri, rd.root)
@@ -103,7 +107,8 @@ def run_pipeline(
         )
     meta = prepare_run(recipe, recipe_path, rd)
     tracker = Tracker(meta["tracking_uri"])
-    console.print(f"run directory: {rd.root}\ntracking: {meta['tracking_uri']} (parent run {meta['parent_run_id']})")
+    uri = redact_text(meta["tracking_uri"])[0]
+    console.print(f"run directory: {rd.root}\ntracking: {uri} (parent run {meta['parent_run_id']})")
     if isinstance(ex, SubmittingExecutor):
         return _submit(ex, recipe, plan, rd, tracker, console, only, detach)
     return _run_blocking(ex, plan, rd, tracker, console, only)

@@ -1,4 +1,11 @@
-"""The run directory: recipe snapshot, run.json, per-stage outputs, logs, progress and completion markers."""
+"""The run directory: recipe snapshot, run.json, per-stage outputs, logs, progress and completion markers.
+
+Permissions: hpcft processes create files under the umask $HPCFT_UMASK (octal, default 077: directories
+0700, files 0600), so a run directory on a shared cluster filesystem is not readable by other users; jobs
+inherit it (sbatch passes the umask to the job). The recipe snapshot keeps the values the jobs need
+(`executor.env`, `setup:` lines, a tracking URI with a password) and is always 0600. run.json holds no
+secret in clear: a value that data_tools.secrets redacts is written redacted, and the real one goes to the
+0600 file `.run.private.json` beside it, which read_meta merges back."""
 
 from __future__ import annotations
 
@@ -49,17 +56,27 @@ class RunDir:
 
     # run.json ---------------------------------------------------------------------------------
     def read_meta(self) -> dict:
-        p = self.root / "run.json"
-        return json.loads(p.read_text()) if p.is_file() else {}
+        p, private = self.root / "run.json", self.root / PRIVATE_META
+        meta = json.loads(p.read_text()) if p.is_file() else {}
+        return meta | (json.loads(private.read_text()) if private.is_file() else {})
 
     def update_meta(self, **fields) -> dict:
+        """Merge `fields` into run.json; top-level values holding a secret (a tracking URI with a password)
+        are written redacted there and kept whole in the private file."""
+        from data_tools.secrets import redact
+
         meta = self.read_meta() | fields
-        write_json(self.root / "run.json", meta)
+        shown = redact(meta, REDACTED)
+        hidden = {k: v for k, v in meta.items() if shown[k] != v}
+        if hidden or (self.root / PRIVATE_META).exists():
+            atomic_write(self.root / PRIVATE_META, json.dumps(hidden, indent=2, sort_keys=True), mode=0o600)
+        write_json(self.root / "run.json", shown)
         return meta
 
     def write_recipe(self, recipe: Recipe) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.recipe_path, yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+        """The resolved recipe, loadable to rerun the run; 0600, since it keeps secrets the jobs need."""
+        make_private_dir(self.root)
+        atomic_write(self.recipe_path, yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False), mode=0o600)
 
     def load_recipe(self) -> Recipe:
         """The run's recipe snapshot; RecipeError('workdir: ...') when it is missing or not a recipe."""
@@ -93,11 +110,55 @@ class RunDir:
             p.unlink()
 
 
-def atomic_write(path: Path, text: str) -> None:
-    """Write via a temp file + rename so a reader never sees a half-written file."""
+PRIVATE_META = ".run.private.json"
+REDACTED = "***"
+
+
+def hpcft_umask() -> int:
+    """The umask hpcft creates run files under: $HPCFT_UMASK (octal, e.g. 027 to share with the group),
+    default 077 (directories 0700, files 0600)."""
+    raw = os.environ.get("HPCFT_UMASK", "077")
+    try:
+        value = int(raw, 8)
+    except ValueError:
+        raise ValueError(f"HPCFT_UMASK={raw!r}: expected an octal umask such as 077 or 027") from None
+    if not 0 <= value <= 0o777:
+        raise ValueError(f"HPCFT_UMASK={raw!r}: expected an octal umask such as 077 or 027")
+    return value
+
+
+def private_umask() -> int:
+    """Set this process's umask to hpcft_umask() (children and submitted jobs inherit it); returns the old."""
+    return os.umask(hpcft_umask())
+
+
+def make_private_dir(path: Path) -> Path:
+    """mkdir -p; a directory created here gets 0777 & ~hpcft_umask() (0700 by default), whatever the
+    process umask; an existing one is left as it is."""
+    path = Path(path)
+    if not path.is_dir():
+        path.mkdir(parents=True, exist_ok=True)
+        path.chmod(0o777 & ~hpcft_umask())
+    return path
+
+
+def write_private(path: Path, text: str, mode: int = 0o600) -> None:
+    """Write a file that may hold secrets: `mode` (0600 by default) whatever the umask."""
+    atomic_write(Path(path), text, mode=mode)
+
+
+def atomic_write(path: Path, text: str, mode: int | None = None) -> None:
+    """Write via a temp file + rename so a reader never sees a half-written file; `mode`: exact permissions
+    (set before any content is written), else the umask's."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
+    if mode is None:
+        tmp.write_text(text)
+    else:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
     os.replace(tmp, path)
 
 

@@ -7,19 +7,23 @@ writes the same jobs as standalone sbatch scripts."""
 from __future__ import annotations
 
 import os
+import re
+import shlex
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Callable
 
+import yaml
+
+from data_tools.secrets import redact_text
 from hpc.executor import StageFailed, StageJobs, SubmitError, SubmittingExecutor, tail
 from hpc.jobs import run_stage
-from hpc.plan import StageSpec
-from hpc.recipe import ExecutorConfig, Recipe, SlurmOptions
-from hpc.rundir import RunDir
+from hpc.plan import StageSpec, build_plan
+from hpc.recipe import ExecutorConfig, Recipe, RecipeError, SlurmOptions, parse_recipe
+from hpc.rundir import RunDir, make_private_dir, private_umask, write_private
 from training.stages import KINDS as STAGE_KINDS
 
 # Fabric settings users otherwise copy from wiki pages; applied as exports before every job.
@@ -44,6 +48,7 @@ ENV_PRESETS: dict[str, dict[str, str]] = {
         "NCCL_DEBUG": "WARN",
     },
 }
+REQUEUED_EXIT = 75  # exit code of an attempt that requeued itself (EX_TEMPFAIL)
 FAILED_STATES = {"FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
 TRAIN_KINDS = set(STAGE_KINDS)
 
@@ -104,6 +109,8 @@ def job_options(spec: StageSpec, cfg: ExecutorConfig, ranks: bool = False) -> Jo
         opts = replace(opts, nodes=1, tasks_per_node=1)
     if spec.kind == "data" and not ranks:
         opts = replace(opts, cpus_per_task=1, gpus_per_node=0)
+    if not opts.gpus_per_node:  # the fabric presets tune NCCL/UCX over GPUs; a CPU-only job gets none
+        opts = replace(opts, env={})
     return opts
 
 
@@ -153,7 +160,7 @@ def _sbatch_params(o: JobOptions, name: str, deps: list[str]) -> dict:
         constraint=o.constraint,
         exclusive=o.exclusive or None,
         gpus_per_node=o.gpus_per_node or None,
-        setup=[f"export {k}={v}" for k, v in o.env.items()] + list(o.setup),
+        setup=[f"export {k}={shlex.quote(str(v))}" for k, v in o.env.items()] + list(o.setup),
         additional_parameters=extra,
     )
     if deps:
@@ -166,20 +173,64 @@ def _sbatch_params(o: JobOptions, name: str, deps: list[str]) -> dict:
     return {k: v for k, v in params.items() if v is not None}
 
 
-def make_executor(folder: Path, o: JobOptions, name: str, deps: list[str], python: str | None):
+def job_python(o: JobOptions, configured: str | None) -> str:
+    """The interpreter a job runs: the recipe's `executor.python` when set; else `python` from the job's PATH
+    when a container image or `setup:` lines choose the environment (the submitting host's venv path may not
+    exist there, or be the wrong one); else this interpreter."""
+    if configured:
+        return configured
+    if o.container_image or o.setup:
+        return "python"
+    return sys.executable
+
+
+def make_executor(folder: Path, o: JobOptions, name: str, deps: list[str], python: str | None, array: int = 0):
+    """The submitit executor of one stage's job (an array of `array` elements when > 0). Both the submitit
+    path and `hpcft sbatch` build their job scripts from it, so the two carry the same sbatch options
+    (`--signal=USR2@90`, `--open-mode=append`, `--requeue`, logs, resources, setup, srun arguments)."""
     import submitit
 
-    ex = submitit.SlurmExecutor(folder=folder, python=python or sys.executable)
+    ex = submitit.SlurmExecutor(folder=folder, python=shlex.quote(job_python(o, python)))
     ex.update_parameters(**_sbatch_params(o, name, deps))
+    if array:
+        ex.update_parameters(array_parallelism=array)
     return ex
 
 
 def run_element(run_root: str, stage: str, index: int, max_retries: int) -> dict:
     """A Slurm job's body: run the element (a data stage's datatrove ranks as job arrays); on failure
-    requeue this very job while retries remain."""
-    counter = RunDir(Path(run_root)).stage_dir(stage) / "attempts" / f"{index}"
+    requeue this very job while retries remain. An element already done with the same inputs (a job
+    requeued after it finished, or an exported submit.sh run over a run directory with finished stages)
+    returns at once. Rank 0 closes the stage's MLflow child run once the stage is done or has failed."""
+    rd = RunDir(Path(run_root))
+    spec = {s.name: s for s in build_plan(rd.load_recipe())}[stage]
+    if rd.element_done(spec, index):
+        print(f"hpcft: {stage}[{index}] is up to date; nothing to run", file=sys.stderr, flush=True)
+        return {"skipped": True}
+    counter = rd.stage_dir(stage) / "attempts" / f"{index}"
     job = partial(run_stage, datatrove=SlurmExecutor.datatrove_ranks)
-    return requeue_on_failure(job, (run_root, stage, index), counter, max_retries)
+    result = requeue_on_failure(
+        job, (run_root, stage, index), counter, max_retries, on_failure=lambda: close_child(rd, spec, ok=False)
+    )
+    if rd.stage_done(spec):
+        close_child(rd, spec, ok=True)
+    return result
+
+
+def close_child(rd: RunDir, spec: StageSpec, ok: bool) -> None:
+    """Mark the stage's MLflow child run finished (or failed) from inside the job, so that a run nobody
+    watches (--detach, an exported submit.sh) leaves no child run Running. Rank 0 only; never fails the job."""
+    if os.environ.get("SLURM_PROCID", "0") != "0":
+        return
+    try:
+        from hpc.tracking import Tracker
+
+        meta = rd.read_meta()
+        child = meta.get("child_runs", {}).get(spec.name)
+        if child:
+            Tracker(meta["tracking_uri"]).finish(child, ok=ok)
+    except Exception as err:  # noqa: BLE001 - tracking trouble must not turn a finished stage into a failure
+        print(f"hpcft: could not close the MLflow run of {spec.name}: {err}", file=sys.stderr, flush=True)
 
 
 class StageJob:
@@ -197,27 +248,45 @@ class StageJob:
         return DelayedSubmission(self, *args, **kwargs)
 
 
-def requeue_on_failure(fn, args: tuple, counter: Path, max_retries: int):
+def requeue_on_failure(fn, args: tuple, counter: Path, max_retries: int, on_failure: Callable | None = None):
     """Call fn(*args); if it raises inside a Slurm job with retries left, requeue the job itself (so that
-    `afterok` dependants keep waiting for its final outcome) and let Slurm end this attempt."""
+    `afterok` dependants keep waiting for its final outcome) and exit this attempt at once: Slurm records it
+    as REQUEUED and starts the job again, and the allocation is not held meanwhile. If Slurm refuses the
+    requeue (a job submitted with --no-requeue, JobRequeue=0) or no retries remain, the error is raised and
+    the job fails (after `on_failure()`)."""
     import traceback
 
     try:
         return fn(*args)
-    except Exception:
+    except Exception as err:
+        message = str(err)
+        if redact_text(message)[0] != message:  # e.g. a tracking URI with its password in an MLflow error
+            err.args = (redact_text(message)[0],)
         attempt = int(counter.read_text()) + 1 if counter.is_file() else 1
         job = os.environ.get("SLURM_JOB_ID")
         if os.environ.get("SLURM_PROCID", "0") == "0" and job and attempt <= max_retries:
             counter.parent.mkdir(parents=True, exist_ok=True)
             counter.write_text(str(attempt))
-            traceback.print_exc()
+            print(redact_text(traceback.format_exc())[0], file=sys.stderr, end="", flush=True)
             print(
                 f"hpcft: attempt {attempt} failed; requeueing job {job} ({max_retries - attempt} retries left)",
                 file=sys.stderr,
                 flush=True,
             )
-            subprocess.run(["scontrol", "requeue", job], check=False)
-            time.sleep(600)  # Slurm ends this run of the job; the requeued one starts over
+            asked = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, check=False)
+            if asked.returncode == 0:
+                # The job is queued again. Exit now, without unwinding: submitit must not record this
+                # attempt's error as the job's result, and nothing may hold the allocation. Slurm records
+                # this attempt as REQUEUED whatever the exit code; non-zero keeps it a failure otherwise.
+                sys.stdout.flush()
+                os._exit(REQUEUED_EXIT)
+            print(
+                f"hpcft: Slurm refused the requeue ({(asked.stderr or asked.stdout).strip()}); the job fails",
+                file=sys.stderr,
+                flush=True,
+            )
+        if os.environ.get("SLURM_PROCID", "0") == "0" and on_failure is not None:
+            on_failure()
         raise
 
 
@@ -339,8 +408,10 @@ class SlurmExecutor(SubmittingExecutor):
 
         return factory
 
-    def write_scripts(self, recipe: Recipe, plan: list[StageSpec], rd: RunDir, out: Path) -> list[Path]:
-        return write_sbatch(recipe, plan, rd, out, self.cfg.python)
+    def write_scripts(
+        self, recipe: Recipe, recipe_path: Path, plan: list[StageSpec], rd: RunDir, out: Path
+    ) -> list[Path]:
+        return write_sbatch(recipe, recipe_path, plan, rd, out, self.cfg.python)
 
 
 def _asked(stage: str, o: JobOptions) -> str:
@@ -385,93 +456,156 @@ def job_log(folder: str, job_id: str, rank: int = 0, err: bool = True) -> Path:
     return Path(folder) / f"{job_id}_{rank}_log.{'err' if err else 'out'}"
 
 
-def sbatch_script(spec: StageSpec, o: JobOptions, rd: RunDir, job_name: str, python: str) -> str:
-    """A standalone sbatch script running exactly what the submitit path runs for this stage."""
+def sbatch_script(spec: StageSpec, o: JobOptions, rd: RunDir, job_name: str, python: str | None) -> str:
+    """A standalone sbatch script for one stage: the very script the submitit path submits for it (same
+    executor, same sbatch options, logs and setup) with `python -m hpc.slurm run-element` as its command."""
     logs = rd.stage_dir(spec.name) / "logs"
-    p = _sbatch_params(o, job_name, [])
-    pattern = "%A_%a" if spec.is_array else "%j"  # the same names submitit gives its logs
-    lines = [
-        "#!/bin/bash",
-        f"#SBATCH --job-name={job_name}",
-        f"#SBATCH --nodes={o.nodes}",
-        f"#SBATCH --ntasks-per-node={o.tasks_per_node}",
-        f"#SBATCH --cpus-per-task={o.cpus_per_task}",
-        f"#SBATCH --time={o.time_min}",
-        f"#SBATCH --output={logs}/{pattern}_batch.out",
-        f"#SBATCH --error={logs}/{pattern}_batch.err",
-    ]
-    for key in ("partition", "qos", "constraint"):
-        if p.get(key):
-            lines.append(f"#SBATCH --{key}={p[key]}")
-    if p.get("mem"):
-        lines.append(f"#SBATCH --mem={p['mem']}")
-    if o.gpus_per_node:
-        lines.append(f"#SBATCH --gpus-per-node={o.gpus_per_node}")
-    if o.exclusive:
-        lines.append("#SBATCH --exclusive")
-    for key, value in p["additional_parameters"].items():
-        flag = key.replace("_", "-")
-        lines.append(f"#SBATCH --{flag}" if value is True else f"#SBATCH --{flag}={value}")
-    if spec.is_array:
-        lines.append(f"#SBATCH --array=0-{len(spec.elements) - 1}")
-    lines += ["", "set -euo pipefail", *p["setup"]]
-    srun = " ".join(
+    n = len(spec.elements) if spec.is_array else 0
+    ex = make_executor(logs, o, job_name, [], python, array=n)
+    if n:
+        ex.parameters["map_count"] = n  # what submitit sets for an array: --array=0-<n-1>%<n>, %A_%a logs
+    command = " ".join(
         [
-            "srun",
-            "--kill-on-bad-exit=1",
-            f"--output={logs}/{pattern}_%t_log.out",
-            f"--error={logs}/{pattern}_%t_log.err",
-            *p.get("srun_args", []),
+            shlex.quote(job_python(o, python)),
+            "-u -m hpc.slurm run-element",
+            shlex.quote(str(rd.root)),
+            shlex.quote(spec.name),
+            '"${SLURM_ARRAY_TASK_ID:-0}"',
+            f"--retries {o.max_retries}",
         ]
     )
-    lines.append(
-        f"{srun} {python} -m hpc.slurm run-element {rd.root} {spec.name} "
-        f'"${{SLURM_ARRAY_TASK_ID:-0}}" --retries {o.max_retries}'
-    )
-    return "\n".join(lines) + "\n"
+    text = ex._make_submission_file_text(command, "")
+    first, _, rest = text.partition("\n")
+    note = f"# hpcft: stage {spec.name}; the same job `hpcft run --executor slurm` submits; run by submit.sh"
+    return f"{first}\n{note}\n{rest}"
 
 
-def write_sbatch(recipe: Recipe, plan: list[StageSpec], rd: RunDir, out: Path, python: str | None) -> list[Path]:
-    """Scripts for every stage plus submit.sh chaining them with afterok; returns the paths written."""
-    out.mkdir(parents=True, exist_ok=True)
-    python = python or sys.executable
-    written, submit = (
-        [],
-        [
-            "#!/bin/bash",
-            "# Submit the whole pipeline; each stage starts after the ones it needs.",
-            "set -euo pipefail",
-            'cd "$(dirname "$0")"',
-        ],
-    )
+SNAPSHOT = "recipe.yaml"  # the resolved recipe the scripts were written for, next to them
+
+
+def _shell_name(stage: str) -> str:
+    return re.sub(r"\W", "_", stage) + "_job"
+
+
+def write_sbatch(
+    recipe: Recipe, recipe_path: Path, plan: list[StageSpec], rd: RunDir, out: Path, python: str | None
+) -> list[Path]:
+    """Scripts for every stage plus submit.sh chaining them with afterok; returns the paths written.
+
+    Only `out` is written: the run directory, run.json and MLflow are untouched until submit.sh runs. Its
+    first step does what `hpcft run --executor slurm` does before submitting (snapshot the recipe, open the
+    MLflow parent and child runs, create the log folders Slurm will not create), then it submits every stage
+    and records the job ids in run.json, so `hpcft watch|status|logs|cancel RUN_DIR` follow the run."""
+    out = Path(out).resolve()
+    if out == rd.root or (out / "run.json").exists():
+        raise RecipeError([f"--out: {out} is a run directory; give a separate folder for the scripts"])
+    make_private_dir(out)
+    write_private(out / SNAPSHOT, yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+    host_python = shlex.quote(sys.executable)
+    root = shlex.quote(str(rd.root))
+    submit = [
+        "#!/bin/bash",
+        f"# Submit the pipeline of recipe {recipe.name} into the run directory {rd.root}, as",
+        "# `hpcft run --executor slurm --detach` would. Nothing was written outside this folder before this",
+        "# script runs; its first step snapshots the recipe into the run directory and opens the MLflow runs.",
+        "# Stages already up to date there finish at once. Follow with: hpcft watch RUN_DIR",
+        "set -euo pipefail",
+        'cd "$(dirname "$0")"',
+        'umask "${HPCFT_UMASK:-077}"  # the jobs inherit it: their logs are private as well',
+        f'HPCFT_PYTHON="${{HPCFT_PYTHON:-{host_python}}}"',
+        f"RUN_DIR={root}",
+        'JOBS=""',
+        'trap \'if [ -n "$JOBS" ]; then scancel $JOBS; echo "submission failed; cancelled$JOBS" >&2; fi\' ERR',
+        f'"$HPCFT_PYTHON" -m hpc.slurm prepare "$RUN_DIR" {SNAPSHOT} --recipe-path '
+        f"{shlex.quote(str(Path(recipe_path).resolve()))}",
+    ]
+    written = []
     for spec in plan:
         o = job_options(spec, recipe.executor)
         path = out / f"{spec.name}.sbatch"
-        (rd.stage_dir(spec.name) / "logs").mkdir(parents=True, exist_ok=True)  # Slurm will not create it
-        path.write_text(sbatch_script(spec, o, rd, f"hpcft-{recipe.name}-{spec.name}", python))
+        write_private(path, sbatch_script(spec, o, rd, f"hpcft-{recipe.name}-{spec.name}", python))
         written.append(path)
-        deps = [f"${{{d}_job}}" for d in spec.depends_on]
+        var = _shell_name(spec.name)
+        deps = [f"${{{_shell_name(d)}}}" for d in spec.depends_on]
         dep = f" --dependency=afterok:{':'.join(deps)} --kill-on-invalid-dep=yes" if deps else ""
-        submit.append(f"{spec.name}_job=$(sbatch --parsable{dep} {path.name})")
-        submit.append(f'echo "{spec.name}: job ${{{spec.name}_job}}"')
+        submit.append(f"{var}=$(sbatch --parsable{dep} {shlex.quote(path.name)})")
+        submit.append(f'{var}="${{{var}%%;*}}"; JOBS="$JOBS ${{{var}}}"')
+        submit.append(f'echo "{spec.name}: job ${{{var}}}"')
+    record = " ".join(f'{shlex.quote(spec.name)}="${{{_shell_name(spec.name)}}}"' for spec in plan)
+    submit.append(f'"$HPCFT_PYTHON" -m hpc.slurm record "$RUN_DIR" {record}')
+    submit.append('echo "follow with: hpcft watch $RUN_DIR"')
     script = out / "submit.sh"
-    script.write_text("\n".join(submit) + "\n")
-    script.chmod(0o755)
+    write_private(script, "\n".join(submit) + "\n", mode=0o700)
     return written + [script]
 
 
+def prepare_submission(run_dir: Path, snapshot: Path, recipe_path: Path) -> list[str]:
+    """submit.sh's first step: what `hpcft run --executor slurm` does before it submits. Snapshot the recipe
+    into the run directory, open the MLflow parent run and a child run per stage to run, create every stage's
+    log folder; returns the stages to run."""
+    from hpc.pipeline import _start_child, prepare_run
+    from hpc.tracking import Tracker
+
+    recipe = parse_recipe(yaml.safe_load(Path(snapshot).read_text()), base_dir=Path(recipe_path).resolve().parent)
+    rd = RunDir(run_dir)
+    meta = prepare_run(recipe, Path(recipe_path), rd)
+    tracker = Tracker(meta["tracking_uri"])
+    pending = []
+    for spec in build_plan(recipe):
+        (rd.stage_dir(spec.name) / "logs").mkdir(parents=True, exist_ok=True)  # Slurm will not create it
+        if rd.stage_done(spec):
+            continue
+        rd.progress_path(spec.name).write_text("")
+        _start_child(rd, tracker, spec.name)
+        pending.append(spec.name)
+    print(f"run directory {rd.root}: to run: {', '.join(pending) or 'nothing (all up to date)'}")
+    return pending
+
+
+def record_submission(run_dir: Path, jobs: dict[str, str]) -> dict:
+    """submit.sh's last step: the job ids into run.json, as the submitit path records them."""
+    rd = RunDir(run_dir)
+    plan = {s.name: s for s in build_plan(rd.load_recipe())}
+    submitted = {}
+    for stage, job_id in jobs.items():
+        n = len(plan[stage].elements)
+        submitted[stage] = {
+            "job_id": job_id,
+            "job_ids": [f"{job_id}_{i}" for i in range(n)] if plan[stage].is_array else [job_id],
+            "elements": list(range(n)),
+            "folder": str(rd.stage_dir(stage) / "logs"),
+        }
+    rd.update_meta(**{SlurmExecutor.jobs_key: submitted})
+    return submitted
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`python -m hpc.slurm run-element RUN_DIR STAGE INDEX --retries N`: the body of exported sbatch jobs."""
+    """The steps of exported scripts: `python -m hpc.slurm run-element RUN_DIR STAGE INDEX --retries N` (a
+    job's body), `prepare RUN_DIR SNAPSHOT --recipe-path P` and `record RUN_DIR STAGE=JOB...` (submit.sh)."""
     import argparse
 
+    private_umask()
     p = argparse.ArgumentParser(prog="python -m hpc.slurm")
-    p.add_argument("action", choices=["run-element"])
-    p.add_argument("run_dir")
-    p.add_argument("stage")
-    p.add_argument("index", type=int)
-    p.add_argument("--retries", type=int, default=1)
+    sub = p.add_subparsers(dest="action", required=True)
+    run = sub.add_parser("run-element")
+    run.add_argument("run_dir")
+    run.add_argument("stage")
+    run.add_argument("index", type=int)
+    run.add_argument("--retries", type=int, default=1)
+    prep = sub.add_parser("prepare")
+    prep.add_argument("run_dir", type=Path)
+    prep.add_argument("snapshot", type=Path)
+    prep.add_argument("--recipe-path", type=Path, required=True)
+    rec = sub.add_parser("record")
+    rec.add_argument("run_dir", type=Path)
+    rec.add_argument("jobs", nargs="+", metavar="STAGE=JOB_ID")
     args = p.parse_args(argv)
-    run_element(args.run_dir, args.stage, args.index, args.retries)
+    if args.action == "run-element":
+        run_element(args.run_dir, args.stage, args.index, args.retries)
+    elif args.action == "prepare":
+        prepare_submission(args.run_dir, args.snapshot, args.recipe_path)
+    else:
+        record_submission(args.run_dir, dict(j.split("=", 1) for j in args.jobs))
     return 0
 
 

@@ -111,6 +111,89 @@ def test_sbatch_export_writes_chained_scripts(tmp_path):
     assert "-m hpc.slurm run-element" in ev and "#SBATCH --partition=debug" in ev
 
 
+def _tree(root: Path) -> dict:
+    return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.read_bytes()) for p in root.rglob("*") if p.is_file()}
+
+
+def test_sbatch_export_changes_no_state(tmp_path):
+    """Writing scripts leaves a finished run in the default run directory (run.json, recipe.yaml, MLflow)
+    exactly as it was; --out pointing at a run directory is refused."""
+    from hpc.pipeline import prepare_run
+    from hpc.rundir import RunDir
+
+    recipe = load_recipe(TINY_RECIPE)
+    default = tmp_path / "hpcft-runs" / recipe.name
+    prepare_run(recipe, TINY_RECIPE, RunDir(default))
+    before = _tree(default)
+    env = {**os.environ, "COLUMNS": "160"}
+    p = subprocess.run(
+        [sys.executable, "-m", "hpc.cli", "sbatch", str(TINY_RECIPE), "--out", "sb", "--set", "stages.0.max_steps=5"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert p.returncode == 0, p.stderr
+    assert _tree(default) == before  # no rewritten run.json/recipe.yaml, no new MLflow runs in mlflow.db
+    assert sorted(x.name for x in (tmp_path / "sb").iterdir()) == sorted(
+        ["recipe.yaml", "submit.sh"] + [f"{s}.sbatch" for s in ("model", "data", "sft", "export", "eval", "gate")]
+    )
+    assert "max_steps: 5" in (tmp_path / "sb/recipe.yaml").read_text()  # what submit.sh will run
+    submit = (tmp_path / "sb/submit.sh").read_text()
+    assert '-m hpc.slurm prepare "$RUN_DIR" recipe.yaml' in submit and "-m hpc.slurm record" in submit
+    refused = run_cli("sbatch", str(TINY_RECIPE), "--out", str(default), "--workdir", str(tmp_path / "w"))
+    assert refused.returncode == 2 and "is a run directory" in refused.stderr
+    assert _tree(default) == before and not (tmp_path / "w").exists()
+
+
+def _sbatch_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("#SBATCH")]
+
+
+def test_exported_scripts_carry_the_submitit_options(tmp_path):
+    """Each exported script has the sbatch options the submitit path submits (requeue near the time limit,
+    appended logs), the fabric exports only in GPU jobs, and the interpreter the job's environment chooses."""
+    from hpc.rundir import RunDir
+    from hpc.slurm import job_python, make_executor, write_sbatch
+
+    r = load_recipe(
+        TINY_RECIPE,
+        [
+            "executor.slurm={env_preset: infiniband, max_retries: 2}",
+            "executor.stages={sft: {gpus_per_node: 1}, eval: {setup: ['source /opt/env/bin/activate']},"
+            " gate: {container_image: 'nvcr.io/x/y:1'}}",
+        ],
+    )
+    plan = build_plan(r)
+    rd = RunDir(tmp_path / "w")
+    write_sbatch(r, TINY_RECIPE, plan, rd, tmp_path / "sb", None)
+    for spec in plan:
+        text = (tmp_path / f"sb/{spec.name}.sbatch").read_text()
+        lines = _sbatch_lines(text)
+        assert "#SBATCH --signal=USR2@90" in lines and "#SBATCH --open-mode=append" in lines, spec.name
+        assert "#SBATCH --requeue" in lines
+        o = job_options(spec, r.executor)
+        # the submitit path's own script for this stage: the same #SBATCH lines
+        ex = make_executor(rd.stage_dir(spec.name) / "logs", o, f"hpcft-{r.name}-{spec.name}", [], None)
+        if spec.is_array:
+            ex.update_parameters(array_parallelism=len(spec.elements))
+            ex.parameters["map_count"] = len(spec.elements)
+        assert lines == _sbatch_lines(ex._make_submission_file_text("x", "")), spec.name
+        assert ("NCCL_" in text or "UCX_" in text) == (spec.name == "sft"), spec.name
+        assert "--retries 2" in text
+        assert not (tmp_path / "w").exists()
+    assert f"{sys.executable} -u -m hpc.slurm run-element" in (tmp_path / "sb/model.sbatch").read_text()
+    ev = (tmp_path / "sb/eval.sbatch").read_text()
+    assert ev.index("source /opt/env/bin/activate") < ev.index("python -u -m hpc.slurm run-element")
+    assert sys.executable not in ev
+    gate = (tmp_path / "sb/gate.sbatch").read_text()
+    assert "--container-image=nvcr.io/x/y:1 python -u -m hpc.slurm run-element" in gate
+    gate_opts = job_options(next(s for s in plan if s.name == "gate"), r.executor)
+    assert job_python(gate_opts, None) == "python" and job_python(gate_opts, "/opt/py") == "/opt/py"
+    # the submitit path runs the same interpreter
+    assert make_executor(tmp_path / "l", gate_opts, "g", [], None).python == "python"
+
+
 @pytest.mark.slow
 @pytest.mark.slurm
 def test_tiny_recipe_on_slurm_all_jobs_completed(slurm_cluster, tmp_path):  # noqa: F811
@@ -180,6 +263,87 @@ def test_failed_job_is_requeued_and_succeeds(slurm_cluster, tmp_path):  # noqa: 
     assert job.result() == job.job_id
     assert (tmp_path / "attempts").read_text() == "1"
     assert "planted failure" in Path(job.paths.stderr).read_text()
+
+
+def _always_fail():
+    raise RuntimeError("planted failure; WANDB_API_KEY=wandb0123456789abcdef")
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_failed_attempt_frees_its_allocation(slurm_cluster, tmp_path):  # noqa: F811
+    """A failing attempt that requeued itself ends at once (sacct: REQUEUED, then the next attempt); one whose
+    requeue Slurm refuses (--no-requeue) fails at once instead of holding its allocation for 600 s."""
+    import time
+
+    import submitit
+
+    ex = submitit.SlurmExecutor(folder=tmp_path / "logs", python=sys.executable)
+    ex.update_parameters(time=5, additional_parameters={"requeue": True})
+    job = ex.submit(requeue_on_failure, _fail_once, (str(tmp_path / "flag"),), tmp_path / "attempts", 1)
+    assert job.result() == job.job_id
+    deadline = time.time() + 60
+    while True:  # every attempt of the job, oldest first; the last one ends a moment after its result
+        attempts = subprocess.run(
+            ["sacct", "-n", "-P", "-X", "-D", "-j", job.job_id, "--format=State,ElapsedRaw"],
+            capture_output=True,
+            text=True,
+        ).stdout.split()
+        states = [a.split("|")[0] for a in attempts]
+        if time.time() > deadline or states[-1:] != ["RUNNING"]:
+            break
+        time.sleep(1)
+    assert states == ["REQUEUED", "COMPLETED"], attempts
+    err = Path(job.paths.stderr).read_text()
+    assert "planted failure" in err and "requeueing job" in err
+
+    refused = submitit.SlurmExecutor(folder=tmp_path / "logs2", python=sys.executable)
+    refused.update_parameters(time=5, additional_parameters={"no_requeue": True})
+    started = time.time()
+    bad = refused.submit(requeue_on_failure, _always_fail, (), tmp_path / "attempts2", 1)
+    deadline = time.time() + 150
+    while time.time() < deadline:
+        state = _sacct([bad.job_id]).get(bad.job_id, ["PENDING"])[0]
+        if state not in ("PENDING", "RUNNING", "COMPLETING", "REQUEUED"):
+            break
+        time.sleep(1)
+    assert state == "FAILED", state
+    assert time.time() - started < 100, "the refused attempt held its allocation"
+    err = Path(bad.paths.stderr).read_text()
+    assert "Slurm refused the requeue" in err and "wandb0123456789abcdef" not in err
+
+
+def test_requeue_request_exits_at_once(tmp_path, monkeypatch, capsys):
+    """Inside a job with retries left: scontrol requeue, then exit (no sleep, no exception for submitit to
+    record); a refused requeue raises; the traceback printed is redacted."""
+    import hpc.slurm as slurm
+
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    calls = []
+
+    class Done(BaseException):
+        pass
+
+    def fake_exit(code):
+        raise Done(code)
+
+    def fake_run(cmd, **kw):
+        calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0 if len(calls) == 1 else 1, "", "Requeue of job is disabled")
+
+    monkeypatch.setattr(slurm.subprocess, "run", fake_run)
+    monkeypatch.setattr(slurm.os, "_exit", fake_exit)
+    with pytest.raises(Done) as exited:
+        requeue_on_failure(_always_fail, (), tmp_path / "attempts", 2)
+    assert exited.value.args == (slurm.REQUEUED_EXIT,) and calls == [["scontrol", "requeue", "4242"]]
+    closed = []
+    with pytest.raises(RuntimeError):
+        requeue_on_failure(_always_fail, (), tmp_path / "attempts", 2, on_failure=lambda: closed.append(1))
+    assert closed == [1] and len(calls) == 2
+    err = capsys.readouterr().err
+    assert "Slurm refused the requeue (Requeue of job is disabled)" in err
+    assert "planted failure" in err and "wandb0123456789abcdef" not in err
 
 
 @pytest.mark.slow
@@ -302,3 +466,43 @@ def test_preempted_training_job_requeues_and_resumes(slurm_cluster, tmp_path):  
     logs = "".join(f.read_text() for f in (wd / "stages/sft/logs").glob("*.err"))
     assert "this job is preempted" in logs and "DUE TO JOB REQUEUE" in logs, logs[-2000:]
     assert sacct([sft_job])[sft_job][0] == "COMPLETED"
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_exported_submit_sh_runs_like_a_normal_run(slurm_cluster, tmp_path):  # noqa: F811
+    """`hpcft sbatch` writes only its scripts; submit.sh then runs the tiny recipe as `hpcft run --executor
+    slurm` does: every job COMPLETED, every stage's markers, the gate's result, closed MLflow child runs,
+    and a later `hpcft run` finds everything up to date."""
+    from mlflow.tracking import MlflowClient
+
+    from hpc.rundir import RunDir
+
+    wd, sb = tmp_path / "run", tmp_path / "scripts"
+    p = run_cli("sbatch", str(TINY_RECIPE), "--out", str(sb), "--workdir", str(wd), *FAST)
+    assert p.returncode == 0, p.stderr
+    assert not wd.exists(), "writing scripts must not touch the run directory"
+    sub = subprocess.run(["bash", str(sb / "submit.sh")], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert sub.returncode == 0, sub.stdout[-3000:] + sub.stderr[-3000:]
+    w = run_cli("watch", str(wd))
+    # 20 steps are too few to pass the gate: the pipeline completes and the gate rejects (exit 3)
+    assert w.returncode == 3, w.stdout[-3000:] + w.stderr[-3000:]
+    meta = json.loads((wd / "run.json").read_text())
+    jobs = meta["slurm_jobs"]
+    assert set(jobs) == {"model", "data", "sft", "export", "eval", "gate"}
+    states = sacct([j["job_id"] for j in jobs.values()])
+    assert len(states) == 9  # eval is a 4-element array
+    assert all(s[0] == "COMPLETED" for s in states.values()), states
+    rd = RunDir(wd)
+    plan = build_plan(rd.load_recipe())
+    assert all(rd.stage_done(s) for s in plan)
+    gate = json.loads((wd / "stages/gate/result.json").read_text())
+    assert gate["passed"] is False and gate["version"]
+    assert list((wd / "stages/data/logs/ranks").glob("*_0_log.err")), "datatrove ranks ran as Slurm jobs"
+    assert list((wd / "stages/eval/logs").glob(f"{jobs['eval']['job_id']}_3_0_log.err"))
+    uri = meta["tracking_uri"]
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    children = {s: client.get_run(r).info.status for s, r in meta["child_runs"].items()}
+    assert children == {s.name: "FINISHED" for s in plan}, children
+    local = run_cli("run", str(TINY_RECIPE), "--workdir", str(wd), *FAST)
+    assert local.returncode == 3 and local.stdout.count("up to date, skipped") == 6
