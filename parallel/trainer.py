@@ -574,12 +574,15 @@ class Trainer:
         batches must also have the training batches' shape): see training.data.eval_batches(fill=...)."""
         for part in self.parts:
             part.eval()
+        total, count = 0.0, 0
         try:
-            total = sum(self._summed_ce(batch) for batch in batches)
+            for batch in batches:  # one pass: batches may be collated as they are read
+                total += self._summed_ce(batch)
+                count += num_label_tokens(batch["labels"])
         finally:
             for part in self.parts:
                 part.train()
-        return total / sum(num_label_tokens(b["labels"]) for b in batches)
+        return total / count
 
     def _summed_ce(self, batch: dict[str, torch.Tensor]) -> float:
         local = self._local_batch(batch)

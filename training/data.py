@@ -189,16 +189,43 @@ def collate(examples: list[Example], pad_id: int, width: int | None = None) -> d
 
 
 def eval_batches(
-    examples: list[Example], batch_size: int, pad_id: int, *, fill: bool = False, width: int | None = None
-) -> list[dict[str, torch.Tensor]]:
-    """All examples, sorted by length so padding is small; order does not matter for a token mean.
+    examples, batch_size: int, pad_id: int, *, fill: bool = False, width: int | None = None
+) -> "EvalBatches":
+    """All examples, sorted by length so padding is small; order does not matter for a token mean. The
+    batches are collated when read, so host memory does not grow with the validation split.
 
     fill: top the last batch up to batch_size rows with label-less copies of an example (they add
     no loss and no label tokens), for layouts that split every batch evenly over ranks.
     width: pad every batch to this many positions (pipeline stages need one fixed shape).
     """
-    ordered = sorted(examples, key=lambda ex: len(ex.input_ids))
-    if fill and len(ordered) % batch_size:
-        blank = Example(ordered[0].input_ids, [IGNORE_INDEX] * len(ordered[0].input_ids))
-        ordered += [blank] * (batch_size - len(ordered) % batch_size)
-    return [collate(ordered[i : i + batch_size], pad_id, width) for i in range(0, len(ordered), batch_size)]
+    lengths = getattr(examples, "lengths", None)
+    if lengths is None:
+        lengths = [len(ex.input_ids) for ex in examples]
+    order = [int(i) for i in np.argsort(np.asarray(lengths, dtype=np.int64), kind="stable")]
+    blanks = (-len(order) % batch_size) if fill else 0
+    groups = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    if blanks:
+        groups[-1] = groups[-1] + [-1] * blanks  # -1: a label-less copy of the shortest example
+    return EvalBatches(examples, groups, pad_id, width, order[0] if order else None)
+
+
+class EvalBatches(Sequence):
+    """Validation batches collated on access (see eval_batches)."""
+
+    def __init__(self, examples, groups: list[list[int]], pad_id: int, width: int | None, shortest: int | None):
+        self.examples, self.groups, self.pad_id, self.width, self.shortest = examples, groups, pad_id, width, shortest
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        rows = []
+        for index in self.groups[i]:
+            if index >= 0:
+                rows.append(self.examples[index])
+            else:
+                ex = self.examples[self.shortest]
+                rows.append(Example(ex.input_ids, [IGNORE_INDEX] * len(ex.input_ids)))
+        return collate(rows, self.pad_id, self.width)

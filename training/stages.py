@@ -324,8 +324,6 @@ def plan_lines(stage, parallel, train_rows: int | None = None) -> list[str]:
             lines.append(f"packing on: a step's sequences in rows of at most {stage.seq_len} tokens")
         elif stage.packing:
             lines.append("packing off under pipeline stages (pp > 1), which take no position_ids")
-        else:
-            lines.append("packing off")
     return lines
 
 

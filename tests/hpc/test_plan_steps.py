@@ -12,7 +12,7 @@ def test_cli_plan_prints_steps_of_num_epochs(hpcft_cmd, tmp_path):
         p = subprocess.run(
             hpcft_cmd
             + ["plan", str(TINY_RECIPE), "--workdir", str(tmp_path)]
-            + ["--set", "stages.0={kind: sft, num_epochs: 2, batch_size: 32, seq_len: 96}"],
+            + ["--set", "stages.0={kind: sft, num_epochs: 2, batch_size: 32, seq_len: 96, packing: true}"],
             capture_output=True,
             text=True,
             cwd=ROOT,

@@ -310,7 +310,7 @@ def test_plan_lines_give_steps_from_the_manifest_and_packing():
     from training.stages import plan_lines, split_rows
 
     manifest = {"splits": {"train": 1000}, "preference": {"splits": {"train": 300}}}
-    sft = SFTStage(num_epochs=2.5, batch_size=32, seq_len=96)
+    sft = SFTStage(num_epochs=2.5, batch_size=32, seq_len=96, packing=True)
     assert split_rows(sft, manifest) == 1000 and split_rows(DPOStage(), manifest) == 300
     assert split_rows(GRPOStage(), {"splits": {"train": 0}, "preference": {"splits": {"train": 300}}}) == 300
     assert split_rows(sft, {}) is None
@@ -321,5 +321,5 @@ def test_plan_lines_give_steps_from_the_manifest_and_packing():
         "num_epochs 2.5 (steps computed from the train split at stage start)"
     )
     assert plan_lines(sft, ParallelConfig(pp=2, microbatches=2))[1].startswith("packing off under pipeline")
-    assert plan_lines(SFTStage(packing=False), ParallelConfig()) == ["packing off"]
+    assert plan_lines(SFTStage(), ParallelConfig()) == []  # off by default: nothing to say
     assert plan_lines(DPOStage(), ParallelConfig()) == []

@@ -41,7 +41,7 @@ def _run(model_dir, data_dir, out_dir, **overrides):
 
 
 def test_packed_sft_trains_like_unpacked(model_dir, data_dir, tmp_path):
-    packed, packed_events = _run(model_dir, data_dir, tmp_path / "packed")
+    packed, packed_events = _run(model_dir, data_dir, tmp_path / "packed", packing=True)
     plain, plain_events = _run(model_dir, data_dir, tmp_path / "plain", packing=False)
     assert packed["packing"] is True and plain["packing"] is False
     losses = [[e["loss"] for e in events if "loss" in e] for events in (packed_events, plain_events)]
