@@ -265,7 +265,13 @@ def to_record(row: object, fmt: str = "auto") -> dict:
     check_conversation(prompt + rejected)
     record = {"messages": prompt + chosen, "rejected": rejected, "prompt_turns": len(prompt)}
     if row.get("margin") is not None:  # an optional reward margin (reward model stages)
-        if isinstance(row["margin"], bool) or not isinstance(row["margin"], (int, float)):
-            raise RowError("bad_margin")
-        record["margin"] = float(row["margin"])
+        record["margin"] = row_margin(row)
     return record
+
+
+def row_margin(row: dict) -> float:
+    """A preference row's reward margin (0.0 when it has none); RowError('bad_margin') if not a number."""
+    value = row.get("margin", 0.0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RowError("bad_margin")
+    return float(value)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Iterator
@@ -14,6 +15,15 @@ def split_files(data_dir: Path, name: str) -> list[Path]:
     if single.is_file():
         return [single]
     return sorted((Path(data_dir) / name).glob("*.jsonl"))
+
+
+def sha256_file(path: Path) -> str:
+    """The file's sha256 (hex), read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def has_split(data_dir: Path, name: str) -> bool:

@@ -18,6 +18,7 @@ from data_tools.config import DataConfig, SourceConfig
 from data_tools.normalise import KINDS
 from data_tools.pipeline import Plan, Run, build_plan
 from data_tools.sources import SourceReader, plan_units, read_counts
+from data_tools.splits import sha256_file
 from data_tools.steps import SPLITS
 from data_tools.synth import generate_tiny_preferences, generate_tiny_tasks, write_jsonl
 from data_tools.tokens import shard_files, write_meta
@@ -256,7 +257,7 @@ def write_outputs(plan: Plan, num_read: int, out_dir: Path, work: Path) -> dict:
 
 
 def _hash_files(root: Path, paths: list[Path]) -> dict[str, str]:
-    return {str(Path(p).relative_to(root)): _sha256_file(p) for p in paths}
+    return {str(Path(p).relative_to(root)): sha256_file(p) for p in paths}
 
 
 def _count_rows(folder: Path) -> int:
@@ -284,7 +285,7 @@ def _pii_counts(folder: Path) -> dict:
 
 def _source_entry(src: SourceConfig, paths: list[Path], base_dir: Path) -> dict:
     entry = src.model_dump(mode="json", exclude_none=True)
-    entry["files"] = [{"path": _display(p, base_dir), "sha256": _sha256_file(p)} for p in paths]
+    entry["files"] = [{"path": _display(p, base_dir), "sha256": sha256_file(p)} for p in paths]
     return entry
 
 
@@ -293,14 +294,6 @@ def _display(path: Path, base_dir: Path) -> str:
         return str(path.relative_to(base_dir))
     except ValueError:
         return str(path)
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _sha256_bytes(data: bytes) -> str:

@@ -293,7 +293,7 @@ def build_split_store(rows: Iterable[dict], kind: str, tokenizer, template: str 
     accepted form) into one shard; unusable rows are counted by reason, never raised."""
     from collections import Counter
 
-    from data_tools.normalise import parse_preference
+    from data_tools.normalise import parse_preference, row_margin
 
     writer = ShardWriter(prefix, kind, len(tokenizer))
     stats, reasons = BuildStats(), Counter()
@@ -302,7 +302,7 @@ def build_split_store(rows: Iterable[dict], kind: str, tokenizer, template: str 
         try:
             if not isinstance(row, dict):
                 raise RowError("not_an_object")
-            margin = _margin(row)
+            margin = row_margin(row)
             if kind == "chat":
                 messages = row.get("messages")
                 if not isinstance(messages, list) or not messages:
@@ -318,10 +318,3 @@ def build_split_store(rows: Iterable[dict], kind: str, tokenizer, template: str 
     writer.close()
     stats.rejected = dict(sorted(reasons.items()))
     return stats
-
-
-def _margin(row: dict) -> float:
-    value = row.get("margin", 0.0)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise RowError("bad_margin")
-    return float(value)

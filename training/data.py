@@ -6,7 +6,6 @@ exactly the batches it would have seen had it never stopped.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from collections.abc import Sequence
@@ -16,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_tools.splits import has_split, iter_split, split_files
+from data_tools.splits import has_split, iter_split, sha256_file, split_files
 from data_tools.tokens import TokenSplit, build_split_store, encode_turns, fingerprint, read_meta, write_meta
 from parallel.trainer import IGNORE_INDEX
 from training.batching import EpochBatches, epoch_batches  # noqa: F401
@@ -140,7 +139,7 @@ def open_store(data_dir: Path, kind: str, tokenizer, splits: tuple[str, ...] = (
                 f"{data_dir}: the data split {name}.jsonl does not exist (nor {name}/*.jsonl shards or a token "
                 "store tokens/); run the data stage first"
             )
-    wanted = {name: [_sha256_file(p) for p in split_files(data_dir, name)] for name in splits}
+    wanted = {name: [sha256_file(p) for p in split_files(data_dir, name)] for name in splits}
     wanted["tokenizer"] = [fingerprint(tokenizer, None)]
     if engine.is_leader() and (meta is None or meta.get("built_from") != wanted):
         shutil.rmtree(store, ignore_errors=True)
@@ -151,14 +150,6 @@ def open_store(data_dir: Path, kind: str, tokenizer, splits: tuple[str, ...] = (
         write_meta(store, kind, tokenizer, None, "tokenizer", built_from=wanted, rejected=rejected)
     engine.barrier()
     return store
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_split(data_dir: Path, name: str, tokenizer, seq_len: int) -> tuple[ChatExamples, DataStats]:

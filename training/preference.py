@@ -19,6 +19,7 @@ import torch
 
 from data_tools.normalise import RowError as PreferenceRowError
 from data_tools.normalise import parse_preference as parse_row
+from data_tools.normalise import row_margin
 from data_tools.tokens import FIELDS, TokenSplit, encode_pair, encode_turns, read_meta
 from training.data import EpochBatches, Example, chat_tokenizer, collate, open_store, to_example
 from training.learner import Learner
@@ -38,13 +39,6 @@ class PreferenceStats:
     pairs: int = 0
     truncated: int = 0  # pairs with a side cut at seq_len (still used if response tokens survived)
     rejected: dict[str, int] = field(default_factory=dict)  # reason -> count
-
-
-def _margin(row: dict) -> float:
-    value = row.get("margin", 0.0)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise PreferenceRowError("bad_margin")
-    return float(value)
 
 
 def tokenize_response(tokenizer, prompt: list[dict], response: list[dict]) -> Example:
@@ -71,7 +65,7 @@ def build_pairs(rows: list, tokenizer, seq_len: int) -> tuple[list[Pair], Prefer
     for row in rows:
         try:
             prompt, chosen, rejected = parse_row(row)
-            margin = _margin(row)
+            margin = row_margin(row)
             _, arrays = encode_pair(tokenizer, prompt, chosen, rejected)
             pair, cut = to_pair(arrays, seq_len, margin)
             if pair is None:
