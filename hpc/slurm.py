@@ -6,13 +6,14 @@ writes the same jobs as standalone sbatch scripts."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field, replace
-from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -48,8 +49,11 @@ ENV_PRESETS: dict[str, dict[str, str]] = {
         "NCCL_DEBUG": "WARN",
     },
 }
-REQUEUED_EXIT = 75  # exit code of an attempt that requeued itself (EX_TEMPFAIL)
 FAILED_STATES = {"FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
+# squeue states of a job that is over; any other (PENDING, RUNNING, REQUEUED, REQUEUE_HOLD, CONFIGURING,
+# COMPLETING, SUSPENDED, ...) means Slurm still has it: after NODE_FAIL or PREEMPTED a --requeue job is queued
+# again, and its sacct record of the failed attempt is not the job's end.
+OVER_STATES = FAILED_STATES | {"COMPLETED", "OUT_OF_MEMORY", "SPECIAL_EXIT"}
 TRAIN_KINDS = set(STAGE_KINDS)
 
 
@@ -166,11 +170,40 @@ def _sbatch_params(o: JobOptions, name: str, deps: list[str]) -> dict:
     if deps:
         params["dependency"] = "afterok:" + ":".join(deps)
         extra["kill_on_invalid_dep"] = "yes"
-    if o.container_image:
-        params["srun_args"] = [f"--container-image={o.container_image}"] + (
-            [f"--container-mounts={','.join(o.container_mounts)}"] if o.container_mounts else []
-        )
+    # One dead task (OOM kill, segfault, a raised error) ends the whole step instead of leaving the others
+    # blocked in a collective; the job's teardown (slurm_retry) then retries it.
+    params["srun_args"] = ["--kill-on-bad-exit=1"] + _container_args(o)
     return {k: v for k, v in params.items() if v is not None}
+
+
+def _container_args(o: JobOptions) -> list[str]:
+    if not o.container_image:
+        return []
+    return [f"--container-image={o.container_image}"] + (
+        [f"--container-mounts={','.join(o.container_mounts)}"] if o.container_mounts else []
+    )
+
+
+def teardown_lines(o: JobOptions, python: str | None, rd: RunDir, stage: str, elements: list[int] | None) -> list[str]:
+    """The batch script's lines after its srun step: `python -m hpc.slurm after-step` with the step's exit
+    code (hpc.slurm_retry: name the cause, record the attempt, requeue while retries remain). In a container
+    job it runs in the image too, through a one-task step (scontrol must be reachable there, as submitit's
+    own requeue on preemption already needs)."""
+    command = [
+        job_python(o, python),
+        "-u",
+        "-m",
+        "hpc.slurm",
+        "after-step",
+        str(rd.root),
+        stage,
+        "--retries",
+        str(o.max_retries),
+    ]
+    if elements is not None:
+        command += ["--elements", ",".join(str(i) for i in elements)]
+    prefix = ["srun", "--nodes=1", "--ntasks=1", *_container_args(o)] if o.container_image else []
+    return ["HPCFT_RC=$?", " ".join(shlex.quote(w) for w in prefix + command) + ' --rc "$HPCFT_RC"']
 
 
 def job_python(o: JobOptions, configured: str | None) -> str:
@@ -184,37 +217,100 @@ def job_python(o: JobOptions, configured: str | None) -> str:
     return sys.executable
 
 
-def make_executor(folder: Path, o: JobOptions, name: str, deps: list[str], python: str | None, array: int = 0):
+def make_executor(
+    folder: Path,
+    o: JobOptions,
+    name: str,
+    deps: list[str],
+    python: str | None,
+    array: int = 0,
+    teardown: list[str] | None = None,
+):
     """The submitit executor of one stage's job (an array of `array` elements when > 0). Both the submitit
     path and `hpcft sbatch` build their job scripts from it, so the two carry the same sbatch options
-    (`--signal=USR2@90`, `--open-mode=append`, `--requeue`, logs, resources, setup, srun arguments)."""
+    (`--signal=USR2@90`, `--open-mode=append`, `--requeue`, logs, resources, setup, srun arguments, and the
+    retrying teardown)."""
     import submitit
 
     ex = submitit.SlurmExecutor(folder=folder, python=shlex.quote(job_python(o, python)))
     ex.update_parameters(**_sbatch_params(o, name, deps))
+    if teardown:
+        ex.update_parameters(teardown=teardown)
     if array:
         ex.update_parameters(array_parallelism=array)
     return ex
 
 
-def run_element(run_root: str, stage: str, index: int, max_retries: int) -> dict:
-    """A Slurm job's body: run the element (a data stage's datatrove ranks as job arrays); on failure
-    requeue this very job while retries remain. An element already done with the same inputs (a job
-    requeued after it finished, or an exported submit.sh run over a run directory with finished stages)
-    returns at once. Rank 0 closes the stage's MLflow child run once the stage is done or has failed."""
+def run_element(run_root: str, stage: str, index: int, max_retries: int = 0, run_id: str | None = None) -> dict:
+    """A Slurm job's body: run the element (a data stage's datatrove ranks as job arrays). Failures are
+    retried from outside this process, by the job's teardown (hpc.slurm_retry), so that a process killed by
+    a signal is retried like one that raised. An element already done with the same inputs (a job requeued
+    after it finished, or an exported submit.sh run over a run directory with finished stages) returns at
+    once; so does a job of an earlier submission whose run directory now holds another run (`run_id`), which
+    writes nothing. Rank 0 closes the stage's MLflow child run once the stage is done. `max_retries` is
+    the teardown's; kept for the exported scripts' command line."""
     rd = RunDir(Path(run_root))
+    current = rd.read_meta().get("run_id")
+    if run_id and current != run_id:
+        print(
+            f"hpcft: this job belongs to run {run_id}, but {rd.root} now holds run {current}; nothing written",
+            file=sys.stderr,
+            flush=True,
+        )
+        return {"skipped": True}
     spec = {s.name: s for s in build_plan(rd.load_recipe())}[stage]
     if rd.element_done(spec, index):
         print(f"hpcft: {stage}[{index}] is up to date; nothing to run", file=sys.stderr, flush=True)
         return {"skipped": True}
-    counter = rd.stage_dir(stage) / "attempts" / f"{index}"
-    job = partial(run_stage, datatrove=SlurmExecutor.datatrove_ranks)
-    result = requeue_on_failure(
-        job, (run_root, stage, index), counter, max_retries, on_failure=lambda: close_child(rd, spec, ok=False)
-    )
+    _note_attempt(rd, spec, index)
+    try:
+        result = run_stage(run_root, stage, index, datatrove=SlurmExecutor.datatrove_ranks)
+    except Exception as err:
+        message = str(err)
+        if redact_text(message)[0] != message:  # e.g. a tracking URI with its password in an MLflow error
+            err.args = (redact_text(message)[0],)
+        raise
     if rd.stage_done(spec):
         close_child(rd, spec, ok=True)
     return result
+
+
+def _note_attempt(rd: RunDir, spec: StageSpec, index: int) -> None:
+    """A retried attempt says so: a progress event and the MLflow child run's `hpcft.attempt` tag (rank 0)."""
+    from hpc.slurm_retry import attempts_file, read_attempts
+
+    job = os.environ.get("SLURM_JOB_ID", "")
+    before = read_attempts(attempts_file(rd.stage_dir(spec.name) / "attempts", index), job)
+    if not before or os.environ.get("SLURM_PROCID", "0") != "0":
+        return
+    event = {"t": time.time(), "stage": spec.name, "element": spec.elements[index], "attempt": len(before) + 1}
+    event["after"] = before[-1].get("reason", "")
+    with open(rd.progress_path(spec.name), "a") as f:
+        f.write(json.dumps(event) + "\n")
+    print(f"hpcft: attempt {len(before) + 1} of job {job} (after: {event['after']})", file=sys.stderr, flush=True)
+    try:
+        from hpc.tracking import Tracker
+
+        meta = rd.read_meta()
+        child = meta.get("child_runs", {}).get(spec.name)
+        if child:
+            Tracker(meta["tracking_uri"]).set_tags(child, {"hpcft.attempt": len(before) + 1})
+    except Exception as err:  # noqa: BLE001 - tracking trouble must not cost the attempt
+        print(f"hpcft: could not tag the MLflow run of {spec.name}: {err}", file=sys.stderr, flush=True)
+
+
+def after_step(run_root: str, stage: str, rc: int, max_retries: int, elements: list[int] | None) -> int:
+    """The job's teardown (see hpc.slurm_retry): retry the job while retries remain; when none is left, close
+    the stage's MLflow child run as failed."""
+    from hpc.slurm_retry import after_step as decide
+
+    rd = RunDir(Path(run_root))
+
+    def final(reason: str) -> None:
+        spec = {s.name: s for s in build_plan(rd.load_recipe())}[stage]
+        close_child(rd, spec, ok=False)
+
+    return decide(rc, rd.stage_dir(stage) / "attempts", max_retries, elements, on_final_failure=final)
 
 
 def close_child(rd: RunDir, spec: StageSpec, ok: bool) -> None:
@@ -239,55 +335,13 @@ class StageJob:
     as it is, and a training stage then resumes from its latest periodic checkpoint (training.resume)
     instead of starting over. Timeouts requeue up to submitit's max_num_timeout times (3)."""
 
-    def __call__(self, run_root: str, stage: str, index: int, max_retries: int) -> dict:
-        return run_element(run_root, stage, index, max_retries)
+    def __call__(self, run_root: str, stage: str, index: int, max_retries: int = 0, run_id: str | None = None) -> dict:
+        return run_element(run_root, stage, index, max_retries, run_id)
 
     def checkpoint(self, *args, **kwargs):
         from submitit.helpers import DelayedSubmission
 
         return DelayedSubmission(self, *args, **kwargs)
-
-
-def requeue_on_failure(fn, args: tuple, counter: Path, max_retries: int, on_failure: Callable | None = None):
-    """Call fn(*args); if it raises inside a Slurm job with retries left, requeue the job itself (so that
-    `afterok` dependants keep waiting for its final outcome) and exit this attempt at once: Slurm records it
-    as REQUEUED and starts the job again, and the allocation is not held meanwhile. If Slurm refuses the
-    requeue (a job submitted with --no-requeue, JobRequeue=0) or no retries remain, the error is raised and
-    the job fails (after `on_failure()`)."""
-    import traceback
-
-    try:
-        return fn(*args)
-    except Exception as err:
-        message = str(err)
-        if redact_text(message)[0] != message:  # e.g. a tracking URI with its password in an MLflow error
-            err.args = (redact_text(message)[0],)
-        attempt = int(counter.read_text()) + 1 if counter.is_file() else 1
-        job = os.environ.get("SLURM_JOB_ID")
-        if os.environ.get("SLURM_PROCID", "0") == "0" and job and attempt <= max_retries:
-            counter.parent.mkdir(parents=True, exist_ok=True)
-            counter.write_text(str(attempt))
-            print(redact_text(traceback.format_exc())[0], file=sys.stderr, end="", flush=True)
-            print(
-                f"hpcft: attempt {attempt} failed; requeueing job {job} ({max_retries - attempt} retries left)",
-                file=sys.stderr,
-                flush=True,
-            )
-            asked = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, check=False)
-            if asked.returncode == 0:
-                # The job is queued again. Exit now, without unwinding: submitit must not record this
-                # attempt's error as the job's result, and nothing may hold the allocation. Slurm records
-                # this attempt as REQUEUED whatever the exit code; non-zero keeps it a failure otherwise.
-                sys.stdout.flush()
-                os._exit(REQUEUED_EXIT)
-            print(
-                f"hpcft: Slurm refused the requeue ({(asked.stderr or asked.stdout).strip()}); the job fails",
-                file=sys.stderr,
-                flush=True,
-            )
-        if os.environ.get("SLURM_PROCID", "0") == "0" and on_failure is not None:
-            on_failure()
-        raise
 
 
 class SlurmExecutor(SubmittingExecutor):
@@ -302,6 +356,15 @@ class SlurmExecutor(SubmittingExecutor):
     def submit(
         self, recipe: Recipe, plan: list[StageSpec], rd: RunDir, start_child: Callable[[str], str], only: str | None
     ) -> dict[str, dict]:
+        alive = in_flight(rd.read_meta().get(self.jobs_key, {}))
+        if alive:
+            raise RecipeError(
+                [
+                    f"workdir: {rd.root} has jobs of an earlier submission still queued or running "
+                    f"({', '.join(f'{stage} {job}' for stage, job in alive.items())}); follow them with "
+                    f"`hpcft watch {rd.root}`, or stop them with `hpcft cancel {rd.root}`, before submitting again"
+                ]
+            )
         submitted: dict[str, dict] = {}
         for spec in plan:
             if only and spec.name != only:
@@ -318,19 +381,20 @@ class SlurmExecutor(SubmittingExecutor):
             progress.parent.mkdir(parents=True, exist_ok=True)
             progress.write_text("")
             start_child(spec.name)
-            ex = make_executor(folder, o, f"hpcft-{recipe.name}-{spec.name}", deps, recipe.executor.python)
+            teardown = teardown_lines(o, recipe.executor.python, rd, spec.name, pending)
+            ex = make_executor(
+                folder, o, f"hpcft-{recipe.name}-{spec.name}", deps, recipe.executor.python, teardown=teardown
+            )
+            run_id = rd.read_meta().get("run_id")
             try:
                 if spec.is_array:
                     ex.update_parameters(array_parallelism=max(1, len(pending)))
+                    n = len(pending)
                     jobs = ex.map_array(
-                        StageJob(),
-                        [str(rd.root)] * len(pending),
-                        [spec.name] * len(pending),
-                        pending,
-                        [o.max_retries] * len(pending),
+                        StageJob(), [str(rd.root)] * n, [spec.name] * n, pending, [o.max_retries] * n, [run_id] * n
                     )
                 else:
-                    jobs = [ex.submit(StageJob(), str(rd.root), spec.name, pending[0], o.max_retries)]
+                    jobs = [ex.submit(StageJob(), str(rd.root), spec.name, pending[0], o.max_retries, run_id)]
             except Exception as err:  # noqa: BLE001 - sbatch's refusal, reported with what was asked
                 self.cancel(submitted)
                 raise SubmitError(spec.name, str(err).strip().splitlines()[-1], _asked(spec.name, o)) from None
@@ -345,7 +409,14 @@ class SlurmExecutor(SubmittingExecutor):
         return submitted
 
     def states(self, jobs: dict[str, dict]) -> dict[str, StageJobs]:
-        states = sacct_states([j["job_id"] for j in jobs.values()])
+        ids = [j["job_id"] for j in jobs.values()]
+        states = sacct_states(ids)
+        queued = squeue_states(ids)
+        for jid, state in queued.items():  # Slurm's live view wins: a requeued job's last record is not its end
+            if jid in states and states[jid]["state"] != state:
+                states[jid] = states[jid] | {"state": state, "requeued": states[jid]["state"]}
+            elif jid not in states:
+                states[jid] = {"state": state, "exit": "", "elapsed": "", "nodes": ""}
         out = {}
         for stage, job in jobs.items():
             mine = {k: v for k, v in states.items() if k == job["job_id"] or k.startswith(job["job_id"] + "_")}
@@ -362,14 +433,14 @@ class SlurmExecutor(SubmittingExecutor):
         return out
 
     def failure(self, stage: str, job: dict, st: StageJobs) -> StageFailed | None:
-        failed = [(k, v) for k, v in st.jobs.items() if v["state"] in FAILED_STATES]
+        failed = [(k, v) for k, v in st.jobs.items() if v["state"] in FAILED_STATES and not v.get("requeued")]
         own = [(k, v) for k, v in failed if not _cancelled_by_dependency(k, v)]
         if not own:
             return None
         jid, state = own[0]
         log = job_log(job["folder"], jid)
         text = log.read_text(errors="replace") if log.is_file() else f"no log at {log}"
-        return StageFailed(stage, f"job {jid} {state['state']} exit {state['exit']}", log, tail(text))
+        return StageFailed(stage, f"job {jid} {state['state']} exit {state['exit']}", log, tail(text, 20))
 
     def cancel(self, jobs: dict[str, dict]) -> list[str]:
         ids = [j["job_id"] for j in jobs.values()]
@@ -443,6 +514,37 @@ def sacct_states(job_ids: list[str]) -> dict[str, dict]:
     return states
 
 
+def squeue_states(job_ids: list[str]) -> dict[str, str]:
+    """{job id (array elements as 123_4): state} of the jobs Slurm still holds (queued, running, requeued,
+    completing); a job that is over is absent (or shown in an OVER_STATES state for a while)."""
+    if not job_ids:
+        return {}
+    out = subprocess.run(
+        ["squeue", "-h", "-r", "-j", ",".join(job_ids), "-o", "%i|%T"], capture_output=True, text=True, timeout=60
+    )
+    states = {}
+    for line in out.stdout.splitlines():
+        jid, _, state = line.strip().partition("|")
+        if state and state not in OVER_STATES:
+            states[jid] = state
+    return states
+
+
+def in_flight(jobs: dict[str, dict]) -> dict[str, str]:
+    """{stage: job id} of a recorded submission's jobs that Slurm still holds."""
+    if not jobs:
+        return {}
+    try:
+        queued = squeue_states([j["job_id"] for j in jobs.values()])
+    except (OSError, subprocess.SubprocessError):  # no Slurm client here: nothing can be in flight from here
+        return {}
+    return {
+        stage: j["job_id"]
+        for stage, j in jobs.items()
+        if any(k == j["job_id"] or k.startswith(j["job_id"] + "_") for k in queued)
+    }
+
+
 def _cancelled_by_dependency(job_id: str, st: dict) -> bool:
     if st["state"] != "CANCELLED":
         return False
@@ -461,7 +563,7 @@ def sbatch_script(spec: StageSpec, o: JobOptions, rd: RunDir, job_name: str, pyt
     executor, same sbatch options, logs and setup) with `python -m hpc.slurm run-element` as its command."""
     logs = rd.stage_dir(spec.name) / "logs"
     n = len(spec.elements) if spec.is_array else 0
-    ex = make_executor(logs, o, job_name, [], python, array=n)
+    ex = make_executor(logs, o, job_name, [], python, array=n, teardown=teardown_lines(o, python, rd, spec.name, None))
     if n:
         ex.parameters["map_count"] = n  # what submitit sets for an array: --array=0-<n-1>%<n>, %A_%a logs
     command = " ".join(
@@ -581,7 +683,8 @@ def record_submission(run_dir: Path, jobs: dict[str, str]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """The steps of exported scripts: `python -m hpc.slurm run-element RUN_DIR STAGE INDEX --retries N` (a
-    job's body), `prepare RUN_DIR SNAPSHOT --recipe-path P` and `record RUN_DIR STAGE=JOB...` (submit.sh)."""
+    job's body), `after-step RUN_DIR STAGE --rc RC --retries N [--elements I,J]` (its teardown), `prepare
+    RUN_DIR SNAPSHOT --recipe-path P` and `record RUN_DIR STAGE=JOB...` (submit.sh)."""
     import argparse
 
     private_umask()
@@ -596,12 +699,21 @@ def main(argv: list[str] | None = None) -> int:
     prep.add_argument("run_dir", type=Path)
     prep.add_argument("snapshot", type=Path)
     prep.add_argument("--recipe-path", type=Path, required=True)
+    after = sub.add_parser("after-step")
+    after.add_argument("run_dir")
+    after.add_argument("stage")
+    after.add_argument("--rc", type=int, required=True)
+    after.add_argument("--retries", type=int, default=1)
+    after.add_argument("--elements", default=None, help="element index of each array task, comma-separated")
     rec = sub.add_parser("record")
     rec.add_argument("run_dir", type=Path)
     rec.add_argument("jobs", nargs="+", metavar="STAGE=JOB_ID")
     args = p.parse_args(argv)
     if args.action == "run-element":
         run_element(args.run_dir, args.stage, args.index, args.retries)
+    elif args.action == "after-step":
+        elements = [int(i) for i in args.elements.split(",")] if args.elements else None
+        return after_step(args.run_dir, args.stage, args.rc, args.retries, elements)
     elif args.action == "prepare":
         prepare_submission(args.run_dir, args.snapshot, args.recipe_path)
     else:

@@ -11,7 +11,7 @@ import pytest
 
 from hpc.plan import build_plan
 from hpc.recipe import RecipeError, SlurmOptions, load_recipe
-from hpc.slurm import check_options, job_options, requeue_on_failure
+from hpc.slurm import check_options, job_options
 from tests.conftest import ROOT, TINY_RECIPE
 from tests.slurm.conftest import slurm_cluster  # noqa: F401 - the fixture
 
@@ -245,24 +245,63 @@ def test_failed_stage_cancels_dependents(slurm_cluster, tmp_path):  # noqa: F811
         assert st[0] == "CANCELLED" and ("Dependency" in st[1] or _never_started(job)), (stage, st)
 
 
-def _fail_once(flag: str) -> str:
+def _fail_once(flag: str, how: str = "raise") -> str:
     if not Path(flag).exists():
         Path(flag).write_text("failed once")
+        if how == "kill":  # what the OOM killer, a segfault or a driver abort do: no Python unwinding at all
+            os.kill(os.getpid(), 9)
         raise RuntimeError("planted failure")
     return os.environ["SLURM_JOB_ID"]
 
 
-@pytest.mark.slow
-@pytest.mark.slurm
-def test_failed_job_is_requeued_and_succeeds(slurm_cluster, tmp_path):  # noqa: F811
+def _supervised(folder: Path, attempts: Path, retries: int = 1, **params):
+    """A submitit Slurm executor whose jobs retry as stage jobs do: srun --kill-on-bad-exit, then the
+    teardown (hpc.slurm_retry) requeues the job while retries remain."""
     import submitit
 
-    ex = submitit.SlurmExecutor(folder=tmp_path / "logs", python=sys.executable)
-    ex.update_parameters(time=5, additional_parameters={"requeue": True})
-    job = ex.submit(requeue_on_failure, _fail_once, (str(tmp_path / "flag"),), tmp_path / "attempts", 1)
+    ex = submitit.SlurmExecutor(folder=folder, python=sys.executable)
+    teardown = [
+        "HPCFT_RC=$?",
+        f'{sys.executable} -m hpc.slurm_retry --rc "$HPCFT_RC" --attempts {attempts} --retries {retries}',
+    ]
+    ex.update_parameters(time=5, srun_args=["--kill-on-bad-exit=1"], teardown=teardown, **params)
+    return ex
+
+
+def _attempt_states(job_id: str) -> list[str]:
+    """Every attempt of the job, oldest first, once the last one has ended."""
+    import time
+
+    deadline = time.time() + 120
+    while True:
+        attempts = subprocess.run(
+            ["sacct", "-n", "-P", "-X", "-D", "-j", job_id, "--format=State"], capture_output=True, text=True
+        ).stdout.split()
+        if time.time() > deadline or attempts[-1:] not in ([], ["RUNNING"], ["PENDING"], ["COMPLETING"], ["REQUEUED"]):
+            return attempts
+        time.sleep(1)
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+@pytest.mark.parametrize("how", ["raise", "kill"])
+def test_failed_job_is_requeued_and_succeeds(slurm_cluster, tmp_path, how):  # noqa: F811
+    """A job whose process raised, or was killed by SIGKILL (no handler runs), is requeued by its teardown
+    and succeeds; the attempt is recorded with its cause, and Slurm shows REQUEUED then COMPLETED."""
+    ex = _supervised(tmp_path / "logs", tmp_path / "attempts", additional_parameters={"requeue": True})
+    job = ex.submit(_fail_once, str(tmp_path / "flag"), how)
+    # (job.result() may read the failed attempt's result before the requeue: the states decide)
+    assert _attempt_states(job.job_id) == ["REQUEUED", "COMPLETED"]
     assert job.result() == job.job_id
-    assert (tmp_path / "attempts").read_text() == "1"
-    assert "planted failure" in Path(job.paths.stderr).read_text()
+    (record,) = [json.loads(line) for line in (tmp_path / "attempts/0.jsonl").read_text().splitlines()]
+    assert record["attempt"] == 1 and record["job"] == job.job_id
+    err = Path(job.paths.stderr).read_text()
+    assert "requeueing (0 retries left)" in err
+    if how == "kill":
+        assert record["rc"] == 137 and "killed by signal 9 (SIGKILL)" in record["reason"], record
+        assert "OOM killer" in record["reason"]
+    else:
+        assert "planted failure" in err and "exited with code 1" in record["reason"], record
 
 
 def _always_fail():
@@ -271,79 +310,49 @@ def _always_fail():
 
 @pytest.mark.slow
 @pytest.mark.slurm
-def test_failed_attempt_frees_its_allocation(slurm_cluster, tmp_path):  # noqa: F811
-    """A failing attempt that requeued itself ends at once (sacct: REQUEUED, then the next attempt); one whose
-    requeue Slurm refuses (--no-requeue) fails at once instead of holding its allocation for 600 s."""
+def test_no_retries_left_or_requeue_refused_fails_at_once(slurm_cluster, tmp_path):  # noqa: F811
+    """With no retries left the job fails at once with the cause named; a requeue that Slurm refuses
+    (--no-requeue) fails the job at once instead of holding its allocation."""
     import time
 
-    import submitit
-
-    ex = submitit.SlurmExecutor(folder=tmp_path / "logs", python=sys.executable)
-    ex.update_parameters(time=5, additional_parameters={"requeue": True})
-    job = ex.submit(requeue_on_failure, _fail_once, (str(tmp_path / "flag"),), tmp_path / "attempts", 1)
-    assert job.result() == job.job_id
-    deadline = time.time() + 60
-    while True:  # every attempt of the job, oldest first; the last one ends a moment after its result
-        attempts = subprocess.run(
-            ["sacct", "-n", "-P", "-X", "-D", "-j", job.job_id, "--format=State,ElapsedRaw"],
-            capture_output=True,
-            text=True,
-        ).stdout.split()
-        states = [a.split("|")[0] for a in attempts]
-        if time.time() > deadline or states[-1:] != ["RUNNING"]:
-            break
-        time.sleep(1)
-    assert states == ["REQUEUED", "COMPLETED"], attempts
-    err = Path(job.paths.stderr).read_text()
-    assert "planted failure" in err and "requeueing job" in err
-
-    refused = submitit.SlurmExecutor(folder=tmp_path / "logs2", python=sys.executable)
-    refused.update_parameters(time=5, additional_parameters={"no_requeue": True})
-    started = time.time()
-    bad = refused.submit(requeue_on_failure, _always_fail, (), tmp_path / "attempts2", 1)
-    deadline = time.time() + 150
-    while time.time() < deadline:
-        state = _sacct([bad.job_id]).get(bad.job_id, ["PENDING"])[0]
-        if state not in ("PENDING", "RUNNING", "COMPLETING", "REQUEUED"):
-            break
-        time.sleep(1)
-    assert state == "FAILED", state
-    assert time.time() - started < 100, "the refused attempt held its allocation"
-    err = Path(bad.paths.stderr).read_text()
-    assert "Slurm refused the requeue" in err and "wandb0123456789abcdef" not in err
+    for name, retries, params in (("none-left", 0, {"requeue": True}), ("refused", 1, {"no_requeue": True})):
+        ex = _supervised(tmp_path / name, tmp_path / f"{name}-attempts", retries, additional_parameters=params)
+        started = time.time()
+        bad = ex.submit(_always_fail)
+        assert _attempt_states(bad.job_id) == ["FAILED"], name
+        assert time.time() - started < 100, f"{name}: the failed attempt held its allocation"
+        err = Path(bad.paths.stderr).read_text()
+        assert "exited with code 1" in err, err[-2000:]
+        if name == "refused":
+            assert "Slurm refused the requeue" in err
+        else:
+            assert "no retries left" in err
 
 
-def test_requeue_request_exits_at_once(tmp_path, monkeypatch, capsys):
-    """Inside a job with retries left: scontrol requeue, then exit (no sleep, no exception for submitit to
-    record); a refused requeue raises; the traceback printed is redacted."""
-    import hpc.slurm as slurm
+def test_attempt_causes_are_named():
+    """The teardown names what ended a step from srun's task lines, the exit code and sacct's OOM state."""
+    from hpc.slurm_retry import describe
 
-    monkeypatch.setenv("SLURM_JOB_ID", "4242")
-    monkeypatch.setenv("SLURM_PROCID", "0")
-    calls = []
+    killed = [{"node": "node1", "tasks": "0", "what": "Killed"}]
+    assert describe(137, killed, False).startswith("task 0 on node1: killed by signal 9 (SIGKILL): the kernel's OOM")
+    assert "out of memory" in describe(137, killed, True) and "mem_gb" in describe(137, killed, True)
+    segv = [{"node": "n2", "tasks": "3", "what": "Segmentation fault (core dumped)"}]
+    assert describe(139, segv, False) == "task 3 on n2: killed by signal 11 (SIGSEGV)"
+    exited = [{"node": "n1", "tasks": "0-1", "what": "Exited with exit code 1"}]
+    assert describe(1, exited, False).startswith("task 0-1 on n1: exited with code 1")
+    assert describe(143, [], False) == "killed by signal 15 (SIGTERM)"
+    assert describe(3, [], False) == "the step exited with code 3"
 
-    class Done(BaseException):
-        pass
 
-    def fake_exit(code):
-        raise Done(code)
+def test_srun_lines_of_this_attempt_only(tmp_path):
+    from hpc.slurm_retry import _srun_errors
 
-    def fake_run(cmd, **kw):
-        calls.append(cmd)
-        return subprocess.CompletedProcess(cmd, 0 if len(calls) == 1 else 1, "", "Requeue of job is disabled")
-
-    monkeypatch.setattr(slurm.subprocess, "run", fake_run)
-    monkeypatch.setattr(slurm.os, "_exit", fake_exit)
-    with pytest.raises(Done) as exited:
-        requeue_on_failure(_always_fail, (), tmp_path / "attempts", 2)
-    assert exited.value.args == (slurm.REQUEUED_EXIT,) and calls == [["scontrol", "requeue", "4242"]]
-    closed = []
-    with pytest.raises(RuntimeError):
-        requeue_on_failure(_always_fail, (), tmp_path / "attempts", 2, on_failure=lambda: closed.append(1))
-    assert closed == [1] and len(calls) == 2
-    err = capsys.readouterr().err
-    assert "Slurm refused the requeue (Requeue of job is disabled)" in err
-    assert "planted failure" in err and "wandb0123456789abcdef" not in err
+    log = tmp_path / "1_0_log.err"
+    log.write_text(
+        "srun: error: node2: task 1: Killed\nhpcft: attempt 1 of job 1 failed: ...\n"
+        "Traceback...\nsrun: error: node1: task 0: Exited with exit code 1\n"
+    )
+    assert _srun_errors(log) == [{"node": "node1", "tasks": "0", "what": "Exited with exit code 1"}]
 
 
 @pytest.mark.slow
