@@ -112,12 +112,11 @@ def _problem(step_dir: Path) -> str | None:
     return ", ".join(problems[:3]) + more
 
 
-def _reason(exc: BaseException) -> str:
-    """One line for a failed load: the (lowest failing rank's) exception type and message."""
+def _reason(exc: BaseException) -> tuple[int | None, str]:
+    """A failed load: (the rank DCP says failed, if it says) and the exception's type and message in a line."""
     rank, exc = failure(exc)
     text = " ".join(str(exc).split()) or "no message"
-    text = text if len(text) <= 200 else text[:197] + "..."
-    return f"loading it failed{f' on rank {rank}' if rank is not None else ''}: {type(exc).__name__}: {text}"
+    return rank, f"{type(exc).__name__}: {text if len(text) <= 200 else text[:197] + '...'}"
 
 
 class Resumer:
@@ -182,8 +181,13 @@ class Resumer:
             if not isinstance(failure(exc)[1], Exception):  # an interrupt inside DCP: not a damaged step
                 raise
             problem = _reason(exc)
-        problems = [p for p in engine.all_gather_object(problem) if p is not None]
-        return (None, problems[0]) if problems else (extra, None)
+        gathered = engine.all_gather_object(problem)
+        failed = [(rank, p) for rank, p in enumerate(gathered) if p is not None]
+        if not failed:
+            return extra, None
+        rank, (dcp_rank, text) = failed[0]
+        on = f" on rank {rank if dcp_rank is None else dcp_rank}" if len(gathered) > 1 else ""
+        return None, f"loading it failed{on}: {text}"
 
     def _tell(self, skipped: list[tuple[str, str]], resumed: str | None, report) -> None:
         then = f"resuming from {resumed}" if resumed else "no complete checkpoint, starting the stage from step 0"

@@ -33,7 +33,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from parallel.engine import all_gather_object, rank_and_world
+from parallel.engine import all_gather_object, from_rank0, rank_and_world
 
 OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True, ignore_frozen_params=True)
 # Loading sets the trainable parameters only (DCP already failed on any of them missing from the checkpoint).
@@ -109,6 +109,33 @@ def failure(exc: BaseException) -> tuple[int | None, BaseException]:
     return None, exc
 
 
+def _os_cause(exc: BaseException | None) -> OSError | None:
+    """The OSError an exception was raised from or while handling, if any."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _probe_write(path: Path, nbytes: int = 1 << 20) -> OSError | None:
+    """The OSError (ENOSPC, EDQUOT, EROFS, EIO, ...) writing one more fsynced MiB next to `path` gives, if
+    any: what a failed save that did not say why ran into."""
+    directory = next((p for p in [path, *path.parents] if p.is_dir()), None)
+    if directory is None:
+        return None
+    probe = directory / f".write-probe-{os.getpid()}.tmp"
+    try:
+        write_synced(probe, bytes(nbytes))
+        return None
+    except OSError as err:
+        return err
+    finally:
+        probe.unlink(missing_ok=True)
+
+
 def state_nbytes(trainer) -> int:
     """The bytes of the state save_checkpoint writes for `trainer` (global tensor sizes, as this rank sees
     them: under pp a rank sees its own stages only), to say what a save needs."""
@@ -131,10 +158,18 @@ def save_checkpoint(trainer, path: Path, extra: dict | None = None) -> Path:
         with _quiet_single_process():
             dcp.save(_merged(models, optims, trainer), checkpoint_id=str(path))
     except CheckpointException as exc:  # raised on every rank, holding each failed rank's exception
-        _, first = failure(exc)
-        if isinstance(first, OSError):
-            raise first from exc
-        raise
+        failed_rank, first = failure(exc)
+        # torch.save's zip writer turns a full disk into "RuntimeError: ... unexpected pos"; the OSError is
+        # only in its context, and only on the rank that failed (pickling drops it). Rank 0 looks there, or
+        # else asks the filesystem itself, and every rank raises what it found, without DCP's pages of
+        # every rank's traceback (one line of them stays as a note).
+        found = first if isinstance(first, OSError) else None
+        if found is None:
+            found = from_rank0((_os_cause(first) or _probe_write(path)) if rank_and_world()[0] == 0 else None)
+        if found is None:
+            raise
+        found.add_note(f"DCP save failed on rank {failed_rank}: {type(first).__name__}: {first}")
+        raise found from None
     rank, world = rank_and_world()
     error = None
     try:

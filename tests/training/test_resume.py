@@ -70,8 +70,9 @@ RUNNERS = {
 RL_KEYS = ("score", "policy_loss", "kl", "response_length", "grad_norm")
 
 
-def _run(model_dir, data_dir, out_dir, parallel=ParallelConfig(), mode="full", stop_at=None, kind="sft"):
-    """A stage's runner; its per-step losses and events. stop_at: raise from the progress callback there."""
+def _run(model_dir, data_dir, out_dir, parallel=ParallelConfig(), mode="full", stop_at=None, kind="sft", **overrides):
+    """A stage's runner; its per-step losses and events. stop_at: raise from the progress callback there;
+    overrides: stage fields."""
     events = []
 
     def progress(event):
@@ -82,7 +83,7 @@ def _run(model_dir, data_dir, out_dir, parallel=ParallelConfig(), mode="full", s
     try:
         config, runner, fields = RUNNERS[kind]
         result = runner(
-            config(**fields, mode=mode),
+            config(**(fields | overrides), mode=mode),
             model_dir=model_dir,
             data_dir=data_dir,
             out_dir=out_dir,
