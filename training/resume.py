@@ -104,6 +104,9 @@ def _problem(step_dir: Path) -> str | None:
         except FileNotFoundError:
             problems.append(f"{rel} is missing")
             continue
+        except OSError as err:
+            problems.append(f"{rel}: {err.strerror}")
+            continue
         if actual != size:
             problems.append(f"{rel}: {actual} bytes, expected {size}")
     if not problems:
@@ -147,7 +150,16 @@ class Resumer:
         resume. Each newer step skipped is told in one line (stderr on rank 0, and `report` on every rank
         as {"resume": "skipped", ...}). Raises NoCompleteCheckpoint when checkpoints were written and none
         can be loaded."""
-        listed, had_checkpoint = engine.from_rank0(self._candidates() if engine.is_leader() else None)
+        found: tuple | OSError | None = None
+        if engine.is_leader():
+            try:
+                found = self._candidates()
+            except OSError as err:
+                found = err
+        found = engine.from_rank0(found)
+        if isinstance(found, OSError):
+            raise found
+        listed, had_checkpoint = found
         skipped: list[tuple[str, str]] = []
         for name, problem, _ in listed:
             if problem is None:
@@ -216,18 +228,31 @@ class Resumer:
         keeps its own update count. Raises CheckpointSaveError (on every rank) when it cannot be written."""
         name = f"step-{step:08d}"
         path = self.root / name
+        error = None
         if engine.is_leader():
-            self.root.mkdir(parents=True, exist_ok=True)
-            for old in self.steps():  # a crashed save's leftovers, and an earlier try at this very step
-                if old == path or not (old / COMPLETE).exists():
-                    shutil.rmtree(old, ignore_errors=True)
-        engine.barrier()
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+                for old in self.steps():  # a crashed save's leftovers, and an earlier try at this very step
+                    if old == path or not (old / COMPLETE).exists():
+                        shutil.rmtree(old, ignore_errors=True)
+            except OSError as err:
+                error = err
+        error = engine.from_rank0(error)  # also the barrier before the ranks write
+        if error is not None:
+            raise self._save_failed(error, path, state) from error
         extra = (extra or {}) | {"loop_step": step}
         try:
             for sub, one in state.items() if isinstance(state, dict) else [(None, state)]:
                 save_checkpoint(one, path / sub if sub else path, extra)
             # Every rank's view of the files (a shared filesystem may show a peer's files late to rank 0).
-            views = engine.all_gather_object(_files(path))
+            try:
+                view = _files(path)
+            except OSError as err:
+                view = err
+            views = engine.all_gather_object(view)
+            failed = [v for v in views if isinstance(v, OSError)]
+            if failed:
+                raise failed[0]
         except OSError as err:  # the same on every rank
             raise self._save_failed(err, path, state) from err
         error = None
@@ -262,7 +287,10 @@ class Resumer:
                 kept += 1
                 continue
             shutil.rmtree(old, ignore_errors=True)
-        fsync_dir(self.root)
+        try:
+            fsync_dir(self.root)
+        except OSError:  # the deletions need not be durable: a step that comes back is still complete
+            pass
 
     def _save_failed(self, err: OSError, path: Path, state) -> CheckpointSaveError:
         """Collective: remove the partial step and describe the failure in one line (rank 0's words)."""
@@ -272,9 +300,12 @@ class Resumer:
         estimate = max(engine.all_gather_object(sum(state_nbytes(one) for one in states)))
         message = None
         if engine.is_leader():
-            previous = next((p for p in self.steps() if _problem(p) is None), None)
+            try:
+                previous = next((p for p in self.steps() if _problem(p) is None), None)
+                size = previous and sum(json.loads((previous / COMPLETE).read_text())["files"].values())
+            except (OSError, ValueError):
+                previous = None
             if previous is not None:
-                size = sum(json.loads((previous / COMPLETE).read_text())["files"].values())
                 need = f"{_human(size)} (as {previous.name} did)"
             else:
                 need = f"at least {_human(estimate)} (the state's tensors)"
