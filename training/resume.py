@@ -77,12 +77,15 @@ def _human(nbytes: int) -> str:
     raise AssertionError("unreachable")
 
 
-def _files(step_dir: Path) -> dict[str, int]:
-    """Every file under a step directory (relative path -> size), its record and temporaries aside."""
+def _files(step_dir: Path, rank: int = 0) -> dict[str, int]:
+    """The files under a step directory (relative path -> size), its record and temporaries aside: all of
+    them on rank 0, a rank's own (its DCP shards and RNG file) on another."""
+    own = (f"__{rank}_", f"rank-{rank}-of-")
     out = {}
     for path in step_dir.rglob("*"):
         if path.is_file() and path.name != COMPLETE and not path.name.endswith(".tmp"):
-            out[path.relative_to(step_dir).as_posix()] = path.stat().st_size
+            if rank == 0 or path.name.startswith(own):
+                out[path.relative_to(step_dir).as_posix()] = path.stat().st_size
     return out
 
 
@@ -244,9 +247,10 @@ class Resumer:
         try:
             for sub, one in state.items() if isinstance(state, dict) else [(None, state)]:
                 save_checkpoint(one, path / sub if sub else path, extra)
-            # Every rank's view of the files (a shared filesystem may show a peer's files late to rank 0).
+            # Rank 0's view of the files, and every rank's own (a shared filesystem may show rank 0 a peer's
+            # files late, or their sizes stale).
             try:
-                view = _files(path)
+                view = _files(path, engine.rank_and_world()[0])
             except OSError as err:
                 view = err
             views = engine.all_gather_object(view)
