@@ -128,7 +128,7 @@ def _probe_write(path: Path, nbytes: int = 1 << 20) -> OSError | None:
         return None
     probe = directory / f".write-probe-{os.getpid()}.tmp"
     try:
-        write_synced(probe, bytes(nbytes))
+        write_synced(probe, os.urandom(nbytes))  # not zeros, which a compressing filesystem would not store
         return None
     except OSError as err:
         return err
