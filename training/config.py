@@ -92,6 +92,12 @@ class StageConfig(_Section):
     eval_every: Count = 50
     log_every: Count = 10
     checkpoint_every: int = _checkpoint_every()
+    keep_checkpoints: int = Field(
+        2,
+        ge=1,
+        description="how many complete resumable states to keep (the newest); an older one is deleted only "
+        "after a newer one is complete, and a damaged newest one is skipped for the next older",
+    )
     seed: int | None = Field(None, description="defaults to the recipe seed")
 
     @field_validator("name")

@@ -25,9 +25,9 @@ class Checkpoints:
     extra: Callable[[], dict] = dict
     restore: Callable[[dict], None] = field(default=lambda extra: None)
 
-    def load(self) -> dict | None:
+    def load(self, report: Progress | None = None) -> dict | None:
         states = {name: learner.state() for name, learner in self.learners.items()}
-        resumed = self.resumer.load(states)
+        resumed = self.resumer.load(states, report)
         if resumed:
             for name, learner in self.learners.items():
                 learner.updates = states[name].step
@@ -63,7 +63,9 @@ def train_loop(
     that key is summed, not logged, and the result holds its total and the overall rate).
     """
     started = time.perf_counter()
-    resumed = checkpoints.load() if checkpoints is not None else None
+    if checkpoints is not None:
+        checkpoints.resumer.keep = cfg.keep_checkpoints  # training.skeleton builds it from checkpoint_every alone
+    resumed = checkpoints.load(progress) if checkpoints is not None else None
     if resumed:
         val_before = resumed["val_before"]
         progress({"resumed_from_step": resumed["step"], "checkpoint": resumed["path"]})

@@ -7,17 +7,24 @@ LoRA/QLoRA base) come from the model directory on every start.
 Also saved: the step count, every rank's RNG state (restored
 per rank when the world size is the same, rank 0's otherwise), and a caller's JSON-able `extra` dict
 (e.g. the data position).
+Every file is fsynced (DCP's own with sync_files, the RNG and extra files here) and so are the directories
+holding them, so a step whose completion record (training.resume) says it is complete still is after a node
+crash. A write that fails on any rank (a full disk) raises the same OSError on every rank.
 """
 
 from __future__ import annotations
 
+import errno
+import io
 import json
+import os
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -26,7 +33,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from parallel.engine import barrier, rank_and_world
+from parallel.engine import all_gather_object, from_rank0, rank_and_world
 
 OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True, ignore_frozen_params=True)
 # Loading sets the trainable parameters only (DCP already failed on any of them missing from the checkpoint).
@@ -65,23 +72,126 @@ def _rng_file(path: Path, rank: int, world: int) -> Path:
     return path / "rng" / f"rank-{rank}-of-{world}.pt"
 
 
+def write_synced(path: Path, data: bytes) -> None:
+    """Write a file and fsync it (its directory entry is the caller's: fsync_dir)."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (files created, renamed or removed in it) durable."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    except OSError as err:  # a filesystem that cannot sync a directory (it then needs none)
+        if err.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace `path` by `data` all at once (a temporary file renamed over it), durably."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    write_synced(tmp, data)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def failure(exc: BaseException) -> tuple[int | None, BaseException]:
+    """(rank, exception) of what went wrong in a save or load: DCP reports its ranks' failures gathered in
+    one CheckpointException (the same on every rank); the lowest rank's is the one returned."""
+    if isinstance(exc, CheckpointException) and exc.failures:
+        rank, (first, _trace) = min(exc.failures.items(), key=lambda item: item[0])
+        return rank, first
+    return None, exc
+
+
+def _os_cause(exc: BaseException | None) -> OSError | None:
+    """The OSError an exception was raised from or while handling, if any."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _probe_write(path: Path, nbytes: int = 1 << 20) -> OSError | None:
+    """The OSError (ENOSPC, EDQUOT, EROFS, EIO, ...) writing one more fsynced MiB next to `path` gives, if
+    any: what a failed save that did not say why ran into."""
+    directory = next((p for p in [path, *path.parents] if p.is_dir()), None)
+    if directory is None:
+        return None
+    probe = directory / f".write-probe-{os.getpid()}.tmp"
+    try:
+        write_synced(probe, os.urandom(nbytes))  # not zeros, which a compressing filesystem would not store
+        return None
+    except OSError as err:
+        return err
+    finally:
+        probe.unlink(missing_ok=True)
+
+
+def state_nbytes(trainer) -> int:
+    """The bytes of the state save_checkpoint writes for `trainer` (global tensor sizes, as this rank sees
+    them: under pp a rank sees its own stages only), to say what a save needs."""
+    models, optims = _state(trainer)
+    return sum(
+        v.numel() * v.element_size()
+        for sd in [*models, *(o or {} for o in optims)]
+        for v in sd.values()
+        if isinstance(v, torch.Tensor)
+    )
+
+
 def save_checkpoint(trainer, path: Path, extra: dict | None = None) -> Path:
-    """Collective under torch.distributed: every rank calls it with the same path."""
+    """Collective under torch.distributed: every rank calls it with the same path. Every file written is
+    fsynced, and so are the directories this rank wrote into. An OSError on any rank (e.g. ENOSPC) is
+    raised on every rank, so they leave together."""
     path = Path(path)
     models, optims = _state(trainer)
-    with _quiet_single_process():
-        dcp.save(_merged(models, optims, trainer), checkpoint_id=str(path))
+    try:
+        with _quiet_single_process():
+            dcp.save(_merged(models, optims, trainer), checkpoint_id=str(path))
+    except CheckpointException as exc:  # raised on every rank, holding each failed rank's exception
+        failed_rank, first = failure(exc)
+        # torch.save's zip writer turns a full disk into "RuntimeError: ... unexpected pos"; the OSError is
+        # only in its context, and only on the rank that failed (pickling drops it). Rank 0 looks there, or
+        # else asks the filesystem itself, and every rank raises what it found, without DCP's pages of
+        # every rank's traceback (one line of them stays as a note).
+        found = first if isinstance(first, OSError) else None
+        if found is None:
+            found = from_rank0((_os_cause(first) or _probe_write(path)) if rank_and_world()[0] == 0 else None)
+        if found is None:
+            raise
+        found.add_note(f"DCP save failed on rank {failed_rank}: {type(first).__name__}: {first}")
+        raise found from None
     rank, world = rank_and_world()
-    # Each rank's own RNG (ranks that sampled different amounts of randomness differ), for an exact
-    # continuation when the checkpoint resumes with the same number of ranks.
-    _rng_file(path, rank, world).parent.mkdir(parents=True, exist_ok=True)
-    torch.save(
-        {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
-        _rng_file(path, rank, world),
-    )
-    if rank == 0:
-        (path / EXTRA_FILE).write_text(json.dumps(extra or {}))
-    barrier()
+    error = None
+    try:
+        # Each rank's own RNG (ranks that sampled different amounts of randomness differ), for an exact
+        # continuation when the checkpoint resumes with the same number of ranks.
+        rng_file = _rng_file(path, rank, world)
+        rng_file.parent.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()
+        torch.save(
+            {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
+            buffer,
+        )
+        write_synced(rng_file, buffer.getvalue())
+        if rank == 0:
+            write_synced(path / EXTRA_FILE, json.dumps(extra or {}).encode())
+        fsync_dir(rng_file.parent)
+        fsync_dir(path)  # this rank's DCP shards and, on rank 0, .metadata and the extra file
+    except OSError as err:
+        error = err
+    errors = [e for e in all_gather_object(error) if e is not None]  # also the barrier before returning
+    if errors:
+        raise errors[0]
     return path
 
 
