@@ -47,7 +47,15 @@ class StageJobs:
 
 
 def tail(text: str, lines: int = 15) -> str:
-    return "\n".join(text.rstrip().splitlines()[-lines:])
+    """What a failure report shows of a job's log: the job's own one-line verdict when it wrote one (a line
+    starting `hpcft: error: `, e.g. a full disk named with its path), else the log's last lines."""
+    from hpc.errors import ERROR_PREFIX
+
+    all_lines = text.rstrip().splitlines()
+    verdicts = [line for line in all_lines[-80:] if line.startswith(ERROR_PREFIX)]  # this attempt's, not older
+    if verdicts:
+        return verdicts[-1]
+    return "\n".join(all_lines[-lines:])
 
 
 class Executor:
