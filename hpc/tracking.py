@@ -123,6 +123,8 @@ def quiet_env() -> None:
         "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
         "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5",
         "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+        # ending a run on a server prints its web address, password included (`http://user:pw@host`)
+        "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
     }.items():
         os.environ.setdefault(k, v)
 
