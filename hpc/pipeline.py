@@ -125,7 +125,7 @@ def run_pipeline(
             ]
         )
     meta = prepare_run(recipe, recipe_path, rd)
-    tracker = Tracker(meta["tracking_uri"], queue=queue_path(rd.root))
+    tracker = Tracker(meta["tracking_uri"])
     uri = redact_text(meta["tracking_uri"])[0]
     console.print(f"run directory: {rd.root}\ntracking: {uri} (parent run {meta['parent_run_id']})")
     if isinstance(ex, SubmittingExecutor):
@@ -164,6 +164,7 @@ def _run_blocking(
     ex: BlockingExecutor, plan: list[StageSpec], rd: RunDir, tracker: Tracker, console: Console, only: str | None
 ) -> int:
     """Run the stages one after the other in this CLI, skipping up-to-date ones."""
+    tracker = tracker.tolerant(queue_path(rd.root))  # ending runs queued when MLflow is away (watch: same)
     with PipelineView(plan, rd.progress_path, console) as view:
         for spec in plan:
             if only and spec.name != only:
@@ -180,7 +181,8 @@ def _run_blocking(
                 _end_parent(rd, tracker, "FAILED")
                 return EXIT_FAILED
             except TrackingError as err:  # the stage's MLflow run could not be opened: nothing of it ran
-                view.finish(spec, ok=False, note="not started")
+                view.state[spec.name], view.detail[spec.name] = "failed", "not started (MLflow)"
+                view.refresh()
                 console.print(
                     f"[red bold]stage {spec.name} not started[/]: {err.message}; start it and run the same"
                     " command again (finished stages are kept)",

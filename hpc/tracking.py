@@ -226,8 +226,10 @@ class Tracker:
         except Exception as err:  # noqa: BLE001 - tracking never costs work: any failure is queued
             self._offline_until = time.monotonic() + OFFLINE_S
             enqueue(self.queue, method, run_id, args)
+            reason = unreachable(self.uri)
+            reason = f"unreachable: {reason}" if reason else one_line(err)
             warn(
-                f"MLflow at {shown_uri(self.uri)} did not take {method} for run {run_id} ({one_line(err)});"
+                f"MLflow at {shown_uri(self.uri)} did not take {method} for run {run_id} ({reason});"
                 f" queued in {self.queue}, replayed by the next `hpcft run` or `hpcft watch` of this run directory"
             )
 

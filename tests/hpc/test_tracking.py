@@ -225,3 +225,20 @@ def test_end_run_never_raises_and_opening_a_run_is_one_line(tmp_path, capsys):
     store, _parent, child = _store(tmp_path)
     store.end_run(child, "KILLED")
     assert store.client.get_run(child).info.status == "KILLED"
+
+
+def test_the_gate_registry_without_mlflow_is_one_line_and_other_errors_stay(tmp_path):
+    import pytest
+
+    from hpc.jobs import _registry_needs_mlflow
+    from hpc.tracking import TrackingError
+
+    dead = f"http://alice:s3cretpw@127.0.0.1:{free_port()}"
+    with pytest.raises(TrackingError) as err:
+        with _registry_needs_mlflow(dead):
+            raise RuntimeError("API request failed\nMax retries exceeded ...")
+    assert str(err.value).startswith("gate: the model registry needs MLflow, and the server at http://alice:***@")
+    assert "\n" not in str(err.value) and "s3cretpw" not in str(err.value)
+    with pytest.raises(KeyError):  # a reachable store: the registry's own error, unchanged
+        with _registry_needs_mlflow(f"sqlite:///{tmp_path / 'm.db'}"):
+            raise KeyError("version")
