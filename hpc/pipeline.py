@@ -191,12 +191,12 @@ def _run_blocking(
                 _end_parent(rd, tracker, "FAILED")
                 return EXIT_FAILED
             except KeyboardInterrupt:
-                _end_parent(rd, tracker, "KILLED")
                 view.finish(spec, ok=False, note="interrupted")
                 console.print(
                     f"[yellow]interrupted during {spec.name}[/]: its running jobs were stopped; "
                     "run the same command again to resume (finished stages are kept)"
                 )
+                _end_parent(rd, tracker, "KILLED")
                 return EXIT_INTERRUPTED
     _end_parent(rd, tracker, "FINISHED")
     return _final(rd, console, only)

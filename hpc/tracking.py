@@ -58,8 +58,16 @@ def unreachable(uri: str, timeout: float = PROBE_TIMEOUT_S) -> str | None:
     netloc = f"[{host}]" if ":" in host else host
     netloc += f":{parts.port}" if parts.port else ""
     url = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path.rstrip("/") + "/health", "", ""))
+    context = None
+    if url.startswith("https://"):  # the TLS settings MLflow's client would use
+        import ssl
+
+        if os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() in ("true", "1"):
+            context = ssl._create_unverified_context()
+        elif os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH"):
+            context = ssl.create_default_context(cafile=os.environ["MLFLOW_TRACKING_SERVER_CERT_PATH"])
     try:
-        with urllib.request.urlopen(url, timeout=timeout):
+        with urllib.request.urlopen(url, timeout=timeout, context=context):
             return None
     except urllib.error.HTTPError as err:
         return f"HTTP {err.code}" if err.code >= 500 else None

@@ -242,3 +242,21 @@ def test_the_gate_registry_without_mlflow_is_one_line_and_other_errors_stay(tmp_
     with pytest.raises(KeyError):  # a reachable store: the registry's own error, unchanged
         with _registry_needs_mlflow(f"sqlite:///{tmp_path / 'm.db'}"):
             raise KeyError("version")
+
+
+def test_watch_replays_the_queue_of_its_run_directory(tmp_path):
+    from rich.console import Console
+
+    from hpc.pipeline import prepare_run, watch
+    from hpc.recipe import load_recipe
+    from hpc.rundir import RunDir
+    from hpc.tracking import enqueue, queue_path
+    from tests.conftest import TINY_RECIPE
+
+    rd = RunDir(tmp_path / "run")
+    meta = prepare_run(load_recipe(TINY_RECIPE), TINY_RECIPE, rd)  # the run's own sqlite store
+    enqueue(queue_path(rd.root), "log_metrics", meta["parent_run_id"], {"metrics": {"acc": 0.5}, "step": 0, "ts": 1})
+    tracker = Tracker(meta["tracking_uri"])
+    watch(rd, Console(record=True), tracker, once=True)
+    assert tracker.client.get_run(meta["parent_run_id"]).data.metrics == {"acc": 0.5}
+    assert queue_path(rd.root).read_text() == ""
