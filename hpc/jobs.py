@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -16,7 +17,7 @@ from typing import Callable
 from hpc.plan import StageSpec, build_plan, eval_elements
 from hpc.recipe import Recipe, resolve_path
 from hpc.rundir import RunDir, private_umask, read_json, write_json
-from hpc.tracking import Tracker, quiet_env
+from hpc.tracking import Tracker, TrackingError, queue_path, quiet_env, shown_uri, unreachable
 from training.stages import KINDS as STAGE_KINDS
 from training.stages import previous as previous_stage
 
@@ -222,7 +223,12 @@ def _gate(ctx: StageContext) -> dict:
     scores = collect_scores(ctx.rd, plan["eval"])
     name = ctx.recipe.tracking.registered_model
     client = ctx.tracker.client
-    champ = registry.champion_scores(client, name)
+    # Unlike every other tracking call of a stage, the gate's registry calls are not queued: the verdict
+    # needs the champion's scores and the registered version, so without MLflow there is no verdict to
+    # record. An unreachable server fails the element with one line (its marker is not written, so the
+    # rerun does the gate again once the server is back); other registry errors are raised as they are.
+    with _registry_needs_mlflow(ctx.tracker.uri):
+        champ = registry.champion_scores(client, name)
     champion_version, champion = champ if champ else (None, None)
     verdict = decide(scores["candidate"], scores.get("base"), champion, ctx.recipe.gate)
     meta = ctx.rd.read_meta()
@@ -235,9 +241,10 @@ def _gate(ctx: StageContext) -> dict:
         lineage.BASE_MODEL_HASH: model_info["hash"],
         lineage.RUN_DIR: str(ctx.rd.root),
     }
-    version = registry.register_candidate(
-        client, name, ctx.output_of("export") / "model", meta["parent_run_id"], scores["candidate"], verdict, tags
-    )
+    with _registry_needs_mlflow(ctx.tracker.uri):
+        version = registry.register_candidate(
+            client, name, ctx.output_of("export") / "model", meta["parent_run_id"], scores["candidate"], verdict, tags
+        )
     ctx.tracker.set_tags(meta["parent_run_id"], tags | {"hpcft.gate": "passed" if verdict.passed else "rejected"})
     return {
         "passed": verdict.passed,
@@ -249,6 +256,22 @@ def _gate(ctx: StageContext) -> dict:
         "scores": scores,
         "champion_scores": champion,
     }
+
+
+@contextmanager
+def _registry_needs_mlflow(uri: str):
+    """A registry call of the gate: an unreachable server becomes one TrackingError line (no MLflow
+    traceback wall in the log tail the CLI shows)."""
+    try:
+        yield
+    except Exception:
+        reason = unreachable(uri)
+        if not reason:
+            raise
+        raise TrackingError(
+            f"gate: the model registry needs MLflow, and the server at {shown_uri(uri)} is unreachable ({reason});"
+            " start it and run the same command again (finished stages are kept)"
+        ) from None
 
 
 STAGE_FUNCS: dict[str, Callable[[StageContext], dict]] = {
@@ -274,7 +297,9 @@ def run_stage(run_root: str, stage: str, index: int = 0, datatrove: Callable | N
     spec = {s.name: s for s in build_plan(recipe)}[stage]
     out_dir = rd.element_dir(spec, index)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tracker = Tracker(meta["tracking_uri"])
+    # tolerant: a tracking call MLflow does not take is queued for the next `hpcft run`/`watch`, and the
+    # element's result.json and marker are written all the same (tracking never costs work)
+    tracker = Tracker(meta["tracking_uri"], queue=queue_path(rd.root))
     ctx = StageContext(rd, recipe, spec, index, out_dir, tracker, meta["child_runs"][stage], Path(meta["base_dir"]))
     started = time.time()
     leader = _join_world()

@@ -17,7 +17,7 @@ from hpc.plan import StageSpec, build_plan
 from hpc.progress import PipelineView
 from hpc.recipe import Recipe, RecipeError
 from hpc.rundir import RunDir, private_umask, read_json
-from hpc.tracking import Tracker, resolve_uri
+from hpc.tracking import Tracker, TrackingError, queue_path, replay_queue, resolve_uri, unreachable, unreachable_message
 from training.stages import KINDS as STAGE_KINDS
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_RECIPE, EXIT_REJECTED = 0, 1, 2, 3
@@ -27,13 +27,20 @@ EXIT_INTERRUPTED = 130  # Ctrl-C or SIGTERM: running local jobs were stopped
 def prepare_run(recipe: Recipe, recipe_path: Path, rd: RunDir) -> dict:
     """Snapshot the recipe and create (or reuse) the MLflow parent run; returns run.json. Sets the process
     umask to $HPCFT_UMASK (default 077) first: the run directory, mlflow.db and the jobs' files (submitted
-    jobs inherit it) are not readable by other users."""
+    jobs inherit it) are not readable by other users. First of all an http(s) tracking server must answer
+    within seconds (else RecipeError, one line); then the tracking calls queued while it was away are
+    replayed."""
     from eval.lineage import git_commit
 
+    uri = resolve_uri(recipe.tracking.uri, rd.root)
+    reason = unreachable(uri)
+    if reason:
+        raise RecipeError([unreachable_message(uri, reason)])
     private_umask()
     rd.write_recipe(recipe)
     meta = rd.read_meta()
-    uri = resolve_uri(recipe.tracking.uri, rd.root)
+    if queue_path(rd.root).is_file():  # the queued calls name runs of the store the run has used so far
+        replay(rd, Tracker(meta.get("tracking_uri") or uri))
     fields = {
         "recipe_hash": recipe.hash(),
         "git_commit": git_commit(Path(__file__).parent),
@@ -68,6 +75,18 @@ def prepare_run(recipe: Recipe, recipe_path: Path, rd: RunDir) -> dict:
         tracker.log_artifact(parent, redacted)
         fields |= {"run_id": run_id, "parent_run_id": parent, "child_runs": {}}
     return rd.update_meta(**fields)
+
+
+def replay(rd: RunDir, tracker: Tracker) -> None:
+    """Replay the run directory's queued tracking calls (hpc.tracking.replay_queue), saying what it did."""
+    replayed, dropped, left = replay_queue(queue_path(rd.root), tracker)
+    if replayed or dropped or left:
+        print(
+            f"tracking: replayed {replayed} queued MLflow call(s)"
+            + (f", dropped {dropped} MLflow rejected" if dropped else "")
+            + (f", {left} still queued" if left else ""),
+            flush=True,
+        )
 
 
 def run_pipeline(
@@ -145,6 +164,7 @@ def _run_blocking(
     ex: BlockingExecutor, plan: list[StageSpec], rd: RunDir, tracker: Tracker, console: Console, only: str | None
 ) -> int:
     """Run the stages one after the other in this CLI, skipping up-to-date ones."""
+    tracker = tracker.tolerant(queue_path(rd.root))  # ending runs queued when MLflow is away (watch: same)
     with PipelineView(plan, rd.progress_path, console) as view:
         for spec in plan:
             if only and spec.name != only:
@@ -158,6 +178,17 @@ def _run_blocking(
             except StageFailed as err:
                 view.finish(spec, ok=False)
                 _report_failure(console, err)
+                _end_parent(rd, tracker, "FAILED")
+                return EXIT_FAILED
+            except TrackingError as err:  # the stage's MLflow run could not be opened: nothing of it ran
+                view.state[spec.name], view.detail[spec.name] = "failed", "not started (MLflow)"
+                view.refresh()
+                console.print(
+                    f"[red bold]stage {spec.name} not started[/]: {err.message}; start it and run the same"
+                    " command again (finished stages are kept)",
+                    highlight=False,
+                )
+                _end_parent(rd, tracker, "FAILED")
                 return EXIT_FAILED
             except KeyboardInterrupt:
                 view.finish(spec, ok=False, note="interrupted")
@@ -165,8 +196,16 @@ def _run_blocking(
                     f"[yellow]interrupted during {spec.name}[/]: its running jobs were stopped; "
                     "run the same command again to resume (finished stages are kept)"
                 )
+                _end_parent(rd, tracker, "KILLED")
                 return EXIT_INTERRUPTED
+    _end_parent(rd, tracker, "FINISHED")
     return _final(rd, console, only)
+
+
+def _end_parent(rd: RunDir, tracker: Tracker | None, status: str) -> None:
+    parent = rd.read_meta().get("parent_run_id")
+    if tracker and parent:
+        tracker.end_run(parent, status)  # never raises
 
 
 def _final(rd: RunDir, console: Console, only: str | None = None) -> int:
@@ -189,6 +228,8 @@ def watch(rd: RunDir, console: Console, tracker: Tracker | None = None, once: bo
     recipe = rd.load_recipe()
     plan = build_plan(recipe)
     meta = rd.read_meta()
+    if tracker:  # tracking calls that fail while watching are queued; earlier ones are replayed now
+        replay(rd, tracker.tolerant(queue_path(rd.root)))
     ex, jobs = executors.submitted_by(meta, recipe.executor) or (None, {})
     finished: set[str] = set()
     with PipelineView(plan, rd.progress_path, console) as view:
@@ -210,7 +251,7 @@ def watch(rd: RunDir, console: Console, tracker: Tracker | None = None, once: bo
                     view.finish(spec, ok=True, note=_note(rd, spec))
                     finished.add(spec.name)
                     if tracker and spec.name in meta.get("child_runs", {}):
-                        tracker.finish(meta["child_runs"][spec.name], ok=True)
+                        tracker.end_run(meta["child_runs"][spec.name], "FINISHED")
                     continue
                 if view.state[spec.name] == "pending" and st.running:
                     view.start(spec, ex.name)
@@ -224,7 +265,8 @@ def watch(rd: RunDir, console: Console, tracker: Tracker | None = None, once: bo
                     if cancelled:
                         console.print(f"dependent stages not run: {', '.join(cancelled)}")
                     if tracker and spec.name in meta.get("child_runs", {}):
-                        tracker.finish(meta["child_runs"][spec.name], ok=False)
+                        tracker.end_run(meta["child_runs"][spec.name], "FAILED")  # never raises
+                    _end_parent(rd, tracker, "FAILED")
                     return EXIT_FAILED
             view.refresh()
             if set(jobs) <= finished or once:
@@ -232,6 +274,7 @@ def watch(rd: RunDir, console: Console, tracker: Tracker | None = None, once: bo
             time.sleep(2)
     if not set(jobs) <= finished or "gate" not in jobs:  # one look, or a partial (--only) submission
         return EXIT_OK
+    _end_parent(rd, tracker, "FINISHED")
     return _final(rd, console)
 
 
@@ -247,9 +290,12 @@ def _run_one(spec: StageSpec, rd: RunDir, ex, tracker: Tracker, view: PipelineVi
     try:
         ex.run(spec, rd, pending, poll=view.refresh)
     except StageFailed:
-        tracker.finish(child, ok=False)
+        tracker.end_run(child, "FAILED")  # never raises: the stage report must reach the user
         raise
-    tracker.finish(child, ok=True)
+    except KeyboardInterrupt:
+        tracker.end_run(child, "KILLED")
+        raise
+    tracker.end_run(child, "FINISHED")
     view.finish(spec, ok=True, note=_note(rd, spec))
 
 

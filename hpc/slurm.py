@@ -319,12 +319,12 @@ def close_child(rd: RunDir, spec: StageSpec, ok: bool) -> None:
     if os.environ.get("SLURM_PROCID", "0") != "0":
         return
     try:
-        from hpc.tracking import Tracker
+        from hpc.tracking import Tracker, queue_path
 
         meta = rd.read_meta()
         child = meta.get("child_runs", {}).get(spec.name)
-        if child:
-            Tracker(meta["tracking_uri"]).finish(child, ok=ok)
+        if child:  # MLflow away: queued for the next `hpcft run`/`watch` (end_run never raises)
+            Tracker(meta["tracking_uri"], queue=queue_path(rd.root)).end_run(child, "FINISHED" if ok else "FAILED")
     except Exception as err:  # noqa: BLE001 - tracking trouble must not turn a finished stage into a failure
         print(f"hpcft: could not close the MLflow run of {spec.name}: {err}", file=sys.stderr, flush=True)
 
