@@ -57,3 +57,19 @@ def describe_os_error(err: BaseException, where: Path | None = None) -> str | No
                 line = f"{where}: {marker} (ENOSPC)" if where else f"{marker} (ENOSPC)"
                 return line + (_free(Path(where)) if where else "")
     return None
+
+
+def disk_full(path: Path, below_bytes: int = 1024 * 1024) -> str | None:
+    """A line when the filesystem holding `path` is full (under `below_bytes` free): a stage that failed there,
+    through whatever error its libraries made of it (datatrove's worker pool, a logger that could not write),
+    failed for want of space."""
+    p = Path(path)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        free = shutil.disk_usage(p).free
+    except OSError:
+        return None
+    if free >= below_bytes:
+        return None
+    return f"{path}: No space left on device (ENOSPC){_free(p)}"

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from hpc.errors import ERROR_PREFIX, StageError, describe_os_error, disk_full
 from hpc.plan import StageSpec, build_plan, eval_elements
 from hpc.recipe import Recipe, resolve_path
 from hpc.rundir import RunDir, private_umask, read_json, write_json
@@ -307,7 +309,20 @@ def run_stage(run_root: str, stage: str, index: int = 0, datatrove: Callable | N
     ctx.datatrove = datatrove
     if not leader:  # other ranks of a multi-process job compute; rank 0 reports and marks
         ctx.progress = lambda event: None
-    result = STAGE_FUNCS[spec.kind](ctx)
+    try:
+        result = STAGE_FUNCS[spec.kind](ctx)
+    except Exception as err:
+        line = describe_os_error(err, out_dir) or disk_full(out_dir)
+        if line is None:
+            raise
+        # One line naming the path and errno instead of pages of datatrove, SQLAlchemy or DCP tracebacks
+        # (the job's log may sit on the full disk too: the message travels in the exception as well).
+        message = f"stage {stage} failed: {line}"
+        try:
+            print(ERROR_PREFIX + message, file=sys.stderr, flush=True)
+        except OSError:
+            pass
+        raise StageError(message) from None
     result = result | {"seconds": round(time.time() - started, 2)}
     if leader:
         write_json(out_dir / "result.json", result)
