@@ -14,9 +14,9 @@ from data_tools.secrets import redact_text
 from hpc import executors
 from hpc.executor import BlockingExecutor, StageFailed, SubmitError, SubmittingExecutor
 from hpc.plan import StageSpec, build_plan
-from hpc.progress import PipelineView
+from hpc.progress import PipelineView, start_attempt
 from hpc.recipe import Recipe, RecipeError
-from hpc.rundir import RunDir, private_umask, read_json
+from hpc.rundir import RunDir, RunLock, make_private_dir, private_umask, read_json
 from hpc.tracking import Tracker, resolve_uri
 from training.stages import KINDS as STAGE_KINDS
 
@@ -105,13 +105,43 @@ def run_pipeline(
                 f" set executor.kind={submitting[0]}"
             ]
         )
-    meta = prepare_run(recipe, recipe_path, rd)
-    tracker = Tracker(meta["tracking_uri"])
-    uri = redact_text(meta["tracking_uri"])[0]
-    console.print(f"run directory: {rd.root}\ntracking: {uri} (parent run {meta['parent_run_id']})")
-    if isinstance(ex, SubmittingExecutor):
-        return _submit(ex, recipe, plan, rd, tracker, console, only, detach)
-    return _run_blocking(ex, plan, rd, tracker, console, only)
+    private_umask()
+    make_private_dir(rd.root)
+    with RunLock(rd.root).acquire(rd.read_meta().get("run_id")) as lock:  # one writer; RecipeError if held
+        if lock.note:
+            console.print(lock.note, markup=False, highlight=False)
+        meta = prepare_run(recipe, recipe_path, rd)
+        lock.update(run_id=meta.get("run_id"))
+        tracker = Tracker(meta["tracking_uri"])
+        uri = redact_text(meta["tracking_uri"])[0]
+        console.print(f"run directory: {rd.root}\ntracking: {uri} (parent run {meta['parent_run_id']})")
+        if isinstance(ex, SubmittingExecutor):
+            return _submit(ex, recipe, plan, rd, tracker, console, only, detach)
+        if not executors.submitted_by(meta):  # nothing of this run can still be running: it holds the lock
+            _end_left_running(tracker, meta)
+        return _run_blocking(ex, plan, rd, tracker, console, only)
+
+
+def _end_run(tracker: Tracker, run_id: str | None, status: str) -> None:
+    """End an MLflow run as `status` (KILLED, ...); never raises: the pipeline's own outcome matters more."""
+    if not run_id:
+        return
+    try:
+        tracker.client.set_terminated(run_id, status)
+    except Exception:  # noqa: BLE001 - a tracking server that is down must not hide the run's result
+        pass
+
+
+def _end_left_running(tracker: Tracker, meta: dict) -> None:
+    """Child runs an earlier attempt left RUNNING (its CLI was killed with -9, its jobs stopped themselves):
+    marked KILLED. Called with the run lock held, so no job of this run directory is running."""
+    for run_id in (meta.get("child_runs") or {}).values():
+        try:
+            running = tracker.client.get_run(run_id).info.status == "RUNNING"
+        except Exception:  # noqa: BLE001 - e.g. a run deleted by hand
+            continue
+        if running:
+            _end_run(tracker, run_id, "KILLED")
 
 
 def _submit(
@@ -160,6 +190,7 @@ def _run_blocking(
                 _report_failure(console, err)
                 return EXIT_FAILED
             except KeyboardInterrupt:
+                _end_run(tracker, rd.read_meta().get("parent_run_id"), "KILLED")
                 view.finish(spec, ok=False, note="interrupted")
                 console.print(
                     f"[yellow]interrupted during {spec.name}[/]: its running jobs were stopped; "
@@ -239,15 +270,16 @@ def _run_one(spec: StageSpec, rd: RunDir, ex, tracker: Tracker, view: PipelineVi
     if force:
         rd.clear_markers(spec)
     pending = [i for i in range(len(spec.elements)) if not rd.element_done(spec, i)]
-    progress = rd.progress_path(spec.name)
-    progress.parent.mkdir(parents=True, exist_ok=True)
-    progress.write_text("")
+    start_attempt(rd.progress_path(spec.name), spec.name)  # history kept: readers show the latest attempt
     child = _start_child(rd, tracker, spec.name)
     view.start(spec, ex.name)
     try:
         ex.run(spec, rd, pending, poll=view.refresh)
     except StageFailed:
         tracker.finish(child, ok=False)
+        raise
+    except KeyboardInterrupt:
+        _end_run(tracker, child, "KILLED")
         raise
     tracker.finish(child, ok=True)
     view.finish(spec, ok=True, note=_note(rd, spec))
