@@ -110,6 +110,9 @@ def run_pipeline(
     with RunLock(rd.root).acquire(rd.read_meta().get("run_id")) as lock:  # one writer; RecipeError if held
         if lock.note:
             console.print(lock.note, markup=False, highlight=False)
+        moved = rd.follow_move() if resolve_uri(recipe.tracking.uri, rd.root) == rd.embedded_uri() else None
+        if moved:
+            console.print(f"run directory moved from {moved}: its MLflow store now points here", highlight=False)
         meta = prepare_run(recipe, recipe_path, rd)
         lock.update(run_id=meta.get("run_id"))
         tracker = Tracker(meta["tracking_uri"])

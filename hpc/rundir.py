@@ -117,6 +117,45 @@ class RunDir:
         except RecipeError as err:
             raise RecipeError([f"workdir: {self.recipe_path}: {line}" for line in err.problems]) from None
 
+    def embedded_uri(self) -> str:
+        """The MLflow store inside the run directory (the default tracking URI)."""
+        return f"sqlite:///{self.root / 'mlflow.db'}"
+
+    def follow_move(self) -> Path | None:
+        """When run.json names the embedded MLflow store of another place (this directory was moved or copied
+        there from it): point the store's artifact locations here (MLflow keeps them absolute, and would write
+        artifacts into the old place) and run.json's tracking URI; returns the old place, else None. Only
+        for the embedded store: call it when the recipe's tracking URI resolves to embedded_uri()."""
+        import sqlite3
+
+        uri, prefix = self.read_meta().get("tracking_uri", ""), "sqlite:///"
+        old_db = Path(uri[len(prefix) :]) if uri.startswith(prefix) else None
+        db = self.root / "mlflow.db"
+        if old_db is None or old_db.name != "mlflow.db" or old_db.parent == self.root or not db.is_file():
+            return None
+        old = old_db.parent
+        con = sqlite3.connect(db)
+        try:
+            with con:
+                for table, column in (
+                    ("experiments", "artifact_location"),
+                    ("runs", "artifact_uri"),
+                    ("model_versions", "source"),
+                    ("model_versions", "storage_location"),
+                ):
+                    if column not in [row[1] for row in con.execute(f"PRAGMA table_info({table})")]:
+                        continue
+                    for was, now in ((old.as_uri(), self.root.as_uri()), (str(old), str(self.root))):
+                        con.execute(
+                            f"UPDATE {table} SET {column} = ? || substr({column}, ?) "
+                            f"WHERE {column} = ? OR substr({column}, 1, ?) = ?",
+                            (now, len(was) + 1, was, len(was) + 1, was + "/"),
+                        )
+        finally:
+            con.close()
+        self.update_meta(tracking_uri=self.embedded_uri())
+        return old
+
     # markers ----------------------------------------------------------------------------------
     def _marker(self, spec: StageSpec, index: int) -> Path:
         return self.stage_dir(spec.name) / "markers" / f"{index}.done"
