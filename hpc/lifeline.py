@@ -126,8 +126,11 @@ def _watch_supervisor(value: str, child: subprocess.Popen) -> None:
             )
             kill_tree(child.pid)
             controller = _controller_pid()
-            if controller is not None:
-                kill_tree(controller)  # this wrapper is under it: the end of this process too
+            if controller is not None:  # not kill_tree: this wrapper is under it, and would stop itself
+                try:
+                    os.kill(controller, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
             os._exit(137)
         time.sleep(CHECK_S)
 

@@ -113,6 +113,7 @@ def run_pipeline(
         moved = rd.follow_move() if resolve_uri(recipe.tracking.uri, rd.root) == rd.embedded_uri() else None
         if moved:
             console.print(f"run directory moved from {moved}: its MLflow store now points here", highlight=False)
+        earlier = rd.read_meta()  # before prepare_run, which starts a new parent run for a changed recipe
         meta = prepare_run(recipe, recipe_path, rd)
         lock.update(run_id=meta.get("run_id"))
         tracker = Tracker(meta["tracking_uri"])
@@ -120,8 +121,8 @@ def run_pipeline(
         console.print(f"run directory: {rd.root}\ntracking: {uri} (parent run {meta['parent_run_id']})")
         if isinstance(ex, SubmittingExecutor):
             return _submit(ex, recipe, plan, rd, tracker, console, only, detach)
-        if not executors.submitted_by(meta):  # nothing of this run can still be running: it holds the lock
-            _end_left_running(tracker, meta)
+        if not executors.submitted_by(earlier):  # nothing of this run can still be running: it holds the lock
+            _end_left_running(tracker, earlier)
         return _run_blocking(ex, plan, rd, tracker, console, only)
 
 

@@ -228,7 +228,7 @@ def test_kill_9_of_the_cli_leaves_no_job_behind_and_the_next_run_takes_over(tmp_
     sft_run = json.loads((workdir / "run.json").read_text())["child_runs"]["sft"]
     assert _processes_mentioning(str(workdir))
     proc.kill()
-    proc.communicate(timeout=30)
+    proc.wait(timeout=30)  # not communicate(): the jobs share its stdout until they are gone
     assert not _left(workdir, 10), _processes_mentioning(str(workdir))
     assert (workdir / ".lock").exists()  # nothing could release it
     p = subprocess.run(
