@@ -330,7 +330,9 @@ class RunLock:
         raise RecipeError([f"workdir: {self.root}: could not take its lock {self.path}; try again"])
 
     def _take_over(self, holder: dict | None, why: str) -> None:
-        """Move the stale lock aside (a rename: of two takers only one wins it) and remove it."""
+        """Move the stale lock aside (a rename: of two takers only one wins it) and remove it. The holder is
+        read again just before (acquire), which narrows, but does not close, the window in which a second
+        taker could move aside a lock the first one has just created."""
         aside = self.path.with_name(f"{LOCK}.stale.{os.getpid()}")
         try:
             os.rename(self.path, aside)
