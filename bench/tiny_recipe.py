@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from hpc.progress import current_attempt
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -44,7 +46,8 @@ def stage_seconds(workdir: Path) -> dict:
     """Seconds between each stage's first and last progress event (its own work, without start-up)."""
     out = {}
     for path in sorted((workdir / "stages").glob("*/progress.jsonl")):
-        times = [json.loads(line)["t"] for line in path.read_text().splitlines() if '"t"' in line]
+        events = [json.loads(line) for line in path.read_text().splitlines() if '"t"' in line]
+        times = [ev["t"] for ev in current_attempt(events)]  # the latest attempt, without its start record
         if len(times) > 1:
             out[f"seconds:{path.parent.name}"] = round(max(times) - min(times), 1)
     return out

@@ -306,20 +306,27 @@ def cmd_registry(args, console: Console) -> int:
     return 0
 
 
-def _interrupt_on_sigterm() -> None:
-    """`kill <pid>` of the CLI stops a local run like Ctrl-C does: its jobs are cancelled, not orphaned."""
+def _interrupt_on_signals() -> None:
+    """SIGTERM (`kill <pid>`), SIGHUP (the terminal or SSH session closed) and SIGINT (Ctrl-C) stop a run the
+    same way: KeyboardInterrupt, on which the local executor kills its jobs' process trees, the running
+    stage's MLflow run is marked KILLED and the run lock is released. Only the first signal interrupts; later
+    ones are ignored so that this cleanup is not cut short. (`kill -9` cannot be handled: the jobs then stop
+    themselves, see hpc/lifeline.py, and a stale run lock is taken over by the next run.)"""
     import signal
 
     def handler(signum, frame):
+        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, handler)
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(sig, handler)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     console = Console()
-    _interrupt_on_sigterm()
+    _interrupt_on_signals()
     handler = {
         "run": cmd_run,
         "validate": cmd_validate,

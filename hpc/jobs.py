@@ -46,7 +46,7 @@ class StageContext:
             self.tracker.log_metrics(self.run_id, metrics, step=event["step"])
 
     def base_model_dir(self) -> Path:
-        return Path(read_json(self.rd.stage_dir("model") / "model.json")["path"])
+        return base_model_dir(self.rd)
 
     def output_of(self, stage: str) -> Path:
         return self.rd.stage_dir(stage)
@@ -62,9 +62,15 @@ def _model(ctx: StageContext) -> dict:
         path = build_tiny_model(cfg.tiny, ctx.out_dir / "hf", seed=cfg.seed)
     else:
         path = resolve_path(cfg.path, ctx.base_dir)
-    info = {"path": str(Path(path).resolve()), "hash": hash_dir(path), "tiny": cfg.tiny}
+    info = {"path": ctx.rd.relative(path), "hash": hash_dir(path), "tiny": cfg.tiny}
     write_json(ctx.out_dir / "model.json", info)
     return info
+
+
+def base_model_dir(rd: RunDir) -> Path:
+    """The model stage's model: model.json's path, relative to the run directory when the model is inside it
+    (a moved or copied run directory finds it in its new place), absolute for a user's model elsewhere."""
+    return rd.resolve(read_json(rd.stage_dir("model") / "model.json")["path"], under="stages/model")
 
 
 def _data(ctx: StageContext) -> dict:

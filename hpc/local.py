@@ -3,6 +3,7 @@ LocalExecutor subprocesses, at most `max_parallel` at once)."""
 
 from __future__ import annotations
 
+import os
 import time
 import traceback
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Callable
 
 from hpc.executor import BlockingExecutor, StageFailed, tail
 from hpc.jobs import run_stage
+from hpc.lifeline import SUPERVISOR_ENV, describe_signal, identity, kill_tree
 from hpc.plan import StageSpec
 from hpc.rundir import RunDir
 
@@ -42,9 +44,16 @@ class LocalExecutor(BlockingExecutor):
     name = "local"
 
     def run(self, spec: StageSpec, rd: RunDir, pending: list[int], poll: Callable[[], None]) -> None:
+        import shlex
+        import sys
+
         import submitit
 
-        ex = submitit.LocalExecutor(folder=rd.stage_dir(spec.name) / "logs" / "%j")
+        # Each task runs under hpc.lifeline's wrapper: it dies with this CLI even after `kill -9` of it, and
+        # names the signal that killed a task in the task's stderr log.
+        ex = submitit.LocalExecutor(
+            folder=rd.stage_dir(spec.name) / "logs" / "%j", python=f"{shlex.quote(sys.executable)} -m hpc.lifeline"
+        )
         # A multi-process training layout runs as one job of several local tasks (ranks).
         tasks = spec.resources.nodes * spec.resources.tasks_per_node
         ex.update_parameters(timeout_min=self.cfg.timeout_min, tasks_per_node=tasks)
@@ -53,7 +62,8 @@ class LocalExecutor(BlockingExecutor):
             while queue or running:
                 while queue and len(running) < self.cfg.max_parallel:
                     i = queue.pop(0)
-                    running[i] = ex.submit(run_stage, str(rd.root), spec.name, i)
+                    with _supervised():
+                        running[i] = ex.submit(run_stage, str(rd.root), spec.name, i)
                 for i, job in list(running.items()):
                     if job.done():
                         del running[i]
@@ -65,14 +75,43 @@ class LocalExecutor(BlockingExecutor):
             raise
 
     def _check(self, spec: StageSpec, i: int, job, running: dict) -> None:
-        exc = job.exception()
-        if exc is None:
+        # A job that ended without a result was killed (a failing job pickles its exception): reported at
+        # once, where job.exception() would first wait for a result that cannot come.
+        exc = job.exception() if job.paths.result_pickle.exists() else None
+        if exc is None and job.paths.result_pickle.exists():
             return
         for other in running.values():
             other.cancel(check=False)
-        log = Path(job.paths.stderr)
-        text = log.read_text(errors="replace") if log.is_file() else str(exc)
-        raise StageFailed(spec.name, spec.elements[i], log, tail(text))
+        raise StageFailed(spec.name, spec.elements[i], Path(job.paths.stderr), failure_text(job, exc))
+
+
+def failure_text(job, exc: BaseException | None) -> str:
+    """Why a local job failed: the tail of its stderr log (the traceback, or hpc.lifeline's line naming the
+    signal that killed it), else what is known: no result, the controller's exit status, submitit's words."""
+    log = Path(job.paths.stderr)
+    text = log.read_text(errors="replace").strip() if log.is_file() else ""
+    if text:
+        return tail(text)
+    process = getattr(job, "_process", None)
+    code = process.returncode if process is not None else None
+    status = f"; its controller was {describe_signal(-code)}" if code is not None and code < 0 else ""
+    said = str(exc).strip().splitlines()[0] if exc is not None and str(exc).strip() else ""
+    return f"the job ended without a result and left an empty log{status}" + (f" (submitit: {said})" if said else "")
+
+
+class _supervised:
+    """$HPCFT_SUPERVISOR names this CLI while a job is submitted (submitit copies os.environ then); set only
+    around local submissions, so that no job of another executor inherits it."""
+
+    def __enter__(self):
+        self.old = os.environ.get(SUPERVISOR_ENV)
+        os.environ[SUPERVISOR_ENV] = identity()
+
+    def __exit__(self, *exc):
+        if self.old is None:
+            os.environ.pop(SUPERVISOR_ENV, None)
+        else:
+            os.environ[SUPERVISOR_ENV] = self.old
 
 
 def _stop(jobs) -> None:
@@ -82,22 +121,5 @@ def _stop(jobs) -> None:
     for job in jobs:
         process = getattr(job, "_process", None)
         if process is not None and process.poll() is None:
-            _kill_tree(process.pid)
+            kill_tree(process.pid)
             process.wait()
-
-
-def _kill_tree(pid: int) -> None:
-    import os
-    import signal
-
-    try:
-        os.kill(pid, signal.SIGSTOP)  # freeze it so it cannot start new children while we look
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except (ProcessLookupError, FileNotFoundError):
-        children = []
-    for child in children:
-        _kill_tree(int(child))
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass

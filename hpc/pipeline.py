@@ -14,9 +14,9 @@ from data_tools.secrets import redact_text
 from hpc import executors
 from hpc.executor import BlockingExecutor, StageFailed, SubmitError, SubmittingExecutor
 from hpc.plan import StageSpec, build_plan
-from hpc.progress import PipelineView
+from hpc.progress import PipelineView, start_attempt
 from hpc.recipe import Recipe, RecipeError
-from hpc.rundir import RunDir, private_umask, read_json
+from hpc.rundir import RunDir, RunLock, make_private_dir, private_umask, read_json
 from hpc.tracking import Tracker, TrackingError, queue_path, replay_queue, resolve_uri, unreachable, unreachable_message
 from training.stages import KINDS as STAGE_KINDS
 
@@ -124,13 +124,37 @@ def run_pipeline(
                 f" set executor.kind={submitting[0]}"
             ]
         )
-    meta = prepare_run(recipe, recipe_path, rd)
-    tracker = Tracker(meta["tracking_uri"])
-    uri = redact_text(meta["tracking_uri"])[0]
-    console.print(f"run directory: {rd.root}\ntracking: {uri} (parent run {meta['parent_run_id']})")
-    if isinstance(ex, SubmittingExecutor):
-        return _submit(ex, recipe, plan, rd, tracker, console, only, detach)
-    return _run_blocking(ex, plan, rd, tracker, console, only)
+    private_umask()
+    make_private_dir(rd.root)
+    with RunLock(rd.root).acquire(rd.read_meta().get("run_id")) as lock:  # one writer; RecipeError if held
+        if lock.note:
+            console.print(lock.note, markup=False, highlight=False)
+        moved = rd.follow_move() if resolve_uri(recipe.tracking.uri, rd.root) == rd.embedded_uri() else None
+        if moved:
+            console.print(f"run directory moved from {moved}: its MLflow store now points here", highlight=False)
+        earlier = rd.read_meta()  # before prepare_run, which starts a new parent run for a changed recipe
+        meta = prepare_run(recipe, recipe_path, rd)
+        lock.update(run_id=meta.get("run_id"))
+        tracker = Tracker(meta["tracking_uri"])
+        uri = redact_text(meta["tracking_uri"])[0]
+        console.print(f"run directory: {rd.root}\ntracking: {uri} (parent run {meta['parent_run_id']})")
+        if isinstance(ex, SubmittingExecutor):
+            return _submit(ex, recipe, plan, rd, tracker, console, only, detach)
+        if not executors.submitted_by(earlier):  # nothing of this run can still be running: it holds the lock
+            _end_left_running(tracker, earlier)
+        return _run_blocking(ex, plan, rd, tracker, console, only)
+
+
+def _end_left_running(tracker: Tracker, meta: dict) -> None:
+    """Child runs an earlier attempt left RUNNING (its CLI was killed with -9, its jobs stopped themselves):
+    marked KILLED. Called with the run lock held, so no job of this run directory is running."""
+    for run_id in (meta.get("child_runs") or {}).values():
+        try:
+            running = tracker.client.get_run(run_id).info.status == "RUNNING"
+        except Exception:  # noqa: BLE001 - e.g. a run deleted by hand
+            continue
+        if running:
+            tracker.end_run(run_id, "KILLED")
 
 
 def _submit(
@@ -282,9 +306,7 @@ def _run_one(spec: StageSpec, rd: RunDir, ex, tracker: Tracker, view: PipelineVi
     if force:
         rd.clear_markers(spec)
     pending = [i for i in range(len(spec.elements)) if not rd.element_done(spec, i)]
-    progress = rd.progress_path(spec.name)
-    progress.parent.mkdir(parents=True, exist_ok=True)
-    progress.write_text("")
+    start_attempt(rd.progress_path(spec.name), spec.name)  # history kept: readers show the latest attempt
     child = _start_child(rd, tracker, spec.name)
     view.start(spec, ex.name)
     try:

@@ -12,9 +12,26 @@ from rich.table import Table
 
 from hpc.plan import StageSpec
 
+ATTEMPT = "attempt"  # the `event` of the record that starts a stage's (re)run in its progress.jsonl
+
+
+def start_attempt(path: Path, stage: str) -> int:
+    """Append the record starting a new attempt of `stage` ({"t", "stage", "event": "attempt", "attempt": N})
+    and return N. A rerun keeps the earlier attempts' lines (the curve before a crash stays readable);
+    readers show only what follows the latest such record."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = 1
+    if path.is_file():
+        with open(path, "rb") as f:
+            n += sum(1 for line in f if b'"event": "attempt"' in line)
+    with open(path, "a") as f:
+        f.write(json.dumps({"t": time.time(), "stage": stage, "event": ATTEMPT, "attempt": n}) + "\n")
+    return n
+
 
 def read_last_event(path: Path, need: str = "step") -> dict | None:
-    """The newest progress event carrying key `need`, reading only the file's tail."""
+    """The newest progress event of the latest attempt carrying key `need`, reading only the file's tail;
+    the attempt record itself when that attempt has none yet (an earlier attempt's step is not current)."""
     if not path.is_file():
         return None
     with open(path, "rb") as f:
@@ -25,9 +42,19 @@ def read_last_event(path: Path, need: str = "step") -> dict | None:
             ev = json.loads(line)
         except json.JSONDecodeError:
             continue
+        if not isinstance(ev, dict):
+            continue
         if need in ev:
             return ev
+        if ev.get("event") == ATTEMPT:
+            return ev
     return None
+
+
+def current_attempt(events: list[dict]) -> list[dict]:
+    """The events after the latest attempt record (all of them for a file written before attempts existed)."""
+    starts = [i for i, ev in enumerate(events) if ev.get("event") == ATTEMPT]
+    return events[starts[-1] + 1 :] if starts else events
 
 
 # Training metrics worth a glance, in display order: (event key, label).
@@ -38,6 +65,8 @@ RATES = (("tokens_per_s", "tok/s"), ("pairs_per_s", "pairs/s"), ("samples_per_s"
 def describe(ev: dict | None) -> str:
     if not ev:
         return ""
+    if ev.get("event") == ATTEMPT:
+        return "started" if ev.get("attempt", 1) == 1 else f"attempt {ev['attempt']} started"
     held_out = [k for k in ev if k.startswith("val_") and isinstance(ev[k], (int, float))]
     if "max_steps" not in ev and held_out:  # a validation event
         return f"step {ev['step']}  " + "  ".join(f"{k} {ev[k]:.4f}" for k in held_out[:3])

@@ -377,9 +377,9 @@ class SlurmExecutor(SubmittingExecutor):
             deps = [submitted[d]["job_id"] for d in spec.depends_on if d in submitted]
             o = job_options(spec, recipe.executor)
             folder = rd.stage_dir(spec.name) / "logs"
-            progress = rd.progress_path(spec.name)
-            progress.parent.mkdir(parents=True, exist_ok=True)
-            progress.write_text("")
+            from hpc.progress import start_attempt
+
+            start_attempt(rd.progress_path(spec.name), spec.name)  # appended: the earlier attempts are kept
             start_child(spec.name)
             teardown = teardown_lines(o, recipe.executor.python, rd, spec.name, pending)
             ex = make_executor(
@@ -657,7 +657,9 @@ def prepare_submission(run_dir: Path, snapshot: Path, recipe_path: Path) -> list
         (rd.stage_dir(spec.name) / "logs").mkdir(parents=True, exist_ok=True)  # Slurm will not create it
         if rd.stage_done(spec):
             continue
-        rd.progress_path(spec.name).write_text("")
+        from hpc.progress import start_attempt
+
+        start_attempt(rd.progress_path(spec.name), spec.name)  # appended: the earlier attempts are kept
         _start_child(rd, tracker, spec.name)
         pending.append(spec.name)
     print(f"run directory {rd.root}: to run: {', '.join(pending) or 'nothing (all up to date)'}")

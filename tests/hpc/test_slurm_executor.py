@@ -388,8 +388,10 @@ def test_datatrove_array_element_retried(slurm_cluster, tmp_path):  # noqa: F811
 
 
 def _losses(progress_path: Path) -> dict[int, float]:
+    from hpc.progress import current_attempt
+
     events = [json.loads(line) for line in progress_path.read_text().splitlines() if line.strip()]
-    return {e["step"]: e["loss"] for e in events if "loss" in e and "max_steps" in e}
+    return {e["step"]: e["loss"] for e in current_attempt(events) if "loss" in e and "max_steps" in e}
 
 
 @pytest.mark.slow
