@@ -349,6 +349,25 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as err:
+        # The operating system refused (a full disk, a quota, permissions) or MLflow's sqlite store is full:
+        # one line naming the path and errno, not pages of tracebacks.
+        from hpc.errors import describe_os_error
+
+        line = describe_os_error(err, _where(args))
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        return 1
+
+
+def _where(args) -> Path | None:
+    """The run directory a command works on, to name in an OS error without its own path."""
+    for name in ("workdir", "workdir_opt", "out"):
+        value = getattr(args, name, None)
+        if value is not None:
+            return Path(value).resolve()
+    return None
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import traceback
 from pathlib import Path
 from typing import Callable
 
+from hpc.errors import ERROR_PREFIX, StageError
 from hpc.executor import BlockingExecutor, StageFailed, tail
 from hpc.jobs import run_stage
 from hpc.lifeline import SUPERVISOR_ENV, describe_signal, identity, kill_tree
@@ -33,6 +34,8 @@ class InlineExecutor(BlockingExecutor):
         for i in pending:
             try:
                 run_stage(str(rd.root), spec.name, i)
+            except StageError as err:  # the job's own one-line verdict (e.g. a full disk)
+                raise StageFailed(spec.name, spec.elements[i], None, ERROR_PREFIX + str(err)) from None
             except Exception:
                 raise StageFailed(spec.name, spec.elements[i], None, tail(traceback.format_exc())) from None
             poll()

@@ -201,7 +201,7 @@ def _run_blocking(
                 _run_one(spec, rd, ex, tracker, view, force=bool(only))
             except StageFailed as err:
                 view.finish(spec, ok=False)
-                _report_failure(console, err)
+                _report_failure(console, err, rd)
                 _end_parent(rd, tracker, "FAILED")
                 return EXIT_FAILED
             except TrackingError as err:  # the stage's MLflow run could not be opened: nothing of it ran
@@ -282,7 +282,7 @@ def watch(rd: RunDir, console: Console, tracker: Tracker | None = None, once: bo
                 err = ex.failure(spec.name, job, st)
                 if err:
                     view.finish(spec, ok=False)
-                    _report_failure(console, err)
+                    _report_failure(console, err, rd)
                     cancelled = [
                         s.name for s in plan if s.name in jobs and s.name not in finished and s.name != spec.name
                     ]
@@ -344,10 +344,16 @@ def _note(rd: RunDir, spec: StageSpec) -> str:
     return ""
 
 
-def _report_failure(console: Console, err: StageFailed) -> None:
+def _report_failure(console: Console, err: StageFailed, rd: RunDir | None = None) -> None:
+    from hpc.errors import ERROR_PREFIX, disk_full
+
     console.print(f"[red bold]stage {err.stage} failed[/] (element {err.element})")
     if err.log_path:
         console.print(f"log: {err.log_path}")
+    full = disk_full(rd.stage_dir(err.stage)) if rd is not None else None
+    if full and not err.tail.startswith(ERROR_PREFIX):  # the job could not say so: its log is on that disk
+        console.print(ERROR_PREFIX + f"stage {err.stage} failed: {full}", markup=False, highlight=False)
+        return
     console.print(err.tail, markup=False, highlight=False)
 
 

@@ -151,8 +151,13 @@ class Tracker:
 
     def __init__(self, uri: str, queue: Path | None = None):
         quiet_env()
+        import logging
+
         from mlflow.tracking import MlflowClient
 
+        # MLflow's sqlite store logs every database error with its whole traceback before raising it; hpcft
+        # reports (or queues) the error it raises in one line, so that log would only bury the report.
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
         self.uri = uri
         self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         self.queue = Path(queue) if queue is not None else None
