@@ -144,8 +144,16 @@ class Resumer:
     def _candidates(self) -> tuple[list[tuple[str, str | None, bool]], bool]:
         """Rank 0's view: (step name, why it is not complete or None, has a record) newest first, and
         whether a complete checkpoint ever existed (a record, or a `latest` pointer)."""
-        listed = [(p.name, _problem(p), (p / COMPLETE).exists()) for p in self.steps()]
-        return listed, (self.root / LATEST).exists() or any(has_record for _, _, has_record in listed)
+        pointer = self.root / LATEST
+        latest = pointer.read_text().strip() if pointer.is_file() else None
+        listed = []
+        for p in self.steps():
+            problem = _problem(p)
+            if problem is not None and p.name == latest and not (p / COMPLETE).exists() and any(p.rglob(".metadata")):
+                problem = None  # written before completion records existed (latest was set after a full save);
+                # loading it still checks it, and a damaged one is skipped like any other
+            listed.append((p.name, problem, (p / COMPLETE).exists()))
+        return listed, pointer.exists() or any(has_record for _, _, has_record in listed)
 
     def load(self, state, report: Callable[[dict], None] | None = None) -> dict | None:
         """Restore `state` (a Trainer, or a dict of them by name) from the newest complete checkpoint

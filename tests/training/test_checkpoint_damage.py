@@ -341,3 +341,14 @@ def test_a_really_full_filesystem_under_two_ranks(model_dir, data_dir, tmp_path)
         assert _steps(root) == ["step-00000002"]
     finally:
         subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_checkpoints_from_before_completion_records_still_resume(model_dir, data_dir, stopped, reference, tmp_path):
+    """A run started under an hpcft without completion records: the step `latest` names (set only after a
+    full save) is loaded, and checked by loading it."""
+    out_dir, root = _copy(stopped, tmp_path)
+    for step in ("step-00000002", "step-00000004"):
+        (root / step / "COMPLETE.json").unlink()
+    _, losses, events = _run(model_dir, data_dir, out_dir)
+    assert [e["resumed_from_step"] for e in events if "resumed_from_step" in e] == [4]
+    _same_losses(losses, reference[1], [5, 6])
