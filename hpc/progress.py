@@ -15,17 +15,18 @@ from hpc.plan import StageSpec
 ATTEMPT = "attempt"  # the `event` of the record that starts a stage's (re)run in its progress.jsonl
 
 
-def start_attempt(path: Path, stage: str) -> int:
-    """Append the record starting a new attempt of `stage` ({"t", "stage", "event": "attempt", "attempt": N})
-    and return N. A rerun keeps the earlier attempts' lines (the curve before a crash stays readable);
-    readers show only what follows the latest such record."""
+def start_attempt(path: Path, stage: str, **extra) -> int:
+    """Append the record starting a new attempt of `stage` ({"t", "stage", "event": "attempt", "attempt": N},
+    plus `extra`, e.g. a Slurm retry's `after`: why the previous attempt ended) and return N. A rerun keeps
+    the earlier attempts' lines (the curve before a crash stays readable); readers show only what follows the
+    latest such record."""
     path.parent.mkdir(parents=True, exist_ok=True)
     n = 1
     if path.is_file():
         with open(path, "rb") as f:
             n += sum(1 for line in f if b'"event": "attempt"' in line)
     with open(path, "a") as f:
-        f.write(json.dumps({"t": time.time(), "stage": stage, "event": ATTEMPT, "attempt": n}) + "\n")
+        f.write(json.dumps({"t": time.time(), "stage": stage, "event": ATTEMPT, "attempt": n} | extra) + "\n")
     return n
 
 
@@ -66,7 +67,10 @@ def describe(ev: dict | None) -> str:
     if not ev:
         return ""
     if ev.get("event") == ATTEMPT:
-        return "started" if ev.get("attempt", 1) == 1 else f"attempt {ev['attempt']} started"
+        if ev.get("attempt", 1) == 1:
+            return "started"
+        after = f" (after: {ev['after'][:60]})" if ev.get("after") else ""
+        return f"attempt {ev['attempt']} started{after}"
     held_out = [k for k in ev if k.startswith("val_") and isinstance(ev[k], (int, float))]
     if "max_steps" not in ev and held_out:  # a validation event
         return f"step {ev['step']}  " + "  ".join(f"{k} {ev[k]:.4f}" for k in held_out[:3])

@@ -6,13 +6,11 @@ writes the same jobs as standalone sbatch scripts."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shlex
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -276,18 +274,18 @@ def run_element(run_root: str, stage: str, index: int, max_retries: int = 0, run
 
 
 def _note_attempt(rd: RunDir, spec: StageSpec, index: int) -> None:
-    """A retried attempt says so: a progress event and the MLflow child run's `hpcft.attempt` tag (rank 0)."""
+    """A retried attempt says so (rank 0): a new attempt record in progress.jsonl with why the previous one
+    ended, and the MLflow child run's `hpcft.attempt` tag (the job's attempt number)."""
+    from hpc.progress import start_attempt
     from hpc.slurm_retry import attempts_file, read_attempts
 
     job = os.environ.get("SLURM_JOB_ID", "")
     before = read_attempts(attempts_file(rd.stage_dir(spec.name) / "attempts", index), job)
     if not before or os.environ.get("SLURM_PROCID", "0") != "0":
         return
-    event = {"t": time.time(), "stage": spec.name, "element": spec.elements[index], "attempt": len(before) + 1}
-    event["after"] = before[-1].get("reason", "")
-    with open(rd.progress_path(spec.name), "a") as f:
-        f.write(json.dumps(event) + "\n")
-    print(f"hpcft: attempt {len(before) + 1} of job {job} (after: {event['after']})", file=sys.stderr, flush=True)
+    after = before[-1].get("reason", "")
+    start_attempt(rd.progress_path(spec.name), spec.name, after=after, job_attempt=len(before) + 1)
+    print(f"hpcft: attempt {len(before) + 1} of job {job} (after: {after})", file=sys.stderr, flush=True)
     try:
         from hpc.tracking import Tracker
 

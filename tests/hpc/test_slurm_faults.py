@@ -133,7 +133,9 @@ def test_sigkill_of_rank_0_on_two_nodes_is_retried_and_resumes(slurm_cluster, tm
     (record,) = [json.loads(line) for line in (wd / "stages/sft/attempts/0.jsonl").read_text().splitlines()]
     assert record["job"] == job and "killed by signal 9 (SIGKILL)" in record["reason"], record
     seen = events(wd)
-    assert [e["attempt"] for e in seen if "attempt" in e] == [2]
+    retried = [e for e in seen if e.get("event") == "attempt"]
+    assert [e["attempt"] for e in retried] == [1, 2]  # the submission's, then the retry's
+    assert retried[1]["job_attempt"] == 2 and "killed by signal 9" in retried[1]["after"], retried
     resumed = [e["resumed_from_step"] for e in seen if "resumed_from_step" in e]
     assert resumed and resumed[-1] >= 10, resumed
     assert json.loads((wd / "stages/sft/result.json").read_text())["world_size"] == 2
