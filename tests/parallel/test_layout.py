@@ -174,3 +174,27 @@ def test_pipeline_stages_refuse_what_they_cannot_reproduce():
     assert layout_problems(ParallelConfig(tp=2), model_config=gemma2) == []  # the model's own forward
     full = {**LLAMA, "layer_types": ["full_attention"] * 4, "final_logit_softcapping": None}
     assert layout_problems(ParallelConfig(pp=2, microbatches=2), model_config=full) == []
+
+
+def test_validation_and_the_job_read_a_model_directory_alike(tmp_path):
+    """Recipe validation reads <model.path>/config.json as a dict, the job AutoConfig.from_pretrained of the
+    same directory: the same problems and the same tying, also for a hub-style Gemma 2 config.json that
+    leaves tie_word_embeddings out (its class default is true)."""
+    import json
+
+    from transformers import AutoConfig, Gemma2Config
+
+    from parallel.layout import is_tied
+
+    Gemma2Config(num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16).save_pretrained(
+        tmp_path
+    )
+    raw = json.loads((tmp_path / "config.json").read_text())
+    raw.pop("tie_word_embeddings")
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    job = AutoConfig.from_pretrained(tmp_path)
+    assert is_tied(raw) and is_tied(job) and job.tie_word_embeddings
+    for cfg in (dict(pp=2, microbatches=2), dict(tp=4), dict(tp=2, vocab_parallel=True)):
+        parallel = ParallelConfig(**cfg)
+        assert layout_problems(parallel, model_config=raw) == layout_problems(parallel, model_config=job)
+    assert layout_problems(ParallelConfig(pp=2, microbatches=2), model_config=raw)  # Gemma 2: no pp
