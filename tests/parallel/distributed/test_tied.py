@@ -33,6 +33,9 @@ LAYOUTS = {
         "tp2": (dict(tp=2), "full"),  # vocab parallel: one sharded tensor serves both ends
         "dp2-zero3": (dict(dp_shard=2, zero=3), "full"),
     },
+    3: {  # a middle stage between the two copies: their own process group
+        "pp3-1f1b": (dict(pp=3, pp_schedule="1f1b", microbatches=4), "full"),
+    },
     4: {
         "pp2xdp2-zero3": (dict(pp=2, dp_shard=2, zero=3, microbatches=2), "full"),
         "pp2xdp2-zero1": (dict(pp=2, dp_shard=2, zero=1, microbatches=2), "full"),
@@ -40,6 +43,9 @@ LAYOUTS = {
         "pp2xtp2-no_vp": (dict(pp=2, tp=2, microbatches=2, vocab_parallel=False), "full"),
         "pp2xtp2-lora": (dict(pp=2, tp=2, microbatches=2), "lora"),
         "tp2xdp2-zero3": (dict(tp=2, dp_shard=2, zero=3), "full"),  # FSDP over one vocab-sharded tensor
+    },
+    6: {  # one {first, last} group per dp rank, around a middle stage
+        "pp3xdp2-zero3": (dict(pp=3, dp_shard=2, zero=3, pp_schedule="1f1b", microbatches=4), "full"),
     },
     8: {  # FSDP shards of vocab-sharded copies, summed shard by shard
         "pp2xdp2xtp2-zero3": (dict(pp=2, dp_shard=2, tp=2, zero=3, microbatches=2), "full"),
