@@ -61,6 +61,8 @@ def gather_full_state_dict(trainer) -> dict[str, torch.Tensor] | None:
     Pipeline stage modules keep the global parameter names, so the stages' dicts merge by key.
     Tensors are un-sharded one at a time and kept only by each stage's first rank, so no rank ever
     holds a second full copy of its stage on the accelerator (full_state_dict=True would).
+    A tied weight is returned once, under the embedding's name (engine.rebuild_model ties lm_head to it);
+    under pp the last stage's copy is checked to equal the first stage's.
     """
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
     from torch.distributed.tensor import DTensor
@@ -83,4 +85,24 @@ def gather_full_state_dict(trainer) -> dict[str, torch.Tensor] | None:
             state = {name: value for stage in stages for name, value in stage.items()}
     from parallel.engine import is_leader
 
-    return state if is_leader() else None
+    if not is_leader():
+        return None
+    return _drop_tied_alias(state, getattr(trainer, "tied_names", None))
+
+
+TIED_COPY_TOLERANCE = 1e-6
+
+
+def _drop_tied_alias(state: dict[str, torch.Tensor], names: tuple[str, str] | None) -> dict[str, torch.Tensor]:
+    """`state` with a tied lm_head's weight dropped, after checking it equals the embedding's (under pp two
+    stages trained a copy each; summed gradients keep them equal, so a difference is a bug)."""
+    if names is None or names[1] not in state:
+        return state
+    embed, head = names
+    diff = float((state[embed].float() - state[head].float()).abs().max())
+    if diff > TIED_COPY_TOLERANCE:
+        raise RuntimeError(
+            f"tied weights: the last pipeline stage's {head} differs from {embed} by {diff:.3g}; "
+            "the copies were not trained alike"
+        )
+    return {k: v for k, v in state.items() if k != head}

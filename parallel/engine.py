@@ -231,7 +231,10 @@ def rebuild_model(model_dir: Path, state: dict[str, torch.Tensor], lora=None, ad
     """A plain (or peft) model on CPU holding a gathered full state dict, ready to save.
 
     adapters_only (QLoRA): the state's base weights are 4-bit; only its adapter weights are loaded,
-    into a full-precision base with the same adapters (what the checkpoint saves anyway)."""
+    into a full-precision base with the same adapters (what the checkpoint saves anyway). A tied lm_head
+    may be missing from `state` (gather_full_state_dict keeps the shared weight once): it is the embedding."""
+    from parallel.distributed.pipeline import tied_names
+
     model = load_model(model_dir, lora)
     if adapters_only:
         adapters = {k: v for k, v in state.items() if "lora_" in k}
@@ -240,5 +243,8 @@ def rebuild_model(model_dir: Path, state: dict[str, torch.Tensor], lora=None, ad
             raise ValueError(f"gathered adapters do not match the model's: {sorted(set(adapters) ^ expected)[:4]}")
         model.load_state_dict(adapters, strict=False)
         return model.eval()
+    names = tied_names(model)
+    if names is not None and names[1] not in state and names[0] in state:
+        state = {**state, names[1]: state[names[0]]}
     model.load_state_dict(state, strict=True)
     return model.eval()

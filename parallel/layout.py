@@ -163,6 +163,32 @@ def num_virtual_stages(cfg: ParallelConfig) -> int:
     return cfg.pp * (2 if cfg.pp_schedule in INTERLEAVED else 1)
 
 
+SHAPE_KEYS = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size", "tie_word_embeddings")
+STAGE_KEYS = ("final_logit_softcapping", "layer_types")  # what pipeline stages cannot reproduce
+
+
+def resolve_model_config(model_config: Any) -> Any:
+    """The model config the shape rules read, the same in recipe validation (config.json as a dict) and in
+    the job (a HF config object): a dict missing one of SHAPE_KEYS is completed with its model_type's HF
+    config class defaults, as AutoConfig.from_pretrained does in the job (Gemma's classes default to
+    tie_word_embeddings true and its config.json files leave the key out: read raw, a tied model looked
+    untied). A composite config (a `text_config` inside) stands for its text decoder."""
+    if not isinstance(model_config, dict):
+        return getattr(model_config, "text_config", None) or model_config
+    if "num_hidden_layers" not in model_config and isinstance(model_config.get("text_config"), dict):
+        model_config = model_config["text_config"]
+    model_type = model_config.get("model_type")
+    if not model_type or all(key in model_config for key in SHAPE_KEYS):
+        return model_config
+    try:
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+        config = CONFIG_MAPPING[model_type].from_dict(model_config)
+    except Exception:  # an unknown model_type or a config its class refuses: the raw values
+        return model_config
+    return {**model_config, **{key: getattr(config, key, None) for key in (*SHAPE_KEYS, *STAGE_KEYS)}}
+
+
 def _config_value(model_config: Any, key: str, default=None):
     if isinstance(model_config, dict):
         value = model_config.get(key)
@@ -171,26 +197,30 @@ def _config_value(model_config: Any, key: str, default=None):
     return default if value is None else value
 
 
+def is_tied(model_config: Any) -> bool:
+    """Whether the model's lm_head is its input embedding's weight (tie_word_embeddings, class defaults
+    included: see resolve_model_config)."""
+    return bool(_config_value(resolve_model_config(model_config), "tie_word_embeddings", False))
+
+
 def model_problems(cfg: ParallelConfig, model_config: Any) -> list[str]:
     """Problems of a layout for one model (a HF config object or its config.json dict): heads and KV heads
-    split by tp, layers enough for the pipeline stages, tied embeddings, a vocabulary split by tp."""
+    split by tp, layers enough for the pipeline stages, a vocabulary split by tp.
+
+    Tied embeddings (lm_head = the input embedding) train under every layout: under pp the first and the
+    last stage each hold a copy whose gradients the trainer sums, under vocab parallelism both ends split
+    the vocabulary alike."""
+    model_config = resolve_model_config(model_config)
     layers = _config_value(model_config, "num_hidden_layers")
     heads = _config_value(model_config, "num_attention_heads")
     kv_heads = _config_value(model_config, "num_key_value_heads", heads)
     vocab = _config_value(model_config, "vocab_size")
-    tied = bool(_config_value(model_config, "tie_word_embeddings", False))
     problems = []
-    if cfg.tp > 1 and cfg.vocab_parallel:
-        if tied:
-            problems.append(
-                "parallel.vocab_parallel: the model ties lm_head to the input embedding, which "
-                "cannot be split over the vocabulary here; leave vocab_parallel unset or false"
-            )
-        elif vocab and vocab % cfg.tp:
-            problems.append(
-                f"parallel.vocab_parallel: the vocabulary ({vocab}) does not divide by "
-                f"tp={cfg.tp}; leave vocab_parallel unset or false"
-            )
+    if cfg.tp > 1 and cfg.vocab_parallel and vocab and vocab % cfg.tp:
+        problems.append(
+            f"parallel.vocab_parallel: the vocabulary ({vocab}) does not divide by "
+            f"tp={cfg.tp}; leave vocab_parallel unset or false"
+        )
     if heads and (kv_heads % cfg.tp or heads % cfg.tp):
         problems.append(
             f"parallel.tp: {cfg.tp} must divide the model's {heads} attention heads and {kv_heads} KV heads"
@@ -200,12 +230,25 @@ def model_problems(cfg: ParallelConfig, model_config: Any) -> list[str]:
         problems.append(
             f"parallel.pp: {stages} pipeline stages ({cfg.pp_schedule}) but the model has only {layers} layers"
         )
-    if cfg.pp > 1 and tied:
-        problems.append(
-            "parallel.pp: the model ties lm_head to the input embedding, which would live "
-            "on two pipeline stages; use pp: 1"
-        )
+    if cfg.pp > 1:
+        problems += _stage_problems(model_config)
     return problems
+
+
+def _stage_problems(model_config: Any) -> list[str]:
+    """What pipeline stages (parallel.distributed.pipeline.StageModule: full causal attention in every layer,
+    logits = lm_head(norm(h))) would silently compute differently from the model's own forward."""
+    skipped = []
+    if _config_value(model_config, "final_logit_softcapping") is not None:
+        skipped.append("its final logit soft-capping")
+    if "sliding_attention" in (_config_value(model_config, "layer_types") or ()):
+        skipped.append("its sliding-window attention layers")
+    if not skipped:
+        return []
+    return [
+        f"parallel.pp: pipeline stages run a Llama-style decoder and would skip {' and '.join(skipped)} "
+        "(Gemma 2/3); use pp: 1"
+    ]
 
 
 # --- the batch: every dp rank runs microbatches x grad_accum equal micro-batches of whole units -------

@@ -2,7 +2,8 @@
 
 The model follows what parallel/distributed does on a Llama-family decoder:
 - weights: fp32 master copies (4 bytes; 0.5 for a 4-bit QLoRA base), split by pp (contiguous layer
-  ranges, embedding on the first stage, norm + lm_head on the last) and tp (the seven projections, and
+  ranges, embedding on the first stage, norm + lm_head on the last; a tied lm_head is one tensor with the
+  embedding at pp = 1 and a trained copy on the last stage under pp) and tp (the seven projections, and
   under vocab parallelism the embedding and lm_head; norms stay replicated), sharded over dp_shard under
   ZeRO-2/3 (FSDP2).
 - gathered: FSDP's unsharded compute copies (dtype_bytes each): the whole stage under ZeRO-2
@@ -23,7 +24,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from parallel.dims import ParallelConfig
-from parallel.layout import MODES
+from parallel.layout import MODES, is_tied
 
 GIB = 1024**3
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -55,7 +56,7 @@ class Shape:
             heads=heads,
             kv_heads=config.get("num_key_value_heads") or heads,
             head_dim=config.get("head_dim") or config["hidden_size"] // heads,
-            tied=bool(config.get("tie_word_embeddings", False)),
+            tied=is_tied(config),  # class defaults included, as the layout check reads it
             attention_bias=bool(config.get("attention_bias", False)),
         )
 
@@ -86,7 +87,7 @@ class Shape:
 
     @property
     def head(self) -> int:
-        # A tied lm_head shares the embedding's weight (pp must be 1 then, so both live on one rank).
+        """lm_head's own parameters in the whole model: none when it shares the embedding's weight."""
         return 0 if self.tied else self.vocab * self.hidden
 
 
@@ -170,7 +171,7 @@ def tp_options(shape: Shape, parallel: ParallelConfig) -> tuple[bool, bool]:
     """(sequence parallel, vocab parallel) as the engine resolves them (unset: on where possible)."""
     if parallel.tp == 1:
         return False, False
-    vocab_ok = not shape.tied and shape.vocab % parallel.tp == 0
+    vocab_ok = shape.vocab % parallel.tp == 0  # tied weights split alike on both ends
     return parallel.sequence_parallel is not False, parallel.vocab_parallel is not False and vocab_ok
 
 
@@ -231,9 +232,10 @@ def _rank_estimate(
     sequence_parallel, vocab_parallel = tp_options(shape, parallel)
     vocab_split = tp if vocab_parallel else 1
     layer = _layer_params(shape, tp)
-    outer = (shape.embedding // vocab_split if first else 0) + (
-        (shape.hidden + shape.head // vocab_split) if last else 0
-    )
+    # Under pp a tied lm_head is a copy of the embedding on the last stage (trained, its gradients summed
+    # with the first stage's); only where one rank holds both ends (pp = 1) is it the same tensor.
+    head = shape.vocab * shape.hidden if shape.tied and not first else shape.head
+    outer = (shape.embedding // vocab_split if first else 0) + ((shape.hidden + head // vocab_split) if last else 0)
     base = num_layers * layer + outer
     lora = 0 if mode == "full" else num_layers * _layer_lora_params(shape, tp, lora_r, lora_targets)
     trainable = base if mode == "full" else lora

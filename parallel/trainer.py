@@ -28,7 +28,7 @@ from parallel.dims import ParallelConfig
 from parallel.distributed import zero as zero_mod
 from parallel.distributed.grads import clip_grads_
 from parallel.distributed.mesh import AXES, ParallelDims, dp_mesh, dp_rank, fsdp_mesh
-from parallel.distributed.pipeline import build_schedule, build_stage_modules, find_decoder
+from parallel.distributed.pipeline import TiedCopies, build_schedule, build_stage_modules, find_decoder, tied_names
 from parallel.distributed.tensor_parallel import (
     LogitsLayout,
     PartialGrads,
@@ -201,9 +201,7 @@ def tp_options(model: nn.Module, cfg: ParallelConfig, tp: int) -> tuple[bool, bo
         return False, False
     _, decoder, _, head = find_decoder(model)
     c = decoder.config
-    why_not = vocab_parallel_supported(
-        decoder.embed_tokens, head, c.vocab_size, tp, bool(getattr(c, "tie_word_embeddings", False))
-    )
+    why_not = vocab_parallel_supported(decoder.embed_tokens, head, c.vocab_size, tp)
     if cfg.vocab_parallel and why_not:
         raise ValueError(f"parallel.vocab_parallel: {why_not}; set vocab_parallel: false")
     return cfg.sequence_parallel is not False, cfg.vocab_parallel is not False and why_not is None
@@ -354,12 +352,17 @@ class Trainer:
         # Sequence-parallel padding uses the pad token: a classifier (the reward model) pools the last non-pad one.
         self._pad_id = getattr(find_decoder(model)[1].config, "pad_token_id", None) or 0
         self._seq = 0
+        # Tied embeddings: (embedding, lm_head) weight names, read before the model is cut into stages.
+        self.tied_names = tied_names(model)
+        tied_trainable = self.tied_names is not None and find_decoder(model)[1].embed_tokens.weight.requires_grad
         layout = parallelize(model, cfg, mesh, self.device)
         self.parts, self.sp, self.vp = layout.parts, layout.sequence_parallel, layout.vocab_parallel
         self.logits_layout, self.partial = layout.logits, layout.partial
         # Not cut up (no pp, tp or FSDP sharding): the model itself, whole on this rank.
         self.whole_model = model if (self.dims.pp, self.dims.tp) == (1, 1) and cfg.zero < 2 else None
         self.params = [p for part in self.parts for p in part.parameters() if p.requires_grad]
+        # Under pp the first and last stages each hold a copy of a tied weight; their gradients are summed.
+        self.tied = TiedCopies.build(self.tied_names, tied_trainable, self.parts, mesh, self.dims.pp)
         self._build_optimizers(lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
         self.schedule = None
         if self.dims.pp > 1:
@@ -611,8 +614,10 @@ class Trainer:
         local_loss = self.forward_backward(batch, objective)
         if self.cfg.zero <= 1 and self.dims.dp > 1:
             zero_mod.allreduce_grads(self.params, dp_mesh(self.mesh).get_group())
+        self.tied.sum_grads()  # both copies of a tied weight now hold the whole gradient
         pp_group = self.mesh["pp"].get_group() if self.dims.pp > 1 else None
-        grad_norm = clip_grads_(self.params, self.grad_clip, self.mesh, pp_group)
+        counted_elsewhere = [self.tied.param] if self.tied.counted_elsewhere else []
+        grad_norm = clip_grads_(self.params, self.grad_clip, self.mesh, pp_group, counted_elsewhere=counted_elsewhere)
         for opt in self.optimizers:
             if opt is not None:
                 opt.step()

@@ -3,7 +3,9 @@
 Keys are global parameter names (stage modules keep them), optimizer state is flattened per
 parameter name, and DCP reshards on load, so a checkpoint saved at tp2 x dp2 loads at pp2 or in one
 process (a Trainer over the mesh of ones) and back. Only trainable parameters are saved: frozen ones (a
-LoRA/QLoRA base) come from the model directory on every start.
+LoRA/QLoRA base) come from the model directory on every start. A tied weight (lm_head = the input
+embedding) is stored once, under the embedding's name: under pp the last stage's copy (named lm_head) saves
+to and loads from that key (with its optimizer state), and one process's state dict drops its alias.
 Also saved: the step count, every rank's RNG state (restored
 per rank when the world size is the same, rank 0's otherwise), and a caller's JSON-able `extra` dict
 (e.g. the data position).
@@ -50,12 +52,49 @@ def _quiet_single_process():
 
 
 def _state(trainer) -> tuple[list[dict], list[dict | None]]:
-    models = [get_model_state_dict(part, options=OPTIONS) for part in trainer.parts]
-    optims = [
-        None if opt is None else get_optimizer_state_dict(part, opt, options=OPTIONS)
-        for part, opt in zip(trainer.parts, trainer.optimizers)
-    ]
+    """Each part's model and optimizer state dicts, keyed as stored (see _stored_key)."""
+    models, optims, _ = _state_and_keys(trainer)
     return models, optims
+
+
+def _state_and_keys(trainer) -> tuple[list[dict], list[dict | None], list[tuple[dict, dict]]]:
+    """_state's dicts and, per part, {stored key: the part's own key} of its model and optimizer dicts."""
+    names = getattr(trainer, "tied_names", None)
+    models, optims, keys = [], [], []
+    for part, opt in zip(trainer.parts, trainer.optimizers):
+        model_sd, model_keys = _stored(get_model_state_dict(part, options=OPTIONS), names)
+        optim_sd, optim_keys = (
+            (None, {}) if opt is None else _stored(get_optimizer_state_dict(part, opt, options=OPTIONS), names)
+        )
+        models.append(model_sd)
+        optims.append(optim_sd)
+        keys.append((model_keys, optim_keys))
+    return models, optims, keys
+
+
+def _stored_key(key: str, names: tuple[str, str] | None) -> str:
+    """A state dict key as stored: a tied lm_head's weight (model key, or the `state.<name>.<...>` and
+    `param_groups.<name>.<...>` keys of a flattened optimizer state) under the embedding's name."""
+    if names is None:
+        return key
+    embed, head = names
+    if key == head:
+        return embed
+    for prefix in ("state.", "param_groups."):
+        if key.startswith(prefix + head + "."):
+            return prefix + embed + key[len(prefix + head) :]
+    return key
+
+
+def _stored(state: dict, names: tuple[str, str] | None) -> tuple[dict, dict]:
+    """(`state` keyed as stored, {stored key: own key}); where one part holds both names of a tied weight
+    (pp = 1) they are the one tensor, kept once."""
+    out, own = {}, {}
+    for key, value in state.items():
+        stored = _stored_key(key, names)
+        if stored not in out:
+            out[stored], own[stored] = value, key
+    return out, own
 
 
 def _merged(models: list[dict], optims: list[dict | None], trainer) -> dict:
@@ -198,14 +237,18 @@ def save_checkpoint(trainer, path: Path, extra: dict | None = None) -> Path:
 def load_checkpoint(trainer, path: Path) -> dict:
     """Collective: restore model, optimizer, step and RNG in place; returns the saved `extra`."""
     path = Path(path)
-    models, optims = _state(trainer)  # templates: DCP loads into them in place, resharding as needed
+    # templates: DCP loads into them in place, resharding as needed
+    models, optims, keys = _state_and_keys(trainer)
     state = _merged(models, optims, trainer)
     with _quiet_single_process():
         dcp.load(state, checkpoint_id=str(path))
-    for part, opt, model_sd, optim_sd in zip(trainer.parts, trainer.optimizers, models, optims):
-        set_model_state_dict(part, {k: state[f"model.{k}"] for k in model_sd}, options=LOAD_OPTIONS)
+    for part, opt, model_sd, optim_sd, (model_keys, optim_keys) in zip(
+        trainer.parts, trainer.optimizers, models, optims, keys
+    ):
+        set_model_state_dict(part, {model_keys[k]: state[f"model.{k}"] for k in model_sd}, options=LOAD_OPTIONS)
         if opt is not None:
-            set_optimizer_state_dict(part, opt, {k: state[f"optim.{k}"] for k in optim_sd}, options=LOAD_OPTIONS)
+            optim_state = {optim_keys[k]: state[f"optim.{k}"] for k in optim_sd}
+            set_optimizer_state_dict(part, opt, optim_state, options=LOAD_OPTIONS)
     trainer.step = int(state["trainer"]["step"])
     own = _rng_file(path, *rank_and_world())
     if own.is_file():  # same number of ranks: each its own RNG; otherwise rank 0's for all

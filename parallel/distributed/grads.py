@@ -18,15 +18,17 @@ def _sharded_axes(grad: torch.Tensor) -> tuple[str, ...]:
     return tuple(sorted(names[i] for i, p in enumerate(grad.placements) if not p.is_replicate()))
 
 
-def global_grad_norm(params: list[nn.Parameter], mesh, pp_group=None) -> torch.Tensor:
+def global_grad_norm(params: list[nn.Parameter], mesh, pp_group=None, counted_elsewhere=()) -> torch.Tensor:
     """L2 norm of all gradients of the model, whichever rank or shard holds them.
 
     Squared sums are grouped by the axes they are sharded over, reduced once per group, then summed
-    over pipeline stages (which hold disjoint parameters). Replicated copies are counted once.
+    over pipeline stages (which hold disjoint parameters, except the copies of a tied weight: the one
+    on the last stage is passed in `counted_elsewhere` and left out). Replicated copies are counted once.
     """
+    skip = {id(p) for p in counted_elsewhere}
     sums: dict[tuple[str, ...], torch.Tensor] = {}
     for p in params:
-        if p.grad is None:
+        if p.grad is None or id(p) in skip:
             continue
         local = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
         key = _sharded_axes(p.grad)
@@ -53,8 +55,11 @@ def _all_keys(mesh) -> list[tuple[str, ...]]:
 
 
 @torch.no_grad()
-def clip_grads_(params: list[nn.Parameter], max_norm: float, mesh, pp_group=None) -> float:
+def clip_grads_(params: list[nn.Parameter], max_norm: float, mesh, pp_group=None, counted_elsewhere=()) -> float:
     """Scale gradients so their global norm is at most max_norm (<= 0: measure only); returns the norm.
+
+    counted_elsewhere: parameters whose gradient is another rank's copy (a tied weight's copy on the last
+    pipeline stage): scaled like the others, counted once in the norm (by the rank holding the original).
 
     Same coefficient as torch.nn.utils.clip_grad_norm_, so one process and any layout agree. Where every
     rank holds whole gradients (one process, data parallel with ZeRO 0/1) it is torch's own function.
@@ -63,7 +68,7 @@ def clip_grads_(params: list[nn.Parameter], max_norm: float, mesh, pp_group=None
     if whole:
         grads = [p for p in params if p.grad is not None]
         return float(torch.nn.utils.clip_grad_norm_(grads, max_norm if max_norm > 0 else float("inf")))
-    norm = global_grad_norm(params, mesh, pp_group)
+    norm = global_grad_norm(params, mesh, pp_group, counted_elsewhere)
     if max_norm > 0:
         coef = float(torch.clamp(max_norm / (norm + 1e-6), max=1.0))
         for p in params:

@@ -16,6 +16,7 @@ from torch.distributed.pipelining import (
     ScheduleInterleaved1F1B,
     ScheduleInterleavedZeroBubble,
 )
+from torch.distributed.tensor import DTensor
 
 SCHEDULES = {
     "gpipe": ScheduleGPipe,
@@ -157,3 +158,72 @@ def build_schedule(
     if schedule in MULTI_STAGE:
         return cls(stages, n_microbatches=microbatches, loss_fn=loss_fn, scale_grads=False)
     return cls(stages[0], n_microbatches=microbatches, loss_fn=loss_fn, scale_grads=False)
+
+
+def tied_names(model: nn.Module) -> tuple[str, str] | None:
+    """(embedding weight name, lm_head weight name) when lm_head's weight is the input embedding's (tied
+    embeddings), else None. Read on the whole model, before it is cut into stages."""
+    dec_path, decoder, head_path, head = find_decoder(model)
+    if getattr(head, "weight", None) is None or head.weight is not decoder.embed_tokens.weight:
+        return None
+    return f"{dec_path + '.' if dec_path else ''}embed_tokens.weight", f"{head_path}.weight"
+
+
+class TiedCopies:
+    """Tied embeddings under pp, as Megatron trains them: the first stage holds the embedding, the last
+    stage lm_head, each a copy of the one shared weight (equal at the start: every rank loads the same
+    model). Their gradients are summed over a group of {first stage rank, last stage rank} per (dp, tp)
+    coordinate before clipping and the optimizer step, so both copies take the same updates and stay equal.
+    Under ZeRO-2/3 the gradients are DTensor shards, split the same way on both stages: their local shards
+    are summed. The last stage's copy is left out of the gradient norm (the first stage counts it).
+
+    At pp = 1 (or when the shared weight is frozen, as under LoRA) there is nothing to do: `group` is None.
+    """
+
+    def __init__(self, param: nn.Parameter | None = None, group=None, counted_elsewhere: bool = False):
+        self.param, self.group, self.counted_elsewhere = param, group, counted_elsewhere
+
+    @classmethod
+    def build(cls, names: tuple[str, str] | None, trainable: bool, parts: list[nn.Module], mesh, pp: int):
+        """This rank's copy and group (collective over the whole world when pp > 2: new process groups).
+        names: tied_names(model); trainable: whether the shared weight trains (the same on every rank)."""
+        if names is None or pp == 1 or not trainable:  # frozen (LoRA): the copies stay equal untouched
+            return cls()
+        group = _ends_group(mesh, pp)
+        for part in parts:
+            params = dict(part.named_parameters())
+            for i, name in enumerate(names):
+                if name in params:
+                    return cls(params[name], group, counted_elsewhere=i == 1)
+        return cls()  # a middle stage
+
+    def sum_grads(self) -> None:
+        """Sum the two copies' gradients (their local shards), in place, on both ends."""
+        if self.group is None:
+            return
+        from parallel.distributed.zero import allreduce_grads
+
+        grad = self.param.grad
+        if grad is None:
+            raise RuntimeError("tied weights: this stage's copy got no gradient")
+        if isinstance(grad, DTensor) and tuple(grad.placements) != tuple(self.param.placements):
+            # A vocab-parallel embedding's gradient comes back replicated over tp while lm_head's is
+            # vocab-sharded like the weights: take this rank's shard (a local slice, no communication).
+            self.param.grad = grad.redistribute(self.param.device_mesh, self.param.placements)
+        allreduce_grads([self.param], self.group)
+
+
+def _ends_group(mesh, pp: int):
+    """The process group of this rank's (dp, tp) coordinate on the first and the last pipeline stage."""
+    if pp == 2:
+        return mesh["pp"].get_group()
+    import torch.distributed as dist
+
+    ranks = mesh.mesh.reshape(pp, -1)
+    mine = None
+    for j in range(ranks.shape[1]):  # every rank creates every group, in the same order
+        ends = [int(ranks[0, j]), int(ranks[-1, j])]
+        group = dist.new_group(ends)
+        if dist.get_rank() in ends:
+            mine = group
+    return mine

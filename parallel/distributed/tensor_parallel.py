@@ -11,6 +11,9 @@ Three options, each compared with one process by the tests:
   fed a sequence slice, so their gradients are partial sums: the trainer sums them over tp;
 - vocab parallelism: the embedding and lm_head split the vocabulary; the logits stay vocab-sharded for
   the token cross-entropy (computed by torch's loss_parallel) and are gathered for everything else.
+  Both weights are [vocab, hidden] split on the vocabulary (Shard(0)), so tied weights (lm_head = the
+  embedding) stay tied shard by shard: one process-local DTensor parameter serves both at pp = 1, and
+  under pp the two stages' copies hold the same rows on the same tp rank.
 
 Per-head norms inside attention (Qwen3's q_norm/k_norm) see only this rank's heads, so their gradients
 are partial sums too, with or without sequence parallelism.
@@ -209,12 +212,9 @@ class LogitsLayout:
         self.keep_sharded = False
 
 
-def vocab_parallel_supported(
-    embed: nn.Module | None, head: nn.Module | None, vocab_size: int, tp: int, tied: bool
-) -> str | None:
-    """Why the embedding/lm_head cannot be split over the vocabulary (None: they can)."""
-    if tied:
-        return "the model ties lm_head to the input embedding"
+def vocab_parallel_supported(embed: nn.Module | None, head: nn.Module | None, vocab_size: int, tp: int) -> str | None:
+    """Why the embedding/lm_head cannot be split over the vocabulary (None: they can). Tied weights can:
+    they split the same way on both ends (see apply_tp_ends)."""
     if vocab_size % tp:
         return f"the vocabulary ({vocab_size}) does not divide by tp={tp}"
     for module in (embed, head):
@@ -242,6 +242,9 @@ def apply_tp_ends(
     gathers the sequence first.
     """
     partial = PartialGrads()
+    # Tied weights on this part (pp = 1): sharding each module would give each its own parameter, so
+    # the head is given the embedding's sharded one back afterwards (both Shard(0) over the vocabulary).
+    tied = embed is not None and head is not None and head.weight is embed.weight
     if vocab_parallel and embed is not None:
         parallelize_module(embed, tp_mesh, RowwiseParallel(input_layouts=Replicate()))
     if head is None:
@@ -258,6 +261,9 @@ def apply_tp_ends(
                 use_local_output=False,
             ),
         )
+
+        if tied:
+            head.weight = embed.weight
 
         def hand_out(mod, args, out):
             return out if logits.keep_sharded else out.full_tensor()

@@ -77,9 +77,7 @@ def test_quantized_base_rules_apply_to_qlora_only(cfg, field):
         (dict(tp=4), {}, "parallel.tp", "4 must divide the model's 4 attention heads and 2 KV heads"),
         # the pipeline rule counts virtual stages: interleaved schedules hold two per pp rank
         (dict(pp=4, microbatches=4, pp_schedule="interleaved_1f1b"), {}, "parallel.pp", "8 pipeline stages"),
-        (dict(pp=2, microbatches=2), {"tie_word_embeddings": True}, "parallel.pp", "ties lm_head"),
         (dict(tp=2, vocab_parallel=True), {"vocab_size": 301}, "parallel.vocab_parallel", "(301) does not divide"),
-        (dict(tp=2, vocab_parallel=True), {"tie_word_embeddings": True}, "parallel.vocab_parallel", "ties lm_head"),
     ],
 )
 def test_model_shape_rules(cfg, model, field, words):
@@ -127,3 +125,76 @@ def test_check_layout_raises_every_problem_at_once():
         check_layout(parallel, mode="qlora", world=1)
     assert str(err.value) == "; ".join(problems)
     check_layout(ParallelConfig(dp_shard=2, zero=1), world=2)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        dict(pp=2, microbatches=2),
+        dict(pp=2, microbatches=4, pp_schedule="interleaved_1f1b"),
+        dict(tp=2, vocab_parallel=True),
+        dict(pp=2, tp=2, dp_shard=2, zero=3, microbatches=2, vocab_parallel=True),
+    ],
+)
+def test_tied_embeddings_train_under_every_layout(cfg):
+    tied = {**LLAMA, "tie_word_embeddings": True}
+    assert layout_problems(ParallelConfig(**cfg), model_config=tied) == []
+    assert layout_problems(ParallelConfig(**cfg), mode="lora", model_config=tied) == []
+
+
+def test_config_json_and_the_hf_config_read_alike():
+    """Recipe validation reads config.json, the job a HF config object: a key config.json leaves out takes
+    its class default in both (Gemma's classes default to tied embeddings, and its config.json files omit
+    the key), and a composite config stands for its text decoder."""
+    from transformers import Gemma2Config
+
+    from parallel.layout import is_tied, resolve_model_config
+
+    gemma = {"model_type": "gemma2", "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2}
+    assert is_tied(gemma) and is_tied(Gemma2Config(**{k: v for k, v in gemma.items() if k != "model_type"}))
+    assert not is_tied({**gemma, "tie_word_embeddings": False})
+    assert not is_tied({"model_type": "llama", "num_hidden_layers": 4}) and not is_tied(LLAMA)
+    assert resolve_model_config({"model_type": "gemma3", "text_config": {**LLAMA, "tie_word_embeddings": True}}) == {
+        **LLAMA,
+        "tie_word_embeddings": True,
+    }
+    # an unknown model_type: the values as written
+    assert resolve_model_config({"model_type": "no-such-model", "num_hidden_layers": 3}) == {
+        "model_type": "no-such-model",
+        "num_hidden_layers": 3,
+    }
+
+
+def test_pipeline_stages_refuse_what_they_cannot_reproduce():
+    """Gemma 2/3 (tied, and soft-capped logits, sliding-window layers) would train wrong under pp."""
+    gemma2 = {"model_type": "gemma2", "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2}
+    problems = layout_problems(ParallelConfig(pp=2, microbatches=2), model_config=gemma2)
+    assert fields(problems) == ["parallel.pp"], problems
+    assert "final logit soft-capping and its sliding-window attention layers" in problems[0]
+    assert layout_problems(ParallelConfig(tp=2), model_config=gemma2) == []  # the model's own forward
+    full = {**LLAMA, "layer_types": ["full_attention"] * 4, "final_logit_softcapping": None}
+    assert layout_problems(ParallelConfig(pp=2, microbatches=2), model_config=full) == []
+
+
+def test_validation_and_the_job_read_a_model_directory_alike(tmp_path):
+    """Recipe validation reads <model.path>/config.json as a dict, the job AutoConfig.from_pretrained of the
+    same directory: the same problems and the same tying, also for a hub-style Gemma 2 config.json that
+    leaves tie_word_embeddings out (its class default is true)."""
+    import json
+
+    from transformers import AutoConfig, Gemma2Config
+
+    from parallel.layout import is_tied
+
+    Gemma2Config(num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16).save_pretrained(
+        tmp_path
+    )
+    raw = json.loads((tmp_path / "config.json").read_text())
+    raw.pop("tie_word_embeddings")
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    job = AutoConfig.from_pretrained(tmp_path)
+    assert is_tied(raw) and is_tied(job) and job.tie_word_embeddings
+    for cfg in (dict(pp=2, microbatches=2), dict(tp=4), dict(tp=2, vocab_parallel=True)):
+        parallel = ParallelConfig(**cfg)
+        assert layout_problems(parallel, model_config=raw) == layout_problems(parallel, model_config=job)
+    assert layout_problems(ParallelConfig(pp=2, microbatches=2), model_config=raw)  # Gemma 2: no pp

@@ -71,7 +71,17 @@ def test_sequence_and_vocab_parallel_split_activations():
     both = _estimate(tp=2)
     assert both.activations == sp.activations - 32 * 130 * 10  # vocab-sharded logits
     tied = estimate_memory(dict(MICRO, tie_word_embeddings=True), ParallelConfig(tp=2), seq_len=16, micro_batch=2)
-    assert tied.activations == sp.activations  # tied embeddings: vocab parallelism stays off
+    assert tied.activations == both.activations  # tied embeddings split over the vocabulary alike
+
+
+def test_tied_embeddings_under_pp_keep_a_copy_on_the_last_stage():
+    tied = dict(MICRO, tie_word_embeddings=True)
+    one = estimate_memory(tied, ParallelConfig(), seq_len=16, micro_batch=2)
+    assert one.params == 4 * (TOTAL - EMBED)  # one tensor for both ends
+    last = estimate_memory(tied, ParallelConfig(pp=2, microbatches=2, pp_schedule="gpipe"), seq_len=16, micro_batch=2)
+    untied = _estimate(pp=2, microbatches=2, pp_schedule="gpipe")
+    # GPipe: both stages hold 2 micro-batches; stage 1 (logits) is the most loaded; its lm_head is a copy
+    assert last.pp_rank == untied.pp_rank == 1 and last.params == untied.params == 4 * (2 * LAYER + 64 + EMBED)
 
 
 def test_lora_trains_only_adapters():

@@ -31,13 +31,15 @@ FAMILIES = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen3": (Qwen3Config, Qwe
 SEQ = 16
 
 
-def build_model(mode: str, seed: int = 0, family: str = "llama"):
+def build_model(mode: str, seed: int = 0, family: str = "llama", tied: bool = False):
     """The same weights on every call; LoRA B matrices random (not zero) so every adapter gets a gradient.
 
-    qwen3: per-head q/k norms inside attention (their weights get random values so they matter)."""
+    qwen3: per-head q/k norms inside attention (their weights get random values so they matter).
+    tied: lm_head shares the input embedding's weight (tie_word_embeddings)."""
     torch.manual_seed(seed)
     config_cls, model_cls = FAMILIES[family]
-    model = model_cls(config_cls(**MODEL, **({"head_dim": 16} if family == "qwen3" else {})))
+    extra = {"head_dim": 16} if family == "qwen3" else {}
+    model = model_cls(config_cls(**{**MODEL, "tie_word_embeddings": tied}, **extra))
     if family == "qwen3":
         with torch.no_grad():
             for name, p in model.named_parameters():
@@ -72,12 +74,13 @@ def make_batch(step: int, rows: int = 8, seq: int = SEQ) -> dict[str, torch.Tens
 _REFERENCE: dict[str, dict] = {}
 
 
-def reference(mode: str, family: str = "llama", seq: int = SEQ) -> dict:
-    """One process, whole batch: per-step losses and grad norms, and the first step's clipped grads."""
-    key = f"{mode}-{family}-{seq}"
+def reference(mode: str, family: str = "llama", seq: int = SEQ, tied: bool = False) -> dict:
+    """One process, whole batch: per-step losses and grad norms, the first step's clipped grads, and the
+    weights after the last step."""
+    key = f"{mode}-{family}-{seq}-{tied}"
     if key in _REFERENCE:
         return _REFERENCE[key]
-    model = build_model(mode, family=family).train()
+    model = build_model(mode, family=family, tied=tied).train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = build_adamw(params, **HPARAMS)
     losses, norms, grads = [], [], {}
@@ -92,7 +95,8 @@ def reference(mode: str, family: str = "llama", seq: int = SEQ) -> dict:
         if step == 0:
             grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         opt.step()
-    _REFERENCE[key] = {"losses": losses, "norms": norms, "grads": grads}
+    weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    _REFERENCE[key] = {"losses": losses, "norms": norms, "grads": grads, "weights": weights}
     return _REFERENCE[key]
 
 
@@ -106,15 +110,33 @@ def full_grads(trainer: Trainer) -> dict[str, torch.Tensor]:
     return out
 
 
+def full_weights(trainer: Trainer) -> dict[str, torch.Tensor]:
+    """Every trainable weight this rank's parts hold, un-sharded (collective over the dp/tp groups)."""
+    out = {}
+    for part in trainer.parts:
+        for name, p in part.named_parameters():
+            if p.requires_grad:
+                out[name] = (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+    return out
+
+
+def reference_name(trainer: Trainer, name: str) -> str:
+    """The one-process name of a parameter: a tied lm_head copy (last pipeline stage) is the embedding."""
+    tied = trainer.tied_names
+    return tied[0] if tied is not None and name == tied[1] else name
+
+
 def check_layout_against_reference(
-    cfg: ParallelConfig, mode: str, world_size: int, family: str = "llama", seq: int = SEQ
+    cfg: ParallelConfig, mode: str, world_size: int, family: str = "llama", seq: int = SEQ, tied: bool = False
 ) -> dict:
-    """Train STEPS steps under `cfg`; diffs against one process (losses, norms, first-step grads).
+    """Train STEPS steps under `cfg`; diffs against one process (losses, norms, first-step grads; with
+    `tied`, also the tied weight after the last step: its copies on two stages included).
 
     Also reports which tensor-parallel options the trainer took (sequence/vocab parallel)."""
     mesh = ParallelDims.from_config(cfg, world_size).build_mesh("cpu")
-    trainer = Trainer(build_model(mode, family=family), cfg, mesh, mode=mode, grad_clip=GRAD_CLIP, **HPARAMS)
-    ref = reference(mode, family, seq)
+    model = build_model(mode, family=family, tied=tied)
+    trainer = Trainer(model, cfg, mesh, mode=mode, grad_clip=GRAD_CLIP, **HPARAMS)
+    ref = reference(mode, family, seq, tied)
     losses, norms, grad_abs, grad_rel, names = [], [], 0.0, 0.0, []
     for step in range(STEPS):
         loss, norm = trainer.train_step(make_batch(step, seq=seq))
@@ -122,12 +144,20 @@ def check_layout_against_reference(
         norms.append(norm)
         if step == 0:
             for name, g in full_grads(trainer).items():
-                r = ref["grads"][name]
+                r = ref["grads"][reference_name(trainer, name)]
                 diff = float((g - r).abs().max())
                 grad_abs = max(grad_abs, diff)
                 grad_rel = max(grad_rel, diff / max(float(r.abs().max()), 1e-12))
-                names.append(name)
+                names.append(reference_name(trainer, name))
+    weight_diff, tied_copy = 0.0, {}
+    if tied and trainer.tied_names:  # the tied weight's copies after the last step, against one process's
+        for name, w in full_weights(trainer).items():
+            if name in trainer.tied_names:
+                weight_diff = max(weight_diff, float((w - ref["weights"][trainer.tied_names[0]]).abs().max()))
+                tied_copy[name] = w.numpy()  # by value: a tensor would pass as shared memory of an exited rank
     return {
+        "weight_diff": weight_diff,
+        "tied_copy": tied_copy,
         "loss_diff": max(abs(a - b) for a, b in zip(losses, ref["losses"])),
         "norm_diff": max(abs(a - b) / b for a, b in zip(norms, ref["norms"])),
         "grad_abs": grad_abs,
