@@ -38,19 +38,19 @@ def workdir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def short_run(workdir):
-    """The recipe cut down to minutes: 5 steps, 300 generated rows, 8 held-out prompts per task."""
+    """The recipe cut down to minutes: 4 steps, 300 generated rows, 8 held-out prompts of one task."""
     started = time.time()
     p = hpcft(
         "run", str(RECIPE), "--workdir", str(workdir),
-        "--set", "stages.0.max_steps=5", "--set", "stages.0.eval_every=5",
-        "--set", "data.sources.0.num_rows=300", "--set", "eval.limit=8",
+        "--set", "stages.0.max_steps=4", "--set", "stages.0.eval_every=4",
+        "--set", "data.sources.0.num_rows=300", "--set", "eval.limit=8", "--set", "eval.tasks=[heldout_exact]",
     )  # fmt: skip
     return p, time.time() - started
 
 
 def test_the_recipe_runs_end_to_end(short_run, workdir):
-    p, _seconds = short_run
-    assert p.returncode in (0, 3), p.stdout[-3000:] + p.stderr[-3000:]  # 5 steps may or may not pass the gate
+    p, _seconds = short_run  # 184 s on 2 cores shared with other test runs (load average ~4)
+    assert p.returncode in (0, 3), p.stdout[-3000:] + p.stderr[-3000:]  # 4 steps may or may not pass the gate
     for stage in ("model", "data", "sft", "export", "eval", "gate"):
         assert f"{stage}: finished" in p.stdout
     gate = json.loads((workdir / "stages/gate/result.json").read_text())
@@ -95,7 +95,7 @@ def test_the_converted_model_matches_the_gguf_model(short_run, workdir):
     with torch.no_grad():
         assert torch.equal(model(ids).logits, reference(ids).logits)
     gguf_tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
-    assert gguf_tokenizer(text)["input_ids"] == ids[0].tolist()
+    assert gguf_tokenizer(text, add_special_tokens=False)["input_ids"] == ids[0].tolist()
     assert tokenizer.chat_template == gguf_tokenizer.chat_template
 
 
