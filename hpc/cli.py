@@ -150,6 +150,10 @@ def _memory_lines(node, recipe, spec, base_dir: Path, gpu_mem_gb: float) -> None
         from parallel.tiny import TINY_CONFIGS, build_tokenizer
 
         config = {**TINY_CONFIGS[recipe.model.tiny], "vocab_size": len(build_tokenizer())}
+    elif recipe.model.gguf:
+        from hpc.recipe import model_config
+
+        config = model_config(recipe, base_dir)  # from the GGUF file's metadata (validate checked it)
     else:
         from hpc.recipe import resolve_path
 

