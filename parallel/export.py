@@ -9,7 +9,8 @@ import torch
 
 from parallel.checkpoint import load_checkpoint, read_manifest
 
-MAX_LOGIT_DIFF = 1e-4
+MAX_LOGIT_DIFF = 1e-4  # absolute part of the export check's limit
+LOGIT_RTOL = 1e-5  # relative part, to the largest logit: a LoRA merge rounds in fp32 at the logits' scale
 PROBE_CONVERSATIONS = [
     [{"role": "user", "content": "Reverse the word: export"}, {"role": "assistant", "content": "tropxe"}],
     [{"role": "user", "content": "Hello! What is 2 + 2?"}, {"role": "assistant", "content": "4"}],
@@ -25,7 +26,9 @@ def export_hf(model_dir: Path, checkpoint_dir: Path, out_dir: Path) -> dict:
     """Write safetensors, config, generation_config and tokenizer to out_dir (LoRA merged), then compare
     the reloaded export's logits with the trained model's on probe sequences.
 
-    Returns {"max_abs_logit_diff", "params", "merged"}; raises ExportMismatchError above 1e-4.
+    Returns {"max_abs_logit_diff", "params", "merged"}; raises ExportMismatchError above 1e-4 + 1e-5 x the
+    largest logit (merging LoRA into 30 layers of a real model rounds at about 1e-4 of logits near 20; a
+    wrong export is off by orders more).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -41,11 +44,13 @@ def export_hf(model_dir: Path, checkpoint_dir: Path, out_dir: Path) -> dict:
     tokenizer.save_pretrained(out_dir)
 
     exported = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32).eval()
-    diff = max_logit_diff(trained, exported, probe_batch(tokenizer))
-    if diff > MAX_LOGIT_DIFF:
+    probes = probe_batch(tokenizer)
+    diff = max_logit_diff(trained, exported, probes)
+    limit = MAX_LOGIT_DIFF + LOGIT_RTOL * max_abs_logit(trained, probes)
+    if diff > limit:
         raise ExportMismatchError(
             f"exported model's logits differ from the trained model's by {diff:.3g} "
-            f"(limit {MAX_LOGIT_DIFF}); {out_dir} is not a faithful export"
+            f"(limit {limit:.3g}); {out_dir} is not a faithful export"
         )
     return {"max_abs_logit_diff": diff, "params": sum(p.numel() for p in exported.parameters()), "merged": merged}
 
@@ -77,3 +82,8 @@ def probe_batch(tokenizer) -> list[torch.Tensor]:
 def max_logit_diff(reference, candidate, probes: list[torch.Tensor]) -> float:
     diffs = [(reference(input_ids=ids).logits - candidate(input_ids=ids).logits).abs().max() for ids in probes]
     return float(max(diffs))
+
+
+@torch.no_grad()
+def max_abs_logit(model, probes: list[torch.Tensor]) -> float:
+    return float(max(model(input_ids=ids).logits.abs().max() for ids in probes))
