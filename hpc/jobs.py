@@ -77,7 +77,8 @@ def _model(ctx: StageContext) -> dict:
 def _gguf_model(ctx: StageContext) -> tuple[Path, dict]:
     """model.gguf converted into a plain Hugging Face directory `hf/` in the stage's directory; a file that
     cannot be found or loaded fails the stage with one line (e.g. which package to install)."""
-    from parallel.gguf import GGUFError, convert_gguf, resolve_gguf, sha256_file
+    from data_tools.splits import sha256_file
+    from parallel.gguf import GGUFError, convert_gguf, resolve_gguf
 
     cfg = ctx.recipe.model
     try:

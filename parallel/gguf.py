@@ -13,7 +13,6 @@ Nothing here downloads: the file and the packages are installed beforehand.
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib.util
 import re
 import shutil
@@ -23,7 +22,6 @@ PKG_PREFIX = "pkg:"
 SUFFIX = ".gguf"
 DTYPES = ("float32", "bfloat16")  # of the written weights; training loads them in fp32 either way
 _PACKAGE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*$")
-_CHUNK = 1 << 20
 
 
 class GGUFError(ValueError):
@@ -206,14 +204,6 @@ def _dequantize_all() -> dict:
     except ImportError:
         return {}
     return {"quantization_config": GgufConfig(dequantize=True)}
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def convert_gguf(path: Path, out_dir: Path, dtype: str = "float32") -> Path:
