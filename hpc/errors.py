@@ -18,13 +18,20 @@ class StageError(RuntimeError):
     """A stage failed for a reason its one-line message says in full (no traceback needed)."""
 
 
-def _free(path: Path) -> str:
+def _usage(path: Path):
+    """shutil.disk_usage of the filesystem holding `path` (its nearest existing parent); None if unreadable."""
     p = Path(path)
     while not p.exists() and p != p.parent:
         p = p.parent
     try:
-        usage = shutil.disk_usage(p)
+        return shutil.disk_usage(p)
     except OSError:
+        return None
+
+
+def _free(path: Path) -> str:
+    usage = _usage(path)
+    if usage is None:
         return ""
     mb = 1024 * 1024
     return f"; {usage.free // mb} MB free of {usage.total // mb} MB there"
@@ -63,13 +70,7 @@ def disk_full(path: Path, below_bytes: int = 1024 * 1024) -> str | None:
     """A line when the filesystem holding `path` is full (under `below_bytes` free): a stage that failed there,
     through whatever error its libraries made of it (datatrove's worker pool, a logger that could not write),
     failed for want of space."""
-    p = Path(path)
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    try:
-        free = shutil.disk_usage(p).free
-    except OSError:
+    usage = _usage(path)
+    if usage is None or usage.free >= below_bytes:
         return None
-    if free >= below_bytes:
-        return None
-    return f"{path}: No space left on device (ENOSPC){_free(p)}"
+    return f"{path}: No space left on device (ENOSPC){_free(path)}"
