@@ -24,6 +24,7 @@ from pathlib import Path
 
 REQUEUED_EXIT = 75  # exit code of an attempt that requeued itself (EX_TEMPFAIL)
 SRUN_TASK_ERROR = re.compile(r"srun: error: (?P<node>\S+): tasks? (?P<tasks>[\d,\-]+): (?P<what>.+)$")
+SRUN_SIGNALS = {"Killed": 9, "Segmentation fault": 11, "Aborted": 6, "Bus error": 7, "Terminated": 15}  # srun's words
 OOM_HINT = "the kernel's OOM killer does this when a process runs out of memory"
 
 
@@ -97,16 +98,7 @@ def describe(rc: int, errors: list[dict], oom: bool) -> str:
     code = re.search(r"[Ee]xited with exit code (\d+)", what)
     if code:
         return f"{where}exited with code {code.group(1)} (its traceback is in the log above)"
-    signum = None
-    for name in ("Killed", "Segmentation fault", "Aborted", "Bus error", "Terminated"):
-        if what.startswith(name):
-            signum = {
-                "Killed": 9,
-                "Segmentation fault": 11,
-                "Aborted": 6,
-                "Bus error": 7,
-                "Terminated": 15,
-            }[name]
+    signum = next((num for word, num in SRUN_SIGNALS.items() if what.startswith(word)), None)
     if signum is None and rc > 128:
         signum = rc - 128
     if signum is not None:
