@@ -8,6 +8,7 @@ from pathlib import Path
 
 from rich.console import Console, Group
 from rich.live import Live
+from rich.progress_bar import ProgressBar
 from rich.table import Table
 
 from hpc.plan import StageSpec
@@ -61,6 +62,17 @@ def current_attempt(events: list[dict]) -> list[dict]:
 # Training metrics worth a glance, in display order: (event key, label).
 SHOWN = (("loss", "loss"), ("accuracy", "acc"), ("reward", "reward"), ("kl", "kl"))
 RATES = (("tokens_per_s", "tok/s"), ("pairs_per_s", "pairs/s"), ("samples_per_s", "samples/s"))
+EVAL_EVENTS = {"eval_load": "loading model", "eval_run": "running", "eval_done": "done"}
+
+
+def eta_s(ev: dict, resumed_step: int = 0) -> float | None:
+    """Seconds left for a training step event, from the time spent in steps alone (`train_s`; held-out
+    evaluations and checkpoints excluded), else from the elapsed time."""
+    seconds = ev.get("train_s", ev.get("elapsed_s"))
+    done = ev["step"] - (resumed_step if "train_s" in ev else 0)
+    if not seconds or done <= 0:
+        return None
+    return seconds / done * (ev["max_steps"] - ev["step"])
 
 
 def describe(ev: dict | None) -> str:
@@ -71,15 +83,22 @@ def describe(ev: dict | None) -> str:
             return "started"
         after = f" (after: {ev['after'][:60]})" if ev.get("after") else ""
         return f"attempt {ev['attempt']} started{after}"
+    if ev.get("event") in EVAL_EVENTS:
+        scores = "  ".join(f"{k} {v:.3f}" for k, v in sorted((ev.get("scores") or {}).items()))
+        return f"{ev.get('element', '')}: {EVAL_EVENTS[ev['event']]}{'  ' + scores if scores else ''}"
     held_out = [k for k in ev if k.startswith("val_") and isinstance(ev[k], (int, float))]
     if "max_steps" not in ev and held_out:  # a validation event
         return f"step {ev['step']}  " + "  ".join(f"{k} {ev[k]:.4f}" for k in held_out[:3])
     if "max_steps" in ev:
         parts = [f"step {ev['step']}/{ev['max_steps']}"]
         parts += [f"{label} {ev[key]:.4f}" for key, label in SHOWN if isinstance(ev.get(key), (int, float))]
+        if isinstance(ev.get("lr"), (int, float)):
+            parts.append(f"lr {ev['lr']:.2e}")
+        if isinstance(ev.get("grad_norm"), (int, float)):
+            parts.append(f"grad norm {ev['grad_norm']:.3f}")
         parts += [f"{ev[key]:,.0f} {label}" for key, label in RATES if ev.get(key)]
-        if ev.get("elapsed_s") and ev["step"]:
-            eta = ev["elapsed_s"] / ev["step"] * (ev["max_steps"] - ev["step"])
+        eta = eta_s(ev)
+        if eta is not None:
             parts.append(f"ETA {eta:,.0f}s")
         return "  ".join(parts)
     if "resumed_from_step" in ev:
@@ -91,8 +110,113 @@ def describe(ev: dict | None) -> str:
     return str(ev.get("step", ""))
 
 
+class StageEvents:
+    """What a stage's progress.jsonl says about its latest attempt, read on from where the last read stopped:
+    the newest training step, the held-out metrics of each evaluation, the data step, each eval element."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.offset = 0
+        self._reset()
+
+    def _reset(self) -> None:
+        self.train: dict | None = None
+        self.val: dict[str, float] = {}
+        self.val_step: int | None = None
+        self.resumed_step = 0
+        self.data: dict | None = None
+        self.elements: dict[str, dict] = {}
+
+    def read(self) -> list[dict]:
+        """The events appended since the last call (complete lines only), applied to this summary."""
+        if not self.path.is_file():
+            return []
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            chunk = f.read()
+        end = chunk.rfind(b"\n") + 1
+        self.offset += end
+        events = []
+        for line in chunk[:end].decode(errors="replace").splitlines():
+            try:
+                ev = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(ev, dict):
+                self._apply(ev)
+                events.append(ev)
+        return events
+
+    def _apply(self, ev: dict) -> None:
+        if ev.get("event") == ATTEMPT:
+            self._reset()
+        elif ev.get("event") in EVAL_EVENTS:
+            self.elements[str(ev.get("element"))] = ev
+        elif "max_steps" in ev:
+            self.train = ev
+        elif "resumed_from_step" in ev:
+            self.resumed_step = ev["resumed_from_step"]
+        elif isinstance(ev.get("step"), int) and any(k.startswith("val_") for k in ev):
+            self.val = {k: v for k, v in ev.items() if k.startswith("val_") and isinstance(v, (int, float))}
+            self.val_step = ev["step"]
+        elif "done" in ev and "total" in ev:
+            self.data = ev
+
+    def fraction(self, spec: StageSpec) -> float | None:
+        """How far the stage is, 0..1 (None: nothing to measure yet)."""
+        if spec.is_array:
+            done = sum(1 for ev in self.elements.values() if ev["event"] == "eval_done")
+            return done / len(spec.elements)
+        if self.train:
+            return self.train["step"] / self.train["max_steps"]
+        if self.data:
+            return self.data["done"] / self.data["total"]
+        return None
+
+    def summary(self) -> str:
+        """Training: step, loss, lr, grad norm, rate, ETA (steps only) and the latest held-out metrics."""
+        parts = []
+        if self.train:
+            ev = self.train
+            seconds = ev.get("train_s", ev.get("elapsed_s"))
+            done = ev["step"] - (self.resumed_step if "train_s" in ev else 0)
+            rate = f"  {done / seconds:.2f} steps/s" if seconds and done > 0 else ""
+            parts.append(describe({k: v for k, v in ev.items() if k not in ("train_s", "elapsed_s")}) + rate)
+            eta = eta_s(ev, self.resumed_step)
+            if eta is not None:
+                parts.append(f"ETA {eta:,.0f}s")
+        elif self.data:
+            parts.append(describe(self.data))
+        if self.val:
+            shown = "  ".join(f"{k} {v:.4f}" for k, v in list(self.val.items())[:3])
+            parts.append(f"at step {self.val_step}: {shown}")
+        return "  ".join(parts)
+
+
+def funnel_lines(manifest: dict) -> list[str]:
+    """The data stage's funnel from its manifest: rows in -> kept per step, the rejection reasons, the splits."""
+    lines = []
+    for kind, section in (("chat", manifest), ("preference", manifest.get("preference") or {})):
+        steps = section.get("steps") or {}
+        if not steps:
+            continue
+        first = next(iter(steps.values()))
+        chain = " -> ".join(f"{name} {step['kept']}" for name, step in steps.items())
+        lines.append(f"{kind} rows: {first['in']} in -> {chain}")
+        reasons = [
+            f"{name}/{reason} {n}" for name, step in steps.items() for reason, n in (step.get("reasons") or {}).items()
+        ]
+        if reasons:
+            lines.append(f"{kind} rejected: " + ", ".join(reasons))
+        splits = section.get("splits") or {}
+        lines.append(f"{kind} splits: " + "  ".join(f"{k} {v}" for k, v in splits.items()))
+    return lines
+
+
 class PipelineView:
-    """Stage states for the whole plan; `refresh()` is cheap enough to call from a polling loop."""
+    """Stage states for the whole plan; `refresh()` is cheap enough to call from a polling loop. On a terminal a
+    live table (a progress bar per stage and per eval element, training metrics, the latest held-out metrics,
+    total elapsed time); elsewhere plain lines, each event once, at most one training line per stage every 10 s."""
 
     def __init__(self, plan: list[StageSpec], progress_path, console: Console | None = None):
         self.console = console or Console()
@@ -103,7 +227,9 @@ class PipelineView:
         self.elapsed: dict[str, float] = {}
         self.detail: dict[str, str] = {}
         self.jobs: dict[str, str] = {}  # stage -> job ids and element states (cluster executors)
+        self.events = {s.name: StageEvents(progress_path(s.name)) for s in plan}
         self.live: Live | None = None
+        self.opened = time.time()
         self._last_line: dict[str, float] = {}  # plain mode: when each stage's last progress line was printed
         self._printed: dict[str, dict] = {}  # ... and the event it showed (each event is printed once)
 
@@ -119,13 +245,15 @@ class PipelineView:
             self.live.__exit__(*exc)
 
     def _render(self):
-        table = Table(title="hpcft pipeline", expand=False)
-        for col in ("stage", "kind", "elements", "state", "time", "jobs", "progress"):
+        table = Table(title="hpcft pipeline", expand=False, caption=f"elapsed {time.time() - self.opened:,.0f}s")
+        for col in ("stage", "kind", "elements", "state", "time", "jobs", "progress", ""):
             table.add_column(col)
         style = {"done": "green", "skipped": "dim", "running": "yellow", "failed": "red"}
         for s in self.plan:
             st = self.state[s.name]
             t = self.elapsed.get(s.name) or (time.time() - self.started[s.name] if st == "running" else None)
+            events = self.events[s.name]
+            fraction = 1.0 if st == "done" else events.fraction(s) if st in ("running", "failed") else None
             table.add_row(
                 s.name,
                 s.kind,
@@ -133,8 +261,14 @@ class PipelineView:
                 f"[{style.get(st, '')}]{st}",
                 f"{t:.0f}s" if t is not None else "",
                 self.jobs.get(s.name, ""),
-                self.detail.get(s.name, ""),
+                _bar(fraction),
+                (events.summary() if st == "running" else "") or self.detail.get(s.name, ""),
             )
+            if s.is_array and st in ("running", "failed"):
+                for element in s.elements:
+                    ev = events.elements.get(element)
+                    done = 1.0 if ev and ev["event"] == "eval_done" else 0.5 if ev else 0.0
+                    table.add_row(f"  {element}", "", "", "", "", "", _bar(done), describe(ev) if ev else "waiting")
         return Group(table)
 
     def _print(self, msg: str) -> None:
@@ -156,7 +290,9 @@ class PipelineView:
         self._print(f"> {spec.name}: started ({jobs}, {executor} executor)")
         self.refresh()
 
-    def finish(self, spec: StageSpec, ok: bool, note: str = "") -> None:
+    def finish(self, spec: StageSpec, ok: bool, note: str = "", lines: list[str] = ()) -> None:
+        """`lines`: printed under the stage's verdict (e.g. the data stage's funnel)."""
+        self.refresh()  # the last events (an eval element's scores) are printed before the verdict
         self.state[spec.name] = "done" if ok else "failed"
         self.elapsed[spec.name] = time.time() - self.started.get(spec.name, time.time())
         if note:
@@ -166,6 +302,8 @@ class PipelineView:
             f"{mark} {spec.name}: {'finished' if ok else 'FAILED'} in "
             f"{self.elapsed[spec.name]:.1f}s{'  ' + note if note else ''}"
         )
+        for line in lines:
+            self._print(f"  {line}")
         self.refresh()
 
     def _due(self, name: str, ev: dict) -> bool:
@@ -180,6 +318,9 @@ class PipelineView:
     def refresh(self) -> None:
         for name, st in self.state.items():
             if st == "running":
+                for ev in self.events[name].read():
+                    if not self.live and ev.get("event") in EVAL_EVENTS:  # few: each one printed
+                        self._print(f"  {name}: {describe(ev)}")
                 ev = read_last_event(self.progress_path(name))
                 if ev:
                     self.detail[name] = describe(ev)
@@ -187,3 +328,11 @@ class PipelineView:
                         self._print(f"  {name}: {self.detail[name]}")
         if self.live:
             self.live.update(self._render())
+
+
+def _bar(fraction: float | None):
+    if fraction is None:
+        return ""
+    grid = Table.grid(padding=(0, 1))
+    grid.add_row(ProgressBar(total=1.0, completed=fraction, width=24), f"{100 * fraction:3.0f}%")
+    return grid
