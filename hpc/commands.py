@@ -308,13 +308,14 @@ def cmd_data(args, console: Console) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides + [f"executor.kind={args.executor}"])
     workdir = args.workdir or Path("hpcft-runs") / recipe.name
+    started = time.time()
     code = run_pipeline(recipe, args.recipe, workdir, console=console, through="data")
+    path = Path(workdir) / "stages" / "data" / "manifest.json"
     if code == 0:
-        manifest = read_json(Path(workdir) / "stages" / "data" / "manifest.json")
-        console.print("[bold]data manifest[/]")
-        for line in funnel_lines(manifest):
-            console.print(f"  {line}", markup=False, highlight=False)
-        console.print(f"  manifest: {Path(workdir) / 'stages' / 'data' / 'manifest.json'}", highlight=False)
+        if path.stat().st_mtime < started:  # up to date: the run did not show its funnel
+            for line in funnel_lines(read_json(path)):
+                console.print(f"  {line}", markup=False, highlight=False)
+        console.print(f"manifest: {path}", highlight=False)
     return code
 
 
