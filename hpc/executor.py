@@ -88,9 +88,9 @@ class Executor:
 
         folder = rd.stage_dir(stage) / "logs"
         jobs = json.loads((folder / "elements.json").read_text()) if (folder / "elements.json").is_file() else {}
-        if str(element) in jobs:
-            job = jobs[str(element)]
-            return folder / job / f"{job}_{rank}_log.{'out' if stdout else 'err'}"
+        if jobs:  # a run from before elements.json falls back to the newest logs
+            job = jobs.get(str(element))
+            return folder / job / f"{job}_{rank}_log.{'out' if stdout else 'err'}" if job else None
         logs = sorted(
             (rd.stage_dir(stage) / "logs").glob(f"*/*_{rank}_log.{'out' if stdout else 'err'}"),
             key=lambda p: p.stat().st_mtime,

@@ -1,0 +1,104 @@
+"""The live view reads a stage's events as they come: training bars with ETAs that leave out evaluation time,
+held-out metrics at each evaluation, one row per eval element, the data funnel; plain lines off a terminal."""
+
+import io
+import json
+
+import pytest
+from rich.console import Console
+
+from hpc import cli
+from hpc.plan import StageSpec
+from hpc.progress import PipelineView, StageEvents, describe, eta_s, funnel_lines, start_attempt
+
+
+def _append(path, **event):
+    with open(path, "a") as f:
+        f.write(json.dumps(event) + "\n")
+
+
+def _spec(name, kind, elements=("0",)):
+    return StageSpec(name=name, kind=kind, depends_on=(), resources=None, input_hash="h", elements=elements)
+
+
+def test_eta_counts_steps_only_and_events_are_read_incrementally(tmp_path):
+    path = tmp_path / "sft.jsonl"
+    start_attempt(path, "sft")
+    events = StageEvents(path)
+    _append(path, step=0, val_loss=5.0)
+    _append(path, step=10, max_steps=40, loss=2.0, lr=1e-3, grad_norm=0.5, elapsed_s=100.0, train_s=20.0)
+    assert len(events.read()) == 3 and events.read() == []  # nothing new: nothing read twice
+    # 10 steps took 20 s of stepping (the other 80 s went to a held-out evaluation): 30 steps left -> 60 s
+    assert eta_s(events.train) == pytest.approx(60.0)
+    _append(path, step=10, val_loss=1.5)
+    with open(path, "a") as f:
+        f.write('{"step": 11, "max_st')  # a line being written: left for the next read
+    events.read()
+    summary = events.summary()
+    assert "step 10/40" in summary and "lr 1.00e-03" in summary and "grad norm 0.500" in summary
+    assert "0.50 steps/s" in summary and "ETA 60s" in summary and "at step 10: val_loss 1.5000" in summary
+    assert events.fraction(_spec("sft", "sft")) == 0.25
+    with open(path, "a") as f:
+        f.write('eps": 40, "loss": 1.0}\n')
+    events.read()
+    assert events.train["step"] == 11
+    start_attempt(path, "sft")  # a rerun: what the earlier attempt said is no longer current
+    events.read()
+    assert events.train is None and events.val == {}
+
+
+def test_eval_elements_are_shown_each_in_a_row_and_printed_once_off_a_terminal(tmp_path):
+    path = tmp_path / "eval.jsonl"
+    spec = _spec("eval", "eval", ("exact@candidate", "exact@base"))
+    out = io.StringIO()
+    view = PipelineView([spec], lambda name: path, Console(file=out, width=200))
+    view.start(spec, "local")
+    _append(path, element="exact@candidate", event="eval_load", task="exact")
+    view.refresh()
+    _append(path, element="exact@candidate", event="eval_done", task="exact", scores={"exact_match": 0.75})
+    view.refresh()
+    view.refresh()
+    printed = [line.strip() for line in out.getvalue().splitlines() if line.startswith("  eval:")]
+    assert printed == ["eval: exact@candidate: loading model", "eval: exact@candidate: done  exact_match 0.750"]
+    assert view.events["eval"].fraction(spec) == 0.5
+    screen = Console(file=io.StringIO(), width=220, force_terminal=True, record=True)
+    screen.print(view._render())
+    text = screen.export_text()
+    assert " 50%" in text and "exact@base" in text and "waiting" in text and "exact_match 0.750" in text
+    assert "elapsed" in text
+
+
+def test_training_bar_and_funnel_in_the_terminal_table(tmp_path):
+    path = tmp_path / "sft.jsonl"
+    specs = [_spec("data", "data"), _spec("sft", "sft")]
+    view = PipelineView(specs, lambda name: tmp_path / f"{name}.jsonl", Console(file=io.StringIO(), width=200))
+    view.start(specs[1], "local")
+    _append(path, step=30, max_steps=40, loss=1.25, tokens_per_s=900.0, elapsed_s=60.0, train_s=30.0)
+    view.refresh()
+    screen = Console(file=io.StringIO(), width=240, force_terminal=True, record=True)
+    screen.print(view._render())
+    text = screen.export_text()
+    assert " 75%" in text and "loss 1.2500" in text and "900 tok/s" in text and "ETA 10s" in text
+    manifest = {
+        "steps": {
+            "normalise": {"in": 10, "kept": 9, "reasons": {"empty": 1}},
+            "exact_dedup": {"in": 9, "kept": 6, "reasons": {"exact_duplicate": 3}},
+        },
+        "splits": {"train": 5, "validation": 1},
+    }
+    assert funnel_lines(manifest) == [
+        "chat rows: 10 in -> normalise 9 -> exact_dedup 6",
+        "chat rejected: normalise/empty 1, exact_dedup/exact_duplicate 3",
+        "chat splits: train 5  validation 1",
+    ]
+
+
+def test_job_step_lines_and_version(capsys):
+    line = describe({"step": 20, "max_steps": 100, "loss": 1.5, "lr": 2e-4, "grad_norm": 1.25, "tokens_per_s": 10.0})
+    assert line == "step 20/100  loss 1.5000  lr 2.00e-04  grad norm 1.250  10 tok/s"
+    with pytest.raises(SystemExit) as exit_:
+        cli._parser().parse_args(["--version"])
+    assert exit_.value.code == 0
+    from importlib.metadata import version
+
+    assert capsys.readouterr().out.strip() == f"hpcft {version('hpcft')}"
