@@ -65,12 +65,12 @@ RATES = (("tokens_per_s", "tok/s"), ("pairs_per_s", "pairs/s"), ("samples_per_s"
 EVAL_EVENTS = {"eval_load": "loading model", "eval_run": "running", "eval_done": "done"}
 
 
-def eta_s(ev: dict, resumed_step: int = 0) -> float | None:
-    """Seconds left for a training step event, from the time spent in steps alone (`train_s`; held-out
-    evaluations and checkpoints excluded), else from the elapsed time."""
-    seconds = ev.get("train_s", ev.get("elapsed_s"))
-    done = ev["step"] - (resumed_step if "train_s" in ev else 0)
-    if not seconds or done <= 0:
+def eta_s(ev: dict, seconds: float | None = None, done: int | None = None) -> float | None:
+    """Seconds left for a training step event: `seconds` spent on `done` steps (default: its elapsed time over
+    its step count) times the steps left."""
+    seconds = ev.get("elapsed_s") if seconds is None else seconds
+    done = ev["step"] if done is None else done
+    if not seconds or seconds <= 0 or done <= 0:
         return None
     return seconds / done * (ev["max_steps"] - ev["step"])
 
@@ -121,6 +121,10 @@ class StageEvents:
 
     def _reset(self) -> None:
         self.train: dict | None = None
+        self.train_s: float | None = None  # the train event's elapsed time less held-out evaluations, checkpoints
+        self._excluded = 0.0  # ... those, so far
+        self._val0_t: float | None = None  # when the step-0 evaluation ended
+        self._last_t: float | None = None
         self.val: dict[str, float] = {}
         self.val_step: int | None = None
         self.resumed_step = 0
@@ -148,19 +152,34 @@ class StageEvents:
         return events
 
     def _apply(self, ev: dict) -> None:
+        """The time a training event's elapsed_s spent outside steps is measured from the events' times: the
+        step-0 evaluation (elapsed_s of the first step event minus the time since that evaluation's event),
+        each later evaluation (its event's time minus the previous event's: the loop logs, then evaluates),
+        and each checkpoint's own checkpoint_s."""
+        t = ev.get("t") if isinstance(ev.get("t"), (int, float)) else None
         if ev.get("event") == ATTEMPT:
             self._reset()
         elif ev.get("event") in EVAL_EVENTS:
             self.elements[str(ev.get("element"))] = ev
         elif "max_steps" in ev:
+            if self.train is None and self._val0_t is not None and t is not None and ev.get("elapsed_s"):
+                self._excluded += max(0.0, ev["elapsed_s"] - (t - self._val0_t))
             self.train = ev
+            self.train_s = ev["elapsed_s"] - self._excluded if ev.get("elapsed_s") else None
         elif "resumed_from_step" in ev:
             self.resumed_step = ev["resumed_from_step"]
+        elif isinstance(ev.get("checkpoint_s"), (int, float)):
+            self._excluded += ev["checkpoint_s"]
         elif isinstance(ev.get("step"), int) and any(k.startswith("val_") for k in ev):
             self.val = {k: v for k, v in ev.items() if k.startswith("val_") and isinstance(v, (int, float))}
             self.val_step = ev["step"]
+            if self.train is None:
+                self._val0_t = t
+            elif t is not None and self._last_t is not None:
+                self._excluded += t - self._last_t
         elif "done" in ev and "total" in ev:
             self.data = ev
+        self._last_t = t if t is not None else self._last_t
 
     def fraction(self, spec: StageSpec) -> float | None:
         """How far the stage is, 0..1 (None: nothing to measure yet)."""
@@ -178,11 +197,11 @@ class StageEvents:
         parts = []
         if self.train:
             ev = self.train
-            seconds = ev.get("train_s", ev.get("elapsed_s"))
-            done = ev["step"] - (self.resumed_step if "train_s" in ev else 0)
-            rate = f"  {done / seconds:.2f} steps/s" if seconds and done > 0 else ""
-            parts.append(describe({k: v for k, v in ev.items() if k not in ("train_s", "elapsed_s")}) + rate)
-            eta = eta_s(ev, self.resumed_step)
+            done = ev["step"] - self.resumed_step
+            seconds = self.train_s
+            rate = f"  {done / seconds:.2f} steps/s" if seconds and seconds > 0 and done > 0 else ""
+            parts.append(describe({k: v for k, v in ev.items() if k != "elapsed_s"}) + rate)
+            eta = eta_s(ev, seconds, done) if seconds is not None else None
             if eta is not None:
                 parts.append(f"ETA {eta:,.0f}s")
         elif self.data:

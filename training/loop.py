@@ -98,7 +98,6 @@ def train_loop(
                     **train_metrics,
                     rate_key: window_units / window_seconds,
                     "elapsed_s": time.perf_counter() - started,
-                    "train_s": step_seconds,  # steps alone (no held-out evaluation, no checkpoint): for ETAs
                 }
             )
             window, window_seconds, window_units = [], 0.0, 0

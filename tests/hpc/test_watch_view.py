@@ -25,23 +25,28 @@ def test_eta_counts_steps_only_and_events_are_read_incrementally(tmp_path):
     path = tmp_path / "sft.jsonl"
     start_attempt(path, "sft")
     events = StageEvents(path)
-    _append(path, step=0, val_loss=5.0)
-    _append(path, step=10, max_steps=40, loss=2.0, lr=1e-3, grad_norm=0.5, elapsed_s=100.0, train_s=20.0)
+    # the step-0 evaluation took 30 s (the first step event's 50 s elapsed, 20 s after that evaluation ended)
+    _append(path, t=100.0, step=0, val_loss=5.0)
+    _append(path, t=120.0, step=10, max_steps=40, loss=2.0, lr=1e-3, grad_norm=0.5, elapsed_s=50.0)
     assert len(events.read()) == 3 and events.read() == []  # nothing new: nothing read twice
-    # 10 steps took 20 s of stepping (the other 80 s went to a held-out evaluation): 30 steps left -> 60 s
-    assert eta_s(events.train) == pytest.approx(60.0)
-    _append(path, step=10, val_loss=1.5)
+    assert events.train_s == pytest.approx(20.0)
+    _append(path, t=160.0, step=10, val_loss=1.5)  # an evaluation of 40 s
+    _append(path, t=163.0, step=10, checkpoint="resume/step-10", checkpoint_s=3.0)
+    _append(path, t=183.0, step=20, max_steps=40, loss=1.8, lr=9e-4, grad_norm=0.25, elapsed_s=113.0)
     with open(path, "a") as f:
-        f.write('{"step": 11, "max_st')  # a line being written: left for the next read
+        f.write('{"t": 190.0, "step": 21, "max_st')  # a line being written: left for the next read
     events.read()
+    # 113 s elapsed, 30 + 40 + 3 of them not in steps: 20 steps in 40 s, 20 steps left
+    assert events.train_s == pytest.approx(40.0)
     summary = events.summary()
-    assert "step 10/40" in summary and "lr 1.00e-03" in summary and "grad norm 0.500" in summary
-    assert "0.50 steps/s" in summary and "ETA 60s" in summary and "at step 10: val_loss 1.5000" in summary
-    assert events.fraction(_spec("sft", "sft")) == 0.25
+    assert "step 20/40" in summary and "lr 9.00e-04" in summary and "grad norm 0.250" in summary
+    assert "0.50 steps/s" in summary and "ETA 40s" in summary and "at step 10: val_loss 1.5000" in summary
+    assert eta_s(events.train) == pytest.approx(113.0)  # a lone event's ETA counts everything
+    assert events.fraction(_spec("sft", "sft")) == 0.5
     with open(path, "a") as f:
-        f.write('eps": 40, "loss": 1.0}\n')
+        f.write('eps": 40, "loss": 1.0, "elapsed_s": 115.0}\n')
     events.read()
-    assert events.train["step"] == 11
+    assert events.train["step"] == 21
     start_attempt(path, "sft")  # a rerun: what the earlier attempt said is no longer current
     events.read()
     assert events.train is None and events.val == {}
@@ -73,7 +78,7 @@ def test_training_bar_and_funnel_in_the_terminal_table(tmp_path):
     specs = [_spec("data", "data"), _spec("sft", "sft")]
     view = PipelineView(specs, lambda name: tmp_path / f"{name}.jsonl", Console(file=io.StringIO(), width=200))
     view.start(specs[1], "local")
-    _append(path, step=30, max_steps=40, loss=1.25, tokens_per_s=900.0, elapsed_s=60.0, train_s=30.0)
+    _append(path, t=10.0, step=30, max_steps=40, loss=1.25, tokens_per_s=900.0, elapsed_s=30.0)
     view.refresh()
     screen = Console(file=io.StringIO(), width=240, force_terminal=True, record=True)
     screen.print(view._render())
