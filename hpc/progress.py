@@ -337,9 +337,11 @@ class PipelineView:
     def refresh(self) -> None:
         for name, st in self.state.items():
             if st == "running":
-                for ev in self.events[name].read():
-                    if not self.live and ev.get("event") in EVAL_EVENTS:  # few: each one printed
+                for ev in self.events[name].read():  # evaluations are few: each one is printed
+                    held_out = "max_steps" not in ev and any(k.startswith("val_") for k in ev)
+                    if not self.live and (ev.get("event") in EVAL_EVENTS or held_out):
                         self._print(f"  {name}: {describe(ev)}")
+                        self._printed[name] = ev if held_out else self._printed.get(name)
                 ev = read_last_event(self.progress_path(name))
                 if ev:
                     self.detail[name] = describe(ev)

@@ -107,3 +107,18 @@ def test_job_step_lines_and_version(capsys):
     from importlib.metadata import version
 
     assert capsys.readouterr().out.strip() == f"hpcft {version('hpcft')}"
+
+
+def test_each_held_out_evaluation_is_printed_even_right_after_a_step_line(tmp_path):
+    path = tmp_path / "sft.jsonl"
+    spec = _spec("sft", "sft")
+    out = io.StringIO()
+    view = PipelineView([spec], lambda name: path, Console(file=out, width=200))
+    view.start(spec, "local")
+    _append(path, t=1.0, step=10, max_steps=20, loss=2.0, elapsed_s=5.0)
+    view.refresh()
+    _append(path, t=2.0, step=10, val_loss=1.75)  # within the 10 s that throttle step lines
+    view.refresh()
+    view.refresh()
+    lines = [line.strip() for line in out.getvalue().splitlines() if line.startswith("  sft:")]
+    assert lines == ["sft: step 10/20  loss 2.0000  ETA 5s", "sft: step 10  val_loss 1.7500"]
