@@ -393,6 +393,7 @@ def watch_local(rd, console: Console, poll_s: float = 1.0) -> int:
                     continue
                 if view.state[spec.name] == "pending":  # the stages run in plan order: this one is next
                     view.start(spec, "local")
+                    view.started[spec.name] = view.events[spec.name].started or view.started[spec.name]
                 break
             view.refresh()
             if not alive:

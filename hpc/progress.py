@@ -119,7 +119,8 @@ class StageEvents:
         self.offset = 0
         self._reset()
 
-    def _reset(self) -> None:
+    def _reset(self, started: float | None = None) -> None:
+        self.started = started  # when the latest attempt started
         self.train: dict | None = None
         self.train_s: float | None = None  # the train event's elapsed time less held-out evaluations, checkpoints
         self._excluded = 0.0  # ... those, so far
@@ -158,7 +159,7 @@ class StageEvents:
         and each checkpoint's own checkpoint_s."""
         t = ev.get("t") if isinstance(ev.get("t"), (int, float)) else None
         if ev.get("event") == ATTEMPT:
-            self._reset()
+            self._reset(t)
         elif ev.get("event") in EVAL_EVENTS:
             self.elements[str(ev.get("element"))] = ev
         elif "max_steps" in ev:
@@ -267,7 +268,7 @@ class PipelineView:
         table = Table(title="hpcft pipeline", expand=False, caption=f"elapsed {time.time() - self.opened:,.0f}s")
         for col in ("stage", "kind", "elements", "state", "time", "jobs", "progress", ""):
             table.add_column(col)
-        style = {"done": "green", "skipped": "dim", "running": "yellow", "failed": "red"}
+        style = {"done": "green", "skipped": "dim", "running": "yellow", "failed": "red", "pending": "default"}
         for s in self.plan:
             st = self.state[s.name]
             t = self.elapsed.get(s.name) or (time.time() - self.started[s.name] if st == "running" else None)
