@@ -219,6 +219,9 @@ def _log_to(path: Path):
         logger.add(log)
         try:
             yield
+        except Exception as err:
+            err.add_note(f"datatrove's log (its ranks' tracebacks): {path}")
+            raise
         finally:
             logger.remove()
             logger.add(sys.stderr)
