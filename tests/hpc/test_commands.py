@@ -40,7 +40,7 @@ def run(tmp_path_factory):
     assert p.returncode == 0, p.stdout + p.stderr
     # the export stage's output, as a later `hpcft run` would leave it (here: the base model, untrained)
     shutil.copytree(workdir / "stages" / "model" / "hf", workdir / "stages" / "export" / "model")
-    return workdir, p.stdout
+    return workdir, p.stdout + p.stderr
 
 
 def _console(tmp_path):
@@ -51,6 +51,7 @@ def test_data_shows_the_funnel_and_the_job_log_holds_the_progress_lines(run, cap
     workdir, out = run
     assert "chat rows: 300 in -> normalise" in out and "chat splits: train" in out and "manifest:" in out
     assert "Stats" not in out and "datatrove" not in out  # datatrove's dumps went to the stage's own log
+    assert "Creating initial MLflow database tables" not in out and "alembic" not in out  # a new store, quietly
     assert (workdir / "stages" / "data" / "work" / "logs" / "datatrove.log").is_file()
     assert not any(p.name == "%j" for p in (workdir / "stages").glob("*/logs/*"))
     assert cli.cmd_logs(_args("logs", "data", "--workdir", workdir, "--stdout"), None) == 0

@@ -122,3 +122,13 @@ def test_each_held_out_evaluation_is_printed_even_right_after_a_step_line(tmp_pa
     view.refresh()
     lines = [line.strip() for line in out.getvalue().splitlines() if line.startswith("  sft:")]
     assert lines == ["sft: step 10/20  loss 2.0000  ETA 5s", "sft: step 10  val_loss 1.7500"]
+
+
+def test_off_a_terminal_long_lines_are_not_wrapped(capsys, monkeypatch):
+    from tests.conftest import TINY_RECIPE
+
+    monkeypatch.delenv("COLUMNS", raising=False)
+    name = "m" * 150
+    assert cli.main(["validate", str(TINY_RECIPE), "--set", f"tracking.registered_model={name}"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and lines[0].endswith(f"registered model '{name}'")
