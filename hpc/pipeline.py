@@ -278,7 +278,7 @@ def watch(rd: RunDir, console: Console, tracker: Tracker | None = None, once: bo
                 if rd.stage_done(spec):
                     if view.state[spec.name] != "running":
                         view.start(spec, ex.name)
-                    view.finish(spec, ok=True, note=_note(rd, spec), lines=_funnel(rd, spec))
+                    view.finish(spec, ok=True, note=_note(rd, spec), lines=data_funnel(rd, spec))
                     finished.add(spec.name)
                     if tracker and spec.name in meta.get("child_runs", {}):
                         tracker.end_run(meta["child_runs"][spec.name], "FINISHED")
@@ -324,10 +324,10 @@ def _run_one(spec: StageSpec, rd: RunDir, ex, tracker: Tracker, view: PipelineVi
         tracker.end_run(child, "KILLED")
         raise
     tracker.end_run(child, "FINISHED")
-    view.finish(spec, ok=True, note=_note(rd, spec), lines=_funnel(rd, spec))
+    view.finish(spec, ok=True, note=_note(rd, spec), lines=data_funnel(rd, spec))
 
 
-def _funnel(rd: RunDir, spec: StageSpec) -> list[str]:
+def data_funnel(rd: RunDir, spec: StageSpec) -> list[str]:
     """The data stage's funnel (rows in -> kept per step), shown when it ends."""
     from hpc.progress import funnel_lines
 
