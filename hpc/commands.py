@@ -364,7 +364,7 @@ def running(rd) -> dict | None:
 
 def watch_local(rd, console: Console, poll_s: float = 1.0) -> int:
     """Follow a run that an `hpcft run` on this machine is running until it releases the run's lock."""
-    from hpc.pipeline import data_funnel
+    from hpc.pipeline import data_funnel, stage_note
     from hpc.plan import build_plan
     from hpc.progress import PipelineView
 
@@ -389,7 +389,7 @@ def watch_local(rd, console: Console, poll_s: float = 1.0) -> int:
                 if rd.stage_done(spec):
                     if view.state[spec.name] != "running":
                         view.start(spec, "local")
-                    view.finish(spec, ok=True, lines=data_funnel(rd, spec))
+                    view.finish(spec, ok=True, note=stage_note(rd, spec), lines=data_funnel(rd, spec))
                     finished.add(spec.name)
                     continue
                 if view.state[spec.name] == "pending":  # the stages run in plan order: this one is next

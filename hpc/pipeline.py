@@ -278,7 +278,7 @@ def watch(rd: RunDir, console: Console, tracker: Tracker | None = None, once: bo
                 if rd.stage_done(spec):
                     if view.state[spec.name] != "running":
                         view.start(spec, ex.name)
-                    view.finish(spec, ok=True, note=_note(rd, spec), lines=data_funnel(rd, spec))
+                    view.finish(spec, ok=True, note=stage_note(rd, spec), lines=data_funnel(rd, spec))
                     finished.add(spec.name)
                     if tracker and spec.name in meta.get("child_runs", {}):
                         tracker.end_run(meta["child_runs"][spec.name], "FINISHED")
@@ -324,7 +324,7 @@ def _run_one(spec: StageSpec, rd: RunDir, ex, tracker: Tracker, view: PipelineVi
         tracker.end_run(child, "KILLED")
         raise
     tracker.end_run(child, "FINISHED")
-    view.finish(spec, ok=True, note=_note(rd, spec), lines=data_funnel(rd, spec))
+    view.finish(spec, ok=True, note=stage_note(rd, spec), lines=data_funnel(rd, spec))
 
 
 def data_funnel(rd: RunDir, spec: StageSpec) -> list[str]:
@@ -335,7 +335,7 @@ def data_funnel(rd: RunDir, spec: StageSpec) -> list[str]:
     return funnel_lines(read_json(manifest)) if spec.kind == "data" and manifest.is_file() else []
 
 
-def _note(rd: RunDir, spec: StageSpec) -> str:
+def stage_note(rd: RunDir, spec: StageSpec) -> str:
     if spec.is_array:
         return f"{len(spec.elements)} elements"
     res = read_json(rd.stage_dir(spec.name) / "result.json")

@@ -85,7 +85,8 @@ def describe(ev: dict | None) -> str:
         return f"attempt {ev['attempt']} started{after}"
     if ev.get("event") in EVAL_EVENTS:
         scores = "  ".join(f"{k} {v:.3f}" for k, v in sorted((ev.get("scores") or {}).items()))
-        return f"{ev.get('element', '')}: {EVAL_EVENTS[ev['event']]}{'  ' + scores if scores else ''}"
+        where = f"{ev['element']}: " if ev.get("element") else ""
+        return f"{where}{EVAL_EVENTS[ev['event']]}{'  ' + scores if scores else ''}"
     held_out = [k for k in ev if k.startswith("val_") and isinstance(ev[k], (int, float))]
     if "max_steps" not in ev and held_out:  # a validation event
         return f"step {ev['step']}  " + "  ".join(f"{k} {ev[k]:.4f}" for k in held_out[:3])
@@ -288,7 +289,8 @@ class PipelineView:
                 for element in s.elements:
                     ev = events.elements.get(element)
                     done = 1.0 if ev and ev["event"] == "eval_done" else 0.5 if ev else 0.0
-                    table.add_row(f"  {element}", "", "", "", "", "", _bar(done), describe(ev) if ev else "waiting")
+                    shown = describe({k: v for k, v in ev.items() if k != "element"}) if ev else "waiting"
+                    table.add_row(f"  {element}", "", "", "", "", "", _bar(done), shown)
         return Group(table)
 
     def _print(self, msg: str) -> None:
@@ -315,7 +317,7 @@ class PipelineView:
         self.refresh()  # the last events (an eval element's scores) are printed before the verdict
         self.state[spec.name] = "done" if ok else "failed"
         self.elapsed[spec.name] = time.time() - self.started.get(spec.name, time.time())
-        if note:
+        if note or ok:  # a failed stage keeps its last progress line
             self.detail[spec.name] = note
         mark = "[green]✓" if ok else "[red]✗"
         self._print(
