@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Callable
@@ -185,7 +186,7 @@ def run_chain(plan: Plan, logs: Path, factory: ExecutorFactory, report: Callable
     """Each run gets its own executor; `depends` lets a cluster executor chain them as jobs. `run()` must
     return only once every rank has finished: the next run reads what this one wrote."""
     previous = None
-    with _quiet_tqdm(), _default_sigterm():
+    with _quiet_tqdm(), _default_sigterm(), _log_to(logs / "datatrove.log"):
         for run in plan.runs:
             executor = factory(run.pipeline, str(logs / run.name), run.tasks, depends=previous)
             executor.run()
@@ -203,6 +204,27 @@ def _default_sigterm():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def _log_to(path: Path):
+    """datatrove's console output (pipeline listings, per-rank stats dumps) goes to the data stage's own log
+    file, not the console of the run or job: its loggers write to whatever sys.stderr is when they are set up,
+    in this process and in the ranks it forks."""
+    from loguru import logger
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as log, contextlib.redirect_stderr(log):
+        logger.remove()
+        logger.add(log)
+        try:
+            yield
+        except Exception as err:
+            err.add_note(f"datatrove's log (its ranks' tracebacks): {path}")
+            raise
+        finally:
+            logger.remove()
+            logger.add(sys.stderr)
 
 
 @contextlib.contextmanager

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from rich.console import Console
 from rich.tree import Tree
 
-from hpc import executors
+from hpc import commands, executors
 from hpc.recipe import RecipeError, load_recipe
 from training.stages import KINDS as STAGE_KINDS
 
@@ -21,6 +22,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="hpcft",
         description="Fine-tune LLMs from one YAML recipe: data -> train -> export -> eval -> gate -> registry.",
     )
+    p.add_argument("--version", action="version", version=f"hpcft {commands.version()}")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     def recipe_cmd(name: str, help: str) -> argparse.ArgumentParser:
@@ -69,6 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     logs.add_argument("--element", type=int, default=0, help="array element index")
     logs.add_argument("--stdout", action="store_true", help="stdout instead of stderr")
 
+    commands.add_parsers(sub)
     reg = sub.add_parser("registry", help="inspect the model registry and move the champion alias")
     reg.add_argument("action", choices=["list", "promote"])
     reg.add_argument("name", help="registered model name")
@@ -229,13 +232,10 @@ def cmd_status(args, console: Console, once: bool = True) -> int:
         from hpc.tracking import Tracker
 
         return watch(rd, console, None if once else Tracker(rd.read_meta()["tracking_uri"]), once=once)
-    from hpc.plan import build_plan
-    from hpc.progress import describe, read_last_event
-
-    for spec in build_plan(rd.load_recipe()):
-        state = "done" if rd.stage_done(spec) else "not done"
-        console.print(f"{spec.name:10s} {state:9s} {describe(read_last_event(rd.progress_path(spec.name)))}")
-    return 0
+    if once:
+        commands.show_status(rd, console)
+        return 0
+    return commands.watch_local(rd, console)
 
 
 def cmd_cancel(args, console: Console) -> int:
@@ -330,6 +330,8 @@ def _interrupt_on_signals() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     console = Console()
+    if not console.is_terminal:  # a Slurm .out, CI, a pipe: long lines stay whole, not wrapped at 80 columns
+        console = Console(soft_wrap=True, width=max(console.width, 200) if "COLUMNS" not in os.environ else None)
     _interrupt_on_signals()
     handler = {
         "run": cmd_run,
@@ -341,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         "cancel": cmd_cancel,
         "logs": cmd_logs,
         **{command: cmd_scripts for command in executors.script_writers()},
+        **commands.HANDLERS,
     }[args.cmd]
     try:
         return handler(args, console)

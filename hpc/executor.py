@@ -81,8 +81,16 @@ class Executor:
         return None
 
     def find_log(self, rd: RunDir, stage: str, element: int, rank: int, stdout: bool) -> Path | None:
-        """A stage job's log (it may not exist yet); None: no logs for the stage. Here: the newest logs that
-        submitit's local jobs left in the stage's logs/<job>/ folders."""
+        """A stage job's log (it may not exist yet); None: no logs for the stage. Here: the logs of the local
+        job that ran `element` (logs/elements.json), else the newest that submitit's local jobs left in the
+        stage's logs/<job>/ folders."""
+        import json
+
+        folder = rd.stage_dir(stage) / "logs"
+        jobs = json.loads((folder / "elements.json").read_text()) if (folder / "elements.json").is_file() else {}
+        if jobs:  # a run from before elements.json falls back to the newest logs
+            job = jobs.get(str(element))
+            return folder / job / f"{job}_{rank}_log.{'out' if stdout else 'err'}" if job else None
         logs = sorted(
             (rd.stage_dir(stage) / "logs").glob(f"*/*_{rank}_log.{'out' if stdout else 'err'}"),
             key=lambda p: p.stat().st_mtime,

@@ -37,11 +37,18 @@ class StageContext:
     base_dir: Path  # the recipe file's directory: relative paths resolve against it
     leader: bool = True  # rank 0 of a multi-process job (the one that reports and writes shared files)
     datatrove: Callable | None = None  # the executor's datatrove_ranks(recipe, spec, out_dir), see run_stage
+    echo: bool = True  # print progress lines to stdout (the job's log); not when the job runs inside the CLI
 
     def progress(self, event: dict) -> None:
         event = {"t": time.time(), "stage": self.spec.name, "element": self.spec.elements[self.index]} | event
         with open(self.rd.progress_path(self.spec.name), "a") as f:
             f.write(json.dumps(event, default=str) + "\n")
+        if self.echo:  # `hpcft logs --stdout`, `tail -f` of a Slurm .out: each event as it is logged
+            from hpc.progress import describe
+
+            line = describe(event)
+            if line:
+                print(f"[{time.strftime('%H:%M:%S')}] {self.spec.name}: {line}", flush=True)
         if "step" in event and isinstance(event["step"], int):
             metrics = {k: v for k, v in event.items() if k not in ("t", "step", "max_steps", "element")}
             self.tracker.log_metrics(self.run_id, metrics, step=event["step"])
@@ -317,10 +324,10 @@ STAGE_FUNCS: dict[str, Callable[[StageContext], dict]] = {
 }
 
 
-def run_stage(run_root: str, stage: str, index: int = 0, datatrove: Callable | None = None) -> dict:
+def run_stage(run_root: str, stage: str, index: int = 0, datatrove: Callable | None = None, echo: bool = True) -> dict:
     """Run one element of one stage; the executor-agnostic entry point of every job. `datatrove`: the
     running executor's `datatrove_ranks(recipe, spec, out_dir)`, where the data stage's datatrove ranks run
-    (default: a process pool in this job)."""
+    (default: a process pool in this job). `echo`: rank 0 prints each progress event to stdout."""
     quiet_env()
     private_umask()  # files this job writes: 0600/0700 unless $HPCFT_UMASK says otherwise
     rd = RunDir(Path(run_root))
@@ -338,6 +345,7 @@ def run_stage(run_root: str, stage: str, index: int = 0, datatrove: Callable | N
     leader = _join_world()
     ctx.leader = leader
     ctx.datatrove = datatrove
+    ctx.echo = echo and leader
     if not leader:  # other ranks of a multi-process job compute; rank 0 reports and marks
         ctx.progress = lambda event: None
     try:

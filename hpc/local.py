@@ -3,6 +3,8 @@ LocalExecutor subprocesses, at most `max_parallel` at once)."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import time
 import traceback
@@ -33,7 +35,7 @@ class InlineExecutor(BlockingExecutor):
             )
         for i in pending:
             try:
-                run_stage(str(rd.root), spec.name, i)
+                run_stage(str(rd.root), spec.name, i, echo=False)  # the CLI's own view shows progress
             except StageError as err:  # the job's own one-line verdict (e.g. a full disk)
                 raise StageFailed(spec.name, spec.elements[i], None, ERROR_PREFIX + str(err)) from None
             except Exception:
@@ -54,9 +56,8 @@ class LocalExecutor(BlockingExecutor):
 
         # Each task runs under hpc.lifeline's wrapper: it dies with this CLI even after `kill -9` of it, and
         # names the signal that killed a task in the task's stderr log.
-        ex = submitit.LocalExecutor(
-            folder=rd.stage_dir(spec.name) / "logs" / "%j", python=f"{shlex.quote(sys.executable)} -m hpc.lifeline"
-        )
+        logs = rd.stage_dir(spec.name) / "logs"
+        ex = submitit.LocalExecutor(folder=logs / "%j", python=f"{shlex.quote(sys.executable)} -m hpc.lifeline")
         # A multi-process training layout runs as one job of several local tasks (ranks).
         tasks = spec.resources.nodes * spec.resources.tasks_per_node
         ex.update_parameters(timeout_min=self.cfg.timeout_min, tasks_per_node=tasks)
@@ -67,6 +68,7 @@ class LocalExecutor(BlockingExecutor):
                     i = queue.pop(0)
                     with _supervised():
                         running[i] = ex.submit(run_stage, str(rd.root), spec.name, i)
+                    record_job(logs, i, running[i].job_id)
                 for i, job in list(running.items()):
                     if job.done():
                         del running[i]
@@ -76,6 +78,9 @@ class LocalExecutor(BlockingExecutor):
         except BaseException:  # Ctrl-C or SIGTERM of the CLI: leave no job behind
             _stop(running.values())
             raise
+        finally:  # each task's controller creates the folder pattern itself, literally (submitit)
+            with contextlib.suppress(OSError):
+                (logs / "%j").rmdir()
 
     def _check(self, spec: StageSpec, i: int, job, running: dict) -> None:
         # A job that ended without a result was killed (a failing job pickles its exception): reported at
@@ -86,6 +91,13 @@ class LocalExecutor(BlockingExecutor):
         for other in running.values():
             other.cancel(check=False)
         raise StageFailed(spec.name, spec.elements[i], Path(job.paths.stderr), failure_text(job, exc))
+
+
+def record_job(logs: Path, element: int, job_id: str) -> None:
+    """logs/elements.json: {element index: the job id whose logs/<job id>/ holds its logs}, latest attempt."""
+    path = logs / "elements.json"
+    jobs = json.loads(path.read_text()) if path.is_file() else {}
+    path.write_text(json.dumps(jobs | {str(element): str(job_id)}) + "\n")
 
 
 def failure_text(job, exc: BaseException | None) -> str:

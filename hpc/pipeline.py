@@ -96,10 +96,14 @@ def run_pipeline(
     only: str | None = None,
     console: Console | None = None,
     detach: bool = False,
+    through: str | None = None,
 ) -> int:
+    """`through`: run the plan up to and including that stage (blocking executors; `hpcft data`)."""
     console = console or Console()
     rd = RunDir(workdir)
     plan = build_plan(recipe)
+    if through:
+        plan = plan[: [s.name for s in plan].index(through) + 1]
     names = [s.name for s in plan]
     if only and only not in names:
         raise RecipeError([f"--only: unknown stage {only!r}; stages: {', '.join(names)}"])
@@ -223,6 +227,8 @@ def _run_blocking(
                 _end_parent(rd, tracker, "KILLED")
                 return EXIT_INTERRUPTED
     _end_parent(rd, tracker, "FINISHED")
+    if plan[-1].name != "gate":  # a partial plan (`hpcft data`): no verdict to show
+        return EXIT_OK
     return _final(rd, console, only)
 
 
@@ -272,7 +278,7 @@ def watch(rd: RunDir, console: Console, tracker: Tracker | None = None, once: bo
                 if rd.stage_done(spec):
                     if view.state[spec.name] != "running":
                         view.start(spec, ex.name)
-                    view.finish(spec, ok=True, note=_note(rd, spec))
+                    view.finish(spec, ok=True, note=stage_note(rd, spec), lines=data_funnel(rd, spec))
                     finished.add(spec.name)
                     if tracker and spec.name in meta.get("child_runs", {}):
                         tracker.end_run(meta["child_runs"][spec.name], "FINISHED")
@@ -318,10 +324,18 @@ def _run_one(spec: StageSpec, rd: RunDir, ex, tracker: Tracker, view: PipelineVi
         tracker.end_run(child, "KILLED")
         raise
     tracker.end_run(child, "FINISHED")
-    view.finish(spec, ok=True, note=_note(rd, spec))
+    view.finish(spec, ok=True, note=stage_note(rd, spec), lines=data_funnel(rd, spec))
 
 
-def _note(rd: RunDir, spec: StageSpec) -> str:
+def data_funnel(rd: RunDir, spec: StageSpec) -> list[str]:
+    """The data stage's funnel (rows in -> kept per step), shown when it ends."""
+    from hpc.progress import funnel_lines
+
+    manifest = rd.stage_dir(spec.name) / "manifest.json"
+    return funnel_lines(read_json(manifest)) if spec.kind == "data" and manifest.is_file() else []
+
+
+def stage_note(rd: RunDir, spec: StageSpec) -> str:
     if spec.is_array:
         return f"{len(spec.elements)} elements"
     res = read_json(rd.stage_dir(spec.name) / "result.json")

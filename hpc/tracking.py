@@ -158,6 +158,7 @@ class Tracker:
         # MLflow's sqlite store logs every database error with its whole traceback before raising it; hpcft
         # reports (or queues) the error it raises in one line, so that log would only bury the report.
         logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
+        logging.getLogger("alembic").setLevel(logging.WARNING)  # schema migrations of a new store: noise
         self.uri = uri
         self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         self.queue = Path(queue) if queue is not None else None
