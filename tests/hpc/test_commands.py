@@ -21,6 +21,9 @@ from hpc.recipe import RecipeError
 from hpc.rundir import RunDir, RunLock
 from tests.conftest import ROOT, TINY_RECIPE
 
+# One real `hpcft data` run (subprocess, ~15 s idle) is shared by the module: slow as a whole.
+pytestmark = pytest.mark.slow
+
 
 def _cli(*args, timeout=300):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
