@@ -14,9 +14,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Callable
 
-from data_tools.config import DataConfig, SourceConfig
+from data_tools.config import DataConfig, FilterConfig, SourceConfig
 from data_tools.normalise import KINDS
 from data_tools.pipeline import Plan, Run, build_plan
+from data_tools.quality import reason_key, step_stats
 from data_tools.sources import SourceReader, plan_units, read_counts
 from data_tools.splits import sha256_file
 from data_tools.steps import SPLITS
@@ -235,6 +236,8 @@ def write_outputs(plan: Plan, num_read: int, out_dir: Path, work: Path) -> dict:
         kept = steps[step]["kept"]
     steps["pii"]["replaced"] = _pii_counts(work / "pii")
     steps["pii"]["detectors"] = plan.pii_detectors
+    for step, stats in step_stats(plan.filters or FilterConfig(), work).items():
+        steps[step] |= stats
     splits = {name: _count_rows(work / "splits" / name) for name in SPLITS}
     if kept != sum(splits.values()):
         raise RuntimeError(f"data: {kept} rows passed the last step but the splits hold {sum(splits.values())}")
@@ -272,7 +275,7 @@ def _count_reasons(folder: Path) -> Counter:
     reasons = Counter()
     for path in sorted(Path(folder).rglob("*.jsonl")):
         with open(path, encoding="utf-8") as f:
-            reasons.update(json.loads(line)["reason"] for line in f if line.strip())
+            reasons.update(reason_key(json.loads(line)["reason"]) for line in f if line.strip())
     return reasons
 
 
