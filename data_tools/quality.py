@@ -23,7 +23,7 @@ from datatrove.io import DataFolderLike, get_datafolder
 from datatrove.pipeline.filters.base_filter import BaseFilter
 from datatrove.pipeline.writers.disk_base import DiskWriter
 
-from data_tools.config import ClassifierConfig, FilterConfig, LanguageConfig, PerplexityConfig
+from data_tools.config import ClassifierConfig, DataConfig, FilterConfig, LanguageConfig, PerplexityConfig
 
 _SCORE_RE = re.compile(r" score=\S+$")
 
@@ -92,6 +92,8 @@ class LanguageFilter(BaseFilter):
 
 class _BatchedScorer(BaseFilter):
     """Scores rows a batch at a time with a local HF model; keeps every score for the manifest."""
+
+    needs_fresh_process = True  # data_tools.stage.local_executor spawns its ranks rather than forking them
 
     def __init__(self, batch_size: int, scores_folder: DataFolderLike, exclusion_writer: DiskWriter | None):
         super().__init__(exclusion_writer, batch_size=batch_size)
@@ -327,3 +329,36 @@ def step_stats(cfg: FilterConfig, work: Path) -> dict[str, dict]:
                 round(b, 4) for b in percentile_bounds(scores, *cfg.perplexity.keep_percentiles)
             ]
     return stats
+
+
+def estimate_rows(cfg: DataConfig, base_dir: Path) -> int:
+    """Rows the sources hold, roughly: generated counts, Parquet metadata, JSONL size / mean line length of
+    the first MiB (an upper bound for what reaches the scorers, which run after the other filters)."""
+    import glob
+
+    rows = 0
+    for src in cfg.sources:
+        if src.generate:
+            rows += src.num_rows
+            continue
+        pattern = Path(src.path).expanduser()
+        for path in map(Path, glob.glob(str(pattern if pattern.is_absolute() else base_dir / pattern))):
+            if path.suffix == ".parquet":
+                import pyarrow.parquet as pq
+
+                rows += pq.ParquetFile(path).metadata.num_rows
+            else:
+                with open(path, "rb") as f:
+                    head = f.read(1 << 20)
+                lines = max(head.count(b"\n"), 1)
+                rows += round(path.stat().st_size * lines / max(len(head), 1))
+    return rows
+
+
+def perplexity_cost(cfg: PerplexityConfig, num_rows: int, num_params: int) -> str:
+    """hpcft plan's line: forward FLOPs of scoring every row at max_tokens (2 x params per token)."""
+    flops = num_rows * cfg.max_tokens * 2 * num_params
+    return (
+        f"perplexity filter: <= ~{num_rows:,} rows x {cfg.max_tokens} tokens x 2 x {num_params / 1e6:,.0f}M params "
+        f"= {flops:.1e} FLOPs (~{flops / 1e13 / 60:.2g} min at a sustained 10 TFLOP/s)"
+    )

