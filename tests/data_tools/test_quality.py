@@ -171,14 +171,15 @@ def test_perplexity_percentiles_across_ranks(tmp_path):
 
     model = build_tiny_model("micro-llama", tmp_path / "model")
     cfg = DataConfig(
-        sources=[{"generate": "tiny-tasks", "num_rows": 300}],
+        sources=[{"generate": "tiny-tasks", "num_rows": 200}],
+        dedup={"minhash": False},  # 14 bucket ranks this test does not need
         filters={"perplexity": {"model": "base", "keep_percentiles": [10, 80], "field": "all", "batch_size": 8}},
         tasks=2,
     )
     manifest = run_data(cfg, model, tmp_path / "out", base_dir=tmp_path)
     step = manifest["steps"]["perplexity"]
     lo, hi = step["bounds"]
-    assert step["scores"]["count"] == step["in"] > 100 and lo < step["scores"]["p50"] < hi
+    assert step["scores"]["count"] == step["in"] > 80 and lo < step["scores"]["p50"] < hi
     reasons = step["reasons"]
     assert abs(reasons["perplexity_below_percentile"] - 0.1 * step["in"]) <= 2
     assert abs(reasons["perplexity_above_percentile"] - 0.2 * step["in"]) <= 2
@@ -218,6 +219,7 @@ def test_language_and_perplexity_filters_on_a_mixed_corpus(tmp_path, smollm2_dir
     cfg = DataConfig(
         sources=[{"path": str(source)}],
         filters={"language": {"keep": ["en"]}, "perplexity": {"model": "base", "max": 300, "field": "all"}},
+        dedup={"minhash": False},
         tasks=2,
     )
     manifest = run_data(cfg, smollm2_dir, tmp_path / "out", base_dir=tmp_path)
