@@ -14,6 +14,7 @@ import importlib.util
 import io
 import json
 import re
+from abc import abstractmethod
 from collections import Counter
 from pathlib import Path
 
@@ -100,15 +101,18 @@ class _BatchedScorer(BaseFilter):
         self.scores_folder = scores_folder
         self._model, self._tokenizer, self._scores = None, None, []
 
+    @abstractmethod
     def load(self):
         """(model, tokenizer) on the rank's device: the GPU in bf16 when the job has one, else CPU float32."""
-        raise NotImplementedError
 
-    def score(self, texts: list[str]) -> list[float]:
-        raise NotImplementedError
+    @abstractmethod
+    def text(self, doc: Document) -> str: ...
 
-    def decide(self, score: float) -> bool | tuple[bool, str]:
-        raise NotImplementedError
+    @abstractmethod
+    def score(self, texts: list[str]) -> list[float]: ...
+
+    @abstractmethod
+    def decide(self, score: float) -> bool | tuple[bool, str]: ...
 
     def filter(self, doc: Document) -> bool | tuple[bool, str]:
         return self.filter_batch([doc])[0]
