@@ -247,3 +247,38 @@ def test_language_and_perplexity_filters_on_a_mixed_corpus(tmp_path, smollm2_dir
     assert steps["perplexity"]["reasons"] == {"perplexity_above_max": num_shuffled}
     scores = steps["perplexity"]["scores"]
     assert scores["count"] == steps["perplexity"]["in"] and scores["p50"] < 300 < scores["p95"]
+
+
+def test_perplexity_is_the_models_own_loss_per_row_whatever_the_batch(tmp_path):
+    """Batched, padded scoring gives each row exp(the HF causal-LM loss of that row alone)."""
+    import math
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from data_tools.quality import PerplexityScorer
+    from parallel.tiny import build_tiny_model
+
+    model_dir = build_tiny_model("micro-llama", tmp_path / "model")
+    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in ENGLISH[:5]]
+    cfg = PerplexityConfig(max=1e9, field="assistant", batch_size=3, max_tokens=40)
+    step = PerplexityScorer(cfg, str(model_dir), str(tmp_path / "scores"))
+    scored = [d.metadata["perplexity"] for d in _run(step, _docs(rows))]
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tokenizer = step._tokenizer
+    for row, score in zip(rows, scored):
+        ids = tokenizer(row["messages"][1]["content"], add_special_tokens=False)["input_ids"][:39]
+        ids = torch.tensor([[tokenizer.eos_token_id] + ids])  # the tiny tokenizer has no BOS: EOS starts
+        with torch.no_grad():
+            loss = model(input_ids=ids, labels=ids).loss
+        assert score == pytest.approx(math.exp(float(loss)), rel=1e-4)
+
+
+def test_plan_cost_line_counts_rows_tokens_and_params(tmp_path):
+    from data_tools.quality import estimate_rows, perplexity_cost
+
+    _write_jsonl(mixed_rows()[0], tmp_path / "a.jsonl")
+    cfg = DataConfig(sources=[{"path": "*.jsonl"}, {"generate": "tiny-tasks", "num_rows": 100}])
+    assert estimate_rows(cfg, tmp_path) == len(mixed_rows()[0]) + 100
+    line = perplexity_cost(PerplexityConfig(max=10, max_tokens=100), 1000, 135_000_000)
+    assert "1,000 rows x 100 tokens x 2 x 135M params = 2.7e+13 FLOPs" in line
