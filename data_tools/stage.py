@@ -15,9 +15,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Callable
 
-from data_tools.config import DataConfig, SourceConfig
+from data_tools.config import DataConfig, FilterConfig, SourceConfig
 from data_tools.normalise import KINDS
 from data_tools.pipeline import Plan, Run, build_plan
+from data_tools.quality import reason_key, step_stats
 from data_tools.sources import SourceReader, plan_units, read_counts
 from data_tools.splits import sha256_file
 from data_tools.steps import SPLITS
@@ -28,16 +29,19 @@ ExecutorFactory = Callable[..., object]  # (pipeline, logging_dir, tasks, depend
 
 
 def local_executor(pipeline: list, logging_dir: str, tasks: int, depends=None):
-    """The default executor: datatrove ranks as forked local processes, at most one per core."""
+    """The default executor: datatrove ranks as forked local processes, at most one per core. Ranks that run
+    a torch model are spawned instead: a fork of a process that already ran torch hangs in its first
+    parallel op (the OpenMP pool does not survive fork; CUDA does not either)."""
     from datatrove.executor import LocalPipelineExecutor
 
+    fresh = any(getattr(step, "needs_fresh_process", False) for step in pipeline)
     return LocalPipelineExecutor(
         pipeline=pipeline,
         logging_dir=logging_dir,
         tasks=tasks,
         workers=min(tasks, os.cpu_count() or 1),
         depends=depends,
-        start_method="fork",
+        start_method="spawn" if fresh else "fork",
     )
 
 
@@ -257,6 +261,8 @@ def write_outputs(plan: Plan, num_read: int, out_dir: Path, work: Path) -> dict:
         kept = steps[step]["kept"]
     steps["pii"]["replaced"] = _pii_counts(work / "pii")
     steps["pii"]["detectors"] = plan.pii_detectors
+    for step, stats in step_stats(plan.filters or FilterConfig(), work).items():
+        steps[step] |= stats
     splits = {name: _count_rows(work / "splits" / name) for name in SPLITS}
     if kept != sum(splits.values()):
         raise RuntimeError(f"data: {kept} rows passed the last step but the splits hold {sum(splits.values())}")
@@ -294,7 +300,7 @@ def _count_reasons(folder: Path) -> Counter:
     reasons = Counter()
     for path in sorted(Path(folder).rglob("*.jsonl")):
         with open(path, encoding="utf-8") as f:
-            reasons.update(json.loads(line)["reason"] for line in f if line.strip())
+            reasons.update(reason_key(json.loads(line)["reason"]) for line in f if line.strip())
     return reasons
 
 

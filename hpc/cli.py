@@ -116,6 +116,8 @@ def cmd_plan(args, console: Console) -> int:
         )
         if s.is_array:
             node.add(f"array of {len(s.elements)}: {', '.join(s.elements)}")
+        if s.kind == "data" and recipe.data.filters.perplexity:
+            node.add(_perplexity_cost(recipe, args.recipe.resolve().parent))
         if s.kind in STAGE_KINDS:
             _memory_lines(node, recipe, s, args.recipe.resolve().parent, args.gpu_mem_gb)
             _step_lines(node, recipe, s, rd)
@@ -140,6 +142,20 @@ def _step_lines(node, recipe, spec, rd) -> None:
             rows = None
     for line in plan_lines(stage, recipe.parallel, rows):
         node.add(line)
+
+
+def _perplexity_cost(recipe, base_dir: Path) -> str:
+    """The perplexity filter's FLOPs, from the sources' rows and the reference model's size."""
+    import json
+
+    from data_tools.quality import estimate_rows, perplexity_cost
+    from hpc.recipe import model_config
+    from parallel.planner import num_params
+
+    cfg = recipe.data.filters.perplexity
+    path = Path(cfg.model).expanduser() / "config.json"
+    config = model_config(recipe, base_dir) if cfg.model == "base" else json.loads(path.read_text())
+    return perplexity_cost(cfg, estimate_rows(recipe.data, base_dir), num_params(config))
 
 
 def _memory_lines(node, recipe, spec, base_dir: Path, gpu_mem_gb: float) -> None:
