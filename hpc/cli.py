@@ -69,13 +69,20 @@ def _parser() -> argparse.ArgumentParser:
     logs.add_argument("--element", type=int, default=0, help="array element index")
     logs.add_argument("--stdout", action="store_true", help="stdout instead of stderr")
 
-    reg = sub.add_parser("registry", help="inspect the model registry and move the champion alias")
-    reg.add_argument("action", choices=["list", "promote"])
+    reg = sub.add_parser("registry", help="review, approve, promote and roll back registered versions")
+    reg.add_argument("action", choices=["list", "review", "promote", "rollback", "history"])
     reg.add_argument("name", help="registered model name")
-    reg.add_argument("version", nargs="?", help="version to promote to champion")
+    reg.add_argument("version", nargs="?", help="version to review or promote")
     reg.add_argument("--uri", help="tracking URI (default $MLFLOW_TRACKING_URI or --workdir's sqlite)")
     reg.add_argument("--workdir", type=Path, help="a run directory whose embedded store to use")
-    reg.add_argument("--force", action="store_true", help="promote even a version the gate rejected")
+    reg.add_argument("--force", action="store_true", help="promote even a version the gate rejected (needs --reason)")
+    reg.add_argument("--comment", help="promote: why this version (required, recorded)")
+    reg.add_argument("--reason", help="rollback, forced promote: why (required there, recorded)")
+    reg.add_argument("--approver", help="who approves (default: the OS user)")
+    reg.add_argument("--against", default="champion", help="review: 'champion' (default), a version, or 'none'")
+    reg.add_argument("--samples", type=int, default=5, help="review: held-out examples to show")
+    reg.add_argument("--html", type=Path, help="review: also write the HTML report here")
+    reg.add_argument("--json", action="store_true", help="history: JSON lines instead of a table")
     return p
 
 
@@ -270,34 +277,55 @@ def cmd_logs(args, console: Console) -> int:
     return 0
 
 
+class CommandError(RecipeError):
+    """A user's mistake in a command other than `run`/`validate`: printed as one line `hpcft: error: ...`."""
+
+
 def cmd_registry(args, console: Console) -> int:
-    from rich.table import Table
+    from mlflow.exceptions import MlflowException
 
     from eval import registry
-    from hpc.tracking import Tracker, resolve_uri
+    from hpc.tracking import Tracker, one_line, resolve_uri
 
+    action = f"registry {args.action}"
     if args.uri is None and args.workdir is None and not __import__("os").environ.get("MLFLOW_TRACKING_URI"):
-        raise RecipeError(["registry: give --uri, --workdir or set MLFLOW_TRACKING_URI"])
+        raise CommandError(["registry: give --uri, --workdir or set MLFLOW_TRACKING_URI"])
+    _check_registry_args(args, action)
     uri = resolve_uri(args.uri, (args.workdir or Path(".")).resolve())
     store = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
     if store is not None and not store.is_file():  # MLflow would create an empty store and find nothing
-        raise RecipeError([f"registry: no MLflow store at {store} (give --uri, or --workdir of a run)"])
+        raise CommandError([f"registry: no MLflow store at {store} (give --uri, or --workdir of a run)"])
     client = Tracker(uri).client
     try:
         registry.require_model(client, args.name)
-    except ValueError as err:
-        raise RecipeError([f"registry {args.action}: {err}"]) from None
-    if args.action == "promote":
-        if not args.version:
-            raise RecipeError(["registry promote: give the VERSION to promote"])
-        try:
-            registry.promote(client, args.name, args.version, force=args.force)
-        except ValueError as err:
-            raise RecipeError([f"registry promote: {err}"]) from None
-        console.print(f"{args.name} version {args.version} is now 'champion'")
-        return 0
+        return REGISTRY_ACTIONS[args.action](args, client, console)
+    except (ValueError, PermissionError) as err:
+        raise CommandError([f"{action}: {err}"]) from None
+    except MlflowException as err:  # e.g. the server refused a write: one line, credentials redacted
+        raise CommandError([f"{action}: {one_line(err)}"]) from None
+
+
+def _check_registry_args(args, action: str) -> None:
+    """Arguments each action needs, checked before MLflow is asked anything."""
+    if args.action in ("review", "promote") and not args.version:
+        raise CommandError([f"{action}: give the VERSION to {args.action}"])
+    if args.action == "promote" and not (args.comment or "").strip():
+        raise CommandError([f"{action}: --comment is required (why this version is promoted)"])
+    if args.action == "rollback" and not (args.reason or "").strip():
+        raise CommandError([f"{action}: --reason is required (why the champion is rolled back)"])
+    if args.force and not (args.reason or "").strip():
+        raise CommandError([f"{action}: --force needs --reason (why the gate is overridden)"])
+    if args.samples < 0:
+        raise CommandError([f"{action}: --samples must be 0 or more"])
+
+
+def _registry_list(args, client, console: Console) -> int:
+    from rich.table import Table
+
+    from eval import registry
+
     table = Table(title=args.name)
-    for col in ("version", "aliases", "gate", "scores"):
+    for col in ("version", "aliases", "gate", "scores", "approved by"):
         table.add_column(col)
     for v in registry.list_versions(client, args.name):
         table.add_row(
@@ -305,9 +333,105 @@ def cmd_registry(args, console: Console) -> int:
             ", ".join(v["aliases"]),
             v.get("gate", ""),
             "  ".join(f"{k}={x:.3f}" for k, x in sorted(v.get("scores", {}).items())),
+            v["tags"].get("approval.approver", ""),
         )
     console.print(table)
     return 0
+
+
+def _registry_promote(args, client, console: Console) -> int:
+    from eval import registry
+
+    current = registry.champion_scores(client, args.name)
+    if current and current[0] == args.version:
+        registry.require_manage(client, args.name, f"promote {args.name} version {args.version}")
+        console.print(f"{args.name} version {args.version} is already 'champion'; nothing changed")
+        return 0
+    old = registry.promote(
+        client,
+        args.name,
+        args.version,
+        force=args.force,
+        reason=args.reason or "",
+        approver=args.approver,
+        comment=args.comment,
+    )
+    was = f" (previous_champion: version {old})" if old else ""
+    console.print(f"{args.name} version {args.version} is now 'champion'{was}")
+    return 0
+
+
+def _registry_rollback(args, client, console: Console) -> int:
+    from eval import registry
+
+    old = registry.champion_scores(client, args.name)
+    now = registry.rollback(client, args.name, reason=args.reason, approver=args.approver)
+    console.print(f"{args.name}: 'champion' rolled back from version {old[0] if old else '-'} to version {now}")
+    return 0
+
+
+def _registry_history(args, client, console: Console) -> int:
+    import json
+
+    from rich.markup import escape
+    from rich.table import Table
+
+    from eval import registry
+
+    entries = registry.history(client, args.name)
+    if args.json:
+        for entry in entries:
+            print(json.dumps(entry))
+        return 0
+    table = Table(title=f"{args.name}: promotion history")
+    for col in ("#", "event", "version", "from", "approver", "time", "comment / reason"):
+        table.add_column(col, overflow="fold")
+    for e in entries:
+        why = e.get("reason") if e.get("event") == "rollback" else e.get("comment", "")
+        if e.get("event") == "force_promote":
+            why = f"{e.get('comment', '')} (forced: {e.get('reason', '')})"
+        cells = (
+            e["index"],
+            e.get("event"),
+            e.get("version"),
+            e.get("from") or "-",
+            e.get("approver"),
+            e.get("time"),
+            why,
+        )
+        table.add_row(*(escape(str(c or "")) for c in cells))
+    console.print(table if entries else f"{args.name}: no promotions recorded yet")
+    return 0
+
+
+def _registry_review(args, client, console: Console) -> int:
+    from mlflow.exceptions import MlflowException
+
+    from eval import review
+    from hpc.tracking import one_line
+
+    rv = review.review(client, args.name, args.version, against=args.against, samples=args.samples)
+    review.render_rich(rv, console)
+    text = review.render_html(rv)
+    if args.html:
+        args.html.parent.mkdir(parents=True, exist_ok=True)
+        args.html.write_text(text)
+        console.print(f"HTML report: {args.html}")
+    try:
+        path = review.log_html(client, rv, text)
+        console.print(f"logged to run {rv.candidate.run_id} as {path}")
+    except (MlflowException, OSError) as err:  # a READ-only reviewer cannot write to the run
+        console.print(f"[yellow]the HTML report was not logged to MLflow:[/] {one_line(err)}")
+    return 0
+
+
+REGISTRY_ACTIONS = {
+    "list": _registry_list,
+    "review": _registry_review,
+    "promote": _registry_promote,
+    "rollback": _registry_rollback,
+    "history": _registry_history,
+}
 
 
 def _interrupt_on_signals() -> None:
@@ -344,6 +468,9 @@ def main(argv: list[str] | None = None) -> int:
     }[args.cmd]
     try:
         return handler(args, console)
+    except CommandError as err:
+        print(f"hpcft: error: {err.problems[0]}", file=sys.stderr)
+        return EXIT_BAD_RECIPE
     except RecipeError as err:
         where = getattr(args, "recipe", None)
         print(f"error: {'recipe ' + str(where) if where else 'bad arguments'}:", file=sys.stderr)
