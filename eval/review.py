@@ -173,8 +173,10 @@ def _download(client, run_id: str, dest: Path) -> bool:
 
     got = False
     for path in ("recipe.yaml", "data/manifest.json", "eval"):
+        target = (dest / path).parent  # MLflow puts a downloaded file or folder under its base name
+        target.mkdir(parents=True, exist_ok=True)
         try:
-            client.download_artifacts(run_id, path, str(dest))
+            client.download_artifacts(run_id, path, str(target))
             got = True
         except (MlflowException, OSError):
             continue

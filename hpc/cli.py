@@ -405,11 +405,14 @@ def _registry_history(args, client, console: Console) -> int:
 
 
 def _registry_review(args, client, console: Console) -> int:
+    import os
+
     from mlflow.exceptions import MlflowException
 
     from eval import review
     from hpc.tracking import one_line
 
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # artifact downloads: no bars
     rv = review.review(client, args.name, args.version, against=args.against, samples=args.samples)
     review.render_rich(rv, console)
     text = review.render_html(rv)
