@@ -127,7 +127,7 @@ def promote(
     old = _aliases(client, name).get(CHAMPION)
     if old == version:
         return None
-    approver = approver or getpass.getuser()
+    approver = approver or default_approver()
     time = _iso(now)
     approval = {"approval.approver": approver, "approval.time": time, "approval.comment": comment}
     approval |= {"approval.forced": "true", "approval.force_reason": reason} if forced else {"approval.forced": "false"}
@@ -166,10 +166,15 @@ def rollback(client, name: str, *, reason: str, approver: str | None = None, now
         client.delete_registered_model_alias(name, PREVIOUS_CHAMPION)
     else:
         client.set_registered_model_alias(name, PREVIOUS_CHAMPION, before)
-    approver = approver or getpass.getuser()
+    approver = approver or default_approver()
     entry = {"event": "rollback", "version": previous, "from": current, "approver": approver, "time": _iso(now)}
     _append_history(client, name, entry | {"reason": reason})
     return previous
+
+
+def default_approver() -> str:
+    """The user a tracking server authenticates ($MLFLOW_TRACKING_USERNAME), else the OS user."""
+    return os.environ.get("MLFLOW_TRACKING_USERNAME") or getpass.getuser()
 
 
 def champion_stack(entries: list[dict]) -> list[str]:
