@@ -18,7 +18,8 @@ PREVIOUS_CHAMPION = "previous_champion"
 GATE_TAG = "gate"  # "passed" | "rejected"
 GATE_REASONS_TAG = "gate.reasons"
 SCORE_PREFIX = "score."
-HISTORY_PREFIX = "history."  # registered-model tags history.000001, ...: one JSON promotion event each
+HISTORY_PREFIX = "history."  # registered-model tags history.000001, ...: one JSON event each
+REGISTER_EVENT = "register"  # the gate registered a version; promote, force_promote, rollback move champion
 ARTIFACT_PATH = "model"
 _MAX_TAG_VALUE = 5000  # MLflow allows more for version tags; the UI and servers do better with less
 
@@ -48,6 +49,9 @@ def register_candidate(
     version_str = str(version.version)
     if verdict.passed:
         client.set_registered_model_alias(name, STAGING, version_str)
+    failed = next((line for line in verdict.reasons if line.startswith("FAIL")), "")
+    entry = {"event": REGISTER_EVENT, "version": version_str, "gate": tags[GATE_TAG], "time": _iso(None)}
+    _append_history(client, name, entry | {"comment": failed})
     return version_str
 
 
@@ -185,13 +189,14 @@ def champion_stack(entries: list[dict]) -> list[str]:
         if entry.get("event") == "rollback":
             if stack:
                 stack.pop()
-        elif entry.get("version") is not None:
+        elif entry.get("event") in ("promote", "force_promote"):
             stack.append(str(entry["version"]))
     return stack
 
 
 def history(client, name: str) -> list[dict]:
-    """The promotion history of `name`, oldest first: each entry's JSON with its index as 'index'."""
+    """The history of `name`, oldest first (registrations by the gate, promotions, rollbacks): each entry's
+    JSON with its index as 'index'."""
     tags = client.get_registered_model(name).tags or {}
     out = []
     for key in sorted(k for k in tags if re.fullmatch(re.escape(HISTORY_PREFIX) + r"\d+", k)):

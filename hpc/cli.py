@@ -383,24 +383,19 @@ def _registry_history(args, client, console: Console) -> int:
         for entry in entries:
             print(json.dumps(entry))
         return 0
-    table = Table(title=f"{args.name}: promotion history")
+    table = Table(title=f"{args.name}: history")
     for col in ("#", "event", "version", "from", "approver", "time", "comment / reason"):
         table.add_column(col, overflow="fold")
     for e in entries:
         why = e.get("reason") if e.get("event") == "rollback" else e.get("comment", "")
         if e.get("event") == "force_promote":
             why = f"{e.get('comment', '')} (forced: {e.get('reason', '')})"
-        cells = (
-            e["index"],
-            e.get("event"),
-            e.get("version"),
-            e.get("from") or "-",
-            e.get("approver"),
-            e.get("time"),
-            why,
-        )
+        who = e.get("approver", "")
+        if e.get("event") == registry.REGISTER_EVENT:
+            who, why = "gate", f"gate {e.get('gate')}" + (f": {why}" if why else "")
+        cells = (e["index"], e.get("event"), e.get("version"), e.get("from") or "-", who, e.get("time"), why)
         table.add_row(*(escape(str(c or "")) for c in cells))
-    console.print(table if entries else f"{args.name}: no promotions recorded yet")
+    console.print(table if entries else f"{args.name}: no history recorded yet")
     return 0
 
 

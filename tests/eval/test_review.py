@@ -88,8 +88,8 @@ def test_history_is_append_only_and_rollbacks_walk_back(store, tmp_path):
     for i in range(3):
         register(client, experiment, name, write_run_dir(tmp_path / f"r{i}", **GOOD), model_dir, passed=True)
         registry.promote(client, name, str(i + 1), approver=f"a{i}", comment=f"c{i}")
-    first_three = {k: v for k, v in client.get_registered_model(name).tags.items() if k.startswith("history.")}
-    assert sorted(first_three) == ["history.000001", "history.000002", "history.000003"]
+    first_six = {k: v for k, v in client.get_registered_model(name).tags.items() if k.startswith("history.")}
+    assert sorted(first_six) == [f"history.{i:06d}" for i in range(1, 7)]  # register, promote, ...
     assert registry.rollback(client, name, reason="regressed", approver="ops") == "2"
     aliases = _aliases(client, name)
     assert (aliases["champion"], aliases["previous_champion"]) == ("2", "1")
@@ -99,7 +99,8 @@ def test_history_is_append_only_and_rollbacks_walk_back(store, tmp_path):
     with pytest.raises(ValueError, match="nothing to roll back to"):
         registry.rollback(client, name, reason="once more")
     entries = registry.history(client, name)
-    assert [(e["event"], e["version"], e.get("from")) for e in entries] == [
+    assert [e["event"] for e in entries[:6]] == ["register", "promote"] * 3
+    assert [(e["event"], e["version"], e.get("from")) for e in entries if e["event"] != "register"] == [
         ("promote", "1", None),
         ("promote", "2", "1"),
         ("promote", "3", "2"),
@@ -107,7 +108,7 @@ def test_history_is_append_only_and_rollbacks_walk_back(store, tmp_path):
         ("rollback", "1", "2"),
     ]
     tags = client.get_registered_model(name).tags
-    assert all(tags[k] == v for k, v in first_three.items())  # earlier entries never rewritten
+    assert all(tags[k] == v for k, v in first_six.items())  # earlier entries never rewritten
     # a promotion after the walk back makes the walked-back-to champion the previous one again
     registry.promote(client, name, "3", approver="a", comment="fixed")
     assert _aliases(client, name)["previous_champion"] == "1"
@@ -220,5 +221,11 @@ def test_cli_promote_needs_a_comment_and_a_forced_one_a_reason(versions, capsys)
     assert main(["registry", "promote", name, v1, "--comment", "first", "--uri", uri]) == 0
     capsys.readouterr()
     assert main(["registry", "history", name, "--json", "--uri", uri]) == 0
-    (entry,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert entry["event"] == "promote" and entry["comment"] == "first" and entry["approver"]
+    entries = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(e["event"], e["version"], e.get("gate")) for e in entries] == [
+        ("register", v1, "passed"),
+        ("register", v2, "rejected"),
+        ("promote", v1, None),
+    ]
+    assert entries[1]["comment"].startswith("FAIL threshold") and entries[2]["comment"] == "first"
+    assert entries[2]["approver"]
