@@ -12,6 +12,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from data_tools import secrets
 from eval import lineage, registry
 
 BOOTSTRAP_ITERS = 1000
@@ -159,12 +160,19 @@ def _side(client, mv, notes: list[str]) -> Side:
 
 
 def _read_run_dir(side: Side, run_dir: Path) -> None:
-    side.recipe = (run_dir / "recipe.yaml").read_text()
+    redacted = run_dir / "recipe.redacted.yaml"
+    side.recipe = _redacted((redacted if redacted.is_file() else run_dir / "recipe.yaml").read_text())
     side.manifest = _json_file(run_dir / "stages" / "data" / "manifest.json")
     for element in sorted((run_dir / "stages" / "eval").glob("*/result.json")):
         result = _json_file(element)
         if result and result.get("model") == "candidate":
             _read_eval_dir(side, element.parent, result["task"])
+
+
+def _redacted(recipe_text: str) -> str:
+    """The recipe snapshot keeps the values jobs need (a tracking URI's password, `setup:` exports); the
+    review shows, and logs to MLflow, only what data_tools.secrets leaves."""
+    return secrets.redact_text(recipe_text, "***")[0]
 
 
 def _download(client, run_id: str, dest: Path) -> bool:
@@ -185,7 +193,7 @@ def _download(client, run_id: str, dest: Path) -> bool:
 
 def _read_artifacts(side: Side, root: Path) -> None:
     if (root / "recipe.yaml").is_file():
-        side.recipe = (root / "recipe.yaml").read_text()
+        side.recipe = _redacted((root / "recipe.yaml").read_text())
     side.manifest = _json_file(root / "data" / "manifest.json")
     for folder in sorted(p for p in (root / "eval").glob("*") if p.is_dir()):
         result = _json_file(folder / "result.json") or {}

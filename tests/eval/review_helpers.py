@@ -12,6 +12,7 @@ from eval.gate import Verdict
 
 EXACT = "heldout_exact/exact_match"
 MC = "heldout_mc/acc"
+URI_PASSWORD = "S3cret-uri-pw"  # the recipe snapshot keeps it; a review must never show it
 QUESTIONS = [("Add 2 and 3.", "5"), ("Which is larger, 4 or 9?", "9"), ("Compute 3 times 6.", "18"), ("7 - 2?", "5")]
 
 
@@ -20,6 +21,7 @@ def write_run_dir(root: Path, *, lr: float, answers: list[str], mc_right: list[b
     root.mkdir(parents=True)
     (root / "recipe.yaml").write_text(
         f"name: tiny-sft\nstages:\n  - kind: sft\n    optim: {{lr: {lr}}}\nparallel: {{dp_shard: 1, tp: 1}}\n"
+        f"tracking: {{uri: 'http://alice:{URI_PASSWORD}@127.0.0.1:5000'}}\n"
     )
     manifest = {
         "splits": {"train": 100 - rejected_dups, "test": 4},

@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 from eval import registry, review
-from tests.eval.review_helpers import EXACT, MC, register, tiny_model_dir, write_run_dir
+from tests.eval.review_helpers import EXACT, MC, URI_PASSWORD, register, tiny_model_dir, write_run_dir
 
 _names = itertools.count()
 GOOD = dict(lr=0.001, answers=["5", "9", "18", "6"], mc_right=[True, True, True, False], rejected_dups=10)
@@ -140,7 +140,8 @@ def test_review_against_the_champion_and_the_html_in_a_browser(versions, tmp_pat
 
     text = review.render_html(rv)
     assert "<b>x</b>" not in text and "&lt;b&gt;x&lt;/b&gt;" in text  # an answer is text, not markup
-    assert "http://" not in text and "https://" not in text and "<script" not in text
+    assert "<script" not in text and " src=" not in text and "<link" not in text  # nothing to load
+    assert URI_PASSWORD not in text and "alice:***@" in text
     assert review.log_html(client, rv, text) == f"review/review-v{v2}-vs-v{v1}.html"
     run_id = client.get_model_version(name, v2).run_id
     assert [f.path for f in client.list_artifacts(run_id, "review")] == [f"review/review-v{v2}-vs-v{v1}.html"]
