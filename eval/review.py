@@ -143,7 +143,7 @@ def review(client, name: str, version: str, against: str | None = registry.CHAMP
 def _side(client, mv, notes: list[str]) -> Side:
     side = Side(str(mv.version), mv.run_id, dict(mv.tags), registry.scores_of(mv.tags))
     run_dir = Path(mv.tags.get(lineage.RUN_DIR, "")) if mv.tags.get(lineage.RUN_DIR) else None
-    if run_dir is not None and (run_dir / "recipe.yaml").is_file():
+    if run_dir is not None and (run_dir / "recipe.yaml").is_file() and _same_run(run_dir, mv.tags, side, notes):
         _read_run_dir(side, run_dir)
         side.found_in = f"run directory {run_dir}"
     elif mv.run_id:
@@ -157,6 +157,16 @@ def _side(client, mv, notes: list[str]) -> Side:
     if not side.samples:
         notes.append(f"{side.label}: per-example eval samples not available")
     return side
+
+
+def _same_run(run_dir: Path, tags: dict[str, str], side: Side, notes: list[str]) -> bool:
+    """Whether `run_dir` still holds the run the version came from: a rerun in the same directory with
+    another recipe replaces its files (the version's recipe hash then differs from run.json's)."""
+    now = (_json_file(run_dir / "run.json") or {}).get("recipe_hash")
+    if tags.get(lineage.RECIPE_HASH) and now and now != tags[lineage.RECIPE_HASH]:
+        notes.append(f"{side.label}: {run_dir} now holds another run (recipe hash differs); using MLflow artifacts")
+        return False
+    return True
 
 
 def _read_run_dir(side: Side, run_dir: Path) -> None:

@@ -193,12 +193,15 @@ def test_review_reads_mlflow_artifacts_when_the_run_dir_is_gone(versions, tmp_pa
         client.log_artifact(mv.run_id, str(src / "stages/data/manifest.json"), "data")
         if version == v2:  # v1's eval samples were never logged: its answers are "not available"
             client.log_artifacts(mv.run_id, str(src / "stages/eval"), "eval")
-        shutil.rmtree(src)
+            shutil.rmtree(src)
+        else:  # v1's directory was reused by a rerun with another recipe: its files are not v1's any more
+            (src / "run.json").write_text(json.dumps({"recipe_hash": "another-recipe"}))
     rv = review.review(client, name, v2, against=v1, samples=2)
     assert rv.candidate.found_in == f"MLflow artifacts of run {client.get_model_version(name, v2).run_id}"
     assert rv.recipe_diff and {k: (a, b) for k, a, b in rv.manifest}["rows train"] == ("88", "90")
     assert [e.candidate for e in rv.examples] == ["5", ""] and rv.examples[0].reference is None
     assert f"v{v1}: per-example eval samples not available" in rv.notes
+    assert f"v{v1}: {tmp_path / 'good'} now holds another run (recipe hash differs); using MLflow artifacts" in rv.notes
     alone = review.review(client, name, v1)  # no champion: the candidate alone
     assert alone.reference is None and f"{name} has no champion: the candidate is reviewed alone" in alone.notes
 
