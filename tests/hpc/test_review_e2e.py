@@ -53,7 +53,6 @@ def test_promote_review_force_rollback_history(tmp_path, capsys):
     html = tmp_path / "review.html"
     code, out, err = _registry(capsys, store, "review", MODEL, "2", "--html", str(html))
     assert code == 0, err
-    print(out)
     out = " ".join(out.split())  # rich wraps long lines
     assert f"{MODEL} v2 vs v1 (champion) gate: rejected" in out
     assert "FAIL threshold: heldout_mc/acc" in out  # why it was rejected
