@@ -3,7 +3,11 @@ tagged with lineage, scores and the gate's verdict, promoted by moving aliases (
 
 from __future__ import annotations
 
+import getpass
+import json
+import os
 import re
+from datetime import datetime, timezone
 from pathlib import Path
 
 from eval.gate import Verdict
@@ -14,6 +18,8 @@ PREVIOUS_CHAMPION = "previous_champion"
 GATE_TAG = "gate"  # "passed" | "rejected"
 GATE_REASONS_TAG = "gate.reasons"
 SCORE_PREFIX = "score."
+HISTORY_PREFIX = "history."  # registered-model tags history.000001, ...: one JSON event each
+REGISTER_EVENT = "register"  # the gate registered a version; promote, force_promote, rollback move champion
 ARTIFACT_PATH = "model"
 _MAX_TAG_VALUE = 5000  # MLflow allows more for version tags; the UI and servers do better with less
 
@@ -43,6 +49,9 @@ def register_candidate(
     version_str = str(version.version)
     if verdict.passed:
         client.set_registered_model_alias(name, STAGING, version_str)
+    failed = next((line for line in verdict.reasons if line.startswith("FAIL")), "")
+    entry = {"event": REGISTER_EVENT, "version": version_str, "gate": tags[GATE_TAG], "time": _iso(None)}
+    _append_history(client, name, entry | {"comment": failed})
     return version_str
 
 
@@ -92,23 +101,160 @@ def champion_scores(client, name: str) -> tuple[str, dict[str, float]] | None:
     return version, scores_of(client.get_model_version(name, version).tags)
 
 
-def promote(client, name: str, version: str | int, *, force: bool = False) -> str | None:
+def promote(
+    client,
+    name: str,
+    version: str | int,
+    *,
+    force: bool = False,
+    reason: str = "",
+    approver: str | None = None,
+    comment: str = "",
+    now: datetime | None = None,
+) -> str | None:
     """Move 'champion' to `version` and 'previous_champion' to the old champion; returns the old one.
 
-    A version the gate rejected is promoted only with force=True.
+    The approval goes into the version's 'approval.*' tags and the model's history. A version the gate
+    rejected is promoted only with force=True and a reason. Promoting the champion again changes nothing.
     """
     version = str(version)
     tags = model_version(client, name, version).tags
-    if tags.get(GATE_TAG) != "passed" and not force:
+    forced = tags.get(GATE_TAG) != "passed"
+    if forced and not force:
         raise ValueError(
             f"{name} version {version} did not pass the gate "
             f"(gate={tags.get(GATE_TAG, 'unset')}); promote with force to override"
         )
+    if forced and not reason.strip():
+        raise ValueError(f"{name} version {version} did not pass the gate: a forced promotion needs a reason")
+    require_manage(client, name, f"promote {name} version {version}")
     old = _aliases(client, name).get(CHAMPION)
-    if old is not None and old != version:
+    if old == version:
+        return None
+    approver = approver or default_approver()
+    time = _iso(now)
+    approval = {"approval.approver": approver, "approval.time": time, "approval.comment": comment}
+    approval |= {"approval.forced": "true", "approval.force_reason": reason} if forced else {"approval.forced": "false"}
+    for key, value in approval.items():
+        client.set_model_version_tag(name, version, key, value[:_MAX_TAG_VALUE])
+    if old is not None:
         client.set_registered_model_alias(name, PREVIOUS_CHAMPION, old)
     client.set_registered_model_alias(name, CHAMPION, version)
-    return old if old != version else None
+    entry = {"event": "force_promote" if forced else "promote", "version": version, "from": old}
+    entry |= {"approver": approver, "time": time, "comment": comment}
+    _append_history(client, name, entry | ({"reason": reason} if forced else {}))
+    return old
+
+
+def rollback(client, name: str, *, reason: str, approver: str | None = None, now: datetime | None = None) -> str:
+    """Move 'champion' back to 'previous_champion' and 'previous_champion' to the champion before that one
+    in the history (none left: the alias is removed), so that repeated rollbacks walk back. Returns the
+    version that is champion now."""
+    if not reason.strip():
+        raise ValueError("a rollback needs a reason")
+    require_model(client, name)
+    aliases = _aliases(client, name)
+    current, previous = aliases.get(CHAMPION), aliases.get(PREVIOUS_CHAMPION)
+    if current is None or previous is None:
+        raise ValueError(
+            f"nothing to roll back to: {name} has "
+            + ("no champion" if current is None else f"champion version {current} and no previous_champion")
+        )
+    require_manage(client, name, f"roll back {name}")
+    stack = champion_stack(history(client, name))
+    if stack and stack[-1] == current:
+        stack.pop()
+    before = stack[-2] if len(stack) >= 2 and stack[-1] == previous else None
+    client.set_registered_model_alias(name, CHAMPION, previous)
+    if before is None or before == previous:
+        client.delete_registered_model_alias(name, PREVIOUS_CHAMPION)
+    else:
+        client.set_registered_model_alias(name, PREVIOUS_CHAMPION, before)
+    approver = approver or default_approver()
+    entry = {"event": "rollback", "version": previous, "from": current, "approver": approver, "time": _iso(now)}
+    _append_history(client, name, entry | {"reason": reason})
+    return previous
+
+
+def default_approver() -> str:
+    """The user a tracking server authenticates ($MLFLOW_TRACKING_USERNAME), else the OS user."""
+    return os.environ.get("MLFLOW_TRACKING_USERNAME") or getpass.getuser()
+
+
+def champion_stack(entries: list[dict]) -> list[str]:
+    """The champions in the order they took over, as the history records it: a promotion pushes its
+    version, a rollback pops the champion it replaced."""
+    stack: list[str] = []
+    for entry in entries:
+        if entry.get("event") == "rollback":
+            if stack:
+                stack.pop()
+        elif entry.get("event") in ("promote", "force_promote"):
+            stack.append(str(entry["version"]))
+    return stack
+
+
+def history(client, name: str) -> list[dict]:
+    """The history of `name`, oldest first (registrations by the gate, promotions, rollbacks): each entry's
+    JSON with its index as 'index'."""
+    tags = client.get_registered_model(name).tags or {}
+    out = []
+    for key in sorted(k for k in tags if re.fullmatch(re.escape(HISTORY_PREFIX) + r"\d+", k)):
+        try:
+            entry = json.loads(tags[key])
+        except ValueError:
+            entry = {"event": "unreadable", "comment": tags[key][:200]}
+        out.append({"index": int(key[len(HISTORY_PREFIX) :])} | entry)
+    return sorted(out, key=lambda e: e["index"])
+
+
+def _append_history(client, name: str, entry: dict) -> None:
+    """Write `entry` under the next free 'history.NNNNNN' tag; earlier entries are never rewritten."""
+    taken = [e["index"] for e in history(client, name)]
+    key = f"{HISTORY_PREFIX}{(max(taken) + 1 if taken else 1):06d}"
+    text = json.dumps(entry, separators=(",", ":"))
+    if len(text) > _MAX_TAG_VALUE:  # a very long comment is cut, the entry stays valid JSON
+        cut = {k: v[:500] if isinstance(v, str) else v for k, v in entry.items()}
+        text = json.dumps(cut, separators=(",", ":"))
+    client.set_registered_model_tag(name, key, text)
+
+
+def _iso(now: datetime | None) -> str:
+    return (now or datetime.now(timezone.utc)).astimezone(timezone.utc).isoformat(timespec="seconds")
+
+
+def require_manage(client, name: str, action: str) -> None:
+    """PermissionError when the tracking server checks access (MLflow's basic-auth app) and the user in
+    $MLFLOW_TRACKING_USERNAME has less than MANAGE on the registered model `name`. Asked before anything is
+    written, so that a refused promotion leaves nothing half-changed. Stores without access control
+    (sqlite, a server without the auth app) allow everything."""
+    from mlflow.exceptions import MlflowException
+
+    uri = str(getattr(client, "tracking_uri", "") or "")
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    if not uri.startswith(("http://", "https://")) or not user:
+        return
+    from mlflow.server.auth.client import AuthServiceClient
+
+    auth = AuthServiceClient(uri)
+    try:
+        permission = auth.get_user_permission(user, "registered_model", name).permission
+    except MlflowException as err:
+        if err.get_http_status_code() == 404 or err.error_code == "ENDPOINT_NOT_FOUND":
+            return  # a server without the auth app
+        raise
+    if permission.upper() == "MANAGE" or _is_admin(auth, user):
+        return
+    raise PermissionError(f"{user} may not {action} (needs MANAGE on the registered model {name})")
+
+
+def _is_admin(auth, user: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return bool(auth.get_user(user).is_admin)
+    except MlflowException:
+        return False
 
 
 def require_model(client, name: str) -> None:

@@ -12,6 +12,7 @@ from rich.tree import Tree
 
 from hpc import commands, executors
 from hpc.recipe import RecipeError, load_recipe
+from hpc.registry_cmd import CommandError, cmd_registry
 from training.stages import KINDS as STAGE_KINDS
 
 EXIT_BAD_RECIPE = 2
@@ -72,13 +73,20 @@ def _parser() -> argparse.ArgumentParser:
     logs.add_argument("--stdout", action="store_true", help="stdout instead of stderr")
 
     commands.add_parsers(sub)
-    reg = sub.add_parser("registry", help="inspect the model registry and move the champion alias")
-    reg.add_argument("action", choices=["list", "promote"])
+    reg = sub.add_parser("registry", help="review, approve, promote and roll back registered versions")
+    reg.add_argument("action", choices=["list", "review", "promote", "rollback", "history"])
     reg.add_argument("name", help="registered model name")
-    reg.add_argument("version", nargs="?", help="version to promote to champion")
+    reg.add_argument("version", nargs="?", help="version to review or promote")
     reg.add_argument("--uri", help="tracking URI (default $MLFLOW_TRACKING_URI or --workdir's sqlite)")
     reg.add_argument("--workdir", type=Path, help="a run directory whose embedded store to use")
-    reg.add_argument("--force", action="store_true", help="promote even a version the gate rejected")
+    reg.add_argument("--force", action="store_true", help="promote even a version the gate rejected (needs --reason)")
+    reg.add_argument("--comment", help="promote: why this version (required, recorded)")
+    reg.add_argument("--reason", help="rollback, forced promote: why (required there, recorded)")
+    reg.add_argument("--approver", help="who approves (default: $MLFLOW_TRACKING_USERNAME, else the OS user)")
+    reg.add_argument("--against", default="champion", help="review: 'champion' (default), a version, or 'none'")
+    reg.add_argument("--samples", type=int, default=5, help="review: held-out examples to show")
+    reg.add_argument("--html", type=Path, help="review: also write the HTML report here")
+    reg.add_argument("--json", action="store_true", help="history: JSON lines instead of a table")
     return p
 
 
@@ -286,46 +294,6 @@ def cmd_logs(args, console: Console) -> int:
     return 0
 
 
-def cmd_registry(args, console: Console) -> int:
-    from rich.table import Table
-
-    from eval import registry
-    from hpc.tracking import Tracker, resolve_uri
-
-    if args.uri is None and args.workdir is None and not __import__("os").environ.get("MLFLOW_TRACKING_URI"):
-        raise RecipeError(["registry: give --uri, --workdir or set MLFLOW_TRACKING_URI"])
-    uri = resolve_uri(args.uri, (args.workdir or Path(".")).resolve())
-    store = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
-    if store is not None and not store.is_file():  # MLflow would create an empty store and find nothing
-        raise RecipeError([f"registry: no MLflow store at {store} (give --uri, or --workdir of a run)"])
-    client = Tracker(uri).client
-    try:
-        registry.require_model(client, args.name)
-    except ValueError as err:
-        raise RecipeError([f"registry {args.action}: {err}"]) from None
-    if args.action == "promote":
-        if not args.version:
-            raise RecipeError(["registry promote: give the VERSION to promote"])
-        try:
-            registry.promote(client, args.name, args.version, force=args.force)
-        except ValueError as err:
-            raise RecipeError([f"registry promote: {err}"]) from None
-        console.print(f"{args.name} version {args.version} is now 'champion'")
-        return 0
-    table = Table(title=args.name)
-    for col in ("version", "aliases", "gate", "scores"):
-        table.add_column(col)
-    for v in registry.list_versions(client, args.name):
-        table.add_row(
-            str(v["version"]),
-            ", ".join(v["aliases"]),
-            v.get("gate", ""),
-            "  ".join(f"{k}={x:.3f}" for k, x in sorted(v.get("scores", {}).items())),
-        )
-    console.print(table)
-    return 0
-
-
 def _interrupt_on_signals() -> None:
     """SIGTERM (`kill <pid>`), SIGHUP (the terminal or SSH session closed) and SIGINT (Ctrl-C) stop a run the
     same way: KeyboardInterrupt, on which the local executor kills its jobs' process trees, the running
@@ -363,6 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     }[args.cmd]
     try:
         return handler(args, console)
+    except CommandError as err:
+        print(f"hpcft: error: {err.problems[0]}", file=sys.stderr)
+        return EXIT_BAD_RECIPE
     except RecipeError as err:
         where = getattr(args, "recipe", None)
         print(f"error: {'recipe ' + str(where) if where else 'bad arguments'}:", file=sys.stderr)

@@ -109,7 +109,7 @@ def test_promoting_a_rejected_version_needs_force(client, name, model_dir, run_i
     _register(client, name, model_dir, run_id, 0.1, passed=False)
     with pytest.raises(ValueError, match="did not pass the gate"):
         registry.promote(client, name, "1")
-    registry.promote(client, name, "1", force=True)
+    registry.promote(client, name, "1", force=True, reason="known issue, accepted")
     assert registry.champion_scores(client, name)[0] == "1"
 
 
@@ -158,12 +158,17 @@ def test_cli_registry_of_a_missing_model_or_version_is_one_line(client, name, mo
         (["promote", "no-such-model", "1"], "registry promote: no registered model 'no-such-model'; registered: "),
         (["list", "no-such-model"], "registry list: no registered model 'no-such-model'; registered: "),
     ):
-        assert main(["registry", *argv, "--uri", uri]) == 2, argv
+        assert main(["registry", *argv, "--uri", uri, *(["--comment", "ok"] if argv[0] == "promote" else [])]) == 2
         out = capsys.readouterr()
-        assert f"  {line}" in out.err and "Traceback" not in out.err and out.out == "", (argv, out.err)
+        assert (
+            out.err.startswith(f"hpcft: error: {line}")
+            and out.err.count("\n") == 1
+            and "Traceback" not in out.err
+            and out.out == ""
+        ), (argv, out.err)
     assert name in out.err  # the registered models are named
     assert registry.champion_scores(client, name) is None  # nothing moved
-    assert main(["registry", "promote", name, "1", "--uri", uri]) == 0
+    assert main(["registry", "promote", name, "1", "--comment", "ok", "--uri", uri]) == 0
     assert main(["registry", "list", name, "--uri", uri]) == 0
     # a store that does not exist is not created empty
     missing = model_dir / "none.db"
