@@ -314,8 +314,10 @@ def _interrupt_on_signals() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     console = Console()
-    if not console.is_terminal:  # a Slurm .out, CI, a pipe: long lines stay whole, not wrapped at 80 columns
-        console = Console(soft_wrap=True, width=max(console.width, 200) if "COLUMNS" not in os.environ else None)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        # A Slurm .out, CI, a pipe: long lines stay whole, not wrapped at 80 columns. A wide console rather
+        # than soft_wrap, which crops a tree's long lines (hpcft plan) at the console's width.
+        console = Console(width=4000)
     _interrupt_on_signals()
     handler = {
         "run": cmd_run,
