@@ -171,3 +171,20 @@ def _search_versions(client, name: str) -> list:
         token = page.token
         if not token:
             return versions
+
+
+def champion_model_dir(client, name: str, download_dir: Path) -> tuple[str, Path] | None:
+    """(version, model directory) of the champion: its run's exported model when that run directory is still
+    there (tag hpcft.run_dir), else its 'model' artifact downloaded into `download_dir`; None without one."""
+    from eval.lineage import RUN_DIR
+
+    version = _aliases(client, name).get(CHAMPION)
+    if version is None:
+        return None
+    mv = client.get_model_version(name, version)
+    run_dir = mv.tags.get(RUN_DIR)
+    local = Path(run_dir) / "stages" / "export" / "model" if run_dir else None
+    if local is not None and (local / "config.json").is_file():
+        return version, local
+    download_dir.mkdir(parents=True, exist_ok=True)
+    return version, Path(client.download_artifacts(mv.run_id, ARTIFACT_PATH, str(download_dir)))

@@ -1,6 +1,6 @@
 """Eval tasks: the typed union behind `eval.tasks`, its string shorthand, and each kind's offline check.
 
-A task is one of three kinds, each with a `label` (its metrics are keyed '<label>/<metric>'):
+A task is one of four kinds, each with a `label` (its metrics are keyed '<label>/<metric>'):
 
 - HeldoutTask ``{heldout: exact|mc}``, shorthand ``heldout_exact`` / ``heldout_mc``: built from the data
   stage's ``test.jsonl`` (eval/heldout.py). Label: the shorthand.
@@ -8,6 +8,8 @@ A task is one of three kinds, each with a `label` (its metrics are keyed '<label
   defined by the user's lm-eval YAML files in ``<dir>``. A relative ``<dir>`` resolves against the recipe's
   directory (validation context ``base_dir``), else the working directory; lm-eval runs from inside it, so
   relative ``data_files`` in those YAMLs resolve against it. Label: ``<name>``.
+- JudgeTask ``{judge: {...}}`` (no shorthand): an LLM judge scores the candidate's answers (eval/judge.py).
+  Label: ``judge.name`` (default ``judge``).
 - LmEvalTask ``{lm_eval: <name>}``, shorthand: any other name: a standard lm-eval task (mmlu, hellaswag, ...).
   These read hub datasets; they are accepted only when the dataset is already in the local Hugging Face
   cache, because evaluation always runs offline. Label: ``<name>``.
@@ -41,6 +43,7 @@ from pydantic import (
 
 from eval import offline
 from eval.heldout import BUILTIN_METRICS, BUILTIN_TASKS, build_tasks
+from eval.judge import JudgeSpec
 
 if TYPE_CHECKING:
     from eval.config import EvalConfig
@@ -92,6 +95,11 @@ class _Task(BaseModel):
         """The metric names this task reports ('<label>/<metric>'); None when they are not known offline
         (lm-eval task definitions can compute any metric, filters rename them)."""
         return None
+
+    @property
+    def on_base(self) -> bool:
+        """Whether the eval array also runs this task on the base model."""
+        return True
 
     def check(self) -> str | None:
         """Why this task cannot run offline on this machine; None when it can."""
@@ -216,7 +224,39 @@ class LmEvalTask(_Task):
         return LmEvalRun(self.lm_eval, None, work_dir, cfg.limit, {"max_gen_toks": cfg.max_new_tokens})
 
 
-TASK_KINDS: dict[str, type[_Task]] = {cls.kind: cls for cls in (HeldoutTask, YamlTask, LmEvalTask)}
+class JudgeTask(_Task):
+    """``{judge: {...}}`` (eval/judge.py): an LLM judge scores the candidate's answers. No shorthand string; it
+    dumps as its mapping. Label: ``judge.name``."""
+
+    kind: ClassVar[str] = "judge"
+    key: ClassVar[str] = "judge"
+    judge: JudgeSpec
+
+    @property
+    def label(self) -> str:
+        return self.judge.name
+
+    @property
+    def shorthand(self) -> str:  # names its eval elements ('<name>@candidate')
+        return self.judge.name
+
+    @property
+    def on_base(self) -> bool:
+        return self.judge.mode == "rubric"  # pairwise compares with a reference model, not the base alone
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        return self.judge.metrics
+
+    def check(self) -> str | None:
+        return self.judge.check()
+
+    @model_serializer
+    def _dump(self) -> dict:
+        return {"judge": self.judge.model_dump(mode="json", exclude_defaults=True)}
+
+
+TASK_KINDS: dict[str, type[_Task]] = {cls.kind: cls for cls in (HeldoutTask, YamlTask, LmEvalTask, JudgeTask)}
 
 
 def parse_shorthand(value: Any) -> Any:
@@ -242,13 +282,16 @@ def _kind_of(value: Any) -> str | None:
 
 
 TaskSpec = Annotated[
-    Annotated[HeldoutTask, Tag("heldout")] | Annotated[YamlTask, Tag("yaml")] | Annotated[LmEvalTask, Tag("lm_eval")],
+    Annotated[HeldoutTask, Tag("heldout")]
+    | Annotated[YamlTask, Tag("yaml")]
+    | Annotated[LmEvalTask, Tag("lm_eval")]
+    | Annotated[JudgeTask, Tag("judge")],
     Discriminator(
         _kind_of,
         custom_error_type="task_kind",
         custom_error_message=(
             "expected 'heldout_exact', 'heldout_mc', 'yaml:<dir>:<task>', an lm-eval task name, "
-            "or a mapping with heldout, yaml_dir + task, or lm_eval"
+            "or a mapping with heldout, yaml_dir + task, lm_eval, or judge"
         ),
     ),
 ]

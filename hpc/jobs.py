@@ -233,9 +233,56 @@ def _eval(ctx: StageContext) -> dict:
     element = eval_elements(ctx.recipe)[ctx.index]
     task, who = element.task, element.model
     model_dir = ctx.output_of("export") / "model" if who == "candidate" else ctx.base_model_dir()
+    if task.kind == "judge":
+        return _judge(ctx, task.judge, who, model_dir)
     scores = run_task(task, model_dir, ctx.output_of("data"), ctx.out_dir, ctx.recipe.eval, progress=ctx.progress)
     ctx.tracker.log_metrics(ctx.run_id, {f"{who}/{task.label}/{k}": v for k, v in scores.items()})
     return {"task": task.label, "model": who, "scores": scores}
+
+
+def _judge(ctx: StageContext, spec, who: str, model_dir: Path) -> dict:
+    """A judge element: counts (n, unparsed) are logged with the scores but kept out of the gate's."""
+    from eval.judge import COUNTS, JudgeError, run_judge
+
+    reference, reference_dir, note = "", None, None
+    if spec.mode == "pairwise":
+        reference, reference_dir, note = _judge_reference(ctx, spec.against)
+        if note:
+            print(f"{spec.name}: {note}", file=sys.stderr)
+    try:
+        metrics = run_judge(
+            spec,
+            model_dir,
+            ctx.output_of("data"),
+            ctx.out_dir,
+            ctx.recipe.eval,
+            reference_dir=reference_dir,
+            reference=reference,
+            progress=ctx.progress,
+        )
+    except JudgeError as err:
+        raise StageError(str(err)) from None
+    ctx.tracker.log_metrics(ctx.run_id, {f"{who}/{spec.name}/{k}": v for k, v in metrics.items()})
+    if metrics["unparsed"]:
+        print(f"{spec.name}: {int(metrics['unparsed'])} judgement(s) unparsed (see judge.jsonl)", file=sys.stderr)
+    scores = {k: v for k, v in metrics.items() if k not in COUNTS}
+    counts = {k: metrics[k] for k in COUNTS}
+    return {"task": spec.name, "model": who, "scores": scores, "counts": counts, "reference": reference, "note": note}
+
+
+def _judge_reference(ctx: StageContext, against: str) -> tuple[str, Path, str | None]:
+    """(name, model dir, note) of the pairwise reference: the registry's champion, else the base model."""
+    from eval import registry
+
+    if against == "champion":
+        with _registry_needs_mlflow(ctx.tracker.uri):
+            found = registry.champion_model_dir(
+                ctx.tracker.client, ctx.recipe.tracking.registered_model, ctx.out_dir / "champion_model"
+            )
+        if found:
+            return f"champion v{found[0]}", found[1], None
+        return "base", ctx.base_model_dir(), "no champion registered yet: judged against the base model"
+    return "base", ctx.base_model_dir(), None
 
 
 def collect_scores(rd: RunDir, spec: StageSpec) -> dict[str, dict[str, float]]:
