@@ -130,7 +130,7 @@ class JudgeSpec(_Strict):
         return None
 
 
-# ---------------------------------------------------------------------------------------------------- prompts
+# ---- prompts
 
 
 def load_prompts(spec: JudgeSpec, data_dir: Path, limit: int | None) -> list[dict]:
@@ -189,7 +189,7 @@ def _load(model_dir: Path):
     return tokenizer, model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
 
 
-# ---------------------------------------------------------------------------------------------------- judges
+# ---- judges
 
 
 class EndpointJudge:
@@ -279,7 +279,7 @@ def _ask_parsed(judge, messages: list[dict], options: tuple[str, ...], retries: 
     return raws, None
 
 
-# ---------------------------------------------------------------------------------------------------- prompts to the judge
+# ---- prompts to the judge
 
 
 def _show(messages: list[dict]) -> str:
@@ -311,7 +311,7 @@ def pairwise_messages(messages: list[dict], first: str, second: str, criteria: d
     ]
 
 
-# ---------------------------------------------------------------------------------------------------- the element
+# ---- the element
 
 
 def run_judge(
