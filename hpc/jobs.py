@@ -310,7 +310,8 @@ def _gate(ctx: StageContext) -> dict:
     with _registry_needs_mlflow(ctx.tracker.uri):
         champ = registry.champion_scores(client, name)
     champion_version, champion = champ if champ else (None, None)
-    verdict = decide(scores["candidate"], scores.get("base"), champion, ctx.recipe.gate)
+    evidence = _gate_evidence(ctx, champion_version)
+    verdict = decide(scores["candidate"], scores.get("base"), champion, ctx.recipe.gate, evidence)
     meta = ctx.rd.read_meta()
     model_info = read_json(ctx.rd.stage_dir("model") / "model.json")
     manifest = read_json(ctx.output_of("data") / "manifest.json")
@@ -325,6 +326,7 @@ def _gate(ctx: StageContext) -> dict:
         version = registry.register_candidate(
             client, name, ctx.output_of("export") / "model", meta["parent_run_id"], scores["candidate"], verdict, tags
         )
+        registry.tag_stderrs(client, name, version, evidence.candidate_stderr)
     ctx.tracker.set_tags(meta["parent_run_id"], tags | {"hpcft.gate": "passed" if verdict.passed else "rejected"})
     return {
         "passed": verdict.passed,
@@ -336,6 +338,22 @@ def _gate(ctx: StageContext) -> dict:
         "scores": scores,
         "champion_scores": champion,
     }
+
+
+def _gate_evidence(ctx: StageContext, champion_version: str | None):
+    """Per-example values and standard errors of this run's candidate (and the champion's, if any)."""
+    from eval import registry
+    from eval.evidence import run_values, stderrs
+    from eval.gate import Evidence
+
+    values = run_values(ctx.rd.root)
+    champion_values, champion_errors = {}, {}
+    if champion_version is not None:
+        with _registry_needs_mlflow(ctx.tracker.uri):
+            champion_values, champion_errors = registry.champion_evidence(
+                ctx.tracker.client, ctx.recipe.tracking.registered_model, champion_version
+            )
+    return Evidence(values, champion_values, stderrs(values), champion_errors)
 
 
 @contextmanager
