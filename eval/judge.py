@@ -136,11 +136,20 @@ class JudgeSpec(_Strict):
 def load_prompts(spec: JudgeSpec, data_dir: Path, limit: int | None) -> list[dict]:
     """[{'id', 'messages'}] (the conversation up to the answer) from spec.prompts or the held-out split."""
     if spec.prompts is None:
-        from eval.heldout import _read_rows
+        return heldout_prompts(Path(data_dir), limit)
+    return file_prompts(Path(spec.prompts), limit)
 
-        return [{"id": str(r["id"]), "messages": r["messages"][:-1]} for r in _read_rows(Path(data_dir), limit)]
+
+def heldout_prompts(data_dir: Path, limit: int | None) -> list[dict]:
+    from eval.heldout import _read_rows
+
+    return [{"id": str(r["id"]), "messages": r["messages"][:-1]} for r in _read_rows(Path(data_dir), limit)]
+
+
+def file_prompts(path: Path, limit: int | None) -> list[dict]:
+    """A JSONL file's rows with a 'prompt' string or 'messages' (a last assistant turn is dropped)."""
     out = []
-    with open(spec.prompts) as f:
+    with open(path) as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -149,14 +158,14 @@ def load_prompts(spec: JudgeSpec, data_dir: Path, limit: int | None) -> list[dic
                 [{"role": "user", "content": row["prompt"]}] if "prompt" in row else None
             )
             if not messages:
-                raise ValueError(f"{spec.prompts}:{line_no}: expected a 'prompt' or 'messages' field")
+                raise ValueError(f"{path}:{line_no}: expected a 'prompt' or 'messages' field")
             if messages[-1].get("role") == "assistant":
                 messages = messages[:-1]
             out.append({"id": str(row.get("id", line_no)), "messages": messages})
             if limit is not None and len(out) >= limit:
                 break
     if not out:
-        raise ValueError(f"{spec.prompts}: no prompts")
+        raise ValueError(f"{path}: no prompts")
     return out
 
 

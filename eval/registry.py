@@ -218,3 +218,21 @@ def tag_stderrs(client, name: str, version: str, errors: dict[str, float]) -> No
     """'stderr.<task>/<metric>' tags, so a later gate can test a regression against this version."""
     for key, value in errors.items():
         client.set_model_version_tag(name, version, tag_key(STDERR_PREFIX + key), repr(float(value)))
+
+
+def await_human_review(client, name: str, version: str, gate_cfg, status: str) -> None:
+    """Keep the gate section on the version (import-verdicts decides again with it) and mark it
+    'pending_review' while gate.require_human waits for side-by-side verdicts."""
+    from eval.human import GATE_CONFIG_TAG
+
+    client.set_model_version_tag(name, version, GATE_CONFIG_TAG, gate_cfg.model_dump_json())
+    if status == "pending_review":
+        client.set_model_version_tag(name, version, GATE_TAG, status)
+
+
+def set_gate(client, name: str, version: str, verdict: Verdict, status: str) -> None:
+    """Record a later gate decision (after human verdicts): tags, and 'staging' when it passed."""
+    client.set_model_version_tag(name, version, GATE_TAG, status)
+    client.set_model_version_tag(name, version, GATE_REASONS_TAG, "\n".join(verdict.reasons)[:_MAX_TAG_VALUE])
+    if verdict.passed:
+        client.set_registered_model_alias(name, STAGING, version)

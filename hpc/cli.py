@@ -70,13 +70,32 @@ def _parser() -> argparse.ArgumentParser:
     logs.add_argument("--stdout", action="store_true", help="stdout instead of stderr")
 
     reg = sub.add_parser("registry", help="inspect the model registry and move the champion alias")
-    reg.add_argument("action", choices=["list", "promote"])
-    reg.add_argument("name", help="registered model name")
+    reg.add_argument("action", choices=["list", "promote", *HUMAN_ACTIONS])
+    reg.add_argument("name", help="registered model name (import-verdicts: the verdicts CSV)")
     reg.add_argument("version", nargs="?", help="version to promote to champion")
     reg.add_argument("--uri", help="tracking URI (default $MLFLOW_TRACKING_URI or --workdir's sqlite)")
     reg.add_argument("--workdir", type=Path, help="a run directory whose embedded store to use")
     reg.add_argument("--force", action="store_true", help="promote even a version the gate rejected")
+    _human_arguments(reg)
     return p
+
+
+HUMAN_ACTIONS = ("blind-pairs", "import-verdicts")
+
+
+def _human_arguments(reg: argparse.ArgumentParser) -> None:
+    """Side-by-side review (eval/human.py): blind-pairs NAME VERSION --out DIR; import-verdicts FILE --name
+    NAME --version V."""
+    reg.add_argument("--against", default="champion", help="blind-pairs: 'champion' or a version number")
+    reg.add_argument("--out", type=Path, help="blind-pairs: folder for pairs.csv, form.html, key.json")
+    reg.add_argument("--n", type=int, default=50, help="blind-pairs: number of pairs")
+    reg.add_argument("--seed", type=int, default=0, help="blind-pairs: prompt sample and sides")
+    reg.add_argument("--prompts", type=Path, help="blind-pairs: JSONL prompts instead of the held-out split")
+    reg.add_argument("--max-new-tokens", type=int, default=64, help="blind-pairs: answer length")
+    reg.add_argument("--name", dest="model_name", help="import-verdicts: registered model name")
+    reg.add_argument("--version", dest="model_version", help="import-verdicts: the version the pairs blinded")
+    reg.add_argument("--rater", help="import-verdicts: who rated (default: the CSV's rater column)")
+    reg.add_argument("--key", type=Path, help="import-verdicts: key.json (default: the one blind-pairs wrote)")
 
 
 def _workdir(args, recipe) -> Path:
@@ -283,6 +302,8 @@ def cmd_registry(args, console: Console) -> int:
     if store is not None and not store.is_file():  # MLflow would create an empty store and find nothing
         raise RecipeError([f"registry: no MLflow store at {store} (give --uri, or --workdir of a run)"])
     client = Tracker(uri).client
+    if args.action in HUMAN_ACTIONS:
+        return _registry_human(args, client, console)
     try:
         registry.require_model(client, args.name)
     except ValueError as err:
@@ -307,6 +328,48 @@ def cmd_registry(args, console: Console) -> int:
             "  ".join(f"{k}={x:.3f}" for k, x in sorted(v.get("scores", {}).items())),
         )
     console.print(table)
+    return 0
+
+
+def _registry_human(args, client, console: Console) -> int:
+    from eval import human
+
+    try:
+        if args.action == "blind-pairs":
+            if not args.version or args.out is None:
+                raise ValueError("give NAME VERSION and --out DIR")
+            key = human.blind_pairs(
+                client,
+                args.name,
+                args.version,
+                args.against,
+                args.out,
+                n=args.n,
+                seed=args.seed,
+                prompts=args.prompts,
+                max_new_tokens=args.max_new_tokens,
+            )
+            console.print(
+                f"{len(key['candidate_side'])} blinded pairs of {args.name} v{args.version} vs "
+                f"v{key['reference_version']}: give the rater {args.out / 'form.html'} (or pairs.csv); "
+                f"keep {args.out / 'key.json'}"
+            )
+            return 0
+        if not args.model_name or not args.model_version:
+            raise ValueError("give the verdicts FILE, --name NAME and --version V")
+        if not Path(args.name).is_file():
+            raise ValueError(f"no such verdicts file: {args.name}")
+        out = human.import_verdicts(client, Path(args.name), args.model_name, args.model_version, args.rater, args.key)
+    except ValueError as err:
+        raise RecipeError([f"registry {args.action}: {err}"]) from None
+    console.print(
+        f"{args.model_name} v{args.model_version}: human/win_rate {out['human/win_rate']:.3f} "
+        f"[{out['human/win_rate_low']:.3f}, {out['human/win_rate_high']:.3f}] over {int(out['human/n'])} verdicts"
+    )
+    if "status" in out:
+        console.print(f"gate: {out['status']}")
+        for reason in out["reasons"]:
+            console.print(f"  - {reason}", markup=False)
     return 0
 
 

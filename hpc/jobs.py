@@ -297,7 +297,7 @@ def collect_scores(rd: RunDir, spec: StageSpec) -> dict[str, dict[str, float]]:
 
 def _gate(ctx: StageContext) -> dict:
     from eval import lineage, registry
-    from eval.gate import decide
+    from eval.gate import decide_with_human
 
     plan = {s.name: s for s in build_plan(ctx.recipe)}
     scores = collect_scores(ctx.rd, plan["eval"])
@@ -311,7 +311,7 @@ def _gate(ctx: StageContext) -> dict:
         champ = registry.champion_scores(client, name)
     champion_version, champion = champ if champ else (None, None)
     evidence = _gate_evidence(ctx, champion_version)
-    verdict = decide(scores["candidate"], scores.get("base"), champion, ctx.recipe.gate, evidence)
+    verdict, status = decide_with_human(scores["candidate"], scores.get("base"), champion, ctx.recipe.gate, evidence)
     meta = ctx.rd.read_meta()
     model_info = read_json(ctx.rd.stage_dir("model") / "model.json")
     manifest = read_json(ctx.output_of("data") / "manifest.json")
@@ -327,12 +327,15 @@ def _gate(ctx: StageContext) -> dict:
             client, name, ctx.output_of("export") / "model", meta["parent_run_id"], scores["candidate"], verdict, tags
         )
         registry.tag_stderrs(client, name, version, evidence.candidate_stderr)
-    ctx.tracker.set_tags(meta["parent_run_id"], tags | {"hpcft.gate": "passed" if verdict.passed else "rejected"})
+        if ctx.recipe.gate.require_human:
+            registry.await_human_review(client, name, version, ctx.recipe.gate, status)
+    ctx.tracker.set_tags(meta["parent_run_id"], tags | {"hpcft.gate": status})
     return {
         "passed": verdict.passed,
         "reasons": verdict.reasons,
         "version": str(version),
         "alias": "staging" if verdict.passed else None,
+        "status": status,
         "registered_model": name,
         "champion_version": champion_version,
         "scores": scores,
