@@ -250,6 +250,13 @@ def check_config(gate: GateConfig, eval_cfg: EvalConfig, task_labels: list[str])
             problems.append(
                 f"{where}: task {task!r} reports no metric {metric!r}; it reports {', '.join(reported[task])}"
             )
+    primary = primary_metric(gate)
+    off_base = {t.label for t in eval_cfg.tasks if not t.on_base}
+    if eval_cfg.include_base and primary and primary.rpartition("/")[0] in off_base:
+        problems.append(
+            f"gate.primary_metric: {primary!r} is not measured on the base model (a pairwise judge compares "
+            "with a reference); name another metric, or set eval.include_base: false"
+        )
     if eval_cfg.include_base and primary_metric(gate) is None:
         problems.append(
             "gate.primary_metric: eval.include_base compares with the base model on one "

@@ -138,3 +138,31 @@ def test_judge_local_hf_dir_always_parses(tiny_dirs, tmp_path):
     pair = JudgeSpec(local=str(judge_dir), prompts=str(prompts), mode="pairwise", max_new_tokens=4)
     metrics = run_judge(pair, candidate, tmp_path, tmp_path / "pair", EvalConfig(), reference_dir=judge_dir)
     assert metrics["unparsed"] == 0 and 0 <= metrics["win_rate"] <= 1 and metrics["n"] == 3
+
+
+def test_judge_recipe_checks_offline(monkeypatch):
+    from hpc.recipe import RecipeError, load_recipe
+    from tests.conftest import TINY_RECIPE
+
+    monkeypatch.delenv("NOPE_JUDGE_KEY", raising=False)
+
+    def problems(task: str, *more: str) -> list[str]:
+        with pytest.raises(RecipeError) as err:
+            load_recipe(TINY_RECIPE, [f"eval.tasks=[heldout_exact, {task}]", *more])
+        return err.value.problems
+
+    url = "endpoint: {base_url: 'http://127.0.0.1:9/v1', model: m}"
+    assert problems("{judge: {endpoint: {base_url: 'ftp//x', model: m}}}") == [
+        "eval.tasks.1.judge.endpoint.base_url: 'ftp//x' is not an http(s) URL with a host, e.g. http://127.0.0.1:8000/v1"
+    ]
+    keyed = "{judge: {endpoint: {base_url: 'http://127.0.0.1:9/v1', model: m, api_key_env: NOPE_JUDGE_KEY}}}"
+    assert "environment variable 'NOPE_JUDGE_KEY' is not set" in problems(keyed)[0]
+    assert "no config.json" in problems("{judge: {local: /}}")[0]
+    assert "exactly one judge" in problems("{judge: {local: /, " + url + "}}")[0]
+    assert "scale [3, 3]" in problems("{judge: {scale: [3, 3], " + url + "}}")[0]
+    pairwise = "{judge: {mode: pairwise, " + url + "}}"
+    [line] = problems(pairwise, "gate.thresholds={judge/win_rate: 0.5}")
+    assert line.startswith("gate.primary_metric: 'judge/win_rate' is not measured on the base model")
+    [line] = problems(pairwise, "gate.thresholds={judge/accuracy: 0.5}", "eval.include_base=false")
+    assert "reports no metric 'accuracy'" in line
+    load_recipe(TINY_RECIPE, [f"eval.tasks=[heldout_exact, {pairwise}]"])  # the gate's metric is heldout's
