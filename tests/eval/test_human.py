@@ -3,6 +3,7 @@
 import csv
 import json
 import re
+import shutil
 
 import pytest
 
@@ -99,3 +100,10 @@ def test_human_export_fill_import_then_gate(tmp_path, hpcft_cmd):
     run = client.get_run(client.get_model_version("sbs", "2").run_id)
     assert run.data.metrics["human/win_rate"] == pytest.approx(0.9)
     assert main([imports[0], imports[1], str(tmp_path / "v2.csv"), *imports[2:]]) == 2  # the same file twice
+
+    # the pairwise judge's reference: the champion's exported model, else its logged 'model' artifact
+    version, local = registry.champion_model_dir(client, "sbs", tmp_path / "download")
+    assert (version, local) == ("1", tmp_path / "run1/stages/export/model")
+    shutil.rmtree(tmp_path / "run1/stages/export")
+    version, downloaded = registry.champion_model_dir(client, "sbs", tmp_path / "download")
+    assert downloaded.is_relative_to(tmp_path / "download") and (downloaded / "config.json").is_file()
