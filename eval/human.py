@@ -258,7 +258,7 @@ def _decide_again(client, name: str, version: str, tags: dict, scores: dict) -> 
     """When the version waits for side-by-side verdicts, decide the gate with human/win_rate included."""
     from eval import registry
     from eval.config import GateConfig
-    from eval.gate import decide_with_human
+    from eval.gate import Evidence, decide_with_human
 
     if GATE_CONFIG_TAG not in tags:  # registered without gate.require_human: its verdict stands
         return {}
@@ -267,7 +267,14 @@ def _decide_again(client, name: str, version: str, tags: dict, scores: dict) -> 
     champ = registry.champion_scores(client, name)
     champion = champ[1] if champ and champ[0] != version else None
     base = _base_scores(tags)
-    verdict, status = decide_with_human(candidate, base, champion, cfg, None, int(scores["human/n"]))
+    evidence = None
+    if champion is not None:  # what the significance test can still find: run directories, stderr tags
+        ours, theirs = (
+            registry.champion_evidence(client, name, version),
+            registry.champion_evidence(client, name, champ[0]),
+        )
+        evidence = Evidence(ours[0], theirs[0], ours[1], theirs[1])
+    verdict, status = decide_with_human(candidate, base, champion, cfg, evidence, int(scores["human/n"]))
     registry.set_gate(client, name, version, verdict, status)
     return {"status": status, "reasons": verdict.reasons}
 

@@ -271,11 +271,18 @@ def parse_verdict(text: str, options: tuple[str, ...]) -> str | None:
             stripped = str(json.loads(stripped).get("answer", ""))
         except (json.JSONDecodeError, AttributeError):
             return None
-    match = re.match(r"[\s\[\(\*\"']*([A-Za-z0-9]+)", stripped)
-    if not match:
-        return None
-    word = match.group(1).lower()
-    return next((o for o in options if o.lower() == word), None)
+    for match in (re.match(r"[\s\[\(\*\"']*([A-Za-z0-9]+)", stripped), _LABELLED.search(stripped)):
+        word = match.group(1).lower() if match else None
+        found = next((o for o in options if o.lower() == word), None)
+        if found is not None:
+            return found
+    return None
+
+
+# 'Rating: 4', 'Verdict: [[B]]', 'The better answer is A': a labelled answer when the reply does not start with one
+_LABELLED = re.compile(
+    r"\b(?:score|rating|verdict|answer|better answer is)\s*(?:is)?\s*[:=]?\s*[\[\(\*\"']*([A-Za-z0-9]+)", re.I
+)
 
 
 def _ask_parsed(judge, messages: list[dict], options: tuple[str, ...], retries: int) -> tuple[list[str], str | None]:
