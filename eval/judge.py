@@ -111,10 +111,11 @@ class JudgeSpec(_Strict):
 
     @property
     def metrics(self) -> tuple[str, ...]:
+        """The scores the gate sees (the COUNTS are logged to MLflow only)."""
         if self.mode == "pairwise":
-            return ("win_rate", "win_rate_stderr", "position_consistency", *COUNTS)
+            return ("win_rate", "win_rate_stderr", "position_consistency")
         per = [m for c in self.criteria for m in (c, f"{c}_stderr")]
-        return (*per, "score", "score_stderr", *COUNTS)
+        return (*per, "score", "score_stderr")
 
     def check(self) -> str | None:
         """What can be checked offline: the key's variable is set, the local judge and prompt file exist."""

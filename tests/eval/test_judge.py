@@ -158,6 +158,8 @@ def test_judge_recipe_checks_offline(monkeypatch):
     keyed = "{judge: {endpoint: {base_url: 'http://127.0.0.1:9/v1', model: m, api_key_env: NOPE_JUDGE_KEY}}}"
     assert "environment variable 'NOPE_JUDGE_KEY' is not set" in problems(keyed)[0]
     assert "no config.json" in problems("{judge: {local: /}}")[0]
+    [line] = problems("{judge: {endpoint: {base_url: 'http://h/v1', model: m, key: sk-1}}}")
+    assert line.startswith("eval.tasks.1.judge.endpoint.key: unknown key; allowed: api_key_env, base_url,")
     assert "exactly one judge" in problems("{judge: {local: /, " + url + "}}")[0]
     assert "scale [3, 3]" in problems("{judge: {scale: [3, 3], " + url + "}}")[0]
     pairwise = "{judge: {mode: pairwise, " + url + "}}"
