@@ -219,6 +219,21 @@ class EndpointJudge:
             max_retries=endpoint.max_retries,
         )
 
+    def probe(self) -> None:
+        """Fail before any answer is generated when nothing listens at base_url (not through a proxy)."""
+        if any(os.environ.get(v) for v in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")):
+            return
+        import socket
+
+        url = urlparse(self.endpoint.base_url)
+        port = url.port or (443 if url.scheme == "https" else 80)
+        try:
+            socket.create_connection((url.hostname, port), timeout=min(10.0, self.endpoint.timeout)).close()
+        except OSError as err:
+            raise JudgeError(
+                f"judge endpoint {self.endpoint.base_url} is unreachable ({err.strerror or err})"
+            ) from None
+
     def ask(self, messages: list[dict], options: tuple[str, ...]) -> str:
         import openai
 
@@ -238,6 +253,9 @@ class EndpointJudge:
 
 class LocalJudge:
     """A local HF causal LM: picks the allowed answer with the highest likelihood, so its output always parses."""
+
+    def probe(self) -> None:
+        pass
 
     def __init__(self, model_dir: str):
         from eval.heldout import _renderer
@@ -350,6 +368,7 @@ def run_judge(
     if problem:
         raise JudgeError(problem)
     judge = open_judge(spec)
+    judge.probe()
     examples = load_prompts(spec, Path(data_dir), spec.limit or cfg.limit)
     max_new = spec.max_new_tokens or cfg.max_new_tokens
     conversations = [e["messages"] for e in examples]

@@ -249,6 +249,7 @@ def _judge(ctx: StageContext, spec, who: str, model_dir: Path) -> dict:
         reference, reference_dir, note = _judge_reference(ctx, spec.against)
         if note:
             print(f"{spec.name}: {note}", file=sys.stderr)
+    failure = None
     try:
         metrics = run_judge(
             spec,
@@ -261,7 +262,10 @@ def _judge(ctx: StageContext, spec, who: str, model_dir: Path) -> dict:
             progress=ctx.progress,
         )
     except JudgeError as err:
-        raise StageError(str(err)) from None
+        failure = f"stage eval failed: {spec.name}: {err}"
+    if failure:  # raised here, outside the handler: no chained connection error to misread as an OS failure
+        print(ERROR_PREFIX + failure, file=sys.stderr, flush=True)
+        raise StageError(failure)
     ctx.tracker.log_metrics(ctx.run_id, {f"{who}/{spec.name}/{k}": v for k, v in metrics.items()})
     if metrics["unparsed"]:
         print(f"{spec.name}: {int(metrics['unparsed'])} judgement(s) unparsed (see judge.jsonl)", file=sys.stderr)

@@ -96,13 +96,16 @@ def test_judge_5xx_beyond_retries_fails_with_one_line():
         assert server.requests == 2
 
 
-def test_judge_unreachable_endpoint_names_base_url():
+def test_judge_unreachable_endpoint_names_base_url(tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]  # bound, never listening: connections are refused
         s = JudgeSpec(endpoint={"base_url": f"http://127.0.0.1:{port}/v1", "model": "m", "max_retries": 0})
         with pytest.raises(JudgeError, match=rf"judge endpoint http://127.0.0.1:{port}/v1 is unreachable"):
             EndpointJudge(s.endpoint).ask([{"role": "user", "content": "x"}], ("1",))
+        # run_judge fails before it loads a model or generates an answer
+        with pytest.raises(JudgeError, match=r"is unreachable \(Connection refused\)"):
+            run_judge(s, tmp_path / "no-model", tmp_path / "no-data", tmp_path / "out", EvalConfig())
 
 
 def test_judge_key_from_the_named_variable_only(monkeypatch):
