@@ -203,13 +203,14 @@ def _reason(check: dict) -> str:
     lower = check.get("sign", 1) < 0
     meets = value <= required + _TOLERANCE if lower else value >= required - _TOLERANCE
     relation = ("<=" if meets else ">") if lower else (">=" if meets else "<")
-    gap = abs(required - check["reference"]) if check["reference"] is not None else 0.0
+    # signed, in the metric's direction: a negative min_gain_over_base shows as a negative gain
+    gain = check.get("sign", 1) * (required - check["reference"]) if check["reference"] is not None else 0.0
     if check["check"] == "threshold":
         detail = f"threshold {required:.4f}" + (", lower is better" if lower else "")
     elif check["check"] == "no_regression":
-        detail = f"champion {check['reference']:.4f} {'+' if lower else '-'} allowed drop {gap:.4f}"
+        detail = f"champion {check['reference']:.4f} {'+' if lower else '-'} allowed drop {-gain:.4f}"
     else:
-        detail = f"base {check['reference']:.4f} {'-' if lower else '+'} required gain {gap:.4f}"
+        detail = f"base {check['reference']:.4f} {'-' if lower else '+'} required gain {gain:.4f}"
     note = f"; {check['note']}" if check.get("note") else ""
     return f"{status} {check['check']}: {metric} = {value:.4f} {relation} {required:.4f} ({detail}{note})"
 

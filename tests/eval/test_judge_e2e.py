@@ -52,6 +52,7 @@ def test_judge_tiny_recipe_end_to_end(tmp_path):
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     version = client.get_model_version("tiny-sft", gate["version"])
     assert float(version.tags["score.judge/win_rate"]) == gate["scores"]["candidate"]["judge/win_rate"]
+    assert "stderr.rubric/score" in version.tags  # from judge.jsonl, for a later gate's significance test
     meta = json.loads((workdir / "run.json").read_text())
     metrics = client.get_run(meta["child_runs"]["eval"]).data.metrics
     assert {"candidate/judge/win_rate", "candidate/rubric/score", "candidate/rubric/unparsed"} <= set(metrics)
