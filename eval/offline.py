@@ -135,6 +135,48 @@ def datasets_problem(task: str, found: list[Path]) -> str | None:
     )
 
 
+_LOCAL_SUFFIXES = {".parquet": "parquet", ".jsonl": "json", ".json": "json"}
+_SPLIT_KEYS = re.compile(r"^(training_split|validation_split|test_split|fewshot_split):\s*['\"]?([\w.-]+)", re.M)
+
+
+def split_keys(definition: Path) -> dict[str, str]:
+    """{'test_split': 'test', ...}: the split names a task's YAML file sets."""
+    return dict(_SPLIT_KEYS.findall(definition.read_text(errors="replace")))
+
+
+def local_copy(data_dir: Path) -> tuple[str, dict[str, list[str]]]:
+    """(datasets builder, {split: files}) of a local dataset copy: <split>.<ext> or <split>/*.<ext> files,
+    ext parquet or jsonl; ValueError when it holds none or mixes formats."""
+    files: dict[str, list[str]] = {}
+    builders = set()
+    for path in sorted(Path(data_dir).iterdir()) if Path(data_dir).is_dir() else []:
+        members = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+        for member in members:
+            if member.suffix in _LOCAL_SUFFIXES:
+                builders.add(_LOCAL_SUFFIXES[member.suffix])
+                files.setdefault(path.stem if path.is_file() else path.name, []).append(str(member.resolve()))
+    if not files:
+        raise ValueError(f"{data_dir}: no <split>.parquet, <split>.jsonl or <split>/*.parquet|jsonl files")
+    if len(builders) > 1:
+        raise ValueError(f"{data_dir}: mixes parquet and JSON files; use one format")
+    return builders.pop(), files
+
+
+def local_copy_problem(task: str, found: list[Path], data_dir: Path) -> str | None:
+    """Why `task` cannot read its local copy in `data_dir`; None when the split it evaluates is there."""
+    if len(found) != 1 or re.search(r"^group:", found[0].read_text(errors="replace"), re.M):
+        return f"{task!r}: data_dir works for one task defined in one YAML file, not a group"
+    try:
+        _builder, files = local_copy(data_dir)
+    except ValueError as err:
+        return f"{task!r}: data_dir {err}"
+    keys = split_keys(found[0])
+    wanted = [keys[k] for k in ("test_split", "validation_split") if k in keys]
+    if wanted and not set(wanted) & set(files):
+        return f"{task!r}: data_dir {str(data_dir)!r} has splits {', '.join(files)}; the task reads {wanted[0]!r}"
+    return None
+
+
 def _dataset_paths(found: list[Path]) -> set[str]:
     """dataset_path values in the defining files' directories (lm-eval tasks share templates there)."""
     paths: set[str] = set()

@@ -317,3 +317,68 @@ def _search_versions(client, name: str) -> list:
         token = page.token
         if not token:
             return versions
+
+
+def champion_model_dir(client, name: str, download_dir: Path) -> tuple[str, Path] | None:
+    """(version, model directory) of the champion (see version_model_dir); None without one."""
+    version = _aliases(client, name).get(CHAMPION)
+    if version is None:
+        return None
+    return version, version_model_dir(client, name, version, download_dir)
+
+
+def version_model_dir(client, name: str, version: str, download_dir: Path) -> Path:
+    """A version's model files: its run's exported model when that run directory is still there (tag
+    hpcft.run_dir), else its 'model' artifact downloaded into `download_dir`."""
+    from eval.lineage import RUN_DIR
+
+    mv = client.get_model_version(name, version)
+    run_dir = mv.tags.get(RUN_DIR)
+    local = Path(run_dir) / "stages" / "export" / "model" if run_dir else None
+    if local is not None and (local / "config.json").is_file():
+        return local
+    download_dir.mkdir(parents=True, exist_ok=True)
+    return Path(client.download_artifacts(mv.run_id, ARTIFACT_PATH, str(download_dir)))
+
+
+def champion_version(client, name: str) -> str | None:
+    return _aliases(client, name).get(CHAMPION)
+
+
+STDERR_PREFIX = "stderr."
+
+
+def champion_evidence(client, name: str, version: str) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+    """The champion's per-example values (from its run directory, when still there) and its 'stderr.' tags."""
+    from eval.evidence import run_values
+    from eval.lineage import RUN_DIR
+
+    tags = client.get_model_version(name, version).tags
+    run_dir = tags.get(RUN_DIR)
+    values = run_values(Path(run_dir)) if run_dir and Path(run_dir).is_dir() else {}
+    errors = {k[len(STDERR_PREFIX) :]: float(v) for k, v in tags.items() if k.startswith(STDERR_PREFIX)}
+    return values, errors
+
+
+def tag_stderrs(client, name: str, version: str, errors: dict[str, float]) -> None:
+    """'stderr.<task>/<metric>' tags, so a later gate can test a regression against this version."""
+    for key, value in errors.items():
+        client.set_model_version_tag(name, version, tag_key(STDERR_PREFIX + key), repr(float(value)))
+
+
+def await_human_review(client, name: str, version: str, gate_cfg, status: str) -> None:
+    """Keep the gate section on the version (import-verdicts decides again with it) and mark it
+    'pending_review' while gate.require_human waits for side-by-side verdicts."""
+    from eval.human import GATE_CONFIG_TAG
+
+    client.set_model_version_tag(name, version, GATE_CONFIG_TAG, gate_cfg.model_dump_json())
+    if status == "pending_review":
+        client.set_model_version_tag(name, version, GATE_TAG, status)
+
+
+def set_gate(client, name: str, version: str, verdict: Verdict, status: str) -> None:
+    """Record a later gate decision (after human verdicts): tags, and 'staging' when it passed."""
+    client.set_model_version_tag(name, version, GATE_TAG, status)
+    client.set_model_version_tag(name, version, GATE_REASONS_TAG, "\n".join(verdict.reasons)[:_MAX_TAG_VALUE])
+    if verdict.passed:
+        client.set_registered_model_alias(name, STAGING, version)

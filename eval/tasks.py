@@ -1,6 +1,6 @@
 """Eval tasks: the typed union behind `eval.tasks`, its string shorthand, and each kind's offline check.
 
-A task is one of three kinds, each with a `label` (its metrics are keyed '<label>/<metric>'):
+A task is one of four kinds, each with a `label` (its metrics are keyed '<label>/<metric>'):
 
 - HeldoutTask ``{heldout: exact|mc}``, shorthand ``heldout_exact`` / ``heldout_mc``: built from the data
   stage's ``test.jsonl`` (eval/heldout.py). Label: the shorthand.
@@ -8,9 +8,13 @@ A task is one of three kinds, each with a `label` (its metrics are keyed '<label
   defined by the user's lm-eval YAML files in ``<dir>``. A relative ``<dir>`` resolves against the recipe's
   directory (validation context ``base_dir``), else the working directory; lm-eval runs from inside it, so
   relative ``data_files`` in those YAMLs resolve against it. Label: ``<name>``.
+- JudgeTask ``{judge: {...}}`` (no shorthand): an LLM judge scores the candidate's answers (eval/judge.py).
+  Label: ``judge.name`` (default ``judge``).
 - LmEvalTask ``{lm_eval: <name>}``, shorthand: any other name: a standard lm-eval task (mmlu, hellaswag, ...).
   These read hub datasets; they are accepted only when the dataset is already in the local Hugging Face
-  cache, because evaluation always runs offline. Label: ``<name>``.
+  cache, because evaluation always runs offline, or with ``data_dir: <dir>``, a local copy (air-gapped
+  clusters): ``<split>.parquet|.jsonl`` or ``<split>/*.parquet|.jsonl`` replacing the task's dataset_path and
+  data_files (a single task, not a group). Label: ``<name>``.
 
 Strings are parsed into these objects in one place (`parse_shorthand`, the before-validator of `EvalTask`),
 and every task dumps back to its shorthand, so recipe snapshots, hashes and eval element keys keep their form.
@@ -26,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
+import yaml
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -41,6 +46,7 @@ from pydantic import (
 
 from eval import offline
 from eval.heldout import BUILTIN_METRICS, BUILTIN_TASKS, build_tasks
+from eval.judge import JudgeSpec
 
 if TYPE_CHECKING:
     from eval.config import EvalConfig
@@ -93,6 +99,11 @@ class _Task(BaseModel):
         (lm-eval task definitions can compute any metric, filters rename them)."""
         return None
 
+    @property
+    def on_base(self) -> bool:
+        """Whether the eval array also runs this task on the base model."""
+        return True
+
     def check(self) -> str | None:
         """Why this task cannot run offline on this machine; None when it can."""
         return None
@@ -131,6 +142,15 @@ class HeldoutTask(_Task):
         build_tasks(data_dir, task_dir, cfg, tokenizer=tokenizer, names=(self.label,))
         # Already cut to cfg.limit when built; max_gen_toks is in the generated YAML.
         return LmEvalRun(self.label, task_dir, work_dir, None, None)
+
+
+def _resolve(v: str | None, info: ValidationInfo) -> str | None:
+    """A relative path against the recipe's directory when validated with context {'base_dir': ...}."""
+    base_dir = (info.context or {}).get("base_dir")
+    if v is None or base_dir is None:
+        return v
+    path = Path(v).expanduser()
+    return os.path.normpath(path if path.is_absolute() else Path(base_dir) / path)
 
 
 class YamlTask(_Task):
@@ -187,6 +207,14 @@ class LmEvalTask(_Task):
     kind: ClassVar[str] = "lm_eval"
     key: ClassVar[str] = "lm_eval"
     lm_eval: str = Field(min_length=1)
+    data_dir: str | None = Field(
+        None, description="a local copy of the task's dataset: <split>.parquet|.jsonl or <split>/*.parquet|.jsonl"
+    )
+
+    @field_validator("data_dir")
+    @classmethod
+    def _against_recipe_dir(cls, v: str | None, info: ValidationInfo) -> str | None:
+        return _resolve(v, info)
 
     @field_validator("lm_eval")
     @classmethod
@@ -210,13 +238,69 @@ class LmEvalTask(_Task):
                 f"{self.lm_eval!r} is neither a built-in task ({', '.join(BUILTIN_TASKS)}), a 'yaml:<dir>:<task>' "
                 "spec, nor a task lm-eval knows"
             )
+        if self.data_dir is not None:
+            return offline.local_copy_problem(self.lm_eval, found, Path(self.data_dir))
         return offline.datasets_problem(self.lm_eval, found)
 
     def prepare(self, data_dir: Path, work_dir: Path, cfg: EvalConfig, tokenizer) -> LmEvalRun:
-        return LmEvalRun(self.lm_eval, None, work_dir, cfg.limit, {"max_gen_toks": cfg.max_new_tokens})
+        gen_kwargs = {"max_gen_toks": cfg.max_new_tokens}
+        if self.data_dir is None:
+            return LmEvalRun(self.lm_eval, None, work_dir, cfg.limit, gen_kwargs)
+        # The bundled definition, included, with its dataset swapped for the local copy's files.
+        [definition] = offline.bundled_definitions()[self.lm_eval]
+        builder, files = offline.local_copy(Path(self.data_dir))
+        task_dir = Path(work_dir) / "local_task"
+        task_dir.mkdir(parents=True, exist_ok=True)
+        spec = {
+            "include": str(definition),
+            "task": self.lm_eval,
+            "dataset_path": builder,
+            "dataset_name": None,
+            "dataset_kwargs": {"data_files": files, "cache_dir": str(task_dir / ".hf_cache")},
+            # splits the copy lacks (often train, for few-shot examples) are switched off
+            **{key: None for key, split in offline.split_keys(definition).items() if split not in files},
+        }
+        (task_dir / f"{self.lm_eval}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+        return LmEvalRun(self.lm_eval, task_dir, work_dir, cfg.limit, gen_kwargs)
+
+    @model_serializer
+    def _dump(self) -> str | dict:
+        return self.lm_eval if self.data_dir is None else {"lm_eval": self.lm_eval, "data_dir": self.data_dir}
 
 
-TASK_KINDS: dict[str, type[_Task]] = {cls.kind: cls for cls in (HeldoutTask, YamlTask, LmEvalTask)}
+class JudgeTask(_Task):
+    """``{judge: {...}}`` (eval/judge.py): an LLM judge scores the candidate's answers. No shorthand string; it
+    dumps as its mapping. Label: ``judge.name``."""
+
+    kind: ClassVar[str] = "judge"
+    key: ClassVar[str] = "judge"
+    judge: JudgeSpec
+
+    @property
+    def label(self) -> str:
+        return self.judge.name
+
+    @property
+    def shorthand(self) -> str:  # names its eval elements ('<name>@candidate')
+        return self.judge.name
+
+    @property
+    def on_base(self) -> bool:
+        return self.judge.mode == "rubric"  # pairwise compares with a reference model, not the base alone
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        return self.judge.metrics
+
+    def check(self) -> str | None:
+        return self.judge.check()
+
+    @model_serializer
+    def _dump(self) -> dict:
+        return {"judge": self.judge.model_dump(mode="json", exclude_defaults=True)}
+
+
+TASK_KINDS: dict[str, type[_Task]] = {cls.kind: cls for cls in (HeldoutTask, YamlTask, LmEvalTask, JudgeTask)}
 
 
 def parse_shorthand(value: Any) -> Any:
@@ -242,13 +326,16 @@ def _kind_of(value: Any) -> str | None:
 
 
 TaskSpec = Annotated[
-    Annotated[HeldoutTask, Tag("heldout")] | Annotated[YamlTask, Tag("yaml")] | Annotated[LmEvalTask, Tag("lm_eval")],
+    Annotated[HeldoutTask, Tag("heldout")]
+    | Annotated[YamlTask, Tag("yaml")]
+    | Annotated[LmEvalTask, Tag("lm_eval")]
+    | Annotated[JudgeTask, Tag("judge")],
     Discriminator(
         _kind_of,
         custom_error_type="task_kind",
         custom_error_message=(
             "expected 'heldout_exact', 'heldout_mc', 'yaml:<dir>:<task>', an lm-eval task name, "
-            "or a mapping with heldout, yaml_dir + task, or lm_eval"
+            "or a mapping with heldout, yaml_dir + task, lm_eval, or judge"
         ),
     ),
 ]

@@ -12,7 +12,7 @@ from rich.tree import Tree
 
 from hpc import commands, executors
 from hpc.recipe import RecipeError, load_recipe
-from hpc.registry_cmd import CommandError, cmd_registry
+from hpc.registry_cmd import HUMAN_ACTIONS, CommandError, cmd_registry
 from training.stages import KINDS as STAGE_KINDS
 
 EXIT_BAD_RECIPE = 2
@@ -74,8 +74,8 @@ def _parser() -> argparse.ArgumentParser:
 
     commands.add_parsers(sub)
     reg = sub.add_parser("registry", help="review, approve, promote and roll back registered versions")
-    reg.add_argument("action", choices=["list", "review", "promote", "rollback", "history"])
-    reg.add_argument("name", help="registered model name")
+    reg.add_argument("action", choices=["list", "review", "promote", "rollback", "history", *HUMAN_ACTIONS])
+    reg.add_argument("name", help="registered model name (import-verdicts: the verdicts CSV)")
     reg.add_argument("version", nargs="?", help="version to review or promote")
     reg.add_argument("--uri", help="tracking URI (default $MLFLOW_TRACKING_URI or --workdir's sqlite)")
     reg.add_argument("--workdir", type=Path, help="a run directory whose embedded store to use")
@@ -83,11 +83,28 @@ def _parser() -> argparse.ArgumentParser:
     reg.add_argument("--comment", help="promote: why this version (required, recorded)")
     reg.add_argument("--reason", help="rollback, forced promote: why (required there, recorded)")
     reg.add_argument("--approver", help="who approves (default: $MLFLOW_TRACKING_USERNAME, else the OS user)")
-    reg.add_argument("--against", default="champion", help="review: 'champion' (default), a version, or 'none'")
+    reg.add_argument(
+        "--against", default="champion", help="review, blind-pairs: 'champion' (default), a version, or 'none' (review)"
+    )
     reg.add_argument("--samples", type=int, default=5, help="review: held-out examples to show")
     reg.add_argument("--html", type=Path, help="review: also write the HTML report here")
     reg.add_argument("--json", action="store_true", help="history: JSON lines instead of a table")
+    _human_arguments(reg)
     return p
+
+
+def _human_arguments(reg: argparse.ArgumentParser) -> None:
+    """Side-by-side review (eval/human.py): blind-pairs NAME VERSION --out DIR; import-verdicts FILE --name
+    NAME --version V."""
+    reg.add_argument("--out", type=Path, help="blind-pairs: folder for pairs.csv, form.html, key.json")
+    reg.add_argument("--n", type=int, default=50, help="blind-pairs: number of pairs")
+    reg.add_argument("--seed", type=int, default=0, help="blind-pairs: prompt sample and sides")
+    reg.add_argument("--prompts", type=Path, help="blind-pairs: JSONL prompts instead of the held-out split")
+    reg.add_argument("--max-new-tokens", type=int, default=64, help="blind-pairs: answer length")
+    reg.add_argument("--name", dest="model_name", help="import-verdicts: registered model name")
+    reg.add_argument("--version", dest="model_version", help="import-verdicts: the version the pairs blinded")
+    reg.add_argument("--rater", help="import-verdicts: who rated (default: the CSV's rater column)")
+    reg.add_argument("--key", type=Path, help="import-verdicts: key.json (default: the one blind-pairs wrote)")
 
 
 def _workdir(args, recipe) -> Path:

@@ -240,9 +240,60 @@ def _eval(ctx: StageContext) -> dict:
     element = eval_elements(ctx.recipe)[ctx.index]
     task, who = element.task, element.model
     model_dir = ctx.output_of("export") / "model" if who == "candidate" else ctx.base_model_dir()
+    if task.kind == "judge":
+        return _judge(ctx, task.judge, who, model_dir)
     scores = run_task(task, model_dir, ctx.output_of("data"), ctx.out_dir, ctx.recipe.eval, progress=ctx.progress)
     ctx.tracker.log_metrics(ctx.run_id, {f"{who}/{task.label}/{k}": v for k, v in scores.items()})
     return {"task": task.label, "model": who, "scores": scores}
+
+
+def _judge(ctx: StageContext, spec, who: str, model_dir: Path) -> dict:
+    """A judge element: counts (n, unparsed) are logged with the scores but kept out of the gate's."""
+    from eval.judge import COUNTS, JudgeError, run_judge
+
+    reference, reference_dir, note = "", None, None
+    if spec.mode == "pairwise":
+        reference, reference_dir, note = _judge_reference(ctx, spec.against)
+        if note:
+            print(f"{spec.name}: {note}", file=sys.stderr)
+    failure = None
+    try:
+        metrics = run_judge(
+            spec,
+            model_dir,
+            ctx.output_of("data"),
+            ctx.out_dir,
+            ctx.recipe.eval,
+            reference_dir=reference_dir,
+            reference=reference,
+            progress=ctx.progress,
+        )
+    except JudgeError as err:
+        failure = f"stage eval failed: {spec.name}: {err}"
+    if failure:  # raised here, outside the handler: no chained connection error to misread as an OS failure
+        print(ERROR_PREFIX + failure, file=sys.stderr, flush=True)
+        raise StageError(failure)
+    ctx.tracker.log_metrics(ctx.run_id, {f"{who}/{spec.name}/{k}": v for k, v in metrics.items()})
+    if metrics["unparsed"]:
+        print(f"{spec.name}: {int(metrics['unparsed'])} judgement(s) unparsed (see judge.jsonl)", file=sys.stderr)
+    scores = {k: v for k, v in metrics.items() if k not in COUNTS}
+    counts = {k: metrics[k] for k in COUNTS}
+    return {"task": spec.name, "model": who, "scores": scores, "counts": counts, "reference": reference, "note": note}
+
+
+def _judge_reference(ctx: StageContext, against: str) -> tuple[str, Path, str | None]:
+    """(name, model dir, note) of the pairwise reference: the registry's champion, else the base model."""
+    from eval import registry
+
+    if against == "champion":
+        with _registry_needs_mlflow(ctx.tracker.uri):
+            found = registry.champion_model_dir(
+                ctx.tracker.client, ctx.recipe.tracking.registered_model, ctx.out_dir / "champion_model"
+            )
+        if found:
+            return f"champion v{found[0]}", found[1], None
+        return "base", ctx.base_model_dir(), "no champion registered yet: judged against the base model"
+    return "base", ctx.base_model_dir(), None
 
 
 def collect_scores(rd: RunDir, spec: StageSpec) -> dict[str, dict[str, float]]:
@@ -257,7 +308,7 @@ def collect_scores(rd: RunDir, spec: StageSpec) -> dict[str, dict[str, float]]:
 
 def _gate(ctx: StageContext) -> dict:
     from eval import lineage, registry
-    from eval.gate import decide
+    from eval.gate import decide_with_human
 
     plan = {s.name: s for s in build_plan(ctx.recipe)}
     scores = collect_scores(ctx.rd, plan["eval"])
@@ -270,7 +321,8 @@ def _gate(ctx: StageContext) -> dict:
     with _registry_needs_mlflow(ctx.tracker.uri):
         champ = registry.champion_scores(client, name)
     champion_version, champion = champ if champ else (None, None)
-    verdict = decide(scores["candidate"], scores.get("base"), champion, ctx.recipe.gate)
+    evidence = _gate_evidence(ctx, champion_version)
+    verdict, status = decide_with_human(scores["candidate"], scores.get("base"), champion, ctx.recipe.gate, evidence)
     meta = ctx.rd.read_meta()
     model_info = read_json(ctx.rd.stage_dir("model") / "model.json")
     manifest = read_json(ctx.output_of("data") / "manifest.json")
@@ -285,17 +337,37 @@ def _gate(ctx: StageContext) -> dict:
         version = registry.register_candidate(
             client, name, ctx.output_of("export") / "model", meta["parent_run_id"], scores["candidate"], verdict, tags
         )
-    ctx.tracker.set_tags(meta["parent_run_id"], tags | {"hpcft.gate": "passed" if verdict.passed else "rejected"})
+        registry.tag_stderrs(client, name, version, evidence.candidate_stderr)
+        if ctx.recipe.gate.require_human:
+            registry.await_human_review(client, name, version, ctx.recipe.gate, status)
+    ctx.tracker.set_tags(meta["parent_run_id"], tags | {"hpcft.gate": status})
     return {
         "passed": verdict.passed,
         "reasons": verdict.reasons,
         "version": str(version),
         "alias": "staging" if verdict.passed else None,
+        "status": status,
         "registered_model": name,
         "champion_version": champion_version,
         "scores": scores,
         "champion_scores": champion,
     }
+
+
+def _gate_evidence(ctx: StageContext, champion_version: str | None):
+    """Per-example values and standard errors of this run's candidate (and the champion's, if any)."""
+    from eval import registry
+    from eval.evidence import run_values, stderrs
+    from eval.gate import Evidence
+
+    values = run_values(ctx.rd.root)
+    champion_values, champion_errors = {}, {}
+    if champion_version is not None:
+        with _registry_needs_mlflow(ctx.tracker.uri):
+            champion_values, champion_errors = registry.champion_evidence(
+                ctx.tracker.client, ctx.recipe.tracking.registered_model, champion_version
+            )
+    return Evidence(values, champion_values, stderrs(values), champion_errors)
 
 
 @contextmanager

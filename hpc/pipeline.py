@@ -354,7 +354,7 @@ def stage_note(rd: RunDir, spec: StageSpec) -> str:
     if spec.kind == "data":
         return "  ".join(f"{k} {v}" for k, v in (res.get("splits") or {}).items())
     if spec.kind == "gate":
-        return "passed" if res["passed"] else "rejected"
+        return res.get("status") or ("passed" if res["passed"] else "rejected")
     return ""
 
 
@@ -385,6 +385,8 @@ def print_summary(console: Console, gate: dict) -> None:
         )
     console.print(table)
     verdict = "[green bold]PASSED" if gate["passed"] else "[red bold]REJECTED"
+    if gate.get("status") == "pending_review":  # gate.require_human: `hpcft registry import-verdicts` decides
+        verdict = "[yellow bold]PENDING REVIEW (side-by-side verdicts needed)"
     console.print(f"gate: {verdict}")
     for reason in gate["reasons"]:
         console.print(f"  - {reason}", markup=False)

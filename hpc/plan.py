@@ -62,7 +62,9 @@ class EvalElement:
 
 def eval_elements(recipe: Recipe) -> tuple[EvalElement, ...]:
     models = ("candidate", "base") if recipe.eval.include_base else ("candidate",)
-    return tuple(EvalElement(task, model) for task in recipe.eval.tasks for model in models)
+    return tuple(
+        EvalElement(task, model) for task in recipe.eval.tasks for model in models if model != "base" or task.on_base
+    )
 
 
 def build_plan(recipe: Recipe) -> list[StageSpec]:

@@ -148,8 +148,8 @@ def _stage_kinds() -> dict[str, type[BaseModel]]:
 def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
     """Field names allowed at `loc` (the parent of an unknown key), walking nested models."""
     kinds = _stage_kinds()
-    if model is Recipe and loc[:2] == ("eval", "tasks") and len(loc) == 4 and loc[3] in TASK_KINDS:
-        return sorted(TASK_KINDS[loc[3]].model_fields)
+    if model is Recipe and loc[:2] == ("eval", "tasks") and len(loc) >= 4 and loc[3] in TASK_KINDS:
+        return _allowed_keys(TASK_KINDS[loc[3]], loc[4:])  # a mapping inside a task: {judge: {endpoint: ...}}
     if model is Recipe and loc[:1] == ("stages",) and len(loc) >= 2:
         kind = loc[2] if len(loc) >= 3 and loc[2] in kinds else next(iter(kinds)) if len(kinds) == 1 else None
         start = 3 if len(loc) >= 3 and loc[2] in kinds else 2

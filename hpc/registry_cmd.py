@@ -30,6 +30,8 @@ def cmd_registry(args, console: Console) -> int:
     if store is not None and not store.is_file():  # MLflow would create an empty store and find nothing
         raise CommandError([f"registry: no MLflow store at {store} (give --uri, or --workdir of a run)"])
     client = Tracker(uri).client
+    if args.action in HUMAN_ACTIONS:  # import-verdicts: NAME is the verdicts file
+        return _registry_human(args, client, console)
     try:
         registry.require_model(client, args.name)
         return REGISTRY_ACTIONS[args.action](args, client, console)
@@ -37,6 +39,9 @@ def cmd_registry(args, console: Console) -> int:
         raise CommandError([f"{action}: {err}"]) from None
     except MlflowException as err:  # e.g. the server refused a write: one line, credentials redacted
         raise CommandError([f"{action}: {one_line(err)}"]) from None
+
+
+HUMAN_ACTIONS = ("blind-pairs", "import-verdicts")
 
 
 def _check_registry_args(args, action: str) -> None:
@@ -162,3 +167,45 @@ REGISTRY_ACTIONS = {
     "rollback": _registry_rollback,
     "history": _registry_history,
 }
+
+
+def _registry_human(args, client, console: Console) -> int:
+    from eval import human
+
+    try:
+        if args.action == "blind-pairs":
+            if not args.version or args.out is None:
+                raise ValueError("give NAME VERSION and --out DIR")
+            key = human.blind_pairs(
+                client,
+                args.name,
+                args.version,
+                args.against,
+                args.out,
+                n=args.n,
+                seed=args.seed,
+                prompts=args.prompts,
+                max_new_tokens=args.max_new_tokens,
+            )
+            console.print(
+                f"{len(key['candidate_side'])} blinded pairs of {args.name} v{args.version} vs "
+                f"v{key['reference_version']}: give the rater {args.out / 'form.html'} (or pairs.csv); "
+                f"keep {args.out / 'key.json'}"
+            )
+            return 0
+        if not args.model_name or not args.model_version:
+            raise ValueError("give the verdicts FILE, --name NAME and --version V")
+        if not Path(args.name).is_file():
+            raise ValueError(f"no such verdicts file: {args.name}")
+        out = human.import_verdicts(client, Path(args.name), args.model_name, args.model_version, args.rater, args.key)
+    except ValueError as err:
+        raise CommandError([f"registry {args.action}: {err}"]) from None
+    console.print(
+        f"{args.model_name} v{args.model_version}: human/win_rate {out['human/win_rate']:.3f} "
+        f"[{out['human/win_rate_low']:.3f}, {out['human/win_rate_high']:.3f}] over {int(out['human/n'])} verdicts"
+    )
+    if "status" in out:
+        console.print(f"gate: {out['status']}")
+        for reason in out["reasons"]:
+            console.print(f"  - {reason}", markup=False)
+    return 0

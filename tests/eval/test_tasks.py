@@ -38,7 +38,7 @@ def test_malformed_tasks_are_validation_errors_at_their_index():
     cases = [
         ("yaml:nodir", (), "expected 'yaml:<dir>:<task>'"),
         ({"heldout": "open"}, ("heldout", "heldout"), "'exact' or 'mc'"),
-        ({"task": "t"}, (), "a mapping with heldout, yaml_dir + task, or lm_eval"),
+        ({"task": "t"}, (), "a mapping with heldout, yaml_dir + task, lm_eval, or judge"),
         ({"lm_eval": "heldout_mc"}, ("lm_eval", "lm_eval"), "write it as the string 'heldout_mc'"),
         ({"yaml_dir": "d", "task": "a:b"}, ("yaml", "task"), "has no ':'"),
     ]
