@@ -123,10 +123,12 @@ def _data(ctx: StageContext) -> dict:
 def funnel_metrics(steps: dict, prefix: str = "") -> list[tuple[dict[str, int], int]]:
     """Per data step in order, its metrics (`<prefix>funnel/<step>/in|kept|rejected|reasons/<reason>`) and
     the rows it kept (the `funnel.rows_kept` series charts the funnel)."""
+    from eval.registry import tag_key  # the characters MLflow takes in a key
+
     out = []
     for name, st in steps.items():
-        metrics = {f"{prefix}funnel/{name}/{k}": st[k] for k in ("in", "kept", "rejected") if k in st}
-        metrics |= {f"{prefix}funnel/{name}/reasons/{r}": n for r, n in (st.get("reasons") or {}).items()}
+        metrics = {tag_key(f"{prefix}funnel/{name}/{k}"): st[k] for k in ("in", "kept", "rejected") if k in st}
+        metrics |= {tag_key(f"{prefix}funnel/{name}/reasons/{r}"): n for r, n in (st.get("reasons") or {}).items()}
         out.append((metrics, st.get("kept", 0)))
     return out
 
@@ -175,7 +177,8 @@ def _train(ctx: StageContext) -> dict:
         progress=ctx.progress,
         **extra,
     )
-    log_result(ctx.tracker, ctx.run_id, result, "final.")
+    if ctx.leader:
+        log_result(ctx.tracker, ctx.run_id, result, "final.")
     return result  # the runner has discarded its resume state
 
 

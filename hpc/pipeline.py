@@ -228,9 +228,20 @@ def _run_blocking(
 
 
 def _end_parent(rd: RunDir, tracker: Tracker | None, status: str) -> None:
-    parent = rd.read_meta().get("parent_run_id")
-    if tracker and parent:
-        tracker.end_run(parent, status)  # never raises
+    """End the MLflow parent run. Without a tracker (`hpcft status` of a submitted run that it sees end),
+    only a parent still RUNNING is ended, so that looking again does not move its end time."""
+    meta = rd.read_meta()
+    parent = meta.get("parent_run_id")
+    if not parent:
+        return
+    if tracker is None:
+        tracker = Tracker(meta["tracking_uri"], queue=queue_path(rd.root))
+        try:
+            if tracker.client.get_run(parent).info.status != "RUNNING":
+                return
+        except Exception:  # noqa: BLE001 - MLflow away: queued like any other call
+            pass
+    tracker.end_run(parent, status)  # never raises
 
 
 def _final(rd: RunDir, console: Console, only: str | None = None) -> int:
