@@ -17,6 +17,7 @@ from eval.lineage import MODEL_HASH
 HF_SUBDIR = "model"  # the Hugging Face directory inside the MLflow model (MLflow's own layout)
 TOKENIZER_SUBDIR = "components/tokenizer"
 TASK = "text-generation"
+GENERATION_PARAMS = (("max_new_tokens", 64), ("do_sample", False), ("temperature", 1.0), ("top_p", 1.0))
 # Explicit requirements: MLflow would otherwise infer them by loading the model and asking PyPI.
 REQUIREMENTS = ("transformers", "torch", "safetensors", "accelerate")
 
@@ -72,6 +73,7 @@ def log_transformers_model(client, model_dir: Path, run_id: str, model_hash: str
                 task=TASK,
                 mlflow_model=mlflow_model,
                 pip_requirements=pip_requirements(),
+                signature=_signature(),
                 save_pretrained=True,
                 model_card=None,
             )
@@ -82,6 +84,13 @@ def log_transformers_model(client, model_dir: Path, run_id: str, model_hash: str
         raise
     client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
     return logged.model_id
+
+
+def _signature():
+    """Text in, text out, and the generation settings a caller (`mlflow models serve`) may pass as params."""
+    from mlflow.models import infer_signature
+
+    return infer_signature(["prompt"], ["text"], params=dict(GENERATION_PARAMS))
 
 
 def _complete_hf_dir(local: Path) -> None:

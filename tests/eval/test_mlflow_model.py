@@ -26,6 +26,7 @@ def store(tmp_path_factory):
 
 def test_registered_version_loads_as_a_generating_pipeline(store, tmp_path):
     import mlflow
+    import mlflow.pyfunc
     import mlflow.transformers
 
     tracker, parent, model_dir = store
@@ -46,6 +47,7 @@ def test_registered_version_loads_as_a_generating_pipeline(store, tmp_path):
     mlflow.set_tracking_uri(tracker.uri)  # what a user's MLFLOW_TRACKING_URI does
     try:
         pipe = mlflow.transformers.load_model("models:/tiny@champion")
+        served = mlflow.pyfunc.load_model("models:/tiny@champion")  # what `mlflow models serve` runs
         local = mlflow.artifacts.download_artifacts(
             f"models:/{model_id}", dst_path=str(tmp_path), tracking_uri=tracker.uri
         )
@@ -55,6 +57,8 @@ def test_registered_version_loads_as_a_generating_pipeline(store, tmp_path):
     assert out.startswith("1 + 1 =") and len(pipe.tokenizer(out)["input_ids"]) > len(
         pipe.tokenizer("1 + 1 =")["input_ids"]
     )
+    (answer,) = served.predict(["1 + 1 ="], params={"max_new_tokens": 3})
+    assert answer.startswith("1 + 1 =") and answer != "1 + 1 ="
     requirements = (tmp_path / "requirements.txt").read_text()
     assert "transformers==" in requirements and "torch==" in requirements  # explicit, not inferred from PyPI
 
