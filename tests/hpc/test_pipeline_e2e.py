@@ -78,7 +78,9 @@ def test_mlflow_ui_runs_datasets_and_the_mlflow_model(first_run, workdir, tmp_pa
     assert c.get_experiment(parent.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     runs = {name: c.get_run(run_id) for name, run_id in meta["child_runs"].items()}
     assert runs["sft"].data.params["stage.max_steps"] == "800" and runs["data"].data.params["dedup.exact"] == "True"
-    assert runs["sft"].data.params["result.seed"] == "1234" and runs["export"].data.params["result.merged"] == "True"
+    assert (
+        runs["sft"].data.params["result.seed"] == "1234" and runs["export"].data.params["result.merged"] == "False"
+    )  # full: nothing to merge
     assert (
         not [k for k in runs["sft"].data.metrics if "seed" in k or "params" in k]
         and "final.final_loss" in runs["sft"].data.metrics
