@@ -396,6 +396,9 @@ def _log_verdict(ctx: StageContext, parent: str, scores: dict, verdict, version:
     recipe.write_text(yaml.safe_dump(redact(ctx.recipe.model_dump(mode="json")), sort_keys=False))
     ctx.tracker.log_artifact(parent, recipe)
     ctx.tracker.log_artifact(parent, ctx.output_of("data") / "manifest.json", "data")
+    # the data stage logged it on the parent it ran under; a later parent (recipe changed, data reused) too
+    manifest = read_json(ctx.output_of("data") / "manifest.json")
+    ctx.tracker.log_dataset(parent, data_input(ctx.recipe, ctx.output_of("data"), manifest))
 
 
 @contextmanager

@@ -161,6 +161,10 @@ def test_too_little_training_is_rejected(first_run, workdir, hpcft_cmd):
     versions = {int(v.version): v for v in c.search_model_versions("name='tiny-sft'")}
     latest = versions[max(versions)]
     assert latest.tags["gate"] == "rejected"
+    rejected = c.get_run(latest.run_id)  # a new parent run, the data stage reused: the dataset input all the same
+    assert rejected.info.status == "FINISHED" and len(rejected.inputs.dataset_inputs) == 1
+    gate = c.get_run(json.loads((workdir / "run.json").read_text())["child_runs"]["gate"])
+    assert gate.data.metrics["gate_passed"] == 0 and gate.data.tags["hpcft.gate"] == "rejected"
     assert c.get_model_version_by_alias("tiny-sft", "staging").version != latest.version
 
 
