@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import subprocess
 from pathlib import Path
 
@@ -11,8 +12,12 @@ RECIPE_NAME = "hpcft.recipe_name"
 GIT_COMMIT = "hpcft.git_commit"
 GIT_DIRTY = "hpcft.git_dirty"
 DATA_MANIFEST_HASH = "hpcft.data_manifest_hash"
-BASE_MODEL = "hpcft.base_model"
+BASE_MODEL = "hpcft.base_model"  # the recipe's model by name: the tiny model's, the GGUF's or the path's
+BASE_MODEL_PATH = "hpcft.base_model_path"  # where the model stage found (or built) it
 BASE_MODEL_HASH = "hpcft.base_model_hash"
+LAYOUT = "hpcft.layout"  # "dp_replicate=1,dp_shard=2,tp=1,pp=1,zero=3,microbatches=1"
+LAYOUT_JSON = "hpcft.layout_json"  # the whole parallel section
+SLURM_JOB_IDS = "hpcft.slurm_job_ids"  # {"stage": ["job id", ...]} of the latest submission, when on Slurm
 MODEL_HASH = "hpcft.model_hash"
 RUN_DIR = "hpcft.run_dir"  # the run directory the version came from
 TAGS = (
@@ -22,7 +27,11 @@ TAGS = (
     GIT_DIRTY,
     DATA_MANIFEST_HASH,
     BASE_MODEL,
+    BASE_MODEL_PATH,
     BASE_MODEL_HASH,
+    LAYOUT,
+    LAYOUT_JSON,
+    SLURM_JOB_IDS,
     MODEL_HASH,
     RUN_DIR,
 )
@@ -39,6 +48,21 @@ MODEL_FILE_PATTERNS = (
     "config.json",
 )
 _CHUNK = 1 << 20
+
+
+LAYOUT_FIELDS = ("dp_replicate", "dp_shard", "tp", "pp", "zero", "microbatches")
+
+
+def layout_tags(parallel: dict) -> dict[str, str]:
+    """LAYOUT (the degrees in one compact string) and LAYOUT_JSON of a dumped parallel section."""
+    compact = ",".join(f"{k}={parallel[k]}" for k in LAYOUT_FIELDS if k in parallel)
+    return {LAYOUT: compact, LAYOUT_JSON: json.dumps(parallel, sort_keys=True)}
+
+
+def slurm_job_tags(jobs: dict | None) -> dict[str, str]:
+    """SLURM_JOB_IDS from run.json's Slurm submission ({stage: {"job_ids": [...]}}); empty off Slurm."""
+    ids = {stage: list(job.get("job_ids") or [job["job_id"]]) for stage, job in (jobs or {}).items()}
+    return {SLURM_JOB_IDS: json.dumps(ids, sort_keys=True)} if ids else {}
 
 
 def git_commit(path: Path) -> str:

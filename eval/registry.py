@@ -32,20 +32,33 @@ def tag_key(key: str) -> str:
 
 
 def register_candidate(
-    client, name: str, model_dir: Path, run_id: str, scores: dict[str, float], verdict: Verdict, lineage: dict[str, str]
+    client,
+    name: str,
+    model_dir: Path,
+    run_id: str,
+    scores: dict[str, float],
+    verdict: Verdict,
+    lineage: dict[str, str],
+    model_id: str | None = None,
 ) -> str:
-    """Register `model_dir` (logged under run `run_id` as 'model') as a new version of `name`.
+    """Register a new version of `name`: the LoggedModel `model_id` (eval.mlflow_model, the version then
+    links to it in the UI), or else `model_dir` logged under run `run_id` as the plain folder 'model'.
 
     Tags: lineage, 'score.<task>/<metric>' per score, 'gate' and 'gate.reasons'; alias 'staging' when
     the verdict passed. Returns the version as a string.
     """
-    _log_model_dir(client, Path(model_dir), run_id)
+    if model_id is None:
+        _log_model_dir(client, Path(model_dir), run_id)
     _ensure_registered_model(client, name)
     tags = {tag_key(k): str(v) for k, v in lineage.items()}
     tags.update({tag_key(SCORE_PREFIX + k): repr(float(v)) for k, v in scores.items()})
     tags[GATE_TAG] = "passed" if verdict.passed else "rejected"
     tags[GATE_REASONS_TAG] = "\n".join(verdict.reasons)[:_MAX_TAG_VALUE]
-    version = client.create_model_version(name=name, source=f"runs:/{run_id}/{ARTIFACT_PATH}", run_id=run_id, tags=tags)
+    if model_id is None:
+        source = f"runs:/{run_id}/{ARTIFACT_PATH}"
+        version = client.create_model_version(name=name, source=source, run_id=run_id, tags=tags)
+    else:
+        version = _version_of_logged_model(client, name, model_id, run_id, tags)
     version_str = str(version.version)
     if verdict.passed:
         client.set_registered_model_alias(name, STAGING, version_str)
@@ -53,6 +66,25 @@ def register_candidate(
     entry = {"event": REGISTER_EVENT, "version": version_str, "gate": tags[GATE_TAG], "time": _iso(None)}
     _append_history(client, name, entry | {"comment": failed})
     return version_str
+
+
+def _version_of_logged_model(client, name: str, model_id: str, run_id: str, tags: dict[str, str]):
+    """A version whose source is `models:/<model_id>` (the UI's "Source model" link) and which the model's
+    `mlflow.modelVersions` tag lists (the model's page links back), as mlflow.register_model does."""
+    import json
+
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+    # MLflow's sqlite registry looks the model up through the process-wide tracking URI, not this client's.
+    with _use_tracking_uri(client._tracking_client.tracking_uri):
+        version = client.create_model_version(
+            name=name, source=f"models:/{model_id}", run_id=run_id, tags=tags, model_id=model_id
+        )
+    listed = json.loads(client.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS) or "[]")
+    listed.append({"name": name, "version": str(version.version)})
+    client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(listed)})
+    return version
 
 
 def _log_model_dir(client, model_dir: Path, run_id: str) -> None:

@@ -119,8 +119,37 @@ def _data(ctx: StageContext) -> dict:
     ctx.tracker.log_artifact(ctx.run_id, ctx.out_dir / "manifest.json")
     splits = manifest.get("splits", {})
     ctx.tracker.log_metrics(ctx.run_id, {f"rows.{k}": v for k, v in splits.items() if isinstance(v, (int, float))})
+    for kind, steps in (("", manifest.get("steps")), ("preference/", manifest.get("preference", {}).get("steps"))):
+        for i, (metrics, kept) in enumerate(funnel_metrics(steps or {}, kind)):
+            ctx.tracker.log_metrics(ctx.run_id, metrics | {f"{kind}funnel.rows_kept": kept}, step=i)
     ctx.tracker.set_tags(ctx.run_id, {"hpcft.data_manifest_hash": manifest.get("manifest_hash", "")})
+    ctx.tracker.log_dataset(ctx.rd.read_meta()["parent_run_id"], data_input(ctx.recipe, ctx.out_dir, manifest))
     return {"manifest_hash": manifest.get("manifest_hash"), "splits": splits}
+
+
+def funnel_metrics(steps: dict, prefix: str = "") -> list[tuple[dict[str, int], int]]:
+    """Per data step in order, its metrics (`<prefix>funnel/<step>/in|kept|rejected|reasons/<reason>`) and
+    the rows it kept (the `funnel.rows_kept` series charts the funnel)."""
+    from eval.registry import tag_key  # the characters MLflow takes in a key
+
+    out = []
+    for name, st in steps.items():
+        metrics = {tag_key(f"{prefix}funnel/{name}/{k}"): st[k] for k in ("in", "kept", "rejected") if k in st}
+        metrics |= {tag_key(f"{prefix}funnel/{name}/reasons/{r}"): n for r, n in (st.get("reasons") or {}).items()}
+        out.append((metrics, st.get("kept", 0)))
+    return out
+
+
+def data_input(recipe: Recipe, data_dir: Path, manifest: dict) -> dict:
+    """The data stage's output as an MLflow dataset input (Tracker.log_dataset): MLflow keeps digests of at
+    most 36 characters, so the digest is the manifest hash's first 36; the profile has all of it."""
+    full = manifest.get("manifest_hash", "")
+    splits = {k: v for k, v in manifest.get("splits", {}).items() if isinstance(v, int)}
+    pairs = {k: v for k, v in manifest.get("preference", {}).get("splits", {}).items() if isinstance(v, int)}
+    profile = {"num_rows": sum(splits.values()) + sum(pairs.values()), "splits": splits, "manifest_hash": full}
+    if pairs:
+        profile["preference_splits"] = pairs
+    return {"name": f"{recipe.name}-data", "digest": full[:36], "source": str(data_dir), "profile": profile}
 
 
 def _datatrove_factory(ctx: StageContext):
@@ -142,6 +171,9 @@ def _train(ctx: StageContext) -> dict:
         reward = previous_stage(stages, index, policy=False)
         extra["reward_model_dir"] = ctx.output_of(reward.name) / "checkpoint" if reward else None
     _keep_resume_state(ctx)
+    if ctx.leader:
+        manifest = read_json(ctx.output_of("data") / "manifest.json")
+        ctx.tracker.log_dataset(ctx.run_id, data_input(ctx.recipe, ctx.output_of("data"), manifest))
     result = kind.load_runner()(
         stage,
         model_dir=_start_model(ctx, index),
@@ -152,8 +184,37 @@ def _train(ctx: StageContext) -> dict:
         progress=ctx.progress,
         **extra,
     )
-    ctx.tracker.log_metrics(ctx.run_id, {f"final.{k}": v for k, v in result.items()})
+    if ctx.leader:
+        log_result(ctx.tracker, ctx.run_id, result, "final.")
     return result  # the runner has discarded its resume state
+
+
+# Numbers in a stage's result.json that describe the run rather than measure it: params, never metrics.
+RESULT_FACTS = frozenset(
+    {"seed", "world_size", "total_params", "trainable_params", "params", "resumed_from_step", "steps", "data"}
+)
+
+
+def log_result(tracker: Tracker, run_id: str, result: dict, prefix: str = "") -> None:
+    """A stage's result in its run: measurements as metrics `<prefix><key>` (nested ones `<key>/<inner>`),
+    RESULT_FACTS and the other non-numbers as params `result.<key>`."""
+    facts = {k: v for k, v in result.items() if k in RESULT_FACTS or not _has_number(v)}
+    tracker.log_params(run_id, {"result": facts})
+    tracker.log_metrics(run_id, {prefix + k: v for k, v in _numbers(result).items() if k.split("/")[0] not in facts})
+
+
+def _has_number(value) -> bool:
+    return bool(_numbers({"v": value}))
+
+
+def _numbers(obj: dict, prefix: str = "") -> dict[str, float]:
+    out: dict[str, float] = {}
+    for k, v in obj.items():
+        if isinstance(v, dict):
+            out |= _numbers(v, f"{prefix}{k}/")
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[prefix + k] = v
+    return out
 
 
 def source_weights(recipe) -> dict[int, float] | None:
@@ -230,7 +291,7 @@ def _export(ctx: StageContext) -> dict:
     policy = last_policy(stages)
     start = start_model_dir(ctx.rd, stages, stages.index(policy), ctx.base_model_dir())
     result = export_hf(start, ctx.output_of(policy.name) / "checkpoint", ctx.out_dir / "model")
-    ctx.tracker.log_metrics(ctx.run_id, {k: v for k, v in result.items()})
+    log_result(ctx.tracker, ctx.run_id, result)
     return result
 
 
@@ -244,7 +305,16 @@ def _eval(ctx: StageContext) -> dict:
         return _judge(ctx, task.judge, who, model_dir)
     scores = run_task(task, model_dir, ctx.output_of("data"), ctx.out_dir, ctx.recipe.eval, progress=ctx.progress)
     ctx.tracker.log_metrics(ctx.run_id, {f"{who}/{task.label}/{k}": v for k, v in scores.items()})
+    _log_element_files(ctx, ("results.json", "samples.jsonl"))  # lm-eval's results and per-example answers
     return {"task": task.label, "model": who, "scores": scores}
+
+
+def _log_element_files(ctx: StageContext, names: tuple[str, ...]) -> None:
+    """An eval element's files as artifacts `eval/<element>/` of the parent run, for review."""
+    parent = ctx.rd.read_meta()["parent_run_id"]
+    for name in names:
+        if (ctx.out_dir / name).is_file():
+            ctx.tracker.log_artifact(parent, ctx.out_dir / name, f"eval/{ctx.out_dir.name}")
 
 
 def _judge(ctx: StageContext, spec, who: str, model_dir: Path) -> dict:
@@ -274,6 +344,7 @@ def _judge(ctx: StageContext, spec, who: str, model_dir: Path) -> dict:
         print(ERROR_PREFIX + failure, file=sys.stderr, flush=True)
         raise StageError(failure)
     ctx.tracker.log_metrics(ctx.run_id, {f"{who}/{spec.name}/{k}": v for k, v in metrics.items()})
+    _log_element_files(ctx, ("judge.jsonl",))  # the judge's verdicts per example, for reviewers
     if metrics["unparsed"]:
         print(f"{spec.name}: {int(metrics['unparsed'])} judgement(s) unparsed (see judge.jsonl)", file=sys.stderr)
     scores = {k: v for k, v in metrics.items() if k not in COUNTS}
@@ -309,6 +380,7 @@ def collect_scores(rd: RunDir, spec: StageSpec) -> dict[str, dict[str, float]]:
 def _gate(ctx: StageContext) -> dict:
     from eval import lineage, registry
     from eval.gate import decide_with_human
+    from eval.mlflow_model import log_transformers_model
 
     plan = {s.name: s for s in build_plan(ctx.recipe)}
     scores = collect_scores(ctx.rd, plan["eval"])
@@ -324,23 +396,18 @@ def _gate(ctx: StageContext) -> dict:
     evidence = _gate_evidence(ctx, champion_version)
     verdict, status = decide_with_human(scores["candidate"], scores.get("base"), champion, ctx.recipe.gate, evidence)
     meta = ctx.rd.read_meta()
-    model_info = read_json(ctx.rd.stage_dir("model") / "model.json")
-    manifest = read_json(ctx.output_of("data") / "manifest.json")
-    tags = {
-        lineage.RECIPE_HASH: meta["recipe_hash"],
-        lineage.GIT_COMMIT: meta["git_commit"],
-        lineage.DATA_MANIFEST_HASH: manifest.get("manifest_hash", ""),
-        lineage.BASE_MODEL_HASH: model_info["hash"],
-        lineage.RUN_DIR: str(ctx.rd.root),
-    }
+    parent, model_dir = meta["parent_run_id"], ctx.output_of("export") / "model"
+    tags = _lineage_tags(ctx, meta)
     with _registry_needs_mlflow(ctx.tracker.uri):
+        model_id = log_transformers_model(client, model_dir, parent, lineage.hash_dir(model_dir))
         version = registry.register_candidate(
-            client, name, ctx.output_of("export") / "model", meta["parent_run_id"], scores["candidate"], verdict, tags
+            client, name, model_dir, parent, scores["candidate"], verdict, tags, model_id=model_id
         )
         registry.tag_stderrs(client, name, version, evidence.candidate_stderr)
         if ctx.recipe.gate.require_human:
             registry.await_human_review(client, name, version, ctx.recipe.gate, status)
-    ctx.tracker.set_tags(meta["parent_run_id"], tags | {"hpcft.gate": status})
+    ctx.tracker.set_tags(parent, tags | {"hpcft.gate": status})
+    _log_verdict(ctx, parent, scores, verdict, f"{name}/{version}", status)
     return {
         "passed": verdict.passed,
         "reasons": verdict.reasons,
@@ -368,6 +435,53 @@ def _gate_evidence(ctx: StageContext, champion_version: str | None):
                 ctx.tracker.client, ctx.recipe.tracking.registered_model, champion_version
             )
     return Evidence(values, champion_values, stderrs(values), champion_errors)
+
+
+def _lineage_tags(ctx: StageContext, meta: dict) -> dict[str, str]:
+    """The version's lineage (eval.lineage): recipe, code, data, base model by hash and by name/path, the
+    parallel layout and, on Slurm, the job ids."""
+    from eval import lineage
+
+    model_info = read_json(ctx.rd.stage_dir("model") / "model.json")
+    manifest = read_json(ctx.output_of("data") / "manifest.json")
+    cfg = ctx.recipe.model
+    return {
+        lineage.RECIPE_HASH: meta["recipe_hash"],
+        lineage.RECIPE_NAME: ctx.recipe.name,
+        lineage.GIT_COMMIT: meta["git_commit"],
+        lineage.DATA_MANIFEST_HASH: manifest.get("manifest_hash", ""),
+        lineage.BASE_MODEL: str(cfg.tiny or cfg.gguf or cfg.path),
+        lineage.BASE_MODEL_PATH: str(ctx.base_model_dir()),
+        lineage.BASE_MODEL_HASH: model_info["hash"],
+        lineage.RUN_DIR: str(ctx.rd.root),
+        **lineage.layout_tags(ctx.recipe.parallel.model_dump(mode="json")),
+        **lineage.slurm_job_tags(meta.get("slurm_jobs")),
+    }
+
+
+def _log_verdict(ctx: StageContext, parent: str, scores: dict, verdict, version: str, gate: str) -> None:
+    """Scores as metrics of the parent and gate runs (they sort and chart); on the gate run the verdict
+    (metric gate_passed, tags) and its checks (gate/checks.json, gate/reasons.txt); the redacted recipe and
+    the data manifest on the parent (a reviewer reads them when the run directory is gone)."""
+    import yaml
+
+    from hpc.tracking import redact
+
+    metrics = {f"{who}/{k}": v for who, by_metric in scores.items() for k, v in by_metric.items()}
+    ctx.tracker.log_metrics(parent, metrics)
+    ctx.tracker.log_metrics(ctx.run_id, metrics | {"gate_passed": int(verdict.passed)})
+    ctx.tracker.set_tags(ctx.run_id, {"hpcft.gate": gate, "hpcft.registered_version": version})
+    write_json(ctx.out_dir / "checks.json", {"passed": verdict.passed, "checks": verdict.checks})
+    (ctx.out_dir / "reasons.txt").write_text(f"gate {gate}\n" + "".join(f"{r}\n" for r in verdict.reasons))
+    for name in ("checks.json", "reasons.txt"):
+        ctx.tracker.log_artifact(ctx.run_id, ctx.out_dir / name, "gate")
+    recipe = ctx.out_dir / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(redact(ctx.recipe.model_dump(mode="json")), sort_keys=False))
+    ctx.tracker.log_artifact(parent, recipe)
+    ctx.tracker.log_artifact(parent, ctx.output_of("data") / "manifest.json", "data")
+    # the data stage logged it on the parent it ran under; a later parent (recipe changed, data reused) too
+    manifest = read_json(ctx.output_of("data") / "manifest.json")
+    ctx.tracker.log_dataset(parent, data_input(ctx.recipe, ctx.output_of("data"), manifest))
 
 
 @contextmanager

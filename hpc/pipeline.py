@@ -173,7 +173,8 @@ def _submit(
 ) -> int:
     """Submit every pending stage at once, then watch the run (or return at once with --detach)."""
     try:
-        submitted = ex.submit(recipe, plan, rd, lambda name: _start_child(rd, tracker, name), only)
+        configs = {s.name: s.config for s in plan}
+        submitted = ex.submit(recipe, plan, rd, lambda name: _start_child(rd, tracker, name, configs[name]), only)
     except SubmitError as err:
         console.print(f"[red bold]stage {err.stage} could not be submitted[/]: {err.message}\n{err.detail}")
         return EXIT_FAILED
@@ -233,9 +234,20 @@ def _run_blocking(
 
 
 def _end_parent(rd: RunDir, tracker: Tracker | None, status: str) -> None:
-    parent = rd.read_meta().get("parent_run_id")
-    if tracker and parent:
-        tracker.end_run(parent, status)  # never raises
+    """End the MLflow parent run. Without a tracker (`hpcft status` of a submitted run that it sees end),
+    only a parent still RUNNING is ended, so that looking again does not move its end time."""
+    meta = rd.read_meta()
+    parent = meta.get("parent_run_id")
+    if not parent:
+        return
+    if tracker is None:
+        tracker = Tracker(meta["tracking_uri"], queue=queue_path(rd.root))
+        try:
+            if tracker.client.get_run(parent).info.status != "RUNNING":
+                return
+        except Exception:  # noqa: BLE001 - MLflow away: queued like any other call
+            pass
+    tracker.end_run(parent, status)  # never raises
 
 
 def _final(rd: RunDir, console: Console, only: str | None = None) -> int:
@@ -246,9 +258,10 @@ def _final(rd: RunDir, console: Console, only: str | None = None) -> int:
     return EXIT_OK if gate["passed"] else EXIT_REJECTED
 
 
-def _start_child(rd: RunDir, tracker: Tracker, name: str) -> str:
+def _start_child(rd: RunDir, tracker: Tracker, name: str, config: dict | None = None) -> str:
+    """The stage's MLflow child run, its section of the recipe (StageSpec.config) as params."""
     meta = rd.read_meta()
-    child = tracker.start_child(meta["parent_run_id"], name)
+    child = tracker.start_child(meta["parent_run_id"], name, config)
     rd.update_meta(child_runs=meta.get("child_runs", {}) | {name: child})
     return child
 
@@ -313,7 +326,7 @@ def _run_one(spec: StageSpec, rd: RunDir, ex, tracker: Tracker, view: PipelineVi
         rd.clear_markers(spec)
     pending = [i for i in range(len(spec.elements)) if not rd.element_done(spec, i)]
     start_attempt(rd.progress_path(spec.name), spec.name)  # history kept: readers show the latest attempt
-    child = _start_child(rd, tracker, spec.name)
+    child = _start_child(rd, tracker, spec.name, spec.config)
     view.start(spec, ex.name)
     try:
         ex.run(spec, rd, pending, poll=view.refresh)

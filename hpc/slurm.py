@@ -658,7 +658,7 @@ def prepare_submission(run_dir: Path, snapshot: Path, recipe_path: Path) -> list
         from hpc.progress import start_attempt
 
         start_attempt(rd.progress_path(spec.name), spec.name)  # appended: the earlier attempts are kept
-        _start_child(rd, tracker, spec.name)
+        _start_child(rd, tracker, spec.name, spec.config)
         pending.append(spec.name)
     print(f"run directory {rd.root}: to run: {', '.join(pending) or 'nothing (all up to date)'}")
     return pending

@@ -21,6 +21,8 @@ QUEUE_NAME = "tracking-queue.jsonl"
 PROBE_TIMEOUT_S = 5.0
 OFFLINE_S = 60.0  # after a failed call, a tolerant Tracker queues without trying for this long
 STATUSES = ("FINISHED", "FAILED", "KILLED")
+# The kind MLflow 3's UI reads to open an experiment on its runs (machine learning), not GenAI traces.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 
 
 class TrackingError(RecipeError):
@@ -171,11 +173,15 @@ class Tracker:
 
     def experiment_id(self, name: str, artifact_root: Path) -> str:
         exp = self.client.get_experiment_by_name(name)
-        if exp is not None:
-            return exp.experiment_id
-        # A sqlite store would put artifacts under ./mlruns of whatever directory the job runs in.
-        location = Path(artifact_root).resolve().as_uri() if self.uri.startswith("sqlite:") else None
-        return self.client.create_experiment(name, artifact_location=location)
+        if exp is None:
+            # A sqlite store would put artifacts under ./mlruns of whatever directory the job runs in.
+            location = Path(artifact_root).resolve().as_uri() if self.uri.startswith("sqlite:") else None
+            return self.client.create_experiment(
+                name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+            )
+        if EXPERIMENT_KIND_TAG not in exp.tags:  # an experiment an older hpcft (or someone else) created
+            self.client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+        return exp.experiment_id
 
     def start_parent(self, experiment: str, artifact_root: Path, run_name: str, params: dict, tags: dict) -> str:
         try:
@@ -185,7 +191,8 @@ class Tracker:
         self.log_params(run.info.run_id, params)
         return run.info.run_id
 
-    def start_child(self, parent_id: str, stage: str) -> str:
+    def start_child(self, parent_id: str, stage: str, params: dict | None = None) -> str:
+        """A child run of `parent_id` named after the stage, with the stage's own config as its params."""
         try:
             parent = self.client.get_run(parent_id)
             run = self.client.create_run(
@@ -195,6 +202,8 @@ class Tracker:
             )
         except Exception as err:  # noqa: BLE001
             raise TrackingError(self._cannot(f"open the run of stage {stage}", err)) from None
+        if params:
+            self.log_params(run.info.run_id, params)
         return run.info.run_id
 
     def _cannot(self, what: str, err: BaseException) -> str:
@@ -216,6 +225,11 @@ class Tracker:
 
     def log_artifact(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
         self._call("log_artifact", run_id, {"path": str(Path(path).resolve()), "artifact_path": artifact_path})
+
+    def log_dataset(self, run_id: str, dataset: dict, context: str = "training") -> None:
+        """A dataset input of the run (MLflow's lineage: model -> run -> dataset). `dataset`: name, digest
+        (at most 36 characters, MLflow's limit), source (a path or URI) and profile (a dict)."""
+        self._call("log_dataset", run_id, {"dataset": dataset, "context": context})
 
     def finish(self, run_id: str, ok: bool = True) -> None:
         self.end_run(run_id, "FINISHED" if ok else "FAILED")
@@ -268,6 +282,19 @@ class Tracker:
                 self.client.log_artifacts(run_id, str(path), args["artifact_path"])
             else:
                 self.client.log_artifact(run_id, str(path), args["artifact_path"])
+        elif method == "log_dataset":
+            from mlflow.entities import Dataset, DatasetInput, InputTag
+
+            d = args["dataset"]
+            dataset = Dataset(
+                name=d["name"],
+                digest=d["digest"],
+                source_type="local",
+                source=json.dumps({"uri": d["source"]}),
+                profile=json.dumps(d.get("profile") or {}),
+            )
+            context = InputTag("mlflow.data.context", args["context"])
+            self.client.log_inputs(run_id, [DatasetInput(dataset, [context])])
         elif method == "end_run":
             self.client.set_terminated(run_id, args["status"])
         else:

@@ -66,6 +66,66 @@ def test_mlflow_tree_registry_and_lineage(first_run, workdir):
     assert parent.data.params["stages.0.mode"] == "full"
 
 
+def test_mlflow_ui_runs_datasets_and_the_mlflow_model(first_run, workdir, tmp_path):
+    import mlflow
+    import mlflow.transformers
+
+    c = client(workdir)
+    meta = json.loads((workdir / "run.json").read_text())
+    manifest = json.loads((workdir / "stages/data/manifest.json").read_text())
+    parent = c.get_run(meta["parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert c.get_experiment(parent.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    runs = {name: c.get_run(run_id) for name, run_id in meta["child_runs"].items()}
+    assert runs["sft"].data.params["stage.max_steps"] == "800" and runs["data"].data.params["dedup.exact"] == "True"
+    assert (
+        runs["sft"].data.params["result.seed"] == "1234" and runs["export"].data.params["result.merged"] == "False"
+    )  # full: nothing to merge
+    assert (
+        not [k for k in runs["sft"].data.metrics if "seed" in k or "params" in k]
+        and "final.final_loss" in runs["sft"].data.metrics
+    )
+    for run in (runs["sft"], parent):  # model -> run -> dataset
+        (inp,) = run.inputs.dataset_inputs
+        assert inp.dataset.digest == manifest["manifest_hash"][:36]
+        assert json.loads(inp.dataset.profile)["splits"] == manifest["splits"]
+    funnel = c.get_metric_history(runs["data"].info.run_id, "funnel.rows_kept")
+    assert [m.value for m in sorted(funnel, key=lambda m: m.step)] == [st["kept"] for st in manifest["steps"].values()]
+    dedup = manifest["steps"]["exact_dedup"]
+    assert runs["data"].data.metrics["funnel/exact_dedup/rejected"] == dedup["rejected"] > 0
+    gate = runs["gate"]
+    assert gate.data.metrics["gate_passed"] == 1 and gate.data.tags["hpcft.gate"] == "passed"
+    assert {a.path for a in c.list_artifacts(gate.info.run_id, "gate")} == {"gate/checks.json", "gate/reasons.txt"}
+    exact = parent.data.metrics["candidate/heldout_exact/exact_match"]
+    assert exact == gate.data.metrics["candidate/heldout_exact/exact_match"] >= 0.5
+    top = {a.path for a in c.list_artifacts(parent.info.run_id)}
+    assert {"recipe.yaml", "data", "eval"} <= top and [
+        a.path for a in c.list_artifacts(parent.info.run_id, "data")
+    ] == ["data/manifest.json"]
+    elements = c.list_artifacts(parent.info.run_id, "eval")
+    assert len(elements) == 4
+    for element in elements:
+        files = {a.path.rsplit("/", 1)[1] for a in c.list_artifacts(parent.info.run_id, element.path)}
+        assert files == {"results.json", "samples.jsonl"}, element.path
+
+    mv = c.get_model_version_by_alias("tiny-sft", "staging")
+    assert mv.source.startswith("models:/m-")
+    assert mv.tags["hpcft.layout"] == "dp_replicate=1,dp_shard=1,tp=1,pp=1,zero=0,microbatches=1"
+    assert json.loads(mv.tags["hpcft.layout_json"])["pp_schedule"] == "1f1b"
+    assert mv.tags["hpcft.base_model"] == "tiny-llama" and mv.tags["hpcft.base_model_path"].endswith("stages/model/hf")
+    assert "hpcft.slurm_job_ids" not in mv.tags  # a local run has none
+    mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlflow.db'}")
+    try:
+        pipe = mlflow.transformers.load_model("models:/tiny-sft@staging")
+    finally:
+        mlflow.set_tracking_uri(None)
+    prompt = pipe.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Which is larger, 2 or 8?"}], add_generation_prompt=True, tokenize=False
+    )
+    out = pipe(prompt, max_new_tokens=8, do_sample=False, return_full_text=False)[0]["generated_text"]
+    assert out.strip().startswith("8")
+
+
 def test_exported_model_loads_in_plain_transformers(first_run, workdir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -101,6 +161,10 @@ def test_too_little_training_is_rejected(first_run, workdir, hpcft_cmd):
     versions = {int(v.version): v for v in c.search_model_versions("name='tiny-sft'")}
     latest = versions[max(versions)]
     assert latest.tags["gate"] == "rejected"
+    rejected = c.get_run(latest.run_id)  # a new parent run, the data stage reused: the dataset input all the same
+    assert rejected.info.status == "FINISHED" and len(rejected.inputs.dataset_inputs) == 1
+    gate = c.get_run(json.loads((workdir / "run.json").read_text())["child_runs"]["gate"])
+    assert gate.data.metrics["gate_passed"] == 0 and gate.data.tags["hpcft.gate"] == "rejected"
     assert c.get_model_version_by_alias("tiny-sft", "staging").version != latest.version
 
 
