@@ -99,8 +99,8 @@ def test_trainer_step_is_the_plain_step(tied):
 
 
 def _vocab_parallel(rank, world):
-    from torch.distributed.tensor import Shard, distribute_tensor
     from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
 
     mesh = init_device_mesh("cpu", (world,))
     h, w, labels = _inputs(vocab=72)
