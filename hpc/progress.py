@@ -78,6 +78,10 @@ def describe(ev: dict | None) -> str:
         parts = [f"step {ev['step']}/{ev['max_steps']}"]
         parts += [f"{label} {ev[key]:.4f}" for key, label in SHOWN if isinstance(ev.get(key), (int, float))]
         parts += [f"{ev[key]:,.0f} {label}" for key, label in RATES if ev.get(key)]
+        if isinstance(ev.get("mfu"), (int, float)):
+            parts.append(f"MFU {ev['mfu']:.1%}")
+        if isinstance(ev.get("peak_mem_gib"), (int, float)):
+            parts.append(f"mem {ev.get('peak_mem_gib_max', ev['peak_mem_gib']):.1f} GiB")
         if ev.get("elapsed_s") and ev["step"]:
             eta = ev["elapsed_s"] / ev["step"] * (ev["max_steps"] - ev["step"])
             parts.append(f"ETA {eta:,.0f}s")

@@ -342,8 +342,9 @@ class Trainer:
             cfg.tp,
         ):
             raise ValueError(f"parallel: the mesh {self.dims} does not match the config {cfg}")
+        self.model_config = find_decoder(model)[1].config  # the HF config (stage modules under pp have none)
         # The one layout check (parallel.layout), once, against this world and the model's shape.
-        check_layout(cfg, mode=mode, world=self.dims.world_size, model_config=find_decoder(model)[1].config)
+        check_layout(cfg, mode=mode, world=self.dims.world_size, model_config=self.model_config)
         self.device = (
             torch.device("cuda", torch.cuda.current_device())
             if mesh.device_type == "cuda"
