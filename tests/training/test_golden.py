@@ -19,8 +19,9 @@ which reruns the cases (the 2-rank one too, unless deselected with -m "not slow"
 entries instead of comparing; the tests then report skipped.
 
 Timings (elapsed_s, *_per_s, seconds), peak memory, MFU and paths are not recorded. The RL cases sample
-their rollouts: a change of the last bit of a logit can change a sampled token and then every later number of the case, so
-their figures hold for this torch version on CPU, with the thread count pinned (THREADS) for the run.
+their rollouts: a change of the last bit of a logit can change a sampled token and then every later number
+of the case, so their figures hold for this torch version on CPU, with the thread count pinned (THREADS)
+for the run.
 """
 
 import json
