@@ -3,9 +3,10 @@
 The plain token loss runs lm_head on every position and keeps [tokens, vocab] logits (plus their fp32
 copy and its gradient) alive until backward: 8 x 2048 x 128k x 4 B = 8.6 GB at a 128k vocabulary. Here
 the decoder's hidden states of the label positions only go through `ChunkedLinearCE`, which computes
-each chunk's logits, keeps its log-sum-exp (one float per token) and drops them; backward recomputes each
-chunk's logits for the gradients of the hidden states and of the head weight. The value is the same
-summed cross-entropy as parallel.trainer.summed_ce (fp32 softmax of logits in the compute dtype).
+each chunk's logits and drops them. The gradients of the hidden states and of the head weight come from
+the same chunk's logits in forward (the default: no second head matmul) or from logits recomputed in
+backward (recompute=True). The value is the same summed cross-entropy as parallel.trainer.summed_ce (fp32
+softmax of logits in the compute dtype).
 
 Under a vocab-parallel head each tp rank holds a slice of the vocabulary: the softmax's max, sum and the
 target logit are all-reduced over the tp group per chunk, and the hidden states' gradient (a partial sum
@@ -51,11 +52,19 @@ def why_not_chunked(model: nn.Module) -> str | None:
 class ChunkedLinearCE(torch.autograd.Function):
     """sum_i CE(hidden_i @ weight^T, target_i) over rows of hidden [n, h] with targets [n] (none ignored),
     chunk rows at a time. weight [v, h] is this rank's vocabulary slice when `group` is a tp group
-    (vocab_start: its first token id); the result is then the full loss on every rank of the group."""
+    (vocab_start: its first token id); the result is then the full loss on every rank of the group.
+
+    recompute: backward recomputes each chunk's logits (a second head matmul; forward keeps one
+    log-sum-exp per row). Otherwise forward, which has each chunk's logits at hand, also computes the
+    unscaled gradients and backward only scales them: the same peak memory (the head's gradients are the
+    first ones backward allocates anyway, while every activation is still held), a third less head work."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk, group, vocab_start):
-        ctx.chunk, ctx.group, ctx.vocab_start = chunk, group, vocab_start
+    def forward(ctx, hidden, weight, targets, chunk, group, vocab_start, recompute):
+        ctx.chunk, ctx.group, ctx.vocab_start, ctx.recompute = chunk, group, vocab_start, recompute
+        ctx.dtypes = hidden.dtype, weight.dtype
+        grads = not recompute and (hidden.requires_grad or weight.requires_grad)
+        grad_hidden, grad_weight = _zero_grads(hidden, weight) if grads else (None, None)
         lse = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk):
@@ -64,28 +73,49 @@ class ChunkedLinearCE(torch.autograd.Function):
             chunk_lse, target_logit = _lse_and_target(logits, targets[rows], group, vocab_start)
             lse[rows] = chunk_lse
             total += (chunk_lse - target_logit).sum()
-        ctx.save_for_backward(hidden, weight, targets, lse)
+            if grads:
+                _add_chunk_grads(ctx, logits, chunk_lse, targets[rows], hidden, weight, rows, grad_hidden, grad_weight)
+        if grads:
+            ctx.save_for_backward(grad_hidden, grad_weight)
+        else:
+            ctx.save_for_backward(hidden, weight, targets, lse)
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
-        hidden, weight, targets, lse = ctx.saved_tensors
-        grad_hidden = torch.empty_like(hidden)
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        for start in range(0, hidden.shape[0], ctx.chunk):
-            rows = slice(start, start + ctx.chunk)
-            logits = (hidden[rows] @ weight.t()).float()
-            # d CE / d logits = softmax - one_hot(target), scaled by the incoming gradient.
-            grad_logits = torch.exp(logits - lse[rows, None])
-            local = targets[rows] - ctx.vocab_start
-            mine = (local >= 0) & (local < weight.shape[0])
-            grad_logits[mine.nonzero().squeeze(1), local[mine]] -= 1.0
-            grad_logits = (grad_logits * grad_total).to(hidden.dtype)
-            grad_hidden[rows] = grad_logits @ weight
-            grad_weight += (grad_logits.t() @ hidden[rows]).float()
-        if ctx.group is not None:
+        if ctx.recompute:
+            hidden, weight, targets, lse = ctx.saved_tensors
+            grad_hidden, grad_weight = _zero_grads(hidden, weight)
+            for start in range(0, hidden.shape[0], ctx.chunk):
+                rows = slice(start, start + ctx.chunk)
+                logits = (hidden[rows] @ weight.t()).float()
+                _add_chunk_grads(ctx, logits, lse[rows], targets[rows], hidden, weight, rows, grad_hidden, grad_weight)
+        else:
+            grad_hidden, grad_weight = ctx.saved_tensors
+        grad_hidden = grad_hidden * grad_total
+        if ctx.group is not None:  # each rank's vocabulary slice gave a partial sum
             dist.all_reduce(grad_hidden, group=ctx.group)
-        return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None
+        hidden_dtype, weight_dtype = ctx.dtypes
+        return grad_hidden.to(hidden_dtype), (grad_weight * grad_total).to(weight_dtype), None, None, None, None, None
+
+
+def _zero_grads(hidden, weight):
+    """fp32 buffers for the gradients of hidden (rows written once) and weight (summed over chunks)."""
+    return (
+        torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device),
+        torch.zeros(weight.shape, dtype=torch.float32, device=weight.device),
+    )
+
+
+def _add_chunk_grads(ctx, logits, lse, targets, hidden, weight, rows, grad_hidden, grad_weight):
+    """d CE / d logits = softmax - one_hot(target), through the head's matmuls in the compute dtype."""
+    grad_logits = torch.exp(logits - lse[:, None])
+    local = targets - ctx.vocab_start
+    mine = (local >= 0) & (local < weight.shape[0])
+    grad_logits[mine.nonzero().squeeze(1), local[mine]] -= 1.0
+    grad_logits = grad_logits.to(hidden.dtype)
+    grad_hidden[rows] = grad_logits @ weight
+    grad_weight += grad_logits.t() @ hidden[rows]
 
 
 def _lse_and_target(logits, targets, group, vocab_start):
@@ -103,11 +133,18 @@ def _lse_and_target(logits, targets, group, vocab_start):
     return top + torch.log(sum_exp), target_logit
 
 
-def chunked_ce(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_tokens: int | None = None):
+def chunked_ce(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    chunk_tokens: int | None = None,
+    *,
+    recompute: bool = False,
+):
     """Summed next-token cross-entropy of hidden states [rows, seq, h] through a head weight [vocab, h]
     (a vocab-sharded DTensor under a vocab-parallel head) against labels [rows, seq]: the value of
     summed_ce(hidden @ weight^T, labels). Under autocast the matmuls run in its dtype, like lm_head's.
-    chunk_tokens: None picks auto_chunk_tokens."""
+    chunk_tokens: None picks auto_chunk_tokens. recompute: see ChunkedLinearCE."""
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
     hidden = hidden[:, :-1][keep]  # only label positions: the others have no loss and no gradient
@@ -124,7 +161,7 @@ def chunked_ce(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
         hidden, weight = hidden.to(dtype), weight.to(dtype)
     chunk = chunk_tokens or auto_chunk_tokens(hidden.shape[0], hidden.shape[1], weight.shape[0] * _size(group))
     with torch.autocast(device, enabled=False):
-        return ChunkedLinearCE.apply(hidden, weight, targets, chunk, group, vocab_start)
+        return ChunkedLinearCE.apply(hidden, weight, targets, chunk, group, vocab_start, recompute)
 
 
 def _size(group) -> int:
