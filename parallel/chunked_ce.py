@@ -62,7 +62,7 @@ class ChunkedLinearCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk, group, vocab_start, recompute):
         ctx.chunk, ctx.group, ctx.vocab_start, ctx.recompute = chunk, group, vocab_start, recompute
-        ctx.dtypes = hidden.dtype, weight.dtype
+        ctx.dtypes, ctx.used = (hidden.dtype, weight.dtype), False
         grads = not recompute and (hidden.requires_grad or weight.requires_grad)
         grad_hidden, grad_weight = _zero_grads(hidden, weight) if grads else (None, None)
         lse = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
@@ -91,12 +91,17 @@ class ChunkedLinearCE(torch.autograd.Function):
                 logits = (hidden[rows] @ weight.t()).float()
                 _add_chunk_grads(ctx, logits, lse[rows], targets[rows], hidden, weight, rows, grad_hidden, grad_weight)
         else:
+            if ctx.used:
+                raise RuntimeError("ChunkedLinearCE: backward through the same forward twice (retain_graph)")
+            ctx.used = True
             grad_hidden, grad_weight = ctx.saved_tensors
-        grad_hidden = grad_hidden * grad_total
+        # In place: no second fp32 copy of the head's gradient at the start of backward.
+        grad_hidden.mul_(grad_total)
+        grad_weight.mul_(grad_total)
         if ctx.group is not None:  # each rank's vocabulary slice gave a partial sum
             dist.all_reduce(grad_hidden, group=ctx.group)
         hidden_dtype, weight_dtype = ctx.dtypes
-        return grad_hidden.to(hidden_dtype), (grad_weight * grad_total).to(weight_dtype), None, None, None, None, None
+        return grad_hidden.to(hidden_dtype), grad_weight.to(weight_dtype), None, None, None, None, None
 
 
 def _zero_grads(hidden, weight):
