@@ -1,7 +1,8 @@
 """hpcft's SFT training path against transformers' Trainer: tokens/s, peak memory and the loss, same run.
 
     .venv/bin/python -m bench.sft_vs_hf [--lora] [--shape small|llama-1b] [--vocab N] [--steps N]
-                                        [--batch-size N] [--seq-len N] [--arms hf,hpcft] [--json PATH]
+                                        [--batch-size N] [--seq-len N] [--arms hf,hpcft] [--repeat N]
+                                        [--json PATH]
 
 Both arms train the same randomly initialised Llama (built from a LlamaConfig, seed 0, no network) on the
 same batches of random token ids (every position labelled, the same batch at every step in both), with
@@ -15,7 +16,8 @@ the same AdamW (lr, betas, eps, weight decay on matrices only, constant lr, grad
 Each arm runs in a fresh process, so its peak memory is its own: on a GPU torch.cuda.max_memory_allocated,
 on CPU the resident set's high-water mark (ru_maxrss) minus the resident set before the model was built
 (the interpreter and libraries, the same in both arms). tokens/s is the median step time's after
---warmup steps; MFU uses parallel.efficiency (GPU only). The last line reads
+--warmup steps (with --repeat, each arm's fastest run is kept); MFU uses parallel.efficiency (GPU
+only). The last line reads
 `tokens/s ratio hpcft/HF: X  peak memory ratio: Y  final loss diff: Z`.
 
 --vocab 128256 shows what the chunked loss saves: the [tokens, vocab] logits are most of the activations.
@@ -297,6 +299,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int)
     ap.add_argument("--arms", default="hf,hpcft", help="comma-separated: hf, hf-compile, hpcft, hpcft-compile")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads per arm")
+    ap.add_argument("--repeat", type=int, default=1, help="run the arms this many times, keep each one's fastest")
     ap.add_argument("--json", type=Path, help="write the per-arm results and ratios here")
     args = ap.parse_args()
     if args.child:
@@ -310,11 +313,16 @@ def main() -> None:
         "threads": args.threads,
         **{k: getattr(args, k) or v for k, v in DEFAULTS[args.shape].items()},
     }
-    results = {}
-    for arm in args.arms.split(","):
+    arms = args.arms.split(",")
+    for arm in arms:
         if arm not in ("hf", "hf-compile", "hpcft", "hpcft-compile"):
             raise SystemExit(f"--arms: unknown arm {arm!r}")
-        results[arm] = measure(spec | {"arm": arm, "compile": arm.endswith("-compile")})
+    results: dict[str, dict] = {}
+    for _ in range(args.repeat):  # arms alternate, so a busy spell on a shared machine hits both
+        for arm in arms:
+            r = measure(spec | {"arm": arm, "compile": arm.endswith("-compile")})
+            if arm not in results or r["tokens_per_s"] > results[arm]["tokens_per_s"]:
+                results[arm] = r
     summary = report(results, spec)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
