@@ -114,13 +114,17 @@ def _zero_grads(hidden, weight):
 
 def _add_chunk_grads(ctx, logits, lse, targets, hidden, weight, rows, grad_hidden, grad_weight):
     """d CE / d logits = softmax - one_hot(target), through the head's matmuls in the compute dtype."""
-    grad_logits = torch.exp(logits - lse[:, None])
+    grad_logits = logits.sub_(lse[:, None]).exp_()  # in place: the chunk's logits are not needed again
     local = targets - ctx.vocab_start
     mine = (local >= 0) & (local < weight.shape[0])
     grad_logits[mine.nonzero().squeeze(1), local[mine]] -= 1.0
     grad_logits = grad_logits.to(hidden.dtype)
-    grad_hidden[rows] = grad_logits @ weight
-    grad_weight += grad_logits.t() @ hidden[rows]
+    if hidden.dtype == torch.float32:  # straight into the fp32 buffers: no [vocab, hidden] temporary per chunk
+        torch.mm(grad_logits, weight, out=grad_hidden[rows])
+        grad_weight.addmm_(grad_logits.t(), hidden[rows])
+    else:
+        grad_hidden[rows] = grad_logits @ weight
+        grad_weight += grad_logits.t() @ hidden[rows]
 
 
 def _lse_and_target(logits, targets, group, vocab_start):
