@@ -47,6 +47,15 @@ def test_matches_plain_loss_and_gradients(chunk, recompute):
     assert got[1][0, :6].abs().max() == 0  # positions predicting a prompt token get no gradient
 
 
+def test_frozen_head_gets_no_gradient_and_the_hidden_states_theirs():
+    """LoRA keeps lm_head frozen: no weight gradient is computed, the hidden states' is unchanged."""
+    h, w, labels = _inputs(seed=2)
+    ref = _loss_and_grads(_plain, h, w, labels)
+    h = h.clone().requires_grad_()
+    (chunked_ce(h, w, labels, 4) * 0.37).backward()
+    torch.testing.assert_close(h.grad, ref[1], rtol=1e-5, atol=1e-6)
+
+
 def test_autocast_is_as_close_to_fp32_as_the_bf16_head():
     """Under bf16 autocast the head's matmuls run in bf16 like lm_head's: the chunked loss and gradients
     are no further from the fp32 ones than the plain bf16 path's (fp32 sums over chunks, if anything closer)."""
@@ -61,8 +70,8 @@ def test_autocast_is_as_close_to_fp32_as_the_bf16_head():
 
 
 def test_auto_chunk_keeps_chunk_logits_near_the_hidden_states_size():
-    assert auto_chunk_tokens(8 * 2048, 2048, 128256) == 512  # 262 -> next power of two
-    assert auto_chunk_tokens(100, 64, 260) == 256  # never below 256 tokens
+    assert auto_chunk_tokens(64 * 4096, 4096, 128256) == 16384  # 8372 -> next power of two
+    assert auto_chunk_tokens(8 * 2048, 2048, 128256) == 1024  # 262: never below 1024 tokens
     assert auto_chunk_tokens(4096, 4096, 4096) == 4096  # small vocabulary: one chunk
 
 
