@@ -52,13 +52,14 @@ def why_not_chunked(model: nn.Module) -> str | None:
 
 class ChunkedLinearCE(torch.autograd.Function):
     """sum_i CE(hidden_i @ weight^T, target_i) over rows of hidden [n, h] with targets [n] (none ignored),
-    chunk rows at a time. weight [v, h] is this rank's vocabulary slice when `group` is a tp group
-    (vocab_start: its first token id); the result is then the full loss on every rank of the group.
+        chunk rows at a time. weight [v, h] is this rank's vocabulary slice when `group` is a tp group
+        (vocab_start: its first token id); the result is then the full loss on every rank of the group.
 
-    recompute: backward recomputes each chunk's logits (a second head matmul; forward keeps one
-    log-sum-exp per row). Otherwise forward, which has each chunk's logits at hand, also computes the
-    unscaled gradients and backward only scales them: the same peak memory (the head's gradients are the
-    first ones backward allocates anyway, while every activation is still held), a third less head work."""
+        recompute: backward recomputes each chunk's logits (a second head matmul; forward keeps one
+        log-sum-exp per row). Otherwise forward, which has each chunk's logits at hand, also computes the
+        unscaled gradients and backward only scales them: the same peak memory (the head's gradients are the
+        first ones backward allocates anyway, while every activation is still held) and one head matmul fewer:
+    the plain loss's three."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk, group, vocab_start, recompute):
