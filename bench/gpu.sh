@@ -7,7 +7,8 @@
 # each arm in a fresh process (about 6-8 minutes on one H100/H200), and writes one JSON (default
 # bench-gpu.json): per arm tokens/s, MFU, peak memory, step times and losses, plus the hpcft/HF ratios.
 # --dry-run: the same script on CPU with a tiny shape and without the compile arms (under 2 minutes), to
-# check the script before a GPU is lent. PYTHON picks the interpreter (default .venv/bin/python).
+# check the script before a GPU is lent. PYTHON picks the interpreter (default .venv/bin/python, else
+# python3); it needs torch, transformers, peft, accelerate, pydantic and numpy (not mlflow, datatrove or lm-eval).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
