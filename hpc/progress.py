@@ -98,6 +98,10 @@ def describe(ev: dict | None) -> str:
         if isinstance(ev.get("grad_norm"), (int, float)):
             parts.append(f"grad norm {ev['grad_norm']:.3f}")
         parts += [f"{ev[key]:,.0f} {label}" for key, label in RATES if ev.get(key)]
+        if isinstance(ev.get("mfu"), (int, float)):
+            parts.append(f"MFU {ev['mfu']:.1%}")
+        if isinstance(ev.get("peak_mem_gib"), (int, float)):
+            parts.append(f"mem {ev.get('peak_mem_gib_max', ev['peak_mem_gib']):.1f} GiB")
         eta = eta_s(ev)
         if eta is not None:
             parts.append(f"ETA {eta:,.0f}s")

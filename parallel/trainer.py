@@ -24,6 +24,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
+from parallel.chunked_ce import chunked_ce, why_not_chunked
 from parallel.dims import ParallelConfig
 from parallel.distributed import zero as zero_mod
 from parallel.distributed.grads import clip_grads_
@@ -34,6 +35,7 @@ from parallel.distributed.tensor_parallel import (
     PartialGrads,
     apply_tensor_parallel,
     apply_tp_ends,
+    gather_sequence,
     vocab_parallel_supported,
 )
 from parallel.layout import check_layout
@@ -340,8 +342,9 @@ class Trainer:
             cfg.tp,
         ):
             raise ValueError(f"parallel: the mesh {self.dims} does not match the config {cfg}")
+        self.model_config = find_decoder(model)[1].config  # the HF config (stage modules under pp have none)
         # The one layout check (parallel.layout), once, against this world and the model's shape.
-        check_layout(cfg, mode=mode, world=self.dims.world_size, model_config=find_decoder(model)[1].config)
+        check_layout(cfg, mode=mode, world=self.dims.world_size, model_config=self.model_config)
         self.device = (
             torch.device("cuda", torch.cuda.current_device())
             if mesh.device_type == "cuda"
@@ -355,8 +358,14 @@ class Trainer:
         # Tied embeddings: (embedding, lm_head) weight names, read before the model is cut into stages.
         self.tied_names = tied_names(model)
         tied_trainable = self.tied_names is not None and find_decoder(model)[1].embed_tokens.weight.requires_grad
+        # The token loss from hidden states + head weight in chunks (parallel.chunked_ce) where the head is a
+        # plain projection on one whole part; FSDP's root hooks and pipeline stages keep the logits path.
+        self.chunked = (
+            cfg.loss_chunk_tokens != 0 and self.dims.pp == 1 and cfg.zero < 2 and why_not_chunked(model) is None
+        )
         layout = parallelize(model, cfg, mesh, self.device)
         self.parts, self.sp, self.vp = layout.parts, layout.sequence_parallel, layout.vocab_parallel
+        self._decoder_head = find_decoder(self.parts[0]) if self.chunked else None
         self.logits_layout, self.partial = layout.logits, layout.partial
         # Not cut up (no pp, tp or FSDP sharding): the model itself, whole on this rank.
         self.whole_model = model if (self.dims.pp, self.dims.tp) == (1, 1) and cfg.zero < 2 else None
@@ -417,6 +426,14 @@ class Trainer:
         finally:
             self.logits_layout.keep_sharded = False
         return logits[:, : self._seq] if logits.shape[1] != self._seq else logits
+
+    def chunked_ce(self, rows: dict[str, torch.Tensor]) -> torch.Tensor:
+        """summed_ce of the one-stage model on local rows without whole logits (parallel.chunked_ce)."""
+        _, decoder, _, head = self._decoder_head
+        hidden = decoder(**self._padded(model_inputs(rows))).last_hidden_state
+        if self.sp:  # the final norm left this rank's slice of the sequence
+            hidden = gather_sequence(hidden, self.mesh["tp"])
+        return chunked_ce(hidden[:, : self._seq], head.weight, rows["labels"], self.cfg.loss_chunk_tokens)
 
     def _autocast(self):
         """bf16 autocast (engine.autocast_dtype's rule) where FSDP's mixed-precision policy does not already
@@ -506,15 +523,20 @@ class Trainer:
         model = self.parts[0]
         n = self.cfg.microbatches
         chunks = {k: v.chunk(n) for k, v in local.items()}
-        sharded = self.vp and objective.vocab_parallel
+        use_chunks = self.chunked and objective is TOKEN_CE
+        sharded = self.vp and objective.vocab_parallel and not use_chunks
         for i in range(n):
             if self.cfg.zero >= 2:  # reduce-scatter once, after the last micro-batch
                 model.set_requires_gradient_sync(i == n - 1)
             micro = {k: v[i] for k, v in chunks.items()}
             with self._autocast():
-                logits = self.logits(micro, vocab_sharded=sharded)
+                if use_chunks:
+                    summed, micro_stats = self.chunked_ce(micro), {}
+                else:
+                    logits = self.logits(micro, vocab_sharded=sharded)
             with loss_parallel() if sharded else nullcontext():
-                summed, micro_stats = objective(logits, micro)
+                if not use_chunks:
+                    summed, micro_stats = objective(logits, micro)
                 loss = summed / count  # (not * scale: the same rounding as a plain token mean)
                 loss.backward()
             total += float(_local_value(loss.detach()))
@@ -590,7 +612,9 @@ class Trainer:
     def _summed_ce(self, batch: dict[str, torch.Tensor]) -> float:
         local = self._local_batch(batch)
         with self._autocast():
-            if self.schedule is None:
+            if self.schedule is None and self.chunked:
+                local_sum = float(self.chunked_ce(local))
+            elif self.schedule is None:
                 local_sum = float(summed_ce(self.logits(local), local["labels"]))
             else:
                 losses: list[torch.Tensor] = []

@@ -39,10 +39,27 @@ class Checkpoints:
         return str(self.resumer.save(states, step, self.extra() | {"val_before": val_before}))
 
 
-def train_one(cfg, learner: Learner, step_fn, evaluate_fn, progress: Progress, resumer: Resumer | None, *, rate):
-    """train_loop for a stage that trains one model, checkpointed (when `resumer`) under the name 'model'."""
+def train_one(
+    cfg,
+    learner: Learner,
+    step_fn,
+    evaluate_fn,
+    progress: Progress,
+    resumer: Resumer | None,
+    *,
+    rate,
+    flops_per_unit: float | None = None,
+):
+    """train_loop for a stage that trains one model, checkpointed (when `resumer`) under the name 'model'.
+    flops_per_unit: the logs carry the learner's efficiency (MFU where the device's peak is known, peak
+    memory)."""
     checkpoints = Checkpoints(resumer, {"model": learner}) if resumer is not None else None
-    return train_loop(cfg, step_fn, evaluate_fn, progress, rate=rate, checkpoints=checkpoints)
+
+    def efficiency(units_per_s: float) -> dict[str, float]:
+        return learner.efficiency(units_per_s, flops_per_unit)
+
+    figures = efficiency if flops_per_unit is not None else None
+    return train_loop(cfg, step_fn, evaluate_fn, progress, rate=rate, checkpoints=checkpoints, efficiency=figures)
 
 
 def train_loop(
@@ -54,6 +71,7 @@ def train_loop(
     rate: tuple[str, int | str],
     last_only: frozenset[str] = frozenset({"lr", "grad_norm"}),
     checkpoints: Checkpoints | None = None,
+    efficiency: Callable[[float], dict[str, float]] | None = None,
 ) -> dict:
     """Run steps 1..cfg.max_steps (after the latest checkpoint when there is one).
 
@@ -61,6 +79,7 @@ def train_loop(
     last value). rate: (name, units per step) for the throughput, e.g. ("pairs_per_s", batch_size), or
     (name, key) when each step's metrics count its units under `key` (e.g. ("tokens_per_s", "tokens"):
     that key is summed, not logged, and the result holds its total and the overall rate).
+    efficiency(rate) -> more figures for each training log (MFU, peak memory); collective on every rank.
     """
     started = time.perf_counter()
     if checkpoints is not None:
@@ -91,12 +110,14 @@ def train_loop(
             train_metrics = {
                 k: window[-1][k] if k in last_only else sum(m[k] for m in window) / len(window) for k in window[0]
             }
+            rate_value = window_units / window_seconds
             progress(
                 {
                     "step": step,
                     "max_steps": cfg.max_steps,
                     **train_metrics,
-                    rate_key: window_units / window_seconds,
+                    rate_key: rate_value,
+                    **(efficiency(rate_value) if efficiency is not None else {}),
                     "elapsed_s": time.perf_counter() - started,
                 }
             )

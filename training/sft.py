@@ -141,4 +141,7 @@ def train(cfg: SFTStage, s: Session, progress: Progress, resumer: Resumer | None
     def evaluate() -> dict[str, float]:
         return {"val_loss": s.learner.eval_loss(s.val_batches)}
 
-    return train_one(cfg, s.learner, step, evaluate, progress, resumer, rate=("tokens_per_s", "tokens"))
+    flops = s.learner.flops_per_token(cfg.seq_len)
+    return train_one(
+        cfg, s.learner, step, evaluate, progress, resumer, rate=("tokens_per_s", "tokens"), flops_per_unit=flops
+    )

@@ -4,6 +4,8 @@ from hpc.progress import describe
 def test_describe_training_validation_and_data_events():
     sft = {"step": 20, "max_steps": 100, "loss": 1.5, "tokens_per_s": 12000.0, "elapsed_s": 10.0}
     assert describe(sft) == "step 20/100  loss 1.5000  12,000 tok/s  ETA 40s"
+    gpu = sft | {"mfu": 0.4812, "peak_mem_gib": 30.04, "peak_mem_gib_max": 31.26}
+    assert describe(gpu) == "step 20/100  loss 1.5000  12,000 tok/s  MFU 48.1%  mem 31.3 GiB  ETA 40s"
     dpo = {"step": 10, "max_steps": 20, "loss": 0.6, "accuracy": 0.75, "kl": 0.01, "pairs_per_s": 9.4, "elapsed_s": 5.0}
     assert describe(dpo) == "step 10/20  loss 0.6000  acc 0.7500  kl 0.0100  9 pairs/s  ETA 5s"
     assert (

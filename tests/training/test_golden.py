@@ -18,9 +18,10 @@ A deliberate numeric change is one command, reviewed in the diff of the JSON:
 which reruns the cases (the 2-rank one too, unless deselected with -m "not slow") and rewrites their
 entries instead of comparing; the tests then report skipped.
 
-Timings (elapsed_s, *_per_s, seconds) and paths are not recorded. The RL cases sample their rollouts: a
-change of the last bit of a logit can change a sampled token and then every later number of the case, so
-their figures hold for this torch version on CPU, with the thread count pinned (THREADS) for the run.
+Timings (elapsed_s, *_per_s, seconds), peak memory, MFU and paths are not recorded. The RL cases sample
+their rollouts: a change of the last bit of a logit can change a sampled token and then every later number
+of the case, so their figures hold for this torch version on CPU, with the thread count pinned (THREADS)
+for the run.
 """
 
 import json
@@ -117,7 +118,8 @@ ROUNDING = {
 
 
 def _is_timing(key: str) -> bool:
-    return key.endswith("_s") or key.endswith("_per_s") or "seconds" in key
+    """Timings and the machine's figures (peak memory, MFU), which no two runs share."""
+    return key.endswith("_s") or key.endswith("_per_s") or "seconds" in key or key.startswith(("peak_mem", "mfu"))
 
 
 def _numbers(d: dict) -> dict:

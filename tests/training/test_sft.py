@@ -11,7 +11,7 @@ from tests.training.sft_helpers import write_task_data  # noqa: E402
 from training.config import SFTStage  # noqa: E402
 from training.sft import run_sft  # noqa: E402
 
-TRAIN_EVENT_KEYS = {"step", "max_steps", "loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s"}
+TRAIN_EVENT_KEYS = {"step", "max_steps", "loss", "lr", "grad_norm", "tokens_per_s", "peak_mem_gib", "elapsed_s"}
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +50,7 @@ def test_full_run_writes_checkpoint_result_and_progress(model_dir, data_dir, tmp
     train = [e for e in events if "loss" in e]
     val = [e for e in events if "val_loss" in e]
     assert [e["step"] for e in train] == [2, 4, 6] and all(set(e) == TRAIN_EVENT_KEYS for e in train)
+    assert all(0 < e["peak_mem_gib"] < 64 for e in train)  # CPU: the resident set's high-water, no MFU
     assert [e["step"] for e in val] == [0, 3, 6]  # the shared loop measures the start too (val_before)
     assert train[-1]["loss"] < train[0]["loss"] and val[-1]["val_loss"] < val[0]["val_loss"]
     assert train[0]["lr"] == pytest.approx(5e-3)  # step 2 is the first after the one warmup step

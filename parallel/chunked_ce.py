@@ -1,0 +1,187 @@
+"""Linear + cross-entropy over token chunks: the [tokens, vocab] logits are never materialised whole.
+
+The plain token loss runs lm_head on every position and keeps [tokens, vocab] logits (plus their fp32
+copy and its gradient) alive until backward: 8 x 2048 x 128k x 4 B = 8.6 GB at a 128k vocabulary. Here
+the decoder's hidden states of the label positions only go through `ChunkedLinearCE`, which computes
+each chunk's logits and drops them. The gradients of the hidden states and of the head weight come from
+the same chunk's logits in forward (the default: no second head matmul) or from logits recomputed in
+backward (recompute=True). The value is the same summed cross-entropy as parallel.trainer.summed_ce (fp32
+softmax of logits in the compute dtype).
+
+Under a vocab-parallel head each tp rank holds a slice of the vocabulary: the softmax's max, sum and the
+target logit are all-reduced over the tp group per chunk, and the hidden states' gradient (a partial sum
+over the vocabulary) is all-reduced in backward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from parallel.distributed.pipeline import find_decoder
+
+IGNORE_INDEX = -100
+# Config attributes of families whose logits are not the plain head projection.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def auto_chunk_tokens(num_tokens: int, hidden: int, vocab: int) -> int:
+    """A chunk whose logits are about the size of the hidden states it comes from, at least 1024 tokens (the
+    head's matmuls stay large: 1024 x 128k fp32 logits are 0.5 GB, against 8.6 GB for 8 x 2048 tokens)."""
+    target = max(1024, -(-num_tokens * hidden // vocab))
+    return 1 << (target - 1).bit_length()
+
+
+def why_not_chunked(model: nn.Module) -> str | None:
+    """Why the token loss of `model` cannot be computed from its hidden states and head weight (None: it can)."""
+    _, decoder, _, head = find_decoder(model)
+    if type(head) is not nn.Linear:
+        return f"its head is a {type(head).__name__} (adapters or a wrapper on lm_head)"
+    if head.bias is not None:
+        return "its head has a bias"
+    if head.out_features != decoder.config.vocab_size:
+        return "its head is not a vocabulary projection"
+    for name in _LOGIT_TRANSFORMS:
+        value = getattr(decoder.config, name, None)
+        if value not in (None, 1, 1.0):
+            return f"its logits are transformed ({name}={value})"
+    return None
+
+
+class ChunkedLinearCE(torch.autograd.Function):
+    """sum_i CE(hidden_i @ weight^T, target_i) over rows of hidden [n, h] with targets [n] (none ignored),
+        chunk rows at a time. weight [v, h] is this rank's vocabulary slice when `group` is a tp group
+        (vocab_start: its first token id); the result is then the full loss on every rank of the group.
+
+        recompute: backward recomputes each chunk's logits (a second head matmul; forward keeps one
+        log-sum-exp per row). Otherwise forward, which has each chunk's logits at hand, also computes the
+        unscaled gradients and backward only scales them: the same peak memory (the head's gradients are the
+        first ones backward allocates anyway, while every activation is still held) and one head matmul fewer:
+    the plain loss's three."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk, group, vocab_start, recompute):
+        ctx.chunk, ctx.group, ctx.vocab_start, ctx.recompute = chunk, group, vocab_start, recompute
+        ctx.dtypes, ctx.used = (hidden.dtype, weight.dtype), False
+        grads = not recompute and (hidden.requires_grad or weight.requires_grad)
+        grad_hidden, grad_weight = _zero_grads(hidden, weight) if grads else (None, None)
+        lse = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            logits = (hidden[rows] @ weight.t()).float()
+            chunk_lse, target_logit = _lse_and_target(logits, targets[rows], group, vocab_start)
+            lse[rows] = chunk_lse
+            total += (chunk_lse - target_logit).sum()
+            if grads:
+                _add_chunk_grads(ctx, logits, chunk_lse, targets[rows], hidden, weight, rows, grad_hidden, grad_weight)
+        if grads:
+            ctx.save_for_backward(grad_hidden, grad_weight)
+        else:
+            ctx.save_for_backward(hidden, weight, targets, lse)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        if ctx.recompute:
+            hidden, weight, targets, lse = ctx.saved_tensors
+            grad_hidden, grad_weight = _zero_grads(hidden, weight)
+            for start in range(0, hidden.shape[0], ctx.chunk):
+                rows = slice(start, start + ctx.chunk)
+                logits = (hidden[rows] @ weight.t()).float()
+                _add_chunk_grads(ctx, logits, lse[rows], targets[rows], hidden, weight, rows, grad_hidden, grad_weight)
+        else:
+            if ctx.used:
+                raise RuntimeError("ChunkedLinearCE: backward through the same forward twice (retain_graph)")
+            ctx.used = True
+            grad_hidden, grad_weight = ctx.saved_tensors
+        hidden_dtype, weight_dtype = ctx.dtypes
+        if grad_hidden is not None:  # in place: no second fp32 copy at the start of backward
+            grad_hidden = grad_hidden.mul_(grad_total)
+            if ctx.group is not None:  # each rank's vocabulary slice gave a partial sum
+                dist.all_reduce(grad_hidden, group=ctx.group)
+            grad_hidden = grad_hidden.to(hidden_dtype)
+        if grad_weight is not None:
+            grad_weight = grad_weight.mul_(grad_total).to(weight_dtype)
+        return grad_hidden, grad_weight, None, None, None, None, None
+
+
+def _zero_grads(hidden, weight):
+    """fp32 buffers for the gradients of hidden (rows written once) and weight (summed over chunks); None
+    for one that needs none (a frozen head under LoRA)."""
+    return tuple(
+        torch.zeros(t.shape, dtype=torch.float32, device=t.device) if t.requires_grad else None
+        for t in (hidden, weight)
+    )
+
+
+def _add_chunk_grads(ctx, logits, lse, targets, hidden, weight, rows, grad_hidden, grad_weight):
+    """d CE / d logits = softmax - one_hot(target), through the head's matmuls in the compute dtype."""
+    grad_logits = logits.sub_(lse[:, None]).exp_()  # in place: the chunk's logits are not needed again
+    local = targets - ctx.vocab_start
+    mine = (local >= 0) & (local < weight.shape[0])
+    grad_logits[mine.nonzero().squeeze(1), local[mine]] -= 1.0
+    grad_logits = grad_logits.to(hidden.dtype)
+    fp32 = hidden.dtype == torch.float32  # straight into the fp32 buffers: no temporaries per chunk
+    if grad_hidden is not None:
+        if fp32:
+            torch.mm(grad_logits, weight, out=grad_hidden[rows])
+        else:
+            grad_hidden[rows] = grad_logits @ weight
+    if grad_weight is not None:
+        if fp32:
+            grad_weight.addmm_(grad_logits.t(), hidden[rows])
+        else:
+            grad_weight += grad_logits.t() @ hidden[rows]
+
+
+def _lse_and_target(logits, targets, group, vocab_start):
+    """Per-row log-sum-exp of the (vocab-sharded over `group`) logits and each row's target logit, in fp32."""
+    if group is None:
+        return torch.logsumexp(logits, dim=1), logits.gather(1, targets[:, None]).squeeze(1)
+    top = logits.max(dim=1).values
+    dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+    sum_exp = torch.exp(logits - top[:, None]).sum(dim=1)
+    dist.all_reduce(sum_exp, group=group)
+    local = targets - vocab_start
+    mine = (local >= 0) & (local < logits.shape[1])
+    target_logit = torch.where(mine, logits.gather(1, local.clamp(0, logits.shape[1] - 1)[:, None]).squeeze(1), 0.0)
+    dist.all_reduce(target_logit, group=group)
+    return top + torch.log(sum_exp), target_logit
+
+
+def chunked_ce(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    chunk_tokens: int | None = None,
+    *,
+    recompute: bool = False,
+):
+    """Summed next-token cross-entropy of hidden states [rows, seq, h] through a head weight [vocab, h]
+    (a vocab-sharded DTensor under a vocab-parallel head) against labels [rows, seq]: the value of
+    summed_ce(hidden @ weight^T, labels). Under autocast the matmuls run in its dtype, like lm_head's.
+    chunk_tokens: None picks auto_chunk_tokens. recompute: see ChunkedLinearCE."""
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    hidden = hidden[:, :-1][keep]  # only label positions: the others have no loss and no gradient
+    targets = targets[keep]
+    group, vocab_start = None, 0
+    if isinstance(weight, DTensor):
+        mesh = weight.device_mesh
+        group = mesh.get_group()
+        vocab_start = mesh.get_local_rank() * (weight.shape[0] // mesh.size())
+        weight = weight.to_local()
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+    chunk = chunk_tokens or auto_chunk_tokens(hidden.shape[0], hidden.shape[1], weight.shape[0] * _size(group))
+    with torch.autocast(device, enabled=False):
+        return ChunkedLinearCE.apply(hidden, weight, targets, chunk, group, vocab_start, recompute)
+
+
+def _size(group) -> int:
+    return 1 if group is None else dist.get_world_size(group)
