@@ -180,7 +180,7 @@ def run_hpcft(spec: dict, model, data: list[dict], clock: Clock) -> list[float]:
     optim = OptimConfig(**OPTIM, warmup_steps=0, min_lr_ratio=1.0)
     learner = Learner.build(
         None,
-        ParallelConfig(compile=spec["compile"]),
+        ParallelConfig(compile=spec["compile"], loss_chunk_tokens=None),
         mode="lora" if spec["lora"] else "full",
         optim=optim,
         num_updates=spec["steps"],

@@ -59,11 +59,12 @@ class ParallelConfig(BaseModel):
         "checkpointing, before FSDP); the first steps pay the compile time",
     )
     loss_chunk_tokens: int | None = Field(
-        None,
+        0,
         ge=0,
         description="the token loss runs lm_head + cross-entropy this many label tokens at a time "
         "(parallel.chunked_ce), so [tokens, vocab] logits are never held whole. Unset: chunks whose logits "
-        "match the hidden states' size; 0: off. Applies at pp = 1 and ZeRO <= 1 to a plain head",
+        "match the hidden states' size; 0 (the default for now): off. Applies at pp = 1 and ZeRO <= 1 "
+        "to a plain head",
     )
 
     @property
