@@ -95,18 +95,26 @@ class _BatchedScorer(BaseFilter):
     """Scores rows a batch at a time with a local HF model; keeps every score for the manifest."""
 
     needs_fresh_process = True  # data_tools.stage.local_executor spawns its ranks rather than forking them
+    auto_class: str  # the transformers Auto class the model directory loads with
 
-    def __init__(self, batch_size: int, scores_folder: DataFolderLike, exclusion_writer: DiskWriter | None):
-        super().__init__(exclusion_writer, batch_size=batch_size)
+    def __init__(
+        self, cfg, model_dir: str, scores_folder: DataFolderLike, exclusion_writer: DiskWriter | None
+    ):  # cfg: the filter's config (batch_size, field, max_tokens)
+        super().__init__(exclusion_writer, batch_size=cfg.batch_size)
         self.scores_folder = scores_folder
+        self.model_dir, self.field, self.max_tokens = model_dir, cfg.field, cfg.max_tokens
         self._model, self._tokenizer, self._scores = None, None, []
 
-    @abstractmethod
     def load(self):
         """(model, tokenizer) on the rank's device: the GPU in bf16 when the job has one, else CPU float32."""
+        import transformers
 
-    @abstractmethod
-    def text(self, doc: Document) -> str: ...
+        device, dtype = _device_and_dtype()
+        model = getattr(transformers, self.auto_class).from_pretrained(self.model_dir, dtype=dtype)
+        return model.to(device).eval(), transformers.AutoTokenizer.from_pretrained(self.model_dir)
+
+    def text(self, doc: Document) -> str:
+        return row_text(doc.metadata, self.field)
 
     @abstractmethod
     def score(self, texts: list[str]) -> list[float]: ...
@@ -152,6 +160,7 @@ class PerplexityScorer(_BatchedScorer):
 
     name = "🧮 Perplexity"
     metadata_key = "perplexity"
+    auto_class = "AutoModelForCausalLM"
 
     def __init__(
         self,
@@ -160,18 +169,8 @@ class PerplexityScorer(_BatchedScorer):
         scores_folder: DataFolderLike,
         exclusion_writer: DiskWriter | None = None,
     ):
-        super().__init__(cfg.batch_size, scores_folder, exclusion_writer)
-        self.model_dir, self.field, self.max_tokens, self.max = model_dir, cfg.field, cfg.max_tokens, cfg.max
-
-    def load(self):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        device, dtype = _device_and_dtype()
-        model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=dtype).to(device).eval()
-        return model, AutoTokenizer.from_pretrained(self.model_dir)
-
-    def text(self, doc: Document) -> str:
-        return row_text(doc.metadata, self.field)
+        super().__init__(cfg, model_dir, scores_folder, exclusion_writer)
+        self.max = cfg.max
 
     def score(self, texts: list[str]) -> list[float]:
         import torch
@@ -235,21 +234,11 @@ class ClassifierScorer(_BatchedScorer):
 
     name = "🏷 Quality classifier"
     metadata_key = "classifier_score"
+    auto_class = "AutoModelForSequenceClassification"
 
     def __init__(self, cfg: ClassifierConfig, scores_folder: DataFolderLike, exclusion_writer: DiskWriter | None):
-        super().__init__(cfg.batch_size, scores_folder, exclusion_writer)
-        self.model_dir, self.label, self.min_score = cfg.model, cfg.label, cfg.min_score
-        self.field, self.max_tokens = cfg.field, cfg.max_tokens
-
-    def load(self):
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        device, dtype = _device_and_dtype()
-        model = AutoModelForSequenceClassification.from_pretrained(self.model_dir, dtype=dtype).to(device).eval()
-        return model, AutoTokenizer.from_pretrained(self.model_dir)
-
-    def text(self, doc: Document) -> str:
-        return row_text(doc.metadata, self.field)
+        super().__init__(cfg, cfg.model, scores_folder, exclusion_writer)
+        self.label, self.min_score = cfg.label, cfg.min_score
 
     def score(self, texts: list[str]) -> list[float]:
         import torch
