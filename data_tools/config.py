@@ -2,21 +2,85 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from eval.judge import Endpoint
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+DEFAULT_SYNTH_TEMPLATE = (
+    "Write {n} new, varied instruction/response pairs for training a helpful assistant, about: {seed}\n"
+    'Reply with only a JSON array of {n} objects, each with the string fields "instruction" and "response".'
+)
+
+
+class SynthesizeConfig(_Section):
+    """Rows an OpenAI-compatible endpoint or a local HF model writes from seeds (data_tools.synthesize)."""
+
+    endpoint: Endpoint | None = Field(None, description="the judge's client settings: base_url, model, api_key_env")
+    local: str | None = Field(None, description="a local HF causal-LM directory (absolute path) as the generator")
+    topics: list[str] | None = Field(None, min_length=1, description="seed topics, one request each")
+    seed_rows: str | None = Field(None, description="a JSONL file of example rows (any chat format), one seed each")
+    template: str = Field(
+        DEFAULT_SYNTH_TEMPLATE, description="the request; {seed} is the topic or example row, {n} rows_per_seed"
+    )
+    rows_per_seed: int = Field(2, ge=1, le=100)
+    temperature: float = Field(0.8, ge=0, le=2)
+    max_tokens: int = Field(512, ge=1)
+
+    @field_validator("local")
+    @classmethod
+    def _absolute(cls, value: str | None) -> str | None:
+        return _local_path(value)
+
+    @field_validator("template")
+    @classmethod
+    def _placeholder(cls, value: str) -> str:
+        if "{seed}" not in value:
+            raise ValueError("the template must contain {seed} (where the topic or example row goes)")
+        return value
+
+    @model_validator(mode="after")
+    def _one_each(self) -> "SynthesizeConfig":
+        if (self.endpoint is None) == (self.local is None):
+            raise ValueError("give exactly one generator: endpoint {base_url, model, api_key_env} or local: <dir>")
+        if (self.topics is None) == (self.seed_rows is None):
+            raise ValueError("give exactly one of `topics` or `seed_rows`")
+        return self
+
+    def problems(self, where: str, base: Path) -> list[str]:
+        """What can be checked before the stage runs, as 'field: message' lines."""
+        problems = []
+        if self.endpoint and self.endpoint.api_key_env and not os.environ.get(self.endpoint.api_key_env):
+            problems.append(
+                f"{where}.endpoint.api_key_env: environment variable {self.endpoint.api_key_env!r} is not set "
+                "(export it where the data jobs run)"
+            )
+        if self.local is not None and not (Path(self.local).expanduser() / "config.json").is_file():
+            problems.append(f"{where}.local: {self.local} is not a Hugging Face model directory (no config.json)")
+        if self.seed_rows is not None and not resolve(self.seed_rows, base).is_file():
+            problems.append(f"{where}.seed_rows: no such file: {self.seed_rows}")
+        return problems
+
+
+def resolve(path: str, base: Path) -> Path:
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else base / p
+
+
 class SourceConfig(_Section):
-    """One input: a file/glob of JSONL or Parquet rows, or a dataset the project generates."""
+    """One input: a file/glob of JSONL or Parquet rows, a dataset the project generates, or synthesized rows."""
 
     path: str | None = None
     generate: Literal["tiny-tasks", "tiny-preferences"] | None = None
+    synthesize: SynthesizeConfig | None = None
     format: Literal["auto", "alpaca", "sharegpt", "messages", "preference"] = "auto"
     num_rows: int = Field(2000, gt=0, description="rows to generate (generate only)")
     kinds: list[Literal["add", "sub", "mul", "max", "uppercase", "reverse", "double", "first_last"]] | None = Field(
@@ -35,8 +99,8 @@ class SourceConfig(_Section):
 
     @model_validator(mode="after")
     def _one_kind(self) -> "SourceConfig":
-        if (self.path is None) == (self.generate is None):
-            raise ValueError("set exactly one of `path` or `generate`")
+        if sum(x is not None for x in (self.path, self.generate, self.synthesize)) != 1:
+            raise ValueError("set exactly one of `path`, `generate` or `synthesize`")
         return self
 
 
@@ -262,6 +326,8 @@ class DataConfig(_Section):
         """Problems with input paths, as 'field: message' lines (paths resolve against `base`)."""
         problems = []
         for i, src in enumerate(self.sources):
+            if src.synthesize is not None:
+                problems += src.synthesize.problems(f"data.sources.{i}.synthesize", base)
             if src.path is None:
                 continue
             p = Path(src.path).expanduser()

@@ -334,6 +334,15 @@ def estimate_rows(cfg: DataConfig, base_dir: Path) -> int:
         if src.generate:
             rows += src.num_rows
             continue
+        if src.synthesize is not None:
+            rows += len(src.synthesize.topics or []) * src.synthesize.rows_per_seed
+            if src.synthesize.seed_rows is not None:
+                seeds = Path(src.synthesize.seed_rows).expanduser()
+                seeds = seeds if seeds.is_absolute() else base_dir / seeds
+                if seeds.is_file():
+                    with open(seeds, "rb") as f:
+                        rows += sum(1 for line in f if line.strip()) * src.synthesize.rows_per_seed
+            continue
         pattern = Path(src.path).expanduser()
         for path in map(Path, glob.glob(str(pattern if pattern.is_absolute() else base_dir / pattern))):
             if path.suffix == ".parquet":

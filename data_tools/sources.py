@@ -145,6 +145,8 @@ class SourceReader(PipelineStep):
                         if unreadable is not None:
                             raise RowError(unreadable)
                         record = {"id": row_id, **to_record(row, unit.fmt), "source": unit.display}
+                        if isinstance(row, dict) and isinstance(row.get("provenance"), dict):
+                            record["provenance"] = row["provenance"]  # synthesized rows (data_tools.synthesize)
                     except RowError as e:
                         raw = line if line is not None else json.dumps(row, default=str)
                         rejects.write(

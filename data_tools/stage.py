@@ -68,6 +68,11 @@ def run_data(
     template, template_source = chat_template_for(tokenizer_dir, cfg.format.chat_template)
     factory = executor_factory or local_executor
     report = _progress(progress)
+    synthesized = {}
+    for i, (src, _) in enumerate(files):
+        if src.synthesize is not None:
+            synthesized[i], paths = _synthesize(i, cfg, base_dir, out_dir, factory)
+            files[i] = (src, paths)
 
     listed = [
         (i, j, path, src.format, _display(path, base_dir))
@@ -96,6 +101,8 @@ def run_data(
             outputs[kind]["files"] |= _hash_files(_kind_dir(out_dir, kind), shard_files(store))
     manifest = _manifest(cfg, outputs)
     manifest["sources"] = [_source_entry(src, paths, base_dir) for src, paths in files]
+    for i, summary in synthesized.items():
+        manifest["sources"][i]["synthesized"] = summary | {"kept": _rows_of_source(out_dir, i)}
     manifest["tokenizer"] = {
         "path": str(tokenizer_dir),
         "chat_template": template_source,
@@ -162,7 +169,9 @@ def _source_files(cfg: DataConfig, base_dir: Path, raw_dir: Path) -> list[tuple[
         raise ValueError("; ".join(problems))
     files = []
     for i, src in enumerate(cfg.sources):
-        if src.generate:
+        if src.synthesize is not None:  # generated once the outputs are cleared (run_data)
+            files.append((src, []))
+        elif src.generate:
             generate = generate_tiny_preferences if src.generate == "tiny-preferences" else generate_tiny_tasks
             rows = generate(src.num_rows, src.seed, **({"kinds": tuple(src.kinds)} if src.kinds else {}))
             files.append((src, [write_jsonl(rows, raw_dir / f"{i:02d}-{src.generate}.jsonl")]))
@@ -170,6 +179,42 @@ def _source_files(cfg: DataConfig, base_dir: Path, raw_dir: Path) -> list[tuple[
             pattern = Path(src.path) if Path(src.path).is_absolute() else base_dir / src.path
             files.append((src, sorted(Path(p) for p in glob.glob(str(pattern)))))
     return files
+
+
+def _synthesize(index: int, cfg: DataConfig, base_dir: Path, out_dir: Path, factory) -> tuple[dict, list[Path]]:
+    """Source `index`'s synthetic rows (data_tools.synthesize) as one datatrove run over the seeds: (summary for
+    the manifest, the rows files the normalise run reads). Progress lives under raw/ (kept between runs),
+    malformed replies go to rejected/synthesize/<index>/."""
+    from data_tools.synthesize import Synthesizer, generator_name, load_seeds, read_synth_counts, sha256_text, state_key
+
+    synth = cfg.sources[index].synthesize
+    seeds = load_seeds(synth, base_dir)
+    state = out_dir / "raw" / f"{index:02d}-synthesize-{state_key(synth)}"
+    rows = out_dir / "work" / f"synthesize-{index:02d}"
+    tasks = min(cfg.tasks, len(seeds))
+    run = Run(f"synthesize_{index:02d}", [Synthesizer(synth, seeds, str(state), str(rows), cfg.pii)], tasks)
+    run_chain(Plan([run], []), out_dir / "work" / "logs", factory, lambda step: None)
+    malformed = out_dir / "rejected" / "synthesize" / f"{index:02d}"
+    malformed.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(rows / "malformed", malformed)
+    summary = {
+        "generator": generator_name(synth),
+        "template_sha256": sha256_text(synth.template),
+        "state": _display(state, out_dir),
+        "malformed_rows": _display(malformed, out_dir),
+        **read_synth_counts(rows),
+    }
+    return summary, sorted(rows.glob("*.jsonl"))
+
+
+def _rows_of_source(out_dir: Path, index: int) -> int:
+    """Chat rows of source `index` in the splits (row ids start with `s<index>`, data_tools.sources)."""
+    prefix, total = f"s{index:02d}f", 0
+    for name in SPLITS:
+        for path in sorted((out_dir / name).glob("*.jsonl")):
+            with open(path, encoding="utf-8") as f:
+                total += sum(1 for line in f if line.strip() and json.loads(line)["id"].startswith(prefix))
+    return total
 
 
 def chat_template_for(tokenizer_dir: Path, choice: str) -> tuple[str, str]:

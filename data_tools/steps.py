@@ -211,7 +211,8 @@ class SplitAssigner(PipelineStep):
 def _split_row(writer: DiskWriter, doc: Document) -> dict:
     meta = doc.metadata
     if "rejected" not in meta:
-        return {"id": doc.id, "messages": meta["messages"], "text": meta["rendered"]}
+        row = {"id": doc.id, "messages": meta["messages"], "text": meta["rendered"]}
+        return row | ({"provenance": meta["provenance"]} if "provenance" in meta else {})
     n = meta["prompt_turns"]
     return {
         "id": doc.id,

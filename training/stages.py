@@ -201,7 +201,9 @@ def _source_kinds(data) -> set[str]:
     """Row kinds the data section can produce: generated sets are known; files in `auto` may hold either."""
     kinds = set()
     for src in data.sources:
-        if src.generate:
+        if src.synthesize is not None:
+            kinds.add("chat")
+        elif src.generate:
             kinds.add("preference" if src.generate == "tiny-preferences" else "chat")
         elif src.format == "preference":
             kinds.add("preference")

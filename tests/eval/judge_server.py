@@ -1,5 +1,6 @@
 """A real OpenAI-compatible chat server on 127.0.0.1 for the judge tests: POST /v1/chat/completions answered
-by a deterministic rule `rule(messages) -> str | (status, str)`; it counts the requests it got."""
+by a deterministic rule `rule(messages, count) -> str | (status, str)`; it counts the requests it got and
+keeps the Authorization headers it saw."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ class JudgeServer:
     def __init__(self, rule):
         self.rule = rule
         self.requests = 0
+        self.authorizations = set()
         self.lock = threading.Lock()
         server = self
 
@@ -21,6 +23,7 @@ class JudgeServer:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with server.lock:
                     server.requests += 1
+                    server.authorizations.add(self.headers.get("Authorization"))
                     count = server.requests
                 if self.path != "/v1/chat/completions":
                     return self._send(404, {"error": {"message": f"no route {self.path}"}})
