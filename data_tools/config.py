@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -302,6 +302,33 @@ class DataConfig(_Section):
     format: FormatConfig = FormatConfig()
     splits: SplitConfig = SplitConfig()
     tasks: int = Field(2, ge=1, description="datatrove ranks (array elements) per step")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="fsspec options for URL sources and output (e.g. endpoint_url); credentials come from the "
+        "environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL), never from here",
+    )
+    output: str | None = Field(
+        None, description="an fsspec folder URL (s3://bucket/prefix) the finished outputs and manifest are copied to"
+    )
+
+    @field_validator("storage_options")
+    @classmethod
+    def _no_secrets(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from data_tools.storage import secret_options
+
+        problems = secret_options(value, "storage_options")
+        if problems:
+            raise ValueError(problems[0])
+        return value
+
+    @field_validator("output")
+    @classmethod
+    def _output_url(cls, value: str | None) -> str | None:
+        from data_tools.storage import is_url
+
+        if value is not None and not is_url(value):
+            raise ValueError(f"{value!r} is not a URL such as s3://bucket/prefix (local outputs are the run dir)")
+        return value
 
     @model_validator(mode="after")
     def _weights_all_or_none(self) -> "DataConfig":
@@ -328,7 +355,7 @@ class DataConfig(_Section):
         for i, src in enumerate(self.sources):
             if src.synthesize is not None:
                 problems += src.synthesize.problems(f"data.sources.{i}.synthesize", base)
-            if src.path is None:
+            if src.path is None or "://" in src.path:  # URLs are listed when the stage runs (credentials there)
                 continue
             p = Path(src.path).expanduser()
             p = p if p.is_absolute() else base / p

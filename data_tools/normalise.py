@@ -6,6 +6,7 @@ cannot be parsed is rejected with a short reason instead of failing the run.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 from pathlib import Path
@@ -212,11 +213,16 @@ def read_rows(path: Path) -> Iterator[tuple[int, object, str | None, str | None]
         for i, row in enumerate(pq.read_table(path).to_pylist()):
             yield i, row, None, None
         return
-    opener = gzip.open if path.suffix == ".gz" else open
+    with open(path, "rb") as f:
+        yield from read_stream(f, gzipped=path.suffix == ".gz")
+
+
+def read_stream(f, gzipped: bool = False) -> Iterator[tuple[int, object, str | None, str | None]]:
+    """read_rows of an open binary JSONL stream (a local file or a data_tools.storage URL)."""
     i = -1
-    with opener(path, "rb") as f:
+    with gzip.open(f, "rb") if gzipped else contextlib.nullcontext(f) as lines:
         try:
-            for i, raw in enumerate(f):
+            for i, raw in enumerate(lines):
                 yield (i, *_parse_line(raw, first=i == 0))
         except (EOFError, gzip.BadGzipFile, OSError) as err:  # a compressed file cut short
             yield i + 1, None, f"{type(err).__name__}: {err}", "truncated_file"

@@ -14,6 +14,7 @@ Each rank writes, per row kind (chat, preference), the normalised rows as its da
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,8 @@ from datatrove.data import DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
 
 from data_tools.config import PIIConfig
-from data_tools.normalise import KINDS, RowError, _parse_line, json_line, read_rows, record_text, row_kind, to_record
+from data_tools.normalise import KINDS, RowError, _parse_line, json_line, read_stream, record_text, row_kind, to_record
+from data_tools.storage import is_url, open_input, remote_info
 
 MIN_RANGE_BYTES = 1 << 20  # JSONL files are cut into ranges of at least this many bytes
 _BLOCK = 1 << 20
@@ -42,24 +44,30 @@ class Unit:
         return f"s{self.source:02d}f{self.file:03d}"
 
 
-def plan_units(files: list[tuple[int, int, Path, str, str]], tasks: int) -> list[Unit]:
-    """Units of (source index, file index, path, format, display path) files for `tasks` ranks."""
+def plan_units(files: list[tuple[int, int, str, str, str]], tasks: int, options: dict | None = None) -> list[Unit]:
+    """Units of (source index, file index, path or URL, format, display path) files for `tasks` ranks;
+    `options`: data.storage_options for URLs (data_tools.storage)."""
     units = []
     for source, index, path, fmt, display in files:
-        path = Path(path)
-        if path.suffix in (".parquet", ".pq"):
+        path, suffix = str(path), _suffix(path)
+        if suffix in (".parquet", ".pq"):
             import pyarrow.parquet as pq
 
-            groups = pq.ParquetFile(path).num_row_groups
-            units += [Unit(source, index, str(path), fmt, display, g, g + 1) for g in range(groups)]
-        elif path.suffix == ".gz":
-            units.append(Unit(source, index, str(path), fmt, display))
+            with open_input(path, options or {}) as f:
+                groups = pq.ParquetFile(f).num_row_groups
+            units += [Unit(source, index, path, fmt, display, g, g + 1) for g in range(groups)]
+        elif suffix == ".gz":
+            units.append(Unit(source, index, path, fmt, display))
         else:
-            size = path.stat().st_size
+            size = remote_info(path, options or {})["size"] if is_url(path) else Path(path).stat().st_size
             n = max(1, min(tasks, size // MIN_RANGE_BYTES))
             cuts = [size * k // n for k in range(n + 1)]
-            units += [Unit(source, index, str(path), fmt, display, a, b) for a, b in zip(cuts, cuts[1:])]
+            units += [Unit(source, index, path, fmt, display, a, b) for a, b in zip(cuts, cuts[1:])]
     return units
+
+
+def _suffix(path: str | Path) -> str:
+    return os.path.splitext(str(path))[1]
 
 
 def _line_start(f, offset: int) -> tuple[int, int]:
@@ -84,21 +92,21 @@ def _line_start(f, offset: int) -> tuple[int, int]:
     return start, lines
 
 
-def unit_rows(unit: Unit):
+def unit_rows(unit: Unit, options: dict | None = None):
     """(row index in its file, parsed row or None, raw line, unreadable reason or None) of a unit."""
-    path = Path(unit.path)
-    if path.suffix in (".parquet", ".pq"):
-        import pyarrow.parquet as pq
+    suffix = _suffix(unit.path)
+    with open_input(unit.path, options or {}) as f:
+        if suffix in (".parquet", ".pq"):
+            import pyarrow.parquet as pq
 
-        parquet = pq.ParquetFile(path)
-        first = sum(parquet.metadata.row_group(g).num_rows for g in range(unit.start))
-        for i, row in enumerate(parquet.read_row_group(unit.start).to_pylist()):
-            yield first + i, row, None, None
-        return
-    if path.suffix == ".gz" or unit.end is None:
-        yield from read_rows(path)
-        return
-    with open(path, "rb") as f:
+            parquet = pq.ParquetFile(f)
+            first = sum(parquet.metadata.row_group(g).num_rows for g in range(unit.start))
+            for i, row in enumerate(parquet.read_row_group(unit.start).to_pylist()):
+                yield first + i, row, None, None
+            return
+        if suffix == ".gz" or unit.end is None:
+            yield from read_stream(f, gzipped=suffix == ".gz")
+            return
         position, index = _line_start(f, unit.start)
         f.seek(position)
         while position < unit.end:
@@ -116,9 +124,10 @@ class SourceReader(PipelineStep):
     type = "📖 - READER"
     name = "📖 Sources"
 
-    def __init__(self, units: list[Unit], work_dir: str, pii: PIIConfig):
+    def __init__(self, units: list[Unit], work_dir: str, pii: PIIConfig, storage_options: dict | None = None):
         super().__init__()
         self.units, self.work_dir, self.pii = units, work_dir, pii
+        self.storage_options = storage_options or {}
 
     def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         from data_tools.pii import Scrubber
@@ -133,7 +142,7 @@ class SourceReader(PipelineStep):
         read = dict.fromkeys(KINDS, 0)
         try:
             for unit in self.units[rank::world_size]:
-                for i, row, line, unreadable in unit_rows(unit):
+                for i, row, line, unreadable in unit_rows(unit, self.storage_options):
                     if unreadable == "blank":
                         continue
                     kind = row_kind(row, unit.fmt)

@@ -22,6 +22,7 @@ from data_tools.quality import reason_key, step_stats
 from data_tools.sources import SourceReader, plan_units, read_counts
 from data_tools.splits import sha256_file
 from data_tools.steps import SPLITS
+from data_tools.storage import expand, is_url, remote_info, sha256_input, upload
 from data_tools.synth import generate_tiny_preferences, generate_tiny_tasks, write_jsonl
 from data_tools.tokens import shard_files, write_meta
 
@@ -79,7 +80,8 @@ def run_data(
         for i, (src, paths) in enumerate(files)
         for j, path in enumerate(paths)
     ]
-    normalise = Run("normalise", [SourceReader(plan_units(listed, cfg.tasks), str(work), cfg.pii)], cfg.tasks)
+    units = plan_units(listed, cfg.tasks, cfg.storage_options)
+    normalise = Run("normalise", [SourceReader(units, str(work), cfg.pii, cfg.storage_options)], cfg.tasks)
     run_chain(Plan([normalise], []), work / "logs", factory, lambda step: None)
     read = read_counts(work)
     kinds = [kind for kind in KINDS if read[kind]]
@@ -100,7 +102,7 @@ def run_data(
             outputs[kind]["tokens"] = meta["splits"]
             outputs[kind]["files"] |= _hash_files(_kind_dir(out_dir, kind), shard_files(store))
     manifest = _manifest(cfg, outputs)
-    manifest["sources"] = [_source_entry(src, paths, base_dir) for src, paths in files]
+    manifest["sources"] = [_source_entry(src, paths, base_dir, cfg.storage_options) for src, paths in files]
     for i, summary in synthesized.items():
         manifest["sources"][i]["synthesized"] = summary | {"kept": _rows_of_source(out_dir, i)}
     manifest["tokenizer"] = {
@@ -108,6 +110,8 @@ def run_data(
         "chat_template": template_source,
         "chat_template_sha256": _sha256_bytes(template.encode()),
     }
+    if cfg.output is not None:
+        manifest["output"] = cfg.output
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     for folder in work.iterdir():  # intermediates hold unscrubbed rows; logs and PII counts stay
         if folder.name in kinds:
@@ -116,6 +120,9 @@ def run_data(
                     shutil.rmtree(sub)
         elif folder.name != "logs":
             shutil.rmtree(folder)
+    if cfg.output is not None:  # the manifest last: a reader that finds it finds everything it names
+        names = [n for n in (*SPLITS, "rejected", "tokens", "preference") if (out_dir / n).is_dir()]
+        upload(out_dir, cfg.output, cfg.storage_options, names + ["manifest.json"])
     report("manifest")
     if not any(out["splits"].get("train") for out in outputs.values()):
         raise ValueError(
@@ -162,8 +169,9 @@ def _manifest(cfg: DataConfig, outputs: dict[str, dict]) -> dict:
     return manifest
 
 
-def _source_files(cfg: DataConfig, base_dir: Path, raw_dir: Path) -> list[tuple[SourceConfig, list[Path]]]:
-    """Each source with its files; generated sources are written to `raw_dir` first."""
+def _source_files(cfg: DataConfig, base_dir: Path, raw_dir: Path) -> list[tuple[SourceConfig, list[Path | str]]]:
+    """Each source with its files (paths, or URLs for object storage); generated sources are written to
+    `raw_dir` first."""
     problems = cfg.check_paths(base_dir)
     if problems:
         raise ValueError("; ".join(problems))
@@ -175,6 +183,11 @@ def _source_files(cfg: DataConfig, base_dir: Path, raw_dir: Path) -> list[tuple[
             generate = generate_tiny_preferences if src.generate == "tiny-preferences" else generate_tiny_tasks
             rows = generate(src.num_rows, src.seed, **({"kinds": tuple(src.kinds)} if src.kinds else {}))
             files.append((src, [write_jsonl(rows, raw_dir / f"{i:02d}-{src.generate}.jsonl")]))
+        elif is_url(src.path):
+            urls = expand(src.path, cfg.storage_options)
+            if not urls:
+                raise ValueError(f"data.sources.{i}.path: {src.path} names no files")
+            files.append((src, urls))
         else:
             pattern = Path(src.path) if Path(src.path).is_absolute() else base_dir / src.path
             files.append((src, sorted(Path(p) for p in glob.glob(str(pattern)))))
@@ -356,13 +369,25 @@ def _pii_counts(folder: Path) -> dict:
     return dict(sorted(totals.items()))
 
 
-def _source_entry(src: SourceConfig, paths: list[Path], base_dir: Path) -> dict:
+def _source_entry(src: SourceConfig, paths: list[Path | str], base_dir: Path, options: dict) -> dict:
+    """The source's settings and, per file, its path and sha256; a URL's ETag and size too, checked against
+    the listing's: a file replaced while the stage read it fails the stage."""
     entry = src.model_dump(mode="json", exclude_none=True)
-    entry["files"] = [{"path": _display(p, base_dir), "sha256": sha256_file(p)} for p in paths]
+    entry["files"] = []
+    for p in paths:
+        if not is_url(p):
+            entry["files"].append({"path": _display(p, base_dir), "sha256": sha256_file(p)})
+            continue
+        info, sha = remote_info(p, options), sha256_input(p, options)
+        if remote_info(p, options) != info:
+            raise RuntimeError(f"data: {p} changed while the data stage read it; run the stage again")
+        entry["files"].append(info | {"path": p, "sha256": sha})
     return entry
 
 
-def _display(path: Path, base_dir: Path) -> str:
+def _display(path: Path | str, base_dir: Path) -> str:
+    if is_url(path):
+        return path
     try:
         return str(path.relative_to(base_dir))
     except ValueError:
