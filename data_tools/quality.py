@@ -63,8 +63,8 @@ class LanguageFilter(BaseFilter):
         super().__init__(exclusion_writer)
         self.keep, self.min_score = set(cfg.keep), cfg.min_score
         self.model_path = str(Path(cfg.model).expanduser() if cfg.model else default_language_model())
-        self.counts_folder = counts_folder
-        self._model, self._counts = None, Counter()
+        self.counts_folder = counts_folder  # per rank: languages counted (.json) and every top score (.npy)
+        self._model, self._counts, self._scores = None, Counter(), []
 
     def detect(self, text: str) -> tuple[str, float]:
         if self._model is None:
@@ -78,14 +78,18 @@ class LanguageFilter(BaseFilter):
         language, score = self.detect(row_text(doc.metadata, "all", one_line=True))
         doc.metadata["language"], doc.metadata["language_score"] = language, round(score, 4)
         self._counts[language] += 1
+        self._scores.append(score)
         if language in self.keep and score >= self.min_score:
             return True
         return False, f"language={language} score={score:.2f}"
 
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
-        self._counts = Counter()
+        self._counts, self._scores = Counter(), []
         yield from super().run(data, rank, world_size)
         _write_rank_file(self.counts_folder, f"{rank:05d}.json", json.dumps(dict(self._counts)).encode())
+        buffer = io.BytesIO()
+        np.save(buffer, np.asarray(self._scores, dtype=np.float64))
+        _write_rank_file(self.counts_folder, f"{rank:05d}.npy", buffer.getvalue())
 
     def __getstate__(self):
         return {**self.__dict__, "_model": None}
@@ -311,7 +315,10 @@ def step_stats(cfg: FilterConfig, work: Path) -> dict[str, dict]:
         counts = Counter()
         for path in sorted((work / "language").glob("*.json")):
             counts.update(json.loads(path.read_text()))
-        stats["language"] = {"languages": dict(counts.most_common())}
+        stats["language"] = {
+            "languages": dict(counts.most_common()),
+            "scores": distribution(read_scores(work / "language"), False),  # the top language's probability
+        }
     if cfg.classifier is not None:
         stats["classifier"] = {"scores": distribution(read_scores(work / "scores" / "classifier"), False)}
     if cfg.perplexity is not None:

@@ -122,6 +122,8 @@ def _data(ctx: StageContext) -> dict:
     for kind, steps in (("", manifest.get("steps")), ("preference/", manifest.get("preference", {}).get("steps"))):
         for i, (metrics, kept) in enumerate(funnel_metrics(steps or {}, kind)):
             ctx.tracker.log_metrics(ctx.run_id, metrics | {f"{kind}funnel.rows_kept": kept}, step=i)
+        if scores := score_metrics(steps or {}, kind):
+            ctx.tracker.log_metrics(ctx.run_id, scores)
     ctx.tracker.set_tags(ctx.run_id, {"hpcft.data_manifest_hash": manifest.get("manifest_hash", "")})
     ctx.tracker.log_dataset(ctx.rd.read_meta()["parent_run_id"], data_input(ctx.recipe, ctx.out_dir, manifest))
     return {"manifest_hash": manifest.get("manifest_hash"), "splits": splits}
@@ -138,6 +140,23 @@ def funnel_metrics(steps: dict, prefix: str = "") -> list[tuple[dict[str, int], 
         metrics |= {tag_key(f"{prefix}funnel/{name}/reasons/{r}"): n for r, n in (st.get("reasons") or {}).items()}
         out.append((metrics, st.get("kept", 0)))
     return out
+
+
+def score_metrics(steps: dict, prefix: str = "") -> dict[str, float]:
+    """The model-based filters' score distributions (language, perplexity, classifier: count, mean,
+    percentiles, and the percentile bounds a keep_percentiles filter used) as
+    `<prefix>scores/<step>/<statistic>`; the histograms stay in the manifest artifact."""
+    from eval.registry import tag_key
+
+    metrics = {}
+    for name, st in steps.items():
+        scores = st.get("scores") or {}
+        for key, value in scores.items():
+            if key != "histogram":
+                metrics[tag_key(f"{prefix}scores/{name}/{key}")] = value
+        for bound, value in zip(("lower_bound", "upper_bound"), st.get("bounds") or ()):
+            metrics[tag_key(f"{prefix}scores/{name}/{bound}")] = value
+    return metrics
 
 
 def data_input(recipe: Recipe, data_dir: Path, manifest: dict) -> dict:

@@ -45,8 +45,11 @@ def test_language_filter_keeps_listed_languages_and_counts_them(tmp_path):
     assert counts == {kind: n for kind, n in _count(kinds, shuffled_as="en").items()}
     cfg = DataConfig(sources=[{"generate": "tiny-tasks"}], filters={"language": {"keep": ["en"]}}).filters
     (tmp_path / "language").mkdir()
-    (tmp_path / "counts" / "00000.json").rename(tmp_path / "language" / "00000.json")
-    assert step_stats(cfg, tmp_path)["language"]["languages"]["de"] == 6
+    for name in ("00000.json", "00000.npy"):
+        (tmp_path / "counts" / name).rename(tmp_path / "language" / name)
+    stats = step_stats(cfg, tmp_path)["language"]
+    assert stats["languages"]["de"] == 6
+    assert stats["scores"]["count"] == len(rows) and 0 < stats["scores"]["p5"] <= stats["scores"]["p95"] <= 1
 
 
 def _count(kinds: dict[str, str], shuffled_as: str) -> dict[str, int]:

@@ -3,6 +3,8 @@ and the layout / Slurm lineage tags (the e2e test reads them back from a real ru
 
 import json
 
+import pytest
+
 from eval import lineage
 from hpc import jobs
 
@@ -50,6 +52,31 @@ def test_funnel_metrics_per_step_in_order():
     assert dedup["preference/funnel/exact_dedup/reasons/exact_duplicate"] == 3
     assert "preference/funnel/exact_dedup/reasons/odd_name" in dedup  # a key MLflow takes
     assert (kept_pii, kept_dedup) == (10, 7)
+
+
+def test_score_metrics_are_the_filters_percentiles_not_their_histograms():
+    import numpy as np
+
+    from data_tools.quality import distribution
+
+    perplexity = {"in": 5, "kept": 4, "scores": distribution(np.array([2.0, 4.0, 8.0, 16.0, 900.0]), True)}
+    steps = {"pii": {"in": 5, "kept": 5}, "perplexity": perplexity | {"bounds": [2.5, 300.0]}}
+    steps["language"] = {"in": 5, "scores": distribution(np.array([0.9, 0.99]), False), "languages": {"en": 2}}
+    metrics = jobs.score_metrics(steps, "preference/")
+    assert metrics["preference/scores/perplexity/p50"] == 8.0 and metrics["preference/scores/perplexity/count"] == 5
+    assert metrics["preference/scores/perplexity/upper_bound"] == 300.0
+    assert metrics["preference/scores/language/mean"] == pytest.approx(0.945)
+    assert {k.rsplit("/", 1)[1] for k in metrics if "/perplexity/" in k} == {
+        "count",
+        "mean",
+        "p5",
+        "p25",
+        "p50",
+        "p75",
+        "p95",
+        "lower_bound",
+        "upper_bound",
+    }
 
 
 def test_dataset_input_digest_fits_mlflow_and_profile_keeps_the_hash(tmp_path):
