@@ -200,3 +200,23 @@ def test_recipe_errors_name_the_field(tmp_path, monkeypatch):
         + "\n"
     )
     assert len(load_seeds(cfg.sources[0].synthesize, tmp_path)) == 1  # the same seed twice is asked once
+
+
+@pytest.mark.slow
+def test_local_model_generator_is_asked_once_per_seed(tmp_path):
+    """A local HF directory writes the replies (a random tiny model: what it writes is not JSON, so every
+    reply is kept aside as malformed, with the model's text)."""
+    from parallel.tiny import build_tiny_model
+
+    model_dir = build_tiny_model("micro-llama", tmp_path / "model")
+    cfg = SynthesizeConfig(local=str(model_dir), topics=["kites", "tides"], max_tokens=8, temperature=0)
+    seeds = load_seeds(cfg, tmp_path)
+    step = Synthesizer(cfg, seeds, str(tmp_path / "state"), str(tmp_path / "rows"), PIIConfig())
+    assert step.needs_fresh_process  # torch ranks are spawned (data_tools.stage.local_executor)
+    list(step.run(rank=0, world_size=1))
+    counts = json.loads((tmp_path / "rows" / "counts" / "00000.json").read_text())
+    assert counts["requests"] == 2 and counts["generated"] + sum(counts["malformed"].values()) == 2
+    malformed = (tmp_path / "rows" / "malformed" / "00000.jsonl").read_text().splitlines()
+    assert len(malformed) == sum(counts["malformed"].values())
+    list(step.run(rank=0, world_size=1))
+    assert json.loads((tmp_path / "rows" / "counts" / "00000.json").read_text())["requests"] == 0
