@@ -316,7 +316,7 @@ class DataConfig(_Section):
     def _no_secrets(cls, value: dict[str, Any]) -> dict[str, Any]:
         from data_tools.storage import secret_options
 
-        problems = secret_options(value, "storage_options")
+        problems = secret_options(value)
         if problems:
             raise ValueError(problems[0])
         return value

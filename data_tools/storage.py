@@ -21,15 +21,16 @@ def is_url(path: str | Path) -> bool:
     return isinstance(path, str) and "://" in path and not path.startswith("file://")
 
 
-def secret_options(options: dict, where: str) -> list[str]:
-    """'field: message' lines for option names that would put credentials into the recipe."""
+def secret_options(options: dict, where: str = "") -> list[str]:
+    """One message per option name (dotted path inside `options`) that would put credentials into the recipe."""
     problems = []
     for name, value in options.items():
+        path = f"{where}.{name}" if where else name
         if isinstance(value, dict):
-            problems += secret_options(value, f"{where}.{name}")
+            problems += secret_options(value, path)
         elif SECRET_OPTION.search(name):
             problems.append(
-                f"{where}.{name}: credentials come from the environment (e.g. AWS_ACCESS_KEY_ID, "
+                f"{path!r} would hold credentials; they come from the environment (e.g. AWS_ACCESS_KEY_ID, "
                 "AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL), never from the recipe"
             )
     return problems

@@ -101,7 +101,7 @@ def test_missing_objects_and_secrets_in_the_recipe_are_user_errors(tmp_path, tok
     cfg = DataConfig(sources=[{"path": "s3://corpus/nothing/*.jsonl"}])
     with pytest.raises(ValueError, match=r"data.sources.0.path: s3://corpus/nothing/\*.jsonl names no files"):
         run_data(cfg, tokenizer_dir, tmp_path / "out", base_dir=tmp_path)
-    with pytest.raises(ValidationError, match="storage_options.client_kwargs.aws_secret_access_key: credentials"):
+    with pytest.raises(ValidationError, match="'client_kwargs.aws_secret_access_key' would hold credentials"):
         DataConfig(sources=[{"path": "x"}], storage_options={"client_kwargs": {"aws_secret_access_key": "x"}})
     with pytest.raises(ValidationError, match="is not a URL such as s3://bucket/prefix"):
         DataConfig(sources=[{"path": "x"}], output="/tmp/out")
