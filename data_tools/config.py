@@ -53,6 +53,8 @@ class SynthesizeConfig(_Section):
             raise ValueError("give exactly one generator: endpoint {base_url, model, api_key_env} or local: <dir>")
         if (self.topics is None) == (self.seed_rows is None):
             raise ValueError("give exactly one of `topics` or `seed_rows`")
+        if self.topics is not None and not all(topic.strip() for topic in self.topics):
+            raise ValueError("topics: a topic is empty")
         return self
 
     def problems(self, where: str, base: Path) -> list[str]:

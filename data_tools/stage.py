@@ -201,7 +201,10 @@ def _synthesize(index: int, cfg: DataConfig, base_dir: Path, out_dir: Path, fact
     from data_tools.synthesize import Synthesizer, generator_name, load_seeds, read_synth_counts, sha256_text, state_key
 
     synth = cfg.sources[index].synthesize
-    seeds = load_seeds(synth, base_dir)
+    try:
+        seeds = load_seeds(synth, base_dir)
+    except ValueError as err:
+        raise ValueError(f"data.sources.{index}.{err}") from None
     state = out_dir / "raw" / f"{index:02d}-synthesize-{state_key(synth)}"
     rows = out_dir / "work" / f"synthesize-{index:02d}"
     tasks = min(cfg.tasks, len(seeds))

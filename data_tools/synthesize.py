@@ -63,6 +63,8 @@ def load_seeds(cfg: SynthesizeConfig, base_dir: Path) -> list[tuple[str, str]]:
             except RowError as err:
                 raise ValueError(f"synthesize.seed_rows: {path} line {i + 1}: {err.reason}") from None
             texts.append("\n".join(f"{m['role']}: {m['content']}" for m in messages))
+    if not texts:
+        raise ValueError(f"synthesize.seed_rows: {cfg.seed_rows} holds no rows")
     seeds = {}
     for text in texts:
         seeds.setdefault(sha256_text(text)[:16], text)

@@ -200,6 +200,11 @@ def test_recipe_errors_name_the_field(tmp_path, monkeypatch):
         + "\n"
     )
     assert len(load_seeds(cfg.sources[0].synthesize, tmp_path)) == 1  # the same seed twice is asked once
+    (tmp_path / "seeds.jsonl").write_text("\n")
+    with pytest.raises(ValueError, match="synthesize.seed_rows: seeds.jsonl holds no rows"):
+        load_seeds(cfg.sources[0].synthesize, tmp_path)
+    with pytest.raises(ValidationError, match="a topic is empty"):
+        SynthesizeConfig(endpoint=endpoint, topics=["x", " "])
 
 
 @pytest.mark.slow
