@@ -1,4 +1,6 @@
-"""Tensor parallelism for Llama-family decoders (Llama, Qwen2/Qwen3, Mistral) with DTensor, model code unchanged.
+"""Tensor parallelism for decoders with Llama-style layers (Llama, Qwen2/Qwen3, Mistral, Gemma 2/3, Granite,
+...) with DTensor, model code unchanged. A family is covered when its layers have the plan's module names
+(`tp_plan_problem` says why a layer is not: fused projections, experts, norms across heads).
 
 Attention reshapes with `view(*shape, -1, head_dim)`, so local shards of q/k/v simply carry fewer
 heads and nothing in the attention module needs adjusting.
@@ -37,6 +39,30 @@ LLAMA_PLAN = {
     "mlp.down_proj": "rowwise",
 }
 SEQ = Shard(1)  # [batch, sequence, hidden]: the sequence dim
+
+
+def tp_plan_problem(layer: nn.Module, plan: dict[str, str] = LLAMA_PLAN) -> str | None:
+    """Why `plan` cannot shard this decoder layer exactly (None: it can), as a 'parallel.tp: ...' line."""
+    names = {name for name, _ in layer.named_modules()}
+    kind = type(layer).__name__
+    if "mlp.experts" in names:
+        return f"parallel.tp: {kind} is a mixture-of-experts layer; expert parallelism is not supported yet, use tp: 1"
+    fused = sorted(name for name in ("self_attn.qkv_proj", "mlp.gate_up_proj") if name in names)
+    if fused:
+        return (
+            f"parallel.tp: {kind} has fused projections ({', '.join(fused)}), which a column split would cut "
+            "across q/k/v (gate/up); use tp: 1"
+        )
+    missing = [path for path in plan if path not in names]
+    if missing:
+        return f"parallel.tp: {kind} has no {', '.join(missing)} for the tensor-parallel plan; use tp: 1"
+    attn = layer.get_submodule("self_attn")
+    head_dim = getattr(attn, "head_dim", None)
+    for name in _norm_names(attn):
+        weight = getattr(attn.get_submodule(name), "weight", None)
+        if head_dim and weight is not None and weight.shape[-1] != head_dim:
+            return f"parallel.tp: {kind}'s self_attn.{name} normalises across all heads, which tp splits; use tp: 1"
+    return None
 
 
 class PartialGrads:
@@ -166,6 +192,9 @@ def apply_tensor_parallel(
     """
     partial = PartialGrads()
     for layer in layers:
+        problem = tp_plan_problem(layer, plan)
+        if problem:
+            raise ValueError(problem)
         for path, style in plan.items():
             module = layer.get_submodule(path)
             if _is_lora(module):
