@@ -168,11 +168,17 @@ SHAPE_KEYS = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads",
 STAGE_KEYS = ("layer_types", "use_bidirectional_attention", "logit_scale", "output_multiplier_scale")
 MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")  # expert counts across families
 PP_LAYER_TYPES = ("full_attention", "sliding_attention")
-# model_type -> why the tensor-parallel plan (parallel.distributed.tensor_parallel) cannot shard its layers
-# exactly; the engine finds the same from the modules (tp_plan_problem).
+# model_type -> what the tensor-parallel plan (parallel.distributed.tensor_parallel) cannot split exactly;
+# the engine finds the same, and any family not named here, from the layers' modules (tp_plan_problem).
+_FUSED = "fused projections (qkv_proj, gate_up_proj), which a column split would cut across q/k/v and gate/up"
+_NORMS = "q/k norms across all heads, which tp would split"
 NO_TP = {
-    "phi3": "its fused qkv_proj and gate_up_proj projections (Phi-3/Phi-4) would be split across q/k/v",
-    "olmo2": "its q/k norms normalise across all heads, which tp splits",
+    "phi3": _FUSED,  # Phi-3 and Phi-4
+    "glm": _FUSED,
+    "glm4": _FUSED,
+    "olmo2": _NORMS,
+    "olmo3": _NORMS,
+    "apertus": "an activation with its own weights, which would see only this rank's features",
 }
 
 
@@ -244,7 +250,7 @@ def model_problems(cfg: ParallelConfig, model_config: Any) -> list[str]:
         ]
     why = NO_TP.get(_config_value(model_config, "model_type"))
     if cfg.tp > 1 and why:
-        problems.append(f"parallel.tp: tensor parallelism cannot shard {why}; use tp: 1 (pp and ZeRO work)")
+        problems.append(f"parallel.tp: the model has {why}; use tp: 1 (pp and ZeRO work)")
     stages = num_virtual_stages(cfg)
     if layers and stages > layers:
         problems.append(

@@ -49,6 +49,9 @@ FAMILIES: dict[str, dict] = {
         attention_multiplier=0.2,
         tie_word_embeddings=False,
     ),
+    "stablelm": dict(model_type="stablelm", use_qkv_bias=True, partial_rotary_factor=0.5, tie_word_embeddings=False),
+    "starcoder2": dict(model_type="starcoder2", sliding_window=4, tie_word_embeddings=False),
+    "olmo2": dict(model_type="olmo2", tie_word_embeddings=False),
     "mixtral": dict(model_type="mixtral", num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False),
     "qwen3_moe": dict(
         model_type="qwen3_moe",

@@ -29,20 +29,27 @@ from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInpu
 
 # Projection name -> style. Colwise splits output features (heads); rowwise splits input features and
 # all-reduces (or, under sequence parallelism, reduce-scatters) the output.
-LLAMA_PLAN = {
+ATTENTION_PLAN = {
     "self_attn.q_proj": "colwise",
     "self_attn.k_proj": "colwise",
     "self_attn.v_proj": "colwise",
     "self_attn.o_proj": "rowwise",
-    "mlp.gate_proj": "colwise",
-    "mlp.up_proj": "colwise",
-    "mlp.down_proj": "rowwise",
 }
+# The MLPs the plan knows, by module names: gated (Llama), plain (Nemotron, Arcee), GPT-style (StarCoder2).
+MLP_PLANS = (
+    {"mlp.gate_proj": "colwise", "mlp.up_proj": "colwise", "mlp.down_proj": "rowwise"},
+    {"mlp.up_proj": "colwise", "mlp.down_proj": "rowwise"},
+    {"mlp.c_fc": "colwise", "mlp.c_proj": "rowwise"},
+)
+LLAMA_PLAN = {**ATTENTION_PLAN, **MLP_PLANS[0]}
 SEQ = Shard(1)  # [batch, sequence, hidden]: the sequence dim
+HEAD_COUNTS = ("num_heads", "num_attention_heads", "num_key_value_heads")  # attention attributes, per rank
 
 
-def tp_plan_problem(layer: nn.Module, plan: dict[str, str] = LLAMA_PLAN) -> str | None:
-    """Why `plan` cannot shard this decoder layer exactly (None: it can), as a 'parallel.tp: ...' line."""
+def tp_plan_problem(layer: nn.Module) -> str | None:
+    """Why no plan shards this decoder layer exactly (None: layer_plan(layer) does), as a 'parallel.tp: ...'
+    line: experts, fused projections, modules the plans do not name, norms across heads, parameters of no
+    known role (an activation's own weights would see only this rank's features)."""
     names = {name for name, _ in layer.named_modules()}
     kind = type(layer).__name__
     if "mlp.experts" in names:
@@ -53,16 +60,35 @@ def tp_plan_problem(layer: nn.Module, plan: dict[str, str] = LLAMA_PLAN) -> str 
             f"parallel.tp: {kind} has fused projections ({', '.join(fused)}), which a column split would cut "
             "across q/k/v (gate/up); use tp: 1"
         )
-    missing = [path for path in plan if path not in names]
-    if missing:
-        return f"parallel.tp: {kind} has no {', '.join(missing)} for the tensor-parallel plan; use tp: 1"
+    missing = [path for path in ATTENTION_PLAN if path not in names]
+    if missing or not any(all(path in names for path in mlp) for mlp in MLP_PLANS):
+        return (
+            f"parallel.tp: {kind} lacks the q/k/v/o attention and gate/up/down (or up/down, c_fc/c_proj) MLP "
+            "projections the tensor-parallel plan shards; use tp: 1"
+        )
     attn = layer.get_submodule("self_attn")
-    head_dim = getattr(attn, "head_dim", None)
     for name in _norm_names(attn):
         weight = getattr(attn.get_submodule(name), "weight", None)
-        if head_dim and weight is not None and weight.shape[-1] != head_dim:
-            return f"parallel.tp: {kind}'s self_attn.{name} normalises across all heads, which tp splits; use tp: 1"
+        if weight is None or weight.shape[-1] != getattr(attn, "head_dim", None):
+            return f"parallel.tp: {kind}'s self_attn.{name} is not one norm per head, which tp splits; use tp: 1"
+    placed = [f"{path}." for path in layer_plan(layer, checked=True)]
+    placed += [f"{name}." for name in _norm_names(layer)] + [f"self_attn.{name}." for name in _norm_names(attn)]
+    unplaced = [name for name, _ in layer.named_parameters() if not name.startswith(tuple(placed))]
+    if unplaced:
+        return (
+            f"parallel.tp: {kind} has parameters the tensor-parallel plan does not place ({', '.join(unplaced)}); "
+            "use tp: 1"
+        )
     return None
+
+
+def layer_plan(layer: nn.Module, *, checked: bool = False) -> dict[str, str]:
+    """The plan of a decoder layer: the attention projections and the first MLP layout whose names it has.
+    ValueError (tp_plan_problem's line) when none shards it exactly."""
+    if not checked and (problem := tp_plan_problem(layer)):
+        raise ValueError(problem)
+    names = {name for name, _ in layer.named_modules()}
+    return {**ATTENTION_PLAN, **next(mlp for mlp in MLP_PLANS if all(path in names for path in mlp))}
 
 
 class PartialGrads:
@@ -178,7 +204,6 @@ def _norm_names(module: nn.Module) -> list[str]:
 def apply_tensor_parallel(
     layers: list[nn.Module],
     tp_mesh,
-    plan: dict[str, str] = LLAMA_PLAN,
     *,
     sequence_parallel: bool = False,
     gather_output: bool = False,
@@ -192,10 +217,7 @@ def apply_tensor_parallel(
     """
     partial = PartialGrads()
     for layer in layers:
-        problem = tp_plan_problem(layer, plan)
-        if problem:
-            raise ValueError(problem)
-        for path, style in plan.items():
+        for path, style in layer_plan(layer).items():
             module = layer.get_submodule(path)
             if _is_lora(module):
                 _parallelize_lora(module, style, tp_mesh, sequence_parallel, partial)
@@ -204,6 +226,9 @@ def apply_tensor_parallel(
             else:
                 parallelize_module(module, tp_mesh, _rowwise(sequence_parallel))
         attn = layer.get_submodule("self_attn")
+        for name in HEAD_COUNTS:  # modules that view with their own head counts (StableLM) see this rank's
+            if isinstance(getattr(attn, name, None), int):
+                setattr(attn, name, getattr(attn, name) // tp_mesh.size())
         for name in _norm_names(attn):  # per-head norms (Qwen3) see only this rank's heads
             partial.add_module(attn.get_submodule(name))
         if sequence_parallel:

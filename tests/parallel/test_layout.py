@@ -203,10 +203,14 @@ def test_mixture_of_experts_refuses_tp_and_pp(model_type, experts_key):
 
 
 def test_fused_projections_refuse_tp_only():
-    """Phi-3/Phi-4's fused qkv_proj/gate_up_proj and OLMo2's all-head q/k norms: no exact column split."""
+    """Phi-3/Phi-4's fused qkv_proj/gate_up_proj and OLMo2's all-head q/k norms: no exact column split
+    (the engine's own check from the modules: tests/parallel/distributed/test_families.py)."""
     phi3 = {**LLAMA, "model_type": "phi3"}
     assert fields(layout_problems(ParallelConfig(tp=2), model_config=phi3)) == ["parallel.tp"]
-    assert "fused qkv_proj and gate_up_proj" in layout_problems(ParallelConfig(tp=2), model_config=phi3)[0]
+    assert layout_problems(ParallelConfig(tp=2), model_config=phi3) == [
+        "parallel.tp: the model has fused projections (qkv_proj, gate_up_proj), which a column split would cut "
+        "across q/k/v and gate/up; use tp: 1 (pp and ZeRO work)"
+    ]
     assert layout_problems(ParallelConfig(pp=2, dp_shard=2, zero=3, microbatches=2), model_config=phi3) == []
     assert "q/k norms" in layout_problems(ParallelConfig(tp=2), model_config={**LLAMA, "model_type": "olmo2"})[0]
 

@@ -18,7 +18,7 @@ from parallel.trainer import LocalMesh, Trainer
 from tests.parallel.distributed import harness as H
 
 TIED = {"gemma2": True, "gemma3": True}  # Gemma's own default
-ONE_PROCESS = ["gemma2", "gemma3", "phi3", "granite", "mixtral", "qwen3_moe"]
+ONE_PROCESS = ["gemma2", "gemma3", "phi3", "granite", "stablelm", "starcoder2", "olmo2", "mixtral", "qwen3_moe"]
 
 LAYOUTS = {
     "gemma2-tp2xdp2-zero3": (dict(tp=2, dp_shard=2, zero=3), "gemma2"),
@@ -27,6 +27,9 @@ LAYOUTS = {
     "gemma3-pp2xtp2": (dict(pp=2, tp=2, microbatches=2), "gemma3"),
     "phi3-pp2xdp2-zero3": (dict(pp=2, dp_shard=2, zero=3, microbatches=2), "phi3"),
     "granite-pp2xtp2": (dict(pp=2, tp=2, microbatches=2), "granite"),
+    "stablelm-tp2xdp2-zero3": (dict(tp=2, dp_shard=2, zero=3), "stablelm"),
+    "starcoder2-pp2xtp2": (dict(pp=2, tp=2, microbatches=2), "starcoder2"),
+    "olmo2-pp2xdp2-zero1": (dict(pp=2, dp_replicate=2, zero=1, microbatches=2), "olmo2"),
     "mixtral-hsdp2x2-zero3": (dict(dp_replicate=2, dp_shard=2, zero=3), "mixtral"),
     "qwen3_moe-dp4-zero1": (dict(dp_shard=4, zero=1), "qwen3_moe"),
 }
@@ -95,10 +98,15 @@ def test_tp_plan_covers_families_by_module_names():
 
     from parallel.distributed.tensor_parallel import tp_plan_problem
 
-    for family in ("llama", "qwen3", "gemma2", "gemma3", "granite"):
+    for family in ("llama", "qwen3", "gemma2", "gemma3", "granite", "stablelm", "starcoder2"):
         assert tp_plan_problem(H.build_model("full", family=family).model.layers[0]) is None, family
     phi3 = tp_plan_problem(H.build_model("full", family="phi3").model.layers[0])
     assert phi3.startswith("parallel.tp: Phi3DecoderLayer has fused projections (mlp.gate_up_proj, self_attn.qkv_proj)")
     assert "mixture-of-experts" in tp_plan_problem(H.build_model("full", family="mixtral").model.layers[0])
-    olmo2 = AutoModelForCausalLM.from_config(AutoConfig.for_model("olmo2", **{**H.MODEL, "eos_token_id": 2}))
-    assert "normalises across all heads" in tp_plan_problem(olmo2.model.layers[0])
+    olmo2 = tp_plan_problem(H.build_model("full", family="olmo2").model.layers[0])
+    assert (
+        olmo2
+        == "parallel.tp: Olmo2DecoderLayer's self_attn.q_norm is not one norm per head, which tp splits; use tp: 1"
+    )
+    apertus = AutoModelForCausalLM.from_config(AutoConfig.for_model("apertus", **{**H.MODEL, "eos_token_id": 2}))
+    assert "does not place (mlp.act_fn.alpha_p, mlp.act_fn.alpha_n)" in tp_plan_problem(apertus.model.layers[0])
