@@ -40,7 +40,8 @@ FAMILIES: dict[str, dict] = {
         initializer_range=0.05,
         tie_word_embeddings=True,
     ),
-    "phi3": dict(model_type="phi3", tie_word_embeddings=False),
+    # Phi-4-mini's shape: Phi-3's fused layers, partial rotary embeddings, tied embeddings (Phi-4: untied)
+    "phi3": dict(model_type="phi3", partial_rotary_factor=0.5, tie_word_embeddings=True),
     "granite": dict(
         model_type="granite",
         embedding_multiplier=4.0,

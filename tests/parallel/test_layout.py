@@ -237,3 +237,21 @@ def test_validation_and_the_job_read_a_model_directory_alike(tmp_path):
         parallel = ParallelConfig(**cfg)
         assert layout_problems(parallel, model_config=raw) == layout_problems(parallel, model_config=job)
     assert layout_problems(ParallelConfig(tp=4), model_config=raw)  # its 2 KV heads
+
+
+def test_recipe_validation_refuses_expert_and_fused_splits():
+    """`hpcft validate` on the tiny recipe with the MoE and Phi-3 tiny models: one line per field, exit 2."""
+    from hpc.recipe import RecipeError, load_recipe
+    from tests.conftest import TINY_RECIPE
+
+    with pytest.raises(RecipeError) as e:
+        load_recipe(
+            TINY_RECIPE, ["model.tiny=micro-qwen3-moe", "parallel.tp=2", "parallel.pp=2", "parallel.microbatches=2"]
+        )
+    assert fields(e.value.problems) == ["parallel.tp", "parallel.pp"], e.value.problems
+    assert "expert parallelism is not supported yet" in e.value.problems[0]
+    with pytest.raises(RecipeError) as e:
+        load_recipe(TINY_RECIPE, ["model.tiny=micro-phi3", "parallel.tp=2"])
+    assert e.value.problems == [layout_problems(ParallelConfig(tp=2), model_config={"model_type": "phi3"})[0]]
+    load_recipe(TINY_RECIPE, ["model.tiny=micro-mixtral", "parallel.dp_shard=2", "parallel.zero=3"])
+    load_recipe(TINY_RECIPE, ["model.tiny=micro-gemma3", "parallel.pp=2", "parallel.tp=2", "parallel.microbatches=2"])

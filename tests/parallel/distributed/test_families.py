@@ -17,7 +17,7 @@ from parallel.distributed.launch import launch
 from parallel.trainer import LocalMesh, Trainer
 from tests.parallel.distributed import harness as H
 
-TIED = {"gemma2": True, "gemma3": True}  # Gemma's own default
+TIED = {"gemma2": True, "gemma3": True, "phi3": True}  # Gemma's and Phi-4-mini's own
 ONE_PROCESS = ["gemma2", "gemma3", "phi3", "granite", "stablelm", "starcoder2", "olmo2", "mixtral", "qwen3_moe"]
 
 LAYOUTS = {
@@ -110,3 +110,35 @@ def test_tp_plan_covers_families_by_module_names():
     )
     apertus = AutoModelForCausalLM.from_config(AutoConfig.for_model("apertus", **{**H.MODEL, "eos_token_id": 2}))
     assert "does not place (mlp.act_fn.alpha_p, mlp.act_fn.alpha_n)" in tp_plan_problem(apertus.model.layers[0])
+
+
+# Dense decoders the plan covers by module names, beyond the families trained above: their pipeline stages
+# (one process, chained by hand) give the model's own logits, and their layers pass the tp check.
+MORE_DENSE = ["olmo3", "smollm3", "exaone4", "seed_oss", "ernie4_5", "nemotron", "arcee"]
+
+
+@pytest.mark.parametrize("family", [*ONE_PROCESS[:-2], *MORE_DENSE])
+def test_stage_modules_compose_to_the_model(family):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from parallel.distributed.pipeline import build_stage_modules
+    from parallel.distributed.tensor_parallel import tp_plan_problem
+
+    def build():
+        if family in ONE_PROCESS:
+            return H.build_model("full", family=family, tied=TIED.get(family, False))
+        torch.manual_seed(0)
+        config = AutoConfig.for_model(family, **{**H.MODEL, "eos_token_id": 2, "bos_token_id": 1})
+        return AutoModelForCausalLM.from_config(config)
+
+    batch = H.make_batch(0)
+    full = build().eval()
+    with torch.no_grad():
+        expected = full(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        x = batch["input_ids"]
+        for stage in [s for rank in range(2) for s in build_stage_modules(build(), rank, 2, "1f1b")]:
+            x = stage.eval()(x, attention_mask=batch["attention_mask"])
+    torch.testing.assert_close(x, expected, rtol=0, atol=1e-6)
+    if family in MORE_DENSE:
+        assert (tp_plan_problem(full.model.layers[0]) is None) == (family != "olmo3")
