@@ -3,7 +3,7 @@
 (`tp_plan_problem` says why a layer is not: fused projections, experts, norms across heads).
 
 Attention reshapes with `view(*shape, -1, head_dim)`, so local shards of q/k/v simply carry fewer
-heads and nothing in the attention module needs adjusting.
+heads; an attention module that views with its own head counts (StableLM) gets this rank's counts.
 
 Three options, each compared with one process by the tests:
 - the projections (q/k/v/gate/up column-wise, o/down row-wise), always;
@@ -41,7 +41,6 @@ MLP_PLANS = (
     {"mlp.up_proj": "colwise", "mlp.down_proj": "rowwise"},
     {"mlp.c_fc": "colwise", "mlp.c_proj": "rowwise"},
 )
-LLAMA_PLAN = {**ATTENTION_PLAN, **MLP_PLANS[0]}
 SEQ = Shard(1)  # [batch, sequence, hidden]: the sequence dim
 HEAD_COUNTS = ("num_heads", "num_attention_heads", "num_key_value_heads")  # attention attributes, per rank
 
