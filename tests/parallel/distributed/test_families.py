@@ -25,6 +25,7 @@ LAYOUTS = {
     "gemma2-pp2xtp2": (dict(pp=2, tp=2, microbatches=2), "gemma2"),
     "gemma3-tp2xdp2-zero3": (dict(tp=2, dp_shard=2, zero=3), "gemma3"),
     "gemma3-pp2xtp2": (dict(pp=2, tp=2, microbatches=2), "gemma3"),
+    "gemma3-tp2xdp2-zero1-lora": (dict(tp=2, dp_shard=2, zero=1), "gemma3", "lora"),
     "phi3-pp2xdp2-zero3": (dict(pp=2, dp_shard=2, zero=3, microbatches=2), "phi3"),
     "granite-pp2xtp2": (dict(pp=2, tp=2, microbatches=2), "granite"),
     "stablelm-tp2xdp2-zero3": (dict(tp=2, dp_shard=2, zero=3), "stablelm"),
@@ -60,10 +61,10 @@ def test_one_process_trainer_matches_the_model(family):
 
 def _run_layouts(rank, world_size, layouts):
     out = {}
-    for name, (cfg, family) in layouts.items():
+    for name, (cfg, family, *mode) in layouts.items():
         start = time.perf_counter()
         out[name] = H.check_layout_against_reference(
-            ParallelConfig(**cfg), "full", world_size, family=family, tied=TIED.get(family, False)
+            ParallelConfig(**cfg), mode[0] if mode else "full", world_size, family=family, tied=TIED.get(family, False)
         )
         out[name]["seconds"] = time.perf_counter() - start
     return out
@@ -81,7 +82,9 @@ def test_family_layout_matches_one_process(results, name):
     print(name, f"{per_rank[0]['seconds']:.1f} s", per_rank[0]["losses"])
     covered = set().union(*(r["names"] for r in per_rank))
     assert covered == set(per_rank[0]["ref_names"]), "some gradients were not compared"
-    cfg, family = LAYOUTS[name]
+    cfg, family, *mode = LAYOUTS[name]
+    if mode == ["lora"]:
+        assert covered and all("lora_" in n for n in covered)
     if cfg.get("tp", 1) > 1:
         assert all(r["sequence_parallel"] and r["vocab_parallel"] for r in per_rank)
     for r in per_rank:
