@@ -170,12 +170,8 @@ MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")  # expert co
 PP_LAYER_TYPES = ("full_attention", "sliding_attention")
 # model_type -> what the tensor-parallel plan (parallel.distributed.tensor_parallel) cannot split exactly;
 # the engine finds the same, and any family not named here, from the layers' modules (tp_plan_problem).
-_FUSED = "fused projections (qkv_proj, gate_up_proj), which a column split would cut across q/k/v and gate/up"
 _NORMS = "q/k norms across all heads, which tp would split"
-NO_TP = {
-    "phi3": _FUSED,  # Phi-3 and Phi-4
-    "glm": _FUSED,
-    "glm4": _FUSED,
+NO_TP = {  # (Phi-3's fused projections are split exactly: tensor_parallel._parallelize_fused)
     "olmo2": _NORMS,
     "olmo3": _NORMS,
     "apertus": "an activation with its own weights, which would see only this rank's features",

@@ -202,17 +202,15 @@ def test_mixture_of_experts_refuses_tp_and_pp(model_type, experts_key):
         check_layout(ParallelConfig(pp=2, microbatches=2), world=2, model_config=job)
 
 
-def test_fused_projections_refuse_tp_only():
-    """Phi-3/Phi-4's fused qkv_proj/gate_up_proj and OLMo2's all-head q/k norms: no exact column split
-    (the engine's own check from the modules: tests/parallel/distributed/test_families.py)."""
-    phi3 = {**LLAMA, "model_type": "phi3"}
-    assert fields(layout_problems(ParallelConfig(tp=2), model_config=phi3)) == ["parallel.tp"]
-    assert layout_problems(ParallelConfig(tp=2), model_config=phi3) == [
-        "parallel.tp: the model has fused projections (qkv_proj, gate_up_proj), which a column split would cut "
-        "across q/k/v and gate/up; use tp: 1 (pp and ZeRO work)"
+def test_norms_across_heads_refuse_tp_only():
+    """OLMo2/OLMo3's q/k norms span all heads: no exact split over tp (the engine's own check from the
+    modules: tests/parallel/distributed/test_families.py). Phi-3's fused projections are split exactly."""
+    olmo2 = {**LLAMA, "model_type": "olmo2"}
+    assert layout_problems(ParallelConfig(tp=2), model_config=olmo2) == [
+        "parallel.tp: the model has q/k norms across all heads, which tp would split; use tp: 1 (pp and ZeRO work)"
     ]
-    assert layout_problems(ParallelConfig(pp=2, dp_shard=2, zero=3, microbatches=2), model_config=phi3) == []
-    assert "q/k norms" in layout_problems(ParallelConfig(tp=2), model_config={**LLAMA, "model_type": "olmo2"})[0]
+    assert layout_problems(ParallelConfig(pp=2, dp_shard=2, zero=3, microbatches=2), model_config=olmo2) == []
+    assert layout_problems(ParallelConfig(tp=2), model_config={**LLAMA, "model_type": "phi3"}) == []
 
 
 def test_validation_and_the_job_read_a_model_directory_alike(tmp_path):
@@ -239,8 +237,8 @@ def test_validation_and_the_job_read_a_model_directory_alike(tmp_path):
     assert layout_problems(ParallelConfig(tp=4), model_config=raw)  # its 2 KV heads
 
 
-def test_recipe_validation_refuses_expert_and_fused_splits():
-    """`hpcft validate` on the tiny recipe with the MoE and Phi-3 tiny models: one line per field, exit 2."""
+def test_recipe_validation_refuses_expert_and_cross_head_splits():
+    """`hpcft validate` on the tiny recipe with the MoE and OLMo2 tiny models: one line per field, exit 2."""
     from hpc.recipe import RecipeError, load_recipe
     from tests.conftest import TINY_RECIPE
 
@@ -251,7 +249,8 @@ def test_recipe_validation_refuses_expert_and_fused_splits():
     assert fields(e.value.problems) == ["parallel.tp", "parallel.pp"], e.value.problems
     assert "expert parallelism is not supported yet" in e.value.problems[0]
     with pytest.raises(RecipeError) as e:
-        load_recipe(TINY_RECIPE, ["model.tiny=micro-phi3", "parallel.tp=2"])
-    assert e.value.problems == [layout_problems(ParallelConfig(tp=2), model_config={"model_type": "phi3"})[0]]
+        load_recipe(TINY_RECIPE, ["model.tiny=micro-olmo2", "parallel.tp=2"])
+    assert e.value.problems == [layout_problems(ParallelConfig(tp=2), model_config={"model_type": "olmo2"})[0]]
+    load_recipe(TINY_RECIPE, ["model.tiny=micro-phi3", "parallel.tp=2", "parallel.dp_shard=2", "parallel.zero=3"])
     load_recipe(TINY_RECIPE, ["model.tiny=micro-mixtral", "parallel.dp_shard=2", "parallel.zero=3"])
     load_recipe(TINY_RECIPE, ["model.tiny=micro-gemma3", "parallel.pp=2", "parallel.tp=2", "parallel.microbatches=2"])

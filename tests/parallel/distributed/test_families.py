@@ -1,10 +1,11 @@
 """The model families beyond Llama/Qwen (parallel.tiny's FAMILIES): Gemma 2/3 (embedding scaling, soft-capped
-attention and logits, sliding-window layers, tied embeddings), Phi-3/Phi-4 (fused projections), Granite
+attention and logits, sliding-window layers, tied embeddings), Phi-3/Phi-4 (fused projections, split per q/k/v
+and gate/up part under tp), Granite
 (multipliers), Mixtral and Qwen3-MoE (experts), each against one process: losses over 3 AdamW steps, grad
 norms and every first-step gradient.
 
 One process: the Trainer on the mesh of ones. Several: one forked launch of 4 ranks runs every family's
-combined layouts (tp x dp under ZeRO-3, pp x tp; Phi-3 without tp, the MoE models under data parallelism
+combined layouts (tp x dp under ZeRO-3, pp x tp, pp x dp; OLMo2 without tp, the MoE models under data parallelism
 and ZeRO only: the layouts their families refuse are tested in tests/parallel/test_layout.py).
 """
 
@@ -27,6 +28,8 @@ LAYOUTS = {
     "gemma3-pp2xtp2": (dict(pp=2, tp=2, microbatches=2), "gemma3"),
     "gemma3-tp2xdp2-zero1-lora": (dict(tp=2, dp_shard=2, zero=1), "gemma3", "lora"),
     "phi3-pp2xdp2-zero3": (dict(pp=2, dp_shard=2, zero=3, microbatches=2), "phi3"),
+    "phi3-tp2xdp2-zero3": (dict(tp=2, dp_shard=2, zero=3), "phi3"),
+    "phi3-pp2xtp2-no_sp": (dict(pp=2, tp=2, microbatches=2, sequence_parallel=False), "phi3"),
     "granite-pp2xtp2": (dict(pp=2, tp=2, microbatches=2), "granite"),
     "stablelm-tp2xdp2-zero3": (dict(tp=2, dp_shard=2, zero=3), "stablelm"),
     "starcoder2-pp2xtp2": (dict(pp=2, tp=2, microbatches=2), "starcoder2"),
@@ -86,7 +89,9 @@ def test_family_layout_matches_one_process(results, name):
     if mode == ["lora"]:
         assert covered and all("lora_" in n for n in covered)
     if cfg.get("tp", 1) > 1:
-        assert all(r["sequence_parallel"] and r["vocab_parallel"] for r in per_rank)
+        assert all(
+            r["sequence_parallel"] == cfg.get("sequence_parallel", True) and r["vocab_parallel"] for r in per_rank
+        )
     for r in per_rank:
         assert r["loss_diff"] < 1e-5, r["losses"]
         assert r["norm_diff"] < 1e-5
@@ -101,10 +106,15 @@ def test_tp_plan_covers_families_by_module_names():
 
     from parallel.distributed.tensor_parallel import tp_plan_problem
 
-    for family in ("llama", "qwen3", "gemma2", "gemma3", "granite", "stablelm", "starcoder2"):
+    for family in ("llama", "qwen3", "gemma2", "gemma3", "phi3", "granite", "stablelm", "starcoder2"):
         assert tp_plan_problem(H.build_model("full", family=family).model.layers[0]) is None, family
-    phi3 = tp_plan_problem(H.build_model("full", family="phi3").model.layers[0])
-    assert phi3.startswith("parallel.tp: Phi3DecoderLayer has fused projections (mlp.gate_up_proj, self_attn.qkv_proj)")
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=4, target_modules=["qkv_proj", "o_proj"], task_type="CAUSAL_LM")
+    phi3_lora = get_peft_model(H.build_model("full", family="phi3"), lora).base_model.model.model.layers[0]
+    assert tp_plan_problem(phi3_lora) == (
+        "parallel.tp: LoRA adapters on the fused self_attn.qkv_proj are not split by tp; use tp: 1"
+    )
     assert "mixture-of-experts" in tp_plan_problem(H.build_model("full", family="mixtral").model.layers[0])
     olmo2 = tp_plan_problem(H.build_model("full", family="olmo2").model.layers[0])
     assert (
