@@ -127,7 +127,7 @@ def test_tp_plan_covers_families_by_module_names():
 
 # Dense decoders the plan covers by module names, beyond the families trained above: their pipeline stages
 # (one process, chained by hand) give the model's own logits, and their layers pass the tp check.
-MORE_DENSE = ["olmo3", "smollm3", "exaone4", "seed_oss", "ernie4_5", "nemotron", "arcee"]
+MORE_DENSE = ["olmo3", "glm4", "smollm3", "exaone4", "seed_oss", "ernie4_5", "nemotron", "arcee"]
 
 
 @pytest.mark.parametrize("family", [*ONE_PROCESS[:-2], *MORE_DENSE])
