@@ -164,7 +164,18 @@ def num_virtual_stages(cfg: ParallelConfig) -> int:
 
 
 SHAPE_KEYS = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size", "tie_word_embeddings")
-STAGE_KEYS = ("final_logit_softcapping", "layer_types")  # what pipeline stages cannot reproduce
+# What pipeline stages reproduce (layer types: full or sliding-window attention) or cannot (the others).
+STAGE_KEYS = ("layer_types", "use_bidirectional_attention", "logit_scale", "output_multiplier_scale")
+MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")  # expert counts across families
+PP_LAYER_TYPES = ("full_attention", "sliding_attention")
+# model_type -> what the tensor-parallel plan (parallel.distributed.tensor_parallel) cannot split exactly;
+# the engine finds the same, and any family not named here, from the layers' modules (tp_plan_problem).
+_NORMS = "q/k norms across all heads, which tp would split"
+NO_TP = {  # (Phi-3's fused projections are split exactly: tensor_parallel._parallelize_fused)
+    "olmo2": _NORMS,
+    "olmo3": _NORMS,
+    "apertus": "an activation with its own weights, which would see only this rank's features",
+}
 
 
 def resolve_model_config(model_config: Any) -> Any:
@@ -186,7 +197,7 @@ def resolve_model_config(model_config: Any) -> Any:
         config = CONFIG_MAPPING[model_type].from_dict(model_config)
     except Exception:  # an unknown model_type or a config its class refuses: the raw values
         return model_config
-    return {**model_config, **{key: getattr(config, key, None) for key in (*SHAPE_KEYS, *STAGE_KEYS)}}
+    return {**model_config, **{key: getattr(config, key, None) for key in (*SHAPE_KEYS, *STAGE_KEYS, *MOE_KEYS)}}
 
 
 def _config_value(model_config: Any, key: str, default=None):
@@ -225,6 +236,17 @@ def model_problems(cfg: ParallelConfig, model_config: Any) -> list[str]:
         problems.append(
             f"parallel.tp: {cfg.tp} must divide the model's {heads} attention heads and {kv_heads} KV heads"
         )
+    experts = max((_config_value(model_config, key, 0) for key in MOE_KEYS), default=0)
+    if experts > 1:
+        return problems + [
+            f"parallel.{axis}: the model is a mixture of experts ({experts} experts); expert parallelism is "
+            f"not supported yet, so it trains with experts unsplit under data parallelism and ZeRO: set {axis}: 1"
+            for axis in ("tp", "pp")
+            if getattr(cfg, axis) > 1
+        ]
+    why = NO_TP.get(_config_value(model_config, "model_type"))
+    if cfg.tp > 1 and why:
+        problems.append(f"parallel.tp: the model has {why}; use tp: 1 (pp and ZeRO work)")
     stages = num_virtual_stages(cfg)
     if layers and stages > layers:
         problems.append(
@@ -236,19 +258,21 @@ def model_problems(cfg: ParallelConfig, model_config: Any) -> list[str]:
 
 
 def _stage_problems(model_config: Any) -> list[str]:
-    """What pipeline stages (parallel.distributed.pipeline.StageModule: full causal attention in every layer,
-    logits = lm_head(norm(h))) would silently compute differently from the model's own forward."""
+    """What pipeline stages (parallel.distributed.pipeline.StageModule: the model's layers between its
+    embedding and its head, with the masks, rotary embeddings and logit transforms it knows) would silently
+    compute differently from the model's own forward."""
     skipped = []
-    if _config_value(model_config, "final_logit_softcapping") is not None:
-        skipped.append("its final logit soft-capping")
-    if "sliding_attention" in (_config_value(model_config, "layer_types") or ()):
-        skipped.append("its sliding-window attention layers")
+    other_types = sorted(set(_config_value(model_config, "layer_types") or ()) - set(PP_LAYER_TYPES))
+    if other_types:
+        skipped.append(f"its {', '.join(other_types)} layers")
+    if _config_value(model_config, "use_bidirectional_attention"):
+        skipped.append("its bidirectional attention")
+    for key in ("logit_scale", "output_multiplier_scale"):
+        if _config_value(model_config, key, 1) not in (1, 1.0):
+            skipped.append(f"its {key}")
     if not skipped:
         return []
-    return [
-        f"parallel.pp: pipeline stages run a Llama-style decoder and would skip {' and '.join(skipped)} "
-        "(Gemma 2/3); use pp: 1"
-    ]
+    return [f"parallel.pp: pipeline stages would skip {' and '.join(skipped)}; use pp: 1"]
 
 
 # --- the batch: every dp rank runs microbatches x grad_accum equal micro-batches of whole units -------

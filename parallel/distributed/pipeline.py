@@ -1,4 +1,9 @@
-"""Pipeline parallelism: split a Llama-family decoder into stage modules and run a pipeline schedule.
+"""Pipeline parallelism: split a decoder (Llama-style layers) into stage modules and run a pipeline schedule.
+
+A stage module runs what the model's own forward runs around its layers, read from the config: one
+attention mask per layer type (full or sliding-window: Gemma 2/3, Mistral), rotary embeddings per layer
+type (Gemma 3), Granite's embedding multiplier, and the logit transforms after the head (Granite's
+logits_scaling, Gemma's final soft-capping). Whatever else a family adds is refused by parallel.layout.
 
 A stage module re-registers the model's own submodules under their original paths
 (`model.layers.5...`, or `base_model.model.model.layers.5...` under peft), so parameter names are the
@@ -6,6 +11,8 @@ global ones on every stage and checkpoints taken under different layouts share o
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 from torch import nn
@@ -95,26 +102,55 @@ class StageModule(nn.Module):
         return list(self._parts[1].values())
 
     def forward(self, x, attention_mask=None):
-        from transformers.masking_utils import create_causal_mask
-
         embed, layers, rotary, norm, head = self._parts
+        config = self.config
         hidden = embed(x) if self.is_first else x
+        if self.is_first and getattr(config, "embedding_multiplier", None) not in (None, 1, 1.0):
+            hidden = hidden * config.embedding_multiplier
         position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
-        mask = create_causal_mask(
-            config=self.config,
-            inputs_embeds=hidden,
-            attention_mask=attention_mask,
-            cache=None,
-            position_ids=position_ids,
-        )
-        position_embeddings = rotary(hidden, position_ids=position_ids)
-        for layer in layers.values():
+        types = {i: layer_type(config, i) for i in self.layer_ids}
+        masks = attention_masks(config, hidden, attention_mask, position_ids, set(types.values()))
+        per_type = "layer_type" in inspect.signature(rotary.forward).parameters
+        rope = {t: rotary(hidden, position_ids, t) if per_type else rotary(hidden, position_ids) for t in masks}
+        for i, layer in zip(self.layer_ids, layers.values()):
             hidden = layer(
-                hidden, attention_mask=mask, position_embeddings=position_embeddings, position_ids=position_ids
+                hidden, attention_mask=masks[types[i]], position_embeddings=rope[types[i]], position_ids=position_ids
             )
         if self.is_last:
-            hidden = head(norm(hidden))
+            hidden = transform_logits(config, head(norm(hidden)))
         return hidden
+
+
+def layer_type(config, index: int) -> str:
+    """The attention of layer `index` as its model's forward picks it: config.layer_types, else sliding-window
+    in every layer when config.sliding_window is set (Mistral, Mixtral, Phi-3), else full."""
+    types = getattr(config, "layer_types", None)
+    if types:
+        return types[index]
+    return "sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"
+
+
+def attention_masks(config, hidden, attention_mask, position_ids, types: set[str]) -> dict:
+    """One mask per layer type, built like the model's own forward builds it."""
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+    makers = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
+    kwargs = dict(
+        config=config, inputs_embeds=hidden, attention_mask=attention_mask, cache=None, position_ids=position_ids
+    )
+    return {t: makers[t](**kwargs) for t in sorted(types)}
+
+
+def transform_logits(config, logits):
+    """What the causal LM's forward does to lm_head's output: Granite's division by logits_scaling, Gemma's
+    final soft-capping (tanh(logits / cap) * cap)."""
+    scaling = getattr(config, "logits_scaling", None)
+    if scaling not in (None, 1, 1.0):
+        logits = logits / scaling
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap is not None:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
 
 
 def stage_ids(pp_rank: int, pp: int, schedule: str) -> list[int]:

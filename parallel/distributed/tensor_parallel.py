@@ -1,7 +1,9 @@
-"""Tensor parallelism for Llama-family decoders (Llama, Qwen2/Qwen3, Mistral) with DTensor, model code unchanged.
+"""Tensor parallelism for decoders with Llama-style layers (Llama, Qwen2/Qwen3, Mistral, Gemma 2/3, Granite,
+...) with DTensor, model code unchanged. A family is covered when its layers have the plan's module names
+(`tp_plan_problem` says why a layer is not: fused projections, experts, norms across heads).
 
 Attention reshapes with `view(*shape, -1, head_dim)`, so local shards of q/k/v simply carry fewer
-heads and nothing in the attention module needs adjusting.
+heads; an attention module that views with its own head counts (StableLM) gets this rank's counts.
 
 Three options, each compared with one process by the tests:
 - the projections (q/k/v/gate/up column-wise, o/down row-wise), always;
@@ -15,28 +17,126 @@ Three options, each compared with one process by the tests:
   embedding) stay tied shard by shard: one process-local DTensor parameter serves both at pp = 1, and
   under pp the two stages' copies hold the same rows on the same tp rank.
 
+Fused projections (Phi-3's qkv_proj laid out [q | k | v], gate_up_proj [gate | up]) cannot be split by
+a plain column split, which would hand rank 0 all of q: the weight stays whole on every tp rank and each
+rank computes only its heads' q/k/v rows (its half of each of gate and up), exactly; their weight
+gradients are then partial sums, like the per-head norms'.
+
 Per-head norms inside attention (Qwen3's q_norm/k_norm) see only this rank's heads, so their gradients
 are partial sums too, with or without sequence parallelism.
 """
 
 from __future__ import annotations
 
+import copy
+
+import torch
+import torch.nn.functional as F
 from torch import nn
-from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module, distribute_tensor
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_module, distribute_tensor
 from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInput, RowwiseParallel, parallelize_module
 
 # Projection name -> style. Colwise splits output features (heads); rowwise splits input features and
 # all-reduces (or, under sequence parallelism, reduce-scatters) the output.
-LLAMA_PLAN = {
+ATTENTION_PLAN = {
     "self_attn.q_proj": "colwise",
     "self_attn.k_proj": "colwise",
     "self_attn.v_proj": "colwise",
     "self_attn.o_proj": "rowwise",
-    "mlp.gate_proj": "colwise",
-    "mlp.up_proj": "colwise",
-    "mlp.down_proj": "rowwise",
 }
+# Phi-3/Phi-4: one fused q/k/v projection, split by its attention at config.num_attention_heads * head_dim.
+FUSED_ATTENTION_PLAN = {"self_attn.qkv_proj": "fused_qkv", "self_attn.o_proj": "rowwise"}
+FUSED_QKV_FAMILIES = ("phi3",)
+# The MLPs the plan knows, by module names: gated (Llama), plain (Nemotron, Arcee), GPT-style (StarCoder2),
+# fused gate/up halves (Phi-3, GLM).
+MLP_PLANS = (
+    {"mlp.gate_proj": "colwise", "mlp.up_proj": "colwise", "mlp.down_proj": "rowwise"},
+    {"mlp.up_proj": "colwise", "mlp.down_proj": "rowwise"},
+    {"mlp.c_fc": "colwise", "mlp.c_proj": "rowwise"},
+    {"mlp.gate_up_proj": "fused_halves", "mlp.down_proj": "rowwise"},
+)
 SEQ = Shard(1)  # [batch, sequence, hidden]: the sequence dim
+HEAD_COUNTS = ("num_heads", "num_attention_heads", "num_key_value_heads")  # attention attributes, per rank
+
+
+def tp_plan_problem(layer: nn.Module) -> str | None:
+    """Why no plan shards this decoder layer exactly (None: layer_plan(layer) does), as a 'parallel.tp: ...'
+    line: experts, fused projections, modules the plans do not name, norms across heads, parameters of no
+    known role (an activation's own weights would see only this rank's features)."""
+    names = {name for name, _ in layer.named_modules()}
+    kind = type(layer).__name__
+    if "mlp.experts" in names:
+        return f"parallel.tp: {kind} is a mixture-of-experts layer; expert parallelism is not supported yet, use tp: 1"
+    has = lambda plan: all(path in names for path in plan)  # noqa: E731
+    if not (has(ATTENTION_PLAN) or has(FUSED_ATTENTION_PLAN)) or not any(has(mlp) for mlp in MLP_PLANS):
+        return (
+            f"parallel.tp: {kind} lacks the q/k/v/o attention and gate/up/down (or up/down, c_fc/c_proj) MLP "
+            "projections the tensor-parallel plan shards; use tp: 1"
+        )
+    attn = layer.get_submodule("self_attn")
+    if "self_attn.qkv_proj" in names and getattr(attn.config, "model_type", None) not in FUSED_QKV_FAMILIES:
+        return f"parallel.tp: {kind} has a fused qkv_proj whose q/k/v layout the plan does not know; use tp: 1"
+    fused = ("self_attn.qkv_proj", "mlp.gate_up_proj")
+    adapted = [path for path in fused if path in names and _is_lora(layer.get_submodule(path))]
+    if adapted:
+        return f"parallel.tp: LoRA adapters on the fused {', '.join(adapted)} are not split by tp; use tp: 1"
+    for name in _norm_names(attn):
+        weight = getattr(attn.get_submodule(name), "weight", None)
+        if weight is None or weight.shape[-1] != getattr(attn, "head_dim", None):
+            return f"parallel.tp: {kind}'s self_attn.{name} is not one norm per head, which tp splits; use tp: 1"
+    placed = [f"{path}." for path in layer_plan(layer, checked=True)]
+    placed += [f"{name}." for name in _norm_names(layer)] + [f"self_attn.{name}." for name in _norm_names(attn)]
+    unplaced = [name for name, _ in layer.named_parameters() if not name.startswith(tuple(placed))]
+    if unplaced:
+        return (
+            f"parallel.tp: {kind} has parameters the tensor-parallel plan does not place ({', '.join(unplaced)}); "
+            "use tp: 1"
+        )
+    return None
+
+
+def layer_plan(layer: nn.Module, *, checked: bool = False) -> dict[str, str]:
+    """The plan of a decoder layer: the attention projections and the first MLP layout whose names it has.
+    ValueError (tp_plan_problem's line) when none shards it exactly."""
+    if not checked and (problem := tp_plan_problem(layer)):
+        raise ValueError(problem)
+    names = {name for name, _ in layer.named_modules()}
+    attention = FUSED_ATTENTION_PLAN if "self_attn.qkv_proj" in names else ATTENTION_PLAN
+    return {**attention, **next(mlp for mlp in MLP_PLANS if all(path in names for path in mlp))}
+
+
+def _fused_rows(layer: nn.Module, path: str, rank: int, tp: int) -> torch.Tensor:
+    """The output rows of a fused projection this tp rank computes: its heads' q, k and v rows (qkv_proj,
+    laid out [q | k | v]) or its share of each half (gate_up_proj, [gate | up])."""
+    if path == "self_attn.qkv_proj":
+        attn = layer.get_submodule("self_attn")
+        q = attn.config.num_attention_heads * attn.head_dim
+        kv = attn.config.num_key_value_heads * attn.head_dim
+        parts = [(0, q), (q, kv), (q + kv, kv)]
+    else:
+        half = layer.get_submodule(path).weight.shape[0] // 2
+        parts = [(0, half), (half, half)]
+    return torch.cat(
+        [torch.arange(start + rank * size // tp, start + (rank + 1) * size // tp) for start, size in parts]
+    )
+
+
+def _parallelize_fused(linear: nn.Module, rows: torch.Tensor, tp_mesh, partial: PartialGrads) -> None:
+    """A fused projection split exactly: the weight stays whole on every tp rank (its names and checkpoints
+    unchanged) and each rank computes only its `rows`, so its weight gradient holds only those rows (summed
+    over tp with the partial gradients) and its input gradient is a partial sum (reduced like a colwise
+    layer's: all-reduced, or reduce-scattered over the sequence)."""
+    rows = rows.to(linear.weight.device)
+
+    def forward(x):
+        if not isinstance(x, DTensor):
+            x = DTensor.from_local(x, tp_mesh, [Replicate()], run_check=False)
+        x = x.to_local(grad_placements=[Partial()])
+        bias = None if linear.bias is None else linear.bias[rows]
+        return F.linear(x, linear.weight[rows], bias)
+
+    linear.forward = forward
+    partial.add_module(linear)
 
 
 class PartialGrads:
@@ -152,7 +252,6 @@ def _norm_names(module: nn.Module) -> list[str]:
 def apply_tensor_parallel(
     layers: list[nn.Module],
     tp_mesh,
-    plan: dict[str, str] = LLAMA_PLAN,
     *,
     sequence_parallel: bool = False,
     gather_output: bool = False,
@@ -166,15 +265,27 @@ def apply_tensor_parallel(
     """
     partial = PartialGrads()
     for layer in layers:
+        plan = layer_plan(layer)
         for path, style in plan.items():
             module = layer.get_submodule(path)
-            if _is_lora(module):
+            if style.startswith("fused"):
+                _parallelize_fused(
+                    module, _fused_rows(layer, path, tp_mesh.get_local_rank(), tp_mesh.size()), tp_mesh, partial
+                )
+            elif _is_lora(module):
                 _parallelize_lora(module, style, tp_mesh, sequence_parallel, partial)
             elif style == "colwise":
                 parallelize_module(module, tp_mesh, ColwiseParallel())
             else:
                 parallelize_module(module, tp_mesh, _rowwise(sequence_parallel))
         attn = layer.get_submodule("self_attn")
+        for name in HEAD_COUNTS:  # modules that view with their own head counts (StableLM) see this rank's
+            if isinstance(getattr(attn, name, None), int):
+                setattr(attn, name, getattr(attn, name) // tp_mesh.size())
+        if "self_attn.qkv_proj" in plan:  # Phi-3 splits q/k/v at its config's head counts: this rank's
+            attn.config = copy.copy(attn.config)
+            attn.config.num_attention_heads //= tp_mesh.size()
+            attn.config.num_key_value_heads //= tp_mesh.size()
         for name in _norm_names(attn):  # per-head norms (Qwen3) see only this rank's heads
             partial.add_module(attn.get_submodule(name))
         if sequence_parallel:

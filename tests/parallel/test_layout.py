@@ -166,14 +166,51 @@ def test_config_json_and_the_hf_config_read_alike():
 
 
 def test_pipeline_stages_refuse_what_they_cannot_reproduce():
-    """Gemma 2/3 (tied, and soft-capped logits, sliding-window layers) would train wrong under pp."""
+    """Gemma 2/3 (soft-capped logits, sliding-window layers) and Granite (multipliers) run under pp: the
+    stage modules reproduce them (tests/parallel/distributed/test_families.py); other layer types and logit
+    transforms are refused."""
     gemma2 = {"model_type": "gemma2", "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2}
-    problems = layout_problems(ParallelConfig(pp=2, microbatches=2), model_config=gemma2)
-    assert fields(problems) == ["parallel.pp"], problems
-    assert "final logit soft-capping and its sliding-window attention layers" in problems[0]
-    assert layout_problems(ParallelConfig(tp=2), model_config=gemma2) == []  # the model's own forward
-    full = {**LLAMA, "layer_types": ["full_attention"] * 4, "final_logit_softcapping": None}
-    assert layout_problems(ParallelConfig(pp=2, microbatches=2), model_config=full) == []
+    pp2 = ParallelConfig(pp=2, microbatches=2)
+    assert layout_problems(pp2, model_config=gemma2) == []
+    assert layout_problems(ParallelConfig(tp=2), model_config=gemma2) == []
+    granite = {**LLAMA, "model_type": "granite", "embedding_multiplier": 12.0, "logits_scaling": 8.0}
+    assert layout_problems(pp2, model_config=granite) == []
+    other = {**LLAMA, "layer_types": ["full_attention", "linear_attention"] * 2, "logit_scale": 0.25}
+    assert layout_problems(pp2, model_config=other) == [
+        "parallel.pp: pipeline stages would skip its linear_attention layers and its logit_scale; use pp: 1"
+    ]
+    assert layout_problems(pp2, model_config={**LLAMA, "use_bidirectional_attention": True}) == [
+        "parallel.pp: pipeline stages would skip its bidirectional attention; use pp: 1"
+    ]
+
+
+@pytest.mark.parametrize("model_type, experts_key", [("mixtral", "num_local_experts"), ("qwen3_moe", "num_experts")])
+def test_mixture_of_experts_refuses_tp_and_pp(model_type, experts_key):
+    """Experts train unsplit under dp/ZeRO; tp and pp name their field and say expert parallelism is missing,
+    from config.json (recipe validation) and from the HF config object (the job) alike."""
+    from transformers import AutoConfig
+
+    moe = {**LLAMA, "model_type": model_type, experts_key: 8}
+    for parallel in (ParallelConfig(dp_shard=2, zero=3), ParallelConfig(dp_replicate=2, dp_shard=2, zero=1)):
+        assert layout_problems(parallel, model_config=moe) == []
+    problems = layout_problems(ParallelConfig(tp=2, pp=2, microbatches=2), model_config=moe)
+    assert fields(problems) == ["parallel.tp", "parallel.pp"], problems
+    assert all("mixture of experts (8 experts); expert parallelism is not supported yet" in p for p in problems)
+    job = AutoConfig.for_model(model_type, **{k: v for k, v in moe.items() if k != "model_type"})
+    assert layout_problems(ParallelConfig(tp=2), model_config=job) == problems[:1]
+    with pytest.raises(ValueError, match="parallel.pp: the model is a mixture of experts"):
+        check_layout(ParallelConfig(pp=2, microbatches=2), world=2, model_config=job)
+
+
+def test_norms_across_heads_refuse_tp_only():
+    """OLMo2/OLMo3's q/k norms span all heads: no exact split over tp (the engine's own check from the
+    modules: tests/parallel/distributed/test_families.py). Phi-3's fused projections are split exactly."""
+    olmo2 = {**LLAMA, "model_type": "olmo2"}
+    assert layout_problems(ParallelConfig(tp=2), model_config=olmo2) == [
+        "parallel.tp: the model has q/k norms across all heads, which tp would split; use tp: 1 (pp and ZeRO work)"
+    ]
+    assert layout_problems(ParallelConfig(pp=2, dp_shard=2, zero=3, microbatches=2), model_config=olmo2) == []
+    assert layout_problems(ParallelConfig(tp=2), model_config={**LLAMA, "model_type": "phi3"}) == []
 
 
 def test_validation_and_the_job_read_a_model_directory_alike(tmp_path):
@@ -197,4 +234,23 @@ def test_validation_and_the_job_read_a_model_directory_alike(tmp_path):
     for cfg in (dict(pp=2, microbatches=2), dict(tp=4), dict(tp=2, vocab_parallel=True)):
         parallel = ParallelConfig(**cfg)
         assert layout_problems(parallel, model_config=raw) == layout_problems(parallel, model_config=job)
-    assert layout_problems(ParallelConfig(pp=2, microbatches=2), model_config=raw)  # Gemma 2: no pp
+    assert layout_problems(ParallelConfig(tp=4), model_config=raw)  # its 2 KV heads
+
+
+def test_recipe_validation_refuses_expert_and_cross_head_splits():
+    """`hpcft validate` on the tiny recipe with the MoE and OLMo2 tiny models: one line per field, exit 2."""
+    from hpc.recipe import RecipeError, load_recipe
+    from tests.conftest import TINY_RECIPE
+
+    with pytest.raises(RecipeError) as e:
+        load_recipe(
+            TINY_RECIPE, ["model.tiny=micro-qwen3-moe", "parallel.tp=2", "parallel.pp=2", "parallel.microbatches=2"]
+        )
+    assert fields(e.value.problems) == ["parallel.tp", "parallel.pp"], e.value.problems
+    assert "expert parallelism is not supported yet" in e.value.problems[0]
+    with pytest.raises(RecipeError) as e:
+        load_recipe(TINY_RECIPE, ["model.tiny=micro-olmo2", "parallel.tp=2"])
+    assert e.value.problems == [layout_problems(ParallelConfig(tp=2), model_config={"model_type": "olmo2"})[0]]
+    load_recipe(TINY_RECIPE, ["model.tiny=micro-phi3", "parallel.tp=2", "parallel.dp_shard=2", "parallel.zero=3"])
+    load_recipe(TINY_RECIPE, ["model.tiny=micro-mixtral", "parallel.dp_shard=2", "parallel.zero=3"])
+    load_recipe(TINY_RECIPE, ["model.tiny=micro-gemma3", "parallel.pp=2", "parallel.tp=2", "parallel.microbatches=2"])

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import torch
 from torch.distributed.tensor import DTensor
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from parallel.dims import ParallelConfig
 from parallel.distributed.mesh import ParallelDims
+from parallel.tiny import FAMILIES as TINY_FAMILIES
+from parallel.tiny import tiny_config
 from parallel.trainer import Trainer, build_adamw, num_label_tokens, summed_ce
 
 MODEL = dict(
@@ -34,17 +36,23 @@ SEQ = 16
 def build_model(mode: str, seed: int = 0, family: str = "llama", tied: bool = False):
     """The same weights on every call; LoRA B matrices random (not zero) so every adapter gets a gradient.
 
-    qwen3: per-head q/k norms inside attention (their weights get random values so they matter).
+    qwen3: per-head q/k norms inside attention (their weights get random values so they matter); the other
+    families (gemma2, gemma3, phi3, granite, mixtral, qwen3_moe) are parallel.tiny's FAMILIES at this shape.
     tied: lm_head shares the input embedding's weight (tie_word_embeddings)."""
     torch.manual_seed(seed)
-    config_cls, model_cls = FAMILIES[family]
-    extra = {"head_dim": 16} if family == "qwen3" else {}
-    model = model_cls(config_cls(**{**MODEL, "tie_word_embeddings": tied}, **extra))
-    if family == "qwen3":
+    if family in TINY_FAMILIES:
+        config = tiny_config({**MODEL, **TINY_FAMILIES[family], "tie_word_embeddings": tied}, eos_token_id=2)
+        model = AutoModelForCausalLM.from_config(config)
+    else:
+        config_cls, model_cls = FAMILIES[family]
+        extra = {"head_dim": 16} if family == "qwen3" else {}
+        model = model_cls(config_cls(**{**MODEL, "tie_word_embeddings": tied}, **extra))
+    if family in ("qwen3", "gemma3"):
+        one = 0.0 if family == "gemma3" else 1.0  # Gemma's norms scale by (1 + weight)
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if name.endswith(("q_norm.weight", "k_norm.weight")):
-                    p.copy_(1 + 0.2 * torch.randn(p.shape))
+                    p.copy_(one + 0.2 * torch.randn(p.shape))
     if mode == "lora":
         from peft import LoraConfig, get_peft_model
 
