@@ -212,16 +212,22 @@ def describe(parallel: ParallelConfig) -> str:
     )
 
 
+def _size(num_bytes: int) -> str:
+    for unit, scale in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if num_bytes >= scale:
+            return f"{num_bytes / scale:.2f} {unit}"
+    return f"{num_bytes} B"
+
+
 def table(checks: list[RankCheck]) -> list[str]:
-    """One line per rank kind: planned / actual MiB of params, grads and optimizer state, and OK or MISMATCH
+    """One line per rank kind: planned / actual size of params, grads and optimizer state, and OK or MISMATCH
     (with the byte differences)."""
-    mib = 1024**2
-    lines = [f"{'stage':<7}{'rank':>6}{'pp':>4}  {'params MiB':>23}  {'grads MiB':>23}  {'optimizer MiB':>23}"]
+    lines = [f"{'stage':<7}{'rank':>6}{'pp':>4}  {'params':^23}  {'grads':^23}  {'optimizer':^23}"]
     for c in checks:
         cells = []
         for key in ("params", "grads", "optimizer"):
             p, a = getattr(c.planned, key), getattr(c.actual, key)
-            cells.append(f"{p / mib:>11.2f}/{a / mib:<11.2f}")
+            cells.append(f"{_size(p):>11}/{_size(a):<11}")
         verdict = (
             "OK"
             if c.ok
