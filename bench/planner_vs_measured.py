@@ -136,6 +136,7 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--layouts", default=",".join(LAYOUTS))
+    ap.add_argument("--chunk-tokens", type=int, default=0, help="parallel.loss_chunk_tokens (0: whole logits)")
     args = ap.parse_args()
     import torch  # noqa: F401  (imported once here, before the ranks fork)
     import transformers  # noqa: F401
@@ -143,13 +144,13 @@ def main() -> None:
     config = shape(args.vocab, args.hidden, args.layers)
     print(
         f"llama shape: hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}; global batch "
-        f"{args.rows} x {args.seq} tokens; fp32 on CPU"
+        f"{args.rows} x {args.seq} tokens; fp32 on CPU; loss_chunk_tokens {args.chunk_tokens}"
     )
     print(
         f"{'layout':8s} {'planned MiB':>12s} {'measured MiB':>13s} {'error':>7s} {'RSS MiB':>8s}   planned parts (MiB)"
     )
     for name in args.layouts.split(","):
-        layout = LAYOUTS[name]
+        layout = {**LAYOUTS[name], "loss_chunk_tokens": args.chunk_tokens}
         plan = planned(config, layout, args.rows, args.seq)
         got, rss = measure(config, layout, args.rows, args.seq)
         parts = ", ".join(

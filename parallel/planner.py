@@ -315,22 +315,53 @@ def estimate_memory(
     lora_r: int = 8,
     lora_targets: list[str] | str = "all-linear",
     loss_parallel: bool = True,
+    token_loss: bool = True,
 ) -> MemoryEstimate:
     """Per-rank bytes of the most loaded pipeline rank.
 
     model_config: the model's config.json as a dict. mode: full | lora | qlora. micro_batch: sequences
     per forward on one rank (batch_size / (dp x microbatches x grad_accum)). dtype_bytes: the compute
     dtype (2 for bf16, 4 for fp32). loss_parallel: the stage's loss runs on vocab-sharded logits (token
-    cross-entropy at pp = 1); other losses gather the logits whole.
+    cross-entropy at pp = 1); other losses gather the logits whole. token_loss: the loss is the token
+    cross-entropy, which parallel.loss_chunk_tokens computes chunk by chunk (only a chunk's logits held).
     """
     if mode not in MODES:
         raise ValueError(f"mode: {mode!r} is not one of {list(MODES)}")
     shape = Shape.from_config(model_config)
+    transforms = any(model_config.get(k) not in (None, 1, 1.0) for k in LOGIT_TRANSFORMS)
     per_rank = [
-        _rank_estimate(shape, parallel, r, mode, seq_len, micro_batch, dtype_bytes, lora_r, lora_targets, loss_parallel)
+        _rank_estimate(
+            shape,
+            parallel,
+            r,
+            mode,
+            seq_len,
+            micro_batch,
+            dtype_bytes,
+            lora_r,
+            lora_targets,
+            loss_parallel,
+            token_loss,
+            transforms,
+        )
         for r in range(parallel.pp)
     ]
     return max(per_rank, key=lambda e: e.total)
+
+
+def _loss_chunk(shape: Shape, parallel: ParallelConfig, tokens: int, token_loss: bool, transforms: bool) -> int:
+    """Tokens per chunk of the chunked token loss (parallel.chunked_ce) where the Trainer uses it (0: the
+    whole logits): parallel.loss_chunk_tokens set, pp = 1, ZeRO <= 1, a plain vocabulary head."""
+    if not token_loss or parallel.loss_chunk_tokens == 0 or parallel.pp > 1 or parallel.zero >= 2 or transforms:
+        return 0
+    if parallel.loss_chunk_tokens:
+        return min(parallel.loss_chunk_tokens, tokens)
+    target = max(1024, -(-tokens * shape.hidden // shape.vocab))  # chunked_ce.auto_chunk_tokens
+    return min(1 << (target - 1).bit_length(), tokens)
+
+
+# Config attributes of families whose logits are not the plain head projection (chunked_ce's list).
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
 def _rank_estimate(
@@ -344,6 +375,8 @@ def _rank_estimate(
     lora_r: int,
     lora_targets,
     loss_parallel: bool,
+    token_loss: bool = False,
+    config_transforms: bool = False,
 ) -> MemoryEstimate:
     state, num_layers = model_state(
         shape, parallel, pp_rank, mode=mode, dtype_bytes=dtype_bytes, lora_r=lora_r, lora_targets=lora_targets
@@ -355,7 +388,13 @@ def _rank_estimate(
     if pp_rank == parallel.pp - 1:
         sharded_logits = loss_parallel and parallel.pp == 1
         vocab_split = parallel.tp if vocab_parallel and sharded_logits else 1
-        activations += tokens * shape.vocab // vocab_split * (dtype_bytes + 8)
+        vocab = shape.vocab // vocab_split
+        chunk = _loss_chunk(shape, parallel, tokens, token_loss, config_transforms)
+        if chunk:  # one chunk's logits (compute dtype + fp32), the fp32 hidden-state gradient, bf16 copies
+            cast = (tokens + vocab) * shape.hidden * dtype_bytes if dtype_bytes < 4 else 0
+            activations += chunk * vocab * (dtype_bytes + 4) + tokens * shape.hidden * 4 + cast
+        else:
+            activations += tokens * vocab * (dtype_bytes + 8)
     return MemoryEstimate(
         params=state.params,
         gathered=state.gathered,

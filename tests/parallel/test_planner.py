@@ -117,3 +117,19 @@ def test_warnings_only_above_the_gpu():
 def test_unknown_mode_is_a_user_error():
     with pytest.raises(ValueError, match="mode"):
         _estimate(mode="dpo")
+
+
+def test_chunked_token_loss_holds_one_chunk_of_logits():
+    layers = 32 * 4 * 1056 * 2
+    assert _estimate().activations == layers + 32 * 260 * 10  # whole logits: bf16 + fp32 copy + log-softmax
+    # 8-token chunks: one chunk's logits (bf16 + fp32), the fp32 gradient of the 32 hidden states, and the
+    # bf16 copies of the hidden states and the head weight.
+    chunk = 8 * 260 * 6 + 32 * 64 * 4 + (32 + 260) * 64 * 2
+    assert _estimate(loss_chunk_tokens=8).activations == layers + chunk
+    auto = _estimate(loss_chunk_tokens=None).activations  # chunks of at least 1024 tokens: all 32 at once
+    assert auto == layers + 32 * 260 * 6 + 32 * 64 * 4 + (32 + 260) * 64 * 2
+    # Where the Trainer keeps the logits path: FSDP (ZeRO-3), pipeline stages, a loss other than token CE.
+    whole = layers + 32 * 260 * 10
+    assert _estimate(loss_chunk_tokens=8, dp_shard=2, zero=3, micro_batch=2).activations == whole
+    dpo = estimate_memory(MICRO, ParallelConfig(loss_chunk_tokens=8), seq_len=16, micro_batch=2, token_loss=False)
+    assert dpo.activations == whole
