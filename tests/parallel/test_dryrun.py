@@ -63,3 +63,24 @@ def test_one_process_holds_the_whole_model():
 def test_layouts_the_engine_refuses(layout, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         dry_run(SHAPES["llama-3-70b"], ParallelConfig(**layout))
+
+
+def test_other_families_biases_tied_weights_and_uneven_shards():
+    """Llama with attention/MLP biases, Qwen3's per-head norms, tied embeddings (a copy on the last stage),
+    a vocabulary tp does not divide (embeddings whole) and dims dp_shard 3 or 5 does not divide (FSDP2 pads)."""
+    base = dict(vocab_size=1000, hidden_size=256, intermediate_size=704, num_hidden_layers=6)
+    base |= dict(num_attention_heads=8, num_key_value_heads=4, head_dim=32)
+    configs = [
+        dict(base, model_type="llama", attention_bias=True, mlp_bias=True),
+        dict(base, model_type="qwen3", tie_word_embeddings=True),
+        dict(base, model_type="qwen2", vocab_size=1001, tie_word_embeddings=True),
+    ]
+    layouts = [
+        ParallelConfig(pp=3, tp=2, dp_shard=3, zero=3, microbatches=3),
+        ParallelConfig(tp=2, dp_shard=5, zero=2),
+        ParallelConfig(pp=2, tp=4, dp_replicate=2, zero=1, microbatches=2, pp_schedule="zero_bubble"),
+    ]
+    for config in configs:
+        for parallel in layouts:
+            checks = dry_run(config, parallel)
+            assert all(c.ok for c in checks), (config["model_type"], parallel, table(checks))
