@@ -4,8 +4,9 @@ communication) and compare the weights, gradients and optimizer state that rank 
 parallel.planner plans for it, byte for byte.
 
 What is measured on the rank: every parameter's local shard (DTensor local shapes; a pipeline rank's
-stage modules), in its dtype; a gradient per trainable shard in the same dtype (what autograd and FSDP2
-hand the optimizer); AdamW's state after one step on zero gradients (exp_avg, exp_avg_sq; the 4-byte step
+stage modules), in its dtype; a gradient per trainable shard in the same dtype (no backward runs here: that
+is what the Trainer holds after backward, which tests/parallel/test_dryrun_measured.py checks on real
+ranks); AdamW's state after one step on zero gradients (exp_avg, exp_avg_sq; the 4-byte step
 counters are not counted), built as the Trainer builds its optimizers (ZeRO-1: only the parameters
 partition_params gives this dp rank). The ranks checked are tp rank 0 and dp rank 0 of the first, a middle
 and the last pipeline stage: they hold the largest torch.chunk pieces, the size FSDP2 pads every rank to.
