@@ -56,6 +56,15 @@ def _parser() -> argparse.ArgumentParser:
     plan = recipe_cmd("plan", "show the stage graph with resources and per-rank training memory")
     plan.add_argument("--workdir", type=Path)
     plan.add_argument("--gpu-mem-gb", type=float, default=80.0, help="flag layouts that would not fit this")
+    plan.add_argument(
+        "--dry-run-layout",
+        nargs="?",
+        const="",
+        metavar="MODEL",
+        help="lay the model (the recipe's, or a named shape: llama-3-8b, llama-3-70b, qwen2.5-72b, or a model dir) "
+        "out on the meta device under a fake process group, per training stage's layout, and compare the "
+        "planner's per-rank weight/gradient/optimizer bytes with the real shards",
+    )
 
     for name, help in (
         ("status", "one look at a run: stages, jobs, progress"),
@@ -125,6 +134,8 @@ def cmd_plan(args, console: Console) -> int:
     from hpc.rundir import RunDir
 
     recipe = load_recipe(args.recipe, args.overrides)
+    dry = args.dry_run_layout
+    dry_config = None if dry is None else _dry_run_config(recipe, args.recipe.resolve().parent, dry)
     rd = RunDir(_workdir(args, recipe))
     tree = Tree(
         f"[bold]{recipe.name}[/]  parallel dp_replicate={recipe.parallel.dp_replicate} "
@@ -148,7 +159,43 @@ def cmd_plan(args, console: Console) -> int:
             _step_lines(node, recipe, s, rd)
         node.add(f"input hash {s.input_hash}")
     console.print(tree)
+    if dry_config is not None:
+        return _dry_run_layouts(recipe, dry_config, dry, console)
     return 0
+
+
+def _dry_run_config(recipe, base_dir: Path, model: str) -> dict:
+    from parallel.dryrun import load_config
+
+    try:
+        return load_config(model) if model else _base_config(recipe, base_dir)
+    except ValueError as e:
+        raise CommandError([str(e)]) from None
+
+
+def _dry_run_layouts(recipe, config: dict, model: str, console: Console) -> int:
+    """parallel.dryrun for each distinct (layout, mode, LoRA) of the training stages: 0 all equal, 1 a
+    mismatch (a planner or engine bug), 2 a layout the engine refuses."""
+    from parallel import dryrun
+    from training.stages import stage_layout
+
+    seen, code = [], 0  # (a LoRA target list is not hashable)
+    for stage in recipe.stages:
+        key = (stage_layout(stage, recipe.parallel), stage.mode, stage.lora)
+        if key in seen:
+            continue
+        seen.append(key)
+        layout, mode, lora = key
+        console.print(f"dry run, stage {stage.name} ({mode}) of {model or 'the base model'}: {dryrun.describe(layout)}")
+        try:
+            checks = dryrun.dry_run(config, layout, mode=mode, lora=lora)
+        except ValueError as e:
+            console.print(f"[red]refused[/]: {e}", highlight=False)
+            code = 2
+            continue
+        console.print("per rank, planned/actual\n" + "\n".join(dryrun.table(checks)), highlight=False)
+        code = max(code, 0 if all(c.ok for c in checks) else 1)
+    return code
 
 
 def _step_lines(node, recipe, spec, rd) -> None:
@@ -183,25 +230,29 @@ def _perplexity_cost(recipe, base_dir: Path) -> str:
     return perplexity_cost(cfg, estimate_rows(recipe.data, base_dir), num_params(config))
 
 
-def _memory_lines(node, recipe, spec, base_dir: Path, gpu_mem_gb: float) -> None:
-    """Per-rank memory of a training stage under the recipe's layout (bf16 compute, fp32 master)."""
+def _base_config(recipe, base_dir: Path) -> dict:
+    """The base model's config.json as a dict (tiny, GGUF or a model directory)."""
     import json
-
-    from parallel.planner import GIB, memory_warnings
-    from training.stages import plan_memory
 
     if recipe.model.tiny:
         from parallel.tiny import TINY_CONFIGS, build_tokenizer
 
-        config = {**TINY_CONFIGS[recipe.model.tiny], "vocab_size": len(build_tokenizer())}
-    elif recipe.model.gguf:
+        return {**TINY_CONFIGS[recipe.model.tiny], "vocab_size": len(build_tokenizer())}
+    if recipe.model.gguf:
         from hpc.recipe import model_config
 
-        config = model_config(recipe, base_dir)  # from the GGUF file's metadata (validate checked it)
-    else:
-        from hpc.recipe import resolve_path
+        return model_config(recipe, base_dir)  # from the GGUF file's metadata (validate checked it)
+    from hpc.recipe import resolve_path
 
-        config = json.loads((resolve_path(recipe.model.path, base_dir) / "config.json").read_text())
+    return json.loads((resolve_path(recipe.model.path, base_dir) / "config.json").read_text())
+
+
+def _memory_lines(node, recipe, spec, base_dir: Path, gpu_mem_gb: float) -> None:
+    """Per-rank memory of a training stage under the recipe's layout (bf16 compute, fp32 master)."""
+    from parallel.planner import GIB, memory_warnings
+    from training.stages import plan_memory
+
+    config = _base_config(recipe, base_dir)
     stage = next(st for st in recipe.stages if st.name == spec.name)
     est = plan_memory(stage, recipe.parallel, config)
     parts = ", ".join(

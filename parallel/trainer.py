@@ -549,9 +549,20 @@ class Trainer:
     def _sum_partial_grads(self) -> None:
         """Gradients each tp rank computed from its sequence slice or its heads (norms under sequence
         parallelism, Qwen3's q/k norms, LoRA B behind a rowwise layer): summed over tp, once per
-        forward_backward (which expects gradients cleared before it, as train_step does)."""
+        forward_backward (which expects gradients cleared before it, as train_step does). Then every
+        gradient is laid out like its parameter (see _grads_like_params)."""
         if self.partial.entries:
             zero_mod.allreduce_grads(self.partial.params(), self.mesh["tp"].get_group())
+        self._grads_like_params()
+
+    def _grads_like_params(self) -> None:
+        """A vocab-parallel embedding's gradient comes back replicated over tp (the whole [vocab, hidden] on
+        every tp rank, tp times its weight's shard): keep this rank's shard, a local slice, before the dp
+        all-reduce, clipping and the optimizer (found by bench/planner_vs_measured.py)."""
+        for p in self.params:
+            grad = p.grad
+            if isinstance(grad, DTensor) and tuple(grad.placements) != tuple(p.placements):
+                p.grad = grad.redistribute(p.device_mesh, p.placements)
 
     def _sum_over_dp(self, stats: dict[str, float]) -> dict[str, float]:
         if not stats or self.dims.dp == 1:

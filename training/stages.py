@@ -348,6 +348,7 @@ def plan_memory(stage, parallel, model_config: dict, dtype_bytes: int = 2):
         dtype_bytes=dtype_bytes,
         lora_r=stage.lora.r,
         loss_parallel=kind.loss_vocab_parallel,
+        token_loss=stage.kind == "sft",
     )
     n = kind.trained_models
     est = replace(

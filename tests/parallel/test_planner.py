@@ -7,7 +7,7 @@ Per layer: q 64x64 + k 64x32 + v 64x32 + o 64x64 = 12288, MLP 3 x 64x128 = 24576
 import pytest
 
 from parallel.dims import ParallelConfig
-from parallel.planner import GIB, estimate_memory, memory_warnings, num_params, split_layers
+from parallel.planner import GIB, estimate_memory, memory_warnings, num_params, split_layers, zero1_loads
 from parallel.tiny import TINY_CONFIGS
 
 MICRO = dict(TINY_CONFIGS["micro-llama"], vocab_size=260)
@@ -39,7 +39,10 @@ def test_one_process_full_fine_tuning():
 
 
 def test_zero_stages_shard_what_they_should():
-    assert _estimate(dp_shard=2, zero=1).optimizer == 4 * TOTAL  # 8 bytes / 2 ranks
+    # ZeRO-1 gives each tensor to one rank (largest first, to the least loaded): the larger share is
+    # 90688 elements, 32 (a norm) above half of 181312.
+    assert zero1_loads([5, 4, 3, 3], 2) == [8, 7]
+    assert _estimate(dp_shard=2, zero=1).optimizer == 8 * 90688
     assert _estimate(dp_shard=2, zero=1).grads == 4 * TOTAL
     z2 = _estimate(dp_shard=2, zero=2)
     assert (z2.params, z2.grads, z2.optimizer, z2.gathered) == (2 * TOTAL, 2 * TOTAL, 4 * TOTAL, 2 * TOTAL)
@@ -114,3 +117,19 @@ def test_warnings_only_above_the_gpu():
 def test_unknown_mode_is_a_user_error():
     with pytest.raises(ValueError, match="mode"):
         _estimate(mode="dpo")
+
+
+def test_chunked_token_loss_holds_one_chunk_of_logits():
+    layers = 32 * 4 * 1056 * 2
+    assert _estimate().activations == layers + 32 * 260 * 10  # whole logits: bf16 + fp32 copy + log-softmax
+    # 8-token chunks: one chunk's logits (bf16 + fp32), the fp32 gradient of the 32 hidden states, and the
+    # bf16 copies of the hidden states and the head weight.
+    chunk = 8 * 260 * 6 + 32 * 64 * 4 + (32 + 260) * 64 * 2
+    assert _estimate(loss_chunk_tokens=8).activations == layers + chunk
+    auto = _estimate(loss_chunk_tokens=None).activations  # chunks of at least 1024 tokens: all 32 at once
+    assert auto == layers + 32 * 260 * 6 + 32 * 64 * 4 + (32 + 260) * 64 * 2
+    # Where the Trainer keeps the logits path: FSDP (ZeRO-3), pipeline stages, a loss other than token CE.
+    whole = layers + 32 * 260 * 10
+    assert _estimate(loss_chunk_tokens=8, dp_shard=2, zero=3, micro_batch=2).activations == whole
+    dpo = estimate_memory(MICRO, ParallelConfig(loss_chunk_tokens=8), seq_len=16, micro_batch=2, token_loss=False)
+    assert dpo.activations == whole
