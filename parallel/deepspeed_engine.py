@@ -107,8 +107,13 @@ class DeepSpeedTrainer:
         _ensure_process_group()
         import deepspeed
 
+        from parallel import deepspeed_ops
+
         _quiet()
         rank, world = _world()
+        if rank == 0:  # a first run without scripts/install's build: one line, not a silent minute
+            deepspeed_ops.build()
+        dist.barrier()
         self.cfg = cfg
         self.model_config = find_decoder(model)[1].config
         check_layout(cfg, mode=mode, world=world, model_config=self.model_config)
