@@ -47,7 +47,7 @@ class Owned:
     eps: float
     weight_decay: float
     grad_clip: float
-    bf16: bool
+    bf16: bool | None  # None: not known here (parallel.mixed_precision auto: bf16 on a GPU, fp32 on CPU)
     zero: int
     stage: str = "the stage"  # the recipe path of the stage's fields, e.g. "stages.sft"
 
@@ -141,14 +141,13 @@ def conflicts(user: dict, owned: Owned, *, where: str = "ds_config") -> list[str
         concrete = {k: v for k, v in (scheduler.get("params") or {}).items() if v != AUTO}
         if concrete:
             key = sorted(concrete)[0]
-            clash(
-                f"scheduler.params.{key}",
-                concrete[key],
-                f"hpcft sets the learning rate each update from {s}.optim (warmup_steps, min_lr_ratio)",
-                AUTO,
+            out.append(
+                f"parallel.deepspeed_config: scheduler.params.{key} is {json.dumps(concrete[key])} in {where}, but "
+                f"hpcft sets the learning rate each update from {s}.optim (lr, warmup_steps, min_lr_ratio); remove "
+                "the scheduler from the file or set its params to \"auto\""
             )
     bf16 = _enabled(user.get("bf16", user.get("bfloat16", {})))
-    if bf16 != AUTO and bf16 != owned.bf16 and ("bf16" in user or "bfloat16" in user):
+    if owned.bf16 is not None and bf16 != AUTO and bf16 != owned.bf16 and ("bf16" in user or "bfloat16" in user):
         clash(
             "bf16.enabled",
             bf16,
