@@ -144,7 +144,7 @@ def conflicts(user: dict, owned: Owned, *, where: str = "ds_config") -> list[str
             out.append(
                 f"parallel.deepspeed_config: scheduler.params.{key} is {json.dumps(concrete[key])} in {where}, but "
                 f"hpcft sets the learning rate each update from {s}.optim (lr, warmup_steps, min_lr_ratio); remove "
-                "the scheduler from the file or set its params to \"auto\""
+                'the scheduler from the file or set its params to "auto"'
             )
     bf16 = _enabled(user.get("bf16", user.get("bfloat16", {})))
     if owned.bf16 is not None and bf16 != AUTO and bf16 != owned.bf16 and ("bf16" in user or "bfloat16" in user):

@@ -414,4 +414,3 @@ def plan_deepspeed_memory(stage, parallel, model_config: dict, *, bf16: bool = T
         **common,
     )
     return with_offload, deepspeed_plan.estimate(native, **common)
-

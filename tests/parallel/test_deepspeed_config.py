@@ -70,16 +70,22 @@ def test_owned_keys_come_from_the_recipe_and_the_rest_passes_through():
         ({"train_micro_batch_size_per_gpu": 4}, ["train_micro_batch_size_per_gpu is 4", "stages.0.batch_size"]),
         ({"gradient_accumulation_steps": 8}, ["gradient_accumulation_steps is 8", "stages.0.grad_accum"]),
         ({"gradient_clipping": 0.5}, ["gradient_clipping is 0.5", "stages.0.optim.grad_clip"]),
-        ({"optimizer": {"type": "Lamb", "params": {}}}, ["optimizer.type is \"Lamb\"", "AdamW"]),
-        ({"optimizer": {"type": "Adam", "params": {"adam_w_mode": False}}}, ["optimizer.type is \"Adam\""]),
-        ({"optimizer": {"type": "AdamW", "params": {"lr": 2e-5}}}, ["optimizer.params.lr is 2e-05", "stages.0.optim.lr"]),
-        ({"scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 10}}}, ["scheduler.params.warmup_num_steps"]),
+        ({"optimizer": {"type": "Lamb", "params": {}}}, ['optimizer.type is "Lamb"', "AdamW"]),
+        ({"optimizer": {"type": "Adam", "params": {"adam_w_mode": False}}}, ['optimizer.type is "Adam"']),
+        (
+            {"optimizer": {"type": "AdamW", "params": {"lr": 2e-5}}},
+            ["optimizer.params.lr is 2e-05", "stages.0.optim.lr"],
+        ),
+        (
+            {"scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 10}}},
+            ["scheduler.params.warmup_num_steps"],
+        ),
         ({"bf16": {"enabled": False}}, ["bf16.enabled is false", "parallel.mixed_precision"]),
         ({"fp16": {"enabled": True}}, ["fp16 in", "parallel.mixed_precision"]),
         ({"zero_optimization": {"stage": 3}}, ["zero_optimization.stage is 3", "parallel.zero"]),
-        ({"zero_optimization": {"sub_group_size": "auto"}}, ["zero_optimization.sub_group_size is \"auto\""]),
+        ({"zero_optimization": {"sub_group_size": "auto"}}, ['zero_optimization.sub_group_size is "auto"']),
         ({"tensor_parallel": {"autotp_size": 2}}, ["tensor_parallel in", "parallel.tp"]),
-        ({"steps_per_print": "auto"}, ["steps_per_print is \"auto\""]),
+        ({"steps_per_print": "auto"}, ['steps_per_print is "auto"']),
     ],
 )
 def test_a_conflicting_owned_key_names_the_file_key_and_the_recipe_field(user, named):
@@ -101,7 +107,7 @@ def test_offload_from_the_recipe_and_from_the_file():
     config = dsc.build(OWNED, user=user, offload=OffloadConfig(optimizer="cpu"))
     assert config["zero_optimization"]["offload_optimizer"] == {"device": "cpu", "ratio": 0.5, "pin_memory": True}
     assert dsc.offloaded(dsc.build(OWNED, user=user)) == ("cpu", "none")
-    with pytest.raises(dsc.DeepSpeedConfigError, match="offload_optimizer.device is \"nvme\""):
+    with pytest.raises(dsc.DeepSpeedConfigError, match='offload_optimizer.device is "nvme"'):
         dsc.build(
             OWNED,
             user={"zero_optimization": {"offload_optimizer": {"device": "nvme"}}},
@@ -117,7 +123,11 @@ def test_offload_from_the_recipe_and_from_the_file():
         (dict(dp_replicate=2), "full", "parallel.dp_replicate"),
         (dict(compile=True), "full", "parallel.compile"),
         (dict(), "qlora", "mode: qlora"),
-        (dict(zero=0, offload=OffloadConfig(optimizer="cpu")), "full", "parallel.offload.optimizer: ZeRO-Offload needs"),
+        (
+            dict(zero=0, offload=OffloadConfig(optimizer="cpu")),
+            "full",
+            "parallel.offload.optimizer: ZeRO-Offload needs",
+        ),
         (dict(zero=2, offload=OffloadConfig(params="cpu")), "full", "parallel.offload.params: parameter offload needs"),
         (dict(zero=3, offload=OffloadConfig(params="nvme")), "full", "parallel.offload.nvme_path"),
     ],
@@ -135,7 +145,12 @@ def test_deepspeed_only_fields_need_the_engine_and_one_rank_may_run_zero3():
         for line in layout_problems(ParallelConfig(deepspeed_config="ds.json"))
     )
     # one GPU + offload, a model larger than its memory: ZeRO-3 on one rank is DeepSpeed's use case
-    assert layout_problems(ParallelConfig(engine="deepspeed", zero=3, offload=OffloadConfig(optimizer="cpu", params="cpu"))) == []
+    assert (
+        layout_problems(
+            ParallelConfig(engine="deepspeed", zero=3, offload=OffloadConfig(optimizer="cpu", params="cpu"))
+        )
+        == []
+    )
 
 
 LLAMA_8B = {
