@@ -245,4 +245,4 @@ def test_deepspeed_resumes_where_it_stopped_and_refuses_another_layout(model_dir
         assert refused is not None and "at ZeRO-2, and this run has 2 at ZeRO-3" in refused, refused
     _same_weights(tmp_path / "ds", ref_dir, 1e-5)
     assert not (tmp_path / "ds" / "resume").exists()
-    assert (tmp_path / "ds-other" / "resume" / "step-00000004" / "deepspeed").is_dir()  # refused, not deleted
+    assert (tmp_path / "ds-other" / "resume" / "step-00000004" / "model" / "deepspeed").is_dir()  # refused, not deleted
