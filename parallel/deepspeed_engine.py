@@ -151,6 +151,10 @@ class DeepSpeedTrainer:
         )
         self.ds_config = config
         self.offload = dsc.offloaded(config)
+        if "nvme" in self.offload:
+            nvme_problem = deepspeed_ops.nvme_problem()
+            if nvme_problem:
+                raise ValueError(f"parallel.offload: {nvme_problem}")
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = build_optimizer(
             trainable, host=self.offload[0] != "none", lr=lr, weight_decay=weight_decay, betas=betas, eps=eps

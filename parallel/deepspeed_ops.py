@@ -39,6 +39,26 @@ def _cached(builder) -> bool:
     return any(directory.glob("*.so"))
 
 
+def nvme_problem() -> str | None:
+    """Why offloading to NVMe cannot work on this machine (DeepSpeed's async_io op needs libaio), or None."""
+    import contextlib
+    import io
+
+    from deepspeed.accelerator import get_accelerator
+
+    builder_cls = get_accelerator().get_op_builder("AsyncIOBuilder")
+    if builder_cls is None:
+        return f"DeepSpeed has no async I/O op for {get_accelerator().device_name()}; offload to cpu instead of nvme"
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        ok = builder_cls().is_compatible(verbose=False)
+    if ok:
+        return None
+    return (
+        "offloading to nvme needs DeepSpeed's async_io op, which needs libaio on the training nodes (apt install "
+        "libaio-dev, or your cluster's libaio module); offload to cpu instead, or install it and rerun"
+    )
+
+
 def build(names=None, out=sys.stderr) -> None:
     """Compile each op not built yet (default: all of them), with a progress line each."""
     from deepspeed.accelerator import get_accelerator

@@ -139,3 +139,24 @@ def test_checkpoint_resumes_exactly_and_refuses_another_layout(tmp_path):
     message = launch(_other_layout, 1, str(tmp_path), timeout=600)[0]
     assert message is not None and "under 2 data-parallel ranks at ZeRO-2" in message, message
     assert "\n" not in message and "dp_shard: 2" in message
+
+
+def _nvme(rank, world, path):
+    try:
+        _trainer(
+            ParallelConfig(engine="deepspeed", zero=3, offload=OffloadConfig(optimizer="nvme", nvme_path=path)), "full"
+        )
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def test_nvme_offload_works_or_says_what_the_machine_lacks(tmp_path):
+    from parallel.deepspeed_ops import nvme_problem
+
+    problem = nvme_problem()
+    message = launch(_nvme, 1, str(tmp_path), timeout=600)[0]
+    if problem is None:  # libaio present: the engine starts with the optimizer state on NVMe
+        assert message is None
+    else:
+        assert message == f"parallel.offload: {problem}" and "libaio" in message, message
