@@ -254,6 +254,9 @@ def _memory_lines(node, recipe, spec, base_dir: Path, gpu_mem_gb: float) -> None
 
     config = _base_config(recipe, base_dir)
     stage = next(st for st in recipe.stages if st.name == spec.name)
+    if recipe.parallel.engine == "deepspeed":
+        _deepspeed_memory_lines(node, recipe, stage, config, gpu_mem_gb)
+        return
     est = plan_memory(stage, recipe.parallel, config)
     parts = ", ".join(
         f"{k} {getattr(est, k) / GIB:.2f}"
@@ -272,6 +275,30 @@ def _memory_lines(node, recipe, spec, base_dir: Path, gpu_mem_gb: float) -> None
         )
     for warning in memory_warnings(est, int(gpu_mem_gb * GIB)):
         node.add(f"[red]{warning}[/] (at {gpu_mem_gb:g} GiB per GPU)")
+
+
+def _deepspeed_memory_lines(node, recipe, stage, config: dict, gpu_mem_gb: float) -> None:
+    """GPU and host memory per rank under DeepSpeed, with the recipe's offload and without any."""
+    from parallel.planner import GIB, memory_warnings
+    from training.stages import plan_deepspeed_memory
+
+    bf16 = recipe.parallel.mixed_precision != "fp32"
+    chosen, plain = plan_deepspeed_memory(stage, recipe.parallel, config, bf16=bf16)
+    off = recipe.parallel.offload
+    label = f"offload optimizer {off.optimizer}, params {off.params}" if off else "no offload"
+    for name, est in ((label, chosen), ("without offload", plain)):
+        parts = ", ".join(
+            f"{k} {getattr(est.gpu, k) / GIB:.2f}"
+            for k in ("params", "gathered", "grads", "optimizer", "activations", "frozen")
+        )
+        node.add(
+            f"deepspeed ZeRO-{recipe.parallel.zero}, {name}: GPU per rank (GiB): {parts}; total "
+            f"{est.gpu.total / GIB:.2f}; host per rank {est.host / GIB:.2f} GiB"
+        )
+        if est is plain and off is None:
+            break
+    for warning in memory_warnings(chosen.gpu, int(gpu_mem_gb * GIB)):
+        node.add(f"[red]{warning}[/] (at {gpu_mem_gb:g} GiB per GPU; offload: parallel.offload)")
 
 
 def cmd_run(args, console: Console) -> int:

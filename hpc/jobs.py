@@ -198,7 +198,7 @@ def _train(ctx: StageContext) -> dict:
         model_dir=_start_model(ctx, index),
         data_dir=_data_dir(ctx, kind.data),
         out_dir=ctx.out_dir,
-        parallel=ctx.recipe.parallel,
+        parallel=_parallel(ctx),
         seed=seed,
         progress=ctx.progress,
         **extra,
@@ -206,6 +206,15 @@ def _train(ctx: StageContext) -> dict:
     if ctx.leader:
         log_result(ctx.tracker, ctx.run_id, result, "final.")
     return result  # the runner has discarded its resume state
+
+
+def _parallel(ctx: StageContext):
+    """The recipe's parallel section with a ds_config path resolved against the recipe's directory."""
+    parallel = ctx.recipe.parallel
+    if parallel.deepspeed_config:
+        resolved = str(resolve_path(parallel.deepspeed_config, ctx.base_dir))
+        parallel = parallel.model_copy(update={"deepspeed_config": resolved})
+    return parallel
 
 
 # Numbers in a stage's result.json that describe the run rather than measure it: params, never metrics.

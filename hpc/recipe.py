@@ -444,6 +444,8 @@ def _checks(sections: dict[str, Any], base_dir: Path, defaulted: list[tuple] = (
         problems += stage_name_problems(some.stages)
     if have("stages", "parallel", "data"):  # order, data, layouts (parallel.layout); the model's shape if known
         problems += check_stages(some, model_config(some, base_dir) if have("model") else None)
+    if have("stages", "parallel") and some.parallel.engine == "deepspeed" and some.parallel.deepspeed_config:
+        problems += _deepspeed_config_problems(some.stages, some.parallel, base_dir)
     if have("model") and some.model.path:
         mdir = resolve_path(some.model.path, base_dir)
         if not (mdir / "config.json").is_file():
@@ -461,6 +463,19 @@ def _checks(sections: dict[str, Any], base_dir: Path, defaulted: list[tuple] = (
     if have("executor", "stages") and not stage_names_defaulted():
         problems += executor_stage_problems(some.executor, some.stages)
     return problems
+
+
+def _deepspeed_config_problems(stages, parallel, base_dir: Path) -> list[str]:
+    """parallel.deepspeed_config: the file readable, and its hpcft-owned keys agreeing with every stage."""
+    from parallel.deepspeed_config import DeepSpeedConfigError, read_user_config
+    from training.stages import deepspeed_problems
+
+    path = resolve_path(parallel.deepspeed_config, base_dir)
+    try:
+        user = read_user_config(path)
+    except DeepSpeedConfigError as err:
+        return [str(err)]
+    return deepspeed_problems(stages, parallel, user, where=parallel.deepspeed_config)
 
 
 def gguf_problems(spec: str, base_dir: Path) -> list[str]:

@@ -67,6 +67,8 @@ def gather_full_state_dict(trainer) -> dict[str, torch.Tensor] | None:
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
     from torch.distributed.tensor import DTensor
 
+    if hasattr(trainer, "full_state_dict"):  # another engine's own gathering (parallel.deepspeed_engine)
+        return trainer.full_state_dict()
     mesh = trainer.mesh
     leader = all(mesh[axis].get_local_rank() == 0 for axis in ("dp_replicate", "dp_shard", "tp"))
     state = {}

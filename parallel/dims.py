@@ -28,6 +28,20 @@ class QuantConfig(BaseModel):
     double_quant: bool = Field(True, description="quantize the quantization constants too (~0.4 bit/param less)")
 
 
+class OffloadConfig(BaseModel):
+    """ZeRO-Offload / ZeRO-Infinity (parallel.engine: deepspeed): where the optimizer state and the
+    parameters live between uses; the accelerator holds only what the current layer needs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    optimizer: Literal["none", "cpu", "nvme"] = Field(
+        "none", description="fp32 master weights + Adam moments on the host (DeepSpeed's CPU Adam steps them)"
+    )
+    params: Literal["none", "cpu", "nvme"] = Field("none", description="ZeRO-3 parameter shards on the host")
+    nvme_path: str | None = Field(None, description="a local NVMe directory, for optimizer or params on nvme")
+    pin_memory: bool = Field(True, description="page-locked host buffers (faster copies, locked RAM)")
+
+
 class ParallelConfig(BaseModel):
     """The `parallel:` section. Degrees multiply to the world size."""
 
@@ -65,6 +79,20 @@ class ParallelConfig(BaseModel):
         "(parallel.chunked_ce), so [tokens, vocab] logits are never held whole. Unset: chunks whose logits "
         "match the hidden states' size; 0 (the default for now): off. Applies at pp = 1 and ZeRO <= 1 "
         "to a plain head",
+    )
+
+    engine: Literal["native", "deepspeed"] = Field(
+        "native",
+        description="native: the PyTorch-native engine (dp x ZeRO x pp x tp, exact layouts); deepspeed: "
+        "DeepSpeed for data-parallel layouts (dp x ZeRO 0-3) with optimizer/parameter offload",
+    )
+    offload: OffloadConfig | None = Field(
+        None, description="engine: deepspeed only: optimizer state / parameters on the host or NVMe"
+    )
+    deepspeed_config: str | None = Field(
+        None,
+        description="engine: deepspeed only: a ds_config JSON; its batch, optimizer, schedule, precision, "
+        'clipping and ZeRO stage must be absent, "auto" or equal to the recipe\'s; the rest passes through',
     )
 
     @property

@@ -200,6 +200,21 @@ def build_trainer(
 
     model = load_model(model_dir, lora, quant) if model is None else model
     layout = parallel.model_copy(update={"microbatches": parallel.microbatches * grad_accum})
+    if parallel.engine == "deepspeed":
+        from parallel.deepspeed_config import read_user_config
+        from parallel.deepspeed_engine import DeepSpeedTrainer
+
+        return DeepSpeedTrainer(
+            model,
+            layout,
+            mode=mode,
+            lr=optim.lr,
+            weight_decay=optim.weight_decay,
+            betas=optim.betas,
+            eps=optim.eps,
+            grad_clip=optim.grad_clip,
+            user_config=read_user_config(parallel.deepspeed_config) if parallel.deepspeed_config else None,
+        )
     mesh = build_mesh(layout, process_world_size(), "cuda" if torch.cuda.is_available() else "cpu")
     return Trainer(
         model,

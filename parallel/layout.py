@@ -49,6 +49,7 @@ def layout_problems(
         return [f"mode: {mode!r} is not one of {list(MODES)}"]
     problems = world_problems(parallel, world) if world is not None else []
     problems += _degree_problems(parallel)
+    problems += engine_problems(parallel, mode)
     if mode == "qlora":
         problems += _quantized_problems(parallel)
     if model_config is not None:
@@ -103,12 +104,14 @@ def world_mismatch(parallel: ParallelConfig, world: int) -> str:
 
 def _degree_problems(cfg: ParallelConfig) -> list[str]:
     problems = []
-    if cfg.zero >= 2 and cfg.dp_shard == 1:
+    # DeepSpeed runs ZeRO on one rank too (one GPU + offload: a model larger than its memory).
+    native = cfg.engine == "native"
+    if native and cfg.zero >= 2 and cfg.dp_shard == 1:
         problems.append(
             f"parallel.zero: ZeRO-{cfg.zero} shards parameters over parallel.dp_shard, "
             "which is 1 (raise dp_shard or use zero 0/1)"
         )
-    if cfg.zero == 1 and cfg.dp == 1:
+    if native and cfg.zero == 1 and cfg.dp == 1:
         problems.append(
             "parallel.zero: ZeRO-1 shards optimizer state over data-parallel ranks, but "
             "dp_replicate x dp_shard is 1 (use zero: 0)"
@@ -128,6 +131,57 @@ def _degree_problems(cfg: ParallelConfig) -> list[str]:
             "parallel.compile: torch.compile of tensor-parallel blocks fails in backward (or, with "
             "sequence parallelism, gives wrong gradients) on this torch; use compile: false with tp > 1"
         )
+    return problems
+
+
+# --- the engine: native, or DeepSpeed for data-parallel layouts ------------------------------------------
+
+
+def engine_problems(cfg: ParallelConfig, mode: str = "full") -> list[str]:
+    """What parallel.engine: deepspeed cannot run, and the DeepSpeed-only fields without it."""
+    if cfg.engine == "native":
+        problems = []
+        if cfg.offload is not None and (cfg.offload.optimizer != "none" or cfg.offload.params != "none"):
+            problems.append(
+                "parallel.offload: offloading to the host or NVMe runs on DeepSpeed; set parallel.engine: deepspeed "
+                "(the native engine keeps everything on the accelerator and shards it with zero 1-3)"
+            )
+        if cfg.deepspeed_config is not None:
+            problems.append("parallel.deepspeed_config: a ds_config is read only with parallel.engine: deepspeed")
+        return problems
+    native = "; use parallel.engine: native for it"
+    problems = []
+    if cfg.pp > 1:
+        problems.append(
+            "parallel.pp: the deepspeed engine runs data-parallel layouts (dp_shard x ZeRO 0-3); DeepSpeed's "
+            "pipeline engine cannot combine with ZeRO-2/3" + native
+        )
+    if cfg.tp > 1:
+        problems.append("parallel.tp: the deepspeed engine runs data-parallel layouts (dp_shard x ZeRO 0-3)" + native)
+    if cfg.dp_replicate > 1:
+        problems.append(
+            "parallel.dp_replicate: the deepspeed engine shards over all data-parallel ranks; put them in "
+            "dp_shard (or use parallel.engine: native for HSDP)"
+        )
+    if cfg.compile:
+        problems.append("parallel.compile: compiled blocks run on parallel.engine: native")
+    if cfg.loss_chunk_tokens:
+        problems.append("parallel.loss_chunk_tokens: the chunked token loss runs on parallel.engine: native")
+    if mode == "qlora":
+        problems.append(
+            "mode: qlora (a 4-bit bitsandbytes base) runs on parallel.engine: native; use mode: lora under DeepSpeed"
+        )
+    off = cfg.offload
+    if off is not None:
+        if off.optimizer != "none" and cfg.zero == 0:
+            problems.append(
+                "parallel.offload.optimizer: ZeRO-Offload needs parallel.zero 1, 2 or 3 (it offloads the "
+                "partitioned optimizer state)"
+            )
+        if off.params != "none" and cfg.zero != 3:
+            problems.append("parallel.offload.params: parameter offload needs parallel.zero: 3")
+        if "nvme" in (off.optimizer, off.params) and not off.nvme_path:
+            problems.append("parallel.offload.nvme_path: offloading to nvme needs a directory on a local NVMe disk")
     return problems
 
 

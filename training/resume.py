@@ -38,6 +38,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from parallel import engine
 from parallel.distributed.checkpoint import (
+    ResumeRefused,
     failure,
     fsync_dir,
     load_checkpoint,
@@ -201,8 +202,8 @@ class Resumer:
             else:
                 extra = load_checkpoint(state, path)
         except (Exception, CheckpointException) as exc:  # CheckpointException is a BaseException
-            if not isinstance(failure(exc)[1], Exception):  # an interrupt inside DCP: not a damaged step
-                raise
+            if not isinstance(failure(exc)[1], Exception) or isinstance(exc, ResumeRefused):
+                raise  # an interrupt inside DCP, or a sound step this layout cannot take: not a damaged step
             problem = _reason(exc)
         gathered = engine.all_gather_object(problem)
         failed = [(rank, p) for rank, p in enumerate(gathered) if p is not None]

@@ -131,6 +131,7 @@ class StageRun:
                 total_params=total,
                 device=str(device),
                 world_size=self.parallel.world_size,
+                engine=self.parallel.engine,
                 data={name: vars(stats) for name, stats in data_stats.items()},
             )
             (self.out_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -244,6 +244,37 @@ def check_stage_layout(stage, parallel, *, world: int, model_config=None) -> Non
         raise ValueError("; ".join(problems))
 
 
+def deepspeed_problems(stages: list, parallel, user: dict, where: str) -> list[str]:
+    """A user's ds_config (parallel.deepspeed_config, read into `user`) against each stage's batch, optimizer
+    and clipping and the layout's ZeRO stage: the keys hpcft owns that disagree (parallel.deepspeed_config)."""
+    from parallel.deepspeed_config import Owned, conflicts
+
+    problems = []
+    for i, stage in enumerate(stages):
+        _, units, grad_accum = kind_of(stage).update_batch(stage)
+        accum = parallel.microbatches * grad_accum
+        split = parallel.dp * accum
+        optim = stage.optim
+        owned = Owned(
+            train_batch_size=units,
+            micro_batch=units // split if units % split == 0 else None,
+            grad_accum=accum,
+            lr=optim.lr,
+            betas=tuple(optim.betas),
+            eps=optim.eps,
+            weight_decay=optim.weight_decay,
+            grad_clip=optim.grad_clip,
+            # bf16 is the GPU default under `auto`: only an explicit fp32/bf16 is checked here
+            bf16=parallel.mixed_precision == "bf16" if parallel.mixed_precision != "auto" else None,
+            zero=parallel.zero,
+            stage=f"stages.{i}",
+        )
+        for line in conflicts(user, owned, where=where):
+            if line not in problems:
+                problems.append(line)
+    return problems
+
+
 def check_stages(recipe, model_config=None) -> list[str]:
     """Problems with the order, data and layout of the recipe's stages, as 'field: message' lines.
 
@@ -360,3 +391,29 @@ def plan_memory(stage, parallel, model_config: dict, dtype_bytes: int = 2):
         activations=n * est.activations,
     )
     return replace(est, frozen=len(kind.frozen(stage)) * num_params(model_config) * 4)
+
+
+def plan_deepspeed_memory(stage, parallel, model_config: dict, *, bf16: bool = True):
+    """(with the recipe's offload, with none): parallel.deepspeed_plan estimates of a stage under
+    parallel.engine: deepspeed, accelerator and host bytes per rank."""
+    from parallel import deepspeed_plan
+    from parallel.planner import num_params
+
+    native = plan_memory(stage, parallel, model_config, dtype_bytes=2 if bf16 else 4)
+    total = num_params(model_config)
+    trainable = total
+    if stage.mode != "full":
+        from parallel.planner import Shape, _layer_lora_params
+
+        shape = Shape.from_config(model_config)
+        trainable = shape.layers * _layer_lora_params(shape, 1, stage.lora.r, stage.lora.target_modules)
+    n = kind_of(stage).trained_models
+    off = parallel.offload
+    common = dict(total_params=n * total, trainable_params=n * trainable, zero=parallel.zero, dp=parallel.dp, bf16=bf16)
+    with_offload = deepspeed_plan.estimate(
+        native,
+        offload_optimizer=off.optimizer if off else "none",
+        offload_params=off.params if off else "none",
+        **common,
+    )
+    return with_offload, deepspeed_plan.estimate(native, **common)

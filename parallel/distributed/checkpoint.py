@@ -43,6 +43,11 @@ LOAD_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True, ignore_frozen
 EXTRA_FILE = "trainer_extra.json"
 
 
+class ResumeRefused(RuntimeError):
+    """A checkpoint that is sound but cannot resume this run (e.g. another engine's layout); resuming stops
+    with its one-line message instead of skipping to an older step."""
+
+
 @contextmanager
 def _quiet_single_process():
     """DCP warns on every one-process save/load that it assumes one process, which is the intent here."""
@@ -178,6 +183,8 @@ def _probe_write(path: Path, nbytes: int = 1 << 20) -> OSError | None:
 def state_nbytes(trainer) -> int:
     """The bytes of the state save_checkpoint writes for `trainer` (global tensor sizes, as this rank sees
     them: under pp a rank sees its own stages only), to say what a save needs."""
+    if hasattr(trainer, "state_nbytes"):  # another engine's own format (parallel.deepspeed_engine)
+        return trainer.state_nbytes()
     models, optims = _state(trainer)
     return sum(
         v.numel() * v.element_size()
@@ -191,6 +198,8 @@ def save_checkpoint(trainer, path: Path, extra: dict | None = None) -> Path:
     """Collective under torch.distributed: every rank calls it with the same path. Every file written is
     fsynced, and so are the directories this rank wrote into. An OSError on any rank (e.g. ENOSPC) is
     raised on every rank, so they leave together."""
+    if hasattr(trainer, "save_state"):  # another engine's own format (parallel.deepspeed_engine)
+        return trainer.save_state(Path(path), extra)
     path = Path(path)
     models, optims = _state(trainer)
     try:
@@ -236,6 +245,8 @@ def save_checkpoint(trainer, path: Path, extra: dict | None = None) -> Path:
 
 def load_checkpoint(trainer, path: Path) -> dict:
     """Collective: restore model, optimizer, step and RNG in place; returns the saved `extra`."""
+    if hasattr(trainer, "load_state"):  # another engine's own format (parallel.deepspeed_engine)
+        return trainer.load_state(Path(path))
     path = Path(path)
     # templates: DCP loads into them in place, resharding as needed
     models, optims, keys = _state_and_keys(trainer)

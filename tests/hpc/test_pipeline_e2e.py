@@ -168,6 +168,25 @@ def test_too_little_training_is_rejected(first_run, workdir, hpcft_cmd):
     assert c.get_model_version_by_alias("tiny-sft", "staging").version != latest.version
 
 
+def test_deepspeed_zero3_with_optimizer_offload_passes_the_gate_like_native(first_run, workdir, hpcft_cmd):
+    """The same recipe on parallel.engine: deepspeed, 2 ranks, ZeRO-3, optimizer state on the CPU (CPU Adam):
+    model and data reused, the gate passes with a score like the native engine's."""
+    sets = ["parallel.engine=deepspeed", "parallel.dp_shard=2", "parallel.zero=3", "parallel.offload.optimizer=cpu"]
+    p = run(hpcft_cmd, "run", str(TINY_RECIPE), "--workdir", str(workdir), *(a for s in sets for a in ("--set", s)))
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "model: up to date" in p.stdout and "data: up to date" in p.stdout
+    assert "gate: PASSED" in p.stdout
+    sft = json.loads((workdir / "stages/sft/result.json").read_text())
+    assert sft["world_size"] == 2 and sft["engine"] == "deepspeed", sft
+    gate = json.loads((workdir / "stages/gate/result.json").read_text())
+    score = gate["scores"]["candidate"]["heldout_exact/exact_match"]
+    native = float(first_run[0].stdout.split("heldout_exact/exact_match = ")[1].split()[0])
+    assert score >= 0.5 and abs(score - native) < 0.15, (score, native)
+    meta = json.loads((workdir / "run.json").read_text())
+    params = client(workdir).get_run(meta["parent_run_id"]).data.params
+    assert params["parallel.engine"] == "deepspeed" and params["parallel.offload.optimizer"] == "cpu"
+
+
 def test_failed_stage_names_stage_and_log(tmp_path, hpcft_cmd):
     broken = tmp_path / "broken-model"
     broken.mkdir()

@@ -49,6 +49,8 @@ STAGE_LAYOUTS = {  # name -> (stage kind, parallel section, mode)
     "rm-tp2-lora": ("reward_model", dict(tp=2), "lora"),
     "dpo-pp2-1f1b": ("dpo", dict(pp=2, microbatches=2), "full"),
     "rm-pp2-gpipe": ("reward_model", dict(pp=2, microbatches=2, pp_schedule="gpipe"), "full"),
+    "dpo-deepspeed-zero3": ("dpo", dict(engine="deepspeed", dp_shard=2, zero=3), "full"),
+    "rm-deepspeed-zero2-lora": ("reward_model", dict(engine="deepspeed", dp_shard=2, zero=2), "lora"),
 }
 
 

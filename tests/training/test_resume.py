@@ -215,3 +215,34 @@ def test_resume_under_another_layout(model_dir, data_dir, pref_dir, tmp_path, un
             assert result["val_loss"] == pytest.approx(ref_result["val_loss"], abs=1e-5)
     _same_weights(tmp_path / "dp2", ref_dir, 1e-5)
     _same_weights(tmp_path / "one", ref_dir, 1e-5)
+
+
+def _deepspeed_stop_then_resume(rank, world_size, model_dir, data_dir, root):
+    """parallel.engine: deepspeed (ZeRO-2, 2 ranks): stop at STOP_AT, resume; then a stopped run resumed under
+    another ZeRO stage, which DeepSpeed's partitioned state cannot take."""
+    from parallel.deepspeed_engine import LayoutChanged
+
+    zero2 = ParallelConfig(engine="deepspeed", dp_shard=2, zero=2)
+    _run(model_dir, data_dir, root / "ds", zero2, stop_at=STOP_AT)
+    resumed = _run(model_dir, data_dir, root / "ds", zero2)
+    _run(model_dir, data_dir, root / "ds-other", zero2, stop_at=STOP_AT)
+    try:
+        _run(model_dir, data_dir, root / "ds-other", zero2.model_copy(update={"zero": 3}))
+        refused = None
+    except LayoutChanged as err:
+        refused = str(err)
+    return resumed[:2], refused
+
+
+@pytest.mark.slow
+def test_deepspeed_resumes_where_it_stopped_and_refuses_another_layout(model_dir, data_dir, tmp_path, uninterrupted):
+    ref_result, ref_losses, ref_dir = uninterrupted["full"]
+    for (result, losses), refused in launch(_deepspeed_stop_then_resume, 2, model_dir, data_dir, tmp_path, timeout=900):
+        assert result["resumed_from_step"] == 4 and sorted(losses) == [5, 6]
+        for step in (5, 6):  # the native one-process run's losses: same data order, same global-batch loss
+            assert losses[step] == pytest.approx(ref_losses[step], abs=1e-5), step
+        assert result["val_loss"] == pytest.approx(ref_result["val_loss"], abs=1e-5)
+        assert refused is not None and "at ZeRO-2, and this run has 2 at ZeRO-3" in refused, refused
+    _same_weights(tmp_path / "ds", ref_dir, 1e-5)
+    assert not (tmp_path / "ds" / "resume").exists()
+    assert (tmp_path / "ds-other" / "resume" / "step-00000004" / "model" / "deepspeed").is_dir()  # refused, not deleted

@@ -152,6 +152,7 @@ def _ranks_main(rank, world_size, model_dir, data_dir, out_root):
     for name, layout, mode in (
         ("grpo-dp2-zero3", dict(dp_shard=2, zero=3), "full"),
         ("grpo-tp2-lora", dict(tp=2), "lora"),
+        ("grpo-deepspeed-zero3", dict(engine="deepspeed", dp_shard=2, zero=3), "full"),
     ):
         result = run_grpo(
             GRPOStage(**STAGE, mode=mode),
@@ -169,6 +170,7 @@ def _ranks_main(rank, world_size, model_dir, data_dir, out_root):
     for name, layout, mode, rm in (
         ("ppo-dp2-zero3-rm", dict(dp_shard=2, zero=3), "full", reward_dir),
         ("ppo-tp2-lora", dict(tp=2), "lora", None),
+        ("ppo-deepspeed-zero2-rm", dict(engine="deepspeed", dp_shard=2, zero=2), "full", reward_dir),
     ):
         stage = PPOStage(**{**PPO_STAGE, "reward_fn": None if rm else PPO_STAGE["reward_fn"]}, mode=mode)
         result = run_ppo(
@@ -220,7 +222,17 @@ def test_greedy_generation_through_sharded_weights_matches_one_process(ranks, la
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["grpo-dp2-zero3", "grpo-tp2-lora", "ppo-dp2-zero3-rm", "ppo-tp2-lora"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "grpo-dp2-zero3",
+        "grpo-tp2-lora",
+        "ppo-dp2-zero3-rm",
+        "ppo-tp2-lora",
+        "grpo-deepspeed-zero3",
+        "ppo-deepspeed-zero2-rm",
+    ],
+)
 def test_stage_trains_under_the_layout(ranks, model_dir, name, tmp_path):
     root, results = ranks
     assert results[0][name] == results[1][name], "every rank returns rank 0's result"
@@ -259,3 +271,16 @@ def test_grpo_and_ppo_train_under_zero3_x_tp2_on_four_ranks(model_dir, tmp_path)
         assert (
             export_hf(model_dir, tmp_path / "out" / name / "checkpoint", tmp_path / f"export-{name}")["merged"] is False
         )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "deepspeed, native", [("grpo-deepspeed-zero3", "grpo-dp2-zero3"), ("ppo-deepspeed-zero2-rm", "ppo-dp2-zero3-rm")]
+)
+def test_deepspeed_trains_like_the_native_engine(ranks, deepspeed, native):
+    """The same seed, prompts, samples and global-batch losses on both engines (fp32: agreement to rounding)."""
+    got, want = ranks[1][0][deepspeed], ranks[1][0][native]
+    assert got["engine"] == "deepspeed" and want["engine"] == "native"
+    for key, value in want.items():
+        if key.startswith(("final_", "val_")) and isinstance(value, float):
+            assert got[key] == pytest.approx(value, rel=1e-3, abs=1e-4), key
