@@ -135,6 +135,14 @@ def cmd_plan(args, console: Console) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     dry = args.dry_run_layout
+    if dry is not None and recipe.parallel.engine != "native":
+        raise CommandError(
+            [
+                "--dry-run-layout: the dry run lays the model out with the native engine; DeepSpeed partitions "
+                "its own flat buffers (the plan's deepspeed lines estimate them); set parallel.engine: native to "
+                "check a native layout"
+            ]
+        )
     dry_config = None if dry is None else _dry_run_config(recipe, args.recipe.resolve().parent, dry)
     rd = RunDir(_workdir(args, recipe))
     tree = Tree(
