@@ -95,7 +95,6 @@ def test_first_step_loss_is_log2_when_policy_is_the_reference(model_dir, data_di
     [
         (dict(loss_type="ipo", beta=0.1), (1 / (2 * 0.1)) ** 2),
         (dict(loss_type="hinge", beta=0.1), 1.0),  # relu(1 - beta * 0)
-        (dict(loss_type="robust", label_smoothing=0.2), math.log(2)),  # (0.8 - 0.2) log 2 / (1 - 0.4)
     ],
 )
 def test_variant_first_step_loss(model_dir, data_dir, tmp_path, variant, first_loss):
