@@ -1,8 +1,8 @@
 """What the orchestrator and the planner need to know about each training-stage kind, in one table.
 
-A recipe's `stages:` run in order. Policy stages (sft, dpo, simpo, orpo, ppo, grpo) each start from the previous policy
-stage's output (the base model for the first); the last policy stage is what export, eval and the gate
-see. A reward_model stage starts from the policy before it and serves the PPO/GRPO stages after it.
+A recipe's `stages:` run in order. Policy stages (sft, dpo, simpo, orpo, ppo, grpo) each start from the
+previous policy stage's output (the base model for the first); the last policy stage is what export, eval
+and the gate see. A reward_model stage starts from the policy before it and serves the PPO/GRPO stages after it.
 
 Everything kind-specific that recipe validation (check_stages), `hpcft plan` (plan_memory, stage_layout)
 and the jobs (runner, reward model) use is a field of the kind's StageKind row; the code below the table
