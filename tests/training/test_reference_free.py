@@ -124,9 +124,9 @@ def test_recipe_fields_and_errors(tmp_path, capsys):
 
 # Measured: from tiny-llama after 300 SFT steps (the DPO learning test's start), these 40 SimPO steps lift
 # held-out accuracy (mean log-probs, the method's own reward) 0.789 -> 0.828, the summed log-prob margin
-# 1.64 -> 2.10 nats and lower the loss 0.683 -> 0.640 (189 validation pairs; 63 s on 2 busy CPU cores, so
-# ~20-25 s idle). ORPO (beta 0.5, the same 40 steps) lowered the chosen NLL 0.62 -> 0.60 but left the
-# preference where it was (accuracy 0.789 -> 0.789); a higher lr (5e-4, 1e-3) made SimPO worse.
+# 1.64 -> 2.10 nats and lower the loss 0.683 -> 0.640 (189 validation pairs; the stage took 44 s on 2 CPU
+# cores at load 3, 63 s at load 6). ORPO (beta 0.5, the same 40 steps) lowered the chosen NLL 0.62 -> 0.60
+# but left the preference where it was (accuracy 0.789 -> 0.789); a higher lr (5e-4, 1e-3) made SimPO worse.
 LEARN = dict(
     max_steps=40,
     batch_size=16,
