@@ -18,6 +18,8 @@ __all__ = [
     "StageConfig",
     "SFTStage",
     "DPOStage",
+    "SimPOStage",
+    "ORPOStage",
     "RewardModelStage",
     "PPOStage",
     "GRPOStage",
@@ -163,8 +165,14 @@ class DPOStage(_AccumulatingStage):
     )
     optim: OptimConfig = OptimConfig(lr=5e-6, warmup_steps=10)
     beta: float = Field(0.1, gt=0, description="strength of the pull towards the reference")
-    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="conservative DPO: assumed label noise")
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = Field(
+        "sigmoid",
+        description="sigmoid: DPO (with label_smoothing: cDPO); ipo: squared distance of the log-ratio gap to "
+        "1/(2 beta); hinge: SLiC, relu(1 - beta x gap); robust: DPO unbiased under label noise label_smoothing",
+    )
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="assumed label noise of the sigmoid (conservative DPO) and robust losses"
+    )
     rpo_alpha: float = Field(
         0.0,
         ge=0,
@@ -182,9 +190,42 @@ class DPOStage(_AccumulatingStage):
 
     @model_validator(mode="after")
     def _smoothing_is_sigmoid(self) -> "DPOStage":
-        if self.loss_type == "ipo" and self.label_smoothing:
-            raise ValueError("label_smoothing applies to the sigmoid loss only, not ipo")
+        if self.loss_type in ("ipo", "hinge") and self.label_smoothing:
+            raise ValueError(f"label_smoothing applies to the sigmoid and robust losses only, not {self.loss_type}")
         return self
+
+
+class _ReferenceFreeStage(_AccumulatingStage):
+    """Preference optimisation on {prompt, chosen, rejected} rows from the policy's own length-normalised
+    log-probs: no reference model is loaded or run."""
+
+    _unit: ClassVar[str] = "pairs"
+
+    optim: OptimConfig = OptimConfig(lr=5e-6, warmup_steps=10)
+    batch_size: Count = Field(16, description="preference pairs per optimizer step (global)")
+    seq_len: SeqLen = Field(256, description="tokens of prompt + response, each side of a pair")
+    eval_every: Count = Field(50, description="held-out preference accuracy every N steps")
+
+
+class SimPOStage(_ReferenceFreeStage):
+    """SimPO: -log sigmoid(beta x (mean log-prob of chosen - of rejected) - gamma), reference-free."""
+
+    kind: Literal["simpo"] = "simpo"
+    name: str = "simpo"
+    beta: float = Field(2.0, gt=0, description="scale of the length-normalised log-prob rewards")
+    gamma: float = Field(0.5, ge=0, description="target margin between the chosen and rejected rewards")
+
+
+class ORPOStage(_ReferenceFreeStage):
+    """ORPO: the chosen side's SFT loss plus beta x the odds-ratio loss, reference-free."""
+
+    kind: Literal["orpo"] = "orpo"
+    name: str = "orpo"
+    beta: float = Field(
+        0.1,
+        gt=0,
+        description="weight of the odds-ratio term against the chosen side's NLL (the paper's lambda, TRL's beta)",
+    )
 
 
 class RewardModelStage(_AccumulatingStage):
@@ -319,4 +360,7 @@ class GRPOStage(_RLStage):
 
 
 # One entry of a recipe's `stages:` list, chosen by its `kind`.
-TrainStage = Annotated[Union[SFTStage, DPOStage, RewardModelStage, PPOStage, GRPOStage], Field(discriminator="kind")]
+TrainStage = Annotated[
+    Union[SFTStage, DPOStage, SimPOStage, ORPOStage, RewardModelStage, PPOStage, GRPOStage],
+    Field(discriminator="kind"),
+]

@@ -1,4 +1,5 @@
-"""Alignment losses as pure functions on tensors: DPO/IPO, Bradley-Terry, and the PPO/GRPO pieces.
+"""Alignment losses as pure functions on tensors: DPO and its variants (IPO, hinge, robust, cDPO), the
+reference-free SimPO and ORPO, Bradley-Terry, and the PPO/GRPO pieces.
 
 Conventions: `logits` are [batch, time, vocab] from a causal LM; `labels` are aligned with the inputs
 (IGNORE_INDEX where no log-prob is taken) and shifted here, so position t's logits score token t+1.
@@ -54,6 +55,12 @@ def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor, ignore_index: 
     return logp.sum(-1)
 
 
+def mean_logprobs(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Mean of the label tokens' log-probs per sequence (length-normalised), [batch]; 0 for no label."""
+    logp, mask = token_logprobs(logits, labels, ignore_index)
+    return logp.sum(-1) / mask.sum(-1).clamp(min=1)
+
+
 def _preference(loss: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor) -> PreferenceLoss:
     chosen, rejected = chosen.detach(), rejected.detach()
     return PreferenceLoss(
@@ -63,6 +70,9 @@ def _preference(loss: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor
         margin=(chosen - rejected).mean(),
         accuracy=(chosen > rejected).float().mean(),
     )
+
+
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
 
 
 def dpo_loss(
@@ -77,20 +87,60 @@ def dpo_loss(
 ) -> PreferenceLoss:
     """DPO on sequence log-probs [batch]; implicit rewards are beta * (policy - reference).
 
-    sigmoid: -(1 - eps) * logsigmoid(beta * h) - eps * logsigmoid(-beta * h), h the log-ratio difference;
-    eps = label_smoothing > 0 is conservative DPO (labels flipped with probability eps).
+    h is the log-ratio difference (chosen minus rejected), eps = label_smoothing:
+    sigmoid: -(1 - eps) * logsigmoid(beta * h) - eps * logsigmoid(-beta * h); eps > 0 is conservative DPO
+      (cDPO: labels flipped with probability eps).
+    robust: ((1 - eps) * -logsigmoid(beta * h) + eps * logsigmoid(-beta * h)) / (1 - 2 eps), an unbiased
+      estimate of the clean loss under label noise eps (Chowdhury et al., 2024).
+    hinge: relu(1 - beta * h) (SLiC), which stops pushing once beta * h reaches 1.
     ipo: (h - 1 / (2 * beta))^2, which stops pushing once the gap reaches its target.
     """
     chosen_ratio = policy_chosen - ref_chosen
     rejected_ratio = policy_rejected - ref_rejected
     h = chosen_ratio - rejected_ratio
+    eps = label_smoothing
     if loss_type == "sigmoid":
-        loss = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+        loss = -(1 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
+    elif loss_type == "robust":
+        loss = (-(1 - eps) * F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)) / (1 - 2 * eps)
+    elif loss_type == "hinge":
+        loss = F.relu(1 - beta * h)
     elif loss_type == "ipo":
         loss = (h - 1 / (2 * beta)) ** 2
     else:
-        raise ValueError(f"unknown DPO loss_type {loss_type!r}; use 'sigmoid' or 'ipo'")
+        raise ValueError(f"unknown DPO loss_type {loss_type!r}; use one of {', '.join(DPO_LOSS_TYPES)}")
     return _preference(loss, beta * chosen_ratio, beta * rejected_ratio)
+
+
+def simpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, *, beta: float, gamma: float) -> PreferenceLoss:
+    """SimPO (Meng et al., 2024) on length-normalised log-probs [batch] (a response's mean per-token
+    log-prob): -logsigmoid(beta * chosen - beta * rejected - gamma). No reference model: the rewards are
+    beta * the mean log-probs, gamma the target margin between them."""
+    loss = -F.logsigmoid(beta * (chosen - rejected) - gamma)
+    return _preference(loss, beta * chosen, beta * rejected)
+
+
+@dataclass(frozen=True)
+class OddsRatioLoss(PreferenceLoss):
+    nll: torch.Tensor  # scalar mean over pairs of the chosen side's per-token NLL (detached)
+    log_odds: torch.Tensor  # scalar mean log odds ratio, chosen over rejected (detached)
+
+
+def log_odds(mean_logp: torch.Tensor) -> torch.Tensor:
+    """log(p / (1 - p)) of p = exp(mean_logp), a response's geometric-mean token probability."""
+    # p = 1 exactly would make the odds infinite; a mean log-prob is < 0 for any LM that is not certain.
+    mean_logp = mean_logp.clamp(max=-1e-6)
+    return mean_logp - torch.log(-torch.expm1(mean_logp))
+
+
+def orpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, *, beta: float) -> OddsRatioLoss:
+    """ORPO (Hong et al., 2024) on mean per-token log-probs [batch]: the chosen side's NLL plus
+    beta * -logsigmoid(log odds(chosen) - log odds(rejected)) (beta is the paper's lambda). No reference
+    model; the reported rewards are the mean log-probs themselves."""
+    ratio = log_odds(chosen) - log_odds(rejected)
+    nll = -chosen
+    out = _preference(nll - beta * F.logsigmoid(ratio), chosen, rejected)
+    return OddsRatioLoss(**vars(out), nll=nll.detach().mean(), log_odds=ratio.detach().mean())
 
 
 def bradley_terry_loss(

@@ -1,8 +1,8 @@
 """What the orchestrator and the planner need to know about each training-stage kind, in one table.
 
-A recipe's `stages:` run in order. Policy stages (sft, dpo, ppo, grpo) each start from the previous policy
-stage's output (the base model for the first); the last policy stage is what export, eval and the gate
-see. A reward_model stage starts from the policy before it and serves the PPO/GRPO stages after it.
+A recipe's `stages:` run in order. Policy stages (sft, dpo, simpo, orpo, ppo, grpo) each start from the
+previous policy stage's output (the base model for the first); the last policy stage is what export, eval
+and the gate see. A reward_model stage starts from the policy before it and serves the PPO/GRPO stages after it.
 
 Everything kind-specific that recipe validation (check_stages), `hpcft plan` (plan_memory, stage_layout)
 and the jobs (runner, reward model) use is a field of the kind's StageKind row; the code below the table
@@ -118,6 +118,25 @@ KINDS: dict[str, StageKind] = {
         # full fine-tuning holds a reference copy unless its log-probs are precomputed (then it is freed)
         frozen=lambda s: ("reference",) if s.mode == "full" and not s.precompute_reference else (),
         stage_problems=_dpo_precompute,
+    ),
+    # reference-free: the policy's own mean log-probs, no frozen model
+    "simpo": _row_stage(
+        policy=True,
+        data="preference",
+        runner="training.reference_free:run_simpo",
+        unit="pairs",
+        rows_per_unit=2,
+        loss_vocab_parallel=True,
+        frozen=_no_frozen,
+    ),
+    "orpo": _row_stage(
+        policy=True,
+        data="preference",
+        runner="training.reference_free:run_orpo",
+        unit="pairs",
+        rows_per_unit=2,
+        loss_vocab_parallel=True,
+        frozen=_no_frozen,
     ),
     "reward_model": _row_stage(
         policy=False,

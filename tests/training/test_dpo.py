@@ -72,6 +72,10 @@ def test_stage_kinds_are_a_discriminated_union():
     assert [type(s) for s in stages] == [SFTStage, DPOStage, RewardModelStage] and stages[1].beta == 0.2
     with pytest.raises(ValidationError, match="label_smoothing"):
         DPOStage(loss_type="ipo", label_smoothing=0.1)
+    with pytest.raises(ValidationError, match="sigmoid and robust losses only, not hinge"):
+        DPOStage(loss_type="hinge", label_smoothing=0.1)
+    with pytest.raises(ValidationError, match="loss_type"):
+        DPOStage(loss_type="exo_pair")
     with pytest.raises(ValidationError, match="multiple of grad_accum"):
         DPOStage(batch_size=6, grad_accum=4)
     with pytest.raises(ValidationError):
@@ -86,9 +90,17 @@ def test_first_step_loss_is_log2_when_policy_is_the_reference(model_dir, data_di
     assert val[0]["val_accuracy"] == 0.0 and val[0]["val_kl"] == 0.0
 
 
-def test_ipo_first_step_loss(model_dir, data_dir, tmp_path):
-    _, train, _ = _run(model_dir, data_dir, tmp_path, max_steps=1, loss_type="ipo", beta=0.1)
-    assert train[0]["loss"] == pytest.approx((1 / (2 * 0.1)) ** 2, rel=1e-5)
+@pytest.mark.parametrize(
+    "variant, first_loss",
+    [
+        (dict(loss_type="ipo", beta=0.1), (1 / (2 * 0.1)) ** 2),
+        (dict(loss_type="hinge", beta=0.1), 1.0),  # relu(1 - beta * 0)
+    ],
+)
+def test_variant_first_step_loss(model_dir, data_dir, tmp_path, variant, first_loss):
+    _, train, val = _run(model_dir, data_dir, tmp_path, max_steps=1, **variant)
+    assert train[0]["loss"] == pytest.approx(first_loss, rel=1e-5)
+    assert val[0]["val_loss"] == pytest.approx(first_loss, rel=1e-5)
 
 
 def test_full_run_writes_exportable_checkpoint_result_and_progress(model_dir, data_dir, tmp_path):

@@ -41,7 +41,15 @@ from parallel.tiny import build_tokenizer  # noqa: E402
 from tests.training.preference_helpers import write_preference_data  # noqa: E402
 from tests.training.rl_helpers import write_fact_prompts, write_reward_model  # noqa: E402
 from tests.training.sft_helpers import write_task_data  # noqa: E402
-from training.config import DPOStage, GRPOStage, PPOStage, RewardModelStage, SFTStage  # noqa: E402
+from training.config import (  # noqa: E402
+    DPOStage,
+    GRPOStage,
+    ORPOStage,
+    PPOStage,
+    RewardModelStage,
+    SFTStage,
+    SimPOStage,
+)
 from training.stages import KINDS  # noqa: E402
 
 GOLDEN = Path(__file__).with_name("golden_losses.json")
@@ -83,8 +91,16 @@ PPO = dict(RL, batch_size=8, mini_batch_size=4, ppo_epochs=2, adaptive_kl=True, 
 GRPO = dict(
     RL, batch_size=4, group_size=4, mini_batch_size=8, ppo_epochs=2, reward_fn="tests.training.rl_helpers:reward_length"
 )
-CONFIGS = {"sft": SFTStage, "dpo": DPOStage, "reward_model": RewardModelStage, "ppo": PPOStage, "grpo": GRPOStage}
-DATA = {"sft": "chat", "dpo": "preference", "reward_model": "preference", "ppo": "prompts", "grpo": "prompts"}
+CONFIGS = {
+    "sft": SFTStage,
+    "dpo": DPOStage,
+    "simpo": SimPOStage,
+    "orpo": ORPOStage,
+    "reward_model": RewardModelStage,
+    "ppo": PPOStage,
+    "grpo": GRPOStage,
+}
+DATA = {kind: KINDS[kind].data for kind in CONFIGS}
 
 # case key -> (stage kind, stage fields, parallel section); the keys of golden_losses.json
 ONE_PROCESS = {
@@ -92,6 +108,8 @@ ONE_PROCESS = {
     "sft-lora": ("sft", dict(SFT, mode="lora"), {}),
     "dpo-full": ("dpo", dict(DPO, mode="full"), {}),
     "dpo-lora-live-reference": ("dpo", dict(DPO, mode="lora", precompute_reference=False), {}),
+    "simpo-full": ("simpo", dict(PAIRS, mode="full", beta=2.0, gamma=0.5), {}),
+    "orpo-lora": ("orpo", dict(PAIRS, mode="lora", beta=0.5), {}),
     "reward_model-full": ("reward_model", dict(PAIRS, mode="full"), {}),
     "ppo-full": ("ppo", dict(PPO, mode="full"), {}),
     "grpo-lora": ("grpo", dict(GRPO, mode="lora"), {}),

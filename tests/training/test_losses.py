@@ -47,7 +47,7 @@ def test_dpo_label_smoothing_and_ipo():
     assert float(L.dpo_loss(*args, beta=0.5, loss_type="ipo").loss) == pytest.approx((2 - 1) ** 2)
     assert float(L.dpo_loss(*args, beta=0.25, loss_type="ipo").loss) == pytest.approx((2 - 2) ** 2)
     with pytest.raises(ValueError, match="loss_type"):
-        L.dpo_loss(*args, beta=0.5, loss_type="hinge")
+        L.dpo_loss(*args, beta=0.5, loss_type="exo")
 
 
 def test_dpo_is_log2_when_policy_equals_reference():

@@ -1,8 +1,9 @@
-"""DPO and the reward model under multi-process layouts against one process.
+"""DPO, SimPO, ORPO and the reward model under multi-process layouts against one process.
 
 Engine level: the first step's gradients of every parameter under dp2 (ZeRO-0/3), tp2 and pp2 (1F1B)
-equal one process's for the DPO and Bradley-Terry objectives. Stage level: run_dpo / run_reward_model log the same
-per-step losses and metrics and save the same model as one process. One forked launch runs everything.
+equal one process's for the DPO, SimPO, ORPO and Bradley-Terry objectives. Stage level: run_dpo /
+run_simpo / run_orpo / run_reward_model log the same per-step losses and metrics and save the same model as
+one process. One forked launch runs everything.
 """
 
 import json
@@ -21,8 +22,9 @@ from parallel.distributed.mesh import ParallelDims  # noqa: E402
 from parallel.trainer import Trainer  # noqa: E402
 from tests.parallel.distributed.harness import MODEL, build_model, full_grads, make_batch  # noqa: E402
 from tests.training.preference_helpers import write_preference_data  # noqa: E402
-from training.config import DPOStage, RewardModelStage  # noqa: E402
+from training.config import DPOStage, ORPOStage, RewardModelStage, SimPOStage  # noqa: E402
 from training.dpo import DPOObjective, run_dpo  # noqa: E402
+from training.reference_free import ReferenceFreeObjective, run_orpo, run_simpo  # noqa: E402
 from training.reward import BradleyTerryObjective, run_reward_model  # noqa: E402
 
 PAIRS = dict(
@@ -35,6 +37,14 @@ PAIRS = dict(
     optim={"lr": 5e-3, "warmup_steps": 1},
 )
 DPO = dict(PAIRS, precompute_reference=True, beta=0.5, rpo_alpha=0.5)
+STAGES = {  # kind -> (config, runner, its fields)
+    "dpo": (DPOStage, run_dpo, DPO),
+    "simpo": (SimPOStage, run_simpo, dict(PAIRS, beta=2.0, gamma=0.5)),
+    "orpo": (ORPOStage, run_orpo, dict(PAIRS, beta=0.5)),
+    "reward_model": (RewardModelStage, run_reward_model, PAIRS),
+}
+OBJECTIVES = ("dpo", "bt", "simpo", "orpo")
+VOCAB_PARALLEL = ("dpo", "simpo", "orpo")  # log-prob objectives; the reward model has a score head
 ENGINE_LAYOUTS = {
     "dp2-zero0": dict(dp_replicate=2),
     "dp2-zero3": dict(dp_shard=2, zero=3),
@@ -51,6 +61,8 @@ STAGE_LAYOUTS = {  # name -> (stage kind, parallel section, mode)
     "rm-pp2-gpipe": ("reward_model", dict(pp=2, microbatches=2, pp_schedule="gpipe"), "full"),
     "dpo-deepspeed-zero3": ("dpo", dict(engine="deepspeed", dp_shard=2, zero=3), "full"),
     "rm-deepspeed-zero2-lora": ("reward_model", dict(engine="deepspeed", dp_shard=2, zero=2), "lora"),
+    "orpo-dp2-zero3": ("orpo", dict(dp_shard=2, zero=3), "full"),
+    "simpo-pp2-1f1b": ("simpo", dict(pp=2, microbatches=2), "full"),
 }
 
 
@@ -65,6 +77,8 @@ def _models():
     return {
         "dpo": (build_model("full"), DPOObjective(DPOStage(**DPO)), batch),
         "bt": (rm, BradleyTerryObjective(), batch),
+        "simpo": (build_model("full"), ReferenceFreeObjective(SimPOStage(**STAGES["simpo"][2])), batch),
+        "orpo": (build_model("full"), ReferenceFreeObjective(ORPOStage(**STAGES["orpo"][2])), batch),
     }
 
 
@@ -78,10 +92,15 @@ def _one_process_grads(name):
 
 def _stage(kind, model_dir, data_dir, out_dir, parallel, mode):
     events = []
-    run = run_dpo if kind == "dpo" else run_reward_model
-    cfg = DPOStage(**DPO, mode=mode) if kind == "dpo" else RewardModelStage(**PAIRS, mode=mode)
+    cls, run, fields = STAGES[kind]
     result = run(
-        cfg, model_dir=model_dir, data_dir=data_dir, out_dir=out_dir, parallel=parallel, seed=0, progress=events.append
+        cls(**fields, mode=mode),
+        model_dir=model_dir,
+        data_dir=data_dir,
+        out_dir=out_dir,
+        parallel=parallel,
+        seed=0,
+        progress=events.append,
     )
     return result, events
 
@@ -89,7 +108,7 @@ def _stage(kind, model_dir, data_dir, out_dir, parallel, mode):
 def _ranks_main(rank, world_size, model_dir, data_dir, out_root):
     out = {"grads": {}}
     for layout_name, layout in ENGINE_LAYOUTS.items():
-        for name in ("dpo", "bt"):
+        for name in OBJECTIVES:
             model, objective, batch = _models()[name]
             cfg = ParallelConfig(**layout)
             trainer = Trainer(model, cfg, ParallelDims.from_config(cfg, world_size).build_mesh("cpu"))
@@ -146,14 +165,13 @@ def single(model_dir, data_dir, tmp_path_factory):
             *_stage(kind, model_dir, data_dir, root / f"{kind}-{mode}", ParallelConfig(), mode),
             root / f"{kind}-{mode}",
         )
-        for kind in ("dpo", "reward_model")
-        for mode in ("full", "lora")
+        for kind, mode in sorted({(kind, mode) for kind, _, mode in STAGE_LAYOUTS.values()})
     }
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", list(ENGINE_LAYOUTS))
-@pytest.mark.parametrize("name", ["dpo", "bt"])
+@pytest.mark.parametrize("name", OBJECTIVES)
 def test_every_gradient_matches_one_process(ranks, layout, name):
     ref_loss, ref_grads = _one_process_grads(name)
     covered = set()
@@ -167,8 +185,10 @@ def test_every_gradient_matches_one_process(ranks, layout, name):
         )
         assert worst < 1e-4, f"{layout}/{name}: max relative gradient difference {worst:.2e}"
     assert covered == set(ref_grads), "some gradients were not compared"
-    # DPO's log-probs come from vocab-sharded logits under tp (the reward model has a score head)
-    assert [out["vocab_sharded"][(layout, name)] for out in ranks[1]] == [layout == "tp2" and name == "dpo"] * 2
+    # the log-prob objectives take vocab-sharded logits under tp (the reward model has a score head)
+    assert [out["vocab_sharded"][(layout, name)] for out in ranks[1]] == [
+        layout == "tp2" and name in VOCAB_PARALLEL
+    ] * 2
 
 
 def _curves(events):

@@ -35,7 +35,9 @@ def test_unknown_kind_is_an_error_naming_the_known_kinds():
         lambda: stage_layout(bogus, ParallelConfig()),
         lambda: stage_layout_problems(bogus, ParallelConfig()),
     ):
-        with pytest.raises(ValueError, match=r"unknown training stage kind 'kto'; known kinds: sft, dpo, reward_model"):
+        with pytest.raises(
+            ValueError, match=r"unknown training stage kind 'kto'; known kinds: sft, dpo, simpo, orpo, reward_model"
+        ):
             call()
     recipe = SimpleNamespace(stages=[SFTStage(), bogus], parallel=ParallelConfig(), data=SimpleNamespace(sources=[]))
     with pytest.raises(ValueError, match="'kto'"):
