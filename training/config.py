@@ -47,12 +47,45 @@ class _Section(BaseModel):
 
 class OptimConfig(_Section):
     lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.0, ge=0, description="decoupled weight decay of 2-D and larger weights (not 1-D)")
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = Field(1e-8, gt=0)
-    warmup_steps: int = Field(20, ge=0)
-    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = Field(
+        "adamw",
+        description="adamw_8bit: bitsandbytes' AdamW with block-wise 8-bit states (tensors of 4096+ elements); "
+        "paged_adamw_8bit: the same with states in CUDA unified memory, paged out under memory pressure "
+        "(on CPU it runs as adamw_8bit); the 8-bit ones run in one process, under dp and ZeRO-1, not under "
+        "ZeRO-2/3",
+    )
+    lr_scheduler: Literal["cosine_with_min_lr", "cosine", "linear", "constant", "wsd"] = Field(
+        "cosine_with_min_lr",
+        description="the LR after warmup: cosine_with_min_lr to min_lr_ratio at the last step; cosine and "
+        "linear to 0 (transformers' curves); constant; wsd: constant, then a cosine decay over the last "
+        "decay_steps (or decay_ratio x the updates) to min_lr_ratio",
+    )
+    warmup_steps: int = Field(20, ge=0, description="optimizer updates of linear warmup to the peak lr")
+    min_lr_ratio: float = Field(
+        0.1, ge=0, le=1, description="the floor of cosine_with_min_lr and wsd, as a fraction of lr"
+    )
+    decay_ratio: float = Field(0.1, gt=0, le=1, description="wsd: the fraction of the updates that decays")
+    decay_steps: int | None = Field(None, ge=1, description="wsd: the updates that decay (instead of decay_ratio)")
     grad_clip: float = Field(1.0, ge=0, description="max global grad norm; 0 disables clipping")
+
+    @model_validator(mode="after")
+    def _fields_of_the_schedule(self) -> "OptimConfig":
+        floors = ("cosine_with_min_lr", "wsd")
+        if "min_lr_ratio" in self.model_fields_set and self.lr_scheduler not in floors and self.min_lr_ratio:
+            raise ValueError(f"min_lr_ratio applies to lr_scheduler cosine_with_min_lr or wsd, not {self.lr_scheduler}")
+        wsd_fields = sorted({"decay_ratio", "decay_steps"} & self.model_fields_set)
+        if wsd_fields and self.lr_scheduler != "wsd":
+            raise ValueError(f"{' and '.join(wsd_fields)} apply to lr_scheduler wsd, not {self.lr_scheduler}")
+        if len(wsd_fields) == 2:
+            raise ValueError("decay_ratio and decay_steps are both set; set one of them")
+        return self
+
+    def decay_updates(self, num_updates: int) -> int:
+        """wsd: how many of num_updates optimizer updates decay."""
+        return self.decay_steps if self.decay_steps is not None else max(1, round(self.decay_ratio * num_updates))
 
 
 Mode = Literal["full", "lora", "qlora"]
