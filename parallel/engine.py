@@ -223,7 +223,7 @@ def build_trainer(
 
     Every rank loads the same weights (and, seeded alike, the same LoRA init). grad_accum multiplies
     the micro-batches each dp rank runs: parallel.microbatches x grad_accum of them, each
-    batch_size / (dp x microbatches x grad_accum) rows. optim: lr, weight_decay, betas, eps, grad_clip
+    batch_size / (dp x microbatches x grad_accum) rows. optim: optimizer, lr, weight_decay, betas, eps, grad_clip
     (the LR itself is set per step by the caller). model: an already loaded full model (e.g. a reward
     model with its score head) instead of the causal LM of model_dir.
     """
@@ -242,6 +242,7 @@ def build_trainer(
         betas=optim.betas,
         eps=optim.eps,
         grad_clip=optim.grad_clip,
+        optimizer=optim.optimizer,
     )
 
 

@@ -218,6 +218,9 @@ def stage_layout_problems(stage, parallel, *, world: int | None = None, model_co
 
     kind = kind_of(stage)
     field, units, grad_accum = kind.update_batch(stage)
+    # PPO's critic has an optimizer of its own: an 8-bit one of either brings the 8-bit rules
+    optims = (stage.optim, getattr(stage, "critic_optim", stage.optim))
+    optimizer = next((o.optimizer for o in optims if o.optimizer != "adamw"), "adamw")
     return layout_problems(
         parallel,
         mode=stage.mode,
@@ -229,6 +232,7 @@ def stage_layout_problems(stage, parallel, *, world: int | None = None, model_co
         unit=kind.unit,
         stage=stage.kind,
         batch_field=field,
+        optimizer=optimizer,
     )
 
 

@@ -1,6 +1,7 @@
 """A stopped SFT stage resumes from its latest training-state checkpoint, in one process or under another
 layout, and continues exactly as an uninterrupted run (losses of every later step, final weights)."""
 
+import math
 import os
 
 import pytest
@@ -150,7 +151,11 @@ def test_one_process_resumes_where_it_stopped(model_dir, data_dir, tmp_path, uni
 @pytest.mark.parametrize(
     "optim, factors",
     # wsd over 6 updates: 1 of warmup, stable, then half a cosine from 1 to 0.2 over the last 3
-    [({"lr_scheduler": "wsd", "decay_steps": 3, "min_lr_ratio": 0.2}, [0.5, 1, 1, 1, 0.8, 0.4])],
+    [
+        ({"lr_scheduler": "wsd", "decay_steps": 3, "min_lr_ratio": 0.2}, [0.5, 1, 1, 1, 0.8, 0.4]),
+        # bitsandbytes' 8-bit states in the DCP checkpoint, under the default schedule
+        ({"optimizer": "adamw_8bit"}, [0.5] + [0.1 + 0.45 * (1 + math.cos(math.pi * s / 4)) for s in range(5)]),
+    ],
 )
 def test_schedules_and_optimizers_resume(model_dir, data_dir, tmp_path, optim, factors):
     """A resumed run recomputes the same lr at every step (schedules are functions of the update count) and
