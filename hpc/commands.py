@@ -97,15 +97,16 @@ def _registered(spec: str, uri: str | None, workdir: Path | None) -> tuple[Path,
 
 def chat_template(model_dir: Path, run_dir: Path | None) -> str:
     """The template the model was trained with: the run's data stage's (token store meta), else the
-    tokenizer's own, else the project's ChatML (as training and eval/heldout.py choose)."""
+    tokenizer's own (the one training saved with it), else the project's ChatML."""
+    from data_tools.templates import data_template
     from parallel.tiny import CHATML_TEMPLATE
 
-    if run_dir is not None:
-        meta = run_dir / "stages" / "data" / "tokens" / "meta.json"
-        if meta.is_file() and json.loads(meta.read_text()).get("chat_template"):
-            return json.loads(meta.read_text())["chat_template"]
-    config = model_dir / "tokenizer_config.json"
+    trained = data_template(run_dir / "stages" / "data") if run_dir is not None else None
+    if trained:
+        return trained
+    config, own_file = model_dir / "tokenizer_config.json", model_dir / "chat_template.jinja"
     own = json.loads(config.read_text()).get("chat_template") if config.is_file() else None
+    own = own_file.read_text() if own_file.is_file() else own  # where transformers 5 saves it
     if isinstance(own, dict):
         own = own.get("default")
     return own or CHATML_TEMPLATE
