@@ -56,7 +56,7 @@ class Learner:
             self.updates,
             warmup_steps=opt.warmup_steps,
             max_steps=self.num_updates,
-            min_lr_ratio=opt.min_lr_ratio,
+            min_lr_ratio=opt.lr_floor,
             scheduler=opt.lr_scheduler,
             decay_steps=opt.decay_updates(self.num_updates) if opt.lr_scheduler == "wsd" else 0,
         )

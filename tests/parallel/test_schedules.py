@@ -78,3 +78,15 @@ def test_wsd_is_stable_then_decays_over_the_last_steps():
 def test_fields_of_another_schedule_are_refused(fields, message):
     with pytest.raises(ValidationError, match=message):
         OptimConfig(**fields)
+
+
+@pytest.mark.parametrize(
+    "fields", [{"lr_scheduler": s} for s in engine.LR_SCHEDULERS] + [{"lr_scheduler": "wsd", "decay_steps": 9}]
+)
+def test_a_written_out_config_reads_back(fields):
+    # a run directory's resolved recipe writes every field out
+    cfg = OptimConfig(**fields)
+    assert OptimConfig.model_validate(cfg.model_dump(mode="json")) == cfg
+    assert cfg.lr_floor == (0.1 if cfg.lr_scheduler == "cosine_with_min_lr" else 0.0)
+    if cfg.lr_scheduler in ("wsd", "cosine_with_min_lr"):
+        assert OptimConfig(**fields, min_lr_ratio=0.3).lr_floor == 0.3
