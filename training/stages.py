@@ -352,12 +352,14 @@ def plan_memory(stage, parallel, model_config: dict, dtype_bytes: int = 2):
         loss_parallel=kind.loss_vocab_parallel,
     )
     n = kind.trained_models
+    # bitsandbytes' 8-bit AdamW: two 1-byte moments (+ a block scale per 256 values) instead of two fp32 ones
+    optimizer_bytes = est.optimizer // 4 if stage.optim.optimizer != "adamw" else est.optimizer
     est = replace(
         est,
         params=n * est.params,
         gathered=n * est.gathered,
         grads=n * est.grads,
-        optimizer=n * est.optimizer,
+        optimizer=n * optimizer_bytes,
         activations=n * est.activations,
     )
     return replace(est, frozen=len(kind.frozen(stage)) * num_params(model_config) * 4)

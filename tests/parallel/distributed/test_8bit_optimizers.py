@@ -15,7 +15,7 @@ from parallel.layout import layout_problems
 from parallel.trainer import Trainer, build_mesh
 from tests.parallel.distributed import harness as H
 from training.config import OptimConfig, SFTStage
-from training.stages import check_stages
+from training.stages import check_stages, plan_memory
 
 
 def _trainer(world_size, cfg, optimizer):
@@ -83,3 +83,10 @@ def test_8bit_is_refused_where_parameters_are_dtensors():
         stages=[stage], parallel=ParallelConfig(dp_shard=2, zero=2), data=SimpleNamespace(sources=[])
     )
     assert [p for p in check_stages(recipe) if "bitsandbytes" in p] == [zero3.replace("ZeRO-3", "ZeRO-2")]
+
+
+def test_the_plan_counts_8bit_states():
+    config = {**H.MODEL, "hidden_size": 512, "intermediate_size": 1024}
+    adamw = plan_memory(SFTStage(), ParallelConfig(), config)
+    eight = plan_memory(SFTStage(optim={"optimizer": "adamw_8bit"}), ParallelConfig(), config)
+    assert eight.optimizer == adamw.optimizer // 4 and eight.params == adamw.params
