@@ -100,9 +100,6 @@ def _save_matmuls(ctx, op, *args, **kwargs):
     return CheckpointPolicy.MUST_SAVE if op in saved else CheckpointPolicy.PREFER_RECOMPUTE
 
 
-OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
-
-
 def build_adamw(
     params: list[nn.Parameter], *, lr: float, weight_decay: float, betas, eps: float, optimizer: str = "adamw"
 ):
