@@ -13,7 +13,7 @@ from data_tools.config import DataConfig  # noqa: E402
 from data_tools.splits import read_split  # noqa: E402
 from data_tools.stage import run_data  # noqa: E402
 from data_tools.templates import NAMED  # noqa: E402
-from hpc.commands import chat_template  # noqa: E402
+from hpc.commands import chat_template, until_stop  # noqa: E402
 from parallel.dims import ParallelConfig  # noqa: E402
 from parallel.tiny import build_tiny_model  # noqa: E402
 from training.config import SFTStage  # noqa: E402
@@ -42,3 +42,10 @@ def test_a_base_model_trains_in_the_chosen_template(tmp_path):
     assert AutoTokenizer.from_pretrained(out / "checkpoint").chat_template == template
     assert chat_template(out / "checkpoint", None) == template  # a model directory alone
     assert chat_template(base, run_dir) == template  # a run: the data stage's choice
+
+
+def test_answers_end_before_the_stop_token():
+    # a marker the tokenizer has no special token for stops generation at its first token, which (with the
+    # padding after it) is no part of the answer
+    assert until_stop([55, 56, 9, 3, 3], [9, 2]) == [55, 56]
+    assert until_stop([55, 56], [9]) == [55, 56] and until_stop([9], [9]) == []
