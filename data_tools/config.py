@@ -279,9 +279,21 @@ class PIIConfig(_Section):
 
 
 class FormatConfig(_Section):
-    chat_template: Literal["auto", "chatml"] = "auto"
+    chat_template: str = Field(
+        "auto",
+        description="the chat format rows are rendered (and the model trained) in: auto (the tokenizer's own "
+        "template, else chatml), chatml, llama3, mistral, gemma, phi3, alpaca (data_tools/templates.py), or "
+        "a PATH.jinja file (relative to the recipe); the exported model's tokenizer carries it",
+    )
     system_prompt: str | None = None
     max_tokens: int = Field(256, gt=8, description="rows longer than this after templating are rejected")
+
+    @field_validator("chat_template")
+    @classmethod
+    def _known_template(cls, v: str) -> str:
+        from data_tools.templates import check_choice
+
+        return check_choice(v)
 
 
 class SplitConfig(_Section):
@@ -369,4 +381,10 @@ class DataConfig(_Section):
                 problems.append(f"{where}: {src.path} is a directory; give a file or a pattern such as dir/*.jsonl")
             elif not p.is_file():
                 problems.append(f"{where}: no such file: {src.path}")
-        return problems + self.filters.model_problems()
+        return problems + self.filters.model_problems() + self._template_problems(base)
+
+    def _template_problems(self, base: Path) -> list[str]:
+        from data_tools.templates import file_problem
+
+        problem = file_problem(self.format.chat_template, base)
+        return [f"data.format.chat_template: {problem}"] if problem else []

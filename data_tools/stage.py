@@ -66,7 +66,7 @@ def run_data(
     files = _source_files(cfg, base_dir, out_dir / "raw")
     work = out_dir / "work"
     _clear_outputs(out_dir)
-    template, template_source = chat_template_for(tokenizer_dir, cfg.format.chat_template)
+    template, template_source = chat_template_for(tokenizer_dir, cfg.format.chat_template, base_dir)
     factory = executor_factory or local_executor
     report = _progress(progress)
     synthesized = {}
@@ -233,18 +233,14 @@ def _rows_of_source(out_dir: Path, index: int) -> int:
     return total
 
 
-def chat_template_for(tokenizer_dir: Path, choice: str) -> tuple[str, str]:
-    """(template, "tokenizer" | "chatml"): the tokenizer's own template unless absent or overridden."""
+def chat_template_for(tokenizer_dir: Path, choice: str, base_dir: Path | None = None) -> tuple[str, str]:
+    """(template, source) of data.format.chat_template (data_tools.templates.template_for): the tokenizer's
+    own ("tokenizer") unless absent or a named template or .jinja file (resolved against base_dir) is chosen."""
     from transformers import AutoTokenizer
 
-    from parallel.tiny import CHATML_TEMPLATE
+    from data_tools.templates import template_for
 
-    own = AutoTokenizer.from_pretrained(tokenizer_dir).chat_template
-    if isinstance(own, dict):  # several named templates: the unnamed one is "default"
-        own = own.get("default")
-    if choice == "chatml" or not own:
-        return CHATML_TEMPLATE, "chatml"
-    return own, "tokenizer"
+    return template_for(choice, AutoTokenizer.from_pretrained(tokenizer_dir).chat_template, base_dir)
 
 
 def run_chain(plan: Plan, logs: Path, factory: ExecutorFactory, report: Callable[[str], None]) -> None:

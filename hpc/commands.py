@@ -97,15 +97,16 @@ def _registered(spec: str, uri: str | None, workdir: Path | None) -> tuple[Path,
 
 def chat_template(model_dir: Path, run_dir: Path | None) -> str:
     """The template the model was trained with: the run's data stage's (token store meta), else the
-    tokenizer's own, else the project's ChatML (as training and eval/heldout.py choose)."""
+    tokenizer's own (the one training saved with it), else the project's ChatML."""
+    from data_tools.templates import data_template
     from parallel.tiny import CHATML_TEMPLATE
 
-    if run_dir is not None:
-        meta = run_dir / "stages" / "data" / "tokens" / "meta.json"
-        if meta.is_file() and json.loads(meta.read_text()).get("chat_template"):
-            return json.loads(meta.read_text())["chat_template"]
-    config = model_dir / "tokenizer_config.json"
+    trained = data_template(run_dir / "stages" / "data") if run_dir is not None else None
+    if trained:
+        return trained
+    config, own_file = model_dir / "tokenizer_config.json", model_dir / "chat_template.jinja"
     own = json.loads(config.read_text()).get("chat_template") if config.is_file() else None
+    own = own_file.read_text() if own_file.is_file() else own  # where transformers 5 saves it
     if isinstance(own, dict):
         own = own.get("default")
     return own or CHATML_TEMPLATE
@@ -165,7 +166,18 @@ class Model:
         with torch.no_grad():
             out = self.model.generate(**batch, **self.generate_kwargs(max_new_tokens, temperature))
         new = out[:, batch["input_ids"].shape[1] :]
-        return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
+        return [
+            self.tokenizer.decode(until_stop(row.tolist(), self.stop_ids), skip_special_tokens=True).strip()
+            for row in new
+        ]
+
+
+def until_stop(ids: list[int], stop_ids: list[int]) -> list[int]:
+    """The generated ids before the first stop id: the token that ended the turn (a plain-text marker's first
+    token where the tokenizer has no special token for it, e.g. a named template on a base model) and the
+    padding after it are not part of the answer."""
+    stops = set(stop_ids)
+    return next((ids[:i] for i, t in enumerate(ids) if t in stops), ids)
 
 
 def _load(args) -> Model:
@@ -222,6 +234,10 @@ def cmd_chat(args, console: Console) -> int:
     import torch
     from transformers import TextIteratorStreamer
 
+    class _ReplyStreamer(TextIteratorStreamer):
+        def put(self, value):  # the stop token (see until_stop) is not shown as part of the reply
+            super().put(value if self.next_tokens_are_prompt else value[~torch.isin(value, self.stop_ids)])
+
     model = _load(args)
     console.print(f"[bold]hpcft chat[/] {args.model}  (/reset clears the history, /exit or Ctrl-D ends)")
     history: list[dict] = []
@@ -240,7 +256,8 @@ def cmd_chat(args, console: Console) -> int:
             continue
         history.append({"role": "user", "content": line})
         ids = model.tokenizer(model.render(history), return_tensors="pt", add_special_tokens=False).to(model.device)
-        streamer = TextIteratorStreamer(model.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        streamer = _ReplyStreamer(model.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        streamer.stop_ids = torch.tensor(model.stop_ids)
         kwargs = dict(ids, streamer=streamer, **model.generate_kwargs(args.max_new_tokens, args.temperature))
         worker = Thread(target=lambda: torch.no_grad()(model.model.generate)(**kwargs), daemon=True)
         worker.start()

@@ -1,8 +1,8 @@
 """Model loading and the trainer's construction: the HF model in fp32 (optionally LoRA, or QLoRA on a
-4-bit base), the warmup + cosine LR factor, and `build_trainer`, which lays the model out over the
-mesh of this process group with parallel.trainer.Trainer. One process is a mesh of ones, so every stage
-trains through the same Trainer. This module knows nothing about the recipe schema beyond the typed
-LoRA/quantization configs.
+4-bit base), the LR schedules (warmup, then cosine, linear, constant or WSD), and `build_trainer`, which
+lays the model out over the mesh of this process group with parallel.trainer.Trainer. One process is a
+mesh of ones, so every stage trains through the same Trainer. This module knows nothing about the recipe
+schema beyond the typed LoRA/quantization configs.
 """
 
 from __future__ import annotations
@@ -163,17 +163,48 @@ def count_params(model) -> tuple[int, int]:
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
-def lr_factor(step: int, *, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
-    """Multiplier of the peak LR at 0-based optimizer step `step`.
+LR_SCHEDULERS = ("cosine_with_min_lr", "cosine", "linear", "constant", "wsd")
 
-    Linear warmup reaching the peak at step `warmup_steps`, then cosine decay that reaches
-    min_lr_ratio at the last step (max_steps - 1).
+
+def lr_factor(
+    step: int,
+    *,
+    warmup_steps: int,
+    max_steps: int,
+    min_lr_ratio: float,
+    scheduler: str = "cosine_with_min_lr",
+    decay_steps: int = 0,
+) -> float:
+    """Multiplier of the peak LR at 0-based optimizer step `step`, a pure function of the step (a resumed
+    run recomputes the same sequence).
+
+    Every schedule warms up linearly, reaching the peak at step `warmup_steps`; after that:
+    cosine_with_min_lr: cosine decay reaching min_lr_ratio at the last step (max_steps - 1);
+    cosine, linear: transformers' curves to 0 at step max_steps (the last step still trains);
+    constant: the peak; wsd: the peak until the last `decay_steps` steps (at most those after warmup),
+    then cosine decay towards min_lr_ratio, reached at step max_steps.
     """
+    if scheduler not in LR_SCHEDULERS:
+        raise ValueError(f"unknown lr scheduler {scheduler!r}; choose one of {', '.join(LR_SCHEDULERS)}")
     if step < warmup_steps:
         return (step + 1) / (warmup_steps + 1)
-    decay_steps = max(1, max_steps - 1 - warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / decay_steps)
-    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    if scheduler == "constant":
+        return 1.0
+    if scheduler == "cosine_with_min_lr":
+        progress = min(1.0, (step - warmup_steps) / max(1, max_steps - 1 - warmup_steps))
+        return _cosine(progress, min_lr_ratio)
+    if scheduler == "wsd":
+        decay_start = max(warmup_steps, max_steps - decay_steps)
+        if step < decay_start:
+            return 1.0
+        return _cosine(min(1.0, (step - decay_start) / max(1, max_steps - decay_start)), min_lr_ratio)
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return 1.0 - progress if scheduler == "linear" else _cosine(progress, 0.0)
+
+
+def _cosine(progress: float, floor: float) -> float:
+    """Half a cosine from 1 at progress 0 down to `floor` at progress 1."""
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def build_trainer(
@@ -192,7 +223,7 @@ def build_trainer(
 
     Every rank loads the same weights (and, seeded alike, the same LoRA init). grad_accum multiplies
     the micro-batches each dp rank runs: parallel.microbatches x grad_accum of them, each
-    batch_size / (dp x microbatches x grad_accum) rows. optim: lr, weight_decay, betas, eps, grad_clip
+    batch_size / (dp x microbatches x grad_accum) rows. optim: optimizer, lr, weight_decay, betas, eps, grad_clip
     (the LR itself is set per step by the caller). model: an already loaded full model (e.g. a reward
     model with its score head) instead of the causal LM of model_dir.
     """
@@ -226,6 +257,7 @@ def build_trainer(
         betas=optim.betas,
         eps=optim.eps,
         grad_clip=optim.grad_clip,
+        optimizer=optim.optimizer,
     )
 
 

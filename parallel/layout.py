@@ -35,6 +35,7 @@ def layout_problems(
     unit: str = "sequences",
     stage: str | None = None,
     batch_field: str = "batch_size",
+    optimizer: str = "adamw",
 ) -> list[str]:
     """Problems of `parallel` for one training run, as 'parallel.<field>: message' lines (empty: fine).
 
@@ -44,6 +45,7 @@ def layout_problems(
     run under pp > 1. batch_rows: the global batch per optimizer update, in `unit`s (sequences, pairs,
     ...), checked to split into dp x parallel.microbatches x grad_accum equal micro-batches. stage: the
     stage kind the stage-dependent messages name; batch_field: the stage field batch_rows comes from.
+    optimizer: the stage's optim.optimizer (the 8-bit ones step plain tensors only).
     """
     if mode not in MODES:
         return [f"mode: {mode!r} is not one of {list(MODES)}"]
@@ -52,6 +54,8 @@ def layout_problems(
     problems += engine_problems(parallel, mode)
     if mode == "qlora":
         problems += _quantized_problems(parallel)
+    if optimizer != "adamw":
+        problems += _8bit_optimizer_problems(parallel, optimizer)
     if model_config is not None:
         problems += model_problems(parallel, model_config)
     if not pipeline and parallel.pp > 1:
@@ -204,6 +208,17 @@ def _quantized_problems(cfg: ParallelConfig) -> list[str]:
         problems.append(
             "parallel.zero: 4-bit quantized (QLoRA) base weights cannot be sharded by FSDP here; use zero 0 or 1"
         )
+    return problems
+
+
+def _8bit_optimizer_problems(cfg: ParallelConfig, optimizer: str) -> list[str]:
+    # bitsandbytes' 8-bit kernels take plain tensors; FSDP and tp parameters are DTensors.
+    refused = f"optim.optimizer {optimizer} (bitsandbytes) steps plain tensors, not the DTensor parameters of"
+    problems = []
+    if cfg.zero >= 2:
+        problems.append(f"parallel.zero: {refused} ZeRO-{cfg.zero}; use zero 0 or 1, or optim.optimizer adamw")
+    if cfg.tp > 1:
+        problems.append(f"parallel.tp: {refused} tensor parallelism; use tp 1, or optim.optimizer adamw")
     return problems
 
 

@@ -100,8 +100,12 @@ def _save_matmuls(ctx, op, *args, **kwargs):
     return CheckpointPolicy.MUST_SAVE if op in saved else CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def build_adamw(params: list[nn.Parameter], *, lr: float, weight_decay: float, betas, eps: float):
-    """AdamW; norms and biases (1-D) get no weight decay. Empty param lists give None."""
+def build_adamw(
+    params: list[nn.Parameter], *, lr: float, weight_decay: float, betas, eps: float, optimizer: str = "adamw"
+):
+    """AdamW (optimizer: adamw, or bitsandbytes' adamw_8bit / paged_adamw_8bit, which need plain tensors:
+    parallel.layout refuses them under ZeRO-2/3 and tp); norms and biases (1-D) get no weight decay. Empty
+    param lists give None."""
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
@@ -109,9 +113,22 @@ def build_adamw(params: list[nn.Parameter], *, lr: float, weight_decay: float, b
     groups = [g for g in groups if g["params"]]
     if not groups:
         return None
+    if optimizer != "adamw":
+        # Tensors under min_8bit_size (4096) elements keep 32-bit states, as bitsandbytes defaults.
+        return _bnb_class(optimizer)(groups, lr=lr, betas=tuple(betas), eps=eps)
     # The fused CUDA kernel for plain tensors (one process, dp, ZeRO-1); sharded DTensors take the default.
     fused = all(p.is_cuda and not isinstance(p, DTensor) for p in params)
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused or None)
+
+
+def _bnb_class(optimizer: str) -> type:
+    """bitsandbytes' 8-bit AdamW class of that name, with torch's own state_dict: bitsandbytes nests its
+    quantization state (state1/2, qmap, absmax) under one key for FSDP1's gathering, but the flattened
+    state dicts of DCP checkpoints load a parameter's states by the names the optimizer holds them under."""
+    import bitsandbytes as bnb
+
+    base = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit}[optimizer]
+    return type(base.__name__, (base,), {"state_dict": torch.optim.Optimizer.state_dict})
 
 
 def model_inputs(rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -333,6 +350,7 @@ class Trainer:
         betas=(0.9, 0.999),
         eps: float = 1e-8,
         grad_clip: float = 1.0,
+        optimizer: str = "adamw",
     ):
         self.cfg, self.mesh, self.dims = cfg, mesh, dims_of(mesh)
         if (self.dims.pp, self.dims.dp_replicate, self.dims.dp_shard, self.dims.tp) != (
@@ -344,7 +362,7 @@ class Trainer:
             raise ValueError(f"parallel: the mesh {self.dims} does not match the config {cfg}")
         self.model_config = find_decoder(model)[1].config  # the HF config (stage modules under pp have none)
         # The one layout check (parallel.layout), once, against this world and the model's shape.
-        check_layout(cfg, mode=mode, world=self.dims.world_size, model_config=self.model_config)
+        check_layout(cfg, mode=mode, world=self.dims.world_size, model_config=self.model_config, optimizer=optimizer)
         self.device = (
             torch.device("cuda", torch.cuda.current_device())
             if mesh.device_type == "cuda"
@@ -372,7 +390,7 @@ class Trainer:
         self.params = [p for part in self.parts for p in part.parameters() if p.requires_grad]
         # Under pp the first and last stages each hold a copy of a tied weight; their gradients are summed.
         self.tied = TiedCopies.build(self.tied_names, tied_trainable, self.parts, mesh, self.dims.pp)
-        self._build_optimizers(lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
+        self._build_optimizers(lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, optimizer=optimizer)
         self.schedule = None
         if self.dims.pp > 1:
             self.schedule = build_schedule(

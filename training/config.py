@@ -49,12 +49,61 @@ class _Section(BaseModel):
 
 class OptimConfig(_Section):
     lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.0, ge=0, description="decoupled weight decay of 2-D and larger weights (not 1-D)")
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = Field(1e-8, gt=0)
-    warmup_steps: int = Field(20, ge=0)
-    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = Field(
+        "adamw",
+        description="adamw_8bit: bitsandbytes' AdamW with block-wise 8-bit states (tensors of 4096+ elements); "
+        "paged_adamw_8bit: the same with states in CUDA unified memory, paged out under memory pressure "
+        "(on CPU it runs as adamw_8bit); the 8-bit ones run in one process, under dp and ZeRO-1, not under "
+        "ZeRO-2/3",
+    )
+    lr_scheduler: Literal["cosine_with_min_lr", "cosine", "linear", "constant", "wsd"] = Field(
+        "cosine_with_min_lr",
+        description="the LR after warmup: cosine_with_min_lr to min_lr_ratio at the last step; cosine and "
+        "linear to 0 (transformers' curves); constant; wsd: constant, then a cosine decay over the last "
+        "decay_steps (or decay_ratio x the updates) to min_lr_ratio",
+    )
+    warmup_steps: int = Field(20, ge=0, description="optimizer updates of linear warmup to the peak lr")
+    min_lr_ratio: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="the floor of cosine_with_min_lr and wsd, as a fraction of lr (unset: 0.1 for "
+        "cosine_with_min_lr, 0 for wsd)",
+    )
+    decay_ratio: float | None = Field(
+        None, gt=0, le=1, description="wsd: the fraction of the updates that decays (unset: 0.1)"
+    )
+    decay_steps: int | None = Field(None, ge=1, description="wsd: the updates that decay (instead of decay_ratio)")
     grad_clip: float = Field(1.0, ge=0, description="max global grad norm; 0 disables clipping")
+
+    # Fields of one schedule are None unless set, so a recipe naming them for another is refused (also when
+    # a run directory's resolved recipe, every field written out, is read back).
+    @model_validator(mode="after")
+    def _fields_of_the_schedule(self) -> "OptimConfig":
+        if self.min_lr_ratio is not None and self.lr_scheduler not in ("cosine_with_min_lr", "wsd"):
+            raise ValueError(f"min_lr_ratio applies to lr_scheduler cosine_with_min_lr or wsd, not {self.lr_scheduler}")
+        wsd_fields = [name for name in ("decay_ratio", "decay_steps") if getattr(self, name) is not None]
+        if wsd_fields and self.lr_scheduler != "wsd":
+            raise ValueError(f"{' and '.join(wsd_fields)} apply to lr_scheduler wsd, not {self.lr_scheduler}")
+        if len(wsd_fields) == 2:
+            raise ValueError("decay_ratio and decay_steps are both set; set one of them")
+        return self
+
+    @property
+    def lr_floor(self) -> float:
+        """The schedule's final lr as a fraction of lr: min_lr_ratio, else 0.1 (cosine_with_min_lr) or 0."""
+        if self.min_lr_ratio is not None:
+            return self.min_lr_ratio
+        return 0.1 if self.lr_scheduler == "cosine_with_min_lr" else 0.0
+
+    def decay_updates(self, num_updates: int) -> int:
+        """wsd: how many of num_updates optimizer updates decay."""
+        if self.decay_steps is not None:
+            return self.decay_steps
+        return max(1, round((self.decay_ratio if self.decay_ratio is not None else 0.1) * num_updates))
 
 
 Mode = Literal["full", "lora", "qlora"]

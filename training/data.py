@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from data_tools.splits import has_split, iter_split, sha256_file, split_files
+from data_tools.templates import data_template
 from data_tools.tokens import TokenSplit, build_split_store, encode_turns, fingerprint, read_meta, write_meta
 from parallel.trainer import IGNORE_INDEX
 from training.batching import EpochBatches, epoch_batches  # noqa: F401
@@ -36,12 +37,16 @@ class DataStats:
     rejected: dict = field(default_factory=dict)  # reason -> rows the tokenizer could not use (JSONL input)
 
 
-def chat_tokenizer(model_dir: Path, renders: str):
+def chat_tokenizer(model_dir: Path, renders: str, data_dir: Path | None = None):
     """(tokenizer, pad id) of a model whose chat template renders the stage's rows; `renders` names them
-    in the error, e.g. "SFT renders chat rows"."""
+    in the error, e.g. "SFT renders chat rows". With the data stage's store in data_dir, its template
+    (data.format.chat_template) replaces the tokenizer's: the stage renders, saves and exports with it."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    template = data_template(data_dir) if data_dir is not None else None
+    if template:
+        tokenizer.chat_template = template
     if not tokenizer.chat_template:
         raise ValueError(f"model {model_dir}: the tokenizer has no chat template; {renders} with it")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

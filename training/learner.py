@@ -1,6 +1,6 @@
 """A trained model and its optimizer updates, the same for every training stage (SFT's token loss, DPO,
 the reward model, PPO's policy and critic, GRPO): the engine's Trainer over this process group's mesh
-(one process is the mesh of ones) and the warmup + cosine schedule over its updates."""
+(one process is the mesh of ones) and the optimizer's LR schedule (optim.lr_scheduler) over its updates."""
 
 from __future__ import annotations
 
@@ -53,7 +53,12 @@ class Learner:
         """The learning rate of the next update."""
         opt = self.optim_cfg
         return opt.lr * engine.lr_factor(
-            self.updates, warmup_steps=opt.warmup_steps, max_steps=self.num_updates, min_lr_ratio=opt.min_lr_ratio
+            self.updates,
+            warmup_steps=opt.warmup_steps,
+            max_steps=self.num_updates,
+            min_lr_ratio=opt.lr_floor,
+            scheduler=opt.lr_scheduler,
+            decay_steps=opt.decay_updates(self.num_updates) if opt.lr_scheduler == "wsd" else 0,
         )
 
     def update(self, batch: dict[str, torch.Tensor], objective: Objective | None = None):

@@ -195,7 +195,7 @@ def load_preference_data(
 ) -> PreferenceData:
     """The tokenizer and the tokenised train/validation pairs of data_dir (the data stage's preference/);
     weights: the recipe's source weights (None: every pair once per epoch)."""
-    tokenizer, pad_id = chat_tokenizer(model_dir, f"the {stage} stage renders rows")
+    tokenizer, pad_id = chat_tokenizer(model_dir, f"the {stage} stage renders rows", data_dir)
     train, train_stats = load_pairs(data_dir, "train", tokenizer, seq_len)
     validation, val_stats = load_pairs(data_dir, "validation", tokenizer, seq_len)
     return PreferenceData(

@@ -146,7 +146,7 @@ class PromptData:
 
 def load_prompt_data(cfg, model_dir: Path, data_dir: Path, seed: int) -> PromptData:
     """The prompts of data_dir's train/validation splits for a PPO/GRPO stage config `cfg`."""
-    tokenizer, pad_id = chat_tokenizer(model_dir, f"{cfg.kind.upper()} renders prompts")
+    tokenizer, pad_id = chat_tokenizer(model_dir, f"{cfg.kind.upper()} renders prompts", data_dir)
     train, train_stats = load_prompts(data_dir, "train", tokenizer, cfg.max_prompt_len)
     validation, val_stats = load_prompts(data_dir, "validation", tokenizer, cfg.max_prompt_len)
     return PromptData(

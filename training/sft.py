@@ -69,7 +69,7 @@ def setup(
 ) -> Session:
     model_dir, data_dir = Path(model_dir), Path(data_dir)
     check_stage(cfg, parallel, model_dir)
-    tokenizer, pad_id = chat_tokenizer(model_dir, "SFT renders chat rows")
+    tokenizer, pad_id = chat_tokenizer(model_dir, "SFT renders chat rows", data_dir)
     train_examples, train_stats = load_split(data_dir, "train", tokenizer, cfg.seq_len)
     val_examples, val_stats = load_split(data_dir, "validation", tokenizer, cfg.seq_len)
     train_batches = EpochBatches(

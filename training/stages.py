@@ -239,6 +239,9 @@ def stage_layout_problems(stage, parallel, *, world: int | None = None, model_co
 
     kind = kind_of(stage)
     field, units, grad_accum = kind.update_batch(stage)
+    # PPO's critic has an optimizer of its own: an 8-bit one of either brings the 8-bit rules
+    optims = (stage.optim, getattr(stage, "critic_optim", stage.optim))
+    optimizer = next((o.optimizer for o in optims if o.optimizer != "adamw"), "adamw")
     return layout_problems(
         parallel,
         mode=stage.mode,
@@ -250,6 +253,7 @@ def stage_layout_problems(stage, parallel, *, world: int | None = None, model_co
         unit=kind.unit,
         stage=stage.kind,
         batch_field=field,
+        optimizer=optimizer,
     )
 
 
@@ -401,12 +405,14 @@ def plan_memory(stage, parallel, model_config: dict, dtype_bytes: int = 2):
         token_loss=stage.kind == "sft",
     )
     n = kind.trained_models
+    # bitsandbytes' 8-bit AdamW: two 1-byte moments (+ a block scale per 256 values) instead of two fp32 ones
+    optimizer_bytes = est.optimizer // 4 if stage.optim.optimizer != "adamw" else est.optimizer
     est = replace(
         est,
         params=n * est.params,
         gathered=n * est.gathered,
         grads=n * est.grads,
-        optimizer=n * est.optimizer,
+        optimizer=n * optimizer_bytes,
         activations=n * est.activations,
     )
     return replace(est, frozen=len(kind.frozen(stage)) * num_params(model_config) * 4)

@@ -1,6 +1,5 @@
 import math
 import os
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ from parallel import engine  # noqa: E402
 from parallel.dims import ParallelConfig  # noqa: E402
 from parallel.tiny import build_tiny_model, build_tokenizer  # noqa: E402
 from parallel.trainer import LocalMesh  # noqa: E402
-from training.config import LoraConfig  # noqa: E402
+from training.config import LoraConfig, OptimConfig  # noqa: E402
 from training.data import build_examples, collate  # noqa: E402
 from training.learner import Learner  # noqa: E402
 
@@ -38,7 +37,7 @@ def examples():
     return build_examples(rows, build_tokenizer(), seq_len=128)[0]
 
 
-OPTIM = SimpleNamespace(lr=1e-2, weight_decay=0.0, betas=(0.9, 0.95), eps=1e-8, grad_clip=1.0)
+OPTIM = OptimConfig(lr=1e-2, weight_decay=0.0, betas=(0.9, 0.95), eps=1e-8, grad_clip=1.0)
 
 
 def _trainer(model_dir, parallel=FP32, grad_accum=1, lora=None, optim=OPTIM):
@@ -94,7 +93,7 @@ def test_schedule_warms_up_then_decays_to_min():
 
 
 def test_schedule_drives_the_trainers_lr(model_dir, examples):
-    optim = SimpleNamespace(
+    optim = OptimConfig(
         lr=1.0, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, grad_clip=1.0, warmup_steps=2, min_lr_ratio=0.5
     )
     learner = Learner(_trainer(model_dir, optim=optim), optim, num_updates=6)
@@ -129,7 +128,7 @@ def test_lora_trains_only_adapters(model_dir, examples):
 
 def test_clipping_bounds_the_update_norm(model_dir, examples):
     trainer = _trainer(
-        model_dir, optim=SimpleNamespace(lr=1.0, weight_decay=0.0, betas=(0.9, 0.95), eps=1e-8, grad_clip=0.01)
+        model_dir, optim=OptimConfig(lr=1.0, weight_decay=0.0, betas=(0.9, 0.95), eps=1e-8, grad_clip=0.01)
     )
     model = trainer.parts[0]
     trainer.optimizers = [torch.optim.SGD(model.parameters(), lr=1.0)]

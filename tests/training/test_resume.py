@@ -147,6 +147,27 @@ def test_one_process_resumes_where_it_stopped(model_dir, data_dir, tmp_path, uni
     assert not (out_dir / "resume").exists()
 
 
+@pytest.mark.parametrize(
+    "optim, factors",
+    # wsd over 6 updates: 1 of warmup, stable, then half a cosine from 1 to 0.2 over the last 3
+    # (the 8-bit optimizers' checkpoints: tests/parallel/distributed/test_8bit_optimizers.py)
+    [({"lr_scheduler": "wsd", "decay_steps": 3, "min_lr_ratio": 0.2}, [0.5, 1, 1, 1, 0.8, 0.4])],
+)
+def test_a_schedule_resumes_where_it_stopped(model_dir, data_dir, tmp_path, optim, factors):
+    """A resumed run recomputes the same lr at every step (schedules are functions of the update count)."""
+    fields = {"optim": STAGE["optim"] | optim}
+    _, ref_losses, ref_events = _run(model_dir, data_dir, tmp_path / "whole", **fields)
+    _run(model_dir, data_dir, tmp_path / "run", stop_at=STOP_AT, **fields)
+    result, losses, events = _run(model_dir, data_dir, tmp_path / "run", **fields)
+    assert result["resumed_from_step"] == 4 and sorted(losses) == [5, 6]
+    ref_lrs = {e["step"]: e["lr"] for e in ref_events if "lr" in e}
+    assert {e["step"]: e["lr"] for e in events if "lr" in e} == {5: ref_lrs[5], 6: ref_lrs[6]}
+    # step N logs the lr of update N - 1, as the recipe's schedule gives it
+    assert [ref_lrs[s] for s in range(1, 7)] == pytest.approx([5e-3 * f for f in factors])
+    for step in (5, 6):
+        assert losses[step] == pytest.approx(ref_losses[step], abs=1e-6), step
+
+
 @pytest.mark.parametrize("kind", ["dpo", "reward_model"])
 def test_pairwise_stages_resume_where_they_stopped(model_dir, pref_dir, tmp_path, kind):
     ref_result, ref_losses, _ = _run(model_dir, pref_dir, tmp_path / "whole", kind=kind, mode="lora")
