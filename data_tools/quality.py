@@ -434,5 +434,5 @@ def kenlm_cost(cfg: PerplexityConfig, num_rows: int) -> str:
     size = Path(cfg.model).expanduser().stat().st_size if Path(cfg.model).expanduser().is_file() else 0
     return (
         f"perplexity filter: KenLM (cheap): <= ~{num_rows:,} rows, n-gram look-ups on CPU, "
-        f"{size / 2**20:,.1f} MiB model {Path(cfg.model).name}"
+        f"{size / 2**20:.3g} MiB model {Path(cfg.model).name}"
     )
