@@ -214,6 +214,11 @@ def _quantized_problems(cfg: ParallelConfig) -> list[str]:
 def _8bit_optimizer_problems(cfg: ParallelConfig, optimizer: str) -> list[str]:
     # bitsandbytes' 8-bit kernels take plain tensors; FSDP and tp parameters are DTensors.
     refused = f"optim.optimizer {optimizer} (bitsandbytes) steps plain tensors, not the DTensor parameters of"
+    if cfg.engine == "deepspeed":
+        return [
+            f"optim.optimizer: {optimizer} runs on parallel.engine: native; DeepSpeed steps hpcft's AdamW (its "
+            "CPU Adam when parallel.offload.optimizer moves the state to the host, which saves more GPU memory)"
+        ]
     problems = []
     if cfg.zero >= 2:
         problems.append(f"parallel.zero: {refused} ZeRO-{cfg.zero}; use zero 0 or 1, or optim.optimizer adamw")

@@ -205,3 +205,8 @@ def test_validate_reads_the_users_ds_config_and_plan_shows_gpu_and_host(tmp_path
     assert out.returncode == 0, out.stderr
     assert "deepspeed ZeRO-3, offload optimizer cpu, params none: GPU per rank" in out.stdout
     assert "deepspeed ZeRO-3, without offload: GPU per rank" in out.stdout and "host per rank" in out.stdout
+
+
+def test_8bit_optimizers_stay_on_the_native_engine():
+    problems = layout_problems(ParallelConfig(engine="deepspeed", dp_shard=2, zero=2), optimizer="adamw_8bit")
+    assert len(problems) == 1 and problems[0].startswith("optim.optimizer: adamw_8bit runs on parallel.engine: native")
