@@ -9,7 +9,7 @@ fp32) and dp data-parallel ranks:
 - gradients: T x w, split over dp at ZeRO >= 2;
 - Adam moments: T x 8, split over dp at ZeRO >= 1.
 offload.optimizer moves the master weights, the moments and an fp32 gradient partition (T x 16 / dp) to
-the host; offload.params (ZeRO-3) moves the weight shards (P x w / dp) there too. Not modelled: pinned
+the host, the gradients leaving the accelerator bucket by bucket as they are reduced; offload.params (ZeRO-3) moves the weight shards (P x w / dp) there too. Not modelled: pinned
 staging buffers, DeepSpeed's bucket sizes (reduce_bucket_size, prefetch), NVMe swap buffers.
 """
 
@@ -50,7 +50,8 @@ def estimate(
     host = 0
     if offload_optimizer != "none":
         host += (T * 4 + T * 8 + T * 4) // opt_split  # master, moments, fp32 gradient partition
-        master = moments = 0
+        # gradients leave the accelerator bucket by bucket as they are reduced (bucket sizes not modelled)
+        master = moments = grads = 0
     if offload_params != "none":
         host += weights
         weights = 0

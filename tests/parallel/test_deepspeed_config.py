@@ -183,7 +183,7 @@ def test_the_memory_plan_moves_optimizer_and_weights_to_the_host():
         offload_optimizer="cpu",
         offload_params="cpu",
     )
-    assert off.gpu.optimizer == 0 and off.gpu.params == 0
+    assert off.gpu.optimizer == 0 and off.gpu.params == 0 and off.gpu.grads == 0
     assert off.host == P * 16 // 8 + P * 2 // 8
     assert off.gpu.total < plain.gpu.total - (P * 12 // 8)  # optimizer state alone: ~11 GiB per rank gone
     assert off.gpu.activations == plain.gpu.activations == native.activations
