@@ -6,11 +6,12 @@ from bench.planner_vs_measured import measure, planned, shape
 
 def test_planner_within_15_percent_of_the_measured_peak():
     config = shape(vocab=8192, hidden=128, layers=2)
-    allocator, rss = measure(config, {}, rows=4, seq=128)
+    # The resident-set figure the bench also prints is not asserted: in a rank forked from a large test
+    # process (the full suite's), the pages it touches may already be resident, and it measured 0 in CI.
+    allocator, _rss = measure(config, {}, rows=4, seq=128)
     plan = planned(config, {}, rows=4, seq=128)
     assert abs(plan.total / allocator - 1) < 0.15, (plan.gib(), allocator)
     assert plan.activations > plan.params  # the step's activations, not only the state, are measured
-    assert rss > allocator / 2  # the resident set saw the same step
 
 
 def _held_after_backward(rank, world, config, layout):
