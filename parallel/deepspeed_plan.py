@@ -9,8 +9,9 @@ fp32) and dp data-parallel ranks:
 - gradients: T x w, split over dp at ZeRO >= 2;
 - Adam moments: T x 8, split over dp at ZeRO >= 1.
 offload.optimizer moves the master weights, the moments and an fp32 gradient partition (T x 16 / dp) to
-the host, the gradients leaving the accelerator bucket by bucket as they are reduced; offload.params (ZeRO-3) moves the weight shards (P x w / dp) there too. Not modelled: pinned
-staging buffers, DeepSpeed's bucket sizes (reduce_bucket_size, prefetch), NVMe swap buffers.
+the host, the gradients leaving the accelerator bucket by bucket as they are reduced; offload.params
+(ZeRO-3) moves the weight shards (P x w / dp) there too. Not modelled: pinned staging buffers, DeepSpeed's
+bucket sizes (reduce_bucket_size, prefetch), NVMe swap buffers.
 """
 
 from __future__ import annotations
