@@ -17,7 +17,6 @@ step, each rank's RNG and the caller's `extra`; they resume under the same numbe
 
 from __future__ import annotations
 
-import io
 import json
 import os
 from pathlib import Path
@@ -318,7 +317,7 @@ class DeepSpeedTrainer:
     def save_state(self, path: Path, extra: dict | None = None) -> Path:
         """Collective: DeepSpeed's checkpoint of the trainable weights and optimizer state in path/deepspeed,
         plus the step, this rank's RNG and (rank 0) `extra` and the layout, every file fsynced."""
-        from parallel.distributed.checkpoint import _rng_file, fsync_dir, write_synced
+        from parallel.distributed.checkpoint import fsync_dir, write_rng, write_synced
 
         path = Path(path)
         error = None
@@ -335,23 +334,13 @@ class DeepSpeedTrainer:
         errors = [e for e in _gather(error) if e is not None]
         if errors:
             raise errors[0]
-        rank, world = _world()
+        rank = _world()[0]
         try:
             for file in sorted((path / TAG).glob("*")):
                 if file.is_file() and (rank == 0 or f"rank_{rank}_" in file.name):
                     with open(file, "rb+") as f:
                         os.fsync(f.fileno())
-            rng_file = _rng_file(path, rank, world)
-            rng_file.parent.mkdir(parents=True, exist_ok=True)
-            buffer = io.BytesIO()
-            torch.save(
-                {
-                    "cpu": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-                },
-                buffer,
-            )
-            write_synced(rng_file, buffer.getvalue())
+            rng_file = write_rng(path)
             if rank == 0:
                 from parallel.distributed.checkpoint import EXTRA_FILE
 
@@ -370,7 +359,7 @@ class DeepSpeedTrainer:
     def load_state(self, path: Path) -> dict:
         """Collective: restore weights, optimizer, step and RNG from save_state's files; returns `extra`.
         LayoutChanged when the checkpoint was written under another number of ranks or ZeRO stage."""
-        from parallel.distributed.checkpoint import EXTRA_FILE, _rng_file
+        from parallel.distributed.checkpoint import EXTRA_FILE, restore_rng
 
         path = Path(path)
         layout_file = path / LAYOUT_FILE
@@ -391,12 +380,7 @@ class DeepSpeedTrainer:
         if load_path is None:
             raise FileNotFoundError(f"DeepSpeed found no checkpoint in {path / TAG}")
         self.step = int(client.get("hpcft_step", 0))
-        own = _rng_file(path, *_world())
-        if own.is_file():
-            rng = torch.load(own, weights_only=True)
-            torch.set_rng_state(rng["cpu"])
-            if rng["cuda"] is not None and torch.cuda.is_available():
-                torch.cuda.set_rng_state(rng["cuda"])
+        restore_rng(path)  # the layout check above means the same ranks: each has its own file
         return json.loads((path / EXTRA_FILE).read_text())
 
     def state_nbytes(self) -> int:

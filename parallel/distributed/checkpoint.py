@@ -116,6 +116,32 @@ def _rng_file(path: Path, rank: int, world: int) -> Path:
     return path / "rng" / f"rank-{rank}-of-{world}.pt"
 
 
+def write_rng(path: Path) -> Path:
+    """This rank's CPU (and CUDA) RNG state under path/rng/, fsynced; returns the file (its directory's
+    entry is the caller's to sync)."""
+    rng_file = _rng_file(path, *rank_and_world())
+    rng_file.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    torch.save(
+        {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
+        buffer,
+    )
+    write_synced(rng_file, buffer.getvalue())
+    return rng_file
+
+
+def restore_rng(path: Path) -> bool:
+    """Restore this rank's RNG from write_rng's file; False when there is none for this rank and world."""
+    own = _rng_file(path, *rank_and_world())
+    if not own.is_file():
+        return False
+    rng = torch.load(own, weights_only=True)
+    torch.set_rng_state(rng["cpu"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    return True
+
+
 def write_synced(path: Path, data: bytes) -> None:
     """Write a file and fsync it (its directory entry is the caller's: fsync_dir)."""
     with open(path, "wb") as f:
@@ -218,19 +244,12 @@ def save_checkpoint(trainer, path: Path, extra: dict | None = None) -> Path:
             raise
         found.add_note(f"DCP save failed on rank {failed_rank}: {type(first).__name__}: {first}")
         raise found from None
-    rank, world = rank_and_world()
+    rank = rank_and_world()[0]
     error = None
     try:
         # Each rank's own RNG (ranks that sampled different amounts of randomness differ), for an exact
         # continuation when the checkpoint resumes with the same number of ranks.
-        rng_file = _rng_file(path, rank, world)
-        rng_file.parent.mkdir(parents=True, exist_ok=True)
-        buffer = io.BytesIO()
-        torch.save(
-            {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
-            buffer,
-        )
-        write_synced(rng_file, buffer.getvalue())
+        rng_file = write_rng(path)
         if rank == 0:
             write_synced(path / EXTRA_FILE, json.dumps(extra or {}).encode())
         fsync_dir(rng_file.parent)
@@ -261,13 +280,7 @@ def load_checkpoint(trainer, path: Path) -> dict:
             optim_state = {optim_keys[k]: state[f"optim.{k}"] for k in optim_sd}
             set_optimizer_state_dict(part, opt, optim_state, options=LOAD_OPTIONS)
     trainer.step = int(state["trainer"]["step"])
-    own = _rng_file(path, *rank_and_world())
-    if own.is_file():  # same number of ranks: each its own RNG; otherwise rank 0's for all
-        rng = torch.load(own, weights_only=True)
-        torch.set_rng_state(rng["cpu"])
-        if rng["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng["cuda"])
-    else:
+    if not restore_rng(path):  # same number of ranks: each its own RNG; otherwise rank 0's for all
         torch.set_rng_state(state["trainer"]["rng"])
     scheduler = getattr(trainer, "scheduler", None)
     if scheduler is not None:  # a step-indexed schedule (LambdaLR): put it, and the lrs, at the step
