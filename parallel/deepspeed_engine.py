@@ -29,7 +29,7 @@ from parallel import deepspeed_config as dsc
 from parallel.dims import ParallelConfig
 from parallel.distributed.checkpoint import ResumeRefused
 from parallel.distributed.mesh import ParallelDims
-from parallel.trainer import TOKEN_CE, LocalMesh, Objective, apply_activation_checkpointing, model_inputs
+from parallel.trainer import TOKEN_CE, LocalMesh, Objective, Trainer, apply_activation_checkpointing, model_inputs
 
 TAG = "deepspeed"  # the subdirectory of a checkpoint step that DeepSpeed writes
 LAYOUT_FILE = "deepspeed_layout.json"
@@ -85,6 +85,9 @@ class DeepSpeedTrainer:
     eval_loss, set_lr, parts, params, step, last_stats) so every stage's Learner uses it unchanged."""
 
     engine_name = "deepspeed"
+    # The native Trainer's: each rank's dp slice of a global batch, statistics summed over the dp ranks.
+    _local_batch = Trainer._local_batch
+    _sum_over_dp = Trainer._sum_over_dp
 
     def __init__(
         self,
@@ -125,7 +128,6 @@ class DeepSpeedTrainer:
             torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         )
         self.tied_names = tied_names(model)
-        self.microbatches = cfg.microbatches
         find_decoder(model)[1].config.use_cache = False
         apply_activation_checkpointing(list(find_decoder(model)[1].layers), cfg.activation_checkpointing)
         bf16 = autocast_dtype(cfg.mixed_precision, self.device.type) == torch.bfloat16
@@ -175,18 +177,6 @@ class DeepSpeedTrainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-    def _local_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        rows = batch["input_ids"].shape[0]
-        dp = self.dims.dp
-        if rows % (dp * self.microbatches):
-            raise ValueError(
-                f"parallel.microbatches: a global batch of {rows} rows does not split into "
-                f"dp={dp} x microbatches={self.microbatches} equal parts"
-            )
-        per_rank = rows // dp
-        start = self.rank * per_rank
-        return {k: v[start : start + per_rank].to(self.device) for k, v in batch.items()}
-
     def _logits(self, module, rows: dict[str, torch.Tensor]) -> torch.Tensor:
         return module(**model_inputs(rows)).logits
 
@@ -200,7 +190,7 @@ class DeepSpeedTrainer:
                 "global batch has no label tokens" if objective is TOKEN_CE else "global batch has nothing to train on"
             )
         local = self._local_batch(batch)
-        n = self.microbatches
+        n = self.cfg.microbatches
         chunks = {k: v.chunk(n) for k, v in local.items()}
         total, stats = 0.0, {}
         for i in range(n):
@@ -246,14 +236,6 @@ class DeepSpeedTrainer:
         t = torch.tensor(value, dtype=torch.float64)
         dist.all_reduce(t)
         return float(t)
-
-    def _sum_over_dp(self, stats: dict[str, float]) -> dict[str, float]:
-        if not stats or self.dims.dp == 1:
-            return stats
-        keys = sorted(stats)
-        values = torch.tensor([stats[k] for k in keys], dtype=torch.float64)
-        dist.all_reduce(values)
-        return dict(zip(keys, values.tolist()))
 
     @torch.no_grad()
     def forward_rows(self, batch: dict[str, torch.Tensor], fn) -> torch.Tensor:
