@@ -325,7 +325,9 @@ def _run_one(spec: StageSpec, rd: RunDir, ex, tracker: Tracker, view: PipelineVi
     if force:
         rd.clear_markers(spec)
     pending = [i for i in range(len(spec.elements)) if not rd.element_done(spec, i)]
-    start_attempt(rd.progress_path(spec.name), spec.name)  # history kept: readers show the latest attempt
+    start_attempt(
+        rd.progress_path(spec.name), spec.name, spec.input_hash
+    )  # history kept: readers show the latest attempt
     child = _start_child(rd, tracker, spec.name, spec.config)
     view.start(spec, ex.name)
     try:

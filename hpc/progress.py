@@ -16,18 +16,28 @@ from hpc.plan import StageSpec
 ATTEMPT = "attempt"  # the `event` of the record that starts a stage's (re)run in its progress.jsonl
 
 
-def start_attempt(path: Path, stage: str, **extra) -> int:
+def start_attempt(path: Path, stage: str, input_hash: str | None = None, **extra) -> int:
     """Append the record starting a new attempt of `stage` ({"t", "stage", "event": "attempt", "attempt": N},
     plus `extra`, e.g. a Slurm retry's `after`: why the previous attempt ended) and return N. A rerun keeps
     the earlier attempts' lines (the curve before a crash stays readable); readers show only what follows the
-    latest such record."""
+    latest such record. With `input_hash` (the stage's inputs), N counts only the earlier attempts on the same
+    inputs: a stage rerun because its recipe or upstream changed starts again at attempt 1, not "attempt 2"."""
     path.parent.mkdir(parents=True, exist_ok=True)
     n = 1
     if path.is_file():
         with open(path, "rb") as f:
-            n += sum(1 for line in f if b'"event": "attempt"' in line)
+            for line in f:
+                if b'"event": "attempt"' not in line:
+                    continue
+                try:
+                    earlier = json.loads(line).get("input_hash")
+                except (json.JSONDecodeError, AttributeError):
+                    earlier = None
+                n += input_hash is None or earlier is None or earlier == input_hash
+    record = {"t": time.time(), "stage": stage, "event": ATTEMPT, "attempt": n}
+    record |= {"input_hash": input_hash} if input_hash else {}
     with open(path, "a") as f:
-        f.write(json.dumps({"t": time.time(), "stage": stage, "event": ATTEMPT, "attempt": n} | extra) + "\n")
+        f.write(json.dumps(record | extra) + "\n")
     return n
 
 
@@ -344,7 +354,9 @@ class PipelineView:
     def refresh(self) -> None:
         for name, st in self.state.items():
             if st == "running":
-                for ev in self.events[name].read():  # evaluations are few: each one is printed
+                events = self.events[name].read()
+                starts = [i for i, ev in enumerate(events) if ev.get("event") == ATTEMPT]
+                for ev in events[starts[-1] if starts else 0 :]:  # evaluations are few: each one is printed
                     held_out = "max_steps" not in ev and any(k.startswith("val_") for k in ev)
                     if not self.live and (ev.get("event") in EVAL_EVENTS or held_out):
                         self._print(f"  {name}: {describe(ev)}")

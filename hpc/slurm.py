@@ -284,7 +284,7 @@ def _note_attempt(rd: RunDir, spec: StageSpec, index: int) -> None:
     if not before or os.environ.get("SLURM_PROCID", "0") != "0":
         return
     after = before[-1].get("reason", "")
-    start_attempt(rd.progress_path(spec.name), spec.name, after=after, job_attempt=len(before) + 1)
+    start_attempt(rd.progress_path(spec.name), spec.name, spec.input_hash, after=after, job_attempt=len(before) + 1)
     print(f"hpcft: attempt {len(before) + 1} of job {job} (after: {after})", file=sys.stderr, flush=True)
     try:
         from hpc.tracking import Tracker
@@ -377,7 +377,9 @@ class SlurmExecutor(SubmittingExecutor):
             folder = rd.stage_dir(spec.name) / "logs"
             from hpc.progress import start_attempt
 
-            start_attempt(rd.progress_path(spec.name), spec.name)  # appended: the earlier attempts are kept
+            start_attempt(
+                rd.progress_path(spec.name), spec.name, spec.input_hash
+            )  # appended: the earlier attempts are kept
             start_child(spec.name)
             teardown = teardown_lines(o, recipe.executor.python, rd, spec.name, pending)
             ex = make_executor(
@@ -657,7 +659,9 @@ def prepare_submission(run_dir: Path, snapshot: Path, recipe_path: Path) -> list
             continue
         from hpc.progress import start_attempt
 
-        start_attempt(rd.progress_path(spec.name), spec.name)  # appended: the earlier attempts are kept
+        start_attempt(
+            rd.progress_path(spec.name), spec.name, spec.input_hash
+        )  # appended: the earlier attempts are kept
         _start_child(rd, tracker, spec.name, spec.config)
         pending.append(spec.name)
     print(f"run directory {rd.root}: to run: {', '.join(pending) or 'nothing (all up to date)'}")

@@ -152,8 +152,20 @@ def test_only_reruns_one_stage(first_run, workdir, hpcft_cmd):
     assert "export: finished" in p.stdout and "sft: finished" not in p.stdout
 
 
-def test_too_little_training_is_rejected(first_run, workdir, hpcft_cmd):
-    p = run(hpcft_cmd, "run", str(TINY_RECIPE), "--workdir", str(workdir), "--set", "stages.0.max_steps=3")
+SHORT = ["--set", "stages.0.max_steps=300"]  # val loss ~0.68 but exact match ~0.26: below the gate's 0.5
+
+
+@pytest.fixture(scope="module")
+def short_native(first_run, workdir, hpcft_cmd):
+    """The recipe at 300 steps on the native engine, model and data reused: too little to pass the gate."""
+    p = run(hpcft_cmd, "run", str(TINY_RECIPE), "--workdir", str(workdir), *SHORT)
+    sft = json.loads((workdir / "stages/sft/result.json").read_text())
+    gate = json.loads((workdir / "stages/gate/result.json").read_text())
+    return p, sft, gate
+
+
+def test_too_little_training_is_rejected(short_native, workdir):
+    p, _sft, _gate = short_native
     assert p.returncode == 3, p.stdout[-3000:] + p.stderr[-2000:]
     assert "model: up to date" in p.stdout and "data: up to date" in p.stdout  # upstream reused
     assert "gate: REJECTED" in p.stdout
@@ -168,20 +180,31 @@ def test_too_little_training_is_rejected(first_run, workdir, hpcft_cmd):
     assert c.get_model_version_by_alias("tiny-sft", "staging").version != latest.version
 
 
-def test_deepspeed_zero3_with_optimizer_offload_passes_the_gate_like_native(first_run, workdir, hpcft_cmd):
-    """The same recipe on parallel.engine: deepspeed, 2 ranks, ZeRO-3, optimizer state on the CPU (CPU Adam):
-    model and data reused, the gate passes with a score like the native engine's."""
+def test_deepspeed_zero3_with_optimizer_offload_trains_and_scores_like_native(short_native, workdir, hpcft_cmd):
+    """The same 300 steps on parallel.engine: deepspeed, 2 ranks, ZeRO-3, optimizer state on the CPU (CPU Adam),
+    model and data reused: the native run's validation loss (within 2%: two ranks sum in another order, and
+    300 steps at lr 1e-3 grow that rounding to ~0.7%, 0.6877 against 0.6831; tests/parallel/test_deepspeed.py
+    checks every gradient to 1e-5), the same held-out score through export,
+    eval and gate (which rejects both), and the engine on record in MLflow. (The whole recipe under DeepSpeed
+    passes the gate like native; 800 steps are left to the benchmark for CI time.)"""
+    _p, native_sft, native_gate = short_native
     sets = ["parallel.engine=deepspeed", "parallel.dp_shard=2", "parallel.zero=3", "parallel.offload.optimizer=cpu"]
-    p = run(hpcft_cmd, "run", str(TINY_RECIPE), "--workdir", str(workdir), *(a for s in sets for a in ("--set", s)))
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    p = run(
+        hpcft_cmd, "run", str(TINY_RECIPE), "--workdir", str(workdir), *SHORT, *(a for s in sets for a in ("--set", s))
+    )
+    assert p.returncode == 3, p.stdout[-3000:] + p.stderr[-3000:]
     assert "model: up to date" in p.stdout and "data: up to date" in p.stdout
-    assert "gate: PASSED" in p.stdout
+    assert "gate: REJECTED" in p.stdout
     sft = json.loads((workdir / "stages/sft/result.json").read_text())
-    assert sft["world_size"] == 2 and sft["engine"] == "deepspeed", sft
-    gate = json.loads((workdir / "stages/gate/result.json").read_text())
-    score = gate["scores"]["candidate"]["heldout_exact/exact_match"]
-    native = float(first_run[0].stdout.split("heldout_exact/exact_match = ")[1].split()[0])
-    assert score >= 0.5 and abs(score - native) < 0.15, (score, native)
+    assert sft["world_size"] == 2 and sft["engine"] == "deepspeed" and sft["steps"] == native_sft["steps"], sft
+    assert sft["val_loss"] == pytest.approx(native_sft["val_loss"], rel=2e-2), (sft["val_loss"], native_sft["val_loss"])
+    assert sft["val_loss"] < 1.0  # learned: the untrained model starts at ~5.6
+    metric = "heldout_exact/exact_match"
+    score, native = (
+        g["scores"]["candidate"][metric]
+        for g in (json.loads((workdir / "stages/gate/result.json").read_text()), native_gate)
+    )
+    assert abs(score - native) <= 0.05, (score, native)
     meta = json.loads((workdir / "run.json").read_text())
     params = client(workdir).get_run(meta["parent_run_id"]).data.params
     assert params["parallel.engine"] == "deepspeed" and params["parallel.offload.optimizer"] == "cpu"

@@ -41,3 +41,23 @@ def test_the_live_table_does_not_show_the_previous_attempts_final_step(tmp_path)
     view = PipelineView([spec], lambda name: path, Console(file=open(tmp_path / "out", "w")))
     view.start(spec, "local")
     assert "100" not in view.detail.get("sft", "") and view.detail["sft"] == "attempt 2 started"
+
+
+def test_a_rerun_on_changed_inputs_starts_at_attempt_1_and_prints_nothing_of_the_old_run(tmp_path):
+    """A stage rerun because its recipe or upstream changed is a new run, not a retry: it says "started", and
+    the plain (non-terminal) view prints none of the earlier run's held-out losses as if they were new."""
+    path = tmp_path / "progress.jsonl"
+    assert start_attempt(path, "sft", "old-inputs") == 1
+    _append(path, t=1.0, stage="sft", step=300, val_loss=0.6831)
+    assert start_attempt(path, "sft", "old-inputs") == 2  # a retry of the same inputs counts on
+    assert start_attempt(path, "sft", "new-inputs") == 1
+    assert describe(read_last_event(path)) == "started"
+    spec = StageSpec(name="sft", kind="sft", depends_on=(), resources=None, input_hash="new-inputs")
+    out = tmp_path / "out"
+    view = PipelineView([spec], lambda name: path, Console(file=open(out, "w"), force_terminal=False))
+    view.start(spec, "local")
+    _append(path, t=2.0, stage="sft", step=0, val_loss=5.6434)
+    view.refresh()
+    view.console.file.flush()
+    printed = out.read_text()
+    assert "val_loss 5.6434" in printed and "0.6831" not in printed, printed

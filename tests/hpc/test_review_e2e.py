@@ -47,7 +47,8 @@ def test_promote_review_force_rollback_history(tmp_path, capsys):
     assert code == 0 and f"{MODEL} version 1 is now 'champion'" in out, err
 
     # the worse variant: one step of training, and a bar it cannot reach
-    p = _run(tmp_path / "run2", store, "stages.0.max_steps=1", "gate.thresholds={heldout_mc/acc: 0.99}")
+    # (the same run directory: the model and data stages are reused, only training onward reruns)
+    p = _run(tmp_path / "run1", store, "stages.0.max_steps=1", "gate.thresholds={heldout_mc/acc: 0.99}")
     assert p.returncode == 3 and "gate: REJECTED" in p.stdout, p.stdout[-3000:] + p.stderr[-3000:]
 
     html = tmp_path / "review.html"

@@ -103,7 +103,8 @@ def events(wd: Path) -> list[dict]:
 def test_sigkill_of_rank_0_on_two_nodes_is_retried_and_resumes(slurm_cluster, tmp_path):  # noqa: F811
     """kill -9 of rank 0 of a 2-node training job (what the OOM killer, a segfault or an NCCL abort do):
     srun ends the step, the job's teardown requeues it (max_retries 1), training resumes after its latest
-    complete checkpoint, and the CLI, which followed the run throughout, exits with the gate's result."""
+    complete checkpoint, and the CLI, which followed the run throughout, exits with the gate's result. Also the
+    plain `hpcft run --executor slurm` path: every other stage's job COMPLETED."""
     wd = tmp_path / "run"
     cli = start_cli(
         "run",
@@ -139,6 +140,19 @@ def test_sigkill_of_rank_0_on_two_nodes_is_retried_and_resumes(slurm_cluster, tm
     resumed = [e["resumed_from_step"] for e in seen if "resumed_from_step" in e]
     assert resumed and resumed[-1] >= 10, resumed
     assert json.loads((wd / "stages/sft/result.json").read_text())["world_size"] == 2
+    # the rest of the pipeline ran as Slurm jobs that all completed (eval: a 4-element array; the data stage's
+    # datatrove ranks are array elements too)
+    jobs = json.loads((wd / "run.json").read_text())["slurm_jobs"]
+    assert set(jobs) == {"model", "data", "sft", "export", "eval", "gate"}
+
+    def ended():  # once sacct has every element's end (a job ends a moment after its stage's marker)
+        states = {stage: attempts(j["job_id"]) for stage, j in jobs.items() if stage != "sft"}
+        busy = {"PENDING", "RUNNING", "COMPLETING"}
+        return states if not any(busy & set(s) for s in states.values()) else None
+
+    ended = wait_for(ended, 60, "every job's end in sacct")
+    assert len(ended["eval"]) == 4 and all(set(s) == {"COMPLETED"} for s in ended.values()), ended
+    assert list((wd / "stages/data/logs/ranks").glob("*_0_log.err")), "datatrove ranks ran as Slurm jobs"
 
 
 def _node_of(job_id: str) -> str | None:
