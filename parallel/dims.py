@@ -54,7 +54,12 @@ class ParallelConfig(BaseModel):
     zero: Literal[0, 1, 2, 3] = 0
     pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "zero_bubble"] = "1f1b"
     microbatches: int = Field(1, ge=1)
-    activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    activation_checkpointing: Literal["auto", "none", "full", "selective"] = Field(
+        "auto",
+        description="recompute each decoder block in backward: full, selective (all but matmuls and "
+        "attention) or none. auto: none, unless the planner says the stage does not fit the GPU "
+        "(then selective, then full); parallel.defaults",
+    )
     mixed_precision: Literal["auto", "fp32", "bf16"] = "auto"
     sequence_parallel: bool | None = Field(
         None,
@@ -67,10 +72,16 @@ class ParallelConfig(BaseModel):
         "runs on vocab-sharded logits. Unset: on where the model allows (untied embeddings, vocab "
         "divisible by tp, a vocabulary head)",
     )
-    compile: bool = Field(
-        False,
+    compile: bool | Literal["auto"] = Field(
+        "auto",
         description="torch.compile each decoder block (after TP and activation "
-        "checkpointing, before FSDP); the first steps pay the compile time",
+        "checkpointing, before FSDP); the first steps pay the compile time. auto: on CUDA at tp 1 "
+        "(not QLoRA, not stages that sample), off on CPU; parallel.defaults",
+    )
+    fused_optimizer: bool | Literal["auto"] = Field(
+        "auto",
+        description="AdamW's fused kernel (CUDA or CPU) for plain-tensor parameters (ZeRO 0/1, tp 1); false: "
+        "torch's default kernel. auto: on where it applies; parallel.defaults",
     )
     loss_chunk_tokens: int | None = Field(
         0,
