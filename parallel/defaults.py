@@ -92,7 +92,7 @@ def _fused(cfg: ParallelConfig, device_type: str, optimizer: str) -> tuple[bool,
     if optimizer != "adamw":
         return False, f"optim.optimizer {optimizer} has its own kernels"
     if cfg.engine != "native":
-        return False, "DeepSpeed builds its own optimizer"
+        return False, "DeepSpeed builds its own AdamW (fused on CUDA)"
     if cfg.zero >= 2 or cfg.tp > 1:
         return False, "sharded parameters (ZeRO-2/3, tp) are DTensors, which take torch's default kernel"
     return True, "cuda, plain tensors: the fused AdamW kernel (what HF Trainer's bf16 path uses)"

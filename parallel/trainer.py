@@ -70,6 +70,7 @@ def apply_activation_checkpointing(layers: list[nn.Module], mode: str) -> None:
 
     Uses the layers' own HF checkpointing hook, so parameter names and FSDP hooks stay untouched.
     """
+    assert mode != "auto", "parallel.defaults resolves activation_checkpointing first"
     if mode == "none":
         return
     from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
