@@ -11,8 +11,8 @@ and batches) with one choice changed at a time:
   ac-selective  parallel.activation_checkpointing: selective
   ac-full       parallel.activation_checkpointing: full
   fused         parallel.fused_optimizer: true
-and `optim`: AdamW alone on the model's parameters and gradients, the for-loop, for-each and fused kernels
-stepped in turn in one process, timed and compared value by value.
+and `optim`: AdamW alone on the model's parameters and first gradients, the for-loop, for-each and fused
+kernels each stepping a copy in one process, timed and compared value by value.
 Every arm is a fresh process; the arms alternate (--repeat rounds), so a busy spell on a shared machine does
 not land on one arm; each arm keeps its fastest round. tokens/s: the median step after --warmup steps. Peak
 memory: on a GPU torch.cuda.max_memory_allocated; on CPU the weights, buffers and optimizer state held plus
@@ -103,7 +103,8 @@ def train_child(spec: dict) -> dict:
 
 
 def optim_child(spec: dict) -> dict:
-    """AdamW's kernels on the model's own parameters and first gradients, stepped in turn."""
+    """AdamW's kernels on the model's own parameters and first gradients: each kernel steps a copy of them
+    (one copy on the device at a time: a 1B model's weights, gradients and two moments are 20 GB)."""
     import time
 
     import torch
@@ -112,20 +113,20 @@ def optim_child(spec: dict) -> dict:
     model = build_model(spec).to("cuda" if cuda else "cpu")
     batch = {k: v.to(model.device) for k, v in batches(spec | {"steps": 1}, model.config.vocab_size)[0].items()}
     model(**batch).loss.backward()
-    params = [p for p in model.parameters() if p.requires_grad]
-    copies, optimizers = {}, {}
+    params = [(p.detach(), p.grad) for p in model.parameters() if p.requires_grad]
+    del model, batch
+    times, finals = {}, {}
     for kernel, kwargs in KERNELS.items():
-        copies[kernel] = [p.detach().clone().requires_grad_() for p in params]
-        for c, p in zip(copies[kernel], params):
-            c.grad = p.grad.clone()
+        copies = [w.clone().requires_grad_() for w, _ in params]
+        for c, (_, g) in zip(copies, params):
+            c.grad = g.clone()
         groups = [
-            {"params": [c for c in copies[kernel] if c.ndim >= 2], "weight_decay": OPTIM["weight_decay"]},
-            {"params": [c for c in copies[kernel] if c.ndim < 2], "weight_decay": 0.0},
+            {"params": [c for c in copies if c.ndim >= 2], "weight_decay": OPTIM["weight_decay"]},
+            {"params": [c for c in copies if c.ndim < 2], "weight_decay": 0.0},
         ]
-        optimizers[kernel] = torch.optim.AdamW(groups, lr=OPTIM["lr"], betas=OPTIM["betas"], eps=OPTIM["eps"], **kwargs)
-    times = {k: [] for k in KERNELS}
-    for _ in range(OPTIM_STEPS + 1):  # the first round (state allocation) is left out
-        for kernel, opt in optimizers.items():
+        opt = torch.optim.AdamW(groups, lr=OPTIM["lr"], betas=OPTIM["betas"], eps=OPTIM["eps"], **kwargs)
+        times[kernel] = []
+        for _ in range(OPTIM_STEPS + 1):  # the first step (state allocation) is left out
             if cuda:
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
@@ -133,13 +134,15 @@ def optim_child(spec: dict) -> dict:
             if cuda:
                 torch.cuda.synchronize()
             times[kernel].append(time.perf_counter() - t0)
+        finals[kernel] = [c.detach().cpu() for c in copies]
+        del opt, copies
 
     def max_diff(a: str, b: str) -> float:
-        return max(float((x - y).abs().max()) for x, y in zip(copies[a], copies[b]))
+        return max(float((x - y).abs().max()) for x, y in zip(finals[a], finals[b]))
 
     return {
         "arm": "optim",
-        "params": sum(p.numel() for p in params),
+        "params": sum(w.numel() for w, _ in params),
         "step_s": {k: statistics.median(v[1:]) for k, v in times.items()},
         "fused_vs_foreach": max_diff("fused", "foreach"),
         "fused_vs_for_loop": max_diff("fused", "for-loop"),
