@@ -133,3 +133,18 @@ def test_sft_stage_on_auto_trains_as_its_resolved_values_and_records_them(dirs, 
     assert len(auto_losses) == 5 and auto_losses == explicit_losses  # bitwise: the same code path
     assert auto["parallel_used"] == explicit["parallel_used"] == CPU_RULES
     assert set(auto["parallel_auto"]) == set(CPU_RULES) and explicit["parallel_auto"] == {}
+
+
+def test_plan_shows_each_stage_resolved_on_the_device_its_job_gets(tmp_path, capsys, monkeypatch):
+    from hpc import cli
+    from tests.conftest import TINY_RECIPE
+
+    monkeypatch.setenv("COLUMNS", "400")
+    plan = ["plan", str(TINY_RECIPE), "--workdir", str(tmp_path)]
+    assert cli.main(plan + ["--set", "executor.kind=inline"]) == 0
+    assert "compile: auto -> off (cpu" in capsys.readouterr().out
+    gpu = ["--set", "executor.kind=slurm", "--set", "executor.slurm.gpus_per_node=1", "--gpu-mem-gb", "80"]
+    assert cli.main(plan + gpu) == 0
+    out = capsys.readouterr().out
+    assert "compile: auto -> on (cuda" in out and "fused_optimizer: auto -> on (cuda" in out
+    assert "activation_checkpointing: auto -> none (planned 0.1 GiB per rank fits 90% of 80 GiB)" in out
