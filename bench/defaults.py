@@ -256,7 +256,7 @@ def report(spec: dict, arms: dict[str, dict], ratios: dict, optim: dict | None, 
     print(f"defaults on {spec['device']}: measured choice | parallel.defaults")
     for name, (value, why) in choices.items():
         rule = getattr(resolved.config, name)
-        mark = "agree" if value == rule else "DIFFER"
+        mark = "agree" if value == rule else "differs"
         print(f"  {name}: {value} | {rule} ({mark}): {why}; rule: {resolved.why[name]}")
 
 
