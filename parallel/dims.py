@@ -3,9 +3,19 @@ LoRA / 4-bit quantization configs the engine takes (the stages' `lora:` and `qua
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator
+
+
+def _auto_or_bool(value):
+    if value == "auto" or isinstance(value, bool):
+        return value
+    raise ValueError(f"expected auto, true or false, got {value!r}")
+
+
+# auto (parallel.defaults picks per device) or an explicit choice; one error line for anything else
+AutoBool = Annotated[bool | Literal["auto"], PlainValidator(_auto_or_bool, json_schema_input_type=bool | str)]
 
 
 class LoraConfig(BaseModel):
@@ -72,13 +82,13 @@ class ParallelConfig(BaseModel):
         "runs on vocab-sharded logits. Unset: on where the model allows (untied embeddings, vocab "
         "divisible by tp, a vocabulary head)",
     )
-    compile: bool | Literal["auto"] = Field(
+    compile: AutoBool = Field(
         "auto",
         description="torch.compile each decoder block (after TP and activation "
         "checkpointing, before FSDP); the first steps pay the compile time. auto: on CUDA at tp 1 "
         "(not QLoRA, not stages that sample), off on CPU; parallel.defaults",
     )
-    fused_optimizer: bool | Literal["auto"] = Field(
+    fused_optimizer: AutoBool = Field(
         "auto",
         description="AdamW's fused kernel (CUDA or CPU) for plain-tensor parameters (ZeRO 0/1, tp 1); false: "
         "torch's default kernel. auto: on where it applies; parallel.defaults",

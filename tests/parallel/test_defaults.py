@@ -23,6 +23,8 @@ def test_cpu_resolves_auto_to_the_plain_path_and_keeps_explicit_values():
     explicit = ParallelConfig(compile=True, activation_checkpointing="selective", fused_optimizer=True)
     assert resolve_defaults(explicit, "cpu").config == explicit and resolve_defaults(explicit, "cuda").why == {}
     assert resolved.lines()[0].startswith("compile: auto -> off (cpu")
+    with pytest.raises(ValueError, match="expected auto, true or false, got 'yes'"):
+        ParallelConfig(fused_optimizer="yes")
 
 
 @pytest.mark.parametrize(
