@@ -40,7 +40,13 @@ def resolve_parallel(cfg, parallel, model_dir: Path):
 
     if not torch.cuda.is_available():
         return stage_defaults(cfg, parallel, None, "cpu")
+    from parallel.planner import Shape
+
     config = json.loads((Path(model_dir) / "config.json").read_text())
+    try:
+        Shape.from_config(config)
+    except KeyError:  # a family whose config the planner cannot read: no estimate, no checkpointing
+        config = None
     total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
     return stage_defaults(cfg, parallel, config, "cuda", total)
 
