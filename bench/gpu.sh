@@ -8,7 +8,7 @@
 # batch 4 (per-block compile, selective/full activation checkpointing and fused AdamW against the baseline:
 # the CUDA rules of parallel.defaults, about 3 minutes), and writes one JSON (default bench-gpu.json): per
 # arm tokens/s, MFU, peak memory, step times and losses, the hpcft/HF ratios, and the defaults' measurements.
-# --dry-run: the same script on CPU with a tiny shape and without the compile arms (under 3 minutes), to
+# --dry-run: the same script on CPU with a tiny shape and without the compile arms (7 min at load 12), to
 # check the script before a GPU is lent. PYTHON picks the interpreter (default .venv/bin/python, else
 # python3); it needs torch, transformers, peft, accelerate, pydantic and numpy (not mlflow, datatrove or lm-eval).
 set -euo pipefail
