@@ -163,7 +163,7 @@ def cmd_plan(args, console: Console) -> int:
         if s.kind == "data" and recipe.data.filters.perplexity:
             node.add(_perplexity_cost(recipe, args.recipe.resolve().parent))
         if s.kind in STAGE_KINDS:
-            _memory_lines(node, recipe, s, args.recipe.resolve().parent, args.gpu_mem_gb)
+            _memory_lines(node, recipe, s, args.recipe.resolve().parent, args.gpu_mem_gb, _on_gpu(recipe, s))
             _step_lines(node, recipe, s, rd)
         node.add(f"input hash {s.input_hash}")
     console.print(tree)
@@ -257,17 +257,34 @@ def _base_config(recipe, base_dir: Path) -> dict:
     return json.loads((resolve_path(recipe.model.path, base_dir) / "config.json").read_text())
 
 
-def _memory_lines(node, recipe, spec, base_dir: Path, gpu_mem_gb: float) -> None:
-    """Per-rank memory of a training stage under the recipe's layout (bf16 compute, fp32 master)."""
+def _on_gpu(recipe, spec) -> bool:
+    """Whether a stage's job gets a GPU: its Slurm options say so, a local run has one if this machine does."""
+    if recipe.executor.kind == "slurm":
+        from hpc.slurm import job_options
+
+        return job_options(spec, recipe.executor).gpus_per_node > 0
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _memory_lines(node, recipe, spec, base_dir: Path, gpu_mem_gb: float, gpu: bool) -> None:
+    """The parallel.* defaults the stage resolves on its device (`auto`), and its per-rank memory under the
+    layout they give (bf16 compute, fp32 master)."""
     from parallel.planner import GIB, memory_warnings
-    from training.stages import plan_memory
+    from training.stages import plan_memory, stage_defaults
 
     config = _base_config(recipe, base_dir)
     stage = next(st for st in recipe.stages if st.name == spec.name)
-    if recipe.parallel.engine == "deepspeed":
-        _deepspeed_memory_lines(node, recipe, stage, config, gpu_mem_gb)
+    device = ("cuda", int(gpu_mem_gb * GIB)) if gpu else ("cpu", None)
+    defaults = stage_defaults(stage, recipe.parallel, config, *device)
+    for line in defaults.lines():
+        node.add(line)
+    parallel = defaults.config
+    if parallel.engine == "deepspeed":
+        _deepspeed_memory_lines(node, parallel, stage, config, gpu_mem_gb)
         return
-    est = plan_memory(stage, recipe.parallel, config)
+    est = plan_memory(stage, parallel, config)
     parts = ", ".join(
         f"{k} {getattr(est, k) / GIB:.2f}"
         for k in ("params", "gathered", "grads", "optimizer", "activations", "frozen")
@@ -287,14 +304,14 @@ def _memory_lines(node, recipe, spec, base_dir: Path, gpu_mem_gb: float) -> None
         node.add(f"[red]{warning}[/] (at {gpu_mem_gb:g} GiB per GPU)")
 
 
-def _deepspeed_memory_lines(node, recipe, stage, config: dict, gpu_mem_gb: float) -> None:
+def _deepspeed_memory_lines(node, parallel, stage, config: dict, gpu_mem_gb: float) -> None:
     """GPU and host memory per rank under DeepSpeed, with the recipe's offload and without any."""
     from parallel.planner import GIB, memory_warnings
     from training.stages import plan_deepspeed_memory
 
-    bf16 = recipe.parallel.mixed_precision != "fp32"
-    chosen, plain = plan_deepspeed_memory(stage, recipe.parallel, config, bf16=bf16)
-    off = recipe.parallel.offload
+    bf16 = parallel.mixed_precision != "fp32"
+    chosen, plain = plan_deepspeed_memory(stage, parallel, config, bf16=bf16)
+    off = parallel.offload
     label = f"offload optimizer {off.optimizer}, params {off.params}" if off else "no offload"
     for name, est in ((label, chosen), ("without offload", plain)):
         parts = ", ".join(
@@ -302,7 +319,7 @@ def _deepspeed_memory_lines(node, recipe, stage, config: dict, gpu_mem_gb: float
             for k in ("params", "gathered", "grads", "optimizer", "activations", "frozen")
         )
         node.add(
-            f"deepspeed ZeRO-{recipe.parallel.zero}, {name}: GPU per rank (GiB): {parts}; total "
+            f"deepspeed ZeRO-{parallel.zero}, {name}: GPU per rank (GiB): {parts}; total "
             f"{est.gpu.total / GIB:.2f}; host per rank {est.host / GIB:.2f} GiB"
         )
         if est is plain and off is None:

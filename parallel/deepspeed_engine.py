@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from parallel import deepspeed_config as dsc
+from parallel.defaults import resolve_defaults
 from parallel.dims import ParallelConfig
 from parallel.distributed.checkpoint import ResumeRefused
 from parallel.distributed.mesh import ParallelDims
@@ -127,6 +128,7 @@ class DeepSpeedTrainer:
         self.device = (
             torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         )
+        self.cfg = cfg = resolve_defaults(cfg, self.device.type, mode=mode).config  # `auto` fields
         self.tied_names = tied_names(model)
         find_decoder(model)[1].config.use_cache = False
         apply_activation_checkpointing(list(find_decoder(model)[1].layers), cfg.activation_checkpointing)

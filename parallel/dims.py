@@ -3,9 +3,19 @@ LoRA / 4-bit quantization configs the engine takes (the stages' `lora:` and `qua
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator
+
+
+def _auto_or_bool(value):
+    if value == "auto" or isinstance(value, bool):
+        return value
+    raise ValueError(f"expected auto, true or false, got {value!r}")
+
+
+# auto (parallel.defaults picks per device) or an explicit choice; one error line for anything else
+AutoBool = Annotated[bool | Literal["auto"], PlainValidator(_auto_or_bool, json_schema_input_type=bool | str)]
 
 
 class LoraConfig(BaseModel):
@@ -54,7 +64,12 @@ class ParallelConfig(BaseModel):
     zero: Literal[0, 1, 2, 3] = 0
     pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "zero_bubble"] = "1f1b"
     microbatches: int = Field(1, ge=1)
-    activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    activation_checkpointing: Literal["auto", "none", "full", "selective"] = Field(
+        "auto",
+        description="recompute each decoder block in backward: full, selective (all but matmuls and "
+        "attention) or none. auto: none, unless the planner says the stage does not fit the GPU "
+        "(then selective, then full); parallel.defaults",
+    )
     mixed_precision: Literal["auto", "fp32", "bf16"] = "auto"
     sequence_parallel: bool | None = Field(
         None,
@@ -67,10 +82,16 @@ class ParallelConfig(BaseModel):
         "runs on vocab-sharded logits. Unset: on where the model allows (untied embeddings, vocab "
         "divisible by tp, a vocabulary head)",
     )
-    compile: bool = Field(
-        False,
+    compile: AutoBool = Field(
+        "auto",
         description="torch.compile each decoder block (after TP and activation "
-        "checkpointing, before FSDP); the first steps pay the compile time",
+        "checkpointing, before FSDP); the first steps pay the compile time. auto: on CUDA at tp 1 "
+        "(not QLoRA, not stages that sample), off on CPU; parallel.defaults",
+    )
+    fused_optimizer: AutoBool = Field(
+        "auto",
+        description="AdamW's fused kernel (CUDA or CPU) for plain-tensor parameters (ZeRO 0/1, tp 1); false: "
+        "torch's default kernel. auto: on where it applies; parallel.defaults",
     )
     loss_chunk_tokens: int | None = Field(
         0,

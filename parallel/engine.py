@@ -227,9 +227,13 @@ def build_trainer(
     (the LR itself is set per step by the caller). model: an already loaded full model (e.g. a reward
     model with its score head) instead of the causal LM of model_dir.
     """
+    from parallel.defaults import resolve_defaults
     from parallel.trainer import Trainer, build_mesh
 
     model = load_model(model_dir, lora, quant) if model is None else model
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    # `auto` fields the stage's start left (callers without a stage): no memory estimate here.
+    parallel = resolve_defaults(parallel, device_type, mode=mode, optimizer=optim.optimizer).config
     layout = parallel.model_copy(update={"microbatches": parallel.microbatches * grad_accum})
     if parallel.engine == "deepspeed":
         from parallel.deepspeed_config import read_user_config
@@ -246,7 +250,7 @@ def build_trainer(
             grad_clip=optim.grad_clip,
             user_config=read_user_config(parallel.deepspeed_config) if parallel.deepspeed_config else None,
         )
-    mesh = build_mesh(layout, process_world_size(), "cuda" if torch.cuda.is_available() else "cpu")
+    mesh = build_mesh(layout, process_world_size(), device_type)
     return Trainer(
         model,
         layout,

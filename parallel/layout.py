@@ -56,6 +56,8 @@ def layout_problems(
         problems += _quantized_problems(parallel)
     if optimizer != "adamw":
         problems += _8bit_optimizer_problems(parallel, optimizer)
+        if parallel.fused_optimizer is True:
+            problems.append(f"parallel.fused_optimizer: fuses torch's AdamW, not optim.optimizer {optimizer}")
     if model_config is not None:
         problems += model_problems(parallel, model_config)
     if not pipeline and parallel.pp > 1:
@@ -130,10 +132,15 @@ def _degree_problems(cfg: ParallelConfig) -> list[str]:
             f"parallel.microbatches: the {cfg.pp_schedule} schedule needs a multiple of "
             f"parallel.pp ({cfg.pp}), got {cfg.microbatches}"
         )
-    if cfg.compile and cfg.tp > 1:
+    if cfg.compile is True and cfg.tp > 1:
         problems.append(
             "parallel.compile: torch.compile of tensor-parallel blocks fails in backward (or, with "
             "sequence parallelism, gives wrong gradients) on this torch; use compile: false with tp > 1"
+        )
+    if native and cfg.fused_optimizer is True and (cfg.zero >= 2 or cfg.tp > 1):
+        problems.append(
+            "parallel.fused_optimizer: the fused AdamW steps plain tensors; ZeRO-2/3 and tp shard parameters "
+            "as DTensors (use fused_optimizer: auto or false)"
         )
     return problems
 
@@ -167,8 +174,10 @@ def engine_problems(cfg: ParallelConfig, mode: str = "full") -> list[str]:
             "parallel.dp_replicate: the deepspeed engine shards over all data-parallel ranks; put them in "
             "dp_shard (or use parallel.engine: native for HSDP)"
         )
-    if cfg.compile:
+    if cfg.compile is True:
         problems.append("parallel.compile: compiled blocks run on parallel.engine: native")
+    if cfg.fused_optimizer is True:
+        problems.append("parallel.fused_optimizer: DeepSpeed builds its own optimizer; use parallel.engine: native")
     if cfg.loss_chunk_tokens:
         problems.append("parallel.loss_chunk_tokens: the chunked token loss runs on parallel.engine: native")
     if mode == "qlora":

@@ -25,6 +25,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
 from parallel.chunked_ce import chunked_ce, why_not_chunked
+from parallel.defaults import resolve_defaults
 from parallel.dims import ParallelConfig
 from parallel.distributed import zero as zero_mod
 from parallel.distributed.grads import clip_grads_
@@ -69,6 +70,7 @@ def apply_activation_checkpointing(layers: list[nn.Module], mode: str) -> None:
 
     Uses the layers' own HF checkpointing hook, so parameter names and FSDP hooks stay untouched.
     """
+    assert mode != "auto", "parallel.defaults resolves activation_checkpointing first"
     if mode == "none":
         return
     from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
@@ -101,11 +103,19 @@ def _save_matmuls(ctx, op, *args, **kwargs):
 
 
 def build_adamw(
-    params: list[nn.Parameter], *, lr: float, weight_decay: float, betas, eps: float, optimizer: str = "adamw"
+    params: list[nn.Parameter],
+    *,
+    lr: float,
+    weight_decay: float,
+    betas,
+    eps: float,
+    optimizer: str = "adamw",
+    fused: bool = False,
 ):
     """AdamW (optimizer: adamw, or bitsandbytes' adamw_8bit / paged_adamw_8bit, which need plain tensors:
     parallel.layout refuses them under ZeRO-2/3 and tp); norms and biases (1-D) get no weight decay. Empty
-    param lists give None."""
+    param lists give None. fused (parallel.fused_optimizer): torch's fused kernel, CUDA or CPU, for plain
+    tensors; sharded DTensors always take torch's default."""
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
@@ -116,8 +126,7 @@ def build_adamw(
     if optimizer != "adamw":
         # Tensors under min_8bit_size (4096) elements keep 32-bit states, as bitsandbytes defaults.
         return _bnb_class(optimizer)(groups, lr=lr, betas=tuple(betas), eps=eps)
-    # The fused CUDA kernel for plain tensors (one process, dp, ZeRO-1); sharded DTensors take the default.
-    fused = all(p.is_cuda and not isinstance(p, DTensor) for p in params)
+    fused = fused and not any(isinstance(p, DTensor) for p in params)
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused or None)
 
 
@@ -229,7 +238,8 @@ def tp_options(model: nn.Module, cfg: ParallelConfig, tp: int) -> tuple[bool, bo
 def parallelize(model: nn.Module, cfg: ParallelConfig, mesh, device: torch.device) -> Layout:
     """Lay `model` out over `mesh` in place, torchtitan's order: the pipeline split first, then on each
     part TP -> activation checkpointing -> compile -> FSDP (ZeRO-2/3). A mesh of ones applies only
-    activation checkpointing and compile."""
+    activation checkpointing and compile. `auto` fields resolve for `device` (parallel.defaults)."""
+    cfg = resolve_defaults(cfg, device.type).config
     dims = dims_of(mesh)
     keep_4bit_trainable(model)
     sp, vp = tp_options(model, cfg, dims.tp)
@@ -246,7 +256,7 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, mesh, device: torch.devic
         if dims.tp > 1:
             _apply_tp(part, layers, mesh["tp"], layout, pipelined=dims.pp > 1)
         apply_activation_checkpointing(layers, cfg.activation_checkpointing)
-        if cfg.compile:
+        if cfg.compile is True:
             for layer in layers:
                 layer.compile()
         if cfg.zero >= 2:
@@ -361,13 +371,15 @@ class Trainer:
         ):
             raise ValueError(f"parallel: the mesh {self.dims} does not match the config {cfg}")
         self.model_config = find_decoder(model)[1].config  # the HF config (stage modules under pp have none)
-        # The one layout check (parallel.layout), once, against this world and the model's shape.
-        check_layout(cfg, mode=mode, world=self.dims.world_size, model_config=self.model_config, optimizer=optimizer)
         self.device = (
             torch.device("cuda", torch.cuda.current_device())
             if mesh.device_type == "cuda"
             else torch.device(mesh.device_type)
         )
+        # `auto` fields not resolved by the stage's start (which knows the stage's memory) resolve here.
+        cfg = self.cfg = resolve_defaults(cfg, self.device.type, mode=mode, optimizer=optimizer).config
+        # The one layout check (parallel.layout), once, against this world and the model's shape.
+        check_layout(cfg, mode=mode, world=self.dims.world_size, model_config=self.model_config, optimizer=optimizer)
         self.grad_clip = grad_clip
         self.pp_rank = mesh["pp"].get_local_rank()
         # Sequence-parallel padding uses the pad token: a classifier (the reward model) pools the last non-pad one.
@@ -480,7 +492,7 @@ class Trainer:
             params = [p for p in part.parameters() if p.requires_grad]
             if self.owners is not None:
                 params = [p for p in params if id(p) in mine]
-            self.optimizers.append(build_adamw(params, **hparams))
+            self.optimizers.append(build_adamw(params, **hparams, fused=self.cfg.fused_optimizer))
 
     def _from_last_stage(self, value):
         """A Python value only the last pipeline stage computed, on every rank of the pp group."""

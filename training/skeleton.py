@@ -14,6 +14,7 @@ import torch
 
 from parallel import engine
 from parallel.checkpoint import gather_full_state_dict, save_checkpoint
+from parallel.defaults import Defaults
 from training.resume import Resumer
 from training.resume import discard as discard_resume
 
@@ -30,6 +31,24 @@ def check_stage(cfg, parallel, model_dir: Path) -> None:
     check_stage_layout(
         cfg, parallel, world=engine.process_world_size(), model_config=AutoConfig.from_pretrained(model_dir)
     )
+
+
+def resolve_parallel(cfg, parallel, model_dir: Path):
+    """The stage's layout with its `auto` fields resolved for this process's device (parallel.defaults); on
+    a GPU the planner's per-rank memory of the stage against the GPU's decides activation checkpointing."""
+    from training.stages import stage_defaults
+
+    if not torch.cuda.is_available():
+        return stage_defaults(cfg, parallel, None, "cpu")
+    from parallel.planner import Shape
+
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    try:
+        Shape.from_config(config)
+    except KeyError:  # a family whose config the planner cannot read: no estimate, no checkpointing
+        config = None
+    total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    return stage_defaults(cfg, parallel, config, "cuda", total)
 
 
 def adapters(cfg):
@@ -52,6 +71,7 @@ class StageRun:
     started: float
     reward_model_dir: Path | None = None
     source_weights: dict[int, float] | None = None  # data.sources.<i>.weight, for stages that mix sources
+    defaults: Defaults | None = None  # how `parallel`'s auto fields were resolved (parallel.defaults)
 
     @classmethod
     def start(
@@ -73,17 +93,19 @@ class StageRun:
         weights (data.sources.<i>.weight; None: every row once per epoch) for the stages that mix."""
         seed = cfg.seed if cfg.seed is not None else seed
         torch.manual_seed(seed)
+        defaults = resolve_parallel(cfg, parallel, model_dir)
         return cls(
             cfg,
             Path(model_dir),
             Path(data_dir),
             Path(out_dir),
-            parallel,
+            defaults.config,
             seed,
             progress or (lambda event: None),
             time.perf_counter(),
             Path(reward_model_dir) if reward_model_dir is not None else None,
             dict(source_weights) if source_weights else None,
+            defaults,
         )
 
     def resumer(self) -> Resumer:
@@ -132,6 +154,8 @@ class StageRun:
                 device=str(device),
                 world_size=self.parallel.world_size,
                 engine=self.parallel.engine,
+                parallel_used=self.defaults.used(),
+                parallel_auto=dict(self.defaults.why),
                 data={name: vars(stats) for name, stats in data_stats.items()},
             )
             (self.out_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")

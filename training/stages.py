@@ -233,15 +233,20 @@ def _source_kinds(data) -> set[str]:
     return kinds
 
 
+def stage_optimizer(stage) -> str:
+    """The optimizer whose rules the stage's layout obeys: PPO's critic has one of its own, and an 8-bit
+    one of either brings the 8-bit rules."""
+    optims = (stage.optim, getattr(stage, "critic_optim", stage.optim))
+    return next((o.optimizer for o in optims if o.optimizer != "adamw"), "adamw")
+
+
 def stage_layout_problems(stage, parallel, *, world: int | None = None, model_config=None) -> list[str]:
     """parallel.layout.layout_problems for one stage: its mode, its kind's pipeline rule and batch split."""
     from parallel.layout import layout_problems
 
     kind = kind_of(stage)
     field, units, grad_accum = kind.update_batch(stage)
-    # PPO's critic has an optimizer of its own: an 8-bit one of either brings the 8-bit rules
-    optims = (stage.optim, getattr(stage, "critic_optim", stage.optim))
-    optimizer = next((o.optimizer for o in optims if o.optimizer != "adamw"), "adamw")
+    optimizer = stage_optimizer(stage)
     return layout_problems(
         parallel,
         mode=stage.mode,
@@ -442,3 +447,29 @@ def plan_deepspeed_memory(stage, parallel, model_config: dict, *, bf16: bool = T
         **common,
     )
     return with_offload, deepspeed_plan.estimate(native, **common)
+
+
+def stage_defaults(stage, parallel, model_config: dict | None, device_type: str, device_bytes: int | None = None):
+    """parallel.defaults.resolve_defaults for one stage (its mode, optimizer, whether it samples) on
+    `device_type`; with model_config and device_bytes the planner's per-rank memory of the stage decides
+    whether activation checkpointing is needed."""
+    from parallel.defaults import resolve_defaults
+
+    per_rank = None
+    if model_config is not None:
+        bf16 = parallel.mixed_precision != "fp32"
+
+        def per_rank(layout) -> int:
+            if layout.engine == "deepspeed":
+                return plan_deepspeed_memory(stage, layout, model_config, bf16=bf16)[0].gpu.total
+            return plan_memory(stage, layout, model_config, dtype_bytes=2 if bf16 else 4).total
+
+    return resolve_defaults(
+        parallel,
+        device_type,
+        mode=stage.mode,
+        optimizer=stage_optimizer(stage),
+        samples=kind_of(stage).samples,
+        device_bytes=device_bytes,
+        per_rank_bytes=per_rank,
+    )
