@@ -67,18 +67,20 @@ class ChunkedLinearCE(torch.autograd.Function):
         ctx.dtypes, ctx.used = (hidden.dtype, weight.dtype), False
         grads = not recompute and (hidden.requires_grad or weight.requires_grad)
         grad_hidden, grad_weight = _zero_grads(hidden, weight) if grads else (None, None)
-        lse = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-        nll = lse  # the fused path keeps each row's loss here instead, summed once like cross_entropy's
+        # fused: one log_softmax pass per chunk (no lse kept); each row's loss is summed once at the end,
+        # like cross_entropy's, in `per_row`, which otherwise keeps each row's log-sum-exp for backward.
+        fused = grads and group is None
+        per_row = lse = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk):
             rows = slice(start, start + chunk)
             logits = (hidden[rows] @ weight.t()).float()
-            if grads and group is None:
-                # One fused pass (log_softmax) instead of logsumexp's max, subtract, exp and sum passes over
-                # the chunk; its exp is the softmax the gradient needs (lse is only kept for recompute).
+            if fused:
+                # One pass (log_softmax) instead of logsumexp's max, subtract, exp and sum passes over the
+                # chunk; its exp is the softmax the gradient needs.
                 log_probs = torch.log_softmax(logits, dim=1)
                 del logits
-                nll[rows] = -log_probs.gather(1, targets[rows][:, None]).squeeze(1)
+                per_row[rows] = -log_probs.gather(1, targets[rows][:, None]).squeeze(1)
                 _add_chunk_grads(ctx, log_probs, targets[rows], hidden, weight, rows, grad_hidden, grad_weight)
                 continue
             chunk_lse, target_logit = _lse_and_target(logits, targets[rows], group, vocab_start)
@@ -87,8 +89,8 @@ class ChunkedLinearCE(torch.autograd.Function):
             if grads:
                 log_probs = logits.sub_(chunk_lse[:, None])  # in place: the chunk's logits are not needed again
                 _add_chunk_grads(ctx, log_probs, targets[rows], hidden, weight, rows, grad_hidden, grad_weight)
-        if grads and group is None:
-            total = nll.sum()
+        if fused:
+            total = per_row.sum()
         if grads:
             ctx.save_for_backward(grad_hidden, grad_weight)
         else:
