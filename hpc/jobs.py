@@ -20,7 +20,7 @@ from hpc.errors import ERROR_PREFIX, StageError, describe_os_error, disk_full
 from hpc.plan import StageSpec, build_plan, eval_elements
 from hpc.recipe import Recipe, resolve_path
 from hpc.rundir import RunDir, private_umask, read_json, write_json
-from hpc.tracking import Tracker, TrackingError, queue_path, quiet_env, shown_uri, unreachable
+from hpc.tracking import Tracker, TrackingError, queue_path, quiet_env, shown_uri, system_metrics, unreachable
 from training.stages import KINDS as STAGE_KINDS
 from training.stages import previous as previous_stage
 
@@ -193,16 +193,19 @@ def _train(ctx: StageContext) -> dict:
     if ctx.leader:
         manifest = read_json(ctx.output_of("data") / "manifest.json")
         ctx.tracker.log_dataset(ctx.run_id, data_input(ctx.recipe, ctx.output_of("data"), manifest))
-    result = kind.load_runner()(
-        stage,
-        model_dir=_start_model(ctx, index),
-        data_dir=_data_dir(ctx, kind.data),
-        out_dir=ctx.out_dir,
-        parallel=_parallel(ctx),
-        seed=seed,
-        progress=ctx.progress,
-        **extra,
-    )
+    # The leader samples its node's system metrics (GPU utilisation and memory) into the stage's run.
+    setting = ctx.recipe.tracking.system_metrics if ctx.leader else "off"
+    with system_metrics(ctx.tracker, ctx.run_id, setting):
+        result = kind.load_runner()(
+            stage,
+            model_dir=_start_model(ctx, index),
+            data_dir=_data_dir(ctx, kind.data),
+            out_dir=ctx.out_dir,
+            parallel=_parallel(ctx),
+            seed=seed,
+            progress=ctx.progress,
+            **extra,
+        )
     if ctx.leader:
         log_result(ctx.tracker, ctx.run_id, result, "final.")
     return result  # the runner has discarded its resume state

@@ -71,7 +71,13 @@ def current_attempt(events: list[dict]) -> list[dict]:
 
 # Training metrics worth a glance, in display order: (event key, label).
 SHOWN = (("loss", "loss"), ("accuracy", "acc"), ("reward", "reward"), ("kl", "kl"))
-RATES = (("tokens_per_s", "tok/s"), ("pairs_per_s", "pairs/s"), ("samples_per_s", "samples/s"))
+RATES = (
+    ("tokens_per_s", "tok/s"),
+    ("pairs_per_s", "pairs/s"),
+    ("samples_per_s", "samples/s"),
+    ("rollouts_per_s", "rollouts/s"),
+    ("generation_tokens_per_s", "gen tok/s"),  # PPO/GRPO sampling, timed apart from the updates
+)
 EVAL_EVENTS = {"eval_load": "loading model", "eval_run": "running", "eval_done": "done"}
 
 

@@ -66,6 +66,11 @@ class TrackingConfig(_Section):
     uri: str | None = Field(None, description="default: $MLFLOW_TRACKING_URI, else sqlite in the workdir")
     experiment: str = "hpcft"
     registered_model: str = Field(min_length=1)
+    system_metrics: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="MLflow system metrics (system/...: CPU, memory; GPU utilisation and memory where pynvml "
+        "finds a GPU) in each training stage's run, every 10 s; auto: on when CUDA is present",
+    )
 
 
 class SlurmOptions(_Section):

@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from data_tools import secrets
@@ -299,6 +300,40 @@ class Tracker:
             self.client.set_terminated(run_id, args["status"])
         else:
             raise ValueError(f"unknown tracking call {method!r}")
+
+
+SYSTEM_METRICS_S = 10.0
+
+
+def wants_system_metrics(setting: str) -> bool:
+    """tracking.system_metrics: on, off, or auto (on where CUDA is present: on CPU the samples add nothing
+    that the stage's own peak memory does not say)."""
+    if setting == "auto":
+        import torch
+
+        return torch.cuda.is_available()
+    return setting == "on"
+
+
+@contextmanager
+def system_metrics(tracker: Tracker, run_id: str, setting: str, *, interval: float = SYSTEM_METRICS_S):
+    """MLflow's system metrics monitor sampling into run_id while the block runs (wants_system_metrics), or
+    nothing; one warning line, not a failure, when it cannot start (e.g. psutil missing)."""
+    monitor = None
+    if wants_system_metrics(setting):
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            monitor = SystemMetricsMonitor(run_id, sampling_interval=interval, tracking_uri=tracker.uri)
+            monitor.start()
+        except Exception as err:  # noqa: BLE001 - a missing sampler never stops training
+            warn(f"tracking: no system metrics: {one_line(err)}")
+            monitor = None
+    try:
+        yield monitor
+    finally:
+        if monitor is not None:
+            monitor.finish()
 
 
 def warn(message: str) -> None:

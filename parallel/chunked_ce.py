@@ -67,16 +67,30 @@ class ChunkedLinearCE(torch.autograd.Function):
         ctx.dtypes, ctx.used = (hidden.dtype, weight.dtype), False
         grads = not recompute and (hidden.requires_grad or weight.requires_grad)
         grad_hidden, grad_weight = _zero_grads(hidden, weight) if grads else (None, None)
-        lse = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        # fused: one log_softmax pass per chunk (no lse kept); each row's loss is summed once at the end,
+        # like cross_entropy's, in `per_row`, which otherwise keeps each row's log-sum-exp for backward.
+        fused = grads and group is None
+        per_row = lse = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk):
             rows = slice(start, start + chunk)
             logits = (hidden[rows] @ weight.t()).float()
+            if fused:
+                # One pass (log_softmax) instead of logsumexp's max, subtract, exp and sum passes over the
+                # chunk; its exp is the softmax the gradient needs.
+                log_probs = torch.log_softmax(logits, dim=1)
+                del logits
+                per_row[rows] = -log_probs.gather(1, targets[rows][:, None]).squeeze(1)
+                _add_chunk_grads(ctx, log_probs, targets[rows], hidden, weight, rows, grad_hidden, grad_weight)
+                continue
             chunk_lse, target_logit = _lse_and_target(logits, targets[rows], group, vocab_start)
             lse[rows] = chunk_lse
             total += (chunk_lse - target_logit).sum()
             if grads:
-                _add_chunk_grads(ctx, logits, chunk_lse, targets[rows], hidden, weight, rows, grad_hidden, grad_weight)
+                log_probs = logits.sub_(chunk_lse[:, None])  # in place: the chunk's logits are not needed again
+                _add_chunk_grads(ctx, log_probs, targets[rows], hidden, weight, rows, grad_hidden, grad_weight)
+        if fused:
+            total = per_row.sum()
         if grads:
             ctx.save_for_backward(grad_hidden, grad_weight)
         else:
@@ -90,8 +104,8 @@ class ChunkedLinearCE(torch.autograd.Function):
             grad_hidden, grad_weight = _zero_grads(hidden, weight)
             for start in range(0, hidden.shape[0], ctx.chunk):
                 rows = slice(start, start + ctx.chunk)
-                logits = (hidden[rows] @ weight.t()).float()
-                _add_chunk_grads(ctx, logits, lse[rows], targets[rows], hidden, weight, rows, grad_hidden, grad_weight)
+                log_probs = (hidden[rows] @ weight.t()).float().sub_(lse[rows, None])
+                _add_chunk_grads(ctx, log_probs, targets[rows], hidden, weight, rows, grad_hidden, grad_weight)
         else:
             if ctx.used:
                 raise RuntimeError("ChunkedLinearCE: backward through the same forward twice (retain_graph)")
@@ -117,9 +131,10 @@ def _zero_grads(hidden, weight):
     )
 
 
-def _add_chunk_grads(ctx, logits, lse, targets, hidden, weight, rows, grad_hidden, grad_weight):
-    """d CE / d logits = softmax - one_hot(target), through the head's matmuls in the compute dtype."""
-    grad_logits = logits.sub_(lse[:, None]).exp_()  # in place: the chunk's logits are not needed again
+def _add_chunk_grads(ctx, log_probs, targets, hidden, weight, rows, grad_hidden, grad_weight):
+    """d CE / d logits = softmax - one_hot(target) from a chunk's log-probs (overwritten), through the
+    head's matmuls in the compute dtype."""
+    grad_logits = log_probs.exp_()
     local = targets - ctx.vocab_start
     mine = (local >= 0) & (local < weight.shape[0])
     grad_logits[mine.nonzero().squeeze(1), local[mine]] -= 1.0

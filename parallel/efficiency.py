@@ -4,7 +4,8 @@ FLOPs per token (the PaLM convention): a matmul weight costs 2 FLOPs per token f
 (input and weight gradients), so 6 N for the N weights of the decoder's matmuls plus the LM head (the
 embedding lookup is no matmul; a tied head still is one). A frozen weight (LoRA's base) has no weight
 gradient: 4 per token. Attention adds 12 x layers x hidden x seq (QK^T and AV, forward and backward, the
-causal half not discounted), as in ../shared/notes/gpu-baseline.md.
+causal half not discounted), as in ../shared/notes/gpu-baseline.md. A frozen model that only scores (a
+reference or reward model) runs the forward third: 2 per weight and 4 x layers x hidden x seq.
 """
 
 from __future__ import annotations
@@ -46,22 +47,34 @@ def device_peak_flops(device: torch.device) -> float | None:
     return peak_flops(torch.cuda.get_device_name(device))
 
 
-def matmul_params(config) -> int:
-    """Weights of a Llama-family decoder's matmuls per token (projections of every layer + the LM head)."""
+def matmul_params(config, head_outputs: int | None = None) -> int:
+    """Weights of a Llama-family decoder's matmuls per token (projections of every layer + the head: the LM
+    head's vocab_size outputs, or head_outputs, e.g. 1 for a reward model's or critic's scalar score)."""
     h, layers = config.hidden_size, config.num_hidden_layers
     head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
     q = config.num_attention_heads * head_dim
     kv = config.num_key_value_heads * head_dim
     attention = h * q + 2 * h * kv + q * h
     mlp = 3 * h * config.intermediate_size
-    return layers * (attention + mlp) + config.vocab_size * h
+    head = config.vocab_size if head_outputs is None else head_outputs
+    return layers * (attention + mlp) + head * h
 
 
-def flops_per_token(config, seq_len: int, *, trainable_params: int | None = None) -> float:
+def flops_per_token(
+    config,
+    seq_len: int,
+    *,
+    trainable_params: int | None = None,
+    forward_only: bool = False,
+    head_outputs: int | None = None,
+) -> float:
     """Training FLOPs per token of a Llama-family model at `seq_len`. trainable_params: None for full
-    fine-tuning; else the adapters' parameter count (LoRA), the base weights then frozen."""
-    n = matmul_params(config)
+    fine-tuning; else the adapters' parameter count (LoRA), the base weights then frozen. forward_only: a
+    frozen model's forward pass alone (a reference or reward model scoring). head_outputs: see matmul_params."""
+    n = matmul_params(config, head_outputs)
     attention = 12 * config.num_hidden_layers * config.hidden_size * seq_len
+    if forward_only:
+        return 2 * n + attention // 3
     if trainable_params is None:
         return 6 * n + attention
     return 4 * n + 6 * trainable_params + attention

@@ -221,7 +221,18 @@ def dpo_step(cfg: DPOStage, s: Session, indices: list[int]) -> dict[str, float]:
         ref = s.train_ref[indices]
     else:  # the whole policy on this rank (one process): the reference scores this batch now
         ref = torch.stack(s.reference(collate_pairs(pairs, s.pad_id), s.runtime), dim=1).cpu()
-    return s.trainer.step(s.trainer.collate(pairs, s.pad_id, ref_logps=ref))
+    metrics = s.trainer.step(s.trainer.collate(pairs, s.pad_id, ref_logps=ref))
+    return metrics | {"tokens": s.trainer.learner.metrics.num_tokens}  # both sides of every pair
+
+
+def flops_per_token(cfg: DPOStage, s: Session) -> float:
+    """Model FLOPs per trained token: the policy's forward and backward, plus the reference's forward when
+    it scores each batch in the step (not precomputed)."""
+    learner = s.trainer.learner
+    flops = learner.flops_per_token(cfg.seq_len)
+    if s.train_ref is None:
+        flops += learner.flops_per_token(cfg.seq_len, forward_only=True)
+    return flops
 
 
 def evaluate(cfg: DPOStage, s: Session) -> dict[str, float]:
@@ -255,5 +266,12 @@ def train(cfg: DPOStage, s: Session, progress: Progress, resumer: Resumer | None
         return dpo_step(cfg, s, s.batches(n - 1))
 
     return train_one(
-        cfg, s.trainer.learner, step, lambda: evaluate(cfg, s), progress, resumer, rate=("pairs_per_s", cfg.batch_size)
+        cfg,
+        s.trainer.learner,
+        step,
+        lambda: evaluate(cfg, s),
+        progress,
+        resumer,
+        rate=("pairs_per_s", cfg.batch_size),
+        flops_per_unit=flops_per_token(cfg, s),
     )

@@ -9,7 +9,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from parallel import engine
+from parallel import efficiency, engine
 from training.prompts import Prompt
 from training.rewards import RuleReward
 from training.sampling import Rollout, response_logprobs
@@ -96,6 +96,13 @@ class RewardModel:
                     ).logits
                 scores += logits.float().squeeze(-1).cpu().tolist()
         return scores
+
+
+def reward_flops_per_token(reward: RewardScorer, seq_len: int) -> float:
+    """Forward FLOPs per token of the reward model scoring (parallel.efficiency); 0 for a rule function."""
+    if not isinstance(reward, RewardModel):
+        return 0.0
+    return efficiency.flops_per_token(reward.frozen.model.config, seq_len, forward_only=True, head_outputs=1)
 
 
 def check_reward_source(reward_fn: str | None, reward_model_dir: Path | None, stage: str) -> None:

@@ -14,6 +14,7 @@ global mini-batch with the loss as a token mean over the whole mini-batch, as in
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from parallel.dims import ParallelConfig
 from training.batching import resolve_max_steps
 from training.config import GRPOStage
 from training.data import EpochBatches
-from training.frozen import Reference, RewardScorer, build_reward, check_reward_source, score
+from training.frozen import Reference, RewardScorer, build_reward, check_reward_source, reward_flops_per_token, score
 from training.learner import Learner
 from training.loop import Checkpoints, train_loop
 from training.losses import grpo_advantages
@@ -125,7 +126,9 @@ def setup(
 def grpo_step(cfg: GRPOStage, s: Session, step: int) -> dict[str, float]:
     """Sample group_size responses per prompt, score them, then ppo_epochs of mini-batch updates."""
     prompts = [s.train_prompts[i] for i in s.batches(step - 1) for _ in range(cfg.group_size)]  # groups contiguous
+    t0 = time.perf_counter()
     rollout, texts = sample_rollouts(cfg, s, prompts, step)
+    generation_s = time.perf_counter() - t0
     scores = score(s.reward, prompts, texts)
     rows = rollout_rows(rollout)
     # Per sequence, broadcast over its tokens by the loss.
@@ -138,9 +141,10 @@ def grpo_step(cfg: GRPOStage, s: Session, step: int) -> dict[str, float]:
     )
 
     objective = GRPOObjective(cfg)
-    totals, updates = {}, 0
+    totals, updates, tokens = {}, 0, 0
     for index in minibatches(len(prompts), mini_batch_size(cfg), cfg.ppo_epochs):
         stats, lr, grad_norm = s.policy_learner.update({k: v[index] for k, v in rows.items()}, objective)
+        tokens += s.policy_learner.metrics.num_tokens
         for key, value in stats.items():
             totals[key] = totals.get(key, 0.0) + value
         updates += 1
@@ -156,7 +160,20 @@ def grpo_step(cfg: GRPOStage, s: Session, step: int) -> dict[str, float]:
         "eos_rate": float(rollout.ended.float().mean()),
         "lr": lr,
         "grad_norm": grad_norm,
+        "tokens": tokens,  # trained by the updates (prompt + response, every epoch)
+        "generation_tokens_per_s": float(rollout.lengths.sum()) / max(generation_s, 1e-9),
     }
+
+
+def flops_per_token(cfg: GRPOStage, s: Session) -> float:
+    """Model FLOPs per token an update trains: the policy's forward and backward, plus the forwards that
+    score each rollout token once (old log-probs, the reference's when beta > 0, a reward model), spread over
+    the ppo_epochs updates of it. Sampling's FLOPs are not counted (decoding is timed apart)."""
+    seq = cfg.max_prompt_len + cfg.max_new_tokens
+    policy = s.policy_learner
+    forwards = 1 + (s.reference is not None)
+    scoring = forwards * policy.flops_per_token(seq, forward_only=True) + reward_flops_per_token(s.reward, seq)
+    return policy.flops_per_token(seq) + scoring / cfg.ppo_epochs
 
 
 def train(cfg: GRPOStage, s: Session, progress: Progress, resumer: Resumer | None = None) -> dict:
@@ -171,6 +188,7 @@ def train(cfg: GRPOStage, s: Session, progress: Progress, resumer: Resumer | Non
         )
 
     checkpoints = None if resumer is None else Checkpoints(resumer, {"policy": s.policy_learner})
+    flops = flops_per_token(cfg, s)
     return train_loop(
         cfg,
         lambda step: grpo_step(cfg, s, step),
@@ -179,4 +197,5 @@ def train(cfg: GRPOStage, s: Session, progress: Progress, resumer: Resumer | Non
         rate=("rollouts_per_s", cfg.batch_size * cfg.group_size),
         last_only=LAST_ONLY,
         checkpoints=checkpoints,
+        efficiency=lambda tokens_per_s: s.policy_learner.efficiency(tokens_per_s, flops),
     )

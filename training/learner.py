@@ -82,29 +82,34 @@ class Learner:
             for part in self.trainer.parts:
                 part.train()
 
-    def efficiency(self, units_per_s: float, flops_per_unit: float | None = None) -> dict[str, float]:
-        """mfu (when flops_per_unit is given and the device's peak is known: tokens/s x FLOPs per token over
-        the world's summed peak), and peak memory in GiB: this rank's and, under several ranks, the
-        largest of any rank (collective)."""
+    def efficiency(self, units_per_s: float | None, flops_per_unit: float | None = None) -> dict[str, float]:
+        """mfu (when units_per_s and flops_per_unit are given and the device's peak is known: tokens/s x
+        FLOPs per token over the world's summed peak), and peak memory in GiB: this rank's and, under several
+        ranks, the largest of any rank (collective)."""
         device = self.trainer.device
         peak_gib = efficiency.peak_memory_bytes(device) / 2**30
         out = {"peak_mem_gib": peak_gib}
         if engine.is_distributed():
             out["peak_mem_gib_max"] = max(engine.all_gather_object(peak_gib))
-        if flops_per_unit is not None:
+        if units_per_s is not None and flops_per_unit is not None:
             world = engine.process_world_size()
             utilisation = efficiency.mfu(units_per_s, flops_per_unit, efficiency.device_peak_flops(device), world)
             if utilisation is not None:
                 out["mfu"] = utilisation
         return out
 
-    def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token of this model at seq_len (parallel.efficiency; LoRA: frozen base)."""
+    def flops_per_token(self, seq_len: int, *, forward_only: bool = False, head_outputs: int | None = None) -> float:
+        """Training FLOPs per token of this model at seq_len (parallel.efficiency; LoRA: frozen base), or of
+        its forward pass alone (forward_only: a frozen copy of it, or its base with the adapters off, scoring).
+        head_outputs: 1 for a scalar score head (reward model, critic); None: the LM head."""
+        config = self.trainer.model_config
+        if forward_only:
+            return efficiency.flops_per_token(config, seq_len, forward_only=True, head_outputs=head_outputs)
         total = sum(p.numel() for part in self.trainer.parts for p in part.parameters())
         trainable = sum(p.numel() for p in self.trainer.params)
         # Sharded parameters (tp, FSDP) count locally here; the frozen base is what tells LoRA apart.
         return efficiency.flops_per_token(
-            self.trainer.model_config, seq_len, trainable_params=None if trainable == total else trainable
+            config, seq_len, trainable_params=None if trainable == total else trainable, head_outputs=head_outputs
         )
 
     def eval_loss(self, batches: list[dict[str, torch.Tensor]]) -> float:

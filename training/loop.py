@@ -13,6 +13,7 @@ from training.learner import Learner
 from training.resume import Resumer
 
 Progress = Callable[[dict], None]
+TOKENS, TOKENS_PER_S = "tokens", "tokens_per_s"  # a step's trained tokens, and their rate in the logs
 
 
 @dataclass
@@ -51,15 +52,14 @@ def train_one(
     flops_per_unit: float | None = None,
 ):
     """train_loop for a stage that trains one model, checkpointed (when `resumer`) under the name 'model'.
-    flops_per_unit: the logs carry the learner's efficiency (MFU where the device's peak is known, peak
-    memory)."""
+    The logs carry the learner's efficiency: peak memory, and MFU from flops_per_unit (model FLOPs per
+    trained token) where the device's peak is known."""
     checkpoints = Checkpoints(resumer, {"model": learner}) if resumer is not None else None
 
-    def efficiency(units_per_s: float) -> dict[str, float]:
-        return learner.efficiency(units_per_s, flops_per_unit)
+    def efficiency(tokens_per_s: float | None) -> dict[str, float]:
+        return learner.efficiency(tokens_per_s, flops_per_unit)
 
-    figures = efficiency if flops_per_unit is not None else None
-    return train_loop(cfg, step_fn, evaluate_fn, progress, rate=rate, checkpoints=checkpoints, efficiency=figures)
+    return train_loop(cfg, step_fn, evaluate_fn, progress, rate=rate, checkpoints=checkpoints, efficiency=efficiency)
 
 
 def train_loop(
@@ -79,7 +79,10 @@ def train_loop(
     last value). rate: (name, units per step) for the throughput, e.g. ("pairs_per_s", batch_size), or
     (name, key) when each step's metrics count its units under `key` (e.g. ("tokens_per_s", "tokens"):
     that key is summed, not logged, and the result holds its total and the overall rate).
-    efficiency(rate) -> more figures for each training log (MFU, peak memory); collective on every rank.
+    A step's trained tokens, under "tokens" (the rate's own key for SFT; both sides of a pair, or a policy
+    update's tokens, elsewhere), are summed the same way into tokens_per_s.
+    efficiency(tokens_per_s or None) -> more figures for each training log (MFU, peak memory); collective on
+    every rank.
     """
     started = time.perf_counter()
     if checkpoints is not None:
@@ -95,6 +98,7 @@ def train_loop(
     first = 1 + (resumed["step"] if resumed else 0)
     rate_key, units = rate
     total_units, window_units, step_seconds = 0, 0, 0.0
+    total_tokens, window_tokens = None, None  # None: the steps count no tokens
     for step in range(first, cfg.max_steps + 1):
         t0 = time.perf_counter()
         metrics = step_fn(step)
@@ -104,24 +108,28 @@ def train_loop(
         step_units = metrics.pop(units) if isinstance(units, str) else units
         total_units += step_units
         window_units += step_units
+        step_tokens = step_units if units == TOKENS else metrics.pop(TOKENS, None)
+        if step_tokens is not None:
+            total_tokens, window_tokens = (total_tokens or 0) + step_tokens, (window_tokens or 0) + step_tokens
         window.append(metrics)
         last = step == cfg.max_steps
         if step % cfg.log_every == 0 or last:
             train_metrics = {
                 k: window[-1][k] if k in last_only else sum(m[k] for m in window) / len(window) for k in window[0]
             }
-            rate_value = window_units / window_seconds
+            tokens_per_s = window_tokens / window_seconds if window_tokens is not None else None
             progress(
                 {
                     "step": step,
                     "max_steps": cfg.max_steps,
                     **train_metrics,
-                    rate_key: rate_value,
-                    **(efficiency(rate_value) if efficiency is not None else {}),
+                    rate_key: window_units / window_seconds,
+                    **({TOKENS_PER_S: tokens_per_s} if tokens_per_s is not None else {}),
+                    **(efficiency(tokens_per_s) if efficiency is not None else {}),
                     "elapsed_s": time.perf_counter() - started,
                 }
             )
-            window, window_seconds, window_units = [], 0.0, 0
+            window, window_seconds, window_units, window_tokens = [], 0.0, 0, None
         if step % cfg.eval_every == 0 or last:
             val = evaluate_fn()
             progress({"step": step} | val)
@@ -139,4 +147,6 @@ def train_loop(
     }
     if isinstance(units, str):
         out |= {units: total_units, rate_key: total_units / max(step_seconds, 1e-9)}
+    if total_tokens is not None:
+        out |= {TOKENS: total_tokens, TOKENS_PER_S: total_tokens / max(step_seconds, 1e-9)}
     return out

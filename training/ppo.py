@@ -11,6 +11,7 @@ controller (Ziegler et al. 2019) towards kl_target nats per response.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from parallel.trainer import Objective, model_inputs
 from training.batching import resolve_max_steps
 from training.config import PPOStage
 from training.data import EpochBatches
-from training.frozen import Reference, RewardScorer, build_reward, check_reward_source, score
+from training.frozen import Reference, RewardScorer, build_reward, check_reward_source, reward_flops_per_token, score
 from training.learner import Learner
 from training.loop import Checkpoints, train_loop
 from training.losses import gae, ppo_value_loss, whiten
@@ -223,7 +224,9 @@ def setup(
 def ppo_step(cfg: PPOStage, s: Session, step: int) -> dict[str, float]:
     """Sample and score a rollout batch, compute advantages, then ppo_epochs of mini-batch updates."""
     prompts = [s.train_prompts[i] for i in s.batches(step - 1)]
+    t0 = time.perf_counter()
     rollout, texts = sample_rollouts(cfg, s, prompts, step)
+    generation_s = time.perf_counter() - t0
     scores = score(s.reward, prompts, texts)
     rows = rollout_rows(rollout)
     mask = rows["response_mask"]
@@ -244,10 +247,11 @@ def ppo_step(cfg: PPOStage, s: Session, step: int) -> dict[str, float]:
 
     policy_objective = ClippedPolicyObjective(clip_eps=cfg.clip_eps, temperature=cfg.temperature)
     value_objective = ValueObjective(cfg.value_clip_eps)
-    totals, updates = {}, 0
+    totals, updates, tokens = {}, 0, 0
     for index in minibatches(len(prompts), cfg.mini_batch_size, cfg.ppo_epochs):
         batch = {k: v[index] for k, v in rows.items()}
         policy_stats, lr, grad_norm = s.policy_learner.update(batch, policy_objective)
+        tokens += s.policy_learner.metrics.num_tokens
         value_stats, critic_lr, critic_grad_norm = s.critic_learner.update(batch, value_objective)
         for key, value in {**policy_stats, **value_stats}.items():
             totals[key] = totals.get(key, 0.0) + value
@@ -268,7 +272,24 @@ def ppo_step(cfg: PPOStage, s: Session, step: int) -> dict[str, float]:
         "critic_lr": critic_lr,
         "grad_norm": grad_norm,
         "critic_grad_norm": critic_grad_norm,
+        "tokens": tokens,  # trained by the updates (prompt + response, every epoch)
+        "generation_tokens_per_s": float(rollout.lengths.sum()) / max(generation_s, 1e-9),
     }
+
+
+def flops_per_token(cfg: PPOStage, s: Session) -> float:
+    """Model FLOPs per token an update trains: the policy's and the critic's forward and backward, plus the
+    forwards that score each rollout token once (old log-probs, reference, values, reward model), spread over
+    the ppo_epochs updates of it. Sampling's FLOPs are not counted (decoding is timed apart)."""
+    seq = cfg.max_prompt_len + cfg.max_new_tokens
+    policy, critic = s.policy_learner, s.critic_learner
+    train = policy.flops_per_token(seq) + critic.flops_per_token(seq, head_outputs=1)
+    scoring = (
+        2 * policy.flops_per_token(seq, forward_only=True)  # old log-probs, and the reference's
+        + critic.flops_per_token(seq, forward_only=True, head_outputs=1)
+        + reward_flops_per_token(s.reward, seq)
+    )
+    return train + scoring / cfg.ppo_epochs
 
 
 def train(cfg: PPOStage, s: Session, progress: Progress, resumer: Resumer | None = None) -> dict:
@@ -287,6 +308,7 @@ def train(cfg: PPOStage, s: Session, progress: Progress, resumer: Resumer | None
             restore=lambda extra: setattr(s.kl, "coef", extra["kl_coef"]),
         )
     )
+    flops = flops_per_token(cfg, s)
     return train_loop(
         cfg,
         lambda step: ppo_step(cfg, s, step),
@@ -295,4 +317,5 @@ def train(cfg: PPOStage, s: Session, progress: Progress, resumer: Resumer | None
         rate=("rollouts_per_s", cfg.batch_size),
         last_only=LAST_ONLY,
         checkpoints=checkpoints,
+        efficiency=lambda tokens_per_s: s.policy_learner.efficiency(tokens_per_s, flops),
     )

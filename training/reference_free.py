@@ -163,8 +163,16 @@ def evaluate(cfg: Stage, s: Session) -> dict[str, float]:
 def train(cfg: Stage, s: Session, progress: Progress, resumer: Resumer | None = None) -> dict:
     def step(n: int) -> dict[str, float]:
         pairs = [s.train_pairs[i] for i in s.batches(n - 1)]
-        return s.trainer.step(s.trainer.collate(pairs, s.pad_id))
+        metrics = s.trainer.step(s.trainer.collate(pairs, s.pad_id))
+        return metrics | {"tokens": s.trainer.learner.metrics.num_tokens}  # both sides of every pair
 
     return train_one(
-        cfg, s.trainer.learner, step, lambda: evaluate(cfg, s), progress, resumer, rate=("pairs_per_s", cfg.batch_size)
+        cfg,
+        s.trainer.learner,
+        step,
+        lambda: evaluate(cfg, s),
+        progress,
+        resumer,
+        rate=("pairs_per_s", cfg.batch_size),
+        flops_per_unit=s.trainer.learner.flops_per_token(cfg.seq_len),  # no reference model runs
     )

@@ -176,7 +176,8 @@ def setup(
 
 def reward_step(cfg: RewardModelStage, s: Session, indices: list[int]) -> dict[str, float]:
     """One optimizer step over a global batch of pairs; returns its metrics (means over the pairs)."""
-    return s.trainer.step(s.trainer.collate([s.train_pairs[i] for i in indices], s.pad_id))
+    metrics = s.trainer.step(s.trainer.collate([s.train_pairs[i] for i in indices], s.pad_id))
+    return metrics | {"tokens": s.trainer.learner.metrics.num_tokens}  # both sides of every pair
 
 
 def evaluate(cfg: RewardModelStage, s: Session) -> dict[str, float]:
@@ -197,6 +198,14 @@ def train(cfg: RewardModelStage, s: Session, progress: Progress, resumer: Resume
     def step(n: int) -> dict[str, float]:
         return reward_step(cfg, s, s.batches(n - 1))
 
+    flops = s.trainer.learner.flops_per_token(cfg.seq_len, head_outputs=1)  # a scalar score head
     return train_one(
-        cfg, s.trainer.learner, step, lambda: evaluate(cfg, s), progress, resumer, rate=("pairs_per_s", cfg.batch_size)
+        cfg,
+        s.trainer.learner,
+        step,
+        lambda: evaluate(cfg, s),
+        progress,
+        resumer,
+        rate=("pairs_per_s", cfg.batch_size),
+        flops_per_unit=flops,
     )

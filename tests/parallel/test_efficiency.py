@@ -27,6 +27,19 @@ def test_flops_per_token_by_hand():
     assert flops_per_token(TINY, 32, trainable_params=500) == 4 * n + 6 * 500 + 12 * 2 * 16 * 32
 
 
+def test_forward_only_and_scalar_head_flops_by_hand():
+    """A frozen reference or reward model scoring: 2 per weight and QK^T + AV forward (4 x layers x hidden x seq);
+    a reward model's or critic's score head has 1 output instead of the vocabulary."""
+    n = 2 * 2688 + 1600
+    assert flops_per_token(TINY, 32, forward_only=True) == 2 * n + 4 * 2 * 16 * 32
+    assert matmul_params(TINY, head_outputs=1) == 2 * 2688 + 16
+    assert flops_per_token(TINY, 32, head_outputs=1) == 6 * (2 * 2688 + 16) + 12 * 2 * 16 * 32
+    assert flops_per_token(TINY, 32, forward_only=True, head_outputs=1) == 2 * (2 * 2688 + 16) + 4 * 2 * 16 * 32
+    # DPO with the reference in the step: one training pass and one forward = 8 per weight.
+    both = flops_per_token(TINY, 32) + flops_per_token(TINY, 32, forward_only=True)
+    assert both == 8 * n + 16 * 2 * 16 * 32
+
+
 def test_llama_1b_matches_the_gpu_baseline_note():
     """../shared/notes/gpu-baseline.md: 8.22 GFLOP/token for full fine-tuning of the Llama-3.2-1B shape."""
     config = LlamaConfig(

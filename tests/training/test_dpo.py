@@ -29,6 +29,8 @@ TRAIN_KEYS = {
     "lr",
     "grad_norm",
     "pairs_per_s",
+    "tokens_per_s",
+    "peak_mem_gib",
     "elapsed_s",
 }
 VAL_KEYS = {"step", "val_loss", "val_accuracy", "val_margin", "val_logp_accuracy", "val_logp_margin", "val_kl"}
@@ -106,6 +108,8 @@ def test_variant_first_step_loss(model_dir, data_dir, tmp_path, variant, first_l
 def test_full_run_writes_exportable_checkpoint_result_and_progress(model_dir, data_dir, tmp_path):
     result, train, val = _run(model_dir, data_dir, tmp_path)
     assert [e["step"] for e in train] == [1, 2, 3, 4] and all(set(e) == TRAIN_KEYS for e in train)
+    # Efficiency (training.loop): both sides' tokens/s and peak memory; CPU has no peak FLOP/s, so no MFU.
+    assert all(e["tokens_per_s"] > 0 and 0 < e["peak_mem_gib"] < 64 for e in train)
     assert [e["step"] for e in val] == [0, 2, 4] and all(set(e) == VAL_KEYS for e in val)
     # The policy leaves the reference (whether 4 steps already help depends on the batches drawn; learning
     # is shown by test_dpo_raises_heldout_preference_accuracy_and_margin).

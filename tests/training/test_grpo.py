@@ -43,6 +43,9 @@ TRAIN_KEYS = {
     "lr",
     "grad_norm",
     "rollouts_per_s",
+    "tokens_per_s",  # the updates' tokens
+    "generation_tokens_per_s",
+    "peak_mem_gib",
     "elapsed_s",
 }
 VAL_KEYS = {"step", "val_reward", "val_exact_match", "val_response_length", "val_eos_rate"}
@@ -84,6 +87,8 @@ def _run(model_dir, data_dir, out_dir, reward_model_dir=None, **overrides):
 def test_run_writes_exportable_checkpoint_result_and_progress(model_dir, data_dir, tmp_path):
     result, train, val = _run(model_dir, data_dir, tmp_path)
     assert [e["step"] for e in train] == [1, 2, 3] and all(set(e) == TRAIN_KEYS for e in train)
+    # Efficiency (training.loop): the updates' tokens/s, sampling's apart, peak memory; no MFU on CPU.
+    assert all(e["tokens_per_s"] > 0 and e["generation_tokens_per_s"] > 0 and 0 < e["peak_mem_gib"] < 64 for e in train)
     assert [e["step"] for e in val] == [0, 2, 3] and all(set(e) == VAL_KEYS for e in val)
     # One update per rollout batch: the ratio is exactly 1, so nothing is clipped; the policy starts as
     # the reference, so the first step's KL is 0 and later ones are not.

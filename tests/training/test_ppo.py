@@ -50,6 +50,9 @@ TRAIN_KEYS = {
     "grad_norm",
     "critic_grad_norm",
     "rollouts_per_s",
+    "tokens_per_s",  # the updates' tokens
+    "generation_tokens_per_s",
+    "peak_mem_gib",
     "elapsed_s",
 }
 VAL_KEYS = {"step", "val_reward", "val_exact_match", "val_response_length", "val_eos_rate"}
@@ -134,6 +137,8 @@ def test_kl_controller():
 def test_run_writes_exportable_checkpoint_result_and_progress(model_dir, data_dir, tmp_path):
     result, train, val = _run(model_dir, data_dir, tmp_path, adaptive_kl=True, kl_target=0.01, kl_horizon=8)
     assert [e["step"] for e in train] == [1, 2, 3] and all(set(e) == TRAIN_KEYS for e in train)
+    # Efficiency (training.loop): the updates' tokens/s, sampling's apart, peak memory; no MFU on CPU.
+    assert all(e["tokens_per_s"] > 0 and e["generation_tokens_per_s"] > 0 and 0 < e["peak_mem_gib"] < 64 for e in train)
     assert [e["step"] for e in val] == [0, 2, 3] and all(set(e) == VAL_KEYS for e in val)
     # The policy starts as the reference: the first rollout's KL is exactly 0, so the coefficient shrinks.
     assert train[0]["kl"] == 0.0 and train[0]["kl_coef"] == 0.05

@@ -89,6 +89,12 @@ def test_first_losses_are_the_closed_form_and_no_reference_is_held(model_dir, da
         assert train[0]["chosen_nll"] == pytest.approx(-sum(chosen) / len(chosen), rel=1e-5)
     assert [e["step"] for e in train] == [1, 2] and train[1]["loss"] != pytest.approx(train[0]["loss"], abs=1e-4)
     assert result["steps"] == 2 and (tmp_path / "checkpoint" / "model.safetensors").exists()
+    # Efficiency (training.loop): the trained tokens are both sides of every pair; no MFU on CPU.
+    sides = [
+        side for n in range(2) for i in s.batches(n) for side in (s.train_pairs[i].chosen, s.train_pairs[i].rejected)
+    ]
+    assert result["tokens"] == sum(len(side.input_ids) for side in sides)
+    assert all(e["tokens_per_s"] > 0 and 0 < e["peak_mem_gib"] < 64 and "mfu" not in e for e in train)
 
 
 def test_orpo_lora_saves_adapters(model_dir, data_dir, tmp_path):

@@ -17,6 +17,7 @@ from training.preference import build_pairs, collate_pairs  # noqa: E402
 from training.reward import MANIFEST, build_reward_model, pair_rewards, run_reward_model  # noqa: E402
 
 TRAIN_KEYS = {"step", "max_steps", "loss", "accuracy", "margin", "lr", "grad_norm", "pairs_per_s", "elapsed_s"}
+TRAIN_KEYS |= {"tokens_per_s", "peak_mem_gib"}  # efficiency (training.loop); no MFU on CPU
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +67,8 @@ def _heldout_accuracy(checkpoint, data_dir) -> float:
 def test_run_saves_a_plain_sequence_classifier(model_dir, data_dir, tmp_path, mode):
     result, train, val = _run(model_dir, data_dir, tmp_path, mode=mode)
     assert [e["step"] for e in train] == [2, 4] and all(set(e) == TRAIN_KEYS for e in train)
+    # Efficiency (training.loop): both sides' tokens/s and peak memory; CPU has no peak FLOP/s, so no MFU.
+    assert all(e["tokens_per_s"] > 0 and 0 < e["peak_mem_gib"] < 64 for e in train)
     assert [e["step"] for e in val] == [0, 2, 4]
     assert json.loads((tmp_path / "result.json").read_text()) == json.loads(json.dumps(result))
     ckpt = tmp_path / "checkpoint"
