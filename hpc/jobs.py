@@ -270,12 +270,14 @@ def _keep_resume_state(ctx: StageContext) -> None:
 
 
 def _data_dir(ctx: StageContext, rows: str) -> Path:
-    """The data stage's splits a stage reads: chat rows at the top, preference pairs under preference/;
-    prompts come from the chat rows when there are any."""
+    """The data stage's splits a stage reads: chat rows at the top, preference pairs under preference/,
+    unpaired rows under unpaired/; prompts come from the chat rows when there are any."""
     from data_tools.splits import has_rows
 
     data = ctx.output_of("data")
-    if rows == "preference" or (rows == "prompts" and not has_rows(data, "train")):
+    if rows in ("preference", "unpaired"):
+        return data / rows
+    if rows == "prompts" and not has_rows(data, "train"):
         return data / "preference"
     return data
 
