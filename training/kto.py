@@ -4,7 +4,8 @@ Each row travels with a mismatched row: its own prompt followed by the completio
 split (in key order, cyclic), fixed when the split is loaded so that its reference log-prob can be
 precomputed like every other. The pair (row, mismatched row) is a training.preference.Pair, so the DPO
 stage's reference machinery (training.dpo.Reference: a frozen copy or the policy with adapters off,
-precomputed or per step) and PairwiseTrainer.pair_values score both without a copy of their code.
+precomputed or per step) scores both without a copy of its code; the policy trains through the pairwise
+stages' PairwiseTrainer on batches of rows.
 
 A step first scores the global batch's mismatched rows under the policy (no gradient, through the
 layout, gathered over dp) and takes KTO's reference point z0 = max(0, mean(policy - reference)) over all
@@ -212,10 +213,8 @@ def kto_step(s: Session, indices: list[int]) -> dict[str, float]:
         ref = s.train_ref[indices]
     else:  # the whole policy on this rank (one process): the reference scores this batch now
         ref = torch.stack(s.reference(collate_pairs(rows, s.pad_id), s.runtime), dim=1).cpu()
-    width = s.trainer.width
-    mismatched = collate([p.rejected for p in rows], s.pad_id, width)
-    z0 = kto_reference_point(s.trainer.learner.rows(mismatched, row_logprobs), ref[:, 1])
-    batch = collate([p.chosen for p in rows], s.pad_id, width)
+    z0 = kto_reference_point(policy_logprobs(s, [p.rejected for p in rows]), ref[:, 1])
+    batch = collate([p.chosen for p in rows], s.pad_id, s.trainer.width)
     batch |= {
         "ref_logps": ref[:, 0].float(),
         "desirable": torch.as_tensor(s.train_rows.desirable[indices], dtype=torch.float32),
@@ -224,10 +223,23 @@ def kto_step(s: Session, indices: list[int]) -> dict[str, float]:
     return _reward_means(s.trainer.step(batch)) | {"kl": float(z0)}
 
 
+def policy_logprobs(s: Session, examples: list[Example]) -> torch.Tensor:
+    """Summed completion log-probs of every example under the policy, through the layout, [examples]. The
+    batches have a training batch's shape (batch_size rows, the last filled up by repeating its last row),
+    which every layout accepts (pipeline stages keep the first shape they see)."""
+    size, out = s.cfg.batch_size, []
+    for i in range(0, len(examples), size):
+        chunk = examples[i : i + size]
+        chunk = chunk + chunk[-1:] * (size - len(chunk))
+        out.append(s.trainer.learner.rows(collate(chunk, s.pad_id, s.trainer.width), row_logprobs))
+    return torch.cat(out)[: len(examples)]
+
+
 def evaluate(cfg: KTOStage, s: Session) -> dict[str, float]:
     """Held-out KTO loss with z0 over the whole validation split, the mean rewards of desirable and
     undesirable rows and their gap (val_reward_margin)."""
-    policy = s.trainer.pair_values(s.val_rows, cfg.batch_size // cfg.grad_accum, s.pad_id, row_logprobs)
+    pairs = s.val_rows[:]
+    policy = policy_logprobs(s, [ex for p in pairs for ex in (p.chosen, p.rejected)]).reshape(-1, 2)
     z0 = kto_reference_point(policy[:, 1], s.val_ref[:, 1])
     desirable = torch.as_tensor(s.val_rows.desirable)
     out = kto_loss(

@@ -149,3 +149,31 @@ def test_kto_raises_heldout_preference_accuracy(tmp_path_factory, tmp_path):
     assert float(after.mean()) > float(before.mean()) + 0.1
     assert result["val_reward_margin"] > result["val_before"]["val_reward_margin"] + 0.1, result
     assert result["val_loss"] < result["val_before"]["val_loss"], result
+
+
+def test_recipe_checks_name_the_field_and_both_row_kinds():
+    from hpc.recipe import RecipeError, load_recipe
+    from tests.conftest import ROOT
+
+    dpo_recipe = ROOT / "recipes" / "tiny-dpo.yaml"
+    kto = "stages.1={kind: kto, precompute_reference: true, desirable_weight: 1.2}"
+    unpaired = "data.sources=[{generate: tiny-tasks}, {generate: tiny-unpaired}]"
+    recipe = load_recipe(dpo_recipe, [kto, unpaired])
+    assert recipe.stages[1].kind == "kto" and recipe.stages[1].desirable_weight == 1.2
+
+    def problems(overrides):
+        with pytest.raises(RecipeError) as err:
+            load_recipe(dpo_recipe, overrides)
+        return err.value.problems
+
+    assert problems([kto, unpaired, "stages.1.undesirable_weight=0"]) == [
+        "stages.1.undesirable_weight: Input should be greater than 0"
+    ]
+    (line,) = problems([kto])  # the recipe's sources give chat rows and pairs
+    assert line.startswith("stages.1: the kto stage reads unpaired rows") and "preference rows" in line
+    (line,) = problems([unpaired])  # its dpo stage
+    assert line.startswith("stages.1: the dpo stage reads preference rows") and "unpaired rows" in line
+    assert problems([kto, unpaired, "stages.1.precompute_reference=false", "parallel.dp_shard=2"]) == [
+        "stages.1.precompute_reference: must be true under several processes (the reference log-probs are "
+        "computed before the model is laid out)"
+    ]
