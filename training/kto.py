@@ -125,24 +125,14 @@ class KTOObjective(Objective):
             undesirable_weight=self.cfg.undesirable_weight,
         )
         n = policy.shape[0]
+        # Per-kind reward means would be undefined for a batch of one kind: the signed reward (a desirable
+        # row's, minus an undesirable row's) is what KTO raises, and is defined for every batch.
         stats = {
             "loss": out.loss.detach() * n,
-            "desirable": desirable.sum(),
-            "desirable_reward_sum": out.rewards[desirable].sum(),
-            "undesirable_reward_sum": out.rewards[~desirable].sum(),
+            "desirable_share": desirable.sum(),
+            "signed_reward": torch.where(desirable, out.rewards, -out.rewards).sum(),
         }
         return out.loss * n, stats
-
-
-def _reward_means(stats: dict[str, float]) -> dict[str, float]:
-    """The objective's reward sums (as means per row) turned into means over each kind of row."""
-    share = stats.pop("desirable")
-    out = {"desirable_share": share}
-    for key, part in (("desirable_reward", share), ("undesirable_reward", 1 - share)):
-        total = stats.pop(f"{key}_sum")
-        if part > 0:
-            out[key] = total / part
-    return stats | out
 
 
 @dataclass
@@ -220,7 +210,7 @@ def kto_step(s: Session, indices: list[int]) -> dict[str, float]:
         "desirable": torch.as_tensor(s.train_rows.desirable[indices], dtype=torch.float32),
         "z0": z0.float().expand(len(rows)).clone(),
     }
-    return _reward_means(s.trainer.step(batch)) | {"kl": float(z0)}
+    return s.trainer.step(batch) | {"kl": float(z0)}
 
 
 def policy_logprobs(s: Session, examples: list[Example]) -> torch.Tensor:
