@@ -81,9 +81,9 @@ class SourceConfig(_Section):
     """One input: a file/glob of JSONL or Parquet rows, a dataset the project generates, or synthesized rows."""
 
     path: str | None = None
-    generate: Literal["tiny-tasks", "tiny-preferences"] | None = None
+    generate: Literal["tiny-tasks", "tiny-preferences", "tiny-unpaired"] | None = None
     synthesize: SynthesizeConfig | None = None
-    format: Literal["auto", "alpaca", "sharegpt", "messages", "preference"] = "auto"
+    format: Literal["auto", "alpaca", "sharegpt", "messages", "preference", "unpaired"] = "auto"
     num_rows: int = Field(2000, gt=0, description="rows to generate (generate only)")
     kinds: list[Literal["add", "sub", "mul", "max", "uppercase", "reverse", "double", "first_last"]] | None = Field(
         None, min_length=1, description="generated task kinds (default: the arithmetic facts)"

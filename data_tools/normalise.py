@@ -24,7 +24,7 @@ class RowError(ValueError):
         self.reason = reason
 
 
-KINDS = ("chat", "preference")
+KINDS = ("chat", "preference", "unpaired")
 
 
 def detect_format(row: dict) -> str:
@@ -34,6 +34,8 @@ def detect_format(row: dict) -> str:
         return "messages"
     if "conversations" in row:
         return "sharegpt"
+    if "completion" in row or ("label" in row and "prompt" in row):
+        return "unpaired"
     if "instruction" in row or "output" in row:
         return "alpaca"
     raise RowError("unknown_format")
@@ -165,6 +167,39 @@ def parse_preference(row: object) -> tuple[list[dict], list[dict], list[dict]]:
     return prompt, chosen, rejected
 
 
+def _prompt_turns(value: object) -> list[dict]:
+    if value is None:
+        raise RowError("missing_prompt")
+    if isinstance(value, str):
+        if not value.strip():
+            raise RowError("empty_prompt")
+        return [{"role": "user", "content": value}]
+    return _pref_messages(value, "prompt")
+
+
+def parse_unpaired(row: object) -> tuple[list[dict], list[dict], bool]:
+    """(prompt messages, completion messages, desirable) of an unpaired row; raises RowError.
+
+    Accepted (TRL's unpaired preference format): {"prompt": str | messages, "completion": str | messages,
+    "label": true | false}; a completion given as the whole conversation repeats the prompt first."""
+    if not isinstance(row, dict):
+        raise RowError("not_an_object")
+    if row.get("label") is None:
+        raise RowError("missing_label")
+    if not isinstance(row["label"], bool):
+        raise RowError("bad_label")
+    if row.get("completion") is None:
+        raise RowError("missing_completion")
+    prompt, completion = _prompt_turns(row.get("prompt")), _pref_turns(row["completion"], "completion")
+    if completion[: len(prompt)] == prompt:
+        completion = completion[len(prompt) :]
+    if prompt[-1]["role"] == "assistant":
+        raise RowError("no_prompt_turn")
+    if not completion or completion[-1]["role"] != "assistant" or not completion[-1]["content"].strip():
+        raise RowError("empty_completion")
+    return prompt, completion, row["label"]
+
+
 def check_conversation(messages: list[dict]) -> None:
     """Optional leading system message, then user/assistant turns alternating, ending on an answer."""
     body = messages[1:] if messages and messages[0]["role"] == "system" else messages
@@ -254,18 +289,28 @@ def _parse_line(raw: bytes, *, first: bool) -> tuple[object, str | None, str | N
 
 
 def row_kind(row: object, fmt: str) -> str:
-    """ "preference" for rows in the preference format (declared or detected), else "chat"."""
-    if fmt == "preference" or (fmt == "auto" and isinstance(row, dict) and ("chosen" in row or "rejected" in row)):
-        return "preference"
+    """ "preference" or "unpaired" for rows in those formats (declared or detected), else "chat"."""
+    if fmt in ("preference", "unpaired"):
+        return fmt
+    if fmt == "auto" and isinstance(row, dict):
+        with contextlib.suppress(RowError):
+            detected = detect_format(row)
+            if detected in ("preference", "unpaired"):
+                return detected
     return "chat"
 
 
 def to_record(row: object, fmt: str = "auto") -> dict:
     """The row as a normalised record; raises RowError on anything unusable. Chat: {"messages"}. Preference:
     {"messages": prompt + chosen response, "rejected": the rejected response's messages, "prompt_turns",
-    "margin" (when the row has one)}."""
-    if row_kind(row, fmt) == "chat":
+    "margin" (when the row has one)}. Unpaired: {"messages": prompt + completion, "prompt_turns", "label"}."""
+    kind = row_kind(row, fmt)
+    if kind == "chat":
         return {"messages": to_messages(row, fmt)}
+    if kind == "unpaired":
+        prompt, completion, desirable = parse_unpaired(row)
+        check_conversation(prompt + completion)
+        return {"messages": prompt + completion, "prompt_turns": len(prompt), "label": desirable}
     prompt, chosen, rejected = parse_preference(row)
     check_conversation(prompt + chosen)
     check_conversation(prompt + rejected)

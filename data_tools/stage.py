@@ -23,7 +23,7 @@ from data_tools.sources import SourceReader, plan_units, read_counts
 from data_tools.splits import sha256_file
 from data_tools.steps import SPLITS
 from data_tools.storage import expand, is_url, remote_info, sha256_input, upload
-from data_tools.synth import generate_tiny_preferences, generate_tiny_tasks, write_jsonl
+from data_tools.synth import generate_tiny_preferences, generate_tiny_tasks, generate_tiny_unpaired, write_jsonl
 from data_tools.tokens import shard_files, write_meta
 
 ExecutorFactory = Callable[..., object]  # (pipeline, logging_dir, tasks, depends=None) -> PipelineExecutor
@@ -58,8 +58,9 @@ def run_data(
     """Build the splits, the token store, rejected rows and manifest.json in `out_dir`, streaming.
 
     Chat rows give `<split>/<rank>.jsonl` shards, the token store `tokens/` (data_tools.tokens) and
-    `rejected/<step>/<rank>.jsonl`; preference rows ({prompt, chosen, rejected}) go through the same steps
-    in a chain of their own (dedup within their kind) and give the same under `preference/`. No process
+    `rejected/<step>/<rank>.jsonl`; preference rows ({prompt, chosen, rejected}) and unpaired rows ({prompt,
+    completion, label}) each go through the same steps in a chain of their own (dedup within their kind)
+    and give the same under `preference/` and `unpaired/`. No process
     holds more than a row at a time (the manifest's counts and hashes are summed over the shards).
     """
     out_dir, base_dir = Path(out_dir), Path(base_dir)
@@ -121,7 +122,7 @@ def run_data(
         elif folder.name != "logs":
             shutil.rmtree(folder)
     if cfg.output is not None:  # the manifest last: a reader that finds it finds everything it names
-        names = [n for n in (*SPLITS, "rejected", "tokens", "preference") if (out_dir / n).is_dir()]
+        names = [n for n in (*SPLITS, "rejected", "tokens", *KINDS[1:]) if (out_dir / n).is_dir()]
         upload(out_dir, cfg.output, cfg.storage_options, names + ["manifest.json"])
     report("manifest")
     if not any(out["splits"].get("train") for out in outputs.values()):
@@ -132,9 +133,16 @@ def run_data(
     return manifest
 
 
+GENERATORS = {
+    "tiny-tasks": generate_tiny_tasks,
+    "tiny-preferences": generate_tiny_preferences,
+    "tiny-unpaired": generate_tiny_unpaired,
+}
+
+
 def _clear_outputs(out_dir: Path) -> None:
     """What an earlier run left (datatrove skips ranks it finds completed; stale shards would be read)."""
-    for name in ("work", "rejected", "preference", "tokens", *SPLITS):
+    for name in ("work", "rejected", *KINDS[1:], "tokens", *SPLITS):
         shutil.rmtree(out_dir / name, ignore_errors=True)
     for name in SPLITS:
         (out_dir / f"{name}.jsonl").unlink(missing_ok=True)
@@ -151,8 +159,8 @@ def _kind_dir(out_dir: Path, kind: str) -> Path:
 
 
 def _manifest(cfg: DataConfig, outputs: dict[str, dict]) -> dict:
-    """Chat outputs at the top level (steps, splits, shards, files, tokens), preference outputs under
-    "preference"; one hash over every split shard and token-store file of both kinds."""
+    """Chat outputs at the top level (steps, splits, shards, files, tokens), preference and unpaired outputs
+    under "preference" and "unpaired"; one hash over every split shard and token-store file of every kind."""
     empty = {"steps": {}, "splits": {name: 0 for name in SPLITS}, "files": {}}
     chat = outputs.get("chat", empty)
     split_hashes = {
@@ -162,8 +170,9 @@ def _manifest(cfg: DataConfig, outputs: dict[str, dict]) -> dict:
         if not name.startswith("rejected/")
     }
     manifest = {**chat}
-    if "preference" in outputs:
-        manifest["preference"] = outputs["preference"]
+    for kind in KINDS[1:]:
+        if kind in outputs:
+            manifest[kind] = outputs[kind]
     manifest["config"] = cfg.model_dump(mode="json")
     manifest["manifest_hash"] = _sha256_bytes(json.dumps(split_hashes, sort_keys=True).encode())
     return manifest
@@ -180,7 +189,7 @@ def _source_files(cfg: DataConfig, base_dir: Path, raw_dir: Path) -> list[tuple[
         if src.synthesize is not None:  # generated once the outputs are cleared (run_data)
             files.append((src, []))
         elif src.generate:
-            generate = generate_tiny_preferences if src.generate == "tiny-preferences" else generate_tiny_tasks
+            generate = GENERATORS[src.generate]
             rows = generate(src.num_rows, src.seed, **({"kinds": tuple(src.kinds)} if src.kinds else {}))
             files.append((src, [write_jsonl(rows, raw_dir / f"{i:02d}-{src.generate}.jsonl")]))
         elif is_url(src.path):

@@ -108,7 +108,7 @@ class TokenizeFilter(BaseFilter):
 
     def filter(self, doc: Document) -> bool | tuple[bool, str]:
         from data_tools.normalise import RowError
-        from data_tools.tokens import encode_chat, encode_pair
+        from data_tools.tokens import encode_chat, encode_pair, encode_unpaired
 
         meta = doc.metadata
         messages = meta["messages"]
@@ -124,6 +124,13 @@ class TokenizeFilter(BaseFilter):
                 )
                 num_tokens = max(len(arrays["chosen_ids"]), len(arrays["rejected_ids"]))
                 meta.update(rendered_rejected=rejected_text, prompt_turns=n)
+            elif "label" in meta:  # an unpaired (KTO) row
+                n = prompt_turns
+                text, arrays = encode_unpaired(
+                    self.tokenizer, messages[:n], messages[n:], meta["label"], self.chat_template
+                )
+                num_tokens = len(arrays["ids"])
+                meta.update(prompt_turns=n)
             else:
                 text, arrays = encode_chat(self.tokenizer, messages, self.chat_template)
                 num_tokens = len(arrays["ids"])
@@ -210,6 +217,15 @@ class SplitAssigner(PipelineStep):
 
 def _split_row(writer: DiskWriter, doc: Document) -> dict:
     meta = doc.metadata
+    if "label" in meta:
+        n = meta["prompt_turns"]
+        return {
+            "id": doc.id,
+            "prompt": meta["messages"][:n],
+            "completion": meta["messages"][n:],
+            "label": meta["label"],
+            "text": meta["rendered"],
+        }
     if "rejected" not in meta:
         row = {"id": doc.id, "messages": meta["messages"], "text": meta["rendered"]}
         return row | ({"provenance": meta["provenance"]} if "provenance" in meta else {})

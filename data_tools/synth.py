@@ -184,3 +184,42 @@ def generate_tiny_preferences(
             }
         rows.append(row)
     return rows
+
+
+# Rows an unpaired (KTO) loader must reject: (label, row builder from a clean row).
+BAD_UNPAIRED = [
+    ("missing_label", lambda row: {k: v for k, v in row.items() if k != "label"}),
+    ("bad_label", lambda row: {**row, "label": "yes" if row["label"] else 0}),
+    ("empty_completion", lambda row: {**row, "completion": " "}),
+    ("missing_completion", lambda row: {k: v for k, v in row.items() if k != "completion"}),
+]
+
+
+def unpair(row: dict) -> list[dict]:
+    """A clean preference row as two unpaired rows {prompt, completion, label}: the chosen response
+    desirable (label true), the rejected one undesirable. A row in conversation form keeps it: the
+    completion is the whole conversation, the prompt its turns before the answer."""
+    from data_tools.normalise import parse_preference
+
+    prompt, chosen, rejected = parse_preference(row)
+    out = []
+    for response, label, side in ((chosen, True, "chosen"), (rejected, False, "rejected")):
+        if "prompt" in row:
+            out.append({"prompt": row["prompt"], "completion": row[side], "label": label})
+        else:
+            out.append({"prompt": prompt, "completion": prompt + response, "label": label})
+    return out
+
+
+def generate_tiny_unpaired(
+    num_rows: int, seed: int = 0, kinds: tuple[str, ...] = DEFAULT_KINDS, bad_fraction: float = 0.1
+) -> list[dict]:
+    """Unpaired rows {prompt, completion, label}: the clean tiny preference pairs unpaired (right answers
+    desirable, wrong ones not), bad_fraction of them made planted bad rows (missing or non-bool label,
+    empty or missing completion)."""
+    rng = random.Random(seed + 1)
+    rows: list[dict] = []
+    pairs = generate_tiny_preferences((num_rows + 1) // 2, seed, kinds, bad_fraction=0.0)
+    for row in (r for pair in pairs for r in unpair(pair)):
+        rows.append(rng.choice(BAD_UNPAIRED)[1](row) if rng.random() < bad_fraction else row)
+    return rows[:num_rows]

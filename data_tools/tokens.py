@@ -6,8 +6,9 @@ so Megatron-LM / NeMo tools can read the token ids as they are. Layout of `<data
 
     meta.json                         kind, fields, dtypes, tokenizer fingerprint, chat template, splits
     <split>/<rank>.<field>.bin|.idx   one indexed dataset per field (chat: ids, labels; preference:
-                                      chosen_ids, chosen_labels, rejected_ids, rejected_labels); row i of
-                                      every field belongs to the same example, one document per row
+                                      chosen_ids, chosen_labels, rejected_ids, rejected_labels; unpaired:
+                                      ids, labels, desirable (one 0/1 value)); row i of every field belongs
+                                      to the same example, one document per row
     <split>/<rank>.rows               ROW_DTYPE records: the row's key (from its id), source index, margin
 
 `labels` fields are 0/1 masks (uint8): 1 where the token starts inside an assistant turn (its end
@@ -31,8 +32,10 @@ from data_tools.normalise import RowError
 FIELDS = {
     "chat": ("ids", "labels"),
     "preference": ("chosen_ids", "chosen_labels", "rejected_ids", "rejected_labels"),
+    "unpaired": ("ids", "labels", "desirable"),
 }
-LENGTH_FIELD = {"chat": ("ids",), "preference": ("chosen_ids", "rejected_ids")}
+LENGTH_FIELD = {"chat": ("ids",), "preference": ("chosen_ids", "rejected_ids"), "unpaired": ("ids",)}
+MASK_FIELDS = ("labels", "desirable")  # 0/1 per token (or per row), stored as uint8
 ROW_DTYPE = np.dtype([("key", "<u8"), ("source", "<i4"), ("margin", "<f4")])
 FORMAT = "megatron-indexed-dataset"
 META = "meta.json"
@@ -134,6 +137,17 @@ def encode_pair(
     return (texts[0], texts[1]), out
 
 
+def encode_unpaired(
+    tokenizer, prompt: list[dict], completion: list[dict], desirable: bool, template: str | None = None
+) -> tuple[str, dict[str, np.ndarray]]:
+    """An unpaired (KTO) row: labels on the completion's assistant turns only, and its desirable flag."""
+    skip = sum(m["role"] == "assistant" for m in prompt)
+    text, ids, mask = encode_turns(tokenizer, prompt + completion, template, skip)
+    if not _has_labels(mask):
+        raise RowError("no_answer_tokens")
+    return text, {"ids": ids, "labels": mask, "desirable": np.array([int(desirable)], dtype=np.uint8)}
+
+
 def fingerprint(tokenizer, template: str | None) -> str:
     """A hash of what the tokenizer and template make of a probe conversation (and the vocabulary size): two
     tokenizers with the same fingerprint tokenize a store's rows alike."""
@@ -162,7 +176,7 @@ class ShardWriter:
         self.prefix, self.kind = Path(prefix), kind
         self.prefix.parent.mkdir(parents=True, exist_ok=True)
         indexed = _indexed()
-        dtypes = {f: (np.uint8 if f.endswith("labels") else ids_dtype(vocab_size)) for f in FIELDS[kind]}
+        dtypes = {f: (np.uint8 if f.endswith(MASK_FIELDS) else ids_dtype(vocab_size)) for f in FIELDS[kind]}
         self._builders = {f: indexed.IndexedDatasetBuilder(self._path(f, ".bin"), dtype=d) for f, d in dtypes.items()}
         self._rows = open(f"{self.prefix}.rows", "wb")
         self.num_rows = self.num_tokens = 0
@@ -289,11 +303,12 @@ class BuildStats:
 
 
 def build_split_store(rows: Iterable[dict], kind: str, tokenizer, template: str | None, prefix: Path) -> BuildStats:
-    """Tokenize JSONL split rows (chat: {"messages"}; preference: {"prompt", "chosen", "rejected"} in any
-    accepted form) into one shard; unusable rows are counted by reason, never raised."""
+    """Tokenize JSONL split rows (chat: {"messages"}; preference: {"prompt", "chosen", "rejected"};
+    unpaired: {"prompt", "completion", "label"}, each in any accepted form) into one shard; unusable rows are
+    counted by reason, never raised."""
     from collections import Counter
 
-    from data_tools.normalise import parse_preference, row_margin
+    from data_tools.normalise import parse_preference, parse_unpaired, row_margin
 
     writer = ShardWriter(prefix, kind, len(tokenizer))
     stats, reasons = BuildStats(), Counter()
@@ -308,6 +323,8 @@ def build_split_store(rows: Iterable[dict], kind: str, tokenizer, template: str 
                 if not isinstance(messages, list) or not messages:
                     raise RowError("bad_messages")
                 _, arrays = encode_chat(tokenizer, messages, template)
+            elif kind == "unpaired":
+                _, arrays = encode_unpaired(tokenizer, *parse_unpaired(row), template)
             else:
                 _, arrays = encode_pair(tokenizer, *parse_preference(row), template)
         except RowError as err:

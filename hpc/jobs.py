@@ -119,7 +119,10 @@ def _data(ctx: StageContext) -> dict:
     ctx.tracker.log_artifact(ctx.run_id, ctx.out_dir / "manifest.json")
     splits = manifest.get("splits", {})
     ctx.tracker.log_metrics(ctx.run_id, {f"rows.{k}": v for k, v in splits.items() if isinstance(v, (int, float))})
-    for kind, steps in (("", manifest.get("steps")), ("preference/", manifest.get("preference", {}).get("steps"))):
+    kinds = [("", manifest.get("steps"))] + [
+        (f"{k}/", manifest.get(k, {}).get("steps")) for k in ("preference", "unpaired")
+    ]
+    for kind, steps in kinds:
         for i, (metrics, kept) in enumerate(funnel_metrics(steps or {}, kind)):
             ctx.tracker.log_metrics(ctx.run_id, metrics | {f"{kind}funnel.rows_kept": kept}, step=i)
         if scores := score_metrics(steps or {}, kind):
@@ -273,12 +276,14 @@ def _keep_resume_state(ctx: StageContext) -> None:
 
 
 def _data_dir(ctx: StageContext, rows: str) -> Path:
-    """The data stage's splits a stage reads: chat rows at the top, preference pairs under preference/;
-    prompts come from the chat rows when there are any."""
+    """The data stage's splits a stage reads: chat rows at the top, preference pairs under preference/,
+    unpaired rows under unpaired/; prompts come from the chat rows when there are any."""
     from data_tools.splits import has_rows
 
     data = ctx.output_of("data")
-    if rows == "preference" or (rows == "prompts" and not has_rows(data, "train")):
+    if rows in ("preference", "unpaired"):
+        return data / rows
+    if rows == "prompts" and not has_rows(data, "train"):
         return data / "preference"
     return data
 

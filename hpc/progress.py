@@ -237,7 +237,7 @@ class StageEvents:
 def funnel_lines(manifest: dict) -> list[str]:
     """The data stage's funnel from its manifest: rows in -> kept per step, the rejection reasons, the splits."""
     lines = []
-    for kind, section in (("chat", manifest), ("preference", manifest.get("preference") or {})):
+    for kind, section in (("chat", manifest), *((k, manifest.get(k) or {}) for k in ("preference", "unpaired"))):
         steps = section.get("steps") or {}
         if not steps:
             continue

@@ -20,6 +20,7 @@ __all__ = [
     "DPOStage",
     "SimPOStage",
     "ORPOStage",
+    "KTOStage",
     "RewardModelStage",
     "PPOStage",
     "GRPOStage",
@@ -277,6 +278,38 @@ class ORPOStage(_ReferenceFreeStage):
     )
 
 
+class KTOStage(_AccumulatingStage):
+    """KTO on unpaired {prompt, completion, label} rows against a frozen reference: desirable completions
+    pushed above, undesirable ones below, the reference point z0 (the batch's KL estimate)."""
+
+    _unit: ClassVar[str] = "rows"
+
+    kind: Literal["kto"] = "kto"
+    name: str = "kto"
+    mode: Mode = Field(
+        "full", description="lora/qlora: the reference is the model with adapters disabled, so no second copy is held"
+    )
+    optim: OptimConfig = OptimConfig(lr=5e-6, warmup_steps=10)
+    beta: float = Field(
+        0.1, gt=0, description="scale of the log-ratio rewards, the strength of the pull to the reference"
+    )
+    desirable_weight: float = Field(
+        1.0,
+        gt=0,
+        description="lambda_D: weight of a desirable row's loss; with undesirable_weight, keep "
+        "desirable_weight x desirable rows / (undesirable_weight x undesirable rows) in [1, 4/3] (the KTO paper)",
+    )
+    undesirable_weight: float = Field(1.0, gt=0, description="lambda_U: weight of an undesirable row's loss")
+    precompute_reference: bool = Field(
+        False,
+        description="reference log-probs of every row and its mismatched row computed once before training "
+        "(no reference forward per step; the full copy is freed)",
+    )
+    batch_size: Count = Field(16, description="unpaired rows per optimizer step (global)")
+    seq_len: SeqLen = Field(256, description="tokens of prompt + completion")
+    eval_every: Count = Field(50, description="held-out KTO loss and rewards every N steps")
+
+
 class RewardModelStage(_AccumulatingStage):
     """A scalar reward head on the LM trained with the Bradley-Terry loss on preference rows."""
 
@@ -410,6 +443,6 @@ class GRPOStage(_RLStage):
 
 # One entry of a recipe's `stages:` list, chosen by its `kind`.
 TrainStage = Annotated[
-    Union[SFTStage, DPOStage, SimPOStage, ORPOStage, RewardModelStage, PPOStage, GRPOStage],
+    Union[SFTStage, DPOStage, SimPOStage, ORPOStage, KTOStage, RewardModelStage, PPOStage, GRPOStage],
     Field(discriminator="kind"),
 ]

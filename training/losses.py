@@ -1,5 +1,5 @@
-"""Alignment losses as pure functions on tensors: DPO and its variants (IPO, hinge, robust, cDPO), the
-reference-free SimPO and ORPO, Bradley-Terry, and the PPO/GRPO pieces.
+"""Alignment losses as pure functions on tensors: DPO and its variants (IPO, hinge, robust, cDPO), KTO on
+unpaired rows, the reference-free SimPO and ORPO, Bradley-Terry, and the PPO/GRPO pieces.
 
 Conventions: `logits` are [batch, time, vocab] from a causal LM; `labels` are aligned with the inputs
 (IGNORE_INDEX where no log-prob is taken) and shifted here, so position t's logits score token t+1.
@@ -118,6 +118,48 @@ def simpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, *, beta: float, gam
     beta * the mean log-probs, gamma the target margin between them."""
     loss = -F.logsigmoid(beta * (chosen - rejected) - gamma)
     return _preference(loss, beta * chosen, beta * rejected)
+
+
+@dataclass(frozen=True)
+class KTOLoss:
+    loss: torch.Tensor  # scalar weighted mean over rows (differentiable)
+    rewards: torch.Tensor  # [rows] beta * (policy - reference), detached
+    reference_point: torch.Tensor  # scalar z0 the rewards were compared with (detached)
+
+
+def kto_reference_point(policy_kl: torch.Tensor, ref_kl: torch.Tensor) -> torch.Tensor:
+    """KTO's reference point z0 = max(0, mean(policy_kl - ref_kl)), detached: an estimate of
+    KL(policy || reference) from sequence log-probs [rows] of mismatched (prompt, completion) rows.
+
+    It is a mean over the whole global batch, so every data-parallel rank (and every micro-batch) must be
+    handed all of the batch's mismatched rows, not its share (the KTO stage scores them through
+    Learner.rows, which gathers over dp); z0 then does not depend on the layout."""
+    diff = (policy_kl - ref_kl).detach().double()
+    return (diff.sum() / max(diff.numel(), 1)).clamp(min=0).to(policy_kl.dtype)
+
+
+def kto_loss(
+    policy: torch.Tensor,
+    reference: torch.Tensor,
+    desirable: torch.Tensor,
+    reference_point: torch.Tensor | float,
+    *,
+    beta: float,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> KTOLoss:
+    """KTO (Ethayarajh et al., 2024) on sequence log-probs [rows] of unpaired rows, `desirable` [rows] bool.
+
+    With r = policy - reference and z0 the reference point (kto_reference_point, no gradient):
+    desirable rows lose desirable_weight * (1 - sigmoid(beta * (r - z0))), undesirable rows
+    undesirable_weight * (1 - sigmoid(beta * (z0 - r))); the loss is the mean over all rows."""
+    ratio = policy - reference
+    z0 = torch.as_tensor(reference_point, dtype=ratio.dtype, device=ratio.device).detach()
+    desirable = desirable.bool()
+    gain = torch.where(desirable, ratio - z0, z0 - ratio)
+    weight = torch.where(desirable, desirable_weight, undesirable_weight).to(ratio.dtype)
+    loss = weight * (1 - torch.sigmoid(beta * gain))
+    return KTOLoss(loss=loss.mean(), rewards=(beta * ratio).detach(), reference_point=z0)
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """What the orchestrator and the planner need to know about each training-stage kind, in one table.
 
-A recipe's `stages:` run in order. Policy stages (sft, dpo, simpo, orpo, ppo, grpo) each start from the
+A recipe's `stages:` run in order. Policy stages (sft, dpo, simpo, orpo, kto, ppo, grpo) each start from the
 previous policy stage's output (the base model for the first); the last policy stage is what export, eval
 and the gate see. A reward_model stage starts from the policy before it and serves the PPO/GRPO stages after it.
 
@@ -21,7 +21,8 @@ Stage = Any  # one of training.config's stage models
 @dataclass(frozen=True)
 class StageKind:
     policy: bool  # trains the policy (exported, evaluated, gated) rather than a reward model
-    data: str  # rows it reads: "chat" (SFT rows), "preference" (pairs), "prompts" (chat or preference rows)
+    # rows it reads: "chat" (SFT rows), "preference" (pairs), "unpaired" (KTO rows), "prompts" (chat or pairs)
+    data: str
     runner: str  # "module:function" with run_x(cfg, *, model_dir, data_dir, out_dir, parallel, seed, ...)
     pipeline: bool  # runs under pipeline stages (pp > 1); False: data, ZeRO and tensor parallelism only
     # (field, units, grad_accum): the global batch of one optimizer update, in `unit`s, as the stage field
@@ -138,6 +139,17 @@ KINDS: dict[str, StageKind] = {
         loss_vocab_parallel=True,
         frozen=_no_frozen,
     ),
+    # unpaired rows, each with a mismatched row for the KL estimate (scored without gradient)
+    "kto": _row_stage(
+        policy=True,
+        data="unpaired",
+        runner="training.kto:run_kto",
+        unit="rows",
+        rows_per_unit=1,
+        loss_vocab_parallel=True,
+        frozen=lambda s: ("reference",) if s.mode == "full" and not s.precompute_reference else (),
+        stage_problems=_dpo_precompute,
+    ),
     "reward_model": _row_stage(
         policy=False,
         data="preference",
@@ -216,6 +228,14 @@ def needs_reward_model(stage) -> bool:
     return kind_of(stage).uses_reward_model and not getattr(stage, "reward_fn", None)
 
 
+GENERATED_KINDS = {"tiny-tasks": "chat", "tiny-preferences": "preference", "tiny-unpaired": "unpaired"}
+ROWS = {  # row kind -> (how a message names its rows, a generated source that gives them)
+    "chat": ("chat rows", "tiny-tasks"),
+    "preference": ("preference rows ({prompt, chosen, rejected})", "tiny-preferences"),
+    "unpaired": ("unpaired rows ({prompt, completion, label})", "tiny-unpaired"),
+}
+
+
 def _source_kinds(data) -> set[str]:
     """Row kinds the data section can produce: generated sets are known; files in `auto` may hold either."""
     kinds = set()
@@ -223,11 +243,11 @@ def _source_kinds(data) -> set[str]:
         if src.synthesize is not None:
             kinds.add("chat")
         elif src.generate:
-            kinds.add("preference" if src.generate == "tiny-preferences" else "chat")
-        elif src.format == "preference":
-            kinds.add("preference")
+            kinds.add(GENERATED_KINDS[src.generate])
+        elif src.format in ("preference", "unpaired"):
+            kinds.add(src.format)
         elif src.format == "auto":
-            kinds |= {"chat", "preference"}
+            kinds |= {"chat", "preference", "unpaired"}
         else:
             kinds.add("chat")
     return kinds
@@ -327,12 +347,13 @@ def check_stages(recipe, model_config=None) -> list[str]:
                 "sequence parallelism cannot split; set parallel.sequence_parallel: false (or leave "
                 "it unset: it is then off for this stage)"
             )
-        wanted = {"chat": {"chat"}, "preference": {"preference"}, "prompts": {"chat", "preference"}}[kind.data]
+        wanted = {"prompts": {"chat", "preference"}}.get(kind.data, {kind.data})
         if not wanted & available:
-            rows = "preference rows ({prompt, chosen, rejected})" if kind.data == "preference" else "chat rows"
+            rows, generated = ROWS["chat" if kind.data == "prompts" else kind.data]
+            given = " and ".join(ROWS[k][0] for k in sorted(available)) or "no rows"
             problems.append(
-                f"stages.{i}: the {stage.kind} stage reads {rows}, but no data.sources entry gives "
-                f"them (e.g. generate: {'tiny-preferences' if kind.data == 'preference' else 'tiny-tasks'})"
+                f"stages.{i}: the {stage.kind} stage reads {rows}, but the data.sources give only {given} "
+                f"(e.g. generate: {generated})"
             )
         if needs_reward_model(stage) and previous(stages, i, policy=False) is None:
             problems.append(
@@ -356,8 +377,8 @@ def split_rows(stage, manifest: dict) -> int | None:
     data = kind_of(stage).data
     if data == "chat":
         return chat
-    if data == "preference":
-        return pairs
+    if data in ("preference", "unpaired"):
+        return ((manifest.get(data) or {}).get("splits") or {}).get("train")
     return chat or pairs
 
 

@@ -1,4 +1,5 @@
-"""Shared pieces of the DPO and reward-model tests: preference data and a partly trained start model."""
+"""Shared pieces of the DPO, KTO and reward-model tests: preference data (paired and unpaired) and a partly
+trained start model."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ from pathlib import Path
 
 import yaml
 
-from data_tools.synth import generate_tiny_preferences, write_jsonl
+from data_tools.normalise import RowError
+from data_tools.synth import generate_tiny_preferences, unpair, write_jsonl
 from parallel.dims import ParallelConfig
 from parallel.tiny import build_tiny_model, build_tokenizer
 from tests.conftest import TINY_RECIPE
@@ -22,6 +24,24 @@ def write_preference_data(data_dir: Path, num_train: int, num_val: int, seed: in
     """Generated pairs (with the generator's planted bad rows); validation from another seed."""
     write_jsonl(generate_tiny_preferences(num_train, seed), Path(data_dir) / "train.jsonl")
     write_jsonl(generate_tiny_preferences(num_val, seed + 10_000), Path(data_dir) / "validation.jsonl")
+    return Path(data_dir)
+
+
+def write_unpaired_data(data_dir: Path, num_train: int, num_val: int, seed: int = 0) -> Path:
+    """The pairs write_preference_data writes, unpaired (data_tools.synth.unpair): each clean pair gives a
+    desirable row (its chosen answer) and an undesirable one (its rejected answer); planted bad pairs are
+    left out."""
+    for name, rows in (
+        ("train", generate_tiny_preferences(num_train, seed)),
+        ("validation", generate_tiny_preferences(num_val, seed + 10_000)),
+    ):
+        unpaired = []
+        for row in rows:
+            try:
+                unpaired += unpair(row)
+            except RowError:
+                continue
+        write_jsonl(unpaired, Path(data_dir) / f"{name}.jsonl")
     return Path(data_dir)
 
 

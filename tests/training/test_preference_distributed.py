@@ -1,9 +1,10 @@
-"""DPO, SimPO, ORPO and the reward model under multi-process layouts against one process.
+"""DPO, SimPO, ORPO, KTO and the reward model under multi-process layouts against one process.
 
 Engine level: the first step's gradients of every parameter under dp2 (ZeRO-0/3), tp2 and pp2 (1F1B)
-equal one process's for the DPO, SimPO, ORPO and Bradley-Terry objectives. Stage level: run_dpo /
-run_simpo / run_orpo / run_reward_model log the same per-step losses and metrics and save the same model as
-one process. One forked launch runs everything.
+equal one process's for the DPO, SimPO, ORPO, KTO and Bradley-Terry objectives. Stage level: run_dpo /
+run_simpo / run_orpo / run_kto / run_reward_model log the same per-step losses and metrics (KTO: its
+reference point z0 over the global batch) and save the same model as one process. One forked launch runs
+everything.
 """
 
 import json
@@ -21,9 +22,10 @@ from parallel.distributed.launch import launch  # noqa: E402
 from parallel.distributed.mesh import ParallelDims  # noqa: E402
 from parallel.trainer import Trainer  # noqa: E402
 from tests.parallel.distributed.harness import MODEL, build_model, full_grads, make_batch  # noqa: E402
-from tests.training.preference_helpers import write_preference_data  # noqa: E402
-from training.config import DPOStage, ORPOStage, RewardModelStage, SimPOStage  # noqa: E402
+from tests.training.preference_helpers import write_preference_data, write_unpaired_data  # noqa: E402
+from training.config import DPOStage, KTOStage, ORPOStage, RewardModelStage, SimPOStage  # noqa: E402
 from training.dpo import DPOObjective, run_dpo  # noqa: E402
+from training.kto import KTOObjective, run_kto  # noqa: E402
 from training.reference_free import ReferenceFreeObjective, run_orpo, run_simpo  # noqa: E402
 from training.reward import BradleyTerryObjective, run_reward_model  # noqa: E402
 
@@ -37,14 +39,16 @@ PAIRS = dict(
     optim={"lr": 5e-3, "warmup_steps": 1},
 )
 DPO = dict(PAIRS, precompute_reference=True, beta=0.5, rpo_alpha=0.5)
+KTO = dict(PAIRS, precompute_reference=True, beta=0.5, desirable_weight=1.5, undesirable_weight=0.75)
 STAGES = {  # kind -> (config, runner, its fields)
     "dpo": (DPOStage, run_dpo, DPO),
     "simpo": (SimPOStage, run_simpo, dict(PAIRS, beta=2.0, gamma=0.5)),
     "orpo": (ORPOStage, run_orpo, dict(PAIRS, beta=0.5)),
     "reward_model": (RewardModelStage, run_reward_model, PAIRS),
+    "kto": (KTOStage, run_kto, KTO),
 }
-OBJECTIVES = ("dpo", "bt", "simpo", "orpo")
-VOCAB_PARALLEL = ("dpo", "simpo", "orpo")  # log-prob objectives; the reward model has a score head
+OBJECTIVES = ("dpo", "bt", "simpo", "orpo", "kto")
+VOCAB_PARALLEL = ("dpo", "simpo", "orpo", "kto")  # log-prob objectives; the reward model has a score head
 ENGINE_LAYOUTS = {
     "dp2-zero0": dict(dp_replicate=2),
     "dp2-zero3": dict(dp_shard=2, zero=3),
@@ -63,6 +67,8 @@ STAGE_LAYOUTS = {  # name -> (stage kind, parallel section, mode)
     "rm-deepspeed-zero2-lora": ("reward_model", dict(engine="deepspeed", dp_shard=2, zero=2), "lora"),
     "orpo-dp2-zero3": ("orpo", dict(dp_shard=2, zero=3), "full"),
     "simpo-pp2-1f1b": ("simpo", dict(pp=2, microbatches=2), "full"),
+    "kto-dp2-zero3": ("kto", dict(dp_shard=2, zero=3), "full"),
+    "kto-pp2-1f1b": ("kto", dict(pp=2, microbatches=2), "full"),
 }
 
 
@@ -74,11 +80,14 @@ def _models():
     batch["ref_logps"] = torch.randn(8, generator=torch.Generator().manual_seed(5)) * 3 - 20
     batch["margin"] = torch.tensor([0.5, 0.5, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0])
     batch["last_index"] = batch["attention_mask"].sum(1) - 1
+    batch["desirable"] = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0, 0.0])  # KTO: rows, not pairs
+    batch["z0"] = torch.full((8,), 0.3)
     return {
         "dpo": (build_model("full"), DPOObjective(DPOStage(**DPO)), batch),
         "bt": (rm, BradleyTerryObjective(), batch),
         "simpo": (build_model("full"), ReferenceFreeObjective(SimPOStage(**STAGES["simpo"][2])), batch),
         "orpo": (build_model("full"), ReferenceFreeObjective(ORPOStage(**STAGES["orpo"][2])), batch),
+        "kto": (build_model("full"), KTOObjective(KTOStage(**KTO)), batch),
     }
 
 
@@ -96,7 +105,7 @@ def _stage(kind, model_dir, data_dir, out_dir, parallel, mode):
     result = run(
         cls(**fields, mode=mode),
         model_dir=model_dir,
-        data_dir=data_dir,
+        data_dir=data_dir / "unpaired" if kind == "kto" else data_dir,
         out_dir=out_dir,
         parallel=parallel,
         seed=0,
@@ -148,7 +157,10 @@ class _LogitsSpy:
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    return write_preference_data(tmp_path_factory.mktemp("pref"), num_train=40, num_val=10)
+    """The pairs, and under unpaired/ the same pairs unpaired (the KTO stage's rows)."""
+    data = write_preference_data(tmp_path_factory.mktemp("pref"), num_train=40, num_val=10)
+    write_unpaired_data(data / "unpaired", num_train=40, num_val=10)
+    return data
 
 
 @pytest.fixture(scope="module")
@@ -191,9 +203,11 @@ def test_every_gradient_matches_one_process(ranks, layout, name):
     ] * 2
 
 
-def _curves(events):
-    train = [(e["step"], e["loss"], e["accuracy"], e["margin"], e["grad_norm"]) for e in events if "loss" in e]
-    val = [(e["step"], e["val_loss"], e["val_accuracy"]) for e in events if "val_loss" in e]
+def _curves(events, kind):
+    """(step, loss, two of the kind's metrics, grad norm) per logged step; (step, val loss, a val metric)."""
+    a, b, val_key = ("kl", "desirable_share", "val_kl") if kind == "kto" else ("accuracy", "margin", "val_accuracy")
+    train = [(e["step"], e["loss"], e[a], e[b], e["grad_norm"]) for e in events if "loss" in e]
+    val = [(e["step"], e["val_loss"], e[val_key]) for e in events if "val_loss" in e]
     return train, val
 
 
@@ -203,11 +217,11 @@ def test_stage_trains_like_one_process(ranks, single, name):
     root, ranks = ranks
     kind, _, mode = STAGE_LAYOUTS[name]
     ref_result, ref_events, ref_dir = single[(kind, mode)]
-    ref_train, ref_val = _curves(ref_events)
+    ref_train, ref_val = _curves(ref_events, kind)
     results = [r[name][0] for r in ranks]
     assert results[0] == results[1], "every rank returns rank 0's result"
     for _result, events in (r[name] for r in ranks):
-        train, val = _curves(events)
+        train, val = _curves(events, kind)
         assert [t[0] for t in train] == [1, 2, 3] and [v[0] for v in val] == [0, 3]
         for got, want in zip(train + val, ref_train + ref_val):
             if kind == "dpo" and got[0] in (0, 1):

@@ -6,7 +6,7 @@ import pytest
 
 from parallel.dims import ParallelConfig
 from parallel.tiny import TINY_CONFIGS
-from training.config import DPOStage, GRPOStage, PPOStage, RewardModelStage, SFTStage, TrainStage
+from training.config import DPOStage, GRPOStage, KTOStage, PPOStage, RewardModelStage, SFTStage, TrainStage
 from training.stages import (
     KINDS,
     check_stage_layout,
@@ -28,19 +28,20 @@ def test_every_stage_model_has_a_row_and_every_row_a_model():
 
 
 def test_unknown_kind_is_an_error_naming_the_known_kinds():
-    bogus = SimpleNamespace(kind="kto", mode="full", batch_size=8)
+    bogus = SimpleNamespace(kind="xpo", mode="full", batch_size=8)
     for call in (
-        lambda: kind_of("kto"),
+        lambda: kind_of("xpo"),
         lambda: plan_memory(bogus, ParallelConfig(), CONFIG),
         lambda: stage_layout(bogus, ParallelConfig()),
         lambda: stage_layout_problems(bogus, ParallelConfig()),
     ):
         with pytest.raises(
-            ValueError, match=r"unknown training stage kind 'kto'; known kinds: sft, dpo, simpo, orpo, reward_model"
+            ValueError,
+            match=r"unknown training stage kind 'xpo'; known kinds: sft, dpo, simpo, orpo, kto, reward_model",
         ):
             call()
     recipe = SimpleNamespace(stages=[SFTStage(), bogus], parallel=ParallelConfig(), data=SimpleNamespace(sources=[]))
-    with pytest.raises(ValueError, match="'kto'"):
+    with pytest.raises(ValueError, match="'xpo'"):
         check_stages(recipe)
 
 
@@ -51,6 +52,7 @@ def test_frozen_copies_follow_the_table():
     assert frozen(SFTStage()) == frozen(RewardModelStage()) == ()
     assert frozen(DPOStage()) == ("reference",)
     assert frozen(DPOStage(precompute_reference=True)) == frozen(DPOStage(mode="lora")) == ()
+    assert frozen(KTOStage()) == ("reference",) and frozen(KTOStage(precompute_reference=True)) == ()
     assert frozen(PPOStage()) == ("reference", "reward model")
     assert frozen(PPOStage(mode="lora", reward_fn="training.rewards:exact_match")) == ()
     assert frozen(GRPOStage(beta=0.0)) == ("reward model",)
