@@ -11,9 +11,15 @@ softmax of logits in the compute dtype).
 Under a vocab-parallel head each tp rank holds a slice of the vocabulary: the softmax's max, sum and the
 target logit are all-reduced over the tp group per chunk, and the hidden states' gradient (a partial sum
 over the vocabulary) is all-reduced in backward.
+
+The trainer computes it inside the model's own forward (`loss_in_forward`), so it runs unchanged under
+FSDP2 (ZeRO-2/3), where lm_head is in the root module's parameter group: see that function.
 """
 
 from __future__ import annotations
+
+import inspect
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -36,13 +42,16 @@ def auto_chunk_tokens(num_tokens: int, hidden: int, vocab: int) -> int:
 
 def why_not_chunked(model: nn.Module) -> str | None:
     """Why the token loss of `model` cannot be computed from its hidden states and head weight (None: it can)."""
-    _, decoder, _, head = find_decoder(model)
+    _, decoder, head_path, head = find_decoder(model)
     if type(head) is not nn.Linear:
         return f"its head is a {type(head).__name__} (adapters or a wrapper on lm_head)"
     if head.bias is not None:
         return "its head has a bias"
     if head.out_features != decoder.config.vocab_size:
         return "its head is not a vocabulary projection"
+    owner = model.get_submodule(head_path.rpartition(".")[0])
+    if "logits_to_keep" not in inspect.signature(owner.forward).parameters:
+        return f"{type(owner).__name__}.forward takes no logits_to_keep"
     for name in _LOGIT_TRANSFORMS:
         value = getattr(decoder.config, name, None)
         if value not in (None, 1, 1.0):
@@ -185,3 +194,38 @@ def chunked_ce(
 
 def _size(group) -> int:
     return 1 if group is None else dist.get_world_size(group)
+
+
+@contextmanager
+def loss_in_forward(model: nn.Module, labels: torch.Tensor, chunk_tokens: int | None, hidden_fn=None):
+    """Within it, `model(**inputs, logits_to_keep=1)` returns the summed token loss of `labels` (chunked_ce
+    of the decoder's output and lm_head's weight) instead of its output. hidden_fn: applied to the
+    decoder's output first (the trainer gathers a sequence-parallel slice with it).
+
+    Why inside the forward: under FSDP2 lm_head sits in the root module's parameter group (with the
+    embedding and the final norm). FSDP's pre-forward hook gathers that group once; the loss hook is
+    registered in front of FSDP's post-forward hook, so the chunks use the gathered weight before ZeRO-3
+    reshards it. The chunks' head gradient (computed in forward, so backward needs no weight) is
+    accumulated in backward into the gathered parameter's .grad, which FSDP's root post-backward
+    reduce-scatters with the rest of the group, as it does the plain loss's. The loss is the root's
+    output, so FSDP's pre-backward hook on it gathers the group again (ZeRO-3) before the final norm's
+    backward. Outside the forward (FSDPModule.unshard()/reshard() around the call) the group would be
+    gathered twice per micro-batch and nothing would gather it for backward. logits_to_keep=1: the
+    head's own forward projects one position per row, whose logits are dropped."""
+    _, decoder, _, head = find_decoder(model)
+    kept = {}
+
+    def keep(module, args, output):
+        kept["hidden"] = output.last_hidden_state
+
+    def loss(module, args, output):
+        hidden = kept.pop("hidden")
+        hidden = hidden_fn(hidden) if hidden_fn is not None else hidden
+        return chunked_ce(hidden[:, : labels.shape[1]], head.weight, labels, chunk_tokens)
+
+    handles = [decoder.register_forward_hook(keep), model.register_forward_hook(loss, prepend=True)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

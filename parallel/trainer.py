@@ -24,7 +24,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
-from parallel.chunked_ce import chunked_ce, why_not_chunked
+from parallel.chunked_ce import loss_in_forward, why_not_chunked
 from parallel.dims import ParallelConfig
 from parallel.distributed import zero as zero_mod
 from parallel.distributed.grads import clip_grads_
@@ -377,13 +377,11 @@ class Trainer:
         self.tied_names = tied_names(model)
         tied_trainable = self.tied_names is not None and find_decoder(model)[1].embed_tokens.weight.requires_grad
         # The token loss from hidden states + head weight in chunks (parallel.chunked_ce) where the head is a
-        # plain projection on one whole part; FSDP's root hooks and pipeline stages keep the logits path.
-        self.chunked = (
-            cfg.loss_chunk_tokens != 0 and self.dims.pp == 1 and cfg.zero < 2 and why_not_chunked(model) is None
-        )
+        # plain projection on one part (any ZeRO: it runs inside the part's forward); pipeline stages keep
+        # the logits path.
+        self.chunked = cfg.loss_chunk_tokens != 0 and self.dims.pp == 1 and why_not_chunked(model) is None
         layout = parallelize(model, cfg, mesh, self.device)
         self.parts, self.sp, self.vp = layout.parts, layout.sequence_parallel, layout.vocab_parallel
-        self._decoder_head = find_decoder(self.parts[0]) if self.chunked else None
         self.logits_layout, self.partial = layout.logits, layout.partial
         # Not cut up (no pp, tp or FSDP sharding): the model itself, whole on this rank.
         self.whole_model = model if (self.dims.pp, self.dims.tp) == (1, 1) and cfg.zero < 2 else None
@@ -446,12 +444,12 @@ class Trainer:
         return logits[:, : self._seq] if logits.shape[1] != self._seq else logits
 
     def chunked_ce(self, rows: dict[str, torch.Tensor]) -> torch.Tensor:
-        """summed_ce of the one-stage model on local rows without whole logits (parallel.chunked_ce)."""
-        _, decoder, _, head = self._decoder_head
-        hidden = decoder(**self._padded(model_inputs(rows))).last_hidden_state
-        if self.sp:  # the final norm left this rank's slice of the sequence
-            hidden = gather_sequence(hidden, self.mesh["tp"])
-        return chunked_ce(hidden[:, : self._seq], head.weight, rows["labels"], self.cfg.loss_chunk_tokens)
+        """summed_ce of the one-stage model on local rows without whole logits, computed inside the model's
+        forward (parallel.chunked_ce.loss_in_forward: under FSDP the head is gathered once)."""
+        # Under sequence parallelism the final norm left this rank's slice of the sequence.
+        gather = partial(gather_sequence, tp_mesh=self.mesh["tp"]) if self.sp else None
+        with loss_in_forward(self.parts[0], rows["labels"], self.cfg.loss_chunk_tokens, gather):
+            return self.parts[0](**self._padded(model_inputs(rows)), logits_to_keep=1)
 
     def _autocast(self):
         """bf16 autocast (engine.autocast_dtype's rule) where FSDP's mixed-precision policy does not already

@@ -132,3 +132,31 @@ def test_vocab_parallel_head_matches_one_process():
         assert abs(value - float(ref[0])) < 1e-4
         torch.testing.assert_close(torch.from_numpy(grad_h), ref[1], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(torch.from_numpy(grad_w), ref[2], rtol=1e-5, atol=1e-6)
+
+
+CHUNKED_LAYOUTS = {
+    2: {"dp2-zero2-accum2": dict(dp_shard=2, zero=2, microbatches=2), "dp2-zero3": dict(dp_shard=2, zero=3)},
+    4: {"tp2xdp2-zero3": dict(tp=2, dp_shard=2, zero=3)},
+}
+
+
+def _chunked_layouts(rank, world, layouts):
+    return {
+        name: H.check_layout_against_reference(ParallelConfig(**cfg, loss_chunk_tokens=7), "full", world)
+        for name, cfg in layouts.items()
+    }
+
+
+@pytest.mark.parametrize("world", sorted(CHUNKED_LAYOUTS))
+def test_fsdp_layouts_match_one_process(world):
+    """Under FSDP2 (lm_head in the root group, gathered by the forward the loss runs in) and with a
+    vocab-parallel head over tp: 3 steps' losses and every first-step gradient against one process's plain loss."""
+    for per_rank in zip(*(r.values() for r in launch(_chunked_layouts, world, CHUNKED_LAYOUTS[world], timeout=300))):
+        for r in per_rank:
+            assert r["chunked"]
+            assert set(r["names"]) == set(r["ref_names"])
+            assert r["loss_diff"] < 1e-5, r["losses"]
+            assert r["norm_diff"] < 1e-5
+            assert r["grad_abs"] < 1e-6 and r["grad_rel"] < 1e-5, (r["grad_abs"], r["grad_rel"])
+    if world == 4:
+        assert all(r["vocab_parallel"] and r["sequence_parallel"] for r in per_rank)
