@@ -229,3 +229,44 @@ def loss_in_forward(model: nn.Module, labels: torch.Tensor, chunk_tokens: int | 
     finally:
         for handle in handles:
             handle.remove()
+
+
+def chunk_stage_loss(stage: nn.Module, chunk_tokens: int | None, hidden_fn=None) -> None:
+    """Hooks on a pipeline stage module (parallel.distributed.pipeline.StageModule) for the life of the
+    trainer: a `labels` keyword (the schedule splits it into micro-batches like the inputs) is taken off
+    every stage's forward; on the last stage the forward then returns the micro-batch's summed token loss
+    (chunked_ce of the final norm's output and lm_head's weight) instead of its logits, and lm_head
+    projects one position per row. Computed inside the stage's forward for the reasons of
+    loss_in_forward (the stage module is FSDP's root under ZeRO-2/3). Without `labels` (a custom
+    objective's logits) the stage is unchanged."""
+    _, _, _, norm, head = stage._parts
+    state = {}
+
+    def take_labels(module, args, kwargs):
+        state["labels"] = kwargs.pop("labels", None)
+        return args, kwargs
+
+    stage.register_forward_pre_hook(take_labels, prepend=True, with_kwargs=True)
+    if not stage.is_last:
+        return
+
+    def keep(module, args, output):
+        if state["labels"] is not None:
+            state["hidden"] = output
+
+    def one_position(module, args):
+        if state["labels"] is not None:
+            return (args[0][:, -1:],)
+
+    def loss(module, args, output):
+        labels = state.pop("labels")
+        if labels is None:
+            return None
+        hidden = state.pop("hidden")
+        hidden = hidden_fn(hidden) if hidden_fn is not None else hidden
+        # [1]: the schedule concatenates the micro-batches' outputs
+        return chunked_ce(hidden[:, : labels.shape[1]], head.weight, labels, chunk_tokens).reshape(1)
+
+    norm.register_forward_hook(keep)
+    head.register_forward_pre_hook(one_position, prepend=True)
+    stage.register_forward_hook(loss, prepend=True)

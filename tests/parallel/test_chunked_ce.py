@@ -135,28 +135,40 @@ def test_vocab_parallel_head_matches_one_process():
 
 
 CHUNKED_LAYOUTS = {
-    2: {"dp2-zero2-accum2": dict(dp_shard=2, zero=2, microbatches=2), "dp2-zero3": dict(dp_shard=2, zero=3)},
-    4: {"tp2xdp2-zero3": dict(tp=2, dp_shard=2, zero=3)},
+    2: {
+        "dp2-zero2-accum2": dict(dp_shard=2, zero=2, microbatches=2),
+        "dp2-zero3": dict(dp_shard=2, zero=3),
+        "pp2-1f1b": dict(pp=2, microbatches=4),
+    },
+    4: {
+        "tp2xdp2-zero3": dict(tp=2, dp_shard=2, zero=3),
+        "pp2xdp2-zero3-interleaved": dict(pp=2, dp_shard=2, zero=3, microbatches=2, pp_schedule="interleaved_1f1b"),
+        "pp2xtp2-gpipe": dict(pp=2, tp=2, microbatches=2, pp_schedule="gpipe"),
+    },
 }
 
 
 def _chunked_layouts(rank, world, layouts):
     return {
-        name: H.check_layout_against_reference(ParallelConfig(**cfg, loss_chunk_tokens=7), "full", world)
+        name: {
+            **H.check_layout_against_reference(ParallelConfig(**cfg, loss_chunk_tokens=7), "full", world),
+            "name": name,
+        }
         for name, cfg in layouts.items()
     }
 
 
 @pytest.mark.parametrize("world", sorted(CHUNKED_LAYOUTS))
 def test_fsdp_layouts_match_one_process(world):
-    """Under FSDP2 (lm_head in the root group, gathered by the forward the loss runs in) and with a
-    vocab-parallel head over tp: 3 steps' losses and every first-step gradient against one process's plain loss."""
+    """Under FSDP2 (lm_head in the root group, gathered by the forward the loss runs in), with a
+    vocab-parallel head over tp, and on the last pipeline stage: 3 steps' losses and every first-step
+    gradient against one process's plain loss."""
     for per_rank in zip(*(r.values() for r in launch(_chunked_layouts, world, CHUNKED_LAYOUTS[world], timeout=300))):
+        assert set().union(*(r["names"] for r in per_rank)) == set(per_rank[0]["ref_names"]), per_rank[0]["name"]
         for r in per_rank:
             assert r["chunked"]
-            assert set(r["names"]) == set(r["ref_names"])
-            assert r["loss_diff"] < 1e-5, r["losses"]
-            assert r["norm_diff"] < 1e-5
-            assert r["grad_abs"] < 1e-6 and r["grad_rel"] < 1e-5, (r["grad_abs"], r["grad_rel"])
-    if world == 4:
-        assert all(r["vocab_parallel"] and r["sequence_parallel"] for r in per_rank)
+            assert r["loss_diff"] < 1e-5, (r["name"], r["losses"])
+            assert r["norm_diff"] < 1e-5, r["name"]
+            assert r["grad_abs"] < 1e-6 and r["grad_rel"] < 1e-5, (r["name"], r["grad_abs"], r["grad_rel"])
+            if "tp2" in r["name"]:
+                assert r["vocab_parallel"] and r["sequence_parallel"]
