@@ -238,7 +238,12 @@ def chunk_stage_loss(stage: nn.Module, chunk_tokens: int | None, hidden_fn=None)
     (chunked_ce of the final norm's output and lm_head's weight) instead of its logits, and lm_head
     projects one position per row. Computed inside the stage's forward for the reasons of
     loss_in_forward (the stage module is FSDP's root under ZeRO-2/3). Without `labels` (a custom
-    objective's logits) the stage is unchanged."""
+    objective's logits) the stage is unchanged.
+
+    recompute: a schedule holds several micro-batches' forwards before their backwards (gpipe: all of
+    them), each of which would otherwise keep a [vocab, hidden] fp32 head gradient; and zero-bubble
+    schedules run a node's backward twice (input, then weight gradients). Under ZeRO-3 the saved head
+    weight is the gathered parameter, which FSDP's pre-backward gathers again, as for any layer's."""
     _, _, _, norm, head = stage._parts
     state = {}
 
@@ -265,7 +270,7 @@ def chunk_stage_loss(stage: nn.Module, chunk_tokens: int | None, hidden_fn=None)
         hidden = state.pop("hidden")
         hidden = hidden_fn(hidden) if hidden_fn is not None else hidden
         # [1]: the schedule concatenates the micro-batches' outputs
-        return chunked_ce(hidden[:, : labels.shape[1]], head.weight, labels, chunk_tokens).reshape(1)
+        return chunked_ce(hidden[:, : labels.shape[1]], head.weight, labels, chunk_tokens, recompute=True).reshape(1)
 
     norm.register_forward_hook(keep)
     head.register_forward_pre_hook(one_position, prepend=True)

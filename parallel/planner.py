@@ -351,8 +351,8 @@ def estimate_memory(
 
 def _loss_chunk(shape: Shape, parallel: ParallelConfig, tokens: int, token_loss: bool, transforms: bool) -> int:
     """Tokens per chunk of the chunked token loss (parallel.chunked_ce) where the Trainer uses it (0: the
-    whole logits): parallel.loss_chunk_tokens set, pp = 1, ZeRO <= 1, a plain vocabulary head."""
-    if not token_loss or parallel.loss_chunk_tokens == 0 or parallel.pp > 1 or parallel.zero >= 2 or transforms:
+    whole logits): parallel.loss_chunk_tokens not 0, the token loss, a plain vocabulary head (any layout)."""
+    if not token_loss or parallel.loss_chunk_tokens == 0 or transforms:
         return 0
     if parallel.loss_chunk_tokens:
         return min(parallel.loss_chunk_tokens, tokens)
@@ -386,14 +386,18 @@ def _rank_estimate(
     tokens = micro_batch * seq_len
     activations = (_in_flight(parallel, pp_rank) * num_layers * saved + recompute) * tokens * dtype_bytes
     if pp_rank == parallel.pp - 1:
-        sharded_logits = loss_parallel and parallel.pp == 1
-        vocab_split = parallel.tp if vocab_parallel and sharded_logits else 1
-        vocab = shape.vocab // vocab_split
         chunk = _loss_chunk(shape, parallel, tokens, token_loss, config_transforms)
-        if chunk:  # one chunk's logits (compute dtype + fp32), the fp32 hidden-state gradient, bf16 copies
+        if chunk:
+            # One chunk's logits (compute dtype + fp32) on this rank's vocabulary slice, the fp32 hidden-state
+            # gradient, bf16 copies of the hidden states and the head weight, and under ZeRO-2/3 the fp32
+            # head gradient beside FSDP's shard (at ZeRO <= 1 it becomes the counted gradient).
+            vocab = shape.vocab // (parallel.tp if vocab_parallel else 1)
             cast = (tokens + vocab) * shape.hidden * dtype_bytes if dtype_bytes < 4 else 0
-            activations += chunk * vocab * (dtype_bytes + 4) + tokens * shape.hidden * 4 + cast
+            head_grad = vocab * shape.hidden * 4 if parallel.zero >= 2 and mode == "full" else 0
+            activations += chunk * vocab * (dtype_bytes + 4) + tokens * shape.hidden * 4 + cast + head_grad
         else:
+            sharded_logits = loss_parallel and parallel.pp == 1
+            vocab = shape.vocab // (parallel.tp if vocab_parallel and sharded_logits else 1)
             activations += tokens * vocab * (dtype_bytes + 8)
     return MemoryEstimate(
         params=state.params,

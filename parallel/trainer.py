@@ -381,14 +381,8 @@ class Trainer:
         self.tied_names = tied_names(model)
         tied_trainable = self.tied_names is not None and find_decoder(model)[1].embed_tokens.weight.requires_grad
         # The token loss from hidden states + head weight in chunks (parallel.chunked_ce) where the head is a
-        # plain projection, inside the forward of the part or last pipeline stage (so any ZeRO). Not under
-        # zero-bubble schedules: their separate weight pass runs a node's backward a second time, and the
-        # chunked loss hands over the gradients it computed in forward once.
-        self.chunked = (
-            cfg.loss_chunk_tokens != 0
-            and not (self.dims.pp > 1 and cfg.pp_schedule == "zero_bubble")
-            and why_not_chunked(model) is None
-        )
+        # plain projection, inside the forward of the part or last pipeline stage (so under any ZeRO).
+        self.chunked = cfg.loss_chunk_tokens != 0 and why_not_chunked(model) is None
         layout = parallelize(model, cfg, mesh, self.device)
         self.parts, self.sp, self.vp = layout.parts, layout.sequence_parallel, layout.vocab_parallel
         self.logits_layout, self.partial = layout.logits, layout.partial

@@ -139,6 +139,7 @@ CHUNKED_LAYOUTS = {
         "dp2-zero2-accum2": dict(dp_shard=2, zero=2, microbatches=2),
         "dp2-zero3": dict(dp_shard=2, zero=3),
         "pp2-1f1b": dict(pp=2, microbatches=4),
+        "pp2-zero_bubble": dict(pp=2, microbatches=2, pp_schedule="zero_bubble"),
     },
     4: {
         "tp2xdp2-zero3": dict(tp=2, dp_shard=2, zero=3),
