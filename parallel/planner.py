@@ -351,8 +351,9 @@ def estimate_memory(
 
 def _loss_chunk(shape: Shape, parallel: ParallelConfig, tokens: int, token_loss: bool, transforms: bool) -> int:
     """Tokens per chunk of the chunked token loss (parallel.chunked_ce) where the Trainer uses it (0: the
-    whole logits): parallel.loss_chunk_tokens not 0, the token loss, a plain vocabulary head (any layout)."""
-    if not token_loss or parallel.loss_chunk_tokens == 0 or transforms:
+    whole logits): parallel.loss_chunk_tokens not 0, the token loss, a plain vocabulary head, the native
+    engine (any layout)."""
+    if not token_loss or parallel.loss_chunk_tokens == 0 or transforms or parallel.engine != "native":
         return 0
     if parallel.loss_chunk_tokens:
         return min(parallel.loss_chunk_tokens, tokens)
