@@ -33,6 +33,14 @@ IGNORE_INDEX = -100
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
+def logits_transformed(name: str, value) -> bool:
+    """Whether config attribute `name` (one of _LOGIT_TRANSFORMS) at `value` changes the head's logits:
+    a scale of 1 does not, any soft-capping does (tanh(x / 1) is not x)."""
+    if name.endswith("softcapping"):
+        return value is not None
+    return value not in (None, 1, 1.0)
+
+
 def auto_chunk_tokens(num_tokens: int, hidden: int, vocab: int) -> int:
     """A chunk whose logits are about the size of the hidden states it comes from, at least 1024 tokens (the
     head's matmuls stay large: 1024 x 128k fp32 logits are 0.5 GB, against 8.6 GB for 8 x 2048 tokens)."""
@@ -54,7 +62,7 @@ def why_not_chunked(model: nn.Module) -> str | None:
         return f"{type(owner).__name__}.forward takes no logits_to_keep"
     for name in _LOGIT_TRANSFORMS:
         value = getattr(decoder.config, name, None)
-        if value not in (None, 1, 1.0):
+        if logits_transformed(name, value):
             return f"its logits are transformed ({name}={value})"
     return None
 

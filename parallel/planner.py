@@ -328,7 +328,11 @@ def estimate_memory(
     if mode not in MODES:
         raise ValueError(f"mode: {mode!r} is not one of {list(MODES)}")
     shape = Shape.from_config(model_config)
-    transforms = any(model_config.get(k) not in (None, 1, 1.0) for k in LOGIT_TRANSFORMS)
+    # chunked_ce.logits_transformed's rule (this module imports no torch): any soft-capping, a scale not 1
+    transforms = any(
+        model_config.get(k) is not None if k.endswith("softcapping") else model_config.get(k) not in (None, 1, 1.0)
+        for k in LOGIT_TRANSFORMS
+    )
     per_rank = [
         _rank_estimate(
             shape,

@@ -173,3 +173,9 @@ def test_fsdp_layouts_match_one_process(world):
             assert r["grad_abs"] < 1e-6 and r["grad_rel"] < 1e-5, (r["name"], r["grad_abs"], r["grad_rel"])
             if "tp2" in r["name"]:
                 assert r["vocab_parallel"] and r["sequence_parallel"]
+
+
+def test_a_softcap_of_one_still_transforms_the_logits():
+    """Gemma's tanh soft-capping at 1.0 is not the identity (a scale of 1.0 is)."""
+    assert "final_logit_softcapping=1.0" in why_not_chunked(_llama(final_logit_softcapping=1.0))
+    assert why_not_chunked(_llama(logits_scaling=1.0)) is None
