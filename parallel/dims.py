@@ -73,12 +73,12 @@ class ParallelConfig(BaseModel):
         "checkpointing, before FSDP); the first steps pay the compile time",
     )
     loss_chunk_tokens: int | None = Field(
-        None,
+        0,
         ge=0,
         description="the token loss runs lm_head + cross-entropy this many label tokens at a time "
-        "(parallel.chunked_ce), so [tokens, vocab] logits are never held whole. Unset (the default): chunks "
-        "whose logits match the hidden states' size; 0: off. Applies to a plain head under any ZeRO and tp, "
-        "and on the last pipeline stage except zero_bubble",
+        "(parallel.chunked_ce), so [tokens, vocab] logits are never held whole. Unset: chunks whose logits "
+        "match the hidden states' size; 0 (the default for now): off. Applies to a plain head under any "
+        "layout (ZeRO 0-3, tp, the last pipeline stage)",
     )
 
     engine: Literal["native", "deepspeed"] = Field(

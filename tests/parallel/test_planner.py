@@ -141,7 +141,6 @@ def test_chunked_token_loss_holds_one_chunk_of_logits():
     assert _estimate(loss_chunk_tokens=8).activations == layers + chunk
     auto = _estimate(loss_chunk_tokens=None).activations  # chunks of at least 1024 tokens: all 32 at once
     assert auto == layers + 32 * 260 * 6 + 32 * 64 * 4 + (32 + 260) * 64 * 2
-    assert ParallelConfig().loss_chunk_tokens is None  # the default: automatic chunks
     # Under ZeRO-3 the fp32 head gradient is held beside FSDP's shard (at ZeRO <= 1 it is the gradient).
     assert _estimate(loss_chunk_tokens=8, dp_shard=2, zero=3).activations == layers + chunk + 260 * 64 * 4
 
