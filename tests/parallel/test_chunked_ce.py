@@ -134,29 +134,34 @@ def test_vocab_parallel_head_matches_one_process():
         torch.testing.assert_close(torch.from_numpy(grad_w), ref[2], rtol=1e-5, atol=1e-6)
 
 
+# name: (layout, mode, tied embeddings)
 CHUNKED_LAYOUTS = {
     2: {
-        "dp2-zero2-accum2": dict(dp_shard=2, zero=2, microbatches=2),
-        "dp2-zero3": dict(dp_shard=2, zero=3),
-        "pp2-1f1b": dict(pp=2, microbatches=4),
-        "pp2-zero_bubble": dict(pp=2, microbatches=2, pp_schedule="zero_bubble"),
+        "dp2-zero2-accum2": (dict(dp_shard=2, zero=2, microbatches=2), "full", False),
+        "dp2-zero3": (dict(dp_shard=2, zero=3), "full", False),
+        "dp2-zero3-tied": (dict(dp_shard=2, zero=3), "full", True),
+        "dp2-zero3-lora": (dict(dp_shard=2, zero=3), "lora", False),
+        "pp2-1f1b": (dict(pp=2, microbatches=4), "full", False),
+        "pp2-zero_bubble-tied": (dict(pp=2, microbatches=2, pp_schedule="zero_bubble"), "full", True),
     },
     4: {
-        "tp2xdp2-zero3": dict(tp=2, dp_shard=2, zero=3),
-        "pp2xdp2-zero3-interleaved": dict(pp=2, dp_shard=2, zero=3, microbatches=2, pp_schedule="interleaved_1f1b"),
-        "pp2xtp2-gpipe": dict(pp=2, tp=2, microbatches=2, pp_schedule="gpipe"),
+        "tp2xdp2-zero3": (dict(tp=2, dp_shard=2, zero=3), "full", False),
+        "pp2xdp2-zero3-interleaved": (
+            dict(pp=2, dp_shard=2, zero=3, microbatches=2, pp_schedule="interleaved_1f1b"),
+            "full",
+            False,
+        ),
+        "pp2xtp2-gpipe": (dict(pp=2, tp=2, microbatches=2, pp_schedule="gpipe"), "full", False),
     },
 }
 
 
 def _chunked_layouts(rank, world, layouts):
-    return {
-        name: {
-            **H.check_layout_against_reference(ParallelConfig(**cfg, loss_chunk_tokens=7), "full", world),
-            "name": name,
-        }
-        for name, cfg in layouts.items()
-    }
+    out = {}
+    for name, (cfg, mode, tied) in layouts.items():
+        cfg = ParallelConfig(**cfg, loss_chunk_tokens=7)
+        out[name] = {**H.check_layout_against_reference(cfg, mode, world, tied=tied), "name": name}
+    return out
 
 
 @pytest.mark.parametrize("world", sorted(CHUNKED_LAYOUTS))
@@ -173,6 +178,8 @@ def test_fsdp_layouts_match_one_process(world):
             assert r["grad_abs"] < 1e-6 and r["grad_rel"] < 1e-5, (r["name"], r["grad_abs"], r["grad_rel"])
             if "tp2" in r["name"]:
                 assert r["vocab_parallel"] and r["sequence_parallel"]
+            if "tied" in r["name"]:  # the tied weight (both copies under pp) after the last step
+                assert r["weight_diff"] < 1e-6, r["name"]
 
 
 def test_a_softcap_of_one_still_transforms_the_logits():
