@@ -11,9 +11,15 @@ softmax of logits in the compute dtype).
 Under a vocab-parallel head each tp rank holds a slice of the vocabulary: the softmax's max, sum and the
 target logit are all-reduced over the tp group per chunk, and the hidden states' gradient (a partial sum
 over the vocabulary) is all-reduced in backward.
+
+The trainer computes it inside the model's own forward (`loss_in_forward`), so it runs unchanged under
+FSDP2 (ZeRO-2/3), where lm_head is in the root module's parameter group: see that function.
 """
 
 from __future__ import annotations
+
+import inspect
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -27,6 +33,14 @@ IGNORE_INDEX = -100
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
+def logits_transformed(name: str, value) -> bool:
+    """Whether config attribute `name` (one of _LOGIT_TRANSFORMS) at `value` changes the head's logits:
+    a scale of 1 does not, any soft-capping does (tanh(x / 1) is not x)."""
+    if name.endswith("softcapping"):
+        return value is not None
+    return value not in (None, 1, 1.0)
+
+
 def auto_chunk_tokens(num_tokens: int, hidden: int, vocab: int) -> int:
     """A chunk whose logits are about the size of the hidden states it comes from, at least 1024 tokens (the
     head's matmuls stay large: 1024 x 128k fp32 logits are 0.5 GB, against 8.6 GB for 8 x 2048 tokens)."""
@@ -36,16 +50,19 @@ def auto_chunk_tokens(num_tokens: int, hidden: int, vocab: int) -> int:
 
 def why_not_chunked(model: nn.Module) -> str | None:
     """Why the token loss of `model` cannot be computed from its hidden states and head weight (None: it can)."""
-    _, decoder, _, head = find_decoder(model)
+    _, decoder, head_path, head = find_decoder(model)
     if type(head) is not nn.Linear:
         return f"its head is a {type(head).__name__} (adapters or a wrapper on lm_head)"
     if head.bias is not None:
         return "its head has a bias"
     if head.out_features != decoder.config.vocab_size:
         return "its head is not a vocabulary projection"
+    owner = model.get_submodule(head_path.rpartition(".")[0])
+    if "logits_to_keep" not in inspect.signature(owner.forward).parameters:
+        return f"{type(owner).__name__}.forward takes no logits_to_keep"
     for name in _LOGIT_TRANSFORMS:
         value = getattr(decoder.config, name, None)
-        if value not in (None, 1, 1.0):
+        if logits_transformed(name, value):
             return f"its logits are transformed ({name}={value})"
     return None
 
@@ -200,3 +217,84 @@ def chunked_ce(
 
 def _size(group) -> int:
     return 1 if group is None else dist.get_world_size(group)
+
+
+@contextmanager
+def loss_in_forward(model: nn.Module, labels: torch.Tensor, chunk_tokens: int | None, hidden_fn=None):
+    """Within it, `model(**inputs, logits_to_keep=1)` returns the summed token loss of `labels` (chunked_ce
+    of the decoder's output and lm_head's weight) instead of its output. hidden_fn: applied to the
+    decoder's output first (the trainer gathers a sequence-parallel slice with it).
+
+    Why inside the forward: under FSDP2 lm_head sits in the root module's parameter group (with the
+    embedding and the final norm). FSDP's pre-forward hook gathers that group once; the loss hook is
+    registered in front of FSDP's post-forward hook, so the chunks use the gathered weight before ZeRO-3
+    reshards it. The chunks' head gradient (computed in forward, so backward needs no weight) is
+    accumulated in backward into the gathered parameter's .grad, which FSDP's root post-backward
+    reduce-scatters with the rest of the group, as it does the plain loss's. The loss is the root's
+    output, so FSDP's pre-backward hook on it gathers the group again (ZeRO-3) before the final norm's
+    backward. Outside the forward (FSDPModule.unshard()/reshard() around the call) the group would be
+    gathered twice per micro-batch and nothing would gather it for backward. logits_to_keep=1: the
+    head's own forward projects one position per row, whose logits are dropped."""
+    _, decoder, _, head = find_decoder(model)
+    kept = {}
+
+    def keep(module, args, output):
+        kept["hidden"] = output.last_hidden_state
+
+    def loss(module, args, output):
+        hidden = kept.pop("hidden")
+        hidden = hidden_fn(hidden) if hidden_fn is not None else hidden
+        return chunked_ce(hidden[:, : labels.shape[1]], head.weight, labels, chunk_tokens)
+
+    handles = [decoder.register_forward_hook(keep), model.register_forward_hook(loss, prepend=True)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def chunk_stage_loss(stage: nn.Module, chunk_tokens: int | None, hidden_fn=None) -> None:
+    """Hooks on a pipeline stage module (parallel.distributed.pipeline.StageModule) for the life of the
+    trainer: a `labels` keyword (the schedule splits it into micro-batches like the inputs) is taken off
+    every stage's forward; on the last stage the forward then returns the micro-batch's summed token loss
+    (chunked_ce of the final norm's output and lm_head's weight) instead of its logits, and lm_head
+    projects one position per row. Computed inside the stage's forward for the reasons of
+    loss_in_forward (the stage module is FSDP's root under ZeRO-2/3). Without `labels` (a custom
+    objective's logits) the stage is unchanged.
+
+    recompute: a schedule holds several micro-batches' forwards before their backwards (gpipe: all of
+    them), each of which would otherwise keep a [vocab, hidden] fp32 head gradient; and zero-bubble
+    schedules run a node's backward twice (input, then weight gradients). Under ZeRO-3 the saved head
+    weight is the gathered parameter, which FSDP's pre-backward gathers again, as for any layer's."""
+    _, _, _, norm, head = stage._parts
+    state = {}
+
+    def take_labels(module, args, kwargs):
+        state["labels"] = kwargs.pop("labels", None)
+        return args, kwargs
+
+    stage.register_forward_pre_hook(take_labels, prepend=True, with_kwargs=True)
+    if not stage.is_last:
+        return
+
+    def keep(module, args, output):
+        if state["labels"] is not None:
+            state["hidden"] = output
+
+    def one_position(module, args):
+        if state["labels"] is not None:
+            return (args[0][:, -1:],)
+
+    def loss(module, args, output):
+        labels = state.pop("labels")
+        if labels is None:
+            return None
+        hidden = state.pop("hidden")
+        hidden = hidden_fn(hidden) if hidden_fn is not None else hidden
+        # [1]: the schedule concatenates the micro-batches' outputs
+        return chunked_ce(hidden[:, : labels.shape[1]], head.weight, labels, chunk_tokens, recompute=True).reshape(1)
+
+    norm.register_forward_hook(keep)
+    head.register_forward_pre_hook(one_position, prepend=True)
+    stage.register_forward_hook(loss, prepend=True)

@@ -98,8 +98,8 @@ class ParallelConfig(BaseModel):
         ge=0,
         description="the token loss runs lm_head + cross-entropy this many label tokens at a time "
         "(parallel.chunked_ce), so [tokens, vocab] logits are never held whole. Unset: chunks whose logits "
-        "match the hidden states' size; 0 (the default for now): off. Applies at pp = 1 and ZeRO <= 1 "
-        "to a plain head",
+        "match the hidden states' size; 0 (the default for now): off. Applies to a plain head under any "
+        "layout (ZeRO 0-3, tp, the last pipeline stage)",
     )
 
     engine: Literal["native", "deepspeed"] = Field(

@@ -328,7 +328,11 @@ def estimate_memory(
     if mode not in MODES:
         raise ValueError(f"mode: {mode!r} is not one of {list(MODES)}")
     shape = Shape.from_config(model_config)
-    transforms = any(model_config.get(k) not in (None, 1, 1.0) for k in LOGIT_TRANSFORMS)
+    # chunked_ce.logits_transformed's rule (this module imports no torch): any soft-capping, a scale not 1
+    transforms = any(
+        model_config.get(k) is not None if k.endswith("softcapping") else model_config.get(k) not in (None, 1, 1.0)
+        for k in LOGIT_TRANSFORMS
+    )
     per_rank = [
         _rank_estimate(
             shape,
@@ -351,8 +355,9 @@ def estimate_memory(
 
 def _loss_chunk(shape: Shape, parallel: ParallelConfig, tokens: int, token_loss: bool, transforms: bool) -> int:
     """Tokens per chunk of the chunked token loss (parallel.chunked_ce) where the Trainer uses it (0: the
-    whole logits): parallel.loss_chunk_tokens set, pp = 1, ZeRO <= 1, a plain vocabulary head."""
-    if not token_loss or parallel.loss_chunk_tokens == 0 or parallel.pp > 1 or parallel.zero >= 2 or transforms:
+    whole logits): parallel.loss_chunk_tokens not 0, the token loss, a plain vocabulary head, the native
+    engine (any layout)."""
+    if not token_loss or parallel.loss_chunk_tokens == 0 or transforms or parallel.engine != "native":
         return 0
     if parallel.loss_chunk_tokens:
         return min(parallel.loss_chunk_tokens, tokens)
@@ -386,14 +391,18 @@ def _rank_estimate(
     tokens = micro_batch * seq_len
     activations = (_in_flight(parallel, pp_rank) * num_layers * saved + recompute) * tokens * dtype_bytes
     if pp_rank == parallel.pp - 1:
-        sharded_logits = loss_parallel and parallel.pp == 1
-        vocab_split = parallel.tp if vocab_parallel and sharded_logits else 1
-        vocab = shape.vocab // vocab_split
         chunk = _loss_chunk(shape, parallel, tokens, token_loss, config_transforms)
-        if chunk:  # one chunk's logits (compute dtype + fp32), the fp32 hidden-state gradient, bf16 copies
+        if chunk:
+            # One chunk's logits (compute dtype + fp32) on this rank's vocabulary slice, the fp32 hidden-state
+            # gradient, bf16 copies of the hidden states and the head weight, and under ZeRO-2/3 the fp32
+            # head gradient beside FSDP's shard (at ZeRO <= 1 it becomes the counted gradient).
+            vocab = shape.vocab // (parallel.tp if vocab_parallel else 1)
             cast = (tokens + vocab) * shape.hidden * dtype_bytes if dtype_bytes < 4 else 0
-            activations += chunk * vocab * (dtype_bytes + 4) + tokens * shape.hidden * 4 + cast
+            head_grad = vocab * shape.hidden * 4 if parallel.zero >= 2 and mode == "full" else 0
+            activations += chunk * vocab * (dtype_bytes + 4) + tokens * shape.hidden * 4 + cast + head_grad
         else:
+            sharded_logits = loss_parallel and parallel.pp == 1
+            vocab = shape.vocab // (parallel.tp if vocab_parallel and sharded_logits else 1)
             activations += tokens * vocab * (dtype_bytes + 8)
     return MemoryEstimate(
         params=state.params,

@@ -24,7 +24,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
-from parallel.chunked_ce import chunked_ce, why_not_chunked
+from parallel.chunked_ce import chunk_stage_loss, loss_in_forward, why_not_chunked
 from parallel.defaults import resolve_defaults
 from parallel.dims import ParallelConfig
 from parallel.distributed import zero as zero_mod
@@ -306,7 +306,8 @@ class PipelineLoss:
     """What the last pipeline stage's loss needs for one schedule call, passed to it explicitly (the
     schedule's loss_fn is fixed when the schedule is built): token CE on labels by default; an
     Objective's sum on a packed target (its per-micro-batch statistics collected in `stats`); or, for
-    forward_rows, per-row values of `rows_fn`. `scale` is 1 / the global batch's unit count (1.0: sums)."""
+    forward_rows, per-row values of `rows_fn`. `scale` is 1 / the global batch's unit count (1.0: sums).
+    summed: the last stage's output is already the micro-batch's summed token loss (chunked)."""
 
     scale: float = 1.0
     seq: int = 0  # logits are cut back to this width (sequence-parallel padding)
@@ -314,8 +315,11 @@ class PipelineLoss:
     rows_fn: object = None
     extras: list[str] = field(default_factory=list)
     stats: list[dict[str, float]] = field(default_factory=list)
+    summed: bool = False
 
     def __call__(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.summed:
+            return logits[0] * self.scale
         logits = logits[:, : self.seq]
         if self.objective is None and self.rows_fn is None:
             return summed_ce(logits, target) * self.scale
@@ -394,14 +398,14 @@ class Trainer:
         self.tied_names = tied_names(model)
         tied_trainable = self.tied_names is not None and find_decoder(model)[1].embed_tokens.weight.requires_grad
         # The token loss from hidden states + head weight in chunks (parallel.chunked_ce) where the head is a
-        # plain projection on one whole part; FSDP's root hooks and pipeline stages keep the logits path.
-        self.chunked = (
-            cfg.loss_chunk_tokens != 0 and self.dims.pp == 1 and cfg.zero < 2 and why_not_chunked(model) is None
-        )
+        # plain projection, inside the forward of the part or last pipeline stage (so under any ZeRO).
+        self.chunked = cfg.loss_chunk_tokens != 0 and why_not_chunked(model) is None
         layout = parallelize(model, cfg, mesh, self.device)
         self.parts, self.sp, self.vp = layout.parts, layout.sequence_parallel, layout.vocab_parallel
-        self._decoder_head = find_decoder(self.parts[0]) if self.chunked else None
         self.logits_layout, self.partial = layout.logits, layout.partial
+        if self.chunked and self.dims.pp > 1:
+            for part in self.parts:
+                chunk_stage_loss(part, cfg.loss_chunk_tokens, self._gather_sequence() if self.sp else None)
         # Not cut up (no pp, tp or FSDP sharding): the model itself, whole on this rank.
         self.whole_model = model if (self.dims.pp, self.dims.tp) == (1, 1) and cfg.zero < 2 else None
         self.params = [p for part in self.parts for p in part.parameters() if p.requires_grad]
@@ -463,12 +467,15 @@ class Trainer:
         return logits[:, : self._seq] if logits.shape[1] != self._seq else logits
 
     def chunked_ce(self, rows: dict[str, torch.Tensor]) -> torch.Tensor:
-        """summed_ce of the one-stage model on local rows without whole logits (parallel.chunked_ce)."""
-        _, decoder, _, head = self._decoder_head
-        hidden = decoder(**self._padded(model_inputs(rows))).last_hidden_state
-        if self.sp:  # the final norm left this rank's slice of the sequence
-            hidden = gather_sequence(hidden, self.mesh["tp"])
-        return chunked_ce(hidden[:, : self._seq], head.weight, rows["labels"], self.cfg.loss_chunk_tokens)
+        """summed_ce of the one-stage model on local rows without whole logits, computed inside the model's
+        forward (parallel.chunked_ce.loss_in_forward: under FSDP the head is gathered once)."""
+        gather = self._gather_sequence() if self.sp else None
+        with loss_in_forward(self.parts[0], rows["labels"], self.cfg.loss_chunk_tokens, gather):
+            return self.parts[0](**self._padded(model_inputs(rows)), logits_to_keep=1)
+
+    def _gather_sequence(self):
+        """Under sequence parallelism the final norm leaves this rank's slice of the sequence."""
+        return partial(gather_sequence, tp_mesh=self.mesh["tp"])
 
     def _autocast(self):
         """bf16 autocast (engine.autocast_dtype's rule) where FSDP's mixed-precision policy does not already
@@ -535,12 +542,14 @@ class Trainer:
         if self.schedule is not None:
             custom = objective is not TOKEN_CE
             inputs = self._padded(model_inputs(local))
-            self._pp_loss = PipelineLoss(scale, self._seq, objective if custom else None)
+            self._pp_loss = PipelineLoss(
+                scale, self._seq, objective if custom else None, summed=self.chunked and not custom
+            )
             target = self._pp_loss.pack(local) if custom else local["labels"]
             losses: list[torch.Tensor] = []
             with self._autocast():
                 self.schedule.step(
-                    inputs["input_ids"], attention_mask=inputs["attention_mask"], target=target, losses=losses
+                    inputs["input_ids"], **self._stage_kwargs(inputs, local, custom), target=target, losses=losses
                 )
             if custom:
                 stats = None
@@ -580,6 +589,14 @@ class Trainer:
         self.last_stats = self._sum_over_dp(stats)
         self._sum_partial_grads()
         return total
+
+    def _stage_kwargs(self, inputs, local, custom: bool = False) -> dict[str, torch.Tensor]:
+        """Keywords of every pipeline stage's forward: the labels too when the last stage computes the
+        chunked token loss (parallel.chunked_ce.chunk_stage_loss)."""
+        kwargs = {"attention_mask": inputs["attention_mask"]}
+        if self.chunked and not custom:
+            kwargs["labels"] = local["labels"]
+        return kwargs
 
     def _sum_partial_grads(self) -> None:
         """Gradients each tp rank computed from its sequence slice or its heads (norms under sequence
@@ -665,9 +682,9 @@ class Trainer:
             else:
                 losses: list[torch.Tensor] = []
                 inputs = self._padded(model_inputs(local))
-                self._pp_loss = PipelineLoss(1.0, self._seq)  # a plain sum
+                self._pp_loss = PipelineLoss(1.0, self._seq, summed=self.chunked)  # a plain sum
                 self.schedule.eval(
-                    inputs["input_ids"], attention_mask=inputs["attention_mask"], target=local["labels"], losses=losses
+                    inputs["input_ids"], **self._stage_kwargs(inputs, local), target=local["labels"], losses=losses
                 )
                 local_sum = float(sum(loss.double() for loss in losses)) if losses else 0.0
         return self._global_loss(local_sum)  # sums over pp stages and dp ranks

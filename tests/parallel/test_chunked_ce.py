@@ -132,3 +132,57 @@ def test_vocab_parallel_head_matches_one_process():
         assert abs(value - float(ref[0])) < 1e-4
         torch.testing.assert_close(torch.from_numpy(grad_h), ref[1], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(torch.from_numpy(grad_w), ref[2], rtol=1e-5, atol=1e-6)
+
+
+# name: (layout, mode, tied embeddings)
+CHUNKED_LAYOUTS = {
+    2: {
+        "dp2-zero2-accum2": (dict(dp_shard=2, zero=2, microbatches=2), "full", False),
+        "dp2-zero3": (dict(dp_shard=2, zero=3), "full", False),
+        "dp2-zero3-tied": (dict(dp_shard=2, zero=3), "full", True),
+        "dp2-zero3-lora": (dict(dp_shard=2, zero=3), "lora", False),
+        "pp2-1f1b": (dict(pp=2, microbatches=4), "full", False),
+        "pp2-zero_bubble-tied": (dict(pp=2, microbatches=2, pp_schedule="zero_bubble"), "full", True),
+    },
+    4: {
+        "tp2xdp2-zero3": (dict(tp=2, dp_shard=2, zero=3), "full", False),
+        "pp2xdp2-zero3-interleaved": (
+            dict(pp=2, dp_shard=2, zero=3, microbatches=2, pp_schedule="interleaved_1f1b"),
+            "full",
+            False,
+        ),
+        "pp2xtp2-gpipe": (dict(pp=2, tp=2, microbatches=2, pp_schedule="gpipe"), "full", False),
+    },
+}
+
+
+def _chunked_layouts(rank, world, layouts):
+    out = {}
+    for name, (cfg, mode, tied) in layouts.items():
+        cfg = ParallelConfig(**cfg, loss_chunk_tokens=7)
+        out[name] = {**H.check_layout_against_reference(cfg, mode, world, tied=tied), "name": name}
+    return out
+
+
+@pytest.mark.parametrize("world", sorted(CHUNKED_LAYOUTS))
+def test_fsdp_layouts_match_one_process(world):
+    """Under FSDP2 (lm_head in the root group, gathered by the forward the loss runs in), with a
+    vocab-parallel head over tp, and on the last pipeline stage: 3 steps' losses and every first-step
+    gradient against one process's plain loss."""
+    for per_rank in zip(*(r.values() for r in launch(_chunked_layouts, world, CHUNKED_LAYOUTS[world], timeout=300))):
+        assert set().union(*(r["names"] for r in per_rank)) == set(per_rank[0]["ref_names"]), per_rank[0]["name"]
+        for r in per_rank:
+            assert r["chunked"]
+            assert r["loss_diff"] < 1e-5, (r["name"], r["losses"])
+            assert r["norm_diff"] < 1e-5, r["name"]
+            assert r["grad_abs"] < 1e-6 and r["grad_rel"] < 1e-5, (r["name"], r["grad_abs"], r["grad_rel"])
+            if "tp2" in r["name"]:
+                assert r["vocab_parallel"] and r["sequence_parallel"]
+            if "tied" in r["name"]:  # the tied weight (both copies under pp) after the last step
+                assert r["weight_diff"] < 1e-6, r["name"]
+
+
+def test_a_softcap_of_one_still_transforms_the_logits():
+    """Gemma's tanh soft-capping at 1.0 is not the identity (a scale of 1.0 is)."""
+    assert "final_logit_softcapping=1.0" in why_not_chunked(_llama(final_logit_softcapping=1.0))
+    assert why_not_chunked(_llama(logits_scaling=1.0)) is None

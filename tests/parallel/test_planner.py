@@ -7,7 +7,16 @@ Per layer: q 64x64 + k 64x32 + v 64x32 + o 64x64 = 12288, MLP 3 x 64x128 = 24576
 import pytest
 
 from parallel.dims import ParallelConfig
-from parallel.planner import GIB, estimate_memory, memory_warnings, num_params, split_layers, zero1_loads
+from parallel.planner import (
+    GIB,
+    Shape,
+    _rank_estimate,
+    estimate_memory,
+    memory_warnings,
+    num_params,
+    split_layers,
+    zero1_loads,
+)
 from parallel.tiny import TINY_CONFIGS
 
 MICRO = dict(TINY_CONFIGS["micro-llama"], vocab_size=260)
@@ -15,6 +24,7 @@ LAYER, EMBED, TOTAL = 36992, 16640, 181312
 
 
 def _estimate(mode="full", micro_batch=2, seq_len=16, dtype_bytes=2, **layout):
+    layout.setdefault("loss_chunk_tokens", 0)  # whole logits, unless a test asks for chunks
     return estimate_memory(
         MICRO, ParallelConfig(**layout), mode=mode, seq_len=seq_len, micro_batch=micro_batch, dtype_bytes=dtype_bytes
     )
@@ -73,15 +83,18 @@ def test_sequence_and_vocab_parallel_split_activations():
     assert sp.activations == 32 * 4 * (128 + 64 + 400) * 2 + 32 * 260 * 10
     both = _estimate(tp=2)
     assert both.activations == sp.activations - 32 * 130 * 10  # vocab-sharded logits
-    tied = estimate_memory(dict(MICRO, tie_word_embeddings=True), ParallelConfig(tp=2), seq_len=16, micro_batch=2)
+    tied = estimate_memory(
+        dict(MICRO, tie_word_embeddings=True), ParallelConfig(tp=2, loss_chunk_tokens=0), seq_len=16, micro_batch=2
+    )
     assert tied.activations == both.activations  # tied embeddings split over the vocabulary alike
 
 
 def test_tied_embeddings_under_pp_keep_a_copy_on_the_last_stage():
     tied = dict(MICRO, tie_word_embeddings=True)
-    one = estimate_memory(tied, ParallelConfig(), seq_len=16, micro_batch=2)
+    one = estimate_memory(tied, ParallelConfig(loss_chunk_tokens=0), seq_len=16, micro_batch=2)
     assert one.params == 4 * (TOTAL - EMBED)  # one tensor for both ends
-    last = estimate_memory(tied, ParallelConfig(pp=2, microbatches=2, pp_schedule="gpipe"), seq_len=16, micro_batch=2)
+    gpipe = ParallelConfig(pp=2, microbatches=2, pp_schedule="gpipe", loss_chunk_tokens=0)
+    last = estimate_memory(tied, gpipe, seq_len=16, micro_batch=2)
     untied = _estimate(pp=2, microbatches=2, pp_schedule="gpipe")
     # GPipe: both stages hold 2 micro-batches; stage 1 (logits) is the most loaded; its lm_head is a copy
     assert last.pp_rank == untied.pp_rank == 1 and last.params == untied.params == 4 * (2 * LAYER + 64 + EMBED)
@@ -128,8 +141,17 @@ def test_chunked_token_loss_holds_one_chunk_of_logits():
     assert _estimate(loss_chunk_tokens=8).activations == layers + chunk
     auto = _estimate(loss_chunk_tokens=None).activations  # chunks of at least 1024 tokens: all 32 at once
     assert auto == layers + 32 * 260 * 6 + 32 * 64 * 4 + (32 + 260) * 64 * 2
-    # Where the Trainer keeps the logits path: FSDP (ZeRO-3), pipeline stages, a loss other than token CE.
+    # Under ZeRO-3 the fp32 head gradient is held beside FSDP's shard (at ZeRO <= 1 it is the gradient).
+    assert _estimate(loss_chunk_tokens=8, dp_shard=2, zero=3).activations == layers + chunk + 260 * 64 * 4
+
+    # The last pipeline stage chunks too (one micro-batch of 16 tokens).
+    def last_stage(chunk):
+        cfg = ParallelConfig(pp=2, microbatches=2, loss_chunk_tokens=chunk)
+        return _rank_estimate(Shape.from_config(MICRO), cfg, 1, "full", 16, 1, 2, 8, "all-linear", True, True)
+
+    saved = 16 * 260 * 10 - (8 * 260 * 6 + 16 * 64 * 4 + (16 + 260) * 64 * 2)
+    assert last_stage(0).activations - last_stage(8).activations == saved
+    # Where the Trainer keeps the logits path: a loss other than token CE, and loss_chunk_tokens: 0.
     whole = layers + 32 * 260 * 10
-    assert _estimate(loss_chunk_tokens=8, dp_shard=2, zero=3, micro_batch=2).activations == whole
     dpo = estimate_memory(MICRO, ParallelConfig(loss_chunk_tokens=8), seq_len=16, micro_batch=2, token_loss=False)
     assert dpo.activations == whole

@@ -111,10 +111,11 @@ def test_per_row_margin_enters_the_loss(model_dir, tmp_path):
     assert margin[0]["val_loss"] > plain[0]["val_loss"] + 1.0
 
 
-# Measured (see the report of issue 5): from tiny-llama after 300 SFT steps, held-out pairwise accuracy goes
-# from ~0.5 (fresh head) to 0.65 after 100 steps at lr 5e-4 and keeps rising; lr 1e-3 learned slower.
+# Measured (issue 17), from tiny-llama after 300 SFT steps (plain and chunked token loss) at seeds 0 and 1:
+# held-out pairwise accuracy 0.52-0.57 with a fresh head, 0.53-0.69 after 200 steps (noisy: a rounding-level
+# change of the start model moved it by 0.06), 0.64-0.75 after 400 steps. 400 steps clear the bar by 8+ pairs.
 LEARN = dict(
-    max_steps=200, batch_size=16, seq_len=96, eval_every=200, log_every=25, optim={"lr": 5e-4, "warmup_steps": 10}
+    max_steps=400, batch_size=16, seq_len=96, eval_every=400, log_every=50, optim={"lr": 5e-4, "warmup_steps": 10}
 )
 
 
@@ -130,8 +131,7 @@ def test_reward_model_learns_heldout_preferences(tmp_path_factory, tmp_path):
         parallel=ParallelConfig(),
         seed=0,
     )
-    assert 0.3 < result["val_before"]["val_accuracy"] < 0.7  # a fresh head is at chance
-    # Above chance on 200 held-out pairs (standard error ~0.035). After the step batching changed (issue 12)
-    # the same run reached 0.617 at 200 steps and 0.594 at 300 (0.65 before): a weak toy proxy, not a trend.
+    assert 0.3 < result["val_before"]["val_accuracy"] < 0.6  # a fresh head is at chance, below the bar
+    # Above chance on the held-out pairs (180 after the planted bad rows; standard error ~0.037).
     assert result["val_accuracy"] >= 0.6, result
     assert result["val_margin"] > 0.2 and result["val_loss"] < result["val_before"]["val_loss"] - 0.05, result

@@ -175,6 +175,7 @@ def check_layout_against_reference(
         "losses": losses,
         "sequence_parallel": trainer.sp,
         "vocab_parallel": trainer.vp,
+        "chunked": trainer.chunked,
         "vocab_sharded": sorted(
             n
             for part in trainer.parts
