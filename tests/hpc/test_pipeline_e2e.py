@@ -156,9 +156,11 @@ SHORT = ["--set", "stages.0.max_steps=300"]  # val loss ~0.68 but exact match ~0
 
 
 @pytest.fixture(scope="module")
-def short_native(first_run, workdir, hpcft_cmd):
+def short_native(first_run, workdir):
     """The recipe at 300 steps on the native engine, model and data reused: too little to pass the gate."""
-    p = run(hpcft_cmd, "run", str(TINY_RECIPE), "--workdir", str(workdir), *SHORT)
+    import sys
+
+    p = run([sys.executable, "-m", "hpc.cli"], "run", str(TINY_RECIPE), "--workdir", str(workdir), *SHORT)
     sft = json.loads((workdir / "stages/sft/result.json").read_text())
     gate = json.loads((workdir / "stages/gate/result.json").read_text())
     return p, sft, gate
