@@ -282,5 +282,6 @@ def test_deepspeed_trains_like_the_native_engine(ranks, deepspeed, native):
     got, want = ranks[1][0][deepspeed], ranks[1][0][native]
     assert got["engine"] == "deepspeed" and want["engine"] == "native"
     for key, value in want.items():
-        if key.startswith(("final_", "val_")) and isinstance(value, float):
+        timing = key.endswith(("_per_s", "_gib", "mfu"))  # speed and memory differ by engine; numbers must not
+        if key.startswith(("final_", "val_")) and isinstance(value, float) and not timing:
             assert got[key] == pytest.approx(value, rel=1e-3, abs=1e-4), key
